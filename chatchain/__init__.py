@@ -1,0 +1,66 @@
+"""chatchain: a production-grade conversational chain on LangChain and OpenAI-compatible APIs.
+
+Example:
+    >>> from chatchain import Chatbot
+    >>> from chatchain.testing import FakeChatModel
+    >>> bot = Chatbot(llm=FakeChatModel(replies=["Hello Bob!"]))
+    >>> bot.chat("Hi, I'm Bob").text
+    'Hello Bob!'
+"""
+
+from chatchain._metering import get_openai_callback
+from chatchain.chain import ChatChain, create_chat_chain, get_message_history
+from chatchain.chatbot import AsyncReplyStream, Chatbot, Reply, ReplyStream
+from chatchain.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ChatChainError,
+    ConfigurationError,
+    ContextTooLongError,
+    EndpointConnectionError,
+    EndpointError,
+    EndpointTimeoutError,
+    InvalidInputError,
+    MissingAPIKeyError,
+    MissingPromptVariableError,
+    RateLimitError,
+    ServerError,
+    SessionBusyError,
+)
+from chatchain.model import create_chat_model
+from chatchain.prompt import create_prompt
+from chatchain.settings import Settings
+from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.usage import Usage, UsageLedger
+
+__all__ = [
+    "AsyncReplyStream",
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatChain",
+    "ChatChainError",
+    "Chatbot",
+    "ConfigurationError",
+    "ContextTooLongError",
+    "EndpointConnectionError",
+    "EndpointError",
+    "EndpointTimeoutError",
+    "HistoryStore",
+    "InvalidInputError",
+    "MemoryStore",
+    "MissingAPIKeyError",
+    "MissingPromptVariableError",
+    "RateLimitError",
+    "Reply",
+    "ReplyStream",
+    "ServerError",
+    "SessionBusyError",
+    "Settings",
+    "Usage",
+    "UsageLedger",
+    "create_chat_chain",
+    "create_chat_model",
+    "create_prompt",
+    "get_message_history",
+    "get_openai_callback",
+]

@@ -1,0 +1,327 @@
+"""The chain factory: prompt → chat model, wrapped in `RunnableWithMessageHistory`.
+
+`ChatChain` is a `RunnableWithMessageHistory` whose entry points each run one *turn*: the input
+is validated, the session is locked, every token is metered, and the history is written once,
+by chatchain, when the turn ends. LangChain's own save (a listener that fires only when a run
+ends well) is turned off, so that streamed, failed and interrupted turns follow the same path
+as plain ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from functools import partial
+from typing import Any
+
+from langchain_core.chat_history import BaseChatMessageHistory
+from langchain_core.messages import BaseMessage
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.tracers.schemas import Run
+from pydantic import PrivateAttr
+
+from chatchain import _endpoint_errors
+from chatchain._locks import SessionLocks
+from chatchain._runnable_history import HistoryRunnable
+from chatchain._turn import Turn, TurnSpec
+from chatchain.model import create_chat_model
+from chatchain.prompt import create_prompt, prompt_variables
+from chatchain.settings import Settings
+from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.usage import Usage, UsageLedger
+
+__all__ = ["ChatChain", "create_chat_chain", "get_message_history"]
+
+# The design's default store: one ChatMessageHistory per session id, for the whole process.
+_default_store = MemoryStore()
+
+
+def get_message_history(session_id: str) -> BaseChatMessageHistory:
+    """The `ChatMessageHistory` of ``session_id`` in the process-wide default store.
+
+    Example:
+        >>> get_message_history("dp123").messages
+        []
+    """
+    return _default_store(session_id)
+
+
+class ChatChain(HistoryRunnable):
+    """The conversational chain: a `RunnableWithMessageHistory` that meters, locks and saves.
+
+    Build it with `create_chat_chain`. It is called like any LangChain runnable, with the
+    session id in the config; ``invoke``, ``stream``, ``batch`` and their async twins all run
+    through the same turn bookkeeping.
+    """
+
+    _spec: TurnSpec = PrivateAttr()
+    _inner: Runnable[Any, Any] = PrivateAttr()
+    _lock: Callable[[str], AbstractContextManager[None]] = PrivateAttr()
+    _alock: Callable[[str], AbstractAsyncContextManager[None]] = PrivateAttr()
+
+    def __init__(
+        self,
+        runnable: Runnable[Any, Any],
+        get_session_history: Callable[[str], BaseChatMessageHistory],
+        *,
+        spec: TurnSpec,
+        input_key: str,
+        history_key: str | None,
+        locks: SessionLocks | HistoryStore,
+    ) -> None:
+        super().__init__(
+            runnable,
+            get_session_history,
+            input_messages_key=input_key,
+            history_messages_key=history_key,
+        )
+        self._spec = spec
+        self._inner = runnable
+        if isinstance(locks, HistoryStore):
+            self._lock, self._alock = locks.lock, locks.alock
+        else:
+            self._lock, self._alock = locks.hold, locks.ahold
+
+    @property
+    def prompt(self) -> ChatPromptTemplate:
+        """The chat prompt: system message, history placeholder, human slot."""
+        prompt = getattr(self._inner, "first", None)
+        assert isinstance(prompt, ChatPromptTemplate)
+        return prompt
+
+    @property
+    def model(self) -> Runnable[Any, Any]:
+        """The chat model (with its fallback, if any)."""
+        return getattr(self._inner, "last", self._inner)
+
+    @property
+    def ledger(self) -> UsageLedger:
+        """Usage totals per session of every turn this chain ran."""
+        return self._spec.ledger
+
+    # LangChain's save-on-success listeners: chatchain saves in `Turn.save` instead.
+    def _exit_history(self, run: Run, config: RunnableConfig) -> None:
+        return None
+
+    async def _aexit_history(self, run: Run, config: RunnableConfig) -> None:
+        return None
+
+    def _begin(self, value: Any, config: RunnableConfig | None) -> Turn:
+        return self._spec.begin(value, config, self._get_input_messages)
+
+    # -- turns -----------------------------------------------------------------------------
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """Run one turn and return the reply message."""
+        return self.run_turn(input, config, **kwargs)[0]
+
+    async def ainvoke(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Any:
+        """Run one turn and return the reply message, without blocking the event loop."""
+        return (await self.arun_turn(input, config, **kwargs))[0]
+
+    def run_turn(
+        self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> tuple[BaseMessage, Usage]:
+        """`invoke`, returning the reply and the turn's usage."""
+        turn = self._begin(value, config)
+        with self._lock(turn.session_id):
+            turn.start_clock()
+            try:
+                reply = super().invoke(value, turn.config, **kwargs)
+            except Exception as exc:
+                raise (turn.failure(exc) or exc) from exc
+            turn.save(reply)
+        assert turn.usage is not None
+        return reply, turn.usage
+
+    async def arun_turn(
+        self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> tuple[BaseMessage, Usage]:
+        """`ainvoke`, returning the reply and the turn's usage."""
+        turn = self._begin(value, config)
+        async with self._alock(turn.session_id):
+            turn.start_clock()
+            try:
+                reply = await super().ainvoke(value, turn.config, **kwargs)
+            except Exception as exc:
+                raise (turn.failure(exc) or exc) from exc
+            await turn.asave(reply)
+        assert turn.usage is not None
+        return reply, turn.usage
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        """Run one turn, yielding the reply's chunks as they arrive.
+
+        The input is checked at once; the request goes out on the first ``next()``. If the
+        caller stops early, or the endpoint cuts the stream, the user's message and the partial
+        reply are saved, the reply marked ``interrupted`` in its ``response_metadata``.
+        """
+        return self.stream_turn(input, config, **kwargs)[0]
+
+    def stream_turn(
+        self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> tuple[Iterator[Any], Turn]:
+        """`stream`, also returning the open turn (its ``usage`` is set when the stream ends)."""
+        turn = self._begin(value, config)
+        return self._stream(turn, value, kwargs), turn
+
+    def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
+        with self._lock(turn.session_id):
+            turn.start_clock()
+            inner = super().stream(value, turn.config, **kwargs)
+            try:
+                for chunk in inner:
+                    turn.add_chunk(chunk)
+                    yield chunk
+            except GeneratorExit:
+                inner.close()
+                turn.log_interrupted("stopped by the caller")
+                turn.save(turn.partial_reply("cancelled"))
+                raise
+            except BaseException as exc:
+                inner.close()
+                error = turn.failure(exc) if isinstance(exc, Exception) else None
+                if turn.has_reply or not isinstance(exc, Exception):
+                    turn.log_interrupted(type(exc).__name__)
+                    turn.save(turn.partial_reply(str(error or type(exc).__name__)))
+                if error is None:
+                    raise
+                raise error from exc
+            turn.save(turn.streamed_reply())
+
+    def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """`stream` for async callers; cancelling the task counts as stopping early."""
+        return self.astream_turn(input, config, **kwargs)[0]
+
+    def astream_turn(
+        self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> tuple[AsyncIterator[Any], Turn]:
+        """`astream`, also returning the open turn (its ``usage`` is set when it ends)."""
+        turn = self._begin(value, config)
+        return self._astream(turn, value, kwargs), turn
+
+    async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        async with self._alock(turn.session_id):
+            turn.start_clock()
+            inner = super().astream(value, turn.config, **kwargs)
+            try:
+                async for chunk in inner:
+                    turn.add_chunk(chunk)
+                    yield chunk
+            except (GeneratorExit, asyncio.CancelledError):
+                await inner.aclose()
+                turn.log_interrupted("stopped by the caller")
+                await turn.asave(turn.partial_reply("cancelled"))
+                raise
+            except BaseException as exc:
+                await inner.aclose()
+                error = turn.failure(exc) if isinstance(exc, Exception) else None
+                if turn.has_reply or not isinstance(exc, Exception):
+                    turn.log_interrupted(type(exc).__name__)
+                    await turn.asave(turn.partial_reply(str(error or type(exc).__name__)))
+                if error is None:
+                    raise
+                raise error from exc
+            await turn.asave(turn.streamed_reply())
+
+    # `RunnableBindingBase` hands these straight to the inner runnable, which would skip the
+    # turn bookkeeping; `Runnable`'s own versions go through invoke/ainvoke/stream/astream.
+    batch = Runnable.batch
+    abatch = Runnable.abatch
+    batch_as_completed = Runnable.batch_as_completed
+    abatch_as_completed = Runnable.abatch_as_completed
+    transform = Runnable.transform
+    atransform = Runnable.atransform
+    astream_events = Runnable.astream_events
+
+
+def _model_name(model: Runnable[Any, Any]) -> str | None:
+    model = getattr(model, "runnable", model)  # the main model of a RunnableWithFallbacks
+    name = getattr(model, "model_name", None)
+    return name if isinstance(name, str) else None
+
+
+def create_chat_chain(
+    llm: Runnable[Any, Any] | None = None,
+    *,
+    settings: Settings | None = None,
+    system: str | None = None,
+    prompt_vars: Mapping[str, str] | None = None,
+    get_session_history: Callable[[str], BaseChatMessageHistory] | None = None,
+    input_key: str = "input",
+    history_key: str | None = "history",
+    ledger: UsageLedger | None = None,
+) -> ChatChain:
+    """Build the conversational chain.
+
+    Args:
+        llm: The chat model; by default `ChatOpenAI` from the settings (with the fallback
+            model, if one is set). Any LangChain chat model works, e.g. a fake one in tests.
+        settings: Settings; read from the environment and ``.env`` when not given.
+        system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
+        prompt_vars: Default values of the system message's variables; a call may override.
+        get_session_history: Returns the history of a session id. A `HistoryStore` also
+            serialises turns per session across every chain that shares it; the default is
+            `get_message_history`, a process-wide dict of `ChatMessageHistory`.
+        input_key: The input dict's key for the user's text.
+        history_key: The prompt variable the history fills. ``None`` makes ``input_key`` a
+            list of messages to which the history is prepended (the seeds' ``my_msg`` form).
+        ledger: Where the chain records each turn's usage; a new one by default.
+
+    Returns:
+        The chain.
+
+    Raises:
+        ConfigurationError: The settings or the system template cannot work.
+
+    Example:
+        >>> from chatchain.testing import FakeChatModel
+        >>> chain = create_chat_chain(FakeChatModel(), system="Answer in {language}.")
+        >>> reply = chain.invoke(
+        ...     {"input": "hi", "language": "English"},
+        ...     config={"configurable": {"session_id": "dp123"}},
+        ... )
+        >>> reply.content
+        'Echo: hi'
+    """
+    settings = settings or Settings.load()
+    system = system if system is not None else settings.system_prompt
+    prompt = create_prompt(
+        system, input_key=input_key, history_key=history_key, prompt_vars=prompt_vars
+    )
+    model = llm if llm is not None else create_chat_model(settings)
+    if get_session_history is None or get_session_history is get_message_history:
+        history: Callable[[str], BaseChatMessageHistory] = _default_store
+    else:
+        history = get_session_history
+    secret = settings.api_key.get_secret_value() if settings.api_key else None
+    spec = TurnSpec(
+        input_key=input_key,
+        required_vars=prompt_variables(system) - set(prompt_vars or {}),
+        get_history=history,
+        ledger=ledger or UsageLedger(),
+        default_model=_model_name(model),
+        describe_failure=partial(
+            _endpoint_errors.translate,
+            secret=secret,
+            timeout=settings.timeout if llm is None else None,
+            retries=settings.max_retries if llm is None else None,
+        ),
+    )
+    locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
+    return ChatChain(
+        prompt | model,
+        history,
+        spec=spec,
+        input_key=input_key,
+        history_key=history_key,
+        locks=locks,
+    )

@@ -1,0 +1,274 @@
+"""`Chatbot`: one chain and one history store, for applications and notebooks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from langchain_core.messages import BaseMessage
+from langchain_core.runnables import Runnable, RunnableConfig
+
+from chatchain._turn import Turn, validate_session_id
+from chatchain.chain import ChatChain, create_chat_chain
+from chatchain.settings import Settings
+from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.usage import Usage, UsageLedger
+
+__all__ = ["AsyncReplyStream", "Chatbot", "Reply", "ReplyStream"]
+
+DEFAULT_SESSION = "default"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The model's answer to one turn.
+
+    Attributes:
+        text: The reply's text.
+        usage: Tokens, cost and latency of the turn.
+        message: The reply as a LangChain message (with its metadata).
+        session_id: The session the turn belongs to.
+    """
+
+    text: str
+    usage: Usage
+    message: BaseMessage
+    session_id: str
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the reply was cut short (only streamed replies can be)."""
+        return bool(self.message.response_metadata.get("interrupted"))
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _StreamBase:
+    def __init__(self, turn: Turn) -> None:
+        self._turn = turn
+        self._pieces: list[str] = []
+
+    @property
+    def session_id(self) -> str:
+        return self._turn.session_id
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._pieces)
+
+    @property
+    def usage(self) -> Usage | None:
+        """The turn's usage, set once the stream has ended (``None`` before)."""
+        return self._turn.usage
+
+    def _piece(self, chunk: Any) -> str:
+        piece = chunk.text if isinstance(chunk, BaseMessage) else str(chunk)
+        self._pieces.append(piece)
+        return piece
+
+
+class ReplyStream(_StreamBase, Iterator[str]):
+    """The pieces of a reply as they arrive; ``usage`` is set when it ends.
+
+    Stopping early (``break``, `close`, or leaving a ``with`` block) keeps the user's message
+    and the partial reply, marked interrupted.
+
+    Example:
+        >>> from chatchain.testing import FakeChatModel
+        >>> bot = Chatbot(llm=FakeChatModel())
+        >>> with bot.stream("hello there") as stream:
+        ...     text = "".join(stream)
+        >>> text, stream.usage.turns
+        ('Echo: hello there', 1)
+    """
+
+    def __init__(self, chunks: Iterator[Any], turn: Turn) -> None:
+        super().__init__(turn)
+        self._chunks = chunks
+
+    def __next__(self) -> str:
+        while True:
+            piece = self._piece(next(self._chunks))
+            if piece:
+                return piece
+
+    def close(self) -> None:
+        """Stop the stream; what arrived so far is kept, marked interrupted."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncReplyStream(_StreamBase, AsyncIterator[str]):
+    """`ReplyStream` for ``async for``; cancelling the task stops it like `aclose`."""
+
+    def __init__(self, chunks: AsyncIterator[Any], turn: Turn) -> None:
+        super().__init__(turn)
+        self._chunks = chunks
+
+    async def __anext__(self) -> str:
+        while True:
+            piece = self._piece(await anext(self._chunks))
+            if piece:
+                return piece
+
+    async def aclose(self) -> None:
+        """Stop the stream; what arrived so far is kept, marked interrupted."""
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> AsyncReplyStream:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+class Chatbot:
+    """A chat over one chain and one history store.
+
+    Args:
+        settings: Settings; read from the environment and ``env_file`` when not given.
+        llm: A chat model to use instead of `ChatOpenAI` (e.g. a fake one in tests).
+        store: Where sessions live; a new in-memory store by default.
+        system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
+        prompt_vars: Default values of the system message's variables.
+        env_file: The ``.env`` file to read when ``settings`` is not given.
+
+    Raises:
+        MissingAPIKeyError: No ``OPENAI_API_KEY`` and no ``OPENAI_BASE_URL`` (and no ``llm``).
+        ConfigurationError: Another setting or the system template cannot work.
+
+    Example:
+        >>> from chatchain.testing import FakeChatModel
+        >>> bot = Chatbot(llm=FakeChatModel(), system="Answer in {language}.")
+        >>> bot.chat("Hi, I'm Bob", session_id="dp123", language="English").text
+        "Echo: Hi, I'm Bob"
+        >>> [m.type for m in bot.history("dp123")]
+        ['human', 'ai']
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        llm: Runnable[Any, Any] | None = None,
+        store: HistoryStore | None = None,
+        system: str | None = None,
+        prompt_vars: Mapping[str, str] | None = None,
+        env_file: str | Path | None = ".env",
+    ) -> None:
+        self.settings = settings or Settings.load(env_file)
+        self.store = store or MemoryStore(lock_timeout=self.settings.lock_timeout)
+        self.chain: ChatChain = create_chat_chain(
+            llm,
+            settings=self.settings,
+            system=system,
+            prompt_vars=prompt_vars,
+            get_session_history=self.store,
+            ledger=UsageLedger(),
+        )
+
+    def __repr__(self) -> str:
+        return f"Chatbot(model={self.settings.model!r}, store={type(self.store).__name__})"
+
+    def _call(self, text: str, session_id: str, prompt_vars: Mapping[str, Any]) -> tuple[
+        dict[str, Any], RunnableConfig
+    ]:
+        return {**prompt_vars, "input": text}, {"configurable": {"session_id": session_id}}
+
+    def chat(self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any) -> Reply:
+        """Send one message and return the reply.
+
+        Raises:
+            InvalidInputError: Empty text, a bad session id or a missing prompt variable.
+            EndpointError: The endpoint failed; the history is unchanged.
+        """
+        message, usage = self.chain.run_turn(*self._call(text, session_id, prompt_vars))
+        return Reply(message.text, usage, message, session_id)
+
+    async def achat(
+        self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any
+    ) -> Reply:
+        """`chat` without blocking the event loop."""
+        message, usage = await self.chain.arun_turn(*self._call(text, session_id, prompt_vars))
+        return Reply(message.text, usage, message, session_id)
+
+    def stream(
+        self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any
+    ) -> ReplyStream:
+        """Send one message and iterate over the reply's text as it arrives.
+
+        The input is checked at once; the request goes out on the first ``next()``.
+        """
+        chunks, turn = self.chain.stream_turn(*self._call(text, session_id, prompt_vars))
+        return ReplyStream(chunks, turn)
+
+    def astream(
+        self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any
+    ) -> AsyncReplyStream:
+        """`stream` for ``async for``."""
+        chunks, turn = self.chain.astream_turn(*self._call(text, session_id, prompt_vars))
+        return AsyncReplyStream(chunks, turn)
+
+    async def achat_many(
+        self, turns: Iterable[tuple[str, str]], **prompt_vars: Any
+    ) -> list[Reply]:
+        """Run ``(session_id, text)`` turns concurrently; the replies come back in order.
+
+        Turns on different sessions run in parallel; turns on one session run one after the
+        other. If any turn fails, its error is raised after all the others have finished.
+
+        Example:
+            >>> import asyncio
+            >>> from chatchain.testing import FakeChatModel
+            >>> bot = Chatbot(llm=FakeChatModel())
+            >>> replies = asyncio.run(bot.achat_many([("a", "one"), ("b", "two")]))
+            >>> [r.text for r in replies]
+            ['Echo: one', 'Echo: two']
+        """
+        pending = [(session_id, text) for session_id, text in turns]
+        results = await asyncio.gather(
+            *(self.achat(text, session_id=sid, **prompt_vars) for sid, text in pending),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [result for result in results if isinstance(result, Reply)]
+
+    def history(self, session_id: str = DEFAULT_SESSION) -> list[BaseMessage]:
+        """The messages of a session, oldest first."""
+        return list(self.store(validate_session_id(session_id)).messages)
+
+    def reset(self, session_id: str = DEFAULT_SESSION) -> None:
+        """Forget a session's messages and usage, waiting for a turn on it to finish."""
+        session_id = validate_session_id(session_id)
+        with self.store.lock(session_id):
+            self.store.delete(session_id)
+            self.chain.ledger.forget(session_id)
+
+    def sessions(self) -> list[str]:
+        """The ids of the sessions that hold messages."""
+        return self.store.sessions()
+
+    def usage(self, session_id: str | None = None) -> Usage:
+        """Usage totals of one session, or of all when ``session_id`` is ``None``."""
+        return self.chain.ledger.total(session_id)

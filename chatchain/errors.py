@@ -1,0 +1,108 @@
+"""The errors chatchain raises, one tree with one root.
+
+Every message says what happened and what to do next; the original exception, when there is
+one, is chained as ``__cause__``. No message ever contains the API key.
+
+```
+ChatChainError
+├── ConfigurationError          settings that cannot work (bad value, missing key)
+│   └── MissingAPIKeyError      no OPENAI_API_KEY and no OPENAI_BASE_URL
+├── InvalidInputError           bad text, session id or prompt variables; nothing was sent
+│   └── MissingPromptVariableError
+├── SessionBusyError            another turn held the session for longer than the lock timeout
+└── EndpointError               the chat endpoint failed; the history is unchanged
+    ├── AuthenticationError     401/403: the key is wrong or lacks access
+    ├── RateLimitError          429 after the client's own retries
+    ├── EndpointTimeoutError    no answer within the timeout, after retries
+    ├── EndpointConnectionError the endpoint could not be reached
+    ├── ContextTooLongError     the prompt does not fit the model's context window
+    ├── BadRequestError         400/404/422: the endpoint refused the request
+    └── ServerError             5xx after retries, or a reply that could not be read
+```
+
+`InvalidInputError` is also a `ValueError`, so code written against LangChain's own
+`ValueError` for bad input keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatChainError",
+    "ConfigurationError",
+    "ContextTooLongError",
+    "EndpointConnectionError",
+    "EndpointError",
+    "EndpointTimeoutError",
+    "InvalidInputError",
+    "MissingAPIKeyError",
+    "MissingPromptVariableError",
+    "RateLimitError",
+    "ServerError",
+    "SessionBusyError",
+]
+
+
+class ChatChainError(Exception):
+    """Root of every error chatchain raises."""
+
+
+class ConfigurationError(ChatChainError):
+    """The settings cannot work: a value is malformed or a required one is missing."""
+
+
+class MissingAPIKeyError(ConfigurationError):
+    """Neither an API key nor a base URL of a local server is configured."""
+
+
+class InvalidInputError(ChatChainError, ValueError):
+    """The turn's input is unusable; nothing was sent and nothing was stored."""
+
+
+class MissingPromptVariableError(InvalidInputError):
+    """The prompt template needs a variable that neither the call nor the chain supplies."""
+
+
+class SessionBusyError(ChatChainError):
+    """Another turn kept the session locked for longer than the lock timeout."""
+
+
+class EndpointError(ChatChainError):
+    """The chat endpoint failed. The turn changed nothing in the history.
+
+    Attributes:
+        status_code: The HTTP status the endpoint answered with, when there was one.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class AuthenticationError(EndpointError):
+    """The endpoint refused the API key (401) or its permissions (403)."""
+
+
+class RateLimitError(EndpointError):
+    """The endpoint kept answering 429 after the client's retries."""
+
+
+class EndpointTimeoutError(EndpointError):
+    """The endpoint did not answer within the timeout, after the client's retries."""
+
+
+class EndpointConnectionError(EndpointError):
+    """The endpoint could not be reached at all."""
+
+
+class ContextTooLongError(EndpointError):
+    """The prompt (system, history and input) does not fit the model's context window."""
+
+
+class BadRequestError(EndpointError):
+    """The endpoint refused the request as malformed or unsupported."""
+
+
+class ServerError(EndpointError):
+    """The endpoint failed on its side (5xx), or answered with something unreadable."""

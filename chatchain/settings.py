@@ -1,0 +1,131 @@
+"""Settings: one typed object, read from the environment and a ``.env`` file.
+
+The environment wins over ``.env`` (as with ``python-dotenv``'s ``load_dotenv``), and values
+given in code win over both. Nothing here writes to ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatchain.errors import ConfigurationError, MissingAPIKeyError
+
+__all__ = ["Settings"]
+
+# A local OpenAI-compatible server (Ollama, vLLM, llama.cpp) ignores the key, but the OpenAI
+# client refuses to start without one.
+_PLACEHOLDER_KEY = "not-needed"
+
+
+class Settings(BaseSettings):
+    """Everything chatchain can be configured with.
+
+    Each field is read from the environment variable named in its docs, then from ``.env``.
+
+    Example:
+        >>> settings = Settings(model="gpt-4o-mini", temperature=0.0)
+        >>> settings.model
+        'gpt-4o-mini'
+        >>> Settings(api_key="sk-secret")  # doctest: +ELLIPSIS
+        Settings(api_key=SecretStr('**********'), ...)
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+        validate_by_name=True,
+        use_attribute_docstrings=True,
+    )
+
+    api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    """``OPENAI_API_KEY``. Never printed, logged or shown in a repr or an error."""
+
+    base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+    """``OPENAI_BASE_URL``: any OpenAI-compatible endpoint, e.g. ``http://localhost:11434/v1``."""
+
+    model: str = Field(default="gpt-4o-mini", min_length=1, validation_alias="OPENAI_MODEL")
+    """``OPENAI_MODEL``: the chat model's name."""
+
+    temperature: float | None = Field(
+        default=0.7, ge=0.0, le=2.0, validation_alias="CHATCHAIN_TEMPERATURE"
+    )
+    """``CHATCHAIN_TEMPERATURE``: sampling temperature from 0 to 2."""
+
+    max_tokens: int | None = Field(default=None, gt=0, validation_alias="CHATCHAIN_MAX_TOKENS")
+    """``CHATCHAIN_MAX_TOKENS``: cap on the tokens of one reply; none by default."""
+
+    timeout: float = Field(default=60.0, gt=0, validation_alias="CHATCHAIN_TIMEOUT")
+    """``CHATCHAIN_TIMEOUT``: seconds to wait for the endpoint on each attempt."""
+
+    max_retries: int = Field(default=2, ge=0, validation_alias="CHATCHAIN_MAX_RETRIES")
+    """``CHATCHAIN_MAX_RETRIES``: retries with exponential backoff, honouring Retry-After."""
+
+    fallback_model: str | None = Field(default=None, validation_alias="CHATCHAIN_FALLBACK_MODEL")
+    """``CHATCHAIN_FALLBACK_MODEL``: a model to try when the main one fails on the endpoint."""
+
+    system_prompt: str = Field(
+        default="You are a helpful assistant.",
+        min_length=1,
+        validation_alias="CHATCHAIN_SYSTEM_PROMPT",
+    )
+    """``CHATCHAIN_SYSTEM_PROMPT``: the system message; may hold variables like ``{language}``."""
+
+    lock_timeout: float = Field(default=120.0, gt=0, validation_alias="CHATCHAIN_LOCK_TIMEOUT")
+    """``CHATCHAIN_LOCK_TIMEOUT``: seconds a turn waits for another turn on its session."""
+
+    @classmethod
+    def load(cls, env_file: str | Path | None = ".env") -> Settings:
+        """Read the settings from the environment and ``env_file``.
+
+        Args:
+            env_file: The ``.env`` file to read; a missing file is fine; ``None`` reads none.
+
+        Returns:
+            The settings.
+
+        Raises:
+            ConfigurationError: A value is malformed; the message names the variable.
+
+        Example:
+            >>> settings = Settings.load(env_file=None)
+        """
+        try:
+            return cls(_env_file=env_file)  # type: ignore[call-arg]
+        except ValidationError as exc:
+            raise ConfigurationError(_explain(exc)) from None
+
+    def resolved_api_key(self) -> SecretStr:
+        """The key to send: the configured one, or a placeholder for a local server.
+
+        Raises:
+            MissingAPIKeyError: Neither ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL`` is set.
+        """
+        if self.api_key is not None and self.api_key.get_secret_value().strip():
+            return self.api_key
+        if self.base_url:
+            return SecretStr(_PLACEHOLDER_KEY)
+        raise MissingAPIKeyError(
+            "No API key is configured. Set OPENAI_API_KEY in the environment or add the line "
+            "OPENAI_API_KEY=sk-... to your .env file. For a local OpenAI-compatible server "
+            "(Ollama, vLLM, llama.cpp) set OPENAI_BASE_URL instead, "
+            "e.g. OPENAI_BASE_URL=http://localhost:11434/v1."
+        )
+
+
+def _explain(exc: ValidationError) -> str:
+    # pydantic's own text echoes the input, which could be a secret: rebuild it without values.
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        problems.append(f"{name}: {error['msg']}")
+    return (
+        "Invalid chatchain settings: "
+        + "; ".join(problems)
+        + ". Fix the variable in the environment or in .env."
+    )

@@ -1,0 +1,175 @@
+"""A fake chat model for tests: scripted or echo replies, real streaming, real usage."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.utils import count_tokens_approximately
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import PrivateAttr
+
+__all__ = ["FakeChatModel"]
+
+
+def _cut_off() -> Exception:
+    # What the OpenAI client raises when the server drops a stream midway.
+    import httpx
+
+    return httpx.RemoteProtocolError("peer closed connection without sending complete message")
+
+
+def _last_human_text(messages: list[BaseMessage]) -> str:
+    for message in reversed(messages):
+        if message.type == "human":
+            return message.text
+    return ""
+
+
+class FakeChatModel(BaseChatModel):
+    """A chat model that answers from a script, or echoes, and reports usage like OpenAI.
+
+    Replies come from ``replies`` in order, then ``"Echo: <last user text>"``. Streams are
+    split at whitespace, fire ``on_llm_new_token`` and end with a usage chunk, so metering,
+    streaming and history behave as with `ChatOpenAI`. Errors can be scripted: ``errors`` are
+    raised by the next calls, one each, and ``fail_after_chunks`` cuts a stream short.
+
+    Example:
+        >>> model = FakeChatModel(replies=["Hello Bob!"])
+        >>> model.invoke("Hi, I'm Bob").content
+        'Hello Bob!'
+        >>> model.invoke("Still there?").content
+        'Echo: Still there?'
+    """
+
+    replies: list[str] = []
+    """Replies to give, in order, before echoing."""
+    errors: list[BaseException] = []
+    """Exceptions the next calls raise, one per call, before answering again."""
+    fail_after_chunks: int | None = None
+    """Drop every stream after this many chunks, as a server that cuts the connection."""
+    delay: float = 0.0
+    """Seconds to wait before each streamed chunk (and before a whole reply)."""
+    model_name: str = "fake-chat-model"
+    """The name reported in ``response_metadata`` (e.g. a real one to get a price)."""
+
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _replies: deque[str] = PrivateAttr()
+    _errors: deque[BaseException] = PrivateAttr()
+    _calls: list[list[BaseMessage]] = PrivateAttr(default_factory=list)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._replies = deque(self.replies)
+        self._errors = deque(self.errors)
+
+    @property
+    def _llm_type(self) -> str:
+        return "chatchain-fake"
+
+    @property
+    def calls(self) -> list[list[BaseMessage]]:
+        """The messages of every call so far, in order."""
+        with self._lock:
+            return list(self._calls)
+
+    def queue(self, *replies: str) -> None:
+        """Add replies to the script."""
+        with self._lock:
+            self._replies.extend(replies)
+
+    def _next_reply(self, messages: list[BaseMessage]) -> str:
+        with self._lock:
+            self._calls.append(list(messages))
+            if self._errors:
+                raise self._errors.popleft()
+            return self._replies.popleft() if self._replies else f"Echo: {_last_human_text(messages)}"
+
+    def _usage(self, messages: list[BaseMessage], reply: str) -> UsageMetadata:
+        prompt = count_tokens_approximately(messages)
+        completion = count_tokens_approximately([AIMessage(content=reply)]) if reply else 0
+        return UsageMetadata(
+            input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
+        )
+
+    def _pieces(self, reply: str) -> Iterable[str]:
+        return [piece for piece in re.split(r"(\s+)", reply) if piece]
+
+    def _answer(self, messages: list[BaseMessage]) -> ChatResult:
+        reply = self._next_reply(messages)
+        message = AIMessage(
+            content=reply,
+            usage_metadata=self._usage(messages, reply),
+            response_metadata={"model_name": self.model_name, "finish_reason": "stop"},
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        time.sleep(self.delay)
+        return self._answer(messages)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        await asyncio.sleep(self.delay)
+        return self._answer(messages)
+
+    def _chunks(self, messages: list[BaseMessage]) -> Iterator[ChatGenerationChunk]:
+        reply = self._next_reply(messages)
+        for index, piece in enumerate(self._pieces(reply)):
+            if self.fail_after_chunks is not None and index >= self.fail_after_chunks:
+                raise _cut_off()
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                usage_metadata=self._usage(messages, reply),
+                response_metadata={"model_name": self.model_name, "finish_reason": "stop"},
+                chunk_position="last",
+            )
+        )
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in self._chunks(messages):
+            if self.delay:
+                time.sleep(self.delay)
+            if run_manager and chunk.text:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        for chunk in self._chunks(messages):
+            await asyncio.sleep(self.delay)
+            if run_manager and chunk.text:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk

@@ -1,0 +1,40 @@
+"""Shared fixtures: a fake chat model and a Chatbot over it, isolated from the user's env."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from chatchain import Chatbot, Settings
+from chatchain.testing import FakeChatModel
+
+_ENV_VARS = [name for name in (
+    "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "CHATCHAIN_TEMPERATURE",
+    "CHATCHAIN_MAX_TOKENS", "CHATCHAIN_TIMEOUT", "CHATCHAIN_MAX_RETRIES",
+    "CHATCHAIN_FALLBACK_MODEL", "CHATCHAIN_SYSTEM_PROMPT", "CHATCHAIN_LOCK_TIMEOUT",
+)]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Tests must not read the developer's key or .env: run from an empty directory.
+    for name in _ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(api_key="sk-test-0123456789abcdef", model="gpt-4o-mini", lock_timeout=5.0)
+
+
+@pytest.fixture
+def fake() -> FakeChatModel:
+    return FakeChatModel(model_name="gpt-4o-mini")
+
+
+@pytest.fixture
+def bot(settings: Settings, fake: FakeChatModel) -> Iterator[Chatbot]:
+    yield Chatbot(settings, llm=fake, system="You are a {role}. Answer in {language}.",
+                  prompt_vars={"role": "helpful assistant", "language": "English"})
