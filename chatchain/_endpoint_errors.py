@@ -54,8 +54,7 @@ def translate(
     if isinstance(exc, openai.APITimeoutError):
         within = f"within {timeout:g} s" if timeout else "in time"
         return errors.EndpointTimeoutError(
-            f"The endpoint did not answer {within}{after}. Try again, or raise "
-            "CHATCHAIN_TIMEOUT."
+            f"The endpoint did not answer {within}{after}. Try again, or raise CHATCHAIN_TIMEOUT."
         )
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
         return errors.EndpointConnectionError(

@@ -231,5 +231,6 @@ class Turn:
         return error
 
     def log_interrupted(self, reason: str) -> None:
-        logger.info("Stream on session %r interrupted (%s); partial reply kept.",
-                    self.session_id, reason)
+        logger.info(
+            "Stream on session %r interrupted (%s); partial reply kept.", self.session_id, reason
+        )

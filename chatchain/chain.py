@@ -10,10 +10,10 @@ as plain ones.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage
@@ -117,9 +117,7 @@ class ChatChain(HistoryRunnable):
         """Run one turn and return the reply message."""
         return self.run_turn(input, config, **kwargs)[0]
 
-    async def ainvoke(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Any:
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """Run one turn and return the reply message, without blocking the event loop."""
         return (await self.arun_turn(input, config, **kwargs))[0]
 
@@ -174,7 +172,7 @@ class ChatChain(HistoryRunnable):
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         with self._lock(turn.session_id):
             turn.start_clock()
-            inner = super().stream(value, turn.config, **kwargs)
+            inner = cast("Generator[Any, None, None]", super().stream(value, turn.config, **kwargs))
             try:
                 for chunk in inner:
                     turn.add_chunk(chunk)
@@ -211,7 +209,7 @@ class ChatChain(HistoryRunnable):
     async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         async with self._alock(turn.session_id):
             turn.start_clock()
-            inner = super().astream(value, turn.config, **kwargs)
+            inner = cast("AsyncGenerator[Any, None]", super().astream(value, turn.config, **kwargs))
             try:
                 async for chunk in inner:
                     turn.add_chunk(chunk)

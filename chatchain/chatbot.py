@@ -189,9 +189,9 @@ class Chatbot:
     def __repr__(self) -> str:
         return f"Chatbot(model={self.settings.model!r}, store={type(self.store).__name__})"
 
-    def _call(self, text: str, session_id: str, prompt_vars: Mapping[str, Any]) -> tuple[
-        dict[str, Any], RunnableConfig
-    ]:
+    def _call(
+        self, text: str, session_id: str, prompt_vars: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], RunnableConfig]:
         return {**prompt_vars, "input": text}, {"configurable": {"session_id": session_id}}
 
     def chat(self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any) -> Reply:
@@ -228,9 +228,7 @@ class Chatbot:
         chunks, turn = self.chain.astream_turn(*self._call(text, session_id, prompt_vars))
         return AsyncReplyStream(chunks, turn)
 
-    async def achat_many(
-        self, turns: Iterable[tuple[str, str]], **prompt_vars: Any
-    ) -> list[Reply]:
+    async def achat_many(self, turns: Iterable[tuple[str, str]], **prompt_vars: Any) -> list[Reply]:
         """Run ``(session_id, text)`` turns concurrently; the replies come back in order.
 
         Turns on different sessions run in parallel; turns on one session run one after the

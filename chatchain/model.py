@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import Runnable
 from langchain_openai import ChatOpenAI
@@ -26,7 +28,7 @@ def _chat_openai(settings: Settings, model: str) -> ChatOpenAI:
     )
 
 
-def create_chat_model(settings: Settings | None = None) -> Runnable[object, object]:
+def create_chat_model(settings: Settings | None = None) -> Runnable[Any, Any]:
     """`ChatOpenAI` from the settings, falling back to ``fallback_model`` when it fails.
 
     The fallback is tried only for failures of the endpoint (unreachable, timeouts, rate

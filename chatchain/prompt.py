@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping
+from typing import Any
 
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
@@ -61,10 +62,10 @@ def create_prompt(
         ['system', 'human']
     """
     variables = prompt_variables(system)
-    reserved = {input_key, history_key} & variables
+    reserved = sorted(name for name in (input_key, history_key) if name in variables)
     if reserved:
         raise ConfigurationError(
-            f"The system prompt uses {sorted(reserved)}, which name the input or the history. "
+            f"The system prompt uses {reserved}, which name the input or the history. "
             "Rename the variable, or choose another input_key/history_key."
         )
     unknown = set(prompt_vars or {}) - variables
@@ -73,6 +74,7 @@ def create_prompt(
             f"prompt_vars sets {sorted(unknown)}, which the system prompt does not use; it "
             f"uses {sorted(variables) or 'no variables'}."
         )
+    messages: list[Any]
     if history_key is None:
         messages = [("system", system), MessagesPlaceholder(input_key)]
     else:

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from chatchain import Chatbot, Settings
 from chatchain.testing import FakeChatModel
 
-_ENV_VARS = [name for name in (
-    "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "CHATCHAIN_TEMPERATURE",
-    "CHATCHAIN_MAX_TOKENS", "CHATCHAIN_TIMEOUT", "CHATCHAIN_MAX_RETRIES",
-    "CHATCHAIN_FALLBACK_MODEL", "CHATCHAIN_SYSTEM_PROMPT", "CHATCHAIN_LOCK_TIMEOUT",
-)]
+_ENV_VARS = [
+    name
+    for name in (
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "OPENAI_MODEL",
+        "CHATCHAIN_TEMPERATURE",
+        "CHATCHAIN_MAX_TOKENS",
+        "CHATCHAIN_TIMEOUT",
+        "CHATCHAIN_MAX_RETRIES",
+        "CHATCHAIN_FALLBACK_MODEL",
+        "CHATCHAIN_SYSTEM_PROMPT",
+        "CHATCHAIN_LOCK_TIMEOUT",
+    )
+]
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +43,10 @@ def fake() -> FakeChatModel:
 
 
 @pytest.fixture
-def bot(settings: Settings, fake: FakeChatModel) -> Iterator[Chatbot]:
-    yield Chatbot(settings, llm=fake, system="You are a {role}. Answer in {language}.",
-                  prompt_vars={"role": "helpful assistant", "language": "English"})
+def bot(settings: Settings, fake: FakeChatModel) -> Chatbot:
+    return Chatbot(
+        settings,
+        llm=fake,
+        system="You are a {role}. Answer in {language}.",
+        prompt_vars={"role": "helpful assistant", "language": "English"},
+    )

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from langchain_core.chat_history import InMemoryChatMessageHistory
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables.history import RunnableWithMessageHistory
 
 from chatchain import (
@@ -29,7 +28,9 @@ def cfg(session_id: str) -> dict[str, Any]:
 @pytest.fixture
 def chain(settings: Settings, fake: FakeChatModel):  # type: ignore[no-untyped-def]
     return create_chat_chain(
-        fake, settings=settings, system="Answer in {language}.",
+        fake,
+        settings=settings,
+        system="Answer in {language}.",
         get_session_history=MemoryStore(),
     )
 
@@ -37,7 +38,9 @@ def chain(settings: Settings, fake: FakeChatModel):  # type: ignore[no-untyped-d
 def test_chain_has_the_designs_shape(chain, fake: FakeChatModel) -> None:  # type: ignore[no-untyped-def]
     assert isinstance(chain, RunnableWithMessageHistory)
     assert [type(m).__name__ for m in chain.prompt.messages] == [
-        "SystemMessagePromptTemplate", "MessagesPlaceholder", "HumanMessagePromptTemplate",
+        "SystemMessagePromptTemplate",
+        "MessagesPlaceholder",
+        "HumanMessagePromptTemplate",
     ]
     assert chain.model is fake
     assert chain.input_messages_key == "input"
@@ -64,8 +67,11 @@ def test_sessions_are_isolated(chain, fake: FakeChatModel) -> None:  # type: ign
 def test_prompt_variables_per_call_override_chain_defaults(settings: Settings) -> None:
     fake = FakeChatModel()
     chain = create_chat_chain(
-        fake, settings=settings, system="You are a {role}; answer in {language}.",
-        prompt_vars={"role": "pirate", "language": "English"}, get_session_history=MemoryStore(),
+        fake,
+        settings=settings,
+        system="You are a {role}; answer in {language}.",
+        prompt_vars={"role": "pirate", "language": "English"},
+        get_session_history=MemoryStore(),
     )
     chain.invoke({"input": "hi"}, config=cfg("s"))
     assert fake.calls[-1][0].content == "You are a pirate; answer in English."
@@ -92,7 +98,11 @@ def test_message_list_input_form(settings: Settings) -> None:
     fake = FakeChatModel()
     store = MemoryStore()
     chain = create_chat_chain(
-        fake, settings=settings, system="Be brief.", input_key="my_msg", history_key=None,
+        fake,
+        settings=settings,
+        system="Be brief.",
+        input_key="my_msg",
+        history_key=None,
         get_session_history=store,
     )
     chain.invoke({"my_msg": [HumanMessage("one")]}, config=cfg("m"))
@@ -107,7 +117,9 @@ async def test_invoke_stream_ainvoke_astream_agree(settings: Settings) -> None:
     for mode in ("invoke", "stream", "ainvoke", "astream"):
         store = MemoryStore()
         chain = create_chat_chain(
-            FakeChatModel(model_name="gpt-4o-mini"), settings=settings, system="Hi.",
+            FakeChatModel(model_name="gpt-4o-mini"),
+            settings=settings,
+            system="Hi.",
             get_session_history=store,
         )
         for text in ("first question", "second question"):
@@ -123,8 +135,14 @@ async def test_invoke_stream_ainvoke_astream_agree(settings: Settings) -> None:
         usage = chain.ledger.total("p")
         results[mode] = (
             [(m.type, m.content) for m in store("p").messages],
-            (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
-             usage.successful_requests, usage.turns, round(usage.cost_usd or -1, 12)),
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+                usage.successful_requests,
+                usage.turns,
+                round(usage.cost_usd or -1, 12),
+            ),
         )
     assert results["invoke"][1][0] > 0
     assert results["invoke"] == results["stream"] == results["ainvoke"] == results["astream"]
@@ -141,10 +159,12 @@ def test_users_own_get_openai_callback_sees_every_token(chain) -> None:  # type:
 
 async def test_gathered_turns_are_metered_separately_and_add_up(chain) -> None:  # type: ignore[no-untyped-def]
     texts = [f"question number {i} " + "word " * i for i in range(8)]
-    await asyncio.gather(*(
-        chain.ainvoke({"input": t, "language": "English"}, config=cfg(f"g{i}"))
-        for i, t in enumerate(texts)
-    ))
+    await asyncio.gather(
+        *(
+            chain.ainvoke({"input": t, "language": "English"}, config=cfg(f"g{i}"))
+            for i, t in enumerate(texts)
+        )
+    )
     per_session = [chain.ledger.total(f"g{i}") for i in range(8)]
     assert all(u.turns == 1 and u.successful_requests == 1 for u in per_session)
     # Longer questions cost more prompt tokens: each turn was counted on its own.
@@ -170,13 +190,16 @@ def test_composed_chain_still_saves_history(chain) -> None:  # type: ignore[no-u
     pieces = list(composed.stream({"input": "pipe me", "language": "English"}, config=cfg("c")))
     assert "".join(pieces) == "Echo: pipe me"
     assert [m.content for m in chain.get_session_history("c").messages] == [
-        "pipe me", "Echo: pipe me",
+        "pipe me",
+        "Echo: pipe me",
     ]
 
 
 def test_cost_is_none_for_a_model_of_unknown_price(settings: Settings) -> None:
     chain = create_chat_chain(
-        FakeChatModel(model_name="acme-unreleased-9"), settings=settings, system="Hi.",
+        FakeChatModel(model_name="acme-unreleased-9"),
+        settings=settings,
+        system="Hi.",
         get_session_history=MemoryStore(),
     )
     chain.invoke({"input": "hi"}, config=cfg("u"))

@@ -29,21 +29,36 @@ KEY = "sk-test-0123456789abcdef"
 _REQUEST = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
 
 
-def status_error(cls: type[openai.APIStatusError], status: int, message: str,
-                 code: str | None = None) -> openai.APIStatusError:
+def status_error(
+    cls: type[openai.APIStatusError], status: int, message: str, code: str | None = None
+) -> openai.APIStatusError:
     body = {"message": message, "type": "error", "code": code}
     return cls(message, response=httpx.Response(status, request=_REQUEST), body=body)
 
 
 ENDPOINT_FAILURES = [
-    (status_error(openai.AuthenticationError, 401, f"Incorrect API key provided: {KEY}"),
-     AuthenticationError, "OPENAI_API_KEY"),
-    (status_error(openai.RateLimitError, 429, "Rate limit reached"), RateLimitError,
-     "CHATCHAIN_MAX_RETRIES"),
+    (
+        status_error(openai.AuthenticationError, 401, f"Incorrect API key provided: {KEY}"),
+        AuthenticationError,
+        "OPENAI_API_KEY",
+    ),
+    (
+        status_error(openai.RateLimitError, 429, "Rate limit reached"),
+        RateLimitError,
+        "CHATCHAIN_MAX_RETRIES",
+    ),
     (openai.APITimeoutError(request=_REQUEST), EndpointTimeoutError, "CHATCHAIN_TIMEOUT"),
     (openai.APIConnectionError(request=_REQUEST), EndpointConnectionError, "OPENAI_BASE_URL"),
-    (status_error(openai.BadRequestError, 400, "maximum context length is 8 tokens",
-                  "context_length_exceeded"), ContextTooLongError, "new one"),
+    (
+        status_error(
+            openai.BadRequestError,
+            400,
+            "maximum context length is 8 tokens",
+            "context_length_exceeded",
+        ),
+        ContextTooLongError,
+        "new one",
+    ),
     (status_error(openai.NotFoundError, 404, "model not found"), BadRequestError, "OPENAI_MODEL"),
     (status_error(openai.InternalServerError, 500, "boom"), ServerError, "try again later"),
 ]
@@ -64,8 +79,12 @@ def snapshot(bot: Chatbot, session_id: str = "s") -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("raised", "expected", "advice"), ENDPOINT_FAILURES)
 @pytest.mark.parametrize("mode", ["chat", "stream", "achat", "astream"])
 def test_endpoint_failure_gives_clear_error_and_changes_nothing(
-    seeded: tuple[Chatbot, FakeChatModel], raised: Exception, expected: type[EndpointError],
-    advice: str, mode: str, caplog: pytest.LogCaptureFixture,
+    seeded: tuple[Chatbot, FakeChatModel],
+    raised: Exception,
+    expected: type[EndpointError],
+    advice: str,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     bot, fake = seeded
     before = snapshot(bot)
@@ -80,9 +99,11 @@ def test_endpoint_failure_gives_clear_error_and_changes_nothing(
         elif mode == "achat":
             asyncio.run(bot.achat("second", session_id="s"))
         else:
+
             async def consume() -> None:
                 async for _ in bot.astream("second", session_id="s"):
                     pass
+
             asyncio.run(consume())
     assert info.value.__cause__ is raised
     assert advice.lower() in str(info.value).lower()
@@ -137,7 +158,9 @@ def test_hostile_but_printable_session_ids_work(seeded: tuple[Chatbot, FakeChatM
         assert snapshot(bot, sid) == [("human", "hi"), ("ai", "Echo: hi")]
 
 
-def test_chain_without_session_id_says_how_to_pass_one(seeded: tuple[Chatbot, FakeChatModel]) -> None:
+def test_chain_without_session_id_says_how_to_pass_one(
+    seeded: tuple[Chatbot, FakeChatModel],
+) -> None:
     bot, _ = seeded
     with pytest.raises(InvalidInputError, match="configurable"):
         bot.chain.invoke({"input": "hi"})
@@ -180,7 +203,7 @@ def test_breaking_out_of_a_stream_keeps_the_partial_reply(
 
 
 def test_a_stream_dropped_without_close_is_saved_when_collected(
-    seeded: tuple[Chatbot, FakeChatModel]
+    seeded: tuple[Chatbot, FakeChatModel],
 ) -> None:
     bot, fake = seeded
     fake.queue("alpha beta gamma")

@@ -10,8 +10,10 @@ def test_all_is_sorted_and_exports_exactly_the_public_names() -> None:
     for module in (chatchain, chatchain.errors, chatchain.stores, chatchain.testing):
         assert module.__all__ == sorted(module.__all__), module.__name__
         public = {
-            name for name, value in vars(module).items()
-            if not name.startswith("_") and not isinstance(value, type(importlib))
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and not isinstance(value, type(importlib))
             and getattr(value, "__module__", module.__name__).startswith("chatchain")
         }
         public -= {"annotations"}

@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 __all__ = ["FakeChatModel"]
 
@@ -51,9 +51,9 @@ class FakeChatModel(BaseChatModel):
         'Echo: Still there?'
     """
 
-    replies: list[str] = []
+    replies: list[str] = Field(default_factory=list)
     """Replies to give, in order, before echoing."""
-    errors: list[BaseException] = []
+    errors: list[BaseException] = Field(default_factory=list)
     """Exceptions the next calls raise, one per call, before answering again."""
     fail_after_chunks: int | None = None
     """Drop every stream after this many chunks, as a server that cuts the connection."""
@@ -91,7 +91,9 @@ class FakeChatModel(BaseChatModel):
             self._calls.append(list(messages))
             if self._errors:
                 raise self._errors.popleft()
-            return self._replies.popleft() if self._replies else f"Echo: {_last_human_text(messages)}"
+            return (
+                self._replies.popleft() if self._replies else f"Echo: {_last_human_text(messages)}"
+            )
 
     def _usage(self, messages: list[BaseMessage], reply: str) -> UsageMetadata:
         prompt = count_tokens_approximately(messages)

@@ -1,0 +1,90 @@
+"""Run the OpenAI-compatible test server in the foreground.
+
+Prints ``base_url=http://HOST:PORT/v1`` on one line once it is serving, and stops cleanly
+on SIGINT (Ctrl-C) or SIGTERM.
+
+Example:
+    $ python -m chatchain.testing --port 8000
+    base_url=http://127.0.0.1:8000/v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from chatchain.testing._server import OpenAITestServer
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m chatchain.testing",
+        description="Run chatchain's OpenAI-compatible test server (echoes the last user message).",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="port to bind; 0 picks a free one (default)"
+    )
+    parser.add_argument(
+        "--model", default="gpt-4o-mini", help="model to list (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--context-window",
+        type=int,
+        default=None,
+        help="reject prompts longer than this many tokens (default: no limit)",
+    )
+    parser.add_argument(
+        "--chunk-words", type=int, default=1, help="words per streamed chunk (default: %(default)s)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGINT or SIGTERM.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit code (0).
+
+    Example:
+        >>> main(["--port", "0"])  # doctest: +SKIP
+        base_url=http://127.0.0.1:54321/v1
+        0
+    """
+    args = _parse_args(argv)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = OpenAITestServer(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        context_window=args.context_window,
+        chunk_words=args.chunk_words,
+    )
+    try:
+        server.start()
+        print(f"base_url={server.base_url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,907 @@
+"""A small OpenAI-compatible chat-completions server for tests, notebooks and benchmarks.
+
+Standard library only: :mod:`http.server` in a background thread. It speaks enough of the
+OpenAI wire protocol (``POST /v1/chat/completions``, streamed or not, and ``GET /v1/models``)
+for the official ``openai`` client and ``langchain_openai.ChatOpenAI`` to talk to it, and it
+can be told to misbehave (errors, rate limits, slow replies, cut streams, broken JSON) through
+:class:`Fault`.
+
+Example:
+    >>> import openai
+    >>> with OpenAITestServer() as server:
+    ...     client = openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+    ...     reply = client.chat.completions.create(
+    ...         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    ...     )
+    ...     client.close()
+    >>> reply.choices[0].message.content
+    'Echo: hi'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import http
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+__all__ = ["Fault", "OpenAITestServer", "echo_reply"]
+
+ReplyFn = Callable[[list[dict[str, Any]]], str]
+
+_CHAT_PATH = "/v1/chat/completions"
+_MODELS_PATH = "/v1/models"
+_SYSTEM_FINGERPRINT = "fp_chatchain_test"
+_REDACTED = "<redacted>"
+# Request headers whose values are credentials; they are never stored.
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key"})
+# A piece of text is a run of whitespace followed by a word; trailing whitespace is added to
+# the last piece, so that joining the pieces gives the text back exactly.
+_WORD_RE = re.compile(r"\s*\S+")
+# Socket errors just mean "the client went away" (or stop() closed the connection).
+_DISCONNECT_ERRORS = (OSError,)
+
+_DEFAULT_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "requests",
+}
+_DEFAULT_ERROR_CODES: dict[int, str] = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
+_DEFAULT_MESSAGES_BY_CODE: dict[str, str] = {
+    "context_length_exceeded": (
+        "This model's maximum context length is exceeded. Please reduce the length of the messages."
+    ),
+    "invalid_api_key": "Incorrect API key provided. You can find your API key in your settings.",
+    "rate_limit_exceeded": "Rate limit reached for requests. Please try again shortly.",
+    "insufficient_quota": (
+        "You exceeded your current quota, please check your plan and billing details."
+    ),
+    "model_not_found": "The model does not exist or you do not have access to it.",
+}
+_DEFAULT_MESSAGES_BY_STATUS: dict[int, str] = {
+    400: "Bad request.",
+    401: "Incorrect API key provided. You can find your API key in your settings.",
+    403: "You are not allowed to access this resource.",
+    404: "The requested resource does not exist.",
+    408: "The request timed out.",
+    409: "The request conflicted with another request. Please try again.",
+    422: "The request could not be processed.",
+    429: "Rate limit reached for requests. Please try again shortly.",
+    500: "The server had an error while processing your request. Sorry about that!",
+    502: "Bad gateway.",
+    503: "The engine is currently overloaded, please try again later.",
+    504: "The server timed out while processing your request.",
+}
+
+
+def _content_text(content: Any) -> str:
+    """Text of a message's ``content``: a string, or the joined text parts of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text":
+                text = part.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
+        return "".join(parts)
+    return ""
+
+
+def echo_reply(messages: list[dict[str, Any]]) -> str:
+    """Default reply: ``"Echo: "`` plus the text of the last user message.
+
+    The text is the message's string content, or the text parts of a list content joined
+    with no separator (as LangChain's ``message.text`` does). With no user message, the reply
+    is just ``"Echo: "``.
+
+    Args:
+        messages: The ``messages`` of an OpenAI chat-completions request.
+
+    Returns:
+        The reply text.
+
+    Example:
+        >>> echo_reply([{"role": "system", "content": "Be brief."},
+        ...             {"role": "user", "content": "hello"}])
+        'Echo: hello'
+        >>> echo_reply([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+        'Echo: hi'
+    """
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return "Echo: " + _content_text(message.get("content"))
+    return "Echo: "
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One misbehaviour for the next matching request(s).
+
+    Faults apply to ``POST /v1/chat/completions`` only and are queued first in, first out:
+    every chat request consumes one use of the fault at the head of the queue. Within one
+    fault, ``delay`` happens first, then ``status`` (an error reply) if set, else
+    ``malformed``, else ``cut_after`` (for streamed requests; a non-streamed request is
+    answered normally, but still uses up the fault).
+
+    Attributes:
+        status: Reply with this HTTP status (400-599) and an OpenAI-style error body
+            ``{"error": {"message", "type", "param", "code"}}``.
+        retry_after: With ``status``, send ``Retry-After`` (seconds) and ``retry-after-ms``
+            headers. The ``openai`` client honours ``retry-after-ms`` first.
+        code: ``error.code``, e.g. ``"context_length_exceeded"``, ``"rate_limit_exceeded"``,
+            ``"invalid_api_key"`` (default: ``"invalid_api_key"`` for 401,
+            ``"rate_limit_exceeded"`` for 429, else ``None``).
+        message: ``error.message`` (default: a sensible message for the code or status).
+        delay: Seconds to wait before answering, so a client timeout can fire.
+        cut_after: Streaming only: send this many content chunks, then drop the connection
+            (no finishing chunk, no ``[DONE]``, no end of the chunked body).
+        malformed: Answer 200 with a body that is not valid JSON (non-streamed) or with a
+            garbage SSE ``data:`` line (streamed).
+        times: How many requests this fault applies to.
+
+    Example:
+        >>> server = OpenAITestServer()
+        >>> server.add_fault(Fault(status=429, retry_after=0.05))   # one rate limit
+        >>> server.add_fault(Fault(delay=2.0, times=3))            # then three slow replies
+    """
+
+    status: int | None = None
+    retry_after: float | None = None
+    code: str | None = None
+    message: str | None = None
+    delay: float = 0.0
+    cut_after: int | None = None
+    malformed: bool = False
+    times: int = 1
+
+    def __post_init__(self) -> None:
+        if self.status is not None and not 400 <= self.status <= 599:
+            raise ValueError(f"Fault.status must be an HTTP error status (400-599): {self.status}")
+        if self.retry_after is not None and self.retry_after < 0:
+            raise ValueError(f"Fault.retry_after must be >= 0: {self.retry_after}")
+        if self.delay < 0:
+            raise ValueError(f"Fault.delay must be >= 0: {self.delay}")
+        if self.cut_after is not None and self.cut_after < 0:
+            raise ValueError(f"Fault.cut_after must be >= 0: {self.cut_after}")
+        if self.times < 1:
+            raise ValueError(f"Fault.times must be >= 1: {self.times}")
+
+
+class _ReplyError(Exception):
+    """An OpenAI-style error reply, raised inside the request handler."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or _DEFAULT_ERROR_TYPES.get(status) or "server_error"
+        self.code = code
+        self.param = param
+        self.headers = list(headers)
+
+    def body(self) -> bytes:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return json.dumps({"error": error}).encode()
+
+
+def _format_seconds(seconds: float) -> str:
+    if float(seconds).is_integer():
+        return str(int(seconds))
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def _fault_error(fault: Fault, status: int) -> _ReplyError:
+    code = fault.code if fault.code is not None else _DEFAULT_ERROR_CODES.get(status)
+    message = fault.message
+    if message is None:
+        message = (_DEFAULT_MESSAGES_BY_CODE.get(code) if code else None) or (
+            _DEFAULT_MESSAGES_BY_STATUS.get(status, f"Error {status}.")
+        )
+    type_ = "invalid_request_error" if code == "context_length_exceeded" else None
+    headers: list[tuple[str, str]] = []
+    if fault.retry_after is not None:
+        headers.append(("retry-after", _format_seconds(fault.retry_after)))
+        headers.append(("retry-after-ms", str(round(fault.retry_after * 1000))))
+    return _ReplyError(status, message, type_=type_, code=code, headers=headers)
+
+
+def _split_words(text: str, words_per_chunk: int) -> list[str]:
+    """Split ``text`` into chunks of ``words_per_chunk`` words; ``"".join(chunks) == text``."""
+    pieces = _WORD_RE.findall(text)
+    consumed = sum(len(piece) for piece in pieces)
+    if consumed < len(text):
+        if pieces:
+            pieces[-1] += text[consumed:]
+        else:
+            pieces = [text]
+    if words_per_chunk == 1:
+        return pieces
+    return [
+        "".join(pieces[i : i + words_per_chunk]) for i in range(0, len(pieces), words_per_chunk)
+    ]
+
+
+def _status_line(status: int) -> str:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    return f"HTTP/1.1 {status} {phrase}\r\n"
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that tracks its open connections so it can close them."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], owner: OpenAITestServer) -> None:
+        self.owner = owner
+        self.connections: set[socket.socket] = set()
+        self.connections_changed = threading.Condition()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_changed:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        try:
+            super().shutdown_request(request)
+        finally:
+            with self.connections_changed:
+                self.connections.discard(request)
+                self.connections_changed.notify_all()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients disconnecting (or stop() closing their sockets) is normal here; anything
+        # else is a bug in the server and is worth a traceback.
+        if isinstance(sys.exc_info()[1], _DISCONNECT_ERRORS):
+            return
+        super().handle_error(request, client_address)  # pragma: no cover
+
+    def close_connections(self, timeout: float) -> None:
+        """Shut down every open connection socket and wait (a little) for handlers to end."""
+        with self.connections_changed:
+            for conn in list(self.connections):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            self.connections_changed.wait_for(lambda: not self.connections, timeout)
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "chatchain-test-server"
+    sys_version = ""
+    disable_nagle_algorithm = True
+    server: _HTTPServer
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the per-request log lines."""
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except _DISCONNECT_ERRORS:
+            self.close_connection = True
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = bytearray()
+            while True:
+                size_line = self.rfile.readline(65537)
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(body)
+                body += self.rfile.read(size)
+                self.rfile.readline(65537)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0:
+            raise ValueError(f"negative Content-Length: {length}")
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _write_head(self, status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+        lines = [_status_line(status)]
+        lines.append(f"Date: {self.date_time_string()}\r\n")
+        lines.append(f"Server: {self.server_version}\r\n")
+        lines.append(f"x-request-id: req_{os.urandom(12).hex()}\r\n")
+        for name, value in headers:
+            lines.append(f"{name}: {value}\r\n")
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        head = self._write_head(
+            status,
+            [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers],
+        )
+        self.wfile.write(head + body)
+
+    def _send_json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode())
+
+    def _send_error(self, error: _ReplyError) -> None:
+        self._send(error.status, error.body(), headers=error.headers)
+
+    def _not_found(self) -> None:
+        path = self.path.split("?", 1)[0]
+        self._send_error(_ReplyError(404, f"Invalid URL ({self.command} {path})"))
+
+    def _path(self) -> str:
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
+
+    # --- routes -------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path = self._path()
+        owner = self.server.owner
+        if path == _MODELS_PATH:
+            self._send_json(200, {"object": "list", "data": [owner._model_object()]})
+        elif path.startswith(_MODELS_PATH + "/") and path[len(_MODELS_PATH) + 1 :] == owner._model:
+            self._send_json(200, owner._model_object())
+        elif path.startswith(_MODELS_PATH + "/"):
+            model = path[len(_MODELS_PATH) + 1 :]
+            self._send_error(
+                _ReplyError(
+                    404,
+                    f"The model `{model}` does not exist or you do not have access to it.",
+                    code="model_not_found",
+                )
+            )
+        else:
+            self._not_found()
+
+    def do_POST(self) -> None:
+        try:
+            body = self._read_body()
+        except ValueError:
+            self.close_connection = True
+            self._send_error(_ReplyError(400, "Could not read the request body."))
+            return
+        if self._path() == _CHAT_PATH:
+            self.server.owner._handle_chat(self, body)
+        else:
+            self._not_found()
+
+    def _other_method(self) -> None:
+        try:
+            self._read_body()
+        except ValueError:
+            self.close_connection = True
+        if self._path() in (_CHAT_PATH, _MODELS_PATH):
+            self._send_error(_ReplyError(405, f"Method {self.command} not allowed on {self.path}"))
+        else:
+            self._not_found()
+
+    do_PUT = do_PATCH = do_DELETE = _other_method
+
+
+class OpenAITestServer:
+    """An OpenAI-compatible chat-completions server running in a background thread.
+
+    Replies come from :meth:`queue_replies` first, then from ``reply(messages)``. Usage is
+    computed with :meth:`count_tokens`: ``prompt_tokens`` is the sum over messages of
+    ``count_tokens(content text) + 4``, plus 3; ``completion_tokens`` is
+    ``count_tokens(reply)``. ``max_tokens`` / ``max_completion_tokens`` truncate the reply to
+    ``4 * max_tokens`` characters (``finish_reason="length"``). With ``context_window``, a
+    prompt longer than that many tokens gets a 400 ``context_length_exceeded`` error.
+
+    Every chat request is recorded in :attr:`requests` (``Authorization`` and ``api-key``
+    values are replaced by ``"<redacted>"``).
+
+    Args:
+        host: Interface to bind (``"127.0.0.1"`` by default; ``"::1"`` for IPv6).
+        port: Port to bind; 0 picks a free one.
+        reply: Makes the reply text from the request's messages.
+        context_window: Maximum prompt size in tokens, or ``None`` for no limit.
+        chunk_words: Words per content chunk when streaming.
+        model: The model listed by ``GET /v1/models``, and used in replies when a request
+            names none.
+
+    Example:
+        >>> import openai
+        >>> with OpenAITestServer(context_window=4096) as server:
+        ...     server.queue_replies("first", "second")
+        ...     with openai.OpenAI(base_url=server.base_url, api_key="k") as client:
+        ...         reply = client.chat.completions.create(
+        ...             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        ...         )
+        ...     len(server.requests)
+        1
+        >>> reply.choices[0].message.content, reply.usage.total_tokens
+        ('first', 10)
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reply: Callable[[list[dict[str, Any]]], str] = echo_reply,
+        context_window: int | None = None,
+        chunk_words: int = 1,
+        model: str = "gpt-4o-mini",
+    ) -> None:
+        if chunk_words < 1:
+            raise ValueError(f"chunk_words must be >= 1: {chunk_words}")
+        if context_window is not None and context_window < 1:
+            raise ValueError(f"context_window must be >= 1: {context_window}")
+        self._host = host
+        self._port = port
+        self._reply = reply
+        self._context_window = context_window
+        self._chunk_words = chunk_words
+        self._model = model
+        self._created = int(time.time())
+        self._lock = threading.Lock()
+        self._faults: deque[list[Any]] = deque()  # [Fault, remaining uses]
+        self._replies: deque[str] = deque()
+        self._requests: list[dict[str, Any]] = []
+        self._lifecycle = threading.Lock()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._base_url: str | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The base URL to give a client, e.g. ``"http://127.0.0.1:PORT/v1"``.
+
+        Raises:
+            RuntimeError: If the server is not running.
+        """
+        if self._base_url is None:
+            raise RuntimeError("OpenAITestServer is not running; call start() first")
+        return self._base_url
+
+    def start(self) -> OpenAITestServer:
+        """Bind the socket and serve in a daemon thread.
+
+        Returns:
+            The server itself, so ``server = OpenAITestServer().start()`` works.
+
+        Raises:
+            RuntimeError: If the server is already running.
+        """
+        with self._lifecycle:
+            if self._httpd is not None:
+                raise RuntimeError("OpenAITestServer is already running")
+            server_cls = _HTTPServer6 if ":" in self._host else _HTTPServer
+            httpd = server_cls((self._host, self._port), self)
+            port = httpd.server_address[1]
+            url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+                self._host, self._host
+            )
+            if ":" in url_host:
+                url_host = f"[{url_host}]"
+            self._stopping = threading.Event()
+            thread = threading.Thread(
+                target=httpd.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"OpenAITestServer:{port}",
+                daemon=True,
+            )
+            thread.start()
+            self._httpd = httpd
+            self._thread = thread
+            self._base_url = f"http://{url_host}:{port}/v1"
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close all connections (even kept-alive ones) and join the thread.
+
+        Requests still waiting out a :attr:`Fault.delay` are abandoned. Calling ``stop`` on a
+        server that is not running does nothing.
+        """
+        with self._lifecycle:
+            httpd, thread = self._httpd, self._thread
+            if httpd is None:
+                return
+            self._httpd = self._thread = None
+            self._base_url = None
+            self._stopping.set()
+            httpd.shutdown()
+            httpd.close_connections(timeout=2.0)
+            httpd.server_close()
+            if thread is not None:
+                thread.join(timeout=2.0)
+
+    def __enter__(self) -> OpenAITestServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- scripting ----------------------------------------------------------------------
+
+    def add_fault(self, fault: Fault) -> None:
+        """Queue a fault; each chat request uses up one use of the fault at the head.
+
+        Args:
+            fault: The misbehaviour, applied to the next ``fault.times`` chat requests once
+                the faults queued before it are used up.
+
+        Example:
+            >>> server = OpenAITestServer()
+            >>> server.add_fault(Fault(status=500, times=2))
+        """
+        with self._lock:
+            self._faults.append([fault, fault.times])
+
+    def queue_replies(self, *texts: str) -> None:
+        """Queue canned replies, used in order before falling back to ``reply``.
+
+        A reply is used up only by a request that gets it (fully, or cut by
+        :attr:`Fault.cut_after`), not by a request answered with an error.
+
+        Args:
+            *texts: The reply texts.
+
+        Example:
+            >>> server = OpenAITestServer()
+            >>> server.queue_replies("Hello!", "Goodbye!")
+        """
+        with self._lock:
+            self._replies.extend(texts)
+
+    def clear(self) -> None:
+        """Drop queued faults and replies, and forget the recorded requests.
+
+        Example:
+            >>> server = OpenAITestServer()
+            >>> server.queue_replies("unused")
+            >>> server.clear()
+        """
+        with self._lock:
+            self._faults.clear()
+            self._replies.clear()
+            self._requests.clear()
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """A copy of every chat request received, in order.
+
+        Each item is ``{"body": parsed JSON body (None if it was not JSON), "headers":
+        {lower-case name: value}}``. Credential headers (``authorization``,
+        ``proxy-authorization``, ``api-key``) are stored as ``"<redacted>"``.
+
+        Example:
+            >>> OpenAITestServer().requests
+            []
+        """
+        with self._lock:
+            return copy.deepcopy(self._requests)
+
+    def count_tokens(self, text: str) -> int:
+        """The server's deterministic token count: about one token per 4 characters.
+
+        Args:
+            text: Any text.
+
+        Returns:
+            0 for empty text, else ``max(1, (len(text) + 3) // 4)``.
+
+        Example:
+            >>> OpenAITestServer().count_tokens("Hello world")
+            3
+        """
+        if not text:
+            return 0
+        return max(1, (len(text) + 3) // 4)
+
+    # --- request handling ---------------------------------------------------------------
+
+    def _model_object(self) -> dict[str, Any]:
+        return {
+            "id": self._model,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "system",
+        }
+
+    def _record_and_take_fault(self, body: Any, headers: dict[str, str]) -> Fault | None:
+        with self._lock:
+            self._requests.append({"body": body, "headers": headers})
+            if not self._faults:
+                return None
+            entry = self._faults[0]
+            fault: Fault = entry[0]
+            entry[1] -= 1
+            if entry[1] <= 0:
+                self._faults.popleft()
+            return fault
+
+    def _take_reply(self, messages: list[dict[str, Any]]) -> str:
+        with self._lock:
+            if self._replies:
+                return self._replies.popleft()
+        try:
+            text = self._reply(messages)
+        except Exception as exc:
+            raise _ReplyError(500, f"The test server's reply function raised {exc!r}") from exc
+        if not isinstance(text, str):
+            raise _ReplyError(500, f"The test server's reply function returned {type(text)}")
+        return text
+
+    def _prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
+        return (
+            sum(
+                self.count_tokens(_content_text(m.get("content") if isinstance(m, dict) else None))
+                + 4
+                for m in messages
+            )
+            + 3
+        )
+
+    def _handle_chat(self, handler: _Handler, raw: bytes) -> None:
+        headers: dict[str, str] = {}
+        for name, value in handler.headers.items():
+            key = name.lower()
+            if key in _SECRET_HEADERS:
+                value = _REDACTED
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        body: Any
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        fault = self._record_and_take_fault(body, headers)
+        try:
+            if fault is not None and fault.delay > 0 and self._stopping.wait(fault.delay):
+                handler.close_connection = True
+                return
+            if fault is not None and fault.status is not None:
+                raise _fault_error(fault, fault.status)
+            self._complete(handler, body, fault)
+        except _ReplyError as error:
+            handler._send_error(error)
+
+    def _complete(self, handler: _Handler, body: Any, fault: Fault | None) -> None:
+        if not isinstance(body, dict):
+            raise _ReplyError(
+                400,
+                "We could not parse the JSON body of your request. The OpenAI API expects a "
+                "JSON payload, but what was sent was not valid JSON.",
+            )
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _ReplyError(
+                400, "'messages' must be a non-empty array of messages.", param="messages"
+            )
+        max_tokens: Any = body.get("max_completion_tokens")
+        max_param = "max_completion_tokens"
+        if max_tokens is None:
+            max_tokens, max_param = body.get("max_tokens"), "max_tokens"
+        if max_tokens is not None and (
+            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+        ):
+            raise _ReplyError(
+                400,
+                f"Invalid '{max_param}': expected an integer >= 1, got {max_tokens!r}.",
+                param=max_param,
+                code="integer_below_min_value",
+            )
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            model = self._model
+        stream = body.get("stream") is True
+
+        prompt_tokens = self._prompt_tokens(messages)
+        if self._context_window is not None and prompt_tokens > self._context_window:
+            raise _ReplyError(
+                400,
+                f"This model's maximum context length is {self._context_window} tokens. "
+                f"However, your messages resulted in {prompt_tokens} tokens. "
+                "Please reduce the length of the messages.",
+                code="context_length_exceeded",
+                param="messages",
+            )
+
+        if fault is not None and fault.malformed:
+            if stream:
+                self._stream_malformed(handler)
+            else:
+                handler._send(200, b'{"id": "chatcmpl-malformed", "object": "chat.completion", [')
+            return
+
+        text = self._take_reply(messages)
+        finish_reason = "stop"
+        if max_tokens is not None and len(text) > 4 * max_tokens:
+            text, finish_reason = text[: 4 * max_tokens], "length"
+        completion_tokens = self.count_tokens(text)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
+        completion_id = "chatcmpl-" + os.urandom(12).hex()
+        created = int(time.time())
+        if not stream:
+            handler._send_json(
+                200,
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {
+                                "role": "assistant",
+                                "content": text,
+                                "refusal": None,
+                                "annotations": [],
+                            },
+                            "logprobs": None,
+                            "finish_reason": finish_reason,
+                        }
+                    ],
+                    "usage": usage,
+                    "service_tier": "default",
+                    "system_fingerprint": _SYSTEM_FINGERPRINT,
+                },
+            )
+            return
+
+        stream_options = body.get("stream_options")
+        include_usage = (
+            isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        )
+        cut_after = fault.cut_after if fault is not None else None
+        self._stream(
+            handler,
+            text,
+            completion_id=completion_id,
+            created=created,
+            model=model,
+            finish_reason=finish_reason,
+            usage=usage if include_usage else None,
+            include_usage=include_usage,
+            cut_after=cut_after,
+        )
+
+    @staticmethod
+    def _start_stream(handler: _Handler) -> bool:
+        """Send the streaming response head; returns whether the body is chunk-encoded."""
+        chunked = handler.request_version == "HTTP/1.1"
+        if not chunked:
+            handler.close_connection = True
+        headers = [
+            ("Content-Type", "text/event-stream; charset=utf-8"),
+            ("Cache-Control", "no-cache"),
+        ]
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        handler.wfile.write(handler._write_head(200, headers))
+        return chunked
+
+    @staticmethod
+    def _frame(data: bytes, chunked: bool) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data) if chunked else data
+
+    def _stream(
+        self,
+        handler: _Handler,
+        text: str,
+        *,
+        completion_id: str,
+        created: int,
+        model: str,
+        finish_reason: str,
+        usage: dict[str, Any] | None,
+        include_usage: bool,
+        cut_after: int | None,
+    ) -> None:
+        write = handler.wfile.write
+        chunked = self._start_stream(handler)
+        frame = self._frame
+        dumps = json.dumps
+        # Every chunk is the same envelope around a different delta; build it once.
+        envelope = dumps(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": _SYSTEM_FINGERPRINT,
+            }
+        )[:-1]
+        prefix = f'{envelope}, "choices": [{{"index": 0, "delta": '
+        usage_null = ', "usage": null}' if include_usage else "}"
+
+        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            data = f'{prefix}{dumps(delta)}, "logprobs": null, "finish_reason": {dumps(finish)}}}]'
+            return frame(f"data: {data}{usage_null}\n\n".encode(), chunked)
+
+        write(event({"role": "assistant", "content": ""}))
+        chunks = _split_words(text, self._chunk_words)
+        if cut_after is not None:
+            for piece in chunks[:cut_after]:
+                write(event({"content": piece}))
+            self._drop(handler)
+            return
+        for piece in chunks:
+            write(event({"content": piece}))
+
+        tail = [event({}, finish_reason)]
+        if usage is not None:
+            usage_chunk = f'{envelope}, "choices": [], "usage": {dumps(usage)}}}'
+            tail.append(frame(f"data: {usage_chunk}\n\n".encode(), chunked))
+        tail.append(frame(b"data: [DONE]\n\n", chunked))
+        if chunked:
+            tail.append(b"0\r\n\r\n")
+        write(b"".join(tail))
+
+    def _stream_malformed(self, handler: _Handler) -> None:
+        chunked = self._start_stream(handler)
+        garbage = b'data: {"id": "chatcmpl-malformed", "object": "chat.completion.chunk", [\n\n'
+        handler.wfile.write(
+            self._frame(garbage, chunked)
+            + self._frame(b"data: [DONE]\n\n", chunked)
+            + (b"0\r\n\r\n" if chunked else b"")
+        )
+
+    @staticmethod
+    def _drop(handler: _Handler) -> None:
+        """Drop the connection mid-body: the client sees an incomplete chunked body."""
+        handler.close_connection = True
+        with contextlib.suppress(OSError):
+            handler.connection.shutdown(socket.SHUT_RDWR)
