@@ -42,7 +42,7 @@ def get_message_history(session_id: str) -> BaseChatMessageHistory:
     """The `ChatMessageHistory` of ``session_id`` in the process-wide default store.
 
     Example:
-        >>> get_message_history("dp123").messages
+        >>> get_message_history("a-new-session").messages
         []
     """
     return _default_store(session_id)
