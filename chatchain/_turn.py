@@ -17,6 +17,7 @@ from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
+from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
@@ -118,10 +119,14 @@ class TurnSpec:
             if message.type == "human":
                 _validate_text(_text_of(message), "message")
         handler = _metering.new_handler()
+        if config.get("callbacks"):
+            config = merge_configs(config, {"callbacks": [handler]})
+        else:  # the common case, without merge_configs' general (and slower) path
+            config = {**config, "callbacks": [handler]}
         return Turn(
             spec=self,
             session_id=session_id,
-            config=merge_configs(config, {"callbacks": [handler]}),
+            config=config,
             input_messages=messages,
             handler=handler,
         )
@@ -168,7 +173,7 @@ class Turn:
     handler: Any
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
-    _reply: AIMessageChunk | None = None
+    _chunks: list[AIMessageChunk] = field(default_factory=list)
     usage: Usage | None = None
 
     def start_clock(self) -> None:
@@ -181,17 +186,17 @@ class Turn:
             return
         if self.first_token_s is None and chunk.content:
             self.first_token_s = time.perf_counter() - self.started
-        self._reply = chunk if self._reply is None else self._reply + chunk
+        self._chunks.append(chunk)  # merged once at the end: merging per chunk is quadratic
 
     @property
     def has_reply(self) -> bool:
-        return self._reply is not None
+        return bool(self._chunks)
 
     def streamed_reply(self) -> BaseMessage:
         """The reply assembled from the streamed chunks."""
-        if self._reply is None:
+        if not self._chunks:
             return AIMessage(content="")
-        return message_chunk_to_message(self._reply)
+        return message_chunk_to_message(add_ai_message_chunks(*self._chunks))
 
     def partial_reply(self, reason: str) -> AIMessage:
         """What arrived before the stream stopped, marked as interrupted."""

@@ -101,7 +101,8 @@ class ChatChain(HistoryRunnable):
         """Usage totals per session of every turn this chain ran."""
         return self._spec.ledger
 
-    # LangChain's save-on-success listeners: chatchain saves in `Turn.save` instead.
+    # LangChain's save-on-success listeners are not attached (see `_runnable_history`); should
+    # a future version call them anyway, they must not save a second time.
     def _exit_history(self, run: Run, config: RunnableConfig) -> None:
         return None
 
