@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test check lint types unit bench clean
+.PHONY: demo test check lint types unit services bench clean
 
 # Set up (once, and again when pyproject.toml changes) and run the demo chat session.
 demo: $(VENV)/.installed
@@ -21,8 +21,12 @@ lint: $(VENV)/.installed
 types: $(VENV)/.installed
 	$(BIN)/mypy
 
-unit: $(VENV)/.installed
+unit: $(VENV)/.installed services
 	$(BIN)/pytest
+
+# Debian's redis-server and postgresql, which the store tests start on free ports.
+services:
+	bash .ci/services
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_turn.py

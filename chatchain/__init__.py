@@ -26,6 +26,7 @@ from chatchain.errors import (
     RateLimitError,
     ServerError,
     SessionBusyError,
+    StoreError,
 )
 from chatchain.model import create_chat_model
 from chatchain.prompt import create_prompt
@@ -56,6 +57,7 @@ __all__ = [
     "ServerError",
     "SessionBusyError",
     "Settings",
+    "StoreError",
     "Usage",
     "UsageLedger",
     "create_chat_chain",

@@ -10,6 +10,7 @@ ChatChainError
 ├── InvalidInputError           bad text, session id or prompt variables; nothing was sent
 │   └── MissingPromptVariableError
 ├── SessionBusyError            another turn held the session for longer than the lock timeout
+├── StoreError                  the history store failed; nothing of the turn was saved
 └── EndpointError               the chat endpoint failed; the history is unchanged
     ├── AuthenticationError     401/403: the key is wrong or lacks access
     ├── RateLimitError          429 after the client's own retries
@@ -41,6 +42,7 @@ __all__ = [
     "RateLimitError",
     "ServerError",
     "SessionBusyError",
+    "StoreError",
 ]
 
 
@@ -66,6 +68,13 @@ class MissingPromptVariableError(InvalidInputError):
 
 class SessionBusyError(ChatChainError):
     """Another turn kept the session locked for longer than the lock timeout."""
+
+
+class StoreError(ChatChainError):
+    """The history store could not be read or written (down, full, locked or corrupted).
+
+    Nothing of the failed operation was stored; the message names the store and what to check.
+    """
 
 
 class EndpointError(ChatChainError):

@@ -1,37 +1,143 @@
-"""The storage contract every history store meets."""
+"""The storage contract every history store meets, and the message history it hands out.
+
+A store keeps, per session id: the full transcript (messages in order, never trimmed), a
+running summary of older messages, and when the session was created and last written. It
+also provides one writer per session (a lock that spans processes for shared backends).
+
+Backends implement the small set of abstract primitives below; everything else (the
+`BaseChatMessageHistory` view, export and import, async twins) is built on them here, so
+behaviour cannot drift between backends. Messages are stored as JSON
+(``langchain_core.messages.message_to_dict``), never pickled.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
+from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
-__all__ = ["HistoryStore"]
+from chatchain.errors import InvalidInputError
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "HistoryStore",
+    "SessionInfo",
+    "StoreHistory",
+    "Summary",
+    "dump_message",
+    "load_message",
+]
+
+EXPORT_FORMAT = "chatchain.session/1"
+
+
+def dump_message(message: BaseMessage) -> str:
+    """A message as JSON text: every type, field and metadata, any Unicode."""
+    return json.dumps(message_to_dict(message), ensure_ascii=False, separators=(",", ":"))
+
+
+def load_message(text: str | bytes) -> BaseMessage:
+    """The message `dump_message` wrote."""
+    return messages_from_dict([json.loads(text)])[0]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A running summary of a session's oldest messages.
+
+    Attributes:
+        text: The summary.
+        covers: How many of the session's first messages it summarises.
+    """
+
+    text: str
+    covers: int
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a store knows about a session besides its messages."""
+
+    session_id: str
+    message_count: int
+    created_at: datetime
+    updated_at: datetime
 
 
 class HistoryStore(ABC):
-    """Where sessions live: a message history per session id, and one writer per session.
+    """Where sessions live: transcripts, summaries and one writer per session.
 
     A store is itself a ``get_session_history`` callable, so it can be handed straight to
     `RunnableWithMessageHistory` or `create_chat_chain`.
+
+    Subclasses implement the abstract methods (sync). The async twins run them in a thread
+    by default; backends with an async driver override them.
     """
 
+    # -- messages --------------------------------------------------------------------------
+
     @abstractmethod
-    def __call__(self, session_id: str) -> BaseChatMessageHistory:
-        """The history of ``session_id``, created empty on first use."""
+    def append(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
+        """Add messages at the end of a session, all or none, creating it if needed."""
+
+    @abstractmethod
+    def load(self, session_id: str, start: int = 0, stop: int | None = None) -> list[BaseMessage]:
+        """The messages ``[start:stop]`` of a session, oldest first, as Python slices them.
+
+        ``start`` may be negative (``-10`` is the last ten). ``stop`` is ``None`` or >= 0.
+        A backend reads only the messages asked for: loading the last ten costs the same for
+        a session of ten messages as for one of a hundred thousand.
+        """
+
+    @abstractmethod
+    def count(self, session_id: str) -> int:
+        """How many messages a session holds (0 for an unknown session)."""
+
+    # -- sessions --------------------------------------------------------------------------
 
     @abstractmethod
     def sessions(self) -> list[str]:
         """The ids of the sessions that hold messages, oldest first."""
 
     @abstractmethod
+    def info(self, session_id: str) -> SessionInfo | None:
+        """Counts and times of a session, or ``None`` if it holds no messages."""
+
+    @abstractmethod
     def delete(self, session_id: str) -> None:
-        """Forget a session and its messages; an unknown id is not an error."""
+        """Forget a session: messages, summary and times. An unknown id is not an error."""
+
+    @abstractmethod
+    def prune(self, before: datetime) -> list[str]:
+        """Delete the sessions last written before ``before``; return their ids."""
+
+    # -- running summary -------------------------------------------------------------------
+
+    @abstractmethod
+    def get_summary(self, session_id: str) -> Summary | None:
+        """The session's running summary, if it has one."""
+
+    @abstractmethod
+    def set_summary(self, session_id: str, summary: Summary) -> None:
+        """Replace the session's running summary."""
+
+    # -- one writer per session ------------------------------------------------------------
 
     @abstractmethod
     def lock(self, session_id: str) -> AbstractContextManager[None]:
-        """Hold the session for one turn (threads).
+        """Hold the session for one turn (threads, and other processes for shared stores).
 
         Raises:
             SessionBusyError: Another turn kept it past the lock timeout.
@@ -39,8 +145,130 @@ class HistoryStore(ABC):
 
     @abstractmethod
     def alock(self, session_id: str) -> AbstractAsyncContextManager[None]:
-        """Hold the session for one turn (asyncio tasks).
+        """`lock` for asyncio tasks, without blocking the event loop.
 
         Raises:
             SessionBusyError: Another turn kept it past the lock timeout.
         """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections and files."""
+
+    # -- built on the primitives -----------------------------------------------------------
+
+    def __call__(self, session_id: str) -> BaseChatMessageHistory:
+        """The session's history, as `RunnableWithMessageHistory` expects it."""
+        return StoreHistory(self, session_id)
+
+    async def aappend(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
+        """`append` for async callers."""
+        await asyncio.to_thread(self.append, session_id, messages)
+
+    async def aload(
+        self, session_id: str, start: int = 0, stop: int | None = None
+    ) -> list[BaseMessage]:
+        """`load` for async callers."""
+        return await asyncio.to_thread(self.load, session_id, start, stop)
+
+    async def acount(self, session_id: str) -> int:
+        """`count` for async callers."""
+        return await asyncio.to_thread(self.count, session_id)
+
+    async def adelete(self, session_id: str) -> None:
+        """`delete` for async callers."""
+        await asyncio.to_thread(self.delete, session_id)
+
+    async def aget_summary(self, session_id: str) -> Summary | None:
+        """`get_summary` for async callers."""
+        return await asyncio.to_thread(self.get_summary, session_id)
+
+    async def aset_summary(self, session_id: str, summary: Summary) -> None:
+        """`set_summary` for async callers."""
+        await asyncio.to_thread(self.set_summary, session_id, summary)
+
+    def export_session(self, session_id: str) -> dict[str, Any]:
+        """A session as a JSON-ready dict: messages, summary and times.
+
+        Raises:
+            InvalidInputError: The session holds no messages.
+        """
+        info = self.info(session_id)
+        if info is None:
+            raise InvalidInputError(f"There is no session {session_id!r} to export.")
+        summary = self.get_summary(session_id)
+        return {
+            "format": EXPORT_FORMAT,
+            "session_id": session_id,
+            "created_at": info.created_at.isoformat(),
+            "updated_at": info.updated_at.isoformat(),
+            "summary": None if summary is None else {"text": summary.text, "covers": summary.covers},
+            "messages": [message_to_dict(m) for m in self.load(session_id)],
+        }
+
+    def import_session(
+        self, data: dict[str, Any], *, session_id: str | None = None, replace: bool = False
+    ) -> str:
+        """Store a session that `export_session` produced; return its id.
+
+        Args:
+            data: The exported dict.
+            session_id: Store it under this id instead of the exported one.
+            replace: Overwrite an existing session of that id (otherwise refuse).
+
+        Raises:
+            InvalidInputError: The data is not an export, or the session exists already.
+        """
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise InvalidInputError(
+                f"This is not a chatchain session export (expected format {EXPORT_FORMAT!r})."
+            )
+        target = session_id or data.get("session_id")
+        if not isinstance(target, str) or not target:
+            raise InvalidInputError("The export has no session id: pass session_id=...")
+        try:
+            messages = messages_from_dict(data["messages"])
+            summary = data.get("summary")
+            parsed = None if summary is None else Summary(str(summary["text"]), int(summary["covers"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInputError(f"The session export is malformed: {exc}.") from None
+        with self.lock(target):
+            if self.count(target) and not replace:
+                raise InvalidInputError(
+                    f"Session {target!r} exists already: pass replace=True to overwrite it, or "
+                    "session_id=... to import it under another id."
+                )
+            self.delete(target)
+            self.append(target, messages)
+            if parsed is not None:
+                self.set_summary(target, parsed)
+        return target
+
+
+class StoreHistory(BaseChatMessageHistory):
+    """One session of a store, seen as a LangChain chat message history.
+
+    ``messages`` is the full transcript; the chain itself loads only the window it needs.
+    """
+
+    def __init__(self, store: HistoryStore, session_id: str) -> None:
+        self.store = store
+        self.session_id = session_id
+
+    @property
+    def messages(self) -> list[BaseMessage]:  # type: ignore[override]
+        return self.store.load(self.session_id)
+
+    async def aget_messages(self) -> list[BaseMessage]:
+        return await self.store.aload(self.session_id)
+
+    def add_messages(self, messages: Sequence[BaseMessage]) -> None:
+        self.store.append(self.session_id, messages)
+
+    async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
+        await self.store.aappend(self.session_id, messages)
+
+    def clear(self) -> None:
+        self.store.delete(self.session_id)
+
+    async def aclear(self) -> None:
+        await self.store.adelete(self.session_id)

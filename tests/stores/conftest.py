@@ -1,0 +1,32 @@
+"""The `store` fixture: every backend, each against a real server or file.
+
+Each backend's fixture lives in its own plugin module (fixtures_<backend>.py), which starts
+what it needs (a temporary SQLite file, a redis-server, a PostgreSQL cluster) once per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from chatchain.stores import HistoryStore, MemoryStore
+
+BACKENDS = ["memory", "sqlite", "redis", "postgres"]
+
+from tests.stores.fixtures_postgres import *  # noqa: F403 - each backend's fixtures
+from tests.stores.fixtures_redis import *  # noqa: F403
+from tests.stores.fixtures_sqlite import *  # noqa: F403
+
+
+@pytest.fixture
+def memory_store() -> Iterator[HistoryStore]:
+    store = MemoryStore(lock_timeout=1.0)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest) -> HistoryStore:
+    """A fresh, empty store of each backend, built with ``lock_timeout=1.0``."""
+    return request.getfixturevalue(f"{request.param}_store")  # type: ignore[no-any-return]
