@@ -10,7 +10,7 @@ Pick one by URL with `open_store`:
 
 from __future__ import annotations
 
-from chatchain.errors import ConfigurationError
+from chatchain import errors
 from chatchain.stores._base import HistoryStore, SessionInfo, StoreHistory, Summary
 from chatchain.stores._memory import MemoryStore
 
@@ -50,7 +50,7 @@ def open_store(url: str, *, lock_timeout: float = 120.0) -> HistoryStore:
         from chatchain.stores._postgres import PostgresStore
 
         return PostgresStore.from_url(url, lock_timeout=lock_timeout)
-    raise ConfigurationError(
+    raise errors.ConfigurationError(
         f"Unknown store URL {url.split('://', 1)[0]}://...: use memory://, sqlite:///path, "
         "redis://host:port/db or postgresql://user@host/db (CHATCHAIN_STORE)."
     )
