@@ -12,7 +12,7 @@ import logging
 import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
@@ -23,6 +23,8 @@ from langchain_core.runnables.config import ensure_config, merge_configs
 
 from chatchain import _endpoint_errors, _metering
 from chatchain.errors import InvalidInputError, MissingPromptVariableError
+from chatchain.memory import Memory
+from chatchain.stores import HistoryStore
 from chatchain.usage import Usage, UsageLedger
 
 __all__ = ["MAX_SESSION_ID_LENGTH", "Turn", "TurnSpec", "validate_session_id"]
@@ -82,6 +84,8 @@ class TurnSpec:
         required_vars: Prompt variables the call must supply (those without a default).
         get_history: The chain's ``get_session_history``.
         ledger: Where each turn's usage is recorded.
+        memory: The window and summary policy.
+        store: The chain's store, when ``get_history`` is one (windowed loads, summaries).
         default_model: The model to price a turn with when the reply does not name one
             (an interrupted stream never receives the chunk that does).
         describe_failure: Turns an endpoint exception into a chatchain error, or ``None``.
@@ -91,6 +95,8 @@ class TurnSpec:
     required_vars: frozenset[str]
     get_history: Callable[[str], BaseChatMessageHistory]
     ledger: UsageLedger
+    memory: Memory
+    store: HistoryStore | None = None
     default_model: str | None = None
     describe_failure: Callable[[BaseException], Exception | None] = _endpoint_errors.translate
 
@@ -175,6 +181,8 @@ class Turn:
     first_token_s: float | None = None
     _chunks: list[AIMessageChunk] = field(default_factory=list)
     usage: Usage | None = None
+    notices: list[str] = field(default_factory=list)
+    """Things the user should know about the turn (e.g. a retry with a tighter window)."""
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -222,11 +230,58 @@ class Turn:
 
     def save(self, reply: BaseMessage) -> None:
         """Store the user's message and the reply in one write, and record the usage."""
-        self.spec.get_history(self.session_id).add_messages(self._finish(reply))
+        messages = self._finish(reply)
+        if self.spec.store is not None:
+            self.spec.store.append(self.session_id, messages)
+        else:
+            self.spec.get_history(self.session_id).add_messages(messages)
 
     async def asave(self, reply: BaseMessage) -> None:
         """`save` for async callers."""
-        await self.spec.get_history(self.session_id).aadd_messages(self._finish(reply))
+        messages = self._finish(reply)
+        if self.spec.store is not None:
+            await self.spec.store.aappend(self.session_id, messages)
+        else:
+            await self.spec.get_history(self.session_id).aadd_messages(messages)
+
+    def summarize(self) -> None:
+        """Fold old turns into the running summary first, if due (a separate metered call)."""
+        if self.spec.store is None:
+            return
+        try:
+            usage = self.spec.memory.summarize(self.spec.store, self.session_id)
+        except Exception as exc:  # the turn can go on without a fresher summary
+            self._summary_failed(exc)
+            return
+        self._record_summary(usage)
+
+    async def asummarize(self) -> None:
+        """`summarize` for async callers."""
+        if self.spec.store is None:
+            return
+        try:
+            usage = await self.spec.memory.asummarize(self.spec.store, self.session_id)
+        except Exception as exc:
+            self._summary_failed(exc)
+            return
+        self._record_summary(usage)
+
+    def _record_summary(self, usage: Usage | None) -> None:
+        if usage is not None:
+            self.spec.ledger.record(self.session_id, replace(usage, turns=0, summaries=1))
+
+    def _summary_failed(self, exc: Exception) -> None:
+        error = self.spec.describe_failure(exc) or exc
+        self.notices.append(
+            f"The running summary could not be updated ({error}); "
+            "the turn went on with the window alone."
+        )
+        logger.warning("Summary on session %r failed: %s", self.session_id, error)
+
+    def notice(self, text: str) -> None:
+        """Tell the user something about this turn (kept on the reply, and logged)."""
+        self.notices.append(text)
+        logger.warning("Session %r: %s", self.session_id, text)
 
     def failure(self, exc: BaseException) -> Exception | None:
         """The chatchain error for a failure of the endpoint, or ``None`` to re-raise as is."""

@@ -10,8 +10,10 @@ as plain ones.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import replace
 from functools import partial
 from typing import Any, cast
 
@@ -25,14 +27,27 @@ from pydantic import PrivateAttr
 from chatchain import _endpoint_errors
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
+from chatchain._tokens import choose_counter
 from chatchain._turn import Turn, TurnSpec
+from chatchain.errors import ContextTooLongError
+from chatchain.memory import HistoryWindow, Memory
 from chatchain.model import create_chat_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, MemoryStore
-from chatchain.usage import Usage, UsageLedger
+from chatchain.usage import UsageLedger
 
 __all__ = ["ChatChain", "create_chat_chain", "get_message_history"]
+
+logger = logging.getLogger("chatchain")
+
+# Marks a turn's retry with half the window, in the run's configurable.
+_TIGHT = "chatchain_tight_window"
+
+
+def _tight(config: RunnableConfig) -> RunnableConfig:
+    return {**config, "configurable": {**config.get("configurable", {}), _TIGHT: True}}
+
 
 # The design's default store: one ChatMessageHistory per session id, for the whole process.
 _default_store = MemoryStore()
@@ -97,6 +112,16 @@ class ChatChain(HistoryRunnable):
         return getattr(self._inner, "last", self._inner)
 
     @property
+    def token_counter(self) -> str:
+        """Which token counter the window uses: ``"tiktoken:<encoding>"`` or ``"approximate"``."""
+        return self._spec.memory.counter.name
+
+    @property
+    def window(self) -> HistoryWindow | None:
+        """What of the history each turn sends (``None``: all of it)."""
+        return self._spec.memory.window
+
+    @property
     def ledger(self) -> UsageLedger:
         """Usage totals per session of every turn this chain ran."""
         return self._spec.ledger
@@ -112,6 +137,55 @@ class ChatChain(HistoryRunnable):
     def _begin(self, value: Any, config: RunnableConfig | None) -> Turn:
         return self._spec.begin(value, config, self._get_input_messages)
 
+    # -- the history sent with a turn -----------------------------------------------------
+
+    def _enter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
+        configurable = config["configurable"]
+        inputs = self._get_input_messages(value)
+        store = self._spec.store
+        if store is not None:
+            history = self._spec.memory.load(
+                store, configurable["session_id"], inputs, bool(configurable.get(_TIGHT))
+            )
+        else:
+            history = self._window(configurable["message_history"].messages, inputs, configurable)
+        return history if self.history_messages_key else history + inputs
+
+    async def _aenter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
+        configurable = config["configurable"]
+        inputs = self._get_input_messages(value)
+        store = self._spec.store
+        if store is not None:
+            history = await self._spec.memory.aload(
+                store, configurable["session_id"], inputs, bool(configurable.get(_TIGHT))
+            )
+        else:
+            messages = await configurable["message_history"].aget_messages()
+            history = self._window(messages, inputs, configurable)
+        return history if self.history_messages_key else history + inputs
+
+    def _window(
+        self, messages: list[BaseMessage], inputs: list[BaseMessage], configurable: dict[str, Any]
+    ) -> list[BaseMessage]:
+        # A plain get_session_history callable: no windowed reads and no summary to keep.
+        memory = self._spec.memory
+        window = memory._effective(bool(configurable.get(_TIGHT)))
+        if window is None:
+            return list(messages)
+        return memory.select(list(messages), None, inputs, replace(window, summarize=False))
+
+    def _can_tighten(self, error: Exception | None, turn: Turn, attempt: int) -> bool:
+        if attempt > 0 or not isinstance(error, ContextTooLongError):
+            return False
+        if self._spec.memory.window is None:
+            return False
+        turn.notice(
+            "The conversation did not fit the model's context window; retried once with half "
+            "the history window (CHATCHAIN_WINDOW_TURNS / CHATCHAIN_WINDOW_TOKENS)."
+        )
+        turn.config = _tight(turn.config)
+        return True
+
     # -- turns -----------------------------------------------------------------------------
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -124,33 +198,41 @@ class ChatChain(HistoryRunnable):
 
     def run_turn(
         self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> tuple[BaseMessage, Usage]:
-        """`invoke`, returning the reply and the turn's usage."""
+    ) -> tuple[BaseMessage, Turn]:
+        """`invoke`, returning the reply and the finished turn (usage, notices)."""
         turn = self._begin(value, config)
         with self._lock(turn.session_id):
+            turn.summarize()
             turn.start_clock()
-            try:
-                reply = super().invoke(value, turn.config, **kwargs)
-            except Exception as exc:
-                raise (turn.failure(exc) or exc) from exc
+            for attempt in range(2):
+                try:
+                    reply = super().invoke(value, turn.config, **kwargs)
+                    break
+                except Exception as exc:
+                    error = turn.failure(exc)
+                    if not self._can_tighten(error, turn, attempt):
+                        raise (error or exc) from exc
             turn.save(reply)
-        assert turn.usage is not None
-        return reply, turn.usage
+        return reply, turn
 
     async def arun_turn(
         self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> tuple[BaseMessage, Usage]:
-        """`ainvoke`, returning the reply and the turn's usage."""
+    ) -> tuple[BaseMessage, Turn]:
+        """`ainvoke`, returning the reply and the finished turn (usage, notices)."""
         turn = self._begin(value, config)
         async with self._alock(turn.session_id):
+            await turn.asummarize()
             turn.start_clock()
-            try:
-                reply = await super().ainvoke(value, turn.config, **kwargs)
-            except Exception as exc:
-                raise (turn.failure(exc) or exc) from exc
+            for attempt in range(2):
+                try:
+                    reply = await super().ainvoke(value, turn.config, **kwargs)
+                    break
+                except Exception as exc:
+                    error = turn.failure(exc)
+                    if not self._can_tighten(error, turn, attempt):
+                        raise (error or exc) from exc
             await turn.asave(reply)
-        assert turn.usage is not None
-        return reply, turn.usage
+        return reply, turn
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -170,10 +252,26 @@ class ChatChain(HistoryRunnable):
         turn = self._begin(value, config)
         return self._stream(turn, value, kwargs), turn
 
+    def _attempts(
+        self, turn: Turn, value: Any, kwargs: dict[str, Any]
+    ) -> Generator[Any, None, None]:
+        # The model's chunks; "context length exceeded" before the first one retries once.
+        for attempt in range(2):
+            inner = cast("Generator[Any, None, None]", super().stream(value, turn.config, **kwargs))
+            try:
+                yield from inner
+                return
+            except Exception as exc:
+                if turn.has_reply or not self._can_tighten(turn.failure(exc), turn, attempt):
+                    raise
+            finally:
+                inner.close()
+
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         with self._lock(turn.session_id):
+            turn.summarize()
             turn.start_clock()
-            inner = cast("Generator[Any, None, None]", super().stream(value, turn.config, **kwargs))
+            inner = self._attempts(turn, value, kwargs)
             try:
                 for chunk in inner:
                     turn.add_chunk(chunk)
@@ -207,10 +305,26 @@ class ChatChain(HistoryRunnable):
         turn = self._begin(value, config)
         return self._astream(turn, value, kwargs), turn
 
+    async def _aattempts(
+        self, turn: Turn, value: Any, kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        for attempt in range(2):
+            inner = cast("AsyncGenerator[Any, None]", super().astream(value, turn.config, **kwargs))
+            try:
+                async for chunk in inner:
+                    yield chunk
+                return
+            except Exception as exc:
+                if turn.has_reply or not self._can_tighten(turn.failure(exc), turn, attempt):
+                    raise
+            finally:
+                await inner.aclose()
+
     async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         async with self._alock(turn.session_id):
+            await turn.asummarize()
             turn.start_clock()
-            inner = cast("AsyncGenerator[Any, None]", super().astream(value, turn.config, **kwargs))
+            inner = cast("AsyncGenerator[Any, None]", self._aattempts(turn, value, kwargs))
             try:
                 async for chunk in inner:
                     turn.add_chunk(chunk)
@@ -258,6 +372,7 @@ def create_chat_chain(
     input_key: str = "input",
     history_key: str | None = "history",
     ledger: UsageLedger | None = None,
+    window: HistoryWindow | bool | None = True,
 ) -> ChatChain:
     """Build the conversational chain.
 
@@ -274,6 +389,9 @@ def create_chat_chain(
         history_key: The prompt variable the history fills. ``None`` makes ``input_key`` a
             list of messages to which the history is prepended (the seeds' ``my_msg`` form).
         ledger: Where the chain records each turn's usage; a new one by default.
+        window: What of the history is sent: ``True`` for the settings' window (turns,
+            tokens, running summary), a `HistoryWindow`, or ``False``/``None`` to send all of
+            it as the plain chain does. Summaries and windowed reads need a `HistoryStore`.
 
     Returns:
         The chain.
@@ -301,12 +419,19 @@ def create_chat_chain(
         history: Callable[[str], BaseChatMessageHistory] = _default_store
     else:
         history = get_session_history
+    if window is True:
+        window = settings.history_window()
+    counter = choose_counter(model, settings.token_counter)
+    logger.info("Counting tokens with the %s counter.", counter.name)
+    store = history if isinstance(history, HistoryStore) else None
     secret = settings.api_key.get_secret_value() if settings.api_key else None
     spec = TurnSpec(
         input_key=input_key,
         required_vars=prompt_variables(system) - set(prompt_vars or {}),
         get_history=history,
         ledger=ledger or UsageLedger(),
+        memory=Memory(window or None, counter, model),
+        store=store,
         default_model=_model_name(model),
         describe_failure=partial(
             _endpoint_errors.translate,

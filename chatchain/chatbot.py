@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -14,8 +17,9 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
+from chatchain.errors import InvalidInputError
 from chatchain.settings import Settings
-from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.stores import HistoryStore, SessionInfo, open_store
 from chatchain.usage import Usage, UsageLedger
 
 __all__ = ["AsyncReplyStream", "Chatbot", "Reply", "ReplyStream"]
@@ -38,6 +42,8 @@ class Reply:
     usage: Usage
     message: BaseMessage
     session_id: str
+    notices: tuple[str, ...] = ()
+    """What the user should know about the turn, e.g. a retry with a tighter window."""
 
     @property
     def interrupted(self) -> bool:
@@ -46,6 +52,11 @@ class Reply:
 
     def __str__(self) -> str:
         return self.text
+
+
+def _reply(message: BaseMessage, turn: Turn) -> Reply:
+    assert turn.usage is not None  # set by the turn's save
+    return Reply(message.text, turn.usage, message, turn.session_id, tuple(turn.notices))
 
 
 class _StreamBase:
@@ -66,6 +77,11 @@ class _StreamBase:
     def usage(self) -> Usage | None:
         """The turn's usage, set once the stream has ended (``None`` before)."""
         return self._turn.usage
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What the user should know about the turn (see `Reply.notices`)."""
+        return tuple(self._turn.notices)
 
     def _piece(self, chunk: Any) -> str:
         piece = chunk.text if isinstance(chunk, BaseMessage) else str(chunk)
@@ -147,7 +163,8 @@ class Chatbot:
     Args:
         settings: Settings; read from the environment and ``env_file`` when not given.
         llm: A chat model to use instead of `ChatOpenAI` (e.g. a fake one in tests).
-        store: Where sessions live; a new in-memory store by default.
+        store: Where sessions live; by default the store ``settings.store`` names (a new
+            in-memory one unless ``CHATCHAIN_STORE`` says otherwise).
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
         prompt_vars: Default values of the system message's variables.
         env_file: The ``.env`` file to read when ``settings`` is not given.
@@ -176,7 +193,9 @@ class Chatbot:
         env_file: str | Path | None = ".env",
     ) -> None:
         self.settings = settings or Settings.load(env_file)
-        self.store = store or MemoryStore(lock_timeout=self.settings.lock_timeout)
+        self.store = store or open_store(
+            self.settings.store, lock_timeout=self.settings.lock_timeout
+        )
         self.chain: ChatChain = create_chat_chain(
             llm,
             settings=self.settings,
@@ -201,15 +220,15 @@ class Chatbot:
             InvalidInputError: Empty text, a bad session id or a missing prompt variable.
             EndpointError: The endpoint failed; the history is unchanged.
         """
-        message, usage = self.chain.run_turn(*self._call(text, session_id, prompt_vars))
-        return Reply(message.text, usage, message, session_id)
+        message, turn = self.chain.run_turn(*self._call(text, session_id, prompt_vars))
+        return _reply(message, turn)
 
     async def achat(
         self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any
     ) -> Reply:
         """`chat` without blocking the event loop."""
-        message, usage = await self.chain.arun_turn(*self._call(text, session_id, prompt_vars))
-        return Reply(message.text, usage, message, session_id)
+        message, turn = await self.chain.arun_turn(*self._call(text, session_id, prompt_vars))
+        return _reply(message, turn)
 
     def stream(
         self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any
@@ -252,21 +271,104 @@ class Chatbot:
                 raise result
         return [result for result in results if isinstance(result, Reply)]
 
+    # -- sessions --------------------------------------------------------------------------
+
     def history(self, session_id: str = DEFAULT_SESSION) -> list[BaseMessage]:
-        """The messages of a session, oldest first."""
-        return list(self.store(validate_session_id(session_id)).messages)
+        """The full transcript of a session, oldest first (windows trim what is sent only)."""
+        return self.store.load(validate_session_id(session_id))
+
+    def summary(self, session_id: str = DEFAULT_SESSION) -> str | None:
+        """The session's running summary of turns older than the window, if any."""
+        summary = self.store.get_summary(validate_session_id(session_id))
+        return None if summary is None else summary.text
+
+    def sessions(self) -> list[str]:
+        """The ids of the sessions that hold messages, oldest first."""
+        return self.store.sessions()
+
+    def session_info(self, session_id: str = DEFAULT_SESSION) -> SessionInfo | None:
+        """Message count and times of a session, or ``None`` if it is empty."""
+        return self.store.info(validate_session_id(session_id))
 
     def reset(self, session_id: str = DEFAULT_SESSION) -> None:
-        """Forget a session's messages and usage, waiting for a turn on it to finish."""
+        """Forget a session's messages, summary and usage, waiting for a turn on it to end."""
         session_id = validate_session_id(session_id)
         with self.store.lock(session_id):
             self.store.delete(session_id)
             self.chain.ledger.forget(session_id)
 
-    def sessions(self) -> list[str]:
-        """The ids of the sessions that hold messages."""
-        return self.store.sessions()
+    delete = reset
+
+    def prune(self, older_than: timedelta) -> list[str]:
+        """Delete the sessions idle for longer than ``older_than``; return their ids.
+
+        Example:
+            >>> from datetime import timedelta
+            >>> from chatchain.testing import FakeChatModel
+            >>> Chatbot(llm=FakeChatModel()).prune(timedelta(days=30))
+            []
+        """
+        pruned = self.store.prune(datetime.now(timezone.utc) - older_than)
+        for session_id in pruned:
+            self.chain.ledger.forget(session_id)
+        return pruned
+
+    def export_session(
+        self, session_id: str = DEFAULT_SESSION, path: str | Path | None = None
+    ) -> dict[str, Any]:
+        """A session as JSON-ready data (messages, summary, times); also written to ``path``.
+
+        The file is created readable by its owner only: transcripts are private.
+        """
+        data = self.store.export_session(validate_session_id(session_id))
+        if path is not None:
+            _write_private(Path(path), json.dumps(data, ensure_ascii=False, indent=2))
+        return data
+
+    def import_session(
+        self,
+        data: Mapping[str, Any] | str | Path,
+        *,
+        session_id: str | None = None,
+        replace: bool = False,
+    ) -> str:
+        """Store an exported session (the data, or the path of its JSON file); return its id.
+
+        Raises:
+            InvalidInputError: Not an export, unreadable, or the session exists and
+                ``replace`` is false.
+        """
+        if isinstance(data, (str, Path)):
+            try:
+                data = json.loads(Path(data).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise InvalidInputError(
+                    f"Could not read the session export {data}: {exc}."
+                ) from None
+        if session_id is not None:
+            validate_session_id(session_id)
+        return self.store.import_session(dict(data), session_id=session_id, replace=replace)  # type: ignore[arg-type]
 
     def usage(self, session_id: str | None = None) -> Usage:
         """Usage totals of one session, or of all when ``session_id`` is ``None``."""
         return self.chain.ledger.total(session_id)
+
+    def close(self) -> None:
+        """Release the store's connections and files."""
+        self.store.close()
+
+    def __enter__(self) -> Chatbot:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)  # also when the file existed with wider permissions

@@ -7,11 +7,15 @@ given in code win over both. Nothing here writes to ``os.environ``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chatchain.errors import ConfigurationError, MissingAPIKeyError
+
+if TYPE_CHECKING:
+    from chatchain.memory import HistoryWindow
 
 __all__ = ["Settings"]
 
@@ -79,6 +83,27 @@ class Settings(BaseSettings):
     lock_timeout: float = Field(default=120.0, gt=0, validation_alias="CHATCHAIN_LOCK_TIMEOUT")
     """``CHATCHAIN_LOCK_TIMEOUT``: seconds a turn waits for another turn on its session."""
 
+    store: str = Field(default="memory://", min_length=1, validation_alias="CHATCHAIN_STORE")
+    """``CHATCHAIN_STORE``: where sessions live: ``memory://``, ``sqlite:///path``,
+    ``redis://host:port/db`` or ``postgresql://user@host/db``."""
+
+    window_turns: int | None = Field(default=6, ge=1, validation_alias="CHATCHAIN_WINDOW_TURNS")
+    """``CHATCHAIN_WINDOW_TURNS``: newest exchanges sent with each turn."""
+
+    window_tokens: int | None = Field(
+        default=3000, ge=1, validation_alias="CHATCHAIN_WINDOW_TOKENS"
+    )
+    """``CHATCHAIN_WINDOW_TOKENS``: token budget of the history plus the new input."""
+
+    summarize: bool = Field(default=True, validation_alias="CHATCHAIN_SUMMARIZE")
+    """``CHATCHAIN_SUMMARIZE``: fold turns that leave the window into a running summary."""
+
+    token_counter: Literal["auto", "approximate", "tiktoken"] = Field(
+        default="auto", validation_alias="CHATCHAIN_TOKEN_COUNTER"
+    )
+    """``CHATCHAIN_TOKEN_COUNTER``: ``auto`` (exact with a cached tiktoken encoding, else
+    approximate), ``approximate`` or ``tiktoken``."""
+
     @classmethod
     def load(cls, env_file: str | Path | None = ".env") -> Settings:
         """Read the settings from the environment and ``env_file``.
@@ -99,6 +124,18 @@ class Settings(BaseSettings):
             return cls(_env_file=env_file)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigurationError(_explain(exc)) from None
+
+    def history_window(self) -> HistoryWindow | None:
+        """The window these settings describe (``None`` when both limits are off)."""
+        from chatchain.memory import HistoryWindow
+
+        if self.window_turns is None and self.window_tokens is None:
+            return None
+        return HistoryWindow(
+            max_turns=self.window_turns,
+            max_tokens=self.window_tokens,
+            summarize=self.summarize and self.window_turns is not None,
+        )
 
     def resolved_api_key(self) -> SecretStr:
         """The key to send: the configured one, or a placeholder for a local server.

@@ -37,6 +37,8 @@ class Usage:
     model: str | None = None
     """The model that answered, as the endpoint named it; ``None`` in a mixed total."""
     turns: int = 0
+    summaries: int = 0
+    """Summary calls included (their tokens and cost are in the totals above)."""
 
     def __add__(self, other: Usage) -> Usage:
         cost = (
@@ -55,6 +57,7 @@ class Usage:
             latency_s=self.latency_s + other.latency_s,
             model=_merge_model(self, other),
             turns=self.turns + other.turns,
+            summaries=self.summaries + other.summaries,
         )
 
     def __str__(self) -> str:
@@ -66,9 +69,9 @@ class Usage:
 
 
 def _merge_model(a: Usage, b: Usage) -> str | None:
-    if a.turns == 0:
+    if a.turns + a.summaries == 0:
         return b.model
-    if b.turns == 0:
+    if b.turns + b.summaries == 0:
         return a.model
     return a.model if a.model == b.model else None
 

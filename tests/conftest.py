@@ -34,7 +34,15 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(api_key="sk-test-0123456789abcdef", model="gpt-4o-mini", lock_timeout=5.0)
+    # The whole history is sent, as in the plain chain; window tests set their own.
+    return Settings(
+        api_key="sk-test-0123456789abcdef",
+        model="gpt-4o-mini",
+        lock_timeout=5.0,
+        window_turns=None,
+        window_tokens=None,
+        summarize=False,
+    )
 
 
 @pytest.fixture

@@ -201,7 +201,9 @@ class HistoryStore(ABC):
             "session_id": session_id,
             "created_at": info.created_at.isoformat(),
             "updated_at": info.updated_at.isoformat(),
-            "summary": None if summary is None else {"text": summary.text, "covers": summary.covers},
+            "summary": None
+            if summary is None
+            else {"text": summary.text, "covers": summary.covers},
             "messages": [message_to_dict(m) for m in self.load(session_id)],
         }
 
@@ -228,7 +230,9 @@ class HistoryStore(ABC):
         try:
             messages = messages_from_dict(data["messages"])
             summary = data.get("summary")
-            parsed = None if summary is None else Summary(str(summary["text"]), int(summary["covers"]))
+            parsed = (
+                None if summary is None else Summary(str(summary["text"]), int(summary["covers"]))
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"The session export is malformed: {exc}.") from None
         with self.lock(target):

@@ -74,7 +74,7 @@ class MemoryStore(HistoryStore):
     def delete(self, session_id: str) -> None:
         with self._guard:
             for table in (self._histories, self._created, self._updated, self._summaries):
-                table.pop(session_id, None)  # type: ignore[attr-defined]
+                table.pop(session_id, None)
 
     def prune(self, before: datetime) -> list[str]:
         with self._guard:

@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -61,6 +61,8 @@ class FakeChatModel(BaseChatModel):
     """Seconds to wait before each streamed chunk (and before a whole reply)."""
     model_name: str = "fake-chat-model"
     """The name reported in ``response_metadata`` (e.g. a real one to get a price)."""
+    respond: Callable[[list[BaseMessage]], str] | None = None
+    """Computes the reply from the messages when no scripted reply is left (else: echo)."""
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _replies: deque[str] = PrivateAttr()
@@ -91,9 +93,11 @@ class FakeChatModel(BaseChatModel):
             self._calls.append(list(messages))
             if self._errors:
                 raise self._errors.popleft()
-            return (
-                self._replies.popleft() if self._replies else f"Echo: {_last_human_text(messages)}"
-            )
+            if self._replies:
+                return self._replies.popleft()
+        if self.respond is not None:
+            return self.respond(list(messages))
+        return f"Echo: {_last_human_text(messages)}"
 
     def _usage(self, messages: list[BaseMessage], reply: str) -> UsageMetadata:
         prompt = count_tokens_approximately(messages)
