@@ -1,0 +1,63 @@
+"""One writer per session across processes: several processes hammer the same sessions."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+from langchain_core.messages import BaseMessage
+
+from chatchain import Chatbot, Settings
+from chatchain.stores import open_store
+from chatchain.testing import FakeChatModel
+
+WORKERS = 4
+TURNS = 12
+SESSIONS = 3
+
+
+def _reply(messages: list[BaseMessage]) -> str:
+    # The reply says how much history it was sent: under one writer per session, the reply
+    # stored at position 2k+1 of a session must have been sent exactly 2k earlier messages.
+    return f"Echo: {messages[-1].text} | saw {len(messages) - 2}"
+
+
+def _worker(url: str, worker: int) -> None:
+    settings = Settings(api_key="sk-test", store=url, window_turns=None, window_tokens=None,
+                        summarize=False, lock_timeout=60.0)
+    with Chatbot(settings, llm=FakeChatModel(respond=_reply, delay=0.002), system="S") as bot:
+        for turn in range(TURNS):
+            bot.chat(f"w{worker}-t{turn}", session_id=f"shared-{turn % SESSIONS}")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+def test_processes_on_the_same_sessions_lose_and_interleave_nothing(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(f"{backend}_url")
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker, args=(url, w)) for w in range(WORKERS)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    store = open_store(url)
+    try:
+        for index in range(SESSIONS):
+            sid = f"shared-{index}"
+            history = store.load(sid)
+            questions = [m.text for m in history[0::2]]
+            expected = [f"w{w}-t{t}" for w in range(WORKERS) for t in range(TURNS)
+                        if t % SESSIONS == index]
+            assert sorted(questions) == sorted(expected)  # each exactly once
+            for position in range(0, len(history), 2):
+                human, ai = history[position], history[position + 1]
+                assert (human.type, ai.type) == ("human", "ai")
+                assert ai.text == f"Echo: {human.text} | saw {position}"
+            for w in range(WORKERS):  # each worker's turns in its own order
+                mine = [q for q in questions if q.startswith(f"w{w}-")]
+                assert mine == [q for q in expected if q.startswith(f"w{w}-")]
+            store.delete(sid)
+    finally:
+        store.close()
