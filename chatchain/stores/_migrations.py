@@ -1,0 +1,118 @@
+"""The SQLite store's schema, as ordered, named migrations applied once each.
+
+Every function decorated with `migration` changes the schema one step. `migrate` applies, in
+order, those a database has not seen yet, each in its own transaction together with its row
+in ``_chatchain_migrations``, so a migration is applied once and never half-way, even when
+several processes open a new file at the same moment. Add new steps at the end; never edit
+or reorder one that has shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from chatchain.stores._base import utcnow
+
+if TYPE_CHECKING:
+    import sqlite3
+
+__all__ = ["MIGRATIONS", "migrate", "migration"]
+
+Migration = Callable[["sqlite3.Connection"], None]
+
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register ``fn`` as the next schema step, named by its function name."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the migrations ``conn``'s database lacks, in order; return their names.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``): each step opens its own
+    ``BEGIN IMMEDIATE`` transaction.
+    """
+    applied = _applied(conn)
+    newly: list[str] = []
+    for fn in MIGRATIONS:
+        name = fn.__name__
+        if name in applied:
+            continue
+        # IMMEDIATE takes the write lock first, so another process opening the same file waits
+        # here and then sees the step recorded instead of applying it a second time.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS _chatchain_migrations "
+                "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            done = conn.execute("SELECT 1 FROM _chatchain_migrations WHERE name = ?", (name,))
+            if done.fetchone() is None:
+                fn(conn)
+                conn.execute(
+                    "INSERT INTO _chatchain_migrations (name, applied_at) VALUES (?, ?)",
+                    (name, utcnow().isoformat(timespec="microseconds")),
+                )
+                newly.append(name)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return newly
+
+
+def _applied(conn: sqlite3.Connection) -> set[str]:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_chatchain_migrations'"
+    ).fetchone()
+    if exists is None:
+        return set()
+    return {name for (name,) in conn.execute("SELECT name FROM _chatchain_migrations")}
+
+
+@migration
+def m001_initial(conn: sqlite3.Connection) -> None:
+    # Times are ISO 8601 UTC text with microseconds ("2025-01-31T12:00:00.000001+00:00"):
+    # readable in the sqlite3 shell, and they sort as they read.
+    conn.execute(
+        """
+        CREATE TABLE sessions (
+            session_id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            message_count INTEGER NOT NULL DEFAULT 0,
+            summary TEXT,
+            summary_covers INTEGER
+        )
+        """
+    )
+    conn.execute("CREATE INDEX sessions_by_created_at ON sessions (created_at)")
+    conn.execute("CREATE INDEX sessions_by_updated_at ON sessions (updated_at)")
+    # One row per message; the primary key's index makes a window of a session one range
+    # scan. Not WITHOUT ROWID: that pays off for rows under ~1/20 of a page, and messages
+    # (JSON with metadata) are often larger; measured, 2 kB messages loaded slower with it.
+    conn.execute(
+        """
+        CREATE TABLE messages (
+            session_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            json TEXT NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        )
+        """
+    )
+    # Leases: who holds a session for a turn, and until when (Unix time, seconds).
+    conn.execute(
+        """
+        CREATE TABLE locks (
+            session_id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """
+    )

@@ -1,0 +1,569 @@
+"""The Redis store: sessions on a stock Redis server, shared by many processes and machines.
+
+We do not wrap a ready integration: langchain-redis needs the Redis Stack modules (RedisJSON,
+RediSearch) and langchain-community's ``RedisChatMessageHistory`` loads whole sessions and
+prepends with LPUSH, while chatchain needs a stock server, any string id and windowed loads.
+
+Keys, under a prefix (``chatchain`` unless told), where ``<id>`` is the session id
+percent-encoded, so that no id (``:``, ``*``, ``%`` and all) can reach another id's keys or
+match a SCAN pattern meant for another; the raw id is kept in the sorted sets:
+
+- ``<prefix>:msgs:<id>``: LIST of messages as JSON, oldest first. RPUSH appends; LRANGE with
+  negative indexes reads a window without touching the rest; LLEN counts without reading.
+- ``<prefix>:meta:<id>``: HASH of ``created`` and ``updated`` (microseconds since the epoch,
+  by the writer's clock) and the running summary (``summary``, ``covers``).
+- ``<prefix>:created`` and ``<prefix>:updated``: ZSETs of raw session ids scored by creation
+  and by last write, for `sessions` and `prune`.
+- ``<prefix>:lock:<id>``: the session's cross-process lock, a `redis.lock.Lock`.
+
+Writes that touch several keys run as one MULTI/EXEC transaction: if the connection drops
+before EXEC, Redis discards the lot. The clients never retry on their own, because a write
+whose reply was lost may have been applied and must not be applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+)
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from langchain_core.messages import BaseMessage
+
+from chatchain._locks import SessionLocks
+from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
+from chatchain.stores._base import (
+    HistoryStore,
+    SessionInfo,
+    Summary,
+    dump_message,
+    load_message,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+    import redis.asyncio.lock
+    import redis.lock
+
+    _Pipeline = redis.client.Pipeline | redis.asyncio.client.Pipeline
+
+__all__ = ["RedisStore"]
+
+logger = logging.getLogger("chatchain")
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+# Connecting is quick or broken; a command can wait on a busy server a little longer. Both
+# can be changed in the URL (?socket_connect_timeout=...&socket_timeout=...).
+_CONNECT_TIMEOUT_S = 5.0
+_IO_TIMEOUT_S = 15.0
+
+# Turns of one process queue on SessionLocks; only turns of other processes poll the key.
+_POLL_S = 0.05
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _moment(micros: str | int) -> datetime:
+    return _EPOCH + int(micros) * _MICROSECOND
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password or query (which may hold one)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _window(start: int, stop: int | None) -> tuple[int, int] | None:
+    """LRANGE's inclusive bounds for the slice ``[start:stop]``, or None if it is empty.
+
+    LRANGE resolves negative indexes against the list's length and clamps out-of-range ones
+    just as slicing does; only ``stop == 0`` needs care, as its end index -1 means "last".
+    """
+    if stop == 0:
+        return None
+    return start, -1 if stop is None else stop - 1
+
+
+class RedisStore(HistoryStore):
+    """Sessions in Redis, shared by every process and machine that uses the server.
+
+    Needs ``pip install 'chatchain[redis]'`` and any stock Redis server (no modules). The
+    store connects lazily; sync calls share one connection pool, and async calls use a pool
+    per event loop that is closed when the loop shuts down (as `asyncio.run` does).
+
+    One turn per session at a time, across processes: `lock` takes the session's in-process
+    lock, then a Redis lock whose lease (``lease`` seconds) is renewed every third of the
+    lease while the turn lasts. A turn may thus run as long as it needs, and a process that
+    dies holding a session keeps it for at most ``lease`` seconds.
+
+    Args:
+        url: ``redis://[[user]:password@]host:port/db``, ``rediss://`` for TLS, or
+            ``unix:///path/to/redis.sock?db=0``.
+        lock_timeout: How long a turn waits for a busy session before `SessionBusyError`.
+        prefix: Start of every key (letters, digits, ``_``, ``.``, ``-``), so that several
+            stores or applications can share one database.
+        lease: Seconds a session's lock outlives a holder that died without releasing it.
+
+    Raises:
+        ConfigurationError: The driver is missing, or the URL or an argument is invalid.
+
+    Example:
+        >>> store = RedisStore("redis://127.0.0.1:6379/0", prefix="myapp")
+        >>> store
+        RedisStore('redis://127.0.0.1:6379/0', prefix='myapp')
+        >>> with store.lock("dp123"):  # doctest: +SKIP
+        ...     window = store.load("dp123", -20)
+        ...     store.append("dp123", [HumanMessage("hi"), AIMessage("hello")])
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        lock_timeout: float = 120.0,
+        prefix: str = "chatchain",
+        lease: float = 30.0,
+    ) -> None:
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError as exc:
+            raise ConfigurationError(
+                "The Redis store needs the redis driver: pip install 'chatchain[redis]'."
+            ) from exc
+        if not _PREFIX.fullmatch(prefix):
+            raise ConfigurationError(
+                f"Invalid Redis key prefix {prefix!r}: use 1 to 64 letters, digits, '_', '.' "
+                "or '-' (a ':' could make two stores' keys meet)."
+            )
+        if lock_timeout < 0 or lease <= 0:
+            raise ConfigurationError(
+                "The Redis store needs lock_timeout >= 0 and lease > 0 (seconds)."
+            )
+        self.url = url
+        self.prefix = prefix
+        self.lock_timeout = lock_timeout
+        self.lease = lease
+        self._where = _redacted(url)
+        try:
+            self._client: redis.Redis = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                retry=Retry(NoBackoff(), 0),
+                socket_connect_timeout=_CONNECT_TIMEOUT_S,
+                socket_timeout=_IO_TIMEOUT_S,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"Invalid Redis URL {self._where}: {exc} (expected redis://host:port/db)."
+            ) from None
+        self._created = f"{prefix}:created"
+        self._updated = f"{prefix}:updated"
+        self._locks = SessionLocks(lock_timeout)
+        self._guard = threading.Lock()
+        self._aclients: dict[
+            asyncio.AbstractEventLoop,
+            tuple[redis.asyncio.Redis, AsyncGenerator[None, None]],
+        ] = {}
+
+    @classmethod
+    def from_url(cls, url: str, *, lock_timeout: float = 120.0) -> RedisStore:
+        """The store at ``url`` (see `chatchain.stores.open_store`)."""
+        return cls(url, lock_timeout=lock_timeout)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._where!r}, prefix={self.prefix!r})"
+
+    # -- keys and commands, shared by the sync and async paths -------------------------------
+
+    def _key(self, kind: str, session_id: str) -> str:
+        return f"{self.prefix}:{kind}:{quote(session_id, safe='')}"
+
+    def _queue_append(
+        self, pipe: _Pipeline, session_id: str, payloads: list[str], stamp: str
+    ) -> None:
+        meta = self._key("meta", session_id)
+        pipe.rpush(self._key("msgs", session_id), *payloads)
+        pipe.hsetnx(meta, "created", stamp)
+        pipe.hset(meta, "updated", stamp)
+        pipe.zadd(self._created, {session_id: stamp}, nx=True)
+        pipe.zadd(self._updated, {session_id: stamp})
+
+    def _queue_delete(self, pipe: _Pipeline, session_id: str) -> None:
+        pipe.delete(self._key("msgs", session_id), self._key("meta", session_id))
+        pipe.zrem(self._created, session_id)
+        pipe.zrem(self._updated, session_id)
+
+    def _corrupt(self, session_id: str, exc: Exception) -> StoreError:
+        return StoreError(
+            f"Session {session_id!r} in the Redis history store at {self._where} holds data "
+            f"chatchain did not write ({exc!r}). Check what else writes keys under "
+            f"{self.prefix!r} there, or delete the session."
+        )
+
+    def _decode(self, session_id: str, texts: list[str]) -> list[BaseMessage]:
+        try:
+            return [load_message(text) for text in texts]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise self._corrupt(session_id, exc) from exc
+
+    def _summary(self, session_id: str, fields: list[str | None]) -> Summary | None:
+        text, covers = fields
+        if text is None:
+            return None
+        try:
+            return Summary(text, int(covers or 0))
+        except ValueError as exc:
+            raise self._corrupt(session_id, exc) from exc
+
+    @contextmanager
+    def _failures(self) -> Iterator[None]:
+        """Redis errors as `StoreError`, naming the server (never the password)."""
+        from redis import exceptions
+
+        try:
+            yield
+        except (exceptions.ConnectionError, exceptions.TimeoutError) as exc:
+            raise StoreError(
+                f"Could not reach the Redis history store at {self._where} ({exc}). Check that "
+                "redis-server is running and reachable there, and the store URL and its "
+                "credentials (CHATCHAIN_STORE)."
+            ) from exc
+        except exceptions.RedisError as exc:
+            raise StoreError(
+                f"The Redis history store at {self._where} refused the operation ({exc}). "
+                "Check the server's log: its memory (maxmemory), its disk (MISCONF), and that "
+                "it is a writable primary."
+            ) from exc
+
+    def _run(self, queue: Callable[[_Pipeline], object], *, transaction: bool = True) -> list[Any]:
+        with self._failures(), self._client.pipeline(transaction=transaction) as pipe:
+            queue(pipe)
+            return pipe.execute()
+
+    async def _arun(
+        self, queue: Callable[[_Pipeline], object], *, transaction: bool = True
+    ) -> list[Any]:
+        with self._failures():
+            client = await self._aclient()
+            async with client.pipeline(transaction=transaction) as pipe:
+                queue(pipe)
+                return await pipe.execute()
+
+    # -- async clients, one per event loop ---------------------------------------------------
+
+    async def _aclient(self) -> redis.asyncio.Redis:
+        """This event loop's client: async connections belong to the loop that opened them."""
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        loop = asyncio.get_running_loop()
+        with self._guard:
+            entry = self._aclients.get(loop)
+            if entry is not None:
+                return entry[0]
+            client = redis.asyncio.Redis.from_url(
+                self.url,
+                decode_responses=True,
+                retry=Retry(NoBackoff(), 0),
+                socket_connect_timeout=_CONNECT_TIMEOUT_S,
+                socket_timeout=_IO_TIMEOUT_S,
+            )
+            closer = self._close_with_loop(loop, client)
+            self._aclients[loop] = (client, closer)
+        await closer.__anext__()
+        return client
+
+    async def _close_with_loop(
+        self, loop: asyncio.AbstractEventLoop, client: redis.asyncio.Redis
+    ) -> AsyncGenerator[None, None]:
+        # An async generator left suspended is closed by the loop's shutdown_asyncgens(),
+        # which asyncio.run (and asyncio.Runner) await before closing the loop: the one hook
+        # that lets the client close its connections while their loop can still run.
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._aclients.pop(loop, None)
+            await client.aclose()
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections now, rather than when the loop shuts down."""
+        with self._guard:
+            entry = self._aclients.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()
+
+    def close(self) -> None:
+        """Close the sync connection pool (it reopens if the store is used again).
+
+        Async connections close with their event loop, or with `aclose`.
+        """
+        self._client.close()
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def append(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
+        if messages:
+            payloads = [dump_message(m) for m in messages]
+            stamp = str(_micros(utcnow()))
+            self._run(lambda pipe: self._queue_append(pipe, session_id, payloads, stamp))
+
+    async def aappend(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
+        if messages:
+            payloads = [dump_message(m) for m in messages]
+            stamp = str(_micros(utcnow()))
+            await self._arun(lambda pipe: self._queue_append(pipe, session_id, payloads, stamp))
+
+    def load(self, session_id: str, start: int = 0, stop: int | None = None) -> list[BaseMessage]:
+        window = _window(start, stop)
+        if window is None:
+            return []
+        key = self._key("msgs", session_id)
+        [texts] = self._run(lambda pipe: pipe.lrange(key, *window), transaction=False)
+        return self._decode(session_id, texts)
+
+    async def aload(
+        self, session_id: str, start: int = 0, stop: int | None = None
+    ) -> list[BaseMessage]:
+        window = _window(start, stop)
+        if window is None:
+            return []
+        key = self._key("msgs", session_id)
+        [texts] = await self._arun(lambda pipe: pipe.lrange(key, *window), transaction=False)
+        return self._decode(session_id, texts)
+
+    def count(self, session_id: str) -> int:
+        key = self._key("msgs", session_id)
+        [count] = self._run(lambda pipe: pipe.llen(key), transaction=False)
+        return int(count)
+
+    async def acount(self, session_id: str) -> int:
+        key = self._key("msgs", session_id)
+        [count] = await self._arun(lambda pipe: pipe.llen(key), transaction=False)
+        return int(count)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def sessions(self) -> list[str]:
+        [ids] = self._run(lambda pipe: pipe.zrange(self._created, 0, -1), transaction=False)
+        return list(ids)
+
+    def info(self, session_id: str) -> SessionInfo | None:
+        def queue(pipe: _Pipeline) -> None:
+            pipe.llen(self._key("msgs", session_id))
+            pipe.hmget(self._key("meta", session_id), ["created", "updated"])
+
+        count, (created, updated) = self._run(queue)
+        if not count:
+            return None
+        try:
+            return SessionInfo(session_id, int(count), _moment(created), _moment(updated))
+        except (TypeError, ValueError) as exc:
+            raise self._corrupt(session_id, exc) from exc
+
+    def delete(self, session_id: str) -> None:
+        self._run(lambda pipe: self._queue_delete(pipe, session_id))
+
+    async def adelete(self, session_id: str) -> None:
+        await self._arun(lambda pipe: self._queue_delete(pipe, session_id))
+
+    def prune(self, before: datetime) -> list[str]:
+        cutoff = _micros(before)
+        [stale] = self._run(
+            lambda pipe: pipe.zrangebyscore(self._updated, "-inf", f"({cutoff}"),
+            transaction=False,
+        )
+
+        def delete_if_stale(pipe: redis.client.Pipeline, session_id: str) -> None:
+            # Runs under WATCH of the session's meta hash, which every append touches: a
+            # session written since the ZRANGEBYSCORE above is left alone.
+            updated = cast("float | None", pipe.zscore(self._updated, session_id))
+            if updated is not None and updated < cutoff:
+                pipe.multi()
+                self._queue_delete(pipe, session_id)
+
+        pruned = []
+        with self._failures():
+            for session_id in stale:
+                # EXEC answers [] when nothing was queued, i.e. when the session stayed.
+                if self._client.transaction(
+                    partial(delete_if_stale, session_id=session_id), self._key("meta", session_id)
+                ):
+                    pruned.append(session_id)
+        return pruned
+
+    # -- running summary ---------------------------------------------------------------------
+
+    def get_summary(self, session_id: str) -> Summary | None:
+        key = self._key("meta", session_id)
+        [fields] = self._run(lambda pipe: pipe.hmget(key, ["summary", "covers"]), transaction=False)
+        return self._summary(session_id, fields)
+
+    async def aget_summary(self, session_id: str) -> Summary | None:
+        key = self._key("meta", session_id)
+        [fields] = await self._arun(
+            lambda pipe: pipe.hmget(key, ["summary", "covers"]), transaction=False
+        )
+        return self._summary(session_id, fields)
+
+    def set_summary(self, session_id: str, summary: Summary) -> None:
+        key = self._key("meta", session_id)
+        fields = {"summary": summary.text, "covers": summary.covers}
+        self._run(lambda pipe: pipe.hset(key, mapping=fields), transaction=False)
+
+    async def aset_summary(self, session_id: str, summary: Summary) -> None:
+        key = self._key("meta", session_id)
+        fields = {"summary": summary.text, "covers": summary.covers}
+        await self._arun(lambda pipe: pipe.hset(key, mapping=fields), transaction=False)
+
+    # -- one writer per session --------------------------------------------------------------
+
+    def lock(self, session_id: str) -> AbstractContextManager[None]:
+        return self._hold(session_id)
+
+    def alock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        return self._ahold(session_id)
+
+    def _time_left(self, started: float) -> float:
+        return max(0.0, self.lock_timeout - (time.monotonic() - started))
+
+    def _busy(self, session_id: str) -> SessionBusyError:
+        return SessionBusyError(
+            f"Session {session_id!r} is busy: another turn (in this or another process) has "
+            f"held it for more than {self.lock_timeout:g} s. Wait for that turn to finish, or "
+            "raise CHATCHAIN_LOCK_TIMEOUT."
+        )
+
+    def _lost(self, session_id: str) -> None:
+        logger.warning(
+            "The lock of session %r expired while its turn was running (the process stalled "
+            "for more than the %g s lease?): another turn may have run alongside.",
+            session_id,
+            self.lease,
+        )
+
+    def _unreleased(self, session_id: str, exc: Exception) -> None:
+        logger.warning(
+            "Could not release the lock of session %r on %s (%s); it frees itself within %g s.",
+            session_id,
+            self._where,
+            exc,
+            self.lease,
+        )
+
+    @contextmanager
+    def _hold(self, session_id: str) -> Iterator[None]:
+        from redis.exceptions import LockNotOwnedError, RedisError
+
+        started = time.monotonic()
+        with self._locks.hold(session_id):
+            lease = self._client.lock(
+                self._key("lock", session_id),
+                timeout=self.lease,
+                sleep=_POLL_S,
+                blocking_timeout=self._time_left(started),
+                thread_local=False,  # the renewing thread must see the token
+            )
+            with self._failures():
+                acquired = lease.acquire()
+            if not acquired:
+                raise self._busy(session_id)
+            done = threading.Event()
+            renewer = threading.Thread(
+                target=self._renew,
+                args=(lease, done, session_id),
+                name=f"chatchain-lease-{session_id[:40]}",
+                daemon=True,
+            )
+            renewer.start()
+            try:
+                yield
+            finally:
+                done.set()
+                renewer.join()
+                try:
+                    lease.release()
+                except LockNotOwnedError:
+                    self._lost(session_id)
+                except RedisError as exc:
+                    self._unreleased(session_id, exc)
+
+    def _renew(self, lease: redis.lock.Lock, done: threading.Event, session_id: str) -> None:
+        from redis.exceptions import LockNotOwnedError, RedisError
+
+        while not done.wait(self.lease / 3):
+            try:
+                lease.reacquire()
+            except LockNotOwnedError:
+                self._lost(session_id)
+                return
+            except RedisError as exc:  # the next renewal may get through in time
+                logger.warning("Could not renew the lock of session %r: %s", session_id, exc)
+
+    @asynccontextmanager
+    async def _ahold(self, session_id: str) -> AsyncIterator[None]:
+        from redis.exceptions import LockNotOwnedError, RedisError
+
+        started = time.monotonic()
+        async with self._locks.ahold(session_id):
+            with self._failures():
+                client = await self._aclient()
+                lease = client.lock(
+                    self._key("lock", session_id),
+                    timeout=self.lease,
+                    sleep=_POLL_S,
+                    blocking_timeout=self._time_left(started),
+                    thread_local=False,
+                )
+                acquired = await lease.acquire()
+            if not acquired:
+                raise self._busy(session_id)
+            renewer = asyncio.create_task(self._arenew(lease, session_id))
+            try:
+                yield
+            finally:
+                renewer.cancel()
+                await asyncio.wait([renewer])  # unlike awaiting it, keeps our own cancellation
+                try:
+                    await lease.release()
+                except LockNotOwnedError:
+                    self._lost(session_id)
+                except RedisError as exc:
+                    self._unreleased(session_id, exc)
+
+    async def _arenew(self, lease: redis.asyncio.lock.Lock, session_id: str) -> None:
+        from redis.exceptions import LockNotOwnedError, RedisError
+
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await lease.reacquire()
+            except LockNotOwnedError:
+                self._lost(session_id)
+                return
+            except RedisError as exc:
+                logger.warning("Could not renew the lock of session %r: %s", session_id, exc)

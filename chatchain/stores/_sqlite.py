@@ -1,0 +1,514 @@
+"""The SQLite store: every session in one local file, shared by threads and processes.
+
+The file is in WAL mode (readers never wait for the writer) and readable by its owner only.
+Each operation borrows a connection from a small pool, so threads read in parallel, and
+writes are short ``BEGIN IMMEDIATE`` transactions that wait up to a busy timeout for one
+another.
+
+One writer per session across processes is a lease: a row of the ``locks`` table naming its
+holder and when it expires. A live holder renews it in the background, so a long turn keeps
+it; a crashed one stops renewing, so its session frees itself within `SQLiteStore.lease`
+seconds. SQLite has no row locks, and holding a write transaction for a turn would stall
+every other session, hence the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from langchain_core.messages import BaseMessage
+
+from chatchain._locks import SessionLocks
+from chatchain.errors import ConfigurationError, StoreError
+from chatchain.stores._base import (
+    HistoryStore,
+    SessionInfo,
+    Summary,
+    dump_message,
+    load_message,
+    utcnow,
+)
+from chatchain.stores._migrations import migrate
+
+if TYPE_CHECKING:
+    import sqlite3
+
+__all__ = ["SQLiteStore"]
+
+logger = logging.getLogger("chatchain")
+
+# How long one write waits for another process's write before failing. Writes last
+# milliseconds; a wait this long means a stuck process, which the StoreError points to.
+_BUSY_TIMEOUT_S = 15.0
+# Idle connections kept for reuse; more are opened while more threads work at once.
+_MAX_IDLE = 8
+# Polling for another process's lease: quick at first, then back off.
+_FIRST_POLL_S = 0.002
+_MAX_POLL_S = 0.05
+# Upper bound for a slice's stop when none is given (seq never comes near it).
+_NO_END = 2**62
+# Upserts (INSERT ... ON CONFLICT DO UPDATE) arrived in SQLite 3.24 (2018).
+_MIN_SQLITE = (3, 24, 0)
+
+_URL_PREFIX = "sqlite:///"
+
+
+def _path_from_url(url: str) -> Path:
+    """The file a ``sqlite:///...`` URL names, as SQLAlchemy reads it.
+
+    ``sqlite:///chat.db`` is relative to the working directory, ``sqlite:////var/chat.db``
+    absolute, and ``~`` is the home directory.
+    """
+    if not url.lower().startswith(_URL_PREFIX):
+        raise ConfigurationError(
+            f"SQLite store URLs look like sqlite:///relative/path.db or "
+            f"sqlite:////absolute/path.db, not {url!r} (CHATCHAIN_STORE)."
+        )
+    path = url[len(_URL_PREFIX) :]
+    if not path or path == ":memory:" or "?" in path:
+        raise ConfigurationError(
+            f"{url!r} names no file: give a path, as in sqlite:///chat.db "
+            "(for a store in memory, use memory://)."
+        )
+    return Path(path).expanduser()
+
+
+def _stamp(moment: datetime) -> str:
+    # Fixed width (always microseconds, always +00:00), so text order is time order.
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _advice(exc: Exception) -> str:
+    """What to check, given what SQLite said."""
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return (
+            f"Another process kept the file locked for more than {_BUSY_TIMEOUT_S:g} s: check "
+            "for a stuck process using it."
+        )
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return (
+            "The file is not a SQLite database or is damaged: check the path "
+            "(CHATCHAIN_STORE), or move the file aside to start a new store."
+        )
+    if "full" in text:
+        return "The disk is full: free some space."
+    if "readonly" in text or "unable to open" in text or "permission" in text:
+        return "Check that the file and its folder exist and that this user may write them."
+    if "i/o" in text:
+        return (
+            "Check the disk, and that the file is on a local filesystem (SQLite's WAL mode "
+            "does not work over network filesystems)."
+        )
+    return "Check the file and its disk."
+
+
+class SQLiteStore(HistoryStore):
+    """Sessions in one SQLite file: persistent, for the threads and processes of one machine.
+
+    Args:
+        path: The database file; created (readable by its owner only) with its folder.
+        lock_timeout: How long `lock` waits for a session another turn holds, in seconds.
+        lease: How long a hold outlives a crashed holder, in seconds. A live holder renews it
+            every third of that, so it never bounds the length of a turn.
+
+    Raises:
+        StoreError: The file cannot be created or opened, or is not a SQLite database.
+
+    Example:
+        >>> import tempfile
+        >>> store = SQLiteStore(Path(tempfile.mkdtemp()) / "chat.db")  # or open_store(url)
+        >>> with store.lock("dp123"):  # one turn
+        ...     store("dp123").add_user_message("hi")
+        >>> store.sessions(), store.count("dp123"), store.load("dp123", -10)[0].content
+        (['dp123'], 1, 'hi')
+        >>> store.close()
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, lock_timeout: float = 120.0, lease: float = 30.0
+    ) -> None:
+        try:
+            import sqlite3
+        except ImportError as exc:  # Python built without its sqlite3 module
+            raise ConfigurationError(
+                "This Python has no sqlite3 module (no pip install adds it): use a Python "
+                "built with SQLite, or another store (memory://, redis://, postgresql://)."
+            ) from exc
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise ConfigurationError(
+                f"The SQLite store needs SQLite {'.'.join(map(str, _MIN_SQLITE))} or newer; this "
+                f"Python has {sqlite3.sqlite_version}: use a newer Python, or another store."
+            )
+        # Absolute, so connections opened later still find it after a chdir.
+        self.path = Path(os.path.abspath(Path(path).expanduser()))
+        self.lease = lease
+        self._lock_timeout = lock_timeout
+        self._locks = SessionLocks(lock_timeout)
+        self._guard = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+        self._held: set[tuple[str, str]] = set()  # (session id, owner) of leases we renew
+        self._renewer: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._create_file()
+        try:
+            with self._connection("open the database") as conn:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    raise StoreError(
+                        f"The SQLite store {self.path} cannot use WAL mode (it is in {mode!r} "
+                        "mode): put it on a local filesystem."
+                    )
+                migrate(conn)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_url(cls, url: str, *, lock_timeout: float = 120.0) -> SQLiteStore:
+        """The store at ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (``~`` allowed).
+
+        Raises:
+            ConfigurationError: The URL names no file.
+            StoreError: The file cannot be created or opened.
+        """
+        return cls(_path_from_url(url), lock_timeout=lock_timeout)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _create_file(self) -> None:
+        # Create it ourselves, owner-only, before SQLite would create it world-readable;
+        # SQLite gives the -wal and -shm files the database file's permissions.
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreError(
+                f"The SQLite store {self.path} could not be created: {exc}. Check that its "
+                "folder is writable by this user."
+            ) from exc
+        os.close(fd)
+
+    def _open_connection(self) -> sqlite3.Connection:
+        import sqlite3
+
+        # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE.
+        # timeout is SQLite's busy_timeout. Each connection serves one thread at a time.
+        return sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+
+    @contextmanager
+    def _connection(self, action: str) -> Iterator[sqlite3.Connection]:
+        """A pooled connection for one operation; SQLite failures become `StoreError`."""
+        import sqlite3
+
+        try:
+            with self._guard:
+                if self._closed:
+                    raise StoreError(f"The SQLite store {self.path} is closed: open it again.")
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self._open_connection()
+            try:
+                yield conn
+            except BaseException:
+                # Never hand on a connection that failed half-way: closing it also rolls back
+                # whatever transaction the operation had begun.
+                conn.close()
+                raise
+            with self._guard:
+                if not self._closed and len(self._idle) < _MAX_IDLE:
+                    self._idle.append(conn)
+                    return
+            conn.close()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.IntegrityError)):
+                raise  # a bug here, not a fault of the file
+            raise StoreError(
+                f"The SQLite store {self.path} could not {action}: {exc}. {_advice(exc)}"
+            ) from exc
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it is stored, or none of it."""
+        with self._connection(action) as conn:
+            # IMMEDIATE takes the write lock up front, so the transaction never has to be
+            # retried because another process wrote between our read and our write.
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the connections and stop renewing leases. Idempotent."""
+        with self._guard:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            renewer, self._renewer = self._renewer, None
+        self._stop.set()
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join()
+        for conn in idle:
+            conn.close()
+
+    # -- messages --------------------------------------------------------------------------
+
+    def append(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
+        if not messages:
+            return
+        texts = [dump_message(m) for m in messages]
+        with self._write("append messages") as conn:
+            row = conn.execute(
+                "SELECT message_count FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            first = 0 if row is None else row[0]
+            now = _stamp(utcnow())  # taken under the write lock: updated_at never goes back
+            # A session that held only a summary starts its life at its first message.
+            conn.execute(
+                """
+                INSERT INTO sessions (session_id, created_at, updated_at, message_count)
+                VALUES (?, ?, ?, ?)
+                ON CONFLICT (session_id) DO UPDATE SET
+                    created_at = CASE WHEN message_count = 0
+                                      THEN excluded.created_at ELSE created_at END,
+                    updated_at = excluded.updated_at,
+                    message_count = excluded.message_count
+                """,
+                (session_id, now, now, first + len(texts)),
+            )
+            conn.executemany(
+                "INSERT INTO messages (session_id, seq, json) VALUES (?, ?, ?)",
+                [(session_id, first + i, text) for i, text in enumerate(texts)],
+            )
+
+    def load(self, session_id: str, start: int = 0, stop: int | None = None) -> list[BaseMessage]:
+        # One statement, so one consistent snapshot: negative bounds count back from the
+        # session's message_count, read in the same statement. The bounds are constants to
+        # the planner, so this is a range scan of the primary key.
+        with self._connection("load messages") as conn:
+            rows = conn.execute(
+                """
+                SELECT json FROM messages
+                WHERE session_id = :sid
+                  AND seq >= CASE WHEN :start < 0 THEN
+                      (SELECT message_count FROM sessions WHERE session_id = :sid) + :start
+                      ELSE :start END
+                  AND seq < CASE WHEN :stop < 0 THEN
+                      (SELECT message_count FROM sessions WHERE session_id = :sid) + :stop
+                      ELSE :stop END
+                ORDER BY seq
+                """,
+                {"sid": session_id, "start": start, "stop": _NO_END if stop is None else stop},
+            ).fetchall()
+        return [load_message(text) for (text,) in rows]
+
+    def count(self, session_id: str) -> int:
+        with self._connection("count messages") as conn:
+            row = conn.execute(
+                "SELECT message_count FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def sessions(self) -> list[str]:
+        with self._connection("list sessions") as conn:
+            rows = conn.execute(
+                "SELECT session_id FROM sessions WHERE message_count > 0 ORDER BY created_at, rowid"
+            ).fetchall()
+        return [session_id for (session_id,) in rows]
+
+    def info(self, session_id: str) -> SessionInfo | None:
+        with self._connection("read a session") as conn:
+            row = conn.execute(
+                "SELECT message_count, created_at, updated_at FROM sessions "
+                "WHERE session_id = ? AND message_count > 0",
+                (session_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        count, created, updated = row
+        return SessionInfo(
+            session_id, count, datetime.fromisoformat(created), datetime.fromisoformat(updated)
+        )
+
+    def delete(self, session_id: str) -> None:
+        with self._write("delete a session") as conn:
+            conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+
+    def prune(self, before: datetime) -> list[str]:
+        with self._write("prune sessions") as conn:
+            rows = conn.execute(
+                "SELECT session_id, message_count FROM sessions WHERE updated_at < ? "
+                "ORDER BY created_at, rowid",
+                (_stamp(before),),
+            ).fetchall()
+            for session_id, _ in rows:
+                conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+                conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+            # Leases of crashed holders are harmless but would pile up; sweep them too.
+            conn.execute("DELETE FROM locks WHERE expires_at < ?", (time.time(),))
+        return [session_id for session_id, count in rows if count > 0]
+
+    # -- running summary -------------------------------------------------------------------
+
+    def get_summary(self, session_id: str) -> Summary | None:
+        with self._connection("read a summary") as conn:
+            row = conn.execute(
+                "SELECT summary, summary_covers FROM sessions "
+                "WHERE session_id = ? AND summary IS NOT NULL",
+                (session_id,),
+            ).fetchone()
+        return None if row is None else Summary(row[0], int(row[1]))
+
+    def set_summary(self, session_id: str, summary: Summary) -> None:
+        now = _stamp(utcnow())
+        with self._write("store a summary") as conn:
+            conn.execute(
+                """
+                INSERT INTO sessions (session_id, created_at, updated_at, summary, summary_covers)
+                VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (session_id) DO UPDATE SET
+                    summary = excluded.summary, summary_covers = excluded.summary_covers
+                """,
+                (session_id, now, now, summary.text, summary.covers),
+            )
+
+    # -- one writer per session ------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, session_id: str) -> Iterator[None]:
+        deadline = time.monotonic() + self._lock_timeout
+        with self._locks.hold(session_id):  # threads of this process queue here, not in SQL
+            owner = self._new_owner()
+            pause = _FIRST_POLL_S
+            while not self._take_lease(session_id, owner):
+                if time.monotonic() >= deadline:
+                    raise self._locks._busy(session_id)
+                time.sleep(pause)
+                pause = min(pause * 2, _MAX_POLL_S)
+            try:
+                yield
+            finally:
+                self._drop_lease(session_id, owner)
+
+    @asynccontextmanager
+    async def alock(self, session_id: str) -> AsyncIterator[None]:
+        deadline = time.monotonic() + self._lock_timeout
+        async with self._locks.ahold(session_id):
+            owner = self._new_owner()
+            pause = _FIRST_POLL_S
+            while not await self._atake_lease(session_id, owner):
+                if time.monotonic() >= deadline:
+                    raise self._locks._busy(session_id)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_POLL_S)
+            try:
+                yield
+            finally:
+                # Runs to the end in its thread even if this task is being cancelled.
+                await asyncio.to_thread(self._drop_lease, session_id, owner)
+
+    async def _atake_lease(self, session_id: str, owner: str) -> bool:
+        outcome: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def attempt() -> bool:
+            taken = False
+            try:
+                taken = self._take_lease(session_id, owner)
+                return taken
+            finally:
+                outcome.set_result(taken)
+
+        try:
+            return await asyncio.to_thread(attempt)
+        except asyncio.CancelledError:
+            # The attempt goes on in its thread, and may take the lease after all: give it
+            # back then, or no one would release it (and our renewer would keep it alive).
+            def give_back(done: concurrent.futures.Future[bool]) -> None:
+                if done.result():
+                    threading.Thread(target=self._drop_lease, args=(session_id, owner)).start()
+
+            outcome.add_done_callback(give_back)
+            raise
+
+    @staticmethod
+    def _new_owner() -> str:
+        # Names the holder for whoever inspects the locks table; the uuid makes it unique.
+        return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+    def _take_lease(self, session_id: str, owner: str) -> bool:
+        """Take the session's lease if it is free or expired; True if we now hold it."""
+        with self._write("lock a session") as conn:
+            now = time.time()  # once we may write: a wait for the write lock must not age it
+            taken = conn.execute(
+                """
+                INSERT INTO locks (session_id, owner, expires_at) VALUES (?, ?, ?)
+                ON CONFLICT (session_id) DO UPDATE SET
+                    owner = excluded.owner, expires_at = excluded.expires_at
+                WHERE locks.expires_at < ?
+                """,
+                (session_id, owner, now + self.lease, now),
+            ).rowcount
+        if taken != 1:
+            return False
+        with self._guard:
+            self._held.add((session_id, owner))
+            if self._renewer is None and not self._closed:
+                self._renewer = threading.Thread(
+                    target=self._renew_leases, name="chatchain-sqlite-leases", daemon=True
+                )
+                self._renewer.start()
+        return True
+
+    def _drop_lease(self, session_id: str, owner: str) -> None:
+        with self._guard:
+            self._held.discard((session_id, owner))
+        try:
+            with self._write("unlock a session") as conn:
+                conn.execute(
+                    "DELETE FROM locks WHERE session_id = ? AND owner = ?", (session_id, owner)
+                )
+        except StoreError as exc:
+            # The turn itself is done; the lease expires on its own, so don't fail it.
+            logger.warning("Could not release session %r (it frees itself): %s", session_id, exc)
+
+    def _renew_leases(self) -> None:
+        """Push back the expiry of the leases this store holds until none is left."""
+        while not self._stop.wait(self.lease / 3):
+            with self._guard:
+                held = sorted(self._held)
+                if not held:
+                    self._renewer = None  # the next lease taken starts a new renewer
+                    return
+            try:
+                with self._write("renew session locks") as conn:
+                    renewed = conn.executemany(
+                        "UPDATE locks SET expires_at = ? WHERE session_id = ? AND owner = ?",
+                        [(time.time() + self.lease, sid, owner) for sid, owner in held],
+                    ).rowcount
+                if renewed < len(held):  # this process stalled for longer than a lease
+                    logger.warning(
+                        "A session lock expired while its turn was still running (the process "
+                        "was paused for more than %g s); another turn may have run alongside.",
+                        self.lease,
+                    )
+            except StoreError as exc:  # try again next round, well before the leases expire
+                if not self._stop.is_set():
+                    logger.warning("Could not renew session locks: %s", exc)

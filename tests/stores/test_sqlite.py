@@ -1,0 +1,354 @@
+"""What only the SQLite store does: schema migrations, the file itself, leases across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.synchronize import Event as SyncEvent
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from chatchain import ConfigurationError, SessionBusyError, StoreError
+from chatchain.stores import _migrations, _sqlite, open_store
+from chatchain.stores._sqlite import SQLiteStore, _path_from_url
+
+spawn = multiprocessing.get_context("spawn")
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def lease_holders(path: Path) -> list[int]:
+    """The process ids in the owners of the leases in the file (owner is host:pid:token)."""
+    return [int(str(owner).split(":")[1]) for (owner,) in rows(path, "SELECT owner FROM locks")]
+
+
+# -- schema ----------------------------------------------------------------------------------
+
+
+def test_migrations_are_recorded_and_applied_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path)
+    store.append("s", [HumanMessage("kept")])
+    store.close()
+    recorded = rows(path, "SELECT name, applied_at FROM _chatchain_migrations ORDER BY rowid")
+    assert [name for name, _ in recorded] == ["m001_initial"]
+
+    SQLiteStore(path).close()  # reopening applies nothing again
+    assert (
+        rows(path, "SELECT name, applied_at FROM _chatchain_migrations ORDER BY rowid") == recorded
+    )
+
+    calls: list[str] = []
+
+    def m002_add_tags(conn: sqlite3.Connection) -> None:
+        calls.append("m002")
+        conn.execute("CREATE TABLE tags (session_id TEXT, tag TEXT)")
+
+    monkeypatch.setattr(_migrations, "MIGRATIONS", [*_migrations.MIGRATIONS, m002_add_tags])
+    for _ in range(2):
+        store = SQLiteStore(path)
+        assert store.count("s") == 1  # the data survives migrations
+        store.close()
+    assert calls == ["m002"]
+    names = rows(path, "SELECT name FROM _chatchain_migrations ORDER BY rowid")
+    assert names == [("m001_initial",), ("m002_add_tags",)]
+
+
+def test_a_failing_migration_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "chat.db"
+    SQLiteStore(path).close()
+
+    def m002_broken(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE half (x)")
+        raise RuntimeError("migration bug")
+
+    monkeypatch.setattr(_migrations, "MIGRATIONS", [*_migrations.MIGRATIONS, m002_broken])
+    with pytest.raises(RuntimeError, match="migration bug"):
+        SQLiteStore(path)
+    assert rows(path, "SELECT name FROM sqlite_master WHERE name = 'half'") == []
+    assert rows(path, "SELECT name FROM _chatchain_migrations") == [("m001_initial",)]
+
+
+def test_window_loads_and_counts_do_not_read_the_whole_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Count the SQLite VM steps each call takes: a scan of the session would grow with it.
+    steps = [0]
+
+    def counting(self: SQLiteStore) -> sqlite3.Connection:
+        conn = open_connection(self)
+
+        def tick() -> int:
+            steps[0] += 1
+            return 0
+
+        conn.set_progress_handler(tick, 10)
+        return conn
+
+    open_connection = SQLiteStore._open_connection
+    monkeypatch.setattr(SQLiteStore, "_open_connection", counting)
+    store = SQLiteStore(tmp_path / "chat.db")
+    store.append("small", [HumanMessage(f"m{i}") for i in range(30)])
+    store.append("big", [HumanMessage(f"m{i}") for i in range(20_000)])
+
+    def cost(call: Callable[[str], object], session_id: str) -> int:
+        steps[0] = 0
+        call(session_id)
+        return steps[0]
+
+    calls: list[Callable[[str], object]] = [
+        lambda sid: store.load(sid, -20),
+        lambda sid: store.load(sid, 5, 25),
+        store.count,
+        store.info,
+    ]
+    for call in calls:
+        small, big = cost(call, "small"), cost(call, "big")
+        assert big <= 2 * small + 5, (small, big)
+    assert [m.content for m in store.load("big", -2)] == ["m19998", "m19999"]
+    store.close()
+
+
+# -- the file ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///chat.db", "chat.db"),
+        ("sqlite:///data/chat.db", "data/chat.db"),
+        ("sqlite:////var/lib/chat.db", "/var/lib/chat.db"),
+        ("SQLITE:///chat.db", "chat.db"),
+        ("sqlite:///~/chat.db", "{home}/chat.db"),
+    ],
+)
+def test_urls_follow_sqlalchemy(
+    url: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _path_from_url(url) == Path(expected.format(home=tmp_path))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///",
+        "sqlite:///:memory:",
+        "sqlite://host/chat.db",
+        "sqlite:///x.db?mode=ro",
+    ],
+)
+def test_urls_that_name_no_file_are_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="sqlite:///"):
+        open_store(url)
+
+
+def test_file_is_created_with_its_folder_readable_by_its_owner_only() -> None:
+    old = os.umask(0)  # even when the process would create files world-writable
+    try:
+        store = open_store("sqlite:///data/chat.db")  # relative to the working directory
+        store.append("s", [HumanMessage("secret")])
+        path = Path.cwd() / "data" / "chat.db"
+        for name in ("chat.db", "chat.db-wal", "chat.db-shm"):
+            assert stat.S_IMODE((path.parent / name).stat().st_mode) == 0o600, name
+        assert rows(path, "PRAGMA journal_mode") == [("wal",)]
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_corrupted_file_gives_a_store_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    path.write_bytes(b"this is not a database, just some text\n" * 200)
+    with pytest.raises(StoreError, match="not a SQLite database or is damaged") as caught:
+        SQLiteStore(path)
+    assert str(path) in str(caught.value)
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+def test_a_full_disk_stores_nothing_and_the_store_recovers(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "chat.db")
+    store.append("s", [HumanMessage("before")])
+    # Fault injection: cap the file at its current size on the (only) pooled connection.
+    (conn,) = store._idle
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreError, match="disk is full") as caught:
+        store.append("s", [HumanMessage("x" * 2000) for _ in range(100)])
+    assert str(store.path) in str(caught.value)
+    assert store.count("s") == 1  # all or none
+    assert [m.content for m in store.load("s")] == ["before"]
+    store.append("s", [HumanMessage("after")])  # the failed connection was dropped
+    assert [m.content for m in store.load("s")] == ["before", "after"]
+    store.close()
+
+
+def test_a_file_locked_past_the_busy_timeout_gives_a_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sqlite, "_BUSY_TIMEOUT_S", 0.1)
+    store = SQLiteStore(tmp_path / "chat.db")
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing, and stuck
+    with pytest.raises(StoreError, match=r"locked.*check for a stuck process"):
+        store.append("s", [HumanMessage("hi")])
+    other.execute("ROLLBACK")
+    other.close()
+    store.append("s", [HumanMessage("hi")])
+    assert store.count("s") == 1
+    store.close()
+
+
+def test_a_closed_store_says_so(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "chat.db")
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="is closed"):
+        store.count("s")
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+
+def _writer(url: str, name: str, turns: int, start: SyncEvent) -> None:
+    store = open_store(url, lock_timeout=30.0)
+    start.wait(30)
+    for i in range(turns):
+        store.append("a" if i % 2 else "b", [HumanMessage(f"{name}-{i}")])
+        with store.lock("turns"):  # read, then write: only safe if one process at a time
+            n = store.count("turns")
+            time.sleep(0.003)  # the model answering
+            store.append("turns", [HumanMessage(str(n))])
+    store.close()
+
+
+def test_two_processes_on_one_file_lose_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'chat.db'}"
+    open_store(url).close()  # migrate once, so the workers start writing at once
+    start = spawn.Event()
+    workers = [spawn.Process(target=_writer, args=(url, name, 40, start)) for name in "xy"]
+    for worker in workers:
+        worker.start()
+    start.set()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    store = open_store(url)
+    for sid, parity in (("a", 1), ("b", 0)):
+        contents = [str(m.content) for m in store.load(sid)]
+        for name in "xy":
+            assert [c for c in contents if c.startswith(name)] == [
+                f"{name}-{i}" for i in range(40) if i % 2 == parity
+            ]
+        assert store.count(sid) == len(contents) == 40
+    # Each locked turn saw the one before it, whichever process ran it.
+    assert [m.content for m in store.load("turns")] == [str(n) for n in range(80)]
+    store.close()
+
+
+def _hold_and_die(path: Path, held: SyncEvent) -> None:
+    store = SQLiteStore(path, lease=1.0)
+    hold = store.lock("s")  # kept referenced: collecting it would release the lock
+    hold.__enter__()
+    held.set()
+    os._exit(0)  # no release, no close: as if killed
+
+
+def test_a_dead_holders_lease_expires(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    SQLiteStore(path).close()
+    held = spawn.Event()
+    holder = spawn.Process(target=_hold_and_die, args=(path, held))
+    holder.start()
+    assert held.wait(30)
+    holder.join(30)
+    assert lease_holders(path) == [holder.pid]
+
+    impatient = SQLiteStore(path, lock_timeout=0.2)
+    with pytest.raises(SessionBusyError, match="busy"), impatient.lock("s"):
+        pass  # the dead holder's lease still counts
+    impatient.close()
+
+    store = SQLiteStore(path, lock_timeout=5.0)
+    began = time.monotonic()
+    with store.lock("s"):
+        waited = time.monotonic() - began
+        assert lease_holders(path) == [os.getpid()]
+    assert waited < 3.0  # the lease's 1 s, not the 5 s timeout
+    assert lease_holders(path) == []  # released
+    store.close()
+
+
+def test_a_live_holder_keeps_its_lease_beyond_its_length(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    holder = SQLiteStore(path, lease=0.5)  # renewed every 1/6 s while held
+    other = SQLiteStore(path, lock_timeout=1.5)  # another process, as far as locks go
+    inside, release = threading.Event(), threading.Event()
+
+    def long_turn() -> None:
+        with holder.lock("s"):
+            inside.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=long_turn)
+    thread.start()
+    assert inside.wait(2)
+    try:
+        with pytest.raises(SessionBusyError), other.lock("s"):
+            pass
+        with other.lock("t"):  # other sessions are free meanwhile
+            pass
+    finally:
+        release.set()
+        thread.join()
+    with other.lock("s"):
+        pass
+    holder.close()
+    other.close()
+
+
+def test_a_cancelled_async_wait_gives_back_the_lease_it_was_taking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "chat.db"
+    slow = SQLiteStore(path, lock_timeout=5.0)
+    take = slow._take_lease
+
+    def slow_take(session_id: str, owner: str) -> bool:
+        time.sleep(0.3)  # the task is cancelled while this thread is taking the lease
+        return take(session_id, owner)
+
+    monkeypatch.setattr(slow, "_take_lease", slow_take)
+
+    async def cancelled_turn() -> None:
+        task = asyncio.create_task(slow.alock("s").__aenter__())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_turn())
+    other = SQLiteStore(path, lock_timeout=2.0)
+    with other.lock("s"):
+        pass
+    other.close()
+    slow.close()
