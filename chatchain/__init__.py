@@ -28,10 +28,11 @@ from chatchain.errors import (
     SessionBusyError,
     StoreError,
 )
+from chatchain.memory import HistoryWindow
 from chatchain.model import create_chat_model
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
-from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.stores import HistoryStore, MemoryStore, open_store
 from chatchain.usage import Usage, UsageLedger
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "EndpointError",
     "EndpointTimeoutError",
     "HistoryStore",
+    "HistoryWindow",
     "InvalidInputError",
     "MemoryStore",
     "MissingAPIKeyError",
@@ -65,4 +67,5 @@ __all__ = [
     "create_prompt",
     "get_message_history",
     "get_openai_callback",
+    "open_store",
 ]
