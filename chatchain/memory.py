@@ -137,6 +137,14 @@ class Memory:
             return None
         return count - window.max_messages
 
+    def _summary_start(self, summary: Summary | None, upto: int) -> int:
+        # A summary folds in at most a few windows' worth at a time: a session imported or
+        # written without summaries may have a huge backlog, which must not be loaded or sent
+        # in one request. Older turns stay in storage; the summary starts from what it can see.
+        covered = summary.covers if summary else 0
+        most = 4 * (self.window.max_messages or 0) if self.window else 0
+        return max(covered, upto - most) if most else covered
+
     def _finish_summary(self, handler: Any, started: float, text: Any) -> tuple[str, Usage]:
         import time
 
@@ -153,7 +161,7 @@ class Memory:
         upto = self._summary_due(store.count(session_id), summary)
         if upto is None:
             return None
-        start = summary.covers if summary else 0
+        start = self._summary_start(summary, upto)
         request = _summary_request(
             summary.text if summary else None, store.load(session_id, start, upto)
         )
@@ -171,7 +179,7 @@ class Memory:
         upto = self._summary_due(await store.acount(session_id), summary)
         if upto is None:
             return None
-        start = summary.covers if summary else 0
+        start = self._summary_start(summary, upto)
         older = await store.aload(session_id, start, upto)
         request = _summary_request(summary.text if summary else None, older)
         handler, started = _metering.new_handler(), time.perf_counter()

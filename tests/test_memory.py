@@ -294,3 +294,25 @@ def test_plain_callable_history_is_windowed_without_summary() -> None:
         chain.invoke({"input": f"q{i}"}, config={"configurable": {"session_id": "s"}})
     assert [m.text for m in fake.calls[-1][1:]] == ["q1", "Echo: q1", "q2"]
     assert len(histories["s"].messages) == 6
+
+
+def test_a_huge_unsummarised_backlog_is_summarised_from_a_bounded_slice() -> None:
+    store = CountingStore()
+    store.append(
+        "s", [HumanMessage(f"m{i}") if i % 2 == 0 else AIMessage(f"m{i}") for i in range(2000)]
+    )
+    replies = Summarizing()
+    bot = Chatbot(
+        make_settings(window_turns=2, window_tokens=None),
+        store=store,
+        llm=FakeChatModel(respond=replies),
+        system="S",
+    )
+    bot.chat("next", session_id="s")
+    assert len(replies.requests) == 1
+    assert max(store.loaded) <= 4 * 4 + 4 + 2  # never the whole session
+    assert "m1995" in replies.requests[0]
+    assert "m10 " not in replies.requests[0]
+    summary = store.get_summary("s")
+    assert summary is not None
+    assert summary.covers == 2000 - 4
