@@ -75,6 +75,7 @@ _CONNECT_TIMEOUT_S = 5.0
 _IO_TIMEOUT_S = 15.0
 
 # Turns of one process queue on SessionLocks; only turns of other processes poll the key.
+_FIRST_POLL_S = 0.001
 _POLL_S = 0.05
 
 
@@ -484,12 +485,17 @@ class RedisStore(HistoryStore):
             lease = self._client.lock(
                 self._key("lock", session_id),
                 timeout=self.lease,
-                sleep=_POLL_S,
-                blocking_timeout=self._time_left(started),
                 thread_local=False,  # the renewing thread must see the token
             )
             with self._failures():
-                acquired = lease.acquire()
+                acquired = lease.acquire(blocking=False)
+                pause = _FIRST_POLL_S
+                while not acquired and self._time_left(started) > 0:
+                    # A short first wait: turns last milliseconds, and a fixed 50 ms poll
+                    # made processes sharing a session wait ten turns for each one.
+                    time.sleep(min(pause, self._time_left(started)))
+                    pause = min(pause * 2, _POLL_S)
+                    acquired = lease.acquire(blocking=False)
             if not acquired:
                 raise self._busy(session_id)
             done = threading.Event()
@@ -535,11 +541,14 @@ class RedisStore(HistoryStore):
                 lease = client.lock(
                     self._key("lock", session_id),
                     timeout=self.lease,
-                    sleep=_POLL_S,
-                    blocking_timeout=self._time_left(started),
                     thread_local=False,
                 )
-                acquired = await lease.acquire()
+                acquired = await lease.acquire(blocking=False)
+                pause = _FIRST_POLL_S
+                while not acquired and self._time_left(started) > 0:
+                    await asyncio.sleep(min(pause, self._time_left(started)))
+                    pause = min(pause * 2, _POLL_S)
+                    acquired = await lease.acquire(blocking=False)
             if not acquired:
                 raise self._busy(session_id)
             renewer = asyncio.create_task(self._arenew(lease, session_id))
