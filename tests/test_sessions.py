@@ -19,8 +19,9 @@ def bot(settings: Settings) -> Chatbot:
     return Chatbot(settings, llm=FakeChatModel(), system="S")
 
 
-def test_export_to_a_private_file_and_import_elsewhere(bot: Chatbot, tmp_path: Path,
-                                                       settings: Settings) -> None:
+def test_export_to_a_private_file_and_import_elsewhere(
+    bot: Chatbot, tmp_path: Path, settings: Settings
+) -> None:
     bot.chat("Hi! I'm Bob 🙂", session_id="dp123")
     bot.chat("What's my name?", session_id="dp123")
     path = tmp_path / "exports" / "dp123.json"
@@ -28,7 +29,10 @@ def test_export_to_a_private_file_and_import_elsewhere(bot: Chatbot, tmp_path: P
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(path.read_text(encoding="utf-8")) == data
     assert [m["data"]["content"] for m in data["messages"]] == [
-        "Hi! I'm Bob 🙂", "Echo: Hi! I'm Bob 🙂", "What's my name?", "Echo: What's my name?",
+        "Hi! I'm Bob 🙂",
+        "Echo: Hi! I'm Bob 🙂",
+        "What's my name?",
+        "Echo: What's my name?",
     ]
     other = Chatbot(settings, llm=FakeChatModel(), system="S")
     assert other.import_session(path) == "dp123"
@@ -65,8 +69,13 @@ def test_info_delete_and_prune(bot: Chatbot) -> None:
 
 def test_store_is_chosen_by_url_setting(tmp_path: Path) -> None:
     db = tmp_path / "chat.db"
-    settings = Settings(api_key="sk-test", store=f"sqlite:///{db}", window_turns=None,
-                        window_tokens=None, summarize=False)
+    settings = Settings(
+        api_key="sk-test",
+        store=f"sqlite:///{db}",
+        window_turns=None,
+        window_tokens=None,
+        summarize=False,
+    )
     with Chatbot(settings, llm=FakeChatModel(), system="S") as bot:
         bot.chat("persist me", session_id="p")
     with Chatbot(settings, llm=FakeChatModel(), system="S") as again:  # a restart

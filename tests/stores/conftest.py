@@ -11,12 +11,23 @@ from collections.abc import Iterator
 import pytest
 
 from chatchain.stores import HistoryStore, MemoryStore
+from tests.stores.fixtures_postgres import postgres_store, postgres_url
+from tests.stores.fixtures_redis import redis_store, redis_url
+from tests.stores.fixtures_sqlite import sqlite_store, sqlite_url
+
+# Each backend's fixtures, registered here by name.
+__all__ = [
+    "memory_store",
+    "postgres_store",
+    "postgres_url",
+    "redis_store",
+    "redis_url",
+    "sqlite_store",
+    "sqlite_url",
+    "store",
+]
 
 BACKENDS = ["memory", "sqlite", "redis", "postgres"]
-
-from tests.stores.fixtures_postgres import *  # noqa: F403 - each backend's fixtures
-from tests.stores.fixtures_redis import *  # noqa: F403
-from tests.stores.fixtures_sqlite import *  # noqa: F403
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ from chatchain.stores._base import utcnow
 def conversation(n: int, tag: str = "") -> list[BaseMessage]:
     out: list[BaseMessage] = []
     for i in range(n):
-        out.append(HumanMessage(f"{tag}question {i}") if i % 2 == 0 else AIMessage(f"{tag}answer {i}"))
+        out.append(
+            HumanMessage(f"{tag}question {i}") if i % 2 == 0 else AIMessage(f"{tag}answer {i}")
+        )
     return out
 
 
@@ -38,14 +40,23 @@ def rich_messages() -> list[BaseMessage]:
         AIMessage(
             "",
             id="a1",
-            tool_calls=[{"name": "weather", "args": {"city": "Zürich", "n": [1, 2.5, None]},
-                         "id": "call_1", "type": "tool_call"}],
+            tool_calls=[
+                {
+                    "name": "weather",
+                    "args": {"city": "Zürich", "n": [1, 2.5, None]},
+                    "id": "call_1",
+                    "type": "tool_call",
+                }
+            ],
             response_metadata={"model_name": "gpt-4o-mini", "finish_reason": "tool_calls"},
             usage_metadata={"input_tokens": 10, "output_tokens": 3, "total_tokens": 13},
         ),
         ToolMessage('{"temp": 21}', tool_call_id="call_1", name="weather"),
-        AIMessage("21 °C", response_metadata={"interrupted": True, "interrupted_reason": "cancelled"},
-                  additional_kwargs={"refusal": None}),
+        AIMessage(
+            "21 °C",
+            response_metadata={"interrupted": True, "interrupted_reason": "cancelled"},
+            additional_kwargs={"refusal": None},
+        ),
         HumanMessage(content=[{"type": "text", "text": "multi"}, {"type": "text", "text": "part"}]),
     ]
 
@@ -74,7 +85,9 @@ def test_appends_keep_order_across_calls(store: HistoryStore) -> None:
 def test_load_slices_like_python(store: HistoryStore, start: int, stop: int | None) -> None:
     msgs = conversation(30)
     store.append("s", msgs)
-    assert [m.content for m in store.load("s", start, stop)] == [m.content for m in msgs[start:stop]]
+    assert [m.content for m in store.load("s", start, stop)] == [
+        m.content for m in msgs[start:stop]
+    ]
 
 
 def test_unknown_session_is_empty(store: HistoryStore) -> None:
@@ -108,7 +121,12 @@ def test_info_counts_and_times(store: HistoryStore) -> None:
     info = store.info("s")
     assert info is not None
     assert info.message_count == 4
-    assert before - timedelta(seconds=1) <= info.created_at <= info.updated_at <= utcnow() + timedelta(seconds=1)
+    assert (
+        before - timedelta(seconds=1)
+        <= info.created_at
+        <= info.updated_at
+        <= utcnow() + timedelta(seconds=1)
+    )
 
 
 def test_delete_forgets_messages_and_summary(store: HistoryStore) -> None:
@@ -158,7 +176,9 @@ def test_import_refuses_what_is_not_an_export(store: HistoryStore) -> None:
     with pytest.raises(InvalidInputError, match="not a chatchain session export"):
         store.import_session({"messages": []})
     with pytest.raises(InvalidInputError, match="malformed"):
-        store.import_session({"format": "chatchain.session/1", "session_id": "x", "messages": [{"bad": 1}]})
+        store.import_session(
+            {"format": "chatchain.session/1", "session_id": "x", "messages": [{"bad": 1}]}
+        )
     assert store.sessions() == []
 
 
@@ -260,12 +280,20 @@ def test_busy_session_gives_a_clear_error(store: HistoryStore) -> None:
         thread.join()
 
 
-message_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=200)
+message_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=200
+)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(texts=st.lists(message_text, min_size=1, max_size=6), sid=st.text(
-    st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=64))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    texts=st.lists(message_text, min_size=1, max_size=6),
+    sid=st.text(
+        st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=64
+    ),
+)
 def test_any_unicode_round_trips(store: HistoryStore, texts: list[str], sid: str) -> None:
     messages = [HumanMessage(t) if i % 2 == 0 else AIMessage(t) for i, t in enumerate(texts)]
     store.delete(sid)

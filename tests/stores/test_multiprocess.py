@@ -23,8 +23,14 @@ def _reply(messages: list[BaseMessage]) -> str:
 
 
 def _worker(url: str, worker: int) -> None:
-    settings = Settings(api_key="sk-test", store=url, window_turns=None, window_tokens=None,
-                        summarize=False, lock_timeout=60.0)
+    settings = Settings(
+        api_key="sk-test",
+        store=url,
+        window_turns=None,
+        window_tokens=None,
+        summarize=False,
+        lock_timeout=60.0,
+    )
     with Chatbot(settings, llm=FakeChatModel(respond=_reply, delay=0.002), system="S") as bot:
         for turn in range(TURNS):
             bot.chat(f"w{worker}-t{turn}", session_id=f"shared-{turn % SESSIONS}")
@@ -48,8 +54,9 @@ def test_processes_on_the_same_sessions_lose_and_interleave_nothing(
             sid = f"shared-{index}"
             history = store.load(sid)
             questions = [m.text for m in history[0::2]]
-            expected = [f"w{w}-t{t}" for w in range(WORKERS) for t in range(TURNS)
-                        if t % SESSIONS == index]
+            expected = [
+                f"w{w}-t{t}" for w in range(WORKERS) for t in range(TURNS) if t % SESSIONS == index
+            ]
             assert sorted(questions) == sorted(expected)  # each exactly once
             for position in range(0, len(history), 2):
                 human, ai = history[position], history[position + 1]

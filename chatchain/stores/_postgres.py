@@ -1,0 +1,805 @@
+"""The PostgreSQL store: sessions shared by many processes and machines (``chatchain[postgres]``).
+
+Not langchain-postgres: its ``PostgresChatMessageHistory`` requires UUID session ids and loads
+whole sessions, where chatchain needs any string id and windowed reads.
+
+Schema (``<prefix>`` is ``chatchain`` unless ``table_prefix`` says otherwise)::
+
+    <prefix>_sessions(session_id text PK, created_at, updated_at timestamptz,
+                      message_count bigint, summary text, summary_covers int)
+    <prefix>_messages(session_id text -> sessions ON DELETE CASCADE, seq bigint,
+                      message text, PK (session_id, seq))
+    <prefix>_migrations(name text PK, applied_at timestamptz)
+
+The tables are created by ordered, named migrations, each recorded in ``<prefix>_migrations``,
+under an advisory lock so that processes opening the store at once apply each migration once.
+Messages are the exact JSON text `dump_message` writes (``text``, not ``jsonb``, which would
+reorder keys for nothing). A session's messages are numbered ``0..message_count-1``; an
+append bumps ``message_count`` on the session row (which locks it until the commit) and
+inserts its messages under the numbers that returned, in one transaction. A window is one
+range read of the primary key; ``count`` reads only the session row.
+
+One writer per session across processes: a turn holds a session-level advisory lock keyed by
+a 64-bit hash of the prefix and session id, on a connection it keeps out of the pool until
+the turn ends. Two ids whose hashes collide merely take turns. The lock's lease is that
+connection: PostgreSQL drops the lock when the connection closes, so a holder that dies
+frees it at once, and a live turn, however long, never loses it. Server-side TCP keepalives
+(about two minutes) also free it when the holder's machine vanishes without closing the
+connection. Advisory locks need a direct connection (or PgBouncer in session mode), and
+the key needs PostgreSQL 11 or later (``hashtextextended``).
+
+Connections: a pool for threads, and one for asyncio that lives on an event loop the store
+runs in a thread of its own (see `_AsyncSide`), each of ``min_size`` to ``max_size``
+connections. A turn uses up to two: the one holding its lock and, briefly, one per read or
+write. At most ``max_size - 1`` turns hold locks at once, so reads and writes always find a
+connection; a further turn waits for a lock connection as for a busy session. How long an
+operation waits for a connection (all busy, or the server unreachable) is the URL's
+``connect_timeout`` (default 10 s); then it fails with `StoreError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+)
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from langchain_core.messages import BaseMessage
+
+from chatchain._locks import SessionLocks
+from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
+from chatchain.stores._base import HistoryStore, SessionInfo, Summary, dump_message, load_message
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection, Connection
+    from psycopg.rows import TupleRow
+    from psycopg.sql import Composed
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+__all__ = ["PostgresStore"]
+
+_T = TypeVar("_T")
+
+_INSTALL = "pip install 'chatchain[postgres]'"
+_PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # the longest table name stays under 63 bytes
+_DEFAULT_WAIT_S = 10.0
+_NO_STOP = 2**62  # "to the end" for the range read
+# Server-side TCP keepalives: a lock whose holder's machine vanished is freed in ~2 minutes.
+_KEEPALIVES = (
+    "SELECT set_config('tcp_keepalives_idle', '60', false),"
+    " set_config('tcp_keepalives_interval', '10', false),"
+    " set_config('tcp_keepalives_count', '6', false)"
+)
+
+_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+_LOCK = "SELECT pg_advisory_lock(hashtextextended(%s, 0))"
+_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"  # until the transaction ends
+_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
+
+# Ordered and named; a migration, once released, never changes: add the next one instead.
+_MIGRATIONS: list[tuple[str, list[str]]] = [
+    (
+        "0001_sessions_and_messages",
+        [
+            """CREATE TABLE IF NOT EXISTS {sessions} (
+                session_id text PRIMARY KEY,
+                created_at timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL,
+                message_count bigint NOT NULL DEFAULT 0,
+                summary text,
+                summary_covers integer
+            )""",
+            "CREATE INDEX IF NOT EXISTS {sessions_created} ON {sessions} (created_at)",
+            "CREATE INDEX IF NOT EXISTS {sessions_updated} ON {sessions} (updated_at)",
+            """CREATE TABLE IF NOT EXISTS {messages} (
+                session_id text NOT NULL REFERENCES {sessions} ON DELETE CASCADE,
+                seq bigint NOT NULL,
+                message text NOT NULL,
+                PRIMARY KEY (session_id, seq)
+            )""",
+        ],
+    ),
+]
+
+
+def _driver_missing(exc: ImportError) -> ConfigurationError:
+    return ConfigurationError(
+        f"The PostgreSQL store needs psycopg 3 and psycopg-pool ({exc.name} is missing): "
+        f"{_INSTALL}."
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(timezone.utc)
+
+
+class _Sql:
+    """The store's statements, composed once for its table prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        from psycopg import sql
+
+        tables = ("sessions", "messages", "migrations", "sessions_created", "sessions_updated")
+        names = {name: sql.Identifier(f"{prefix}_{name}") for name in tables}
+
+        def q(text: str) -> Composed:
+            return sql.SQL(text).format(**names)
+
+        self.migrations_table = q(
+            "CREATE TABLE IF NOT EXISTS {migrations} ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        self.applied = q("SELECT name FROM {migrations}")
+        self.record = q("INSERT INTO {migrations} (name) VALUES (%s)")
+        self.migrations = [(name, [q(step) for step in steps]) for name, steps in _MIGRATIONS]
+        # Locks the session row until the commit: appends to one session queue here.
+        self.bump = q(
+            "INSERT INTO {sessions} AS s (session_id, created_at, updated_at, message_count)"
+            " VALUES (%(sid)s, now(), now(), %(n)s)"
+            " ON CONFLICT (session_id) DO UPDATE"
+            " SET message_count = s.message_count + excluded.message_count,"
+            " updated_at = excluded.updated_at"
+            " RETURNING message_count"
+        )
+        self.insert = q(
+            "INSERT INTO {messages} (session_id, seq, message)"
+            " SELECT %(sid)s, %(first)s::bigint + t.i - 1, t.m"
+            " FROM unnest(%(texts)s::text[]) WITH ORDINALITY AS t(m, i)"
+        )
+        # Negative bounds count from message_count, read in the same snapshot; the bounds
+        # are constants for the scan, so this is one range read of the primary key.
+        count = "(SELECT message_count FROM {sessions} WHERE session_id = %(sid)s)"
+        self.load = q(
+            "SELECT message FROM {messages} WHERE session_id = %(sid)s"
+            f" AND seq >= (CASE WHEN %(start)s::bigint >= 0 THEN %(start)s::bigint"
+            f" ELSE {count} + %(start)s::bigint END)"
+            f" AND seq < (CASE WHEN %(stop)s::bigint >= 0 THEN %(stop)s::bigint"
+            f" ELSE {count} + %(stop)s::bigint END)"
+            " ORDER BY seq"
+        )
+        self.count = q("SELECT message_count FROM {sessions} WHERE session_id = %s")
+        self.sessions = q(
+            "SELECT session_id FROM {sessions} WHERE message_count > 0"
+            " ORDER BY created_at, session_id"
+        )
+        self.info = q(
+            "SELECT message_count, created_at, updated_at FROM {sessions}"
+            " WHERE session_id = %s AND message_count > 0"
+        )
+        self.delete = q("DELETE FROM {sessions} WHERE session_id = %s")  # messages cascade
+        self.prune = q(
+            "WITH gone AS (DELETE FROM {sessions} WHERE updated_at < %s"
+            " RETURNING session_id, created_at)"
+            " SELECT session_id FROM gone ORDER BY created_at, session_id"
+        )
+        self.get_summary = q(
+            "SELECT summary, summary_covers FROM {sessions}"
+            " WHERE session_id = %s AND summary IS NOT NULL"
+        )
+        self.set_summary = q(
+            "INSERT INTO {sessions} AS s"
+            " (session_id, created_at, updated_at, message_count, summary, summary_covers)"
+            " VALUES (%s, now(), now(), 0, %s, %s)"
+            " ON CONFLICT (session_id) DO UPDATE"
+            " SET summary = excluded.summary, summary_covers = excluded.summary_covers"
+        )
+
+
+def _load_args(session_id: str, start: int, stop: int | None) -> dict[str, Any]:
+    return {"sid": session_id, "start": start, "stop": _NO_STOP if stop is None else stop}
+
+
+def _insert_args(
+    session_id: str, texts: list[str], bumped: tuple[Any, ...] | None
+) -> dict[str, Any]:
+    """Number the messages after those before them: ``bumped`` is the new message_count."""
+    assert bumped is not None  # INSERT ... RETURNING always returns the row
+    return {"sid": session_id, "first": int(bumped[0]) - len(texts), "texts": texts}
+
+
+def _messages(rows: list[Any]) -> list[BaseMessage]:
+    return [load_message(text) for (text,) in rows]
+
+
+def _count(rows: list[Any]) -> int:
+    return int(rows[0][0]) if rows else 0
+
+
+def _summary(rows: list[Any]) -> Summary | None:
+    return Summary(rows[0][0], int(rows[0][1])) if rows else None
+
+
+class _AsyncSide:
+    """The store's asyncio half: an async pool on an event loop of its own, in its own thread.
+
+    asyncio connections belong to one loop, and callers' loops come and go (every
+    ``asyncio.run`` makes one). A pool opened in a caller's loop would also keep that loop
+    from ending: psycopg_pool's workers swallow the cancellation ``asyncio.run`` sends at
+    exit, so it hangs while one of them is connecting. So the pool lives on a loop that the
+    store owns and closes, and callers await its work through thread-safe futures, without
+    blocking their own loop or tying up a thread while they wait.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any], lock_slots: int) -> None:
+        self.pool = pool
+        self.lock_slots = asyncio.Semaphore(lock_slots)  # used on self.loop only
+        self.holders: set[asyncio.Task[None]] = set()  # turns holding or taking a lock
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="chatchain-postgres", daemon=True)
+        self._thread.start()
+        self.submit(self.pool.open()).result(timeout=30)  # at once: it connects in the background
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
+
+    def submit(self, work: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Run ``work`` on the store's loop."""
+        return asyncio.run_coroutine_threadsafe(work, self.loop)
+
+    async def call(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``work`` on the store's loop and await its result from the caller's loop."""
+        return await asyncio.wrap_future(self.submit(work))
+
+    def close(self) -> None:
+        self.submit(self._shutdown()).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+
+    async def _shutdown(self) -> None:
+        holders = list(self.holders)
+        for holder in holders:  # turns never finished (abandoned streams) let go
+            holder.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+        await self.pool.close()
+        # Calls still under way (the store was closed while in use) end rather than hang.
+        # Bounded: a pool worker still connecting would swallow its cancellation.
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=5)
+
+
+class PostgresStore(HistoryStore):
+    """Sessions in PostgreSQL, shared by every process and machine that opens the same URL.
+
+    Args:
+        url: A libpq URL or conninfo string, e.g. ``postgresql://user:pw@host:5432/db``. Its
+            ``connect_timeout`` (seconds, default 10) is also how long an operation waits
+            for a pooled connection.
+        lock_timeout: Seconds a turn waits for its session before `SessionBusyError`.
+        table_prefix: Names the tables (``<prefix>_sessions`` ...): lowercase letters,
+            digits and ``_``, at most 40 characters.
+        min_size: Connections each pool keeps open.
+        max_size: Most connections per pool (at least 2): each concurrent turn uses up to 2.
+
+    Raises:
+        ConfigurationError: psycopg is not installed, or an argument is unusable.
+        StoreError: The server cannot be reached or refused the connection.
+
+    Example:
+        >>> store = PostgresStore("postgresql://app@db.internal/chat")  # doctest: +SKIP
+        >>> with store.lock("dp123"):  # doctest: +SKIP
+        ...     store.append("dp123", [HumanMessage("hi")])
+        >>> store.load("dp123", -10)  # doctest: +SKIP
+        [HumanMessage(content='hi', ...)]
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lock_timeout: float = 120.0,
+        table_prefix: str = "chatchain",
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> None:
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:
+            raise _driver_missing(exc) from exc
+        if not _PREFIX.fullmatch(table_prefix):
+            raise ConfigurationError(
+                f"Unusable table prefix {table_prefix!r}: use 1 to 40 lowercase letters, digits "
+                "and '_', starting with a letter or '_'."
+            )
+        if max_size < 2 or not 0 <= min_size <= max_size:
+            raise ConfigurationError(
+                f"Unusable pool sizes min_size={min_size}, max_size={max_size}: a turn holds one "
+                "connection for its lock and needs another to read and write, so use "
+                "0 <= min_size <= max_size and max_size >= 2."
+            )
+        self.lock_timeout = lock_timeout
+        self.table_prefix = table_prefix
+        self._url = url
+        self._parse_url()
+        self._sql = _Sql(table_prefix)
+        self._min_size, self._max_size = min_size, max_size
+        self._locks = SessionLocks(lock_timeout)
+        self._lock_slots = threading.BoundedSemaphore(max_size - 1)
+        self._guard = threading.Lock()
+        self._async: _AsyncSide | None = None  # started by the first async call
+        self._closed = False
+        self._migrate()
+        self._pool: ConnectionPool[Connection[TupleRow]] = ConnectionPool(
+            url,
+            kwargs=self._connect_args,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            configure=self._configure,
+            check=ConnectionPool.check_connection,  # after a restart, skip dead connections
+            timeout=self._wait,
+            name=f"chatchain-{table_prefix}",
+        )
+        self._pool.open()
+
+    @classmethod
+    def from_url(cls, url: str, *, lock_timeout: float = 120.0) -> PostgresStore:
+        """The store at a ``postgresql://`` URL (what `open_store` calls)."""
+        return cls(url, lock_timeout=lock_timeout)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._where!r}, table_prefix={self.table_prefix!r})"
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _parse_url(self) -> None:
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(self._url)
+        except psycopg.Error:
+            # Not chained: libpq's message quotes the URL, password and all.
+            raise ConfigurationError(
+                "The PostgreSQL URL is malformed: libpq cannot parse it. Expected "
+                "postgresql://user:password@host:port/db (or key=value pairs)."
+            ) from None
+        self._secret = str(params.get("password") or "")
+        host = str(params.get("host") or "localhost")
+        db = params.get("dbname") or params.get("user") or "postgres"
+        user = f"{params['user']}@" if params.get("user") else ""
+        self._where = f"postgresql://{user}{host}:{params.get('port') or 5432}/{db}"
+        self._wait = float(params.get("connect_timeout") or _DEFAULT_WAIT_S)
+        self._connect_args: dict[str, Any] = {"autocommit": True}
+        if not params.get("connect_timeout"):
+            self._connect_args["connect_timeout"] = round(self._wait)
+        if not params.get("application_name"):
+            self._connect_args["application_name"] = "chatchain"
+
+    def _failure(self, exc: BaseException) -> StoreError:
+        """A driver error as a `StoreError` that names the server and never the password."""
+        from psycopg import InterfaceError, OperationalError
+        from psycopg.errors import InsufficientResources
+        from psycopg_pool import PoolClosed, PoolTimeout
+
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if self._secret:
+            reason = reason.replace(self._secret, "***")
+        if isinstance(exc, PoolClosed):
+            return StoreError(f"The PostgreSQL store {self._where} is closed: open a new one.")
+        if isinstance(exc, PoolTimeout):
+            hint = (
+                f"no connection within {self._wait:g} s. Check that the server is up, reachable "
+                "and below max_connections, or raise connect_timeout in the URL or max_size"
+            )
+        elif isinstance(exc, InsufficientResources):
+            hint = "the server is out of disk space, memory or connections: free some and retry"
+        elif isinstance(exc, (OperationalError, InterfaceError)):
+            hint = "check that the server is up and reachable, and see its log"
+        else:
+            hint = "see the server log"
+        return StoreError(f"The PostgreSQL store {self._where} failed ({reason}): {hint}.")
+
+    def _configure(self, conn: Connection[TupleRow]) -> None:
+        conn.execute(_KEEPALIVES)
+
+    def _migrate(self) -> None:
+        """Bring the tables up to date, once even when several processes open the store."""
+        import psycopg
+
+        try:
+            with psycopg.connect(self._url, **self._connect_args) as conn, conn.transaction():
+                # A transaction-level lock in the two-key space, apart from the session locks.
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s), 0)",
+                    (f"{self.table_prefix} schema",),
+                )
+                conn.execute(self._sql.migrations_table)
+                applied = {name for (name,) in conn.execute(self._sql.applied)}
+                for name, steps in self._sql.migrations:
+                    if name not in applied:
+                        for step in steps:
+                            conn.execute(step)
+                        conn.execute(self._sql.record, (name,))
+        except psycopg.Error as exc:
+            raise self._failure(exc) from exc
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection[TupleRow]]:
+        import psycopg
+
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise self._failure(exc) from exc
+
+    def _fetch(self, query: Composed, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        """The rows of one statement (none for a statement that returns none)."""
+        with self._connection() as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def _async_side(self) -> _AsyncSide:
+        with self._guard:
+            if self._closed:
+                raise StoreError(f"The PostgreSQL store {self._where} is closed: open a new one.")
+            if self._async is None:
+                from psycopg_pool import AsyncConnectionPool
+
+                pool: AsyncConnectionPool[AsyncConnection[TupleRow]] = AsyncConnectionPool(
+                    self._url,
+                    kwargs=self._connect_args,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    open=False,  # an async pool opens inside its loop
+                    configure=self._aconfigure,
+                    check=AsyncConnectionPool.check_connection,
+                    timeout=self._wait,
+                    name=f"chatchain-{self.table_prefix}-async",
+                )
+                self._async = _AsyncSide(pool, self._max_size - 1)
+            return self._async
+
+    async def _aconfigure(self, conn: AsyncConnection[TupleRow]) -> None:
+        await conn.execute(_KEEPALIVES)
+
+    @asynccontextmanager
+    async def _aconnection(self, side: _AsyncSide) -> AsyncIterator[AsyncConnection[TupleRow]]:
+        """A connection of the async pool; used on the store's own loop only."""
+        import psycopg
+
+        try:
+            async with side.pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise self._failure(exc) from exc
+
+    async def _afetch(
+        self, query: Composed, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[Any]:
+        """`_fetch` for async callers."""
+        side = self._async_side()
+        return await side.call(self._afetch_there(side, query, params))
+
+    async def _afetch_there(
+        self, side: _AsyncSide, query: Composed, params: Sequence[Any] | dict[str, Any]
+    ) -> list[Any]:
+        async with self._aconnection(side) as conn:
+            cursor = await conn.execute(query, params)
+            return await cursor.fetchall() if cursor.description else []
+
+    def close(self) -> None:
+        """Close the pools; the store cannot be used afterwards."""
+        with self._guard:
+            if self._closed:
+                return
+            self._closed = True
+        if self._async is not None:
+            self._async.close()
+        self._pool.close()
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def append(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
+        if not messages:
+            return
+        texts = [dump_message(m) for m in messages]  # before any write: all or nothing
+        with self._connection() as conn, conn.transaction():
+            row = conn.execute(self._sql.bump, {"sid": session_id, "n": len(texts)}).fetchone()
+            conn.execute(self._sql.insert, _insert_args(session_id, texts, row))
+
+    async def aappend(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
+        if not messages:
+            return
+        texts = [dump_message(m) for m in messages]
+        side = self._async_side()
+        await side.call(self._aappend_there(side, session_id, texts))
+
+    async def _aappend_there(self, side: _AsyncSide, session_id: str, texts: list[str]) -> None:
+        async with self._aconnection(side) as conn, conn.transaction():
+            cursor = await conn.execute(self._sql.bump, {"sid": session_id, "n": len(texts)})
+            row = await cursor.fetchone()
+            await conn.execute(self._sql.insert, _insert_args(session_id, texts, row))
+
+    def load(self, session_id: str, start: int = 0, stop: int | None = None) -> list[BaseMessage]:
+        return _messages(self._fetch(self._sql.load, _load_args(session_id, start, stop)))
+
+    async def aload(
+        self, session_id: str, start: int = 0, stop: int | None = None
+    ) -> list[BaseMessage]:
+        return _messages(await self._afetch(self._sql.load, _load_args(session_id, start, stop)))
+
+    def count(self, session_id: str) -> int:
+        return _count(self._fetch(self._sql.count, (session_id,)))
+
+    async def acount(self, session_id: str) -> int:
+        return _count(await self._afetch(self._sql.count, (session_id,)))
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def sessions(self) -> list[str]:
+        return [sid for (sid,) in self._fetch(self._sql.sessions)]
+
+    def info(self, session_id: str) -> SessionInfo | None:
+        for count, created, updated in self._fetch(self._sql.info, (session_id,)):
+            return SessionInfo(session_id, int(count), _utc(created), _utc(updated))
+        return None
+
+    def delete(self, session_id: str) -> None:
+        self._fetch(self._sql.delete, (session_id,))
+
+    async def adelete(self, session_id: str) -> None:
+        await self._afetch(self._sql.delete, (session_id,))
+
+    def prune(self, before: datetime) -> list[str]:
+        if before.tzinfo is None:
+            before = before.replace(tzinfo=timezone.utc)  # naive means UTC, as utcnow() gives
+        return [sid for (sid,) in self._fetch(self._sql.prune, (before,))]
+
+    # -- running summary ---------------------------------------------------------------------
+
+    def get_summary(self, session_id: str) -> Summary | None:
+        return _summary(self._fetch(self._sql.get_summary, (session_id,)))
+
+    async def aget_summary(self, session_id: str) -> Summary | None:
+        return _summary(await self._afetch(self._sql.get_summary, (session_id,)))
+
+    def set_summary(self, session_id: str, summary: Summary) -> None:
+        self._fetch(self._sql.set_summary, (session_id, summary.text, summary.covers))
+
+    async def aset_summary(self, session_id: str, summary: Summary) -> None:
+        await self._afetch(self._sql.set_summary, (session_id, summary.text, summary.covers))
+
+    # -- one writer per session --------------------------------------------------------------
+
+    def _lock_key(self, session_id: str) -> str:
+        # The prefix has no ':', so the first ':' separates it from any session id.
+        return f"{self.table_prefix}:{session_id}"
+
+    def _busy(self, session_id: str) -> SessionBusyError:
+        return SessionBusyError(
+            f"Session {session_id!r} is busy: another turn (in this or another process) has held "
+            f"it for more than {self.lock_timeout:g} s. Wait for that turn to finish, or raise "
+            "CHATCHAIN_LOCK_TIMEOUT."
+        )
+
+    def _no_slot(self, session_id: str) -> SessionBusyError:
+        return SessionBusyError(
+            f"Session {session_id!r} is busy: all {self._max_size - 1} lock connections of the "
+            f"PostgreSQL store were held by other turns for more than {self.lock_timeout:g} s. "
+            "Wait for them to finish, raise max_size (each concurrent turn needs up to 2 "
+            "connections), or raise CHATCHAIN_LOCK_TIMEOUT."
+        )
+
+    def lock(self, session_id: str) -> AbstractContextManager[None]:
+        return self._hold(session_id)
+
+    def alock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        return self._ahold(session_id)
+
+    @contextmanager
+    def _hold(self, session_id: str) -> Iterator[None]:
+        import psycopg
+
+        deadline = time.monotonic() + self.lock_timeout
+        with self._locks.hold(session_id):
+            if not self._lock_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise self._no_slot(session_id)
+            try:
+                try:
+                    conn = self._pool.getconn()
+                except psycopg.Error as exc:
+                    raise self._failure(exc) from exc
+                try:
+                    self._take(conn, session_id, deadline)
+                except BaseException:
+                    self._pool.putconn(conn)
+                    raise
+                try:
+                    yield
+                finally:
+                    self._release(conn, session_id)
+            finally:
+                self._lock_slots.release()
+
+    def _take(self, conn: Connection[TupleRow], session_id: str, deadline: float) -> None:
+        """Take the advisory lock on ``conn``, or raise (with ``conn`` closed if in doubt)."""
+        import psycopg
+        from psycopg.errors import LockNotAvailable
+
+        key = self._lock_key(session_id)
+        try:
+            row = conn.execute(_TRY_LOCK, (key,)).fetchone()
+            if row == (True,):
+                return
+            wait_ms = int((deadline - time.monotonic()) * 1000)
+            if wait_ms >= 1:
+                # Wait in the server, which hands the lock over the moment it is free.
+                with conn.transaction():
+                    conn.execute(_LOCK_TIMEOUT, (f"{wait_ms}ms",))
+                    conn.execute(_LOCK, (key,))
+                return
+        except LockNotAvailable:
+            pass
+        except psycopg.Error as exc:
+            conn.close()  # closing drops whatever the server may have granted
+            raise self._failure(exc) from exc
+        except BaseException:  # interrupted while waiting: the lock may have been granted
+            conn.close()
+            raise
+        raise self._busy(session_id)
+
+    def _release(self, conn: Connection[TupleRow], session_id: str) -> None:
+        import psycopg
+
+        try:
+            if not conn.closed:
+                conn.execute(_UNLOCK, (self._lock_key(session_id),))
+        except BaseException as exc:
+            # A connection that cannot unlock is closed, which unlocks; the turn is over, so
+            # a connection broken by now is no error of the turn's.
+            conn.close()
+            if not isinstance(exc, psycopg.Error):
+                raise
+        finally:
+            self._pool.putconn(conn)
+
+    @asynccontextmanager
+    async def _ahold(self, session_id: str) -> AsyncIterator[None]:
+        deadline = time.monotonic() + self.lock_timeout
+        async with self._locks.ahold(session_id):
+            side = self._async_side()
+            # The lock connection lives on the store's loop, held there by a task until
+            # `release` is set; it lets go on its own if this task is cancelled meanwhile.
+            taken: concurrent.futures.Future[None] = concurrent.futures.Future()
+            release = asyncio.Event()
+            holder = side.submit(self._hold_there(side, session_id, deadline, taken, release))
+            try:
+                await asyncio.wrap_future(taken)
+            except BaseException:  # the lock was not taken, or this task is cancelled
+                holder.cancel()
+                raise
+            try:
+                yield
+            finally:
+                side.loop.call_soon_threadsafe(release.set)
+                # Shielded: the unlock completes even if this task is cancelled now.
+                await asyncio.shield(asyncio.wrap_future(holder))
+
+    async def _hold_there(
+        self,
+        side: _AsyncSide,
+        session_id: str,
+        deadline: float,
+        taken: concurrent.futures.Future[None],
+        release: asyncio.Event,
+    ) -> None:
+        """Hold the session's lock for a caller on another loop, until ``release`` is set.
+
+        Outcomes reach the caller through ``taken`` only; this task itself never fails, so
+        nothing is left unretrieved when the caller has gone.
+        """
+        if not taken.set_running_or_notify_cancel():
+            return  # the caller gave up before this started
+        me = asyncio.current_task()
+        assert me is not None
+        side.holders.add(me)
+        try:
+            async with self._ahold_there(side, session_id, deadline):
+                taken.set_result(None)
+                await release.wait()
+        except BaseException as exc:
+            if taken.running():
+                taken.set_exception(exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+        finally:
+            side.holders.discard(me)
+
+    @asynccontextmanager
+    async def _ahold_there(
+        self, side: _AsyncSide, session_id: str, deadline: float
+    ) -> AsyncIterator[None]:
+        import psycopg
+
+        if not await _acquire(side.lock_slots, deadline - time.monotonic()):
+            raise self._no_slot(session_id)
+        try:
+            try:
+                conn = await side.pool.getconn()
+            except psycopg.Error as exc:
+                raise self._failure(exc) from exc
+            try:
+                await self._atake(conn, session_id, deadline)
+            except BaseException:
+                await side.pool.putconn(conn)
+                raise
+            try:
+                yield
+            finally:
+                await self._arelease(side, conn, session_id)
+        finally:
+            side.lock_slots.release()
+
+    async def _atake(
+        self, conn: AsyncConnection[TupleRow], session_id: str, deadline: float
+    ) -> None:
+        import psycopg
+        from psycopg.errors import LockNotAvailable
+
+        key = self._lock_key(session_id)
+        try:
+            row = await (await conn.execute(_TRY_LOCK, (key,))).fetchone()
+            if row == (True,):
+                return
+            wait_ms = int((deadline - time.monotonic()) * 1000)
+            if wait_ms >= 1:
+                async with conn.transaction():
+                    await conn.execute(_LOCK_TIMEOUT, (f"{wait_ms}ms",))
+                    await conn.execute(_LOCK, (key,))
+                return
+        except LockNotAvailable:
+            pass
+        except psycopg.Error as exc:
+            await conn.close()
+            raise self._failure(exc) from exc
+        except BaseException:  # cancelled while waiting: the lock may have been granted
+            await conn.close()
+            raise
+        raise self._busy(session_id)
+
+    async def _arelease(
+        self, side: _AsyncSide, conn: AsyncConnection[TupleRow], session_id: str
+    ) -> None:
+        import psycopg
+
+        try:
+            if not conn.closed:
+                await conn.execute(_UNLOCK, (self._lock_key(session_id),))
+        except BaseException as exc:
+            await conn.close()
+            if not isinstance(exc, psycopg.Error):
+                raise
+        finally:
+            await side.pool.putconn(conn)
+
+
+async def _acquire(slots: asyncio.Semaphore, timeout: float) -> bool:
+    """Take a slot, waiting up to ``timeout`` seconds."""
+    if not slots.locked():
+        await slots.acquire()  # free: returns at once
+        return True
+    try:
+        await asyncio.wait_for(slots.acquire(), max(0.0, timeout))
+    except asyncio.TimeoutError:
+        return False
+    return True
