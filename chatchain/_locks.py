@@ -19,11 +19,26 @@ from dataclasses import dataclass, field
 
 from chatchain.errors import SessionBusyError
 
-__all__ = ["SessionLocks"]
+__all__ = ["SessionLocks", "busy_error"]
 
 # Poll quickly at first (an uncontended turn ends in milliseconds), then back off.
 _FIRST_POLL_S = 0.0005
 _MAX_POLL_S = 0.02
+
+
+def busy_error(session_id: str, timeout: float, *, anywhere: bool = False) -> SessionBusyError:
+    """The error for a turn that waited ``timeout`` seconds for its session in vain.
+
+    Args:
+        session_id: The session.
+        timeout: How long the turn waited.
+        anywhere: The holder may be another process (shared stores), not only this one.
+    """
+    where = " (in this or another process)" if anywhere else ""
+    return SessionBusyError(
+        f"Session {session_id!r} is busy: another turn{where} has held it for more than "
+        f"{timeout:g} s. Wait for that turn to finish, or raise CHATCHAIN_LOCK_TIMEOUT."
+    )
 
 
 @dataclass
@@ -67,12 +82,6 @@ class SessionLocks:
             if entry.users == 0:
                 del self._entries[session_id]
 
-    def _busy(self, session_id: str) -> SessionBusyError:
-        return SessionBusyError(
-            f"Session {session_id!r} is busy: another turn has held it for more than "
-            f"{self.timeout:g} s. Wait for that turn to finish, or raise CHATCHAIN_LOCK_TIMEOUT."
-        )
-
     @contextmanager
     def hold(self, session_id: str) -> Iterator[None]:
         """Hold the session's lock in this thread, waiting up to the timeout.
@@ -84,7 +93,7 @@ class SessionLocks:
         entry = self._join(session_id, me)
         try:
             if not entry.lock.acquire(timeout=self.timeout):
-                raise self._busy(session_id)
+                raise busy_error(session_id, self.timeout)
             entry.owner = me
             try:
                 yield
@@ -109,7 +118,7 @@ class SessionLocks:
                 pause = _FIRST_POLL_S
                 while not entry.lock.acquire(blocking=False):
                     if time.monotonic() >= deadline:
-                        raise self._busy(session_id)
+                        raise busy_error(session_id, self.timeout)
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, _MAX_POLL_S)
             entry.owner = me

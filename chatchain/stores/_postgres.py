@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from langchain_core.messages import BaseMessage
 
-from chatchain._locks import SessionLocks
+from chatchain._locks import SessionLocks, busy_error
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores._base import HistoryStore, SessionInfo, Summary, dump_message, load_message
 
@@ -585,13 +585,6 @@ class PostgresStore(HistoryStore):
         # The prefix has no ':', so the first ':' separates it from any session id.
         return f"{self.table_prefix}:{session_id}"
 
-    def _busy(self, session_id: str) -> SessionBusyError:
-        return SessionBusyError(
-            f"Session {session_id!r} is busy: another turn (in this or another process) has held "
-            f"it for more than {self.lock_timeout:g} s. Wait for that turn to finish, or raise "
-            "CHATCHAIN_LOCK_TIMEOUT."
-        )
-
     def _no_slot(self, session_id: str) -> SessionBusyError:
         return SessionBusyError(
             f"Session {session_id!r} is busy: all {self._max_size - 1} lock connections of the "
@@ -656,7 +649,7 @@ class PostgresStore(HistoryStore):
         except BaseException:  # interrupted while waiting: the lock may have been granted
             conn.close()
             raise
-        raise self._busy(session_id)
+        raise busy_error(session_id, self.lock_timeout, anywhere=True)
 
     def _release(self, conn: Connection[TupleRow], session_id: str) -> None:
         import psycopg
@@ -775,7 +768,7 @@ class PostgresStore(HistoryStore):
         except BaseException:  # cancelled while waiting: the lock may have been granted
             await conn.close()
             raise
-        raise self._busy(session_id)
+        raise busy_error(session_id, self.lock_timeout, anywhere=True)
 
     async def _arelease(
         self, side: _AsyncSide, conn: AsyncConnection[TupleRow], session_id: str

@@ -42,8 +42,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from langchain_core.messages import BaseMessage
 
-from chatchain._locks import SessionLocks
-from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
+from chatchain._locks import SessionLocks, busy_error
+from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
     HistoryStore,
     SessionInfo,
@@ -452,13 +452,6 @@ class RedisStore(HistoryStore):
     def _time_left(self, started: float) -> float:
         return max(0.0, self.lock_timeout - (time.monotonic() - started))
 
-    def _busy(self, session_id: str) -> SessionBusyError:
-        return SessionBusyError(
-            f"Session {session_id!r} is busy: another turn (in this or another process) has "
-            f"held it for more than {self.lock_timeout:g} s. Wait for that turn to finish, or "
-            "raise CHATCHAIN_LOCK_TIMEOUT."
-        )
-
     def _lost(self, session_id: str) -> None:
         logger.warning(
             "The lock of session %r expired while its turn was running (the process stalled "
@@ -497,7 +490,7 @@ class RedisStore(HistoryStore):
                     pause = min(pause * 2, _POLL_S)
                     acquired = lease.acquire(blocking=False)
             if not acquired:
-                raise self._busy(session_id)
+                raise busy_error(session_id, self.lock_timeout, anywhere=True)
             done = threading.Event()
             renewer = threading.Thread(
                 target=self._renew,
@@ -550,7 +543,7 @@ class RedisStore(HistoryStore):
                     pause = min(pause * 2, _POLL_S)
                     acquired = await lease.acquire(blocking=False)
             if not acquired:
-                raise self._busy(session_id)
+                raise busy_error(session_id, self.lock_timeout, anywhere=True)
             renewer = asyncio.create_task(self._arenew(lease, session_id))
             try:
                 yield

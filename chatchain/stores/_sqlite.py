@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from langchain_core.messages import BaseMessage
 
-from chatchain._locks import SessionLocks
+from chatchain._locks import SessionLocks, busy_error
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
     HistoryStore,
@@ -400,7 +400,7 @@ class SQLiteStore(HistoryStore):
             pause = _FIRST_POLL_S
             while not self._take_lease(session_id, owner):
                 if time.monotonic() >= deadline:
-                    raise self._locks._busy(session_id)
+                    raise busy_error(session_id, self._lock_timeout, anywhere=True)
                 time.sleep(pause)
                 pause = min(pause * 2, _MAX_POLL_S)
             try:
@@ -416,7 +416,7 @@ class SQLiteStore(HistoryStore):
             pause = _FIRST_POLL_S
             while not await self._atake_lease(session_id, owner):
                 if time.monotonic() >= deadline:
-                    raise self._locks._busy(session_id)
+                    raise busy_error(session_id, self._lock_timeout, anywhere=True)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _MAX_POLL_S)
             try:
