@@ -54,12 +54,8 @@ def postgres_url() -> Iterator[str]:
     """A PostgreSQL cluster of our own; yields its ``postgresql://`` URL."""
     from tests.stores.fixtures_postgres import PostgresCluster
 
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-        yield cluster.url
-    finally:
-        cluster.destroy()
+    with PostgresCluster.running() as url:
+        yield url
 
 
 def redis_version(url: str) -> str:

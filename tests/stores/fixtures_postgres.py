@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -124,16 +125,23 @@ class PostgresCluster:
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
+    @classmethod
+    @contextmanager
+    def running(cls) -> Iterator[str]:
+        """A new cluster, started; yields its URL and removes everything afterwards."""
+        cluster = cls()
+        try:
+            cluster.start()
+            yield cluster.url
+        finally:
+            cluster.destroy()
+
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """The URL of a PostgreSQL server this test run started, on a free port of 127.0.0.1."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-        yield cluster.url
-    finally:
-        cluster.destroy()
+    with PostgresCluster.running() as url:
+        yield url
 
 
 @pytest.fixture
