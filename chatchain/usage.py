@@ -1,11 +1,42 @@
-"""What a turn costs: tokens, requests, dollars and time, and a per-session ledger."""
+"""What turns cost: usage entries, totals, budgets and the ledger that keeps them.
+
+Every turn (and every summary call) leaves one `UsageEntry` in the ledger of the chain's
+history store, so totals survive restarts and add up across the processes that share a store.
+`Usage` is a total of entries. A `Budget` caps spending per session, per user and overall; a
+turn that could pass a cap raises `BudgetExceeded` before anything is sent.
+"""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+from uuid import uuid4
 
-__all__ = ["Usage", "UsageLedger"]
+if TYPE_CHECKING:
+    from chatchain.stores import HistoryStore
+
+__all__ = [
+    "Budget",
+    "BudgetHold",
+    "BudgetLimit",
+    "BudgetRefusal",
+    "Usage",
+    "UsageEntry",
+    "UsageLedger",
+    "UsageReport",
+]
+
+Scope = Literal["session", "user", "all"]
+"""Whose spending a total or a limit is about: one session, one user, or everything."""
+
+ReportKey = Literal["session", "user", "model", "day"]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -16,7 +47,7 @@ class Usage:
         >>> a = Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, cost_usd=0.001)
         >>> (a + a).total_tokens
         30
-        >>> (a + Usage(cost_usd=None)).cost_usd is None  # an unknown price stays unknown
+        >>> (a + Usage(cost_usd=None, unpriced=1)).cost_usd is None  # unknown stays unknown
         True
     """
 
@@ -39,6 +70,8 @@ class Usage:
     turns: int = 0
     summaries: int = 0
     """Summary calls included (their tokens and cost are in the totals above)."""
+    unpriced: int = 0
+    """Entries whose model has no known price; when above 0, ``cost_usd`` is ``None``."""
 
     def __add__(self, other: Usage) -> Usage:
         cost = (
@@ -58,13 +91,18 @@ class Usage:
             model=_merge_model(self, other),
             turns=self.turns + other.turns,
             summaries=self.summaries + other.summaries,
+            unpriced=self.unpriced + other.unpriced,
         )
 
+    @property
+    def cost_text(self) -> str:
+        """The cost for people: ``$0.000123``, or ``cost unknown`` (never a silent $0)."""
+        return "cost unknown" if self.cost_usd is None else f"${self.cost_usd:.6f}"
+
     def __str__(self) -> str:
-        cost = "cost unknown" if self.cost_usd is None else f"${self.cost_usd:.6f}"
         return (
             f"{self.prompt_tokens} prompt + {self.completion_tokens} completion = "
-            f"{self.total_tokens} tokens, {cost}, {self.latency_s:.2f} s"
+            f"{self.total_tokens} tokens, {self.cost_text}, {self.latency_s:.2f} s"
         )
 
 
@@ -76,36 +114,417 @@ def _merge_model(a: Usage, b: Usage) -> str | None:
     return a.model if a.model == b.model else None
 
 
-class UsageLedger:
-    """Usage totals per session, in this process's memory.
+@dataclass(frozen=True)
+class UsageEntry:
+    """One line of the ledger: what one turn, or one summary call, cost.
 
-    Example:
-        >>> ledger = UsageLedger()
-        >>> ledger.record("s1", Usage(total_tokens=7, turns=1))
-        >>> ledger.total("s1").total_tokens
-        7
+    Attributes:
+        session_id: The session the call was for.
+        model: The model that answered (or the configured one when the reply never said).
+        cost_usd: List-price cost; ``None`` when the model's price is unknown.
+        price_source: Where the price came from: ``"settings"`` (``CHATCHAIN_PRICES``),
+            ``"genai-prices"``, ``"langchain-community"``, or ``None`` when unknown.
+        summary: Whether this was a running-summary call rather than a turn.
+        estimated: The endpoint never reported the tokens (a stream stopped before its usage
+            chunk), so they were counted here from what was sent and received.
+        user_id: The user the session belongs to, when the caller gave one.
+        at: When the call ended (UTC).
+        id: A unique id.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._totals: dict[str, Usage] = {}
+    session_id: str
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    requests: int = 0
+    cost_usd: float | None = None
+    price_source: str | None = None
+    latency_s: float = 0.0
+    first_token_s: float | None = None
+    summary: bool = False
+    estimated: bool = False
+    user_id: str | None = None
+    at: datetime = field(default_factory=_utcnow)
+    id: str = field(default_factory=lambda: uuid4().hex)
 
-    def record(self, session_id: str, usage: Usage) -> None:
-        """Add one turn's usage to its session."""
-        with self._lock:
-            self._totals[session_id] = self._totals.get(session_id, Usage()) + usage
+    @property
+    def day(self) -> date:
+        """The UTC day of the call."""
+        return self.at.astimezone(timezone.utc).date()
 
-    def total(self, session_id: str | None = None) -> Usage:
-        """The total of one session, or of all sessions when ``session_id`` is ``None``."""
-        with self._lock:
-            if session_id is not None:
-                return self._totals.get(session_id, Usage())
-            total = Usage()
-            for usage in self._totals.values():
-                total = total + usage
-            return total
+    def usage(self) -> Usage:
+        """This entry as a `Usage`."""
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.total_tokens,
+            cached_tokens=self.cached_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+            successful_requests=self.requests,
+            cost_usd=self.cost_usd,
+            latency_s=self.latency_s,
+            first_token_s=self.first_token_s,
+            model=self.model,
+            turns=0 if self.summary else 1,
+            summaries=1 if self.summary else 0,
+            unpriced=1 if self.cost_usd is None else 0,
+        )
 
-    def forget(self, session_id: str) -> None:
-        """Drop a session's totals."""
-        with self._lock:
-            self._totals.pop(session_id, None)
+    def to_json(self) -> str:
+        """The entry as JSON text (what stores without columns keep)."""
+        data = asdict(self)
+        data["at"] = self.at.isoformat()
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> UsageEntry:
+        """The entry `to_json` wrote."""
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        data = {key: value for key, value in data.items() if key in known}
+        data["at"] = datetime.fromisoformat(data["at"])
+        return cls(**data)
+
+
+def total_of(entries: Iterable[UsageEntry]) -> Usage:
+    """The `Usage` total of some entries."""
+    total = Usage()
+    for entry in entries:
+        total = total + entry.usage()
+    return total
+
+
+# -- budgets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetLimit:
+    """A cap on one scope's spending: USD, tokens, or both.
+
+    Attributes:
+        scope: ``"session"``, ``"user"`` or ``"all"``.
+        key: The session or user id (``""`` for ``"all"``).
+        max_usd: Most USD the scope may spend, or ``None``.
+        max_tokens: Most tokens (prompt + completion) the scope may spend, or ``None``.
+    """
+
+    scope: Scope
+    key: str
+    max_usd: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class BudgetHold:
+    """Spending set aside for a turn in flight, so that concurrent turns cannot overspend.
+
+    A hold is replaced by the turn's entry when the turn is recorded, released when the turn
+    fails, and ignored after ``expires_at`` (its process died).
+    """
+
+    session_id: str
+    tokens: int
+    cost_usd: float
+    expires_at: datetime
+    user_id: str | None = None
+    id: str = field(default_factory=lambda: uuid4().hex)
+
+    def counts_for(self, scope: Scope, key: str) -> bool:
+        """Whether this hold is part of a scope's spending."""
+        if scope == "session":
+            return self.session_id == key
+        if scope == "user":
+            return self.user_id == key
+        return True
+
+
+@dataclass(frozen=True)
+class BudgetRefusal:
+    """Why a hold was refused: the limit it would pass and the scope's spending so far."""
+
+    limit: BudgetLimit
+    spent_tokens: int
+    spent_usd: float
+    held_tokens: int
+    held_usd: float
+
+
+def check_limit(
+    limit: BudgetLimit,
+    spent: Usage,
+    held: Sequence[BudgetHold],
+    hold: BudgetHold,
+) -> BudgetRefusal | None:
+    """The refusal if ``hold`` on top of ``spent`` and ``held`` would pass ``limit``.
+
+    Stores call this under their own atomicity (a lock, a transaction or a script's logic).
+    """
+    held_tokens = sum(h.tokens for h in held)
+    held_usd = sum(h.cost_usd for h in held)
+    spent_usd = spent.cost_usd or 0.0
+    over_tokens = (
+        limit.max_tokens is not None
+        and spent.total_tokens + held_tokens + hold.tokens > limit.max_tokens
+    )
+    over_usd = limit.max_usd is not None and spent_usd + held_usd + hold.cost_usd > limit.max_usd
+    if over_tokens or over_usd:
+        return BudgetRefusal(limit, spent.total_tokens, spent_usd, held_tokens, held_usd)
+    return None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Spending caps: per session, per user and overall, in USD and/or tokens.
+
+    Each turn is checked before it is sent against every cap that applies to it, using an
+    estimate of its prompt tokens plus the most tokens the reply may take.
+
+    Example:
+        >>> Budget(session_usd=0.50).limits("s1", None)
+        [BudgetLimit(scope='session', key='s1', max_usd=0.5, max_tokens=None)]
+    """
+
+    session_usd: float | None = None
+    session_tokens: int | None = None
+    user_usd: float | None = None
+    user_tokens: int | None = None
+    total_usd: float | None = None
+    total_tokens: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    @property
+    def needs_price(self) -> bool:
+        """Whether any cap is in USD (so a turn needs a known price to be checked)."""
+        return any(x is not None for x in (self.session_usd, self.user_usd, self.total_usd))
+
+    def limits(self, session_id: str, user_id: str | None) -> list[BudgetLimit]:
+        """The caps that apply to a turn of ``session_id`` by ``user_id``."""
+        limits = []
+        if self.session_usd is not None or self.session_tokens is not None:
+            limits.append(BudgetLimit("session", session_id, self.session_usd, self.session_tokens))
+        if user_id is not None and (self.user_usd is not None or self.user_tokens is not None):
+            limits.append(BudgetLimit("user", user_id, self.user_usd, self.user_tokens))
+        if self.total_usd is not None or self.total_tokens is not None:
+            limits.append(BudgetLimit("all", "", self.total_usd, self.total_tokens))
+        return limits
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+_NUMBERS = (
+    "turns",
+    "summaries",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "cost_usd",
+    "unpriced",
+)
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """Usage totals grouped by session, user, model and/or day.
+
+    ``rows`` is a plain list of dicts (one per group, sorted; no pandas needed), ``total`` the
+    grand total, and ``str(report)`` a text table.
+    """
+
+    by: tuple[ReportKey, ...]
+    rows: list[dict[str, Any]]
+    total: Usage
+
+    @classmethod
+    def of(cls, entries: Iterable[UsageEntry], by: Sequence[ReportKey]) -> UsageReport:
+        """Group ``entries`` by the keys ``by``."""
+        for key in by:
+            if key not in ("session", "user", "model", "day"):
+                raise ValueError(f"Cannot group usage by {key!r}: use session, user, model or day.")
+        groups: dict[tuple[str, ...], Usage] = {}
+        total = Usage()
+        for entry in entries:
+            usage = entry.usage()
+            group = tuple(_group_value(entry, key) for key in by)
+            groups[group] = groups.get(group, Usage()) + usage
+            total = total + usage
+        rows = [
+            {**dict(zip(by, group, strict=True)), **_numbers(usage)}
+            for group, usage in sorted(groups.items())
+        ]
+        return cls(tuple(by), rows, total)
+
+    def __str__(self) -> str:
+        headers = [*self.by, "turns", "summaries", "prompt", "completion", "total", "cost"]
+        body = [
+            [
+                *(str(row[key]) for key in self.by),
+                str(row["turns"]),
+                str(row["summaries"]),
+                f"{row['prompt_tokens']:,}",
+                f"{row['completion_tokens']:,}",
+                f"{row['total_tokens']:,}",
+                _cost_cell(row["cost_usd"], row["unpriced"]),
+            ]
+            for row in self.rows
+        ]
+        t = self.total
+        body.append(
+            [
+                "TOTAL",
+                *([""] * (len(self.by) - 1)),
+                str(t.turns),
+                str(t.summaries),
+                f"{t.prompt_tokens:,}",
+                f"{t.completion_tokens:,}",
+                f"{t.total_tokens:,}",
+                _cost_cell(t.cost_usd, t.unpriced),
+            ]
+        )
+        if not self.by:
+            body[-1] = body[-1][1:]
+        widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
+        numeric = len(self.by)
+
+        def render(line: list[str]) -> str:
+            cells = [
+                cell.rjust(width) if i >= numeric else cell.ljust(width)
+                for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+            ]
+            return "  ".join(cells).rstrip()
+
+        rule = "  ".join("-" * width for width in widths)
+        return "\n".join(
+            [render(headers), rule, *(render(line) for line in body[:-1]), rule, render(body[-1])]
+        )
+
+
+def _group_value(entry: UsageEntry, key: ReportKey) -> str:
+    if key == "session":
+        return entry.session_id
+    if key == "user":
+        return entry.user_id or "-"
+    if key == "model":
+        return entry.model or "-"
+    return entry.day.isoformat()
+
+
+def _numbers(usage: Usage) -> dict[str, Any]:
+    values = {
+        "turns": usage.turns,
+        "summaries": usage.summaries,
+        "requests": usage.successful_requests,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "total_tokens": usage.total_tokens,
+        "cost_usd": usage.cost_usd,
+        "unpriced": usage.unpriced,
+    }
+    assert tuple(values) == _NUMBERS
+    return values
+
+
+def _cost_cell(cost: float | None, unpriced: int) -> str:
+    if cost is None:
+        return f"unknown ({unpriced} unpriced)"
+    return f"${cost:.6f}"
+
+
+# -- the ledger ------------------------------------------------------------------------------
+
+
+class UsageLedger:
+    """The usage entries of a history store, with totals, reports and budget holds.
+
+    The ledger lives in the store: in memory for `MemoryStore`, in the database for SQLite,
+    Redis and PostgreSQL, so that totals survive restarts and add up across processes.
+
+    Example:
+        >>> ledger = UsageLedger()  # a private in-memory store
+        >>> ledger.record(UsageEntry("s1", "gpt-4o-mini", total_tokens=7, cost_usd=0.0001))
+        >>> ledger.total("s1").total_tokens, ledger.total().turns
+        (7, 1)
+    """
+
+    def __init__(self, store: HistoryStore | None = None) -> None:
+        if store is None:
+            from chatchain.stores import MemoryStore
+
+            store = MemoryStore()
+        self.store = store
+
+    def record(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        """Add an entry to the ledger (and drop the budget hold ``release``, at once)."""
+        self.store.record_usage(entry, release=release)
+
+    async def arecord(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        """`record` for async callers."""
+        await self.store.arecord_usage(entry, release=release)
+
+    def total(self, session_id: str | None = None, *, user_id: str | None = None) -> Usage:
+        """The total of one session, of one user, or of everything (no arguments)."""
+        if session_id is not None and user_id is not None:
+            return total_of(self.entries(session_id=session_id, user_id=user_id))
+        if session_id is not None:
+            return self.store.usage_total("session", session_id)
+        if user_id is not None:
+            return self.store.usage_total("user", user_id)
+        return self.store.usage_total("all", "")
+
+    def entries(
+        self,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageEntry]:
+        """The entries matching every filter given, oldest first (``until`` excluded)."""
+        return self.store.usage_entries(
+            session_id=session_id, user_id=user_id, since=since, until=until
+        )
+
+    def report(
+        self,
+        by: Sequence[ReportKey] = ("session", "model", "day"),
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> UsageReport:
+        """Totals grouped by ``by`` (any of session, user, model, day) over the matching entries.
+
+        Example:
+            >>> ledger = UsageLedger()
+            >>> ledger.record(UsageEntry("s1", "m", total_tokens=7, cost_usd=None))
+            >>> ledger.report(by=["model"]).rows[0]["cost_usd"] is None  # unknown, not $0
+            True
+        """
+        entries = self.entries(session_id=session_id, user_id=user_id, since=since, until=until)
+        return UsageReport.of(entries, by)
+
+    def hold(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
+        """Set ``hold`` aside unless it would pass a limit; then return the refusal."""
+        return self.store.hold_budget(hold, limits)
+
+    async def ahold(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
+        """`hold` for async callers."""
+        return await self.store.ahold_budget(hold, limits)
+
+    def release(self, hold_id: str) -> None:
+        """Drop a hold whose turn failed (unknown ids are not an error)."""
+        self.store.release_budget(hold_id)
+
+    async def arelease(self, hold_id: str) -> None:
+        """`release` for async callers."""
+        await self.store.arelease_budget(hold_id)

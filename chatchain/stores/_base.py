@@ -25,6 +25,7 @@ from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
 from chatchain.errors import InvalidInputError
+from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -151,6 +152,52 @@ class HistoryStore(ABC):
             SessionBusyError: Another turn kept it past the lock timeout.
         """
 
+    # -- usage ledger (see chatchain.usage) -------------------------------------------------
+
+    @abstractmethod
+    def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        """Add ``entry`` to the ledger, and drop the budget hold ``release``, all or nothing.
+
+        The entry counts towards the totals of its session, of its user (when it has one) and
+        of ``"all"``; `usage_total` must read them without scanning the entries. Recording an
+        entry whose id is already in the ledger changes nothing.
+        """
+
+    @abstractmethod
+    def usage_total(self, scope: Scope, key: str) -> Usage:
+        """The total of a session (``"session"``, id), a user (``"user"``, id) or of
+        everything (``"all"``, ``""``); ``model`` and ``first_token_s`` are ``None``.
+
+        Costs: ``cost_usd`` is the sum of the priced entries, or ``None`` when ``unpriced``
+        (the count of entries without a price) is above 0.
+        """
+
+    @abstractmethod
+    def usage_entries(
+        self,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageEntry]:
+        """The entries matching every filter given, oldest first; ``since <= at < until``."""
+
+    @abstractmethod
+    def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
+        """Keep ``hold`` unless it would pass one of ``limits``, atomically.
+
+        For each limit, the scope's spending is its `usage_total` plus the unexpired holds
+        that count for it (`BudgetHold.counts_for`); `chatchain.usage.check_limit` decides.
+        The check of every limit and the keeping of the hold are one atomic step across
+        threads and processes, so concurrent turns cannot overspend together. Returns
+        ``None`` when the hold is kept, else the first refusal (and keeps nothing).
+        """
+
+    @abstractmethod
+    def release_budget(self, hold_id: str) -> None:
+        """Drop a hold (unknown or expired ids are not an error)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections and files."""
 
@@ -185,6 +232,20 @@ class HistoryStore(ABC):
     async def aset_summary(self, session_id: str, summary: Summary) -> None:
         """`set_summary` for async callers."""
         await asyncio.to_thread(self.set_summary, session_id, summary)
+
+    async def arecord_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        """`record_usage` for async callers."""
+        await asyncio.to_thread(self.record_usage, entry, release=release)
+
+    async def ahold_budget(
+        self, hold: BudgetHold, limits: Sequence[BudgetLimit]
+    ) -> BudgetRefusal | None:
+        """`hold_budget` for async callers."""
+        return await asyncio.to_thread(self.hold_budget, hold, limits)
+
+    async def arelease_budget(self, hold_id: str) -> None:
+        """`release_budget` for async callers."""
+        await asyncio.to_thread(self.release_budget, hold_id)
 
     def export_session(self, session_id: str) -> dict[str, Any]:
         """A session as a JSON-ready dict: messages, summary and times.

@@ -1,0 +1,251 @@
+"""The usage-ledger half of the store contract, run against every backend.
+
+Entries, totals per session/user/overall, filters, and budget holds that are atomic across
+threads (the multi-process case is in test_multiprocess.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from chatchain.stores import HistoryStore
+from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry, total_of
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def entry(
+    session: str = "s", *, user: str | None = None, tokens: int = 10, **kw: object
+) -> UsageEntry:
+    values: dict[str, object] = {
+        "model": "gpt-4o-mini",
+        "prompt_tokens": tokens - tokens // 2,
+        "completion_tokens": tokens // 2,
+        "total_tokens": tokens,
+        "requests": 1,
+        "cost_usd": tokens / 1e6,
+        "price_source": "genai-prices",
+        "latency_s": 0.25,
+        "at": T0,
+    }
+    values.update(kw)
+    return UsageEntry(session, user_id=user, **values)  # type: ignore[arg-type]
+
+
+def hold(
+    session: str = "s",
+    *,
+    user: str | None = None,
+    tokens: int = 10,
+    usd: float = 0.0,
+    ttl: float = 60.0,
+) -> BudgetHold:
+    return BudgetHold(
+        session, tokens, usd, datetime.now(timezone.utc) + timedelta(seconds=ttl), user_id=user
+    )
+
+
+def test_entries_round_trip_every_field(store: HistoryStore) -> None:
+    first = entry(
+        "ünï 🙂 s",
+        user="u:1*",
+        cached_tokens=3,
+        reasoning_tokens=2,
+        first_token_s=0.125,
+        summary=True,
+        estimated=True,
+    )
+    unpriced = entry("s2", model=None, cost_usd=None, price_source=None, at=T0 + timedelta(1))
+    store.record_usage(first)
+    store.record_usage(unpriced)
+    assert store.usage_entries() == [first, unpriced]
+
+
+def test_totals_per_session_user_and_all(store: HistoryStore) -> None:
+    store.record_usage(entry("a", user="u1", tokens=10))
+    store.record_usage(entry("a", user="u1", tokens=20, summary=True))
+    store.record_usage(entry("b", user="u2", tokens=30))
+    store.record_usage(entry("c", tokens=40))
+    a = store.usage_total("session", "a")
+    assert (a.total_tokens, a.turns, a.summaries, a.successful_requests) == (30, 1, 1, 2)
+    assert a.prompt_tokens == 15 and a.completion_tokens == 15
+    assert a.cost_usd == pytest.approx(30e-6)
+    assert a.latency_s == pytest.approx(0.5)
+    assert store.usage_total("user", "u1").total_tokens == 30
+    assert store.usage_total("user", "u2").total_tokens == 30
+    everything = store.usage_total("all", "")
+    assert everything.total_tokens == 100 and everything.turns == 3
+    assert everything == replace(total_of(store.usage_entries()), model=None)
+    assert store.usage_total("session", "nobody").total_tokens == 0
+    assert store.usage_total("session", "nobody").cost_usd == 0.0
+
+
+def test_an_unpriced_entry_makes_the_cost_unknown_not_zero(store: HistoryStore) -> None:
+    store.record_usage(entry("a", tokens=10))
+    store.record_usage(entry("a", tokens=10, cost_usd=None, price_source=None))
+    total = store.usage_total("session", "a")
+    assert total.cost_usd is None and total.unpriced == 1
+    assert store.usage_total("all", "").cost_usd is None
+
+
+def test_cached_and_reasoning_tokens_add_up(store: HistoryStore) -> None:
+    store.record_usage(entry("a", cached_tokens=4, reasoning_tokens=1))
+    store.record_usage(entry("a", cached_tokens=6, reasoning_tokens=2))
+    total = store.usage_total("session", "a")
+    assert (total.cached_tokens, total.reasoning_tokens) == (10, 3)
+
+
+def test_recording_the_same_entry_twice_counts_it_once(store: HistoryStore) -> None:
+    one = entry("a")
+    store.record_usage(one)
+    store.record_usage(one)
+    assert store.usage_total("session", "a").turns == 1
+    assert len(store.usage_entries()) == 1
+
+
+def test_entry_filters(store: HistoryStore) -> None:
+    e1 = entry("a", user="u1", at=T0)
+    e2 = entry("b", user="u1", at=T0 + timedelta(hours=1))
+    e3 = entry("a", user="u2", at=T0 + timedelta(days=1))
+    for e in (e3, e1, e2):  # recorded out of order: listed oldest first
+        store.record_usage(e)
+    assert store.usage_entries() == [e1, e2, e3]
+    assert store.usage_entries(session_id="a") == [e1, e3]
+    assert store.usage_entries(user_id="u1") == [e1, e2]
+    assert store.usage_entries(session_id="a", user_id="u2") == [e3]
+    assert store.usage_entries(since=T0 + timedelta(hours=1)) == [e2, e3]
+    assert store.usage_entries(until=T0 + timedelta(hours=1)) == [e1]
+    assert store.usage_entries(session_id="zzz") == []
+
+
+def test_hostile_ids_in_the_ledger_are_kept_apart(store: HistoryStore) -> None:
+    ids = ["a:b", "a", "*", "'; DROP TABLE usage; --", "../x", "%41"]
+    for i, sid in enumerate(ids):
+        store.record_usage(entry(sid, user=sid, tokens=i + 1))
+    for i, sid in enumerate(ids):
+        assert store.usage_total("session", sid).total_tokens == i + 1
+        assert store.usage_total("user", sid).total_tokens == i + 1
+        assert [e.session_id for e in store.usage_entries(session_id=sid)] == [sid]
+
+
+def test_deleting_a_session_keeps_what_it_spent(store: HistoryStore) -> None:
+    from langchain_core.messages import HumanMessage
+
+    store.append("a", [HumanMessage("hi")])
+    store.record_usage(entry("a", tokens=10))
+    store.delete("a")
+    store.prune(datetime.now(timezone.utc) + timedelta(days=1))
+    assert store.usage_total("session", "a").total_tokens == 10
+    assert len(store.usage_entries(session_id="a")) == 1
+
+
+def test_hold_within_limits_is_kept_and_counts(store: HistoryStore) -> None:
+    limit = BudgetLimit("session", "a", max_tokens=100)
+    store.record_usage(entry("a", tokens=50))
+    assert store.hold_budget(hold("a", tokens=30), [limit]) is None
+    refusal = store.hold_budget(hold("a", tokens=30), [limit])  # 50 + 30 + 30 > 100
+    assert refusal is not None
+    assert refusal.limit == limit
+    assert (refusal.spent_tokens, refusal.held_tokens) == (50, 30)
+    assert store.hold_budget(hold("a", tokens=20), [limit]) is None  # 50 + 30 + 20 = 100
+
+
+def test_usd_limits(store: HistoryStore) -> None:
+    limit = BudgetLimit("user", "u", max_usd=0.01)
+    store.record_usage(entry("a", user="u", cost_usd=0.006))
+    refusal = store.hold_budget(hold("b", user="u", usd=0.005), [limit])
+    assert refusal is not None
+    assert refusal.spent_usd == pytest.approx(0.006) and refusal.held_usd == 0
+    assert store.hold_budget(hold("b", user="u", usd=0.004), [limit]) is None
+    # Other users and sessions are not counted against this user's cap.
+    assert (
+        store.hold_budget(hold("b", user="v", usd=0.009), [BudgetLimit("user", "v", 0.01)]) is None
+    )
+
+
+def test_every_limit_must_pass_and_a_refusal_keeps_nothing(store: HistoryStore) -> None:
+    session = BudgetLimit("session", "a", max_tokens=1000)
+    overall = BudgetLimit("all", "", max_tokens=50)
+    store.record_usage(entry("other", tokens=40))
+    refusal = store.hold_budget(hold("a", tokens=20), [session, overall])
+    assert refusal is not None and refusal.limit == overall and refusal.spent_tokens == 40
+    # Nothing was kept: a hold that fits both still fits.
+    assert store.hold_budget(hold("a", tokens=10), [session, overall]) is None
+
+
+def test_recording_replaces_the_hold(store: HistoryStore) -> None:
+    limit = BudgetLimit("session", "a", max_tokens=100)
+    h = hold("a", tokens=60)
+    assert store.hold_budget(h, [limit]) is None
+    store.record_usage(entry("a", tokens=30), release=h.id)  # spent 30, hold gone
+    assert store.hold_budget(hold("a", tokens=70), [limit]) is None
+
+
+def test_release_and_expiry_free_the_budget(store: HistoryStore) -> None:
+    limit = BudgetLimit("all", "", max_tokens=100)
+    h = hold("a", tokens=80)
+    assert store.hold_budget(h, [limit]) is None
+    assert store.hold_budget(hold("b", tokens=80), [limit]) is not None
+    store.release_budget(h.id)
+    store.release_budget(h.id)  # twice, and unknown ids, are fine
+    store.release_budget("no-such-hold")
+    assert store.hold_budget(hold("b", tokens=80, ttl=0.2), [limit]) is None
+    assert store.hold_budget(hold("c", tokens=80), [limit]) is not None
+    import time
+
+    time.sleep(0.4)  # the hold of a dead process expires
+    assert store.hold_budget(hold("c", tokens=80), [limit]) is None
+
+
+def test_concurrent_holds_cannot_overspend(store: HistoryStore) -> None:
+    limit = BudgetLimit("all", "", max_tokens=100)
+    results: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for j in range(5):
+            kept = store.hold_budget(hold(f"s{i}-{j}", tokens=10), [limit]) is None
+            results.append(kept)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 10 and len(results) == 40
+
+
+def test_concurrent_records_lose_nothing(store: HistoryStore) -> None:
+    def worker(i: int) -> None:
+        for j in range(10):
+            store.record_usage(entry(f"s{i % 2}", user="u", tokens=j + 1))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.usage_total("all", "").total_tokens == 6 * 55
+    assert store.usage_total("user", "u").turns == 60
+    assert store.usage_total("session", "s0").turns == 30
+    assert len(store.usage_entries()) == 60
+
+
+def test_async_twins(store: HistoryStore) -> None:
+    async def main() -> None:
+        limit = BudgetLimit("session", "a", max_tokens=25)
+        h = hold("a", tokens=20)
+        assert await store.ahold_budget(h, [limit]) is None
+        assert await store.ahold_budget(hold("a", tokens=10), [limit]) is not None
+        await store.arecord_usage(entry("a", tokens=5), release=h.id)
+        await store.arelease_budget("unknown")
+        assert await store.ahold_budget(hold("a", tokens=20), [limit]) is None
+
+    asyncio.run(main())
+    assert store.usage_total("session", "a").total_tokens == 5
