@@ -14,6 +14,7 @@ from chatchain.chatbot import AsyncReplyStream, Chatbot, Reply, ReplyStream
 from chatchain.errors import (
     AuthenticationError,
     BadRequestError,
+    BudgetExceeded,
     ChatChainError,
     ConfigurationError,
     ContextTooLongError,
@@ -33,12 +34,15 @@ from chatchain.model import create_chat_model
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, MemoryStore, open_store
-from chatchain.usage import Usage, UsageLedger
+from chatchain.pricing import ModelPrice
+from chatchain.usage import Budget, Usage, UsageEntry, UsageLedger, UsageReport
 
 __all__ = [
     "AsyncReplyStream",
     "AuthenticationError",
     "BadRequestError",
+    "Budget",
+    "BudgetExceeded",
     "ChatChain",
     "ChatChainError",
     "Chatbot",
@@ -53,6 +57,7 @@ __all__ = [
     "MemoryStore",
     "MissingAPIKeyError",
     "MissingPromptVariableError",
+    "ModelPrice",
     "RateLimitError",
     "Reply",
     "ReplyStream",
@@ -61,7 +66,9 @@ __all__ = [
     "Settings",
     "StoreError",
     "Usage",
+    "UsageEntry",
     "UsageLedger",
+    "UsageReport",
     "create_chat_chain",
     "create_chat_model",
     "create_prompt",

@@ -17,15 +17,17 @@ import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from chatchain.usage import Usage
+from chatchain.pricing import Pricer
+from chatchain.usage import UsageEntry
 
 if TYPE_CHECKING:
     from langchain_community.callbacks.openai_info import OpenAICallbackHandler
 
-__all__ = ["get_openai_callback", "new_handler", "usage_from"]
+__all__ = ["Estimate", "community_price_known", "entry_from", "get_openai_callback", "new_handler"]
 
 
 @functools.cache
@@ -65,7 +67,8 @@ def new_handler() -> OpenAICallbackHandler:
     return handler
 
 
-def _price_known(model_name: str) -> bool:
+def community_price_known(model_name: str) -> bool:
+    """Whether langchain-community's frozen table has a price for ``model_name``."""
     info: Any = _openai_info()
     prompt = info.standardize_model_name(model_name, token_type=info.TokenType.PROMPT)
     completion = info.standardize_model_name(model_name, token_type=info.TokenType.COMPLETION)
@@ -73,30 +76,58 @@ def _price_known(model_name: str) -> bool:
     return prompt in table and completion in table
 
 
-def usage_from(
+@dataclass(frozen=True)
+class Estimate:
+    """Tokens counted here when the endpoint never reported them (a stream cut short)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def entry_from(
     handler: OpenAICallbackHandler,
     *,
+    session_id: str,
+    user_id: str | None,
     model: str | None,
+    pricer: Pricer,
     latency_s: float,
     first_token_s: float | None = None,
-) -> Usage:
-    """One turn's `Usage` from its handler.
+    summary: bool = False,
+    estimate: Estimate | None = None,
+) -> UsageEntry:
+    """The ledger entry of one call, from its handler's counts (or ``estimate``).
 
-    The cost is ``None`` when the model has no known price: never a silent 0.
+    The cost comes from `chatchain.pricing` (settings, genai-prices, langchain-community's
+    table, in that order); it is ``None`` when no source knows the model: never a silent 0.
     """
-    cost: float | None = None
-    if model and _price_known(model):
-        cost = float(handler.total_cost)
-    return Usage(
-        prompt_tokens=handler.prompt_tokens,
-        completion_tokens=handler.completion_tokens,
-        total_tokens=handler.total_tokens,
+    prompt, completion = handler.prompt_tokens, handler.completion_tokens
+    requests = handler.successful_requests
+    estimated = handler.total_tokens == 0 and estimate is not None
+    if estimated:
+        assert estimate is not None
+        prompt, completion = estimate.prompt_tokens, estimate.completion_tokens
+        requests = max(requests, 1)
+    community = None
+    if model and not estimated and community_price_known(model):
+        community = float(handler.total_cost)
+    price = pricer.price(
+        model, prompt, completion, handler.prompt_tokens_cached, community_cost=community
+    )
+    return UsageEntry(
+        session_id,
+        model=model,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
         cached_tokens=handler.prompt_tokens_cached,
         reasoning_tokens=handler.reasoning_tokens,
-        successful_requests=handler.successful_requests,
-        cost_usd=cost,
+        requests=requests,
+        cost_usd=price.cost_usd,
+        price_source=price.source,
         latency_s=latency_s,
         first_token_s=first_token_s,
-        model=model,
-        turns=1,
+        summary=summary,
+        estimated=estimated,
+        user_id=user_id,
     )

@@ -12,7 +12,8 @@ import logging
 import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
@@ -22,21 +23,39 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
 from chatchain import _endpoint_errors, _metering
-from chatchain.errors import InvalidInputError, MissingPromptVariableError
-from chatchain.memory import Memory
+from chatchain._metering import Estimate
+from chatchain.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    InvalidInputError,
+    MissingPromptVariableError,
+)
+from chatchain.memory import Memory, SummaryCall
+from chatchain.pricing import Pricer
 from chatchain.stores import HistoryStore
-from chatchain.usage import Usage, UsageLedger
+from chatchain.usage import Budget, BudgetHold, BudgetRefusal, Usage, UsageEntry, UsageLedger
 
 __all__ = ["MAX_SESSION_ID_LENGTH", "Turn", "TurnSpec", "validate_session_id"]
 
 logger = logging.getLogger("chatchain")
 
 MAX_SESSION_ID_LENGTH = 256
+
+DEFAULT_REPLY_ESTIMATE = 1000
+"""Reply tokens a budget check assumes when ``CHATCHAIN_MAX_TOKENS`` does not cap the reply."""
+
+TURN_KEY = "__chatchain_turn"
+"""Where a run's configurable carries its `Turn` (``__``: LangChain never copies it to tracing)."""
+
+HOLD_TTL = timedelta(minutes=15)
+"""How long a turn's budget hold outlives a process that died holding it."""
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})  # controls, surrogates, line breaks
 
 
-def validate_session_id(session_id: object) -> str:
+def validate_session_id(session_id: object, what: str = "session") -> str:
     """Return ``session_id`` if it can key a session, else raise a clear error.
+
+    ``what`` names the id in messages (``"user"`` for user ids, which follow the same rules).
 
     Raises:
         InvalidInputError: Not a string, empty, longer than 256 characters, or holding
@@ -44,20 +63,20 @@ def validate_session_id(session_id: object) -> str:
     """
     if not isinstance(session_id, str):
         raise InvalidInputError(
-            f"The session id must be a string, not {type(session_id).__name__}: "
-            "pass session_id='...'."
+            f"The {what} id must be a string, not {type(session_id).__name__}: "
+            f"pass {what}_id='...'."
         )
     if not session_id.strip():
-        raise InvalidInputError("The session id is empty: pass a non-blank session_id.")
+        raise InvalidInputError(f"The {what} id is empty: pass a non-blank {what}_id.")
     if len(session_id) > MAX_SESSION_ID_LENGTH:
         raise InvalidInputError(
-            f"The session id is {len(session_id)} characters long; the limit is "
+            f"The {what} id is {len(session_id)} characters long; the limit is "
             f"{MAX_SESSION_ID_LENGTH}. Use a shorter id (a UUID or a hash of yours)."
         )
     bad = next((ch for ch in session_id if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES), None)
     if bad is not None:
         raise InvalidInputError(
-            f"The session id holds the control character U+{ord(bad):04X}: remove it."
+            f"The {what} id holds the control character U+{ord(bad):04X}: remove it."
         )
     return session_id
 
@@ -83,8 +102,11 @@ class TurnSpec:
         input_key: The input dict's key for the user's text or messages.
         required_vars: Prompt variables the call must supply (those without a default).
         get_history: The chain's ``get_session_history``.
-        ledger: Where each turn's usage is recorded.
+        ledger: Where each turn's usage is recorded (and budgets held).
         memory: The window and summary policy.
+        pricer: Prices the turns' tokens.
+        budget: Spending caps checked before each call is sent.
+        reply_estimate: The most tokens a reply may take, for budget checks.
         store: The chain's store, when ``get_history`` is one (windowed loads, summaries).
         default_model: The model to price a turn with when the reply does not name one
             (an interrupted stream never receives the chunk that does).
@@ -96,6 +118,9 @@ class TurnSpec:
     get_history: Callable[[str], BaseChatMessageHistory]
     ledger: UsageLedger
     memory: Memory
+    pricer: Pricer = field(default_factory=Pricer)
+    budget: Budget = field(default_factory=Budget)
+    reply_estimate: int = DEFAULT_REPLY_ESTIMATE
     store: HistoryStore | None = None
     default_model: str | None = None
     describe_failure: Callable[[BaseException], Exception | None] = _endpoint_errors.translate
@@ -119,23 +144,30 @@ class TurnSpec:
                 "config={'configurable': {'session_id': 'your-session'}}."
             )
         session_id = validate_session_id(configurable["session_id"])
+        user_id = configurable.get("user_id")
+        if user_id is not None:
+            user_id = validate_session_id(user_id, "user")
         self._check_input(value)
         messages = input_messages(value)
         for message in messages:
             if message.type == "human":
                 _validate_text(_text_of(message), "message")
         handler = _metering.new_handler()
-        if config.get("callbacks"):
-            config = merge_configs(config, {"callbacks": [handler]})
-        else:  # the common case, without merge_configs' general (and slower) path
-            config = {**config, "callbacks": [handler]}
-        return Turn(
+        turn = Turn(
             spec=self,
             session_id=session_id,
+            user_id=user_id,
             config=config,
             input_messages=messages,
             handler=handler,
         )
+        config = {**config, "configurable": {**configurable, TURN_KEY: turn}}
+        if config.get("callbacks"):
+            config = merge_configs(config, {"callbacks": [handler]})
+        else:  # the common case, without merge_configs' general (and slower) path
+            config = {**config, "callbacks": [handler]}
+        turn.config = config
+        return turn
 
     def _check_input(self, value: Any) -> None:
         if self.input_key is None:
@@ -174,6 +206,7 @@ class Turn:
 
     spec: TurnSpec
     session_id: str
+    user_id: str | None
     config: RunnableConfig
     input_messages: list[BaseMessage]
     handler: Any
@@ -183,6 +216,12 @@ class Turn:
     usage: Usage | None = None
     notices: list[str] = field(default_factory=list)
     """Things the user should know about the turn (e.g. a retry with a tighter window)."""
+    entry: UsageEntry | None = None
+    """The turn's ledger entry, once recorded."""
+    summary_usage: Usage | None = None
+    """What the running-summary call made before this turn cost, if there was one."""
+    _count_prompt: Callable[[], int] | None = None
+    _hold: str | None = None
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -217,20 +256,149 @@ class Turn:
             usage_metadata=getattr(reply, "usage_metadata", None),
         )
 
-    def _finish(self, reply: BaseMessage) -> list[BaseMessage]:
+    # -- budget ---------------------------------------------------------------------------
+
+    def sending(self, count_prompt: Callable[[], int]) -> None:
+        """The prompt is about to go out: check the budget and hold what it may cost.
+
+        ``count_prompt`` counts the prompt's tokens; it is kept to estimate the usage of a
+        stream that stops before the endpoint reports it.
+
+        Raises:
+            BudgetExceeded: The call could pass a cap; nothing is sent.
+        """
+        self._count_prompt = count_prompt
+        if self.spec.budget:
+            self._take_hold(count_prompt(), summary=False)
+
+    async def asending(self, count_prompt: Callable[[], int]) -> None:
+        """`sending` for async callers."""
+        self._count_prompt = count_prompt
+        if self.spec.budget:
+            await self._atake_hold(count_prompt(), summary=False)
+
+    def _new_hold(self, prompt_tokens: int, summary: bool) -> tuple[BudgetHold, list[Any]]:
+        spec = self.spec
+        model = spec.default_model
+        reply = spec.memory.summary_reply_estimate if summary else spec.reply_estimate
+        tokens = prompt_tokens + reply
+        cost = spec.pricer.price(model, prompt_tokens, reply).cost_usd
+        if cost is None and spec.budget.needs_price:
+            raise ConfigurationError(
+                f"A budget in USD is set (CHATCHAIN_BUDGET_*_USD) but the price of model "
+                f"{model!r} is unknown, so the turn cannot be checked and was not sent. Set its "
+                'price in CHATCHAIN_PRICES (e.g. {"' + str(model) + '": {"input": 0.15, '
+                '"output": 0.6}} in USD per million tokens), or cap tokens instead '
+                "(CHATCHAIN_BUDGET_*_TOKENS)."
+            )
+        expires = datetime.now(timezone.utc) + HOLD_TTL
+        hold = BudgetHold(self.session_id, tokens, cost or 0.0, expires, user_id=self.user_id)
+        return hold, spec.budget.limits(self.session_id, self.user_id)
+
+    def _take_hold(self, prompt_tokens: int, summary: bool) -> None:
+        self.release()
+        hold, limits = self._new_hold(prompt_tokens, summary)
+        refusal = self.spec.ledger.hold(hold, limits)
+        if refusal is not None:
+            raise self._exceeded(refusal, hold)
+        self._hold = hold.id
+
+    async def _atake_hold(self, prompt_tokens: int, summary: bool) -> None:
+        await self.arelease()
+        hold, limits = self._new_hold(prompt_tokens, summary)
+        refusal = await self.spec.ledger.ahold(hold, limits)
+        if refusal is not None:
+            raise self._exceeded(refusal, hold)
+        self._hold = hold.id
+
+    def _exceeded(self, refusal: BudgetRefusal, hold: BudgetHold) -> BudgetExceeded:
+        limit = refusal.limit
+        who = {"session": f"session {limit.key!r}", "user": f"user {limit.key!r}"}.get(
+            limit.scope, "everything in this store"
+        )
+        variable = {"session": "SESSION", "user": "USER"}.get(limit.scope, "TOTAL")
+        spent_usd = refusal.spent_usd + refusal.held_usd
+        spent_tokens = refusal.spent_tokens + refusal.held_tokens
+        if limit.max_usd is not None and spent_usd + hold.cost_usd > limit.max_usd:
+            cap = f"${limit.max_usd:.4f}"
+            status = f"has spent ${spent_usd:.4f} and this turn may cost up to ${hold.cost_usd:.4f}"
+            setting = f"CHATCHAIN_BUDGET_{variable}_USD"
+        else:
+            cap = f"{limit.max_tokens:,} tokens"
+            status = (
+                f"has used {spent_tokens:,} tokens and this turn may take up to {hold.tokens:,}"
+            )
+            setting = f"CHATCHAIN_BUDGET_{variable}_TOKENS"
+        in_flight = " (including turns in flight)" if refusal.held_tokens else ""
+        message = (
+            f"Budget exceeded: the cap for {who} is {cap}; it {status}{in_flight}. "
+            f"Nothing was sent or stored. Raise {setting} to go on"
+            + (
+                ", or cap replies lower with CHATCHAIN_MAX_TOKENS."
+                if self.spec.reply_estimate == DEFAULT_REPLY_ESTIMATE
+                else "."
+            )
+        )
+        logger.warning("Session %r: %s", self.session_id, message)
+        return BudgetExceeded(
+            message,
+            scope=limit.scope,
+            key=limit.key,
+            limit_usd=limit.max_usd,
+            limit_tokens=limit.max_tokens,
+            spent_usd=spent_usd,
+            spent_tokens=spent_tokens,
+            needed_usd=hold.cost_usd,
+            needed_tokens=hold.tokens,
+        )
+
+    def release(self) -> None:
+        """Give back the turn's budget hold, if it still has one (the turn failed)."""
+        if self._hold is not None:
+            hold, self._hold = self._hold, None
+            self.spec.ledger.release(hold)
+
+    async def arelease(self) -> None:
+        """`release` for async callers."""
+        if self._hold is not None:
+            hold, self._hold = self._hold, None
+            await self.spec.ledger.arelease(hold)
+
+    # -- the end of the turn -----------------------------------------------------------------
+
+    def _entry(self, reply: BaseMessage) -> UsageEntry:
         model = reply.response_metadata.get("model_name") or self.spec.default_model
-        self.usage = _metering.usage_from(
+        estimate = None
+        if self.handler.total_tokens == 0 and self.has_reply and self._count_prompt is not None:
+            # The stream stopped before the endpoint's usage chunk, but it billed the prompt
+            # and what it generated: count them here rather than record 0.
+            counter = self.spec.memory.counter
+            estimate = Estimate(self._count_prompt(), counter([AIMessage(reply.content)]))
+        return _metering.entry_from(
             self.handler,
+            session_id=self.session_id,
+            user_id=self.user_id,
             model=model,
+            pricer=self.spec.pricer,
             latency_s=time.perf_counter() - self.started,
             first_token_s=self.first_token_s,
+            estimate=estimate,
         )
-        self.spec.ledger.record(self.session_id, self.usage)
+
+    def _recorded(self, entry: UsageEntry, reply: BaseMessage) -> list[BaseMessage]:
+        self.entry = entry
+        self.usage = entry.usage()
         return [*self.input_messages, reply]
 
     def save(self, reply: BaseMessage) -> None:
-        """Store the user's message and the reply in one write, and record the usage."""
-        messages = self._finish(reply)
+        """Record the usage (replacing the budget hold), then store the turn in one write.
+
+        The usage goes first: the endpoint has billed the call whatever happens to the store.
+        """
+        entry = self._entry(reply)
+        hold, self._hold = self._hold, None
+        self.spec.ledger.record(entry, release=hold)
+        messages = self._recorded(entry, reply)
         if self.spec.store is not None:
             self.spec.store.append(self.session_id, messages)
         else:
@@ -238,37 +406,72 @@ class Turn:
 
     async def asave(self, reply: BaseMessage) -> None:
         """`save` for async callers."""
-        messages = self._finish(reply)
+        entry = self._entry(reply)
+        hold, self._hold = self._hold, None
+        await self.spec.ledger.arecord(entry, release=hold)
+        messages = self._recorded(entry, reply)
         if self.spec.store is not None:
             await self.spec.store.aappend(self.session_id, messages)
         else:
             await self.spec.get_history(self.session_id).aadd_messages(messages)
 
     def summarize(self) -> None:
-        """Fold old turns into the running summary first, if due (a separate metered call)."""
+        """Fold old turns into the running summary first, if due (a separate metered call).
+
+        Raises:
+            BudgetExceeded: The summary call could pass a cap (the turn would too).
+        """
         if self.spec.store is None:
             return
         try:
-            usage = self.spec.memory.summarize(self.spec.store, self.session_id)
+            call = self.spec.memory.summarize(
+                self.spec.store, self.session_id, self._summary_check if self.spec.budget else None
+            )
+        except (BudgetExceeded, ConfigurationError):
+            raise
         except Exception as exc:  # the turn can go on without a fresher summary
+            self.release()
             self._summary_failed(exc)
             return
-        self._record_summary(usage)
+        if call is not None:
+            hold, self._hold = self._hold, None
+            self.spec.ledger.record(self._summary_entry(call), release=hold)
 
     async def asummarize(self) -> None:
         """`summarize` for async callers."""
         if self.spec.store is None:
             return
+        check = self._asummary_check if self.spec.budget else None
         try:
-            usage = await self.spec.memory.asummarize(self.spec.store, self.session_id)
+            call = await self.spec.memory.asummarize(self.spec.store, self.session_id, check)
+        except (BudgetExceeded, ConfigurationError):
+            raise
         except Exception as exc:
+            await self.arelease()
             self._summary_failed(exc)
             return
-        self._record_summary(usage)
+        if call is not None:
+            hold, self._hold = self._hold, None
+            await self.spec.ledger.arecord(self._summary_entry(call), release=hold)
 
-    def _record_summary(self, usage: Usage | None) -> None:
-        if usage is not None:
-            self.spec.ledger.record(self.session_id, replace(usage, turns=0, summaries=1))
+    def _summary_check(self, request: list[BaseMessage]) -> None:
+        self._take_hold(self.spec.memory.counter(request), summary=True)
+
+    async def _asummary_check(self, request: list[BaseMessage]) -> None:
+        await self._atake_hold(self.spec.memory.counter(request), summary=True)
+
+    def _summary_entry(self, call: SummaryCall) -> UsageEntry:
+        entry = _metering.entry_from(
+            call.handler,
+            session_id=self.session_id,
+            user_id=self.user_id,
+            model=call.model or self.spec.default_model,
+            pricer=self.spec.pricer,
+            latency_s=call.latency_s,
+            summary=True,
+        )
+        self.summary_usage = entry.usage()
+        return entry
 
     def _summary_failed(self, exc: Exception) -> None:
         error = self.spec.describe_failure(exc) or exc

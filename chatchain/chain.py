@@ -28,14 +28,14 @@ from chatchain import _endpoint_errors
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
 from chatchain._tokens import choose_counter
-from chatchain._turn import Turn, TurnSpec
+from chatchain._turn import DEFAULT_REPLY_ESTIMATE, TURN_KEY, Turn, TurnSpec
 from chatchain.errors import ContextTooLongError
 from chatchain.memory import HistoryWindow, Memory
 from chatchain.model import create_chat_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, MemoryStore
-from chatchain.usage import UsageLedger
+from chatchain.usage import Budget, UsageLedger
 
 __all__ = ["ChatChain", "create_chat_chain", "get_message_history"]
 
@@ -149,7 +149,17 @@ class ChatChain(HistoryRunnable):
             )
         else:
             history = self._window(configurable["message_history"].messages, inputs, configurable)
-        return history if self.history_messages_key else history + inputs
+        history = history if self.history_messages_key else history + inputs
+        turn = configurable.get(TURN_KEY)
+        if turn is not None:  # the budget check, with what is about to be sent
+            turn.sending(partial(self._count_prompt, value, history))
+        return history
+
+    def _count_prompt(self, value: Any, history: list[BaseMessage]) -> int:
+        key = str(self.history_messages_key or self.input_messages_key)
+        variables = {**value, key: history} if isinstance(value, Mapping) else {key: history}
+        messages = self.prompt.invoke(variables).to_messages()
+        return self._spec.memory.counter(messages)
 
     async def _aenter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
         configurable = config["configurable"]
@@ -162,7 +172,11 @@ class ChatChain(HistoryRunnable):
         else:
             messages = await configurable["message_history"].aget_messages()
             history = self._window(messages, inputs, configurable)
-        return history if self.history_messages_key else history + inputs
+        history = history if self.history_messages_key else history + inputs
+        turn = configurable.get(TURN_KEY)
+        if turn is not None:
+            await turn.asending(partial(self._count_prompt, value, history))
+        return history
 
     def _window(
         self, messages: list[BaseMessage], inputs: list[BaseMessage], configurable: dict[str, Any]
@@ -202,17 +216,20 @@ class ChatChain(HistoryRunnable):
         """`invoke`, returning the reply and the finished turn (usage, notices)."""
         turn = self._begin(value, config)
         with self._lock(turn.session_id):
-            turn.summarize()
-            turn.start_clock()
-            for attempt in range(2):
-                try:
-                    reply = super().invoke(value, turn.config, **kwargs)
-                    break
-                except Exception as exc:
-                    error = turn.failure(exc)
-                    if not self._can_tighten(error, turn, attempt):
-                        raise (error or exc) from exc
-            turn.save(reply)
+            try:
+                turn.summarize()
+                turn.start_clock()
+                for attempt in range(2):
+                    try:
+                        reply = super().invoke(value, turn.config, **kwargs)
+                        break
+                    except Exception as exc:
+                        error = turn.failure(exc)
+                        if not self._can_tighten(error, turn, attempt):
+                            raise (error or exc) from exc
+                turn.save(reply)
+            finally:
+                turn.release()
         return reply, turn
 
     async def arun_turn(
@@ -221,17 +238,20 @@ class ChatChain(HistoryRunnable):
         """`ainvoke`, returning the reply and the finished turn (usage, notices)."""
         turn = self._begin(value, config)
         async with self._alock(turn.session_id):
-            await turn.asummarize()
-            turn.start_clock()
-            for attempt in range(2):
-                try:
-                    reply = await super().ainvoke(value, turn.config, **kwargs)
-                    break
-                except Exception as exc:
-                    error = turn.failure(exc)
-                    if not self._can_tighten(error, turn, attempt):
-                        raise (error or exc) from exc
-            await turn.asave(reply)
+            try:
+                await turn.asummarize()
+                turn.start_clock()
+                for attempt in range(2):
+                    try:
+                        reply = await super().ainvoke(value, turn.config, **kwargs)
+                        break
+                    except Exception as exc:
+                        error = turn.failure(exc)
+                        if not self._can_tighten(error, turn, attempt):
+                            raise (error or exc) from exc
+                await turn.asave(reply)
+            finally:
+                await turn.arelease()
         return reply, turn
 
     def stream(
@@ -269,28 +289,31 @@ class ChatChain(HistoryRunnable):
 
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         with self._lock(turn.session_id):
-            turn.summarize()
-            turn.start_clock()
-            inner = self._attempts(turn, value, kwargs)
             try:
-                for chunk in inner:
-                    turn.add_chunk(chunk)
-                    yield chunk
-            except GeneratorExit:
-                inner.close()
-                turn.log_interrupted("stopped by the caller")
-                turn.save(turn.partial_reply("cancelled"))
-                raise
-            except BaseException as exc:
-                inner.close()
-                error = turn.failure(exc) if isinstance(exc, Exception) else None
-                if turn.has_reply or not isinstance(exc, Exception):
-                    turn.log_interrupted(type(exc).__name__)
-                    turn.save(turn.partial_reply(str(error or type(exc).__name__)))
-                if error is None:
+                turn.summarize()
+                turn.start_clock()
+                inner = self._attempts(turn, value, kwargs)
+                try:
+                    for chunk in inner:
+                        turn.add_chunk(chunk)
+                        yield chunk
+                except GeneratorExit:
+                    inner.close()
+                    turn.log_interrupted("stopped by the caller")
+                    turn.save(turn.partial_reply("cancelled"))
                     raise
-                raise error from exc
-            turn.save(turn.streamed_reply())
+                except BaseException as exc:
+                    inner.close()
+                    error = turn.failure(exc) if isinstance(exc, Exception) else None
+                    if turn.has_reply or not isinstance(exc, Exception):
+                        turn.log_interrupted(type(exc).__name__)
+                        turn.save(turn.partial_reply(str(error or type(exc).__name__)))
+                    if error is None:
+                        raise
+                    raise error from exc
+                turn.save(turn.streamed_reply())
+            finally:
+                turn.release()
 
     def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -322,28 +345,31 @@ class ChatChain(HistoryRunnable):
 
     async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         async with self._alock(turn.session_id):
-            await turn.asummarize()
-            turn.start_clock()
-            inner = cast("AsyncGenerator[Any, None]", self._aattempts(turn, value, kwargs))
             try:
-                async for chunk in inner:
-                    turn.add_chunk(chunk)
-                    yield chunk
-            except (GeneratorExit, asyncio.CancelledError):
-                await inner.aclose()
-                turn.log_interrupted("stopped by the caller")
-                await turn.asave(turn.partial_reply("cancelled"))
-                raise
-            except BaseException as exc:
-                await inner.aclose()
-                error = turn.failure(exc) if isinstance(exc, Exception) else None
-                if turn.has_reply or not isinstance(exc, Exception):
-                    turn.log_interrupted(type(exc).__name__)
-                    await turn.asave(turn.partial_reply(str(error or type(exc).__name__)))
-                if error is None:
+                await turn.asummarize()
+                turn.start_clock()
+                inner = cast("AsyncGenerator[Any, None]", self._aattempts(turn, value, kwargs))
+                try:
+                    async for chunk in inner:
+                        turn.add_chunk(chunk)
+                        yield chunk
+                except (GeneratorExit, asyncio.CancelledError):
+                    await inner.aclose()
+                    turn.log_interrupted("stopped by the caller")
+                    await turn.asave(turn.partial_reply("cancelled"))
                     raise
-                raise error from exc
-            await turn.asave(turn.streamed_reply())
+                except BaseException as exc:
+                    await inner.aclose()
+                    error = turn.failure(exc) if isinstance(exc, Exception) else None
+                    if turn.has_reply or not isinstance(exc, Exception):
+                        turn.log_interrupted(type(exc).__name__)
+                        await turn.asave(turn.partial_reply(str(error or type(exc).__name__)))
+                    if error is None:
+                        raise
+                    raise error from exc
+                await turn.asave(turn.streamed_reply())
+            finally:
+                await turn.arelease()
 
     # `RunnableBindingBase` hands these straight to the inner runnable, which would skip the
     # turn bookkeeping; `Runnable`'s own versions go through invoke/ainvoke/stream/astream.
@@ -373,6 +399,7 @@ def create_chat_chain(
     history_key: str | None = "history",
     ledger: UsageLedger | None = None,
     window: HistoryWindow | bool | None = True,
+    budget: Budget | None = None,
 ) -> ChatChain:
     """Build the conversational chain.
 
@@ -388,10 +415,14 @@ def create_chat_chain(
         input_key: The input dict's key for the user's text.
         history_key: The prompt variable the history fills. ``None`` makes ``input_key`` a
             list of messages to which the history is prepended (the seeds' ``my_msg`` form).
-        ledger: Where the chain records each turn's usage; a new one by default.
+        ledger: Where the chain records each turn's usage: by default the ledger of the
+            history store when it is a `HistoryStore` (so it persists and is shared with
+            every chain on the store), else a private in-memory one.
         window: What of the history is sent: ``True`` for the settings' window (turns,
             tokens, running summary), a `HistoryWindow`, or ``False``/``None`` to send all of
             it as the plain chain does. Summaries and windowed reads need a `HistoryStore`.
+        budget: Spending caps checked before each call is sent; the settings'
+            ``CHATCHAIN_BUDGET_*`` by default.
 
     Returns:
         The chain.
@@ -429,8 +460,11 @@ def create_chat_chain(
         input_key=input_key,
         required_vars=prompt_variables(system) - set(prompt_vars or {}),
         get_history=history,
-        ledger=ledger or UsageLedger(),
+        ledger=ledger or UsageLedger(store),
         memory=Memory(window or None, counter, model),
+        pricer=settings.pricer(),
+        budget=budget if budget is not None else settings.budget(),
+        reply_estimate=settings.max_tokens or DEFAULT_REPLY_ESTIMATE,
         store=store,
         default_model=_model_name(model),
         describe_failure=partial(

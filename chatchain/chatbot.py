@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,7 +20,7 @@ from chatchain.chain import ChatChain, create_chat_chain
 from chatchain.errors import InvalidInputError
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, SessionInfo, open_store
-from chatchain.usage import Usage, UsageLedger
+from chatchain.usage import Budget, ReportKey, Usage, UsageEntry, UsageLedger, UsageReport
 
 __all__ = ["AsyncReplyStream", "Chatbot", "Reply", "ReplyStream"]
 
@@ -168,6 +168,7 @@ class Chatbot:
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
         prompt_vars: Default values of the system message's variables.
         env_file: The ``.env`` file to read when ``settings`` is not given.
+        budget: Spending caps; the settings' ``CHATCHAIN_BUDGET_*`` by default.
 
     Raises:
         MissingAPIKeyError: No ``OPENAI_API_KEY`` and no ``OPENAI_BASE_URL`` (and no ``llm``).
@@ -191,6 +192,7 @@ class Chatbot:
         system: str | None = None,
         prompt_vars: Mapping[str, str] | None = None,
         env_file: str | Path | None = ".env",
+        budget: Budget | None = None,
     ) -> None:
         self.settings = settings or Settings.load(env_file)
         self.store = store or open_store(
@@ -202,52 +204,86 @@ class Chatbot:
             system=system,
             prompt_vars=prompt_vars,
             get_session_history=self.store,
-            ledger=UsageLedger(),
+            budget=budget,
         )
 
     def __repr__(self) -> str:
         return f"Chatbot(model={self.settings.model!r}, store={type(self.store).__name__})"
 
     def _call(
-        self, text: str, session_id: str, prompt_vars: Mapping[str, Any]
+        self, text: str, session_id: str, user_id: str | None, prompt_vars: Mapping[str, Any]
     ) -> tuple[dict[str, Any], RunnableConfig]:
-        return {**prompt_vars, "input": text}, {"configurable": {"session_id": session_id}}
+        configurable: dict[str, Any] = {"session_id": session_id}
+        if user_id is not None:
+            configurable["user_id"] = user_id
+        return {**prompt_vars, "input": text}, {"configurable": configurable}
 
-    def chat(self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any) -> Reply:
+    def chat(
+        self,
+        text: str,
+        *,
+        session_id: str = DEFAULT_SESSION,
+        user_id: str | None = None,
+        **prompt_vars: Any,
+    ) -> Reply:
         """Send one message and return the reply.
+
+        ``user_id`` (optional) files the turn's usage under that user too, for per-user
+        totals and budgets.
 
         Raises:
             InvalidInputError: Empty text, a bad session id or a missing prompt variable.
+            BudgetExceeded: The turn could pass a spending cap; nothing was sent or stored.
             EndpointError: The endpoint failed; the history is unchanged.
         """
-        message, turn = self.chain.run_turn(*self._call(text, session_id, prompt_vars))
+        message, turn = self.chain.run_turn(*self._call(text, session_id, user_id, prompt_vars))
         return _reply(message, turn)
 
     async def achat(
-        self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any
+        self,
+        text: str,
+        *,
+        session_id: str = DEFAULT_SESSION,
+        user_id: str | None = None,
+        **prompt_vars: Any,
     ) -> Reply:
         """`chat` without blocking the event loop."""
-        message, turn = await self.chain.arun_turn(*self._call(text, session_id, prompt_vars))
+        message, turn = await self.chain.arun_turn(
+            *self._call(text, session_id, user_id, prompt_vars)
+        )
         return _reply(message, turn)
 
     def stream(
-        self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any
+        self,
+        text: str,
+        *,
+        session_id: str = DEFAULT_SESSION,
+        user_id: str | None = None,
+        **prompt_vars: Any,
     ) -> ReplyStream:
         """Send one message and iterate over the reply's text as it arrives.
 
-        The input is checked at once; the request goes out on the first ``next()``.
+        The input is checked at once; the request goes out (and a budget is checked) on the
+        first ``next()``.
         """
-        chunks, turn = self.chain.stream_turn(*self._call(text, session_id, prompt_vars))
+        chunks, turn = self.chain.stream_turn(*self._call(text, session_id, user_id, prompt_vars))
         return ReplyStream(chunks, turn)
 
     def astream(
-        self, text: str, *, session_id: str = DEFAULT_SESSION, **prompt_vars: Any
+        self,
+        text: str,
+        *,
+        session_id: str = DEFAULT_SESSION,
+        user_id: str | None = None,
+        **prompt_vars: Any,
     ) -> AsyncReplyStream:
         """`stream` for ``async for``."""
-        chunks, turn = self.chain.astream_turn(*self._call(text, session_id, prompt_vars))
+        chunks, turn = self.chain.astream_turn(*self._call(text, session_id, user_id, prompt_vars))
         return AsyncReplyStream(chunks, turn)
 
-    async def achat_many(self, turns: Iterable[tuple[str, str]], **prompt_vars: Any) -> list[Reply]:
+    async def achat_many(
+        self, turns: Iterable[tuple[str, str]], *, user_id: str | None = None, **prompt_vars: Any
+    ) -> list[Reply]:
         """Run ``(session_id, text)`` turns concurrently; the replies come back in order.
 
         Turns on different sessions run in parallel; turns on one session run one after the
@@ -263,7 +299,10 @@ class Chatbot:
         """
         pending = [(session_id, text) for session_id, text in turns]
         results = await asyncio.gather(
-            *(self.achat(text, session_id=sid, **prompt_vars) for sid, text in pending),
+            *(
+                self.achat(text, session_id=sid, user_id=user_id, **prompt_vars)
+                for sid, text in pending
+            ),
             return_exceptions=True,
         )
         for result in results:
@@ -291,11 +330,14 @@ class Chatbot:
         return self.store.info(validate_session_id(session_id))
 
     def reset(self, session_id: str = DEFAULT_SESSION) -> None:
-        """Forget a session's messages, summary and usage, waiting for a turn on it to end."""
+        """Forget a session's messages and summary, waiting for a turn on it to end.
+
+        What the session spent stays in the usage ledger: money spent is not refunded, and
+        budgets must not be escaped by a reset.
+        """
         session_id = validate_session_id(session_id)
         with self.store.lock(session_id):
             self.store.delete(session_id)
-            self.chain.ledger.forget(session_id)
 
     delete = reset
 
@@ -308,10 +350,7 @@ class Chatbot:
             >>> Chatbot(llm=FakeChatModel()).prune(timedelta(days=30))
             []
         """
-        pruned = self.store.prune(datetime.now(timezone.utc) - older_than)
-        for session_id in pruned:
-            self.chain.ledger.forget(session_id)
-        return pruned
+        return self.store.prune(datetime.now(timezone.utc) - older_than)
 
     def export_session(
         self, session_id: str = DEFAULT_SESSION, path: str | Path | None = None
@@ -349,9 +388,59 @@ class Chatbot:
             validate_session_id(session_id)
         return self.store.import_session(dict(data), session_id=session_id, replace=replace)  # type: ignore[arg-type]
 
-    def usage(self, session_id: str | None = None) -> Usage:
-        """Usage totals of one session, or of all when ``session_id`` is ``None``."""
-        return self.chain.ledger.total(session_id)
+    @property
+    def ledger(self) -> UsageLedger:
+        """The usage ledger, kept in the store (it survives restarts for persistent stores)."""
+        return self.chain.ledger
+
+    def usage(self, session_id: str | None = None, *, user_id: str | None = None) -> Usage:
+        """Usage totals of one session, of one user, or of everything (no arguments).
+
+        Example:
+            >>> from chatchain.testing import FakeChatModel
+            >>> bot = Chatbot(llm=FakeChatModel())
+            >>> _ = bot.chat("hi", session_id="s1", user_id="ann")
+            >>> bot.usage("s1").turns, bot.usage(user_id="ann").turns, bot.usage().turns
+            (1, 1, 1)
+        """
+        return self.chain.ledger.total(session_id, user_id=user_id)
+
+    def usage_report(
+        self,
+        by: Sequence[ReportKey] = ("session", "model", "day"),
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> UsageReport:
+        """Usage totals grouped by session, user, model and/or day.
+
+        ``str(report)`` is a text table; ``report.rows`` a list of dicts for notebooks.
+
+        Example:
+            >>> from chatchain.testing import FakeChatModel
+            >>> bot = Chatbot(llm=FakeChatModel())
+            >>> _ = bot.chat("hi", session_id="s1")
+            >>> [(row["session"], row["turns"]) for row in bot.usage_report(by=["session"]).rows]
+            [('s1', 1)]
+        """
+        return self.chain.ledger.report(
+            by, session_id=session_id, user_id=user_id, since=since, until=until
+        )
+
+    def usage_entries(
+        self,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageEntry]:
+        """The ledger's entries (one per turn and per summary call), oldest first."""
+        return self.chain.ledger.entries(
+            session_id=session_id, user_id=user_id, since=since, until=until
+        )
 
     def close(self) -> None:
         """Release the store's connections and files."""

@@ -10,6 +10,7 @@ ChatChainError
 ├── InvalidInputError           bad text, session id or prompt variables; nothing was sent
 │   └── MissingPromptVariableError
 ├── SessionBusyError            another turn held the session for longer than the lock timeout
+├── BudgetExceeded              the turn could pass a spending cap; nothing was sent or stored
 ├── StoreError                  the history store failed; nothing of the turn was saved
 └── EndpointError               the chat endpoint failed; the history is unchanged
     ├── AuthenticationError     401/403: the key is wrong or lacks access
@@ -30,6 +31,7 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "BudgetExceeded",
     "ChatChainError",
     "ConfigurationError",
     "ContextTooLongError",
@@ -68,6 +70,44 @@ class MissingPromptVariableError(InvalidInputError):
 
 class SessionBusyError(ChatChainError):
     """Another turn kept the session locked for longer than the lock timeout."""
+
+
+class BudgetExceeded(ChatChainError):
+    """A turn could pass a spending cap (``CHATCHAIN_BUDGET_*``); nothing was sent or stored.
+
+    Attributes:
+        scope: ``"session"``, ``"user"`` or ``"all"``.
+        key: The session or user id (``""`` for ``"all"``).
+        limit_usd: The cap in USD, if the refused cap is in USD.
+        limit_tokens: The cap in tokens, if the refused cap is in tokens.
+        spent_usd: What the scope has spent (plus turns in flight).
+        spent_tokens: Tokens the scope has spent (plus turns in flight).
+        needed_usd: The turn's estimated cost.
+        needed_tokens: The turn's estimated tokens (prompt + most the reply may take).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        scope: str,
+        key: str,
+        limit_usd: float | None,
+        limit_tokens: int | None,
+        spent_usd: float,
+        spent_tokens: int,
+        needed_usd: float,
+        needed_tokens: int,
+    ) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.key = key
+        self.limit_usd = limit_usd
+        self.limit_tokens = limit_tokens
+        self.spent_usd = spent_usd
+        self.spent_tokens = spent_tokens
+        self.needed_usd = needed_usd
+        self.needed_tokens = needed_tokens
 
 
 class StoreError(ChatChainError):

@@ -14,7 +14,8 @@ call), incrementally: the old summary plus the new turns, never the whole transc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,6 @@ from chatchain import _metering
 from chatchain._tokens import TokenCounter
 from chatchain.errors import ConfigurationError, InvalidInputError
 from chatchain.stores import HistoryStore, Summary
-from chatchain.usage import Usage
 
 __all__ = ["HistoryWindow"]
 
@@ -145,50 +145,65 @@ class Memory:
         most = 4 * (self.window.max_messages or 0) if self.window else 0
         return max(covered, upto - most) if most else covered
 
-    def _finish_summary(self, handler: Any, started: float, text: Any) -> tuple[str, Usage]:
-        import time
+    summary_reply_estimate: int = 1000
+    """Most tokens a summary reply is assumed to take, for budget checks."""
 
-        usage = _metering.usage_from(
-            handler, model=_model_name(self.model), latency_s=time.perf_counter() - started
-        )
-        return str(text.content if hasattr(text, "content") else text).strip(), usage
-
-    def summarize(self, store: HistoryStore, session_id: str) -> Usage | None:
-        """Fold the turns beyond the window into the summary if enough have piled up."""
-        import time
-
-        summary = store.get_summary(session_id)
-        upto = self._summary_due(store.count(session_id), summary)
+    def _summary_plan(self, count: int, summary: Summary | None) -> tuple[int, int] | None:
+        upto = self._summary_due(count, summary)
         if upto is None:
             return None
-        start = self._summary_start(summary, upto)
+        return self._summary_start(summary, upto), upto
+
+    def summarize(
+        self,
+        store: HistoryStore,
+        session_id: str,
+        before_send: Callable[[list[BaseMessage]], None] | None = None,
+    ) -> SummaryCall | None:
+        """Fold the turns beyond the window into the summary if enough have piled up.
+
+        ``before_send`` sees the request first (a budget check may refuse it by raising).
+        Returns the call's handler and latency, or ``None`` when no summary was due.
+        """
+        summary = store.get_summary(session_id)
+        plan = self._summary_plan(store.count(session_id), summary)
+        if plan is None:
+            return None
+        start, upto = plan
         request = _summary_request(
             summary.text if summary else None, store.load(session_id, start, upto)
         )
+        if before_send is not None:
+            before_send(request)
         handler, started = _metering.new_handler(), time.perf_counter()
         reply = self.model.invoke(request, RunnableConfig(callbacks=[handler], run_name="summary"))
-        text, usage = self._finish_summary(handler, started, reply)
-        store.set_summary(session_id, Summary(text, covers=upto))
-        return usage
+        latency = time.perf_counter() - started
+        store.set_summary(session_id, Summary(_text(reply), covers=upto))
+        return SummaryCall(handler, latency, _model_name(self.model))
 
-    async def asummarize(self, store: HistoryStore, session_id: str) -> Usage | None:
+    async def asummarize(
+        self,
+        store: HistoryStore,
+        session_id: str,
+        before_send: Callable[[list[BaseMessage]], Awaitable[None]] | None = None,
+    ) -> SummaryCall | None:
         """`summarize` for async callers."""
-        import time
-
         summary = await store.aget_summary(session_id)
-        upto = self._summary_due(await store.acount(session_id), summary)
-        if upto is None:
+        plan = self._summary_plan(await store.acount(session_id), summary)
+        if plan is None:
             return None
-        start = self._summary_start(summary, upto)
+        start, upto = plan
         older = await store.aload(session_id, start, upto)
         request = _summary_request(summary.text if summary else None, older)
+        if before_send is not None:
+            await before_send(request)
         handler, started = _metering.new_handler(), time.perf_counter()
         reply = await self.model.ainvoke(
             request, RunnableConfig(callbacks=[handler], run_name="summary")
         )
-        text, usage = self._finish_summary(handler, started, reply)
-        await store.aset_summary(session_id, Summary(text, covers=upto))
-        return usage
+        latency = time.perf_counter() - started
+        await store.aset_summary(session_id, Summary(_text(reply), covers=upto))
+        return SummaryCall(handler, latency, _model_name(self.model))
 
     def _start(self, count: int, summary: Summary | None, window: HistoryWindow) -> int:
         """Index of the first message to load for the prompt."""
@@ -256,6 +271,19 @@ class Memory:
         if self.window is None:
             return None
         return self.window.tightened() if tight else self.window
+
+
+@dataclass(frozen=True)
+class SummaryCall:
+    """A summary call that was made: its usage handler, latency and model."""
+
+    handler: Any
+    latency_s: float
+    model: str | None
+
+
+def _text(reply: Any) -> str:
+    return str(reply.content if hasattr(reply, "content") else reply).strip()
 
 
 def _model_name(model: Runnable[Any, Any]) -> str | None:

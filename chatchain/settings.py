@@ -13,9 +13,11 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chatchain.errors import ConfigurationError, MissingAPIKeyError
+from chatchain.pricing import ModelPrice, Pricer
 
 if TYPE_CHECKING:
     from chatchain.memory import HistoryWindow
+    from chatchain.usage import Budget
 
 __all__ = ["Settings"]
 
@@ -104,6 +106,40 @@ class Settings(BaseSettings):
     """``CHATCHAIN_TOKEN_COUNTER``: ``auto`` (exact with a cached tiktoken encoding, else
     approximate), ``approximate`` or ``tiktoken``."""
 
+    prices: dict[str, ModelPrice] = Field(default_factory=dict, validation_alias="CHATCHAIN_PRICES")
+    """``CHATCHAIN_PRICES``: your prices in USD per million tokens, which win over the price
+    tables, as JSON: ``{"my-model": {"input": 0.5, "output": 1.5, "cached_input": 0.25}}``."""
+
+    budget_session_usd: float | None = Field(
+        default=None, ge=0, validation_alias="CHATCHAIN_BUDGET_SESSION_USD"
+    )
+    """``CHATCHAIN_BUDGET_SESSION_USD``: most USD one session may spend."""
+
+    budget_session_tokens: int | None = Field(
+        default=None, ge=0, validation_alias="CHATCHAIN_BUDGET_SESSION_TOKENS"
+    )
+    """``CHATCHAIN_BUDGET_SESSION_TOKENS``: most tokens one session may spend."""
+
+    budget_user_usd: float | None = Field(
+        default=None, ge=0, validation_alias="CHATCHAIN_BUDGET_USER_USD"
+    )
+    """``CHATCHAIN_BUDGET_USER_USD``: most USD one user (``user_id``) may spend."""
+
+    budget_user_tokens: int | None = Field(
+        default=None, ge=0, validation_alias="CHATCHAIN_BUDGET_USER_TOKENS"
+    )
+    """``CHATCHAIN_BUDGET_USER_TOKENS``: most tokens one user may spend."""
+
+    budget_total_usd: float | None = Field(
+        default=None, ge=0, validation_alias="CHATCHAIN_BUDGET_TOTAL_USD"
+    )
+    """``CHATCHAIN_BUDGET_TOTAL_USD``: most USD everything in the store may spend."""
+
+    budget_total_tokens: int | None = Field(
+        default=None, ge=0, validation_alias="CHATCHAIN_BUDGET_TOTAL_TOKENS"
+    )
+    """``CHATCHAIN_BUDGET_TOTAL_TOKENS``: most tokens everything in the store may spend."""
+
     @classmethod
     def load(cls, env_file: str | Path | None = ".env") -> Settings:
         """Read the settings from the environment and ``env_file``.
@@ -136,6 +172,23 @@ class Settings(BaseSettings):
             max_tokens=self.window_tokens,
             summarize=self.summarize and self.window_turns is not None,
         )
+
+    def budget(self) -> Budget:
+        """The spending caps these settings set (falsy when there are none)."""
+        from chatchain.usage import Budget
+
+        return Budget(
+            session_usd=self.budget_session_usd,
+            session_tokens=self.budget_session_tokens,
+            user_usd=self.budget_user_usd,
+            user_tokens=self.budget_user_tokens,
+            total_usd=self.budget_total_usd,
+            total_tokens=self.budget_total_tokens,
+        )
+
+    def pricer(self) -> Pricer:
+        """Prices for this endpoint, with ``CHATCHAIN_PRICES`` first."""
+        return Pricer(self.prices, self.base_url)
 
     def resolved_api_key(self) -> SecretStr:
         """The key to send: the configured one, or a placeholder for a local server.

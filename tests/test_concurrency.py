@@ -119,4 +119,4 @@ def test_reset_waits_for_the_running_turn(settings: Settings) -> None:
     bot.reset("s")  # must not slip between the turn's load and save
     worker.join()
     assert bot.history("s") == []
-    assert bot.usage("s").turns == 0
+    assert bot.usage("s").turns == 1  # the turn finished first, and its spending stays

@@ -61,7 +61,7 @@ def test_info_delete_and_prune(bot: Chatbot) -> None:
     assert info.message_count == 2
     assert bot.prune(timedelta(seconds=0.03)) == ["old"]
     assert bot.sessions() == ["new"]
-    assert bot.usage("old").turns == 0
+    assert bot.usage("old").turns == 1  # pruning keeps what the session spent
     bot.delete("new")
     assert bot.sessions() == []
     assert bot.session_info("new") is None

@@ -1,6 +1,17 @@
-import threading
+"""Usage sums, the ledger's report, and where prices come from."""
 
-from chatchain import Usage, UsageLedger
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from chatchain import ModelPrice, Usage, UsageEntry, UsageLedger
+from chatchain.pricing import Pricer
+
+DAY1 = datetime(2026, 3, 1, 23, 30, tzinfo=timezone.utc)
+DAY2 = DAY1 + timedelta(hours=1)
 
 
 def test_sum_adds_every_count_and_keeps_unknown_cost_unknown() -> None:
@@ -29,18 +40,26 @@ def test_sum_adds_every_count_and_keeps_unknown_cost_unknown() -> None:
     assert total.cost_usd == 0.75
     assert total.model == "m"
     assert total.turns == 2
-    assert (a + Usage(cost_usd=None, turns=1, model="x")).cost_usd is None
-    assert (a + Usage(cost_usd=None, turns=1, model="x")).model is None
+    unknown = a + Usage(cost_usd=None, turns=1, model="x", unpriced=1)
+    assert unknown.cost_usd is None and unknown.unpriced == 1
+    assert unknown.model is None
     assert "cost unknown" in str(Usage(cost_usd=None))
+
+
+def test_entry_json_round_trip() -> None:
+    entry = UsageEntry(
+        "s", "m", 1, 2, 3, cached_tokens=1, cost_usd=None, user_id="ü", first_token_s=0.5
+    )
+    assert UsageEntry.from_json(entry.to_json()) == entry
+    assert entry.usage().unpriced == 1 and entry.usage().cost_usd is None
 
 
 def test_ledger_totals_are_exact_under_threads() -> None:
     ledger = UsageLedger()
-    one = Usage(total_tokens=3, turns=1, cost_usd=0.5)
 
     def record() -> None:
         for _ in range(500):
-            ledger.record("s", one)
+            ledger.record(UsageEntry("s", "m", total_tokens=3, cost_usd=0.5))
 
     threads = [threading.Thread(target=record) for _ in range(4)]
     for t in threads:
@@ -49,7 +68,129 @@ def test_ledger_totals_are_exact_under_threads() -> None:
         t.join()
     assert ledger.total("s").total_tokens == 6000
     assert ledger.total("s").turns == 2000
-    ledger.record("t", one)
+    assert ledger.total("s").cost_usd == pytest.approx(1000.0)
+    ledger.record(UsageEntry("t", "m", total_tokens=1, cost_usd=0.0))
     assert ledger.total().turns == 2001
-    ledger.forget("s")
-    assert ledger.total().turns == 1
+
+
+def _ledger() -> UsageLedger:
+    ledger = UsageLedger()
+    rows = [
+        ("a", "ann", "gpt-4o-mini", 100, 0.01, DAY1, False),
+        ("a", "ann", "gpt-4o-mini", 50, 0.005, DAY2, True),
+        ("b", "bob", "gpt-4o", 10, 0.1, DAY2, False),
+        ("b", "bob", "local", 7, None, DAY2, False),
+    ]
+    for sid, user, model, tokens, cost, at, summary in rows:
+        ledger.record(
+            UsageEntry(
+                sid,
+                model,
+                prompt_tokens=tokens,
+                total_tokens=tokens,
+                cost_usd=cost,
+                user_id=user,
+                at=at,
+                summary=summary,
+            )
+        )
+    return ledger
+
+
+def test_report_groups_by_any_keys() -> None:
+    ledger = _ledger()
+    by_session = ledger.report(by=["session"])
+    assert [
+        (r["session"], r["turns"], r["summaries"], r["total_tokens"]) for r in by_session.rows
+    ] == [
+        ("a", 1, 1, 150),
+        ("b", 2, 0, 17),
+    ]
+    assert by_session.rows[0]["cost_usd"] == pytest.approx(0.015)
+    assert by_session.rows[1]["cost_usd"] is None and by_session.rows[1]["unpriced"] == 1
+    by_day = ledger.report(by=["day"])
+    assert [(r["day"], r["total_tokens"]) for r in by_day.rows] == [
+        ("2026-03-01", 100),
+        ("2026-03-02", 67),
+    ]
+    by_model = ledger.report(by=["user", "model"])
+    assert [(r["user"], r["model"]) for r in by_model.rows] == [
+        ("ann", "gpt-4o-mini"),
+        ("bob", "gpt-4o"),
+        ("bob", "local"),
+    ]
+    assert ledger.report(by=["model"], user_id="ann").total.total_tokens == 150
+    assert ledger.report(by=[], since=DAY2).total.total_tokens == 67
+    with pytest.raises(ValueError, match="session, user, model or day"):
+        ledger.report(by=["colour"])  # type: ignore[list-item]
+
+
+def test_report_text_table() -> None:
+    text = str(_ledger().report(by=["session", "model"]))
+    lines = text.splitlines()
+    assert lines[0].split() == [
+        "session",
+        "model",
+        "turns",
+        "summaries",
+        "prompt",
+        "completion",
+        "total",
+        "cost",
+    ]
+    assert any(line.startswith("a ") and "$0.015000" in line for line in lines)
+    assert any("local" in line and "unknown (1 unpriced)" in line for line in lines)
+    assert lines[-1].startswith("TOTAL") and "unknown (1 unpriced)" in lines[-1]
+    assert "167" in lines[-1]
+
+
+def test_ledger_totals_by_user_and_session() -> None:
+    ledger = _ledger()
+    assert ledger.total(user_id="ann").total_tokens == 150
+    assert ledger.total("b", user_id="bob").total_tokens == 17
+    assert ledger.total("b", user_id="ann").total_tokens == 0
+    assert ledger.total().total_tokens == 167
+
+
+# -- prices ---------------------------------------------------------------------------------
+
+
+def test_known_model_is_priced_by_genai_prices() -> None:
+    price = Pricer().price("gpt-4o-mini", 1_000_000, 1_000_000)
+    # gpt-4o-mini lists at $0.15 per million input and $0.60 per million output tokens.
+    assert price.source == "genai-prices"
+    assert price.cost_usd == pytest.approx(0.75)
+
+
+def test_cached_tokens_are_priced_at_the_cache_rate() -> None:
+    full = Pricer().price("gpt-4o-mini", 1_000_000, 0).cost_usd
+    cached = Pricer().price("gpt-4o-mini", 1_000_000, 0, 1_000_000).cost_usd
+    assert full is not None and cached is not None and cached < full
+
+
+def test_dated_model_names_find_their_price() -> None:
+    price = Pricer().price("gpt-4o-mini-2024-07-18", 1000, 1000)
+    assert price.source == "genai-prices" and price.cost_usd
+
+
+def test_a_price_set_in_settings_wins() -> None:
+    pricer = Pricer({"gpt-4o-mini": ModelPrice(input=1.0, output=2.0)})
+    assert pricer.price("gpt-4o-mini", 1_000_000, 1_000_000).cost_usd == pytest.approx(3.0)
+    assert pricer.price("gpt-4o-mini", 1, 1).source == "settings"
+
+
+def test_unknown_model_is_unknown_not_zero() -> None:
+    price = Pricer().price("my-local-llama", 1000, 1000)
+    assert price.cost_usd is None and price.source is None
+    assert Pricer().price(None, 10, 10).cost_usd is None
+
+
+def test_community_price_is_the_last_resort() -> None:
+    price = Pricer().price("my-local-llama", 1000, 1000, community_cost=0.5)
+    assert price == type(price)(0.5, "langchain-community")
+
+
+def test_local_server_url_still_prices_openai_model_names() -> None:
+    pricer = Pricer(base_url="http://127.0.0.1:9/v1")
+    assert pricer.price("gpt-4o-mini", 1000, 0).source == "genai-prices"
+    assert pricer.price("llama3.2", 1000, 0).cost_usd is None
