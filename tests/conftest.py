@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from chatchain import Chatbot, Settings
 from chatchain.testing import FakeChatModel
 
-_ENV_VARS = [
-    name
-    for name in (
-        "OPENAI_API_KEY",
-        "OPENAI_BASE_URL",
-        "OPENAI_MODEL",
-        "CHATCHAIN_TEMPERATURE",
-        "CHATCHAIN_MAX_TOKENS",
-        "CHATCHAIN_TIMEOUT",
-        "CHATCHAIN_MAX_RETRIES",
-        "CHATCHAIN_FALLBACK_MODEL",
-        "CHATCHAIN_SYSTEM_PROMPT",
-        "CHATCHAIN_LOCK_TIMEOUT",
-    )
-]
-
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     # Tests must not read the developer's key or .env: run from an empty directory.
-    for name in _ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith(("OPENAI_", "CHATCHAIN_")):
+            monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
