@@ -31,10 +31,10 @@ from chatchain.errors import (
 )
 from chatchain.memory import HistoryWindow
 from chatchain.model import create_chat_model
+from chatchain.pricing import ModelPrice
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, MemoryStore, open_store
-from chatchain.pricing import ModelPrice
 from chatchain.usage import Budget, Usage, UsageEntry, UsageLedger, UsageReport
 
 __all__ = [

@@ -72,6 +72,13 @@ class Usage:
     """Summary calls included (their tokens and cost are in the totals above)."""
     unpriced: int = 0
     """Entries whose model has no known price; when above 0, ``cost_usd`` is ``None``."""
+    priced_cost_usd: float | None = None
+    """The cost of the priced entries alone (what a USD budget counts); ``cost_usd`` when
+    every entry has a price."""
+
+    def __post_init__(self) -> None:
+        if self.priced_cost_usd is None:
+            object.__setattr__(self, "priced_cost_usd", self.cost_usd or 0.0)
 
     def __add__(self, other: Usage) -> Usage:
         cost = (
@@ -92,6 +99,7 @@ class Usage:
             turns=self.turns + other.turns,
             summaries=self.summaries + other.summaries,
             unpriced=self.unpriced + other.unpriced,
+            priced_cost_usd=(self.priced_cost_usd or 0.0) + (other.priced_cost_usd or 0.0),
         )
 
     @property
@@ -264,7 +272,7 @@ def check_limit(
     """
     held_tokens = sum(h.tokens for h in held)
     held_usd = sum(h.cost_usd for h in held)
-    spent_usd = spent.cost_usd or 0.0
+    spent_usd = spent.priced_cost_usd or 0.0  # entries of unknown price cannot be counted
     over_tokens = (
         limit.max_tokens is not None
         and spent.total_tokens + held_tokens + hold.tokens > limit.max_tokens

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import asyncio
+from dataclasses import replace
 
 from chatchain import Chatbot, Reply, Settings
 from chatchain.testing import FakeChatModel

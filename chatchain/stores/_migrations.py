@@ -116,3 +116,77 @@ def m001_initial(conn: sqlite3.Connection) -> None:
         ) WITHOUT ROWID
         """
     )
+
+
+@migration
+def m002_usage_ledger(conn: sqlite3.Connection) -> None:
+    # The ledger: one row per turn or summary call, a column per UsageEntry field. Times are
+    # text as in m001 (fixed width, so text order is time order); booleans are 0/1; an
+    # unknown price is NULL. Sessions' rows never touch these tables: deleting or pruning a
+    # session keeps what it spent.
+    conn.execute(
+        """
+        CREATE TABLE usage (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            model TEXT,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            total_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL,
+            requests INTEGER NOT NULL,
+            cost_usd REAL,
+            price_source TEXT,
+            latency_s REAL NOT NULL,
+            first_token_s REAL,
+            summary INTEGER NOT NULL,
+            estimated INTEGER NOT NULL,
+            user_id TEXT,
+            at TEXT NOT NULL
+        )
+        """
+    )
+    # Each index ends in the time (and implicitly the rowid), so a filtered listing comes out
+    # of its index already in order: no sort.
+    conn.execute("CREATE INDEX usage_by_session ON usage (session_id, at)")
+    conn.execute("CREATE INDEX usage_by_user ON usage (user_id, at)")
+    conn.execute("CREATE INDEX usage_by_at ON usage (at)")
+    # Running sums per ("session", id), ("user", id) and ("all", ""), kept in the same
+    # transaction as the entries, so a total is one row read. cost_usd sums the priced
+    # entries only; unpriced counts the others (a total's cost is unknown when it is > 0).
+    conn.execute(
+        """
+        CREATE TABLE usage_totals (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            total_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+            requests INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL NOT NULL DEFAULT 0.0,
+            unpriced INTEGER NOT NULL DEFAULT 0,
+            latency_s REAL NOT NULL DEFAULT 0.0,
+            turns INTEGER NOT NULL DEFAULT 0,
+            summaries INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (scope, key)
+        ) WITHOUT ROWID
+        """
+    )
+    # Spending set aside for turns in flight; expires_at is a time as above.
+    conn.execute(
+        """
+        CREATE TABLE budget_holds (
+            id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            user_id TEXT,
+            tokens INTEGER NOT NULL,
+            cost_usd REAL NOT NULL,
+            expires_at TEXT NOT NULL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX budget_holds_by_session ON budget_holds (session_id)")
+    conn.execute("CREATE INDEX budget_holds_by_user ON budget_holds (user_id)")

@@ -10,6 +10,16 @@ Schema (``<prefix>`` is ``chatchain`` unless ``table_prefix`` says otherwise)::
     <prefix>_messages(session_id text -> sessions ON DELETE CASCADE, seq bigint,
                       message text, PK (session_id, seq))
     <prefix>_migrations(name text PK, applied_at timestamptz)
+    <prefix>_usage(id text PK, seq bigint identity, at timestamptz, session_id, user_id,
+                   model text, prompt/completion/total/cached/reasoning_tokens, requests bigint,
+                   cost_usd double NULL, price_source text, latency_s double,
+                   first_token_s double NULL, summary, estimated boolean)
+    <prefix>_usage_totals(scope text, key text, PK (scope, key), prompt/completion/total/
+                          cached/reasoning_tokens, requests bigint, cost_usd double (the
+                          priced entries' sum), unpriced bigint, latency_s double,
+                          turns, summaries bigint)
+    <prefix>_budget_holds(id text PK, session_id, user_id text, tokens bigint,
+                          cost_usd double, expires_at timestamptz)
 
 The tables are created by ordered, named migrations, each recorded in ``<prefix>_migrations``,
 under an advisory lock so that processes opening the store at once apply each migration once.
@@ -18,6 +28,18 @@ reorder keys for nothing). A session's messages are numbered ``0..message_count-
 append bumps ``message_count`` on the session row (which locks it until the commit) and
 inserts its messages under the numbers that returned, in one transaction. A window is one
 range read of the primary key; ``count`` reads only the session row.
+
+The usage ledger: an entry is one row of ``<prefix>_usage`` (indexed by session, user and
+time; ``seq`` keeps entries of the same moment in the order they were recorded). Recording
+inserts it and, only when the id is new, adds it to the running sums of its session, its user
+and ``"all"`` in ``<prefix>_usage_totals``, always in the order all, session, user so that
+concurrent recordings queue on those rows instead of deadlocking; it also drops the budget
+hold it replaces, all in one transaction. A total is then one primary-key read. Budget holds
+are checked and kept in one transaction under a transaction-level advisory lock of the prefix
+(in the two-key space, with second key 1: apart from the session locks, which use the
+one-key space, and from the schema lock, whose second key is 0); each limit's total and holds
+are read by one statement, so a hold that a concurrent commit turns into spending is counted
+once, either as the hold or in the total.
 
 One writer per session across processes: a turn holds a session-level advisory lock keyed by
 a 64-bit hash of the prefix and session id, on a connection it keeps out of the pool until
@@ -51,6 +73,7 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
+from dataclasses import fields
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,6 +82,15 @@ from langchain_core.messages import BaseMessage
 from chatchain._locks import SessionLocks, busy_error
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores._base import HistoryStore, SessionInfo, Summary, dump_message, load_message
+from chatchain.usage import (
+    BudgetHold,
+    BudgetLimit,
+    BudgetRefusal,
+    Scope,
+    Usage,
+    UsageEntry,
+    check_limit,
+)
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, Connection
@@ -109,6 +141,58 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
             )""",
         ],
     ),
+    (
+        "0002_usage_ledger",
+        [
+            """CREATE TABLE IF NOT EXISTS {usage} (
+                id text PRIMARY KEY,
+                seq bigint GENERATED ALWAYS AS IDENTITY,
+                at timestamptz NOT NULL,
+                session_id text NOT NULL,
+                user_id text,
+                model text,
+                prompt_tokens bigint NOT NULL,
+                completion_tokens bigint NOT NULL,
+                total_tokens bigint NOT NULL,
+                cached_tokens bigint NOT NULL,
+                reasoning_tokens bigint NOT NULL,
+                requests bigint NOT NULL,
+                cost_usd double precision,
+                price_source text,
+                latency_s double precision NOT NULL,
+                first_token_s double precision,
+                summary boolean NOT NULL,
+                estimated boolean NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS {usage_session_at} ON {usage} (session_id, at, seq)",
+            "CREATE INDEX IF NOT EXISTS {usage_user_at} ON {usage} (user_id, at, seq)",
+            "CREATE INDEX IF NOT EXISTS {usage_at} ON {usage} (at, seq)",
+            """CREATE TABLE IF NOT EXISTS {usage_totals} (
+                scope text NOT NULL,
+                key text NOT NULL,
+                prompt_tokens bigint NOT NULL,
+                completion_tokens bigint NOT NULL,
+                total_tokens bigint NOT NULL,
+                cached_tokens bigint NOT NULL,
+                reasoning_tokens bigint NOT NULL,
+                requests bigint NOT NULL,
+                cost_usd double precision NOT NULL,
+                unpriced bigint NOT NULL,
+                latency_s double precision NOT NULL,
+                turns bigint NOT NULL,
+                summaries bigint NOT NULL,
+                PRIMARY KEY (scope, key)
+            )""",
+            """CREATE TABLE IF NOT EXISTS {budget_holds} (
+                id text PRIMARY KEY,
+                session_id text NOT NULL,
+                user_id text,
+                tokens bigint NOT NULL,
+                cost_usd double precision NOT NULL,
+                expires_at timestamptz NOT NULL
+            )""",
+        ],
+    ),
 ]
 
 
@@ -129,7 +213,19 @@ class _Sql:
     def __init__(self, prefix: str) -> None:
         from psycopg import sql
 
-        tables = ("sessions", "messages", "migrations", "sessions_created", "sessions_updated")
+        tables = (
+            "sessions",
+            "messages",
+            "migrations",
+            "sessions_created",
+            "sessions_updated",
+            "usage",
+            "usage_session_at",
+            "usage_user_at",
+            "usage_at",
+            "usage_totals",
+            "budget_holds",
+        )
         names = {name: sql.Identifier(f"{prefix}_{name}") for name in tables}
 
         def q(text: str) -> Composed:
@@ -193,6 +289,182 @@ class _Sql:
             " ON CONFLICT (session_id) DO UPDATE"
             " SET summary = excluded.summary, summary_covers = excluded.summary_covers"
         )
+
+        # -- usage ledger --
+        entry_columns = ", ".join(_ENTRY_COLUMNS)
+        total_columns = ", ".join(_TOTAL_COLUMNS)
+        # RETURNING yields a row only when the id is new: then, and only then, add it up.
+        self.record_entry = q(
+            f"INSERT INTO {{usage}} ({entry_columns})"
+            f" VALUES ({', '.join(f'%({c})s' for c in _ENTRY_COLUMNS)})"
+            " ON CONFLICT (id) DO NOTHING RETURNING seq"
+        )
+        self.add_total = q(
+            f"INSERT INTO {{usage_totals}} AS t (scope, key, {total_columns})"
+            f" VALUES (%(scope)s, %(key)s, {', '.join(f'%({c})s' for c in _TOTAL_COLUMNS)})"
+            " ON CONFLICT (scope, key) DO UPDATE SET "
+            + ", ".join(f"{c} = t.{c} + excluded.{c}" for c in _TOTAL_COLUMNS)
+        )
+        self.usage_total = q(
+            f"SELECT {total_columns} FROM {{usage_totals}} WHERE scope = %s AND key = %s"
+        )
+        self.entries = q(f"SELECT {entry_columns} FROM {{usage}}")
+        self.entries_order = q(" ORDER BY at, seq")
+        self.release_hold = q("DELETE FROM {budget_holds} WHERE id = %s")
+        # Transaction-level, in the two-key space with second key 1: the session locks use
+        # the one-key space and the schema lock second key 0, so neither can collide.
+        self.budget_lock = q("SELECT pg_advisory_xact_lock(hashtext(%s), 1)")
+        # The server's clock, the one every process and machine shares.
+        self.expire_holds = q("DELETE FROM {budget_holds} WHERE expires_at <= clock_timestamp()")
+        # A scope's total and its holds in one statement, so in one snapshot: a hold that a
+        # concurrent commit turns into an entry is seen once, as the hold or in the total.
+        # One row per hold (hold columns NULL when there are none), the total on each.
+        held_by = {"session": "h.session_id = %(key)s", "user": "h.user_id = %(key)s"}
+        self.spending = {
+            scope: q(
+                f"SELECT {', '.join(f't.{c}' for c in _TOTAL_COLUMNS)},"
+                f" {', '.join(f'h.{c}' for c in _HOLD_COLUMNS)}"
+                " FROM (SELECT) AS one"
+                " LEFT JOIN {usage_totals} AS t ON t.scope = %(scope)s AND t.key = %(key)s"
+                f" LEFT JOIN {{budget_holds}} AS h ON {held_by.get(scope, 'true')}"
+                " ORDER BY h.id"
+            )
+            for scope in ("session", "user", "all")
+        }
+        self.keep_hold = q(
+            f"INSERT INTO {{budget_holds}} ({', '.join(_HOLD_COLUMNS)})"
+            f" VALUES ({', '.join(f'%({c})s' for c in _HOLD_COLUMNS)})"
+            " ON CONFLICT (id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in _HOLD_COLUMNS if c != "id")
+        )
+
+    def entries_where(
+        self,
+        session_id: str | None,
+        user_id: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> tuple[Composed, dict[str, Any]]:
+        """The `usage_entries` query for the filters given, and its parameters."""
+        from psycopg import sql
+
+        tests = {
+            "session_id = %(session_id)s": session_id,
+            "user_id = %(user_id)s": user_id,
+            "at >= %(since)s": since,
+            "at < %(until)s": until,
+        }
+        given = [sql.SQL(test) for test, value in tests.items() if value is not None]
+        where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(given) if given else sql.SQL("")
+        params = {
+            "session_id": session_id,
+            "user_id": user_id,
+            "since": None if since is None else _aware(since),
+            "until": None if until is None else _aware(until),
+        }
+        return sql.Composed([self.entries, where, self.entries_order]), params
+
+
+# The ledger's columns: every field of a `UsageEntry`, of a total, and of a `BudgetHold`.
+_ENTRY_COLUMNS = tuple(f.name for f in fields(UsageEntry))
+_TOTAL_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "requests",
+    "cost_usd",  # of the priced entries only
+    "unpriced",
+    "latency_s",
+    "turns",
+    "summaries",
+)
+_HOLD_COLUMNS = ("id", "session_id", "user_id", "tokens", "cost_usd", "expires_at")
+
+
+def _aware(moment: datetime) -> datetime:
+    """A time as the database keeps it: naive means UTC, as `utcnow` gives."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _entry_args(entry: UsageEntry) -> dict[str, Any]:
+    args = {name: getattr(entry, name) for name in _ENTRY_COLUMNS}
+    args["at"] = _aware(entry.at)
+    return args
+
+
+def _total_args(entry: UsageEntry) -> list[dict[str, Any]]:
+    """What ``entry`` adds to each of its totals, in the one order every recording locks them.
+
+    All, then session, then user: two transactions that add to the same rows take them in
+    the same order, so one waits for the other instead of deadlocking.
+    """
+    numbers = {
+        "prompt_tokens": entry.prompt_tokens,
+        "completion_tokens": entry.completion_tokens,
+        "total_tokens": entry.total_tokens,
+        "cached_tokens": entry.cached_tokens,
+        "reasoning_tokens": entry.reasoning_tokens,
+        "requests": entry.requests,
+        "cost_usd": 0.0 if entry.cost_usd is None else float(entry.cost_usd),
+        "unpriced": 1 if entry.cost_usd is None else 0,
+        "latency_s": float(entry.latency_s),
+        "turns": 0 if entry.summary else 1,
+        "summaries": 1 if entry.summary else 0,
+    }
+    scopes: list[tuple[Scope, str]] = [("all", ""), ("session", entry.session_id)]
+    if entry.user_id is not None:
+        scopes.append(("user", entry.user_id))
+    return [{"scope": scope, "key": key, **numbers} for scope, key in scopes]
+
+
+def _total(row: Sequence[Any] | None) -> Usage:
+    """The `Usage` of a totals row (its first columns), or zeros for no row."""
+    if row is None or row[0] is None:
+        return Usage()
+    v = dict(zip(_TOTAL_COLUMNS, row, strict=False))
+    unpriced = int(v["unpriced"])
+    return Usage(
+        prompt_tokens=int(v["prompt_tokens"]),
+        completion_tokens=int(v["completion_tokens"]),
+        total_tokens=int(v["total_tokens"]),
+        cached_tokens=int(v["cached_tokens"]),
+        reasoning_tokens=int(v["reasoning_tokens"]),
+        successful_requests=int(v["requests"]),
+        cost_usd=None if unpriced else float(v["cost_usd"]),
+        priced_cost_usd=float(v["cost_usd"]),
+        latency_s=float(v["latency_s"]),
+        turns=int(v["turns"]),
+        summaries=int(v["summaries"]),
+        unpriced=unpriced,
+    )
+
+
+def _entries(rows: list[Any]) -> list[UsageEntry]:
+    entries = []
+    for row in rows:
+        values = dict(zip(_ENTRY_COLUMNS, row, strict=True))
+        values["at"] = _utc(values["at"])
+        entries.append(UsageEntry(**values))
+    return entries
+
+
+def _hold_args(hold: BudgetHold) -> dict[str, Any]:
+    args = {name: getattr(hold, name) for name in _HOLD_COLUMNS}
+    args["expires_at"] = _aware(hold.expires_at)
+    return args
+
+
+def _check(limit: BudgetLimit, rows: list[Any], hold: BudgetHold) -> BudgetRefusal | None:
+    """`check_limit` on what a `_Sql.spending` statement read."""
+    n = len(_TOTAL_COLUMNS)
+    held = [
+        BudgetHold(session_id, int(tokens), float(cost), _utc(expires), user_id=user_id, id=hold_id)
+        for hold_id, session_id, user_id, tokens, cost, expires in (row[n:] for row in rows)
+        if hold_id is not None
+    ]
+    return check_limit(limit, _total(rows[0] if rows else None), held, hold)
 
 
 def _load_args(session_id: str, start: int, stop: int | None) -> dict[str, Any]:
@@ -578,6 +850,93 @@ class PostgresStore(HistoryStore):
 
     async def aset_summary(self, session_id: str, summary: Summary) -> None:
         await self._afetch(self._sql.set_summary, (session_id, summary.text, summary.covers))
+
+    # -- usage ledger ------------------------------------------------------------------------
+
+    def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        args = _entry_args(entry)
+        with self._connection() as conn, conn.transaction():
+            if conn.execute(self._sql.record_entry, args).fetchone() is not None:
+                with conn.cursor() as cursor:
+                    cursor.executemany(self._sql.add_total, _total_args(entry))
+            if release is not None:
+                conn.execute(self._sql.release_hold, (release,))
+
+    async def arecord_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        side = self._async_side()
+        await side.call(self._arecord_there(side, entry, release))
+
+    async def _arecord_there(
+        self, side: _AsyncSide, entry: UsageEntry, release: str | None
+    ) -> None:
+        args = _entry_args(entry)
+        async with self._aconnection(side) as conn, conn.transaction():
+            cursor = await conn.execute(self._sql.record_entry, args)
+            if await cursor.fetchone() is not None:
+                async with conn.cursor() as many:
+                    await many.executemany(self._sql.add_total, _total_args(entry))
+            if release is not None:
+                await conn.execute(self._sql.release_hold, (release,))
+
+    def usage_total(self, scope: Scope, key: str) -> Usage:
+        rows = self._fetch(self._sql.usage_total, (scope, key))
+        return _total(rows[0] if rows else None)
+
+    def usage_entries(
+        self,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageEntry]:
+        query, params = self._sql.entries_where(session_id, user_id, since, until)
+        return _entries(self._fetch(query, params))
+
+    def _budget_key(self) -> str:
+        return f"{self.table_prefix} budgets"
+
+    def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
+        with self._connection() as conn, conn.transaction():
+            # Its own statement: each statement after it reads a snapshot taken once the
+            # lock is ours, so it sees every hold kept before.
+            conn.execute(self._sql.budget_lock, (self._budget_key(),))
+            conn.execute(self._sql.expire_holds)
+            for limit in limits:
+                read = {"scope": limit.scope, "key": limit.key}
+                rows = conn.execute(self._sql.spending[limit.scope], read).fetchall()
+                refusal = _check(limit, rows, hold)
+                if refusal is not None:
+                    return refusal
+            conn.execute(self._sql.keep_hold, _hold_args(hold))
+        return None
+
+    async def ahold_budget(
+        self, hold: BudgetHold, limits: Sequence[BudgetLimit]
+    ) -> BudgetRefusal | None:
+        side = self._async_side()
+        return await side.call(self._abudget_there(side, hold, list(limits)))
+
+    async def _abudget_there(
+        self, side: _AsyncSide, hold: BudgetHold, limits: list[BudgetLimit]
+    ) -> BudgetRefusal | None:
+        async with self._aconnection(side) as conn, conn.transaction():
+            await conn.execute(self._sql.budget_lock, (self._budget_key(),))
+            await conn.execute(self._sql.expire_holds)
+            for limit in limits:
+                read = {"scope": limit.scope, "key": limit.key}
+                cursor = await conn.execute(self._sql.spending[limit.scope], read)
+                refusal = _check(limit, await cursor.fetchall(), hold)
+                if refusal is not None:
+                    return refusal
+            await conn.execute(self._sql.keep_hold, _hold_args(hold))
+        return None
+
+    def release_budget(self, hold_id: str) -> None:
+        self._fetch(self._sql.release_hold, (hold_id,))
+
+    async def arelease_budget(self, hold_id: str) -> None:
+        await self._afetch(self._sql.release_hold, (hold_id,))
 
     # -- one writer per session --------------------------------------------------------------
 

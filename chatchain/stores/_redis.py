@@ -16,14 +16,36 @@ match a SCAN pattern meant for another; the raw id is kept in the sorted sets:
   and by last write, for `sessions` and `prune`.
 - ``<prefix>:lock:<id>``: the session's cross-process lock, a `redis.lock.Lock`.
 
+The usage ledger (see `chatchain.usage`), where ``<scope>`` is ``session``, ``user`` or
+``all`` and ``<key>`` the percent-encoded session or user id (empty for ``all``). Deleting or
+pruning a session leaves its spending in the ledger:
+
+- ``<prefix>:usage:entries``: HASH of entry id -> entry JSON (`UsageEntry.to_json`); the
+  entry ids recorded, so recording one twice is seen and changes nothing.
+- ``<prefix>:usage:at:<scope>:<key>``: ZSETs of the scope's entries scored by their time
+  (microseconds since the epoch), so ``since``/``until`` is one range read. Members are
+  ``<sequence>:<entry id>``, the sequence (``<prefix>:usage:seq``, 16 digits) keeping entries
+  of the same microsecond in the order they were recorded.
+- ``<prefix>:usage:total:<scope>:<key>``: HASH of running sums (tokens, requests, turns,
+  summaries, ``unpriced``, and ``cost`` of the priced entries and ``latency`` as exact
+  doubles), so a total is one read however long the ledger.
+- ``<prefix>:holds``: HASH of budget hold id -> ``{"t": tokens, "c": usd, "i": [indexes]}``;
+  ``<prefix>:holds:expiry``: ZSET of hold ids scored by expiry; ``<prefix>:holds:session:<id>``
+  and ``<prefix>:holds:user:<id>``: SETs of the hold ids of a session and of a user (the
+  record's ``i``).
+
 Writes that touch several keys run as one MULTI/EXEC transaction: if the connection drops
-before EXEC, Redis discards the lot. The clients never retry on their own, because a write
-whose reply was lost may have been applied and must not be applied twice.
+before EXEC, Redis discards the lot. The ledger's writes are Lua scripts, for the same
+all-or-nothing plus decisions taken inside (a duplicate entry, a budget check that spans
+processes); each does its first write before any other so that a server out of memory
+refuses the whole script. The clients never retry on their own, because a write whose reply
+was lost may have been applied and must not be applied twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import threading
@@ -52,11 +74,13 @@ from chatchain.stores._base import (
     load_message,
     utcnow,
 )
+from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
 
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
     import redis.asyncio.lock
+    import redis.commands.core
     import redis.lock
 
     _Pipeline = redis.client.Pipeline | redis.asyncio.client.Pipeline
@@ -77,6 +101,127 @@ _IO_TIMEOUT_S = 15.0
 # Turns of one process queue on SessionLocks; only turns of other processes poll the key.
 _FIRST_POLL_S = 0.001
 _POLL_S = 0.05
+
+# -- the ledger's scripts ----------------------------------------------------------------------
+# Each runs atomically on the server. Numbers cross into Lua as strings and go back out as
+# strings: Lua's own number-to-string conversion keeps 14 digits, and a number it returns is
+# truncated to an integer. Costs and latencies add up as doubles, as `Usage.__add__` does, and
+# are kept with 17 digits, which read back as the very same double.
+
+# Forget a hold: its record, its expiry and its session's and user's index entries.
+_DROP_HOLD = """
+local function drop_hold(holds, expiry, id)
+  local record = redis.call('HGET', holds, id)
+  if not record then return end
+  for _, index in ipairs(cjson.decode(record).i) do redis.call('SREM', index, id) end
+  redis.call('HDEL', holds, id)
+  redis.call('ZREM', expiry, id)
+end
+"""
+
+# KEYS: entries, seq, holds, holds expiry, then (time index, totals) per scope of the entry.
+# ARGV: entry id, entry JSON, time (us), hold to drop ('' for none), cost ('' when unpriced),
+#       latency, then (field, increment) pairs of the integer sums.
+_RECORD = (
+    _DROP_HOLD
+    + """
+local entries, seq, holds, expiry = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id, release = ARGV[1], ARGV[4]
+if redis.call('HEXISTS', entries, id) == 1 then
+  if release ~= '' then drop_hold(holds, expiry, release) end
+  return 0
+end
+-- The first write: a server out of memory refuses it, and so the whole script.
+redis.call('HSET', entries, id, ARGV[2])
+if release ~= '' then drop_hold(holds, expiry, release) end
+local member = string.format('%016d:', redis.call('INCR', seq)) .. id
+local function add(totals, field, amount)
+  local sum = tonumber(redis.call('HGET', totals, field) or '0') + tonumber(amount)
+  redis.call('HSET', totals, field, string.format('%.17g', sum))
+end
+for k = 5, #KEYS, 2 do
+  local totals = KEYS[k + 1]
+  redis.call('ZADD', KEYS[k], ARGV[3], member)
+  for a = 7, #ARGV, 2 do redis.call('HINCRBY', totals, ARGV[a], ARGV[a + 1]) end
+  add(totals, 'latency', ARGV[6])
+  if ARGV[5] ~= '' then add(totals, 'cost', ARGV[5]) end
+end
+return 1
+"""
+)
+
+# `chatchain.usage.check_limit` for each limit, then keep the hold if all of them pass.
+# KEYS: holds, holds expiry, then (totals, hold index) per limit, then the new hold's indexes.
+# ARGV: now (us), hold id, hold record, expiry (us), tokens, usd, number of limits, then
+#       (kind: 'all' or 'set', max tokens or '', max usd or '') per limit.
+# Returns nil when the hold is kept, else the (1-based) limit passed and the spending seen.
+_HOLD = (
+    _DROP_HOLD
+    + """
+local holds, expiry, id = KEYS[1], KEYS[2], ARGV[2]
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', ARGV[1])) do
+  drop_hold(holds, expiry, dead)
+end
+local tokens, usd, n = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+for i = 1, n do
+  local totals, index = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local kind, max_tokens, max_usd = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
+  local records
+  if kind == 'all' then
+    records = redis.call('HVALS', holds)
+  else
+    records = {}
+    for _, other in ipairs(redis.call('SMEMBERS', index)) do
+      local record = redis.call('HGET', holds, other)
+      if record then records[#records + 1] = record end
+    end
+  end
+  local held_tokens, held_usd = 0, 0
+  for _, record in ipairs(records) do
+    local hold = cjson.decode(record)
+    held_tokens = held_tokens + tonumber(hold.t)
+    held_usd = held_usd + tonumber(hold.c)
+  end
+  local spent = redis.call('HMGET', totals, 'total', 'cost')
+  local spent_tokens = tonumber(spent[1] or '0')
+  -- As check_limit reads `Usage.priced_cost_usd`: what the priced entries cost.
+  local spent_usd = tonumber(spent[2] or '0')
+  if (max_tokens ~= '' and spent_tokens + held_tokens + tokens > tonumber(max_tokens))
+    or (max_usd ~= '' and spent_usd + held_usd + usd > tonumber(max_usd)) then
+    return {tostring(i), string.format('%.0f', spent_tokens), string.format('%.17g', spent_usd),
+      string.format('%.0f', held_tokens), string.format('%.17g', held_usd)}
+  end
+end
+drop_hold(holds, expiry, id)  -- the same hold kept again replaces itself
+redis.call('HSET', holds, id, ARGV[3])
+redis.call('ZADD', expiry, ARGV[4], id)
+for k = 3 + 2 * n, #KEYS do redis.call('SADD', KEYS[k], id) end
+return false
+"""
+)
+
+# KEYS: holds, holds expiry. ARGV: hold id.
+_RELEASE = (
+    _DROP_HOLD
+    + """
+drop_hold(KEYS[1], KEYS[2], ARGV[1])
+return 0
+"""
+)
+
+# The integer sums of a total, as `UsageEntry.usage` counts them, and the HASH fields of all.
+_INT_FIELDS = (
+    "prompt",
+    "completion",
+    "total",
+    "cached",
+    "reasoning",
+    "requests",
+    "turns",
+    "summaries",
+    "unpriced",
+)
+_TOTAL_FIELDS = (*_INT_FIELDS, "cost", "latency")
 
 
 def _micros(moment: datetime) -> int:
@@ -182,6 +327,14 @@ class RedisStore(HistoryStore):
             ) from None
         self._created = f"{prefix}:created"
         self._updated = f"{prefix}:updated"
+        self._entries = f"{prefix}:usage:entries"
+        self._seq = f"{prefix}:usage:seq"
+        self._holds = f"{prefix}:holds"
+        self._expiry = f"{prefix}:holds:expiry"
+        # Script objects send EVALSHA, and the script itself once if the server lacks it.
+        self._record_script = self._client.register_script(_RECORD)
+        self._hold_script = self._client.register_script(_HOLD)
+        self._release_script = self._client.register_script(_RELEASE)
         self._locks = SessionLocks(lock_timeout)
         self._guard = threading.Lock()
         self._aclients: dict[
@@ -440,6 +593,184 @@ class RedisStore(HistoryStore):
         key = self._key("meta", session_id)
         fields = {"summary": summary.text, "covers": summary.covers}
         await self._arun(lambda pipe: pipe.hset(key, mapping=fields), transaction=False)
+
+    # -- usage ledger ------------------------------------------------------------------------
+
+    def _eval(self, script: redis.commands.core.Script, keys: list[str], args: list[str]) -> Any:
+        with self._failures():
+            return script(keys=keys, args=args)
+
+    async def _aeval(self, script: str, keys: list[str], args: list[str]) -> Any:
+        with self._failures():
+            client = await self._aclient()
+            return await client.register_script(script)(keys=keys, args=args)
+
+    def _record_call(self, entry: UsageEntry, release: str | None) -> tuple[list[str], list[str]]:
+        """The keys and arguments of `_RECORD` for ``entry``."""
+        scopes: list[tuple[Scope, str]] = [("all", ""), ("session", entry.session_id)]
+        if entry.user_id is not None:
+            scopes.append(("user", entry.user_id))
+        keys = [self._entries, self._seq, self._holds, self._expiry]
+        for scope, key in scopes:
+            keys += [self._key(f"usage:at:{scope}", key), self._key(f"usage:total:{scope}", key)]
+        usage = entry.usage()
+        sums = (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            usage.successful_requests,
+            usage.turns,
+            usage.summaries,
+            usage.unpriced,
+        )
+        args = [
+            entry.id,
+            entry.to_json(),
+            str(_micros(entry.at)),
+            release or "",
+            "" if entry.cost_usd is None else repr(float(entry.cost_usd)),
+            repr(float(entry.latency_s)),
+        ]
+        for field, amount in zip(_INT_FIELDS, sums, strict=True):
+            args += [field, str(int(amount))]
+        return keys, args
+
+    def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        keys, args = self._record_call(entry, release)
+        self._eval(self._record_script, keys, args)
+
+    async def arecord_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        keys, args = self._record_call(entry, release)
+        await self._aeval(_RECORD, keys, args)
+
+    def usage_total(self, scope: Scope, key: str) -> Usage:
+        totals = self._key(f"usage:total:{scope}", key)
+        [values] = self._run(
+            lambda pipe: pipe.hmget(totals, list(_TOTAL_FIELDS)), transaction=False
+        )
+        try:
+            sums = dict(zip(_TOTAL_FIELDS, values, strict=True))
+            ints = {field: int(sums[field] or 0) for field in _INT_FIELDS}
+            cost = float(sums["cost"] or 0)
+            return Usage(
+                prompt_tokens=ints["prompt"],
+                completion_tokens=ints["completion"],
+                total_tokens=ints["total"],
+                cached_tokens=ints["cached"],
+                reasoning_tokens=ints["reasoning"],
+                successful_requests=ints["requests"],
+                cost_usd=None if ints["unpriced"] else cost,
+                priced_cost_usd=cost,
+                latency_s=float(sums["latency"] or 0),
+                turns=ints["turns"],
+                summaries=ints["summaries"],
+                unpriced=ints["unpriced"],
+            )
+        except ValueError as exc:
+            raise self._corrupt_ledger(exc) from exc
+
+    def usage_entries(
+        self,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageEntry]:
+        # The narrowest index at hand; a session's entries are then filtered by user here.
+        if session_id is not None:
+            index = self._key("usage:at:session", session_id)
+        elif user_id is not None:
+            index = self._key("usage:at:user", user_id)
+        else:
+            index = self._key("usage:at:all", "")
+        low = "-inf" if since is None else str(_micros(since))
+        high = "+inf" if until is None else f"({_micros(until)}"
+        [members] = self._run(lambda pipe: pipe.zrangebyscore(index, low, high), transaction=False)
+        if not members:
+            return []
+        # Entries are never removed: every id listed in an index is in the hash.
+        ids = [member.partition(":")[2] for member in members]
+        [texts] = self._run(lambda pipe: pipe.hmget(self._entries, ids), transaction=False)
+        try:
+            entries = [UsageEntry.from_json(text) for text in texts]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise self._corrupt_ledger(exc) from exc
+        if user_id is not None:
+            entries = [e for e in entries if e.user_id == user_id]
+        return entries
+
+    def _corrupt_ledger(self, exc: Exception) -> StoreError:
+        return StoreError(
+            f"The usage ledger in the Redis history store at {self._where} holds data "
+            f"chatchain did not write ({exc!r}). Check what else writes keys under "
+            f"{self.prefix!r}:usage there."
+        )
+
+    def _hold_call(
+        self, hold: BudgetHold, limits: Sequence[BudgetLimit]
+    ) -> tuple[list[str], list[str]]:
+        """The keys and arguments of `_HOLD` for ``hold`` and ``limits``."""
+        indexes = [self._key("holds:session", hold.session_id)]
+        if hold.user_id is not None:
+            indexes.append(self._key("holds:user", hold.user_id))
+        tokens, usd = str(int(hold.tokens)), repr(float(hold.cost_usd))
+        record = {"t": tokens, "c": usd, "i": indexes}
+        keys = [self._holds, self._expiry]
+        args = [
+            str(_micros(utcnow())),
+            hold.id,
+            json.dumps(record, ensure_ascii=False, separators=(",", ":")),
+            str(_micros(hold.expires_at)),
+            tokens,
+            usd,
+            str(len(limits)),
+        ]
+        for limit in limits:
+            keys.append(self._key(f"usage:total:{limit.scope}", limit.key))
+            if limit.scope == "all":
+                keys.append(self._holds)  # every hold counts: the script reads them all
+            else:
+                keys.append(self._key(f"holds:{limit.scope}", limit.key))
+            args += [
+                "all" if limit.scope == "all" else "set",
+                "" if limit.max_tokens is None else str(int(limit.max_tokens)),
+                "" if limit.max_usd is None else repr(float(limit.max_usd)),
+            ]
+        return keys + indexes, args
+
+    def _refusal(self, limits: Sequence[BudgetLimit], reply: Any) -> BudgetRefusal | None:
+        if reply is None:
+            return None
+        try:
+            which, spent_tokens, spent_usd, held_tokens, held_usd = reply
+            return BudgetRefusal(
+                limits[int(which) - 1],
+                int(spent_tokens),
+                float(spent_usd),
+                int(held_tokens),
+                float(held_usd),
+            )
+        except (ValueError, TypeError, IndexError) as exc:
+            raise self._corrupt_ledger(exc) from exc
+
+    def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
+        keys, args = self._hold_call(hold, limits)
+        return self._refusal(limits, self._eval(self._hold_script, keys, args))
+
+    async def ahold_budget(
+        self, hold: BudgetHold, limits: Sequence[BudgetLimit]
+    ) -> BudgetRefusal | None:
+        keys, args = self._hold_call(hold, limits)
+        return self._refusal(limits, await self._aeval(_HOLD, keys, args))
+
+    def release_budget(self, hold_id: str) -> None:
+        self._eval(self._release_script, [self._holds, self._expiry], [hold_id])
+
+    async def arelease_budget(self, hold_id: str) -> None:
+        await self._aeval(_RELEASE, [self._holds, self._expiry], [hold_id])
 
     # -- one writer per session --------------------------------------------------------------
 

@@ -41,6 +41,15 @@ from chatchain.stores._base import (
     utcnow,
 )
 from chatchain.stores._migrations import migrate
+from chatchain.usage import (
+    BudgetHold,
+    BudgetLimit,
+    BudgetRefusal,
+    Scope,
+    Usage,
+    UsageEntry,
+    check_limit,
+)
 
 if TYPE_CHECKING:
     import sqlite3
@@ -88,6 +97,61 @@ def _path_from_url(url: str) -> Path:
 def _stamp(moment: datetime) -> str:
     # Fixed width (always microseconds, always +00:00), so text order is time order.
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:
+    """A scope's running total, read in ``conn``'s transaction (if any)."""
+    row = conn.execute(
+        """
+        SELECT prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens,
+               requests, cost_usd, unpriced, latency_s, turns, summaries
+        FROM usage_totals WHERE scope = ? AND key = ?
+        """,
+        (scope, key),
+    ).fetchone()
+    if row is None:
+        return Usage()
+    (
+        prompt,
+        completion,
+        total,
+        cached,
+        reasoning,
+        requests,
+        cost,
+        unpriced,
+        latency,
+        turns,
+        summaries,
+    ) = row
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
+        successful_requests=requests,
+        cost_usd=None if unpriced > 0 else cost,
+        priced_cost_usd=cost,
+        latency_s=latency,
+        turns=turns,
+        summaries=summaries,
+        unpriced=unpriced,
+    )
+
+
+def _read_holds(conn: sqlite3.Connection, scope: Scope, key: str) -> list[BudgetHold]:
+    """The holds that count for a scope (`BudgetHold.counts_for`), oldest first."""
+    sql = "SELECT session_id, tokens, cost_usd, expires_at, user_id, id FROM budget_holds"
+    params: tuple[str, ...] = ()
+    if scope == "session":
+        sql, params = sql + " WHERE session_id = ?", (key,)
+    elif scope == "user":
+        sql, params = sql + " WHERE user_id = ?", (key,)
+    return [
+        BudgetHold(sid, tokens, cost, datetime.fromisoformat(expires), user_id=uid, id=id_)
+        for sid, tokens, cost, expires, uid, id_ in conn.execute(sql + " ORDER BY rowid", params)
+    ]
 
 
 def _advice(exc: Exception) -> str:
@@ -389,6 +453,196 @@ class SQLiteStore(HistoryStore):
                 """,
                 (session_id, now, now, summary.text, summary.covers),
             )
+
+    # -- usage ledger ----------------------------------------------------------------------
+
+    def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        scopes: list[tuple[Scope, str]] = [("session", entry.session_id), ("all", "")]
+        if entry.user_id is not None:
+            scopes.append(("user", entry.user_id))
+        priced = entry.cost_usd is not None
+        added = (
+            entry.prompt_tokens,
+            entry.completion_tokens,
+            entry.total_tokens,
+            entry.cached_tokens,
+            entry.reasoning_tokens,
+            entry.requests,
+            entry.cost_usd if priced else 0.0,
+            0 if priced else 1,
+            entry.latency_s,
+            0 if entry.summary else 1,
+            1 if entry.summary else 0,
+        )
+        with self._write("record usage") as conn:
+            if release is not None:
+                conn.execute("DELETE FROM budget_holds WHERE id = ?", (release,))
+            inserted = conn.execute(
+                """
+                INSERT INTO usage (
+                    id, session_id, model, prompt_tokens, completion_tokens, total_tokens,
+                    cached_tokens, reasoning_tokens, requests, cost_usd, price_source,
+                    latency_s, first_token_s, summary, estimated, user_id, at
+                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (id) DO NOTHING
+                """,
+                (
+                    entry.id,
+                    entry.session_id,
+                    entry.model,
+                    entry.prompt_tokens,
+                    entry.completion_tokens,
+                    entry.total_tokens,
+                    entry.cached_tokens,
+                    entry.reasoning_tokens,
+                    entry.requests,
+                    entry.cost_usd,
+                    entry.price_source,
+                    entry.latency_s,
+                    entry.first_token_s,
+                    int(entry.summary),
+                    int(entry.estimated),
+                    entry.user_id,
+                    _stamp(entry.at),
+                ),
+            ).rowcount
+            if inserted != 1:  # recorded before (a retry): its totals already count it
+                return
+            conn.executemany(
+                """
+                INSERT INTO usage_totals (
+                    scope, key, prompt_tokens, completion_tokens, total_tokens, cached_tokens,
+                    reasoning_tokens, requests, cost_usd, unpriced, latency_s, turns, summaries
+                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (scope, key) DO UPDATE SET
+                    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                    completion_tokens = completion_tokens + excluded.completion_tokens,
+                    total_tokens = total_tokens + excluded.total_tokens,
+                    cached_tokens = cached_tokens + excluded.cached_tokens,
+                    reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+                    requests = requests + excluded.requests,
+                    cost_usd = cost_usd + excluded.cost_usd,
+                    unpriced = unpriced + excluded.unpriced,
+                    latency_s = latency_s + excluded.latency_s,
+                    turns = turns + excluded.turns,
+                    summaries = summaries + excluded.summaries
+                """,
+                [(scope, key, *added) for scope, key in scopes],
+            )
+
+    def usage_total(self, scope: Scope, key: str) -> Usage:
+        with self._connection("read a usage total") as conn:
+            return _read_total(conn, scope, key)
+
+    def usage_entries(
+        self,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageEntry]:
+        # Only fixed fragments go into the SQL; every value is a parameter.
+        where: list[str] = []
+        params: list[str] = []
+        if session_id is not None:
+            where.append("session_id = ?")
+            params.append(session_id)
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(_stamp(since))
+        if until is not None:
+            where.append("at < ?")
+            params.append(_stamp(until))
+        sql = (
+            "SELECT id, session_id, model, prompt_tokens, completion_tokens, total_tokens, "
+            "cached_tokens, reasoning_tokens, requests, cost_usd, price_source, latency_s, "
+            "first_token_s, summary, estimated, user_id, at FROM usage"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY at, rowid"  # entries of the same moment in the order recorded
+        with self._connection("read usage entries") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [
+            UsageEntry(
+                id=id_,
+                session_id=sid,
+                model=model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=total,
+                cached_tokens=cached,
+                reasoning_tokens=reasoning,
+                requests=requests,
+                cost_usd=cost,
+                price_source=source,
+                latency_s=latency,
+                first_token_s=first_token,
+                summary=bool(summary),
+                estimated=bool(estimated),
+                user_id=uid,
+                at=datetime.fromisoformat(at),
+            )
+            for (
+                id_,
+                sid,
+                model,
+                prompt,
+                completion,
+                total,
+                cached,
+                reasoning,
+                requests,
+                cost,
+                source,
+                latency,
+                first_token,
+                summary,
+                estimated,
+                uid,
+                at,
+            ) in rows
+        ]
+
+    def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
+        # One BEGIN IMMEDIATE transaction: SQLite's write lock keeps every other thread and
+        # process out between reading the spending and keeping the hold.
+        with self._write("hold a budget") as conn:
+            now = _stamp(utcnow())  # once we may write: a wait for the lock must not age it
+            conn.execute("DELETE FROM budget_holds WHERE expires_at <= ?", (now,))
+            for limit in limits:
+                spent = _read_total(conn, limit.scope, limit.key)
+                held = _read_holds(conn, limit.scope, limit.key)
+                refusal = check_limit(limit, spent, held, hold)
+                if refusal is not None:
+                    return refusal
+            conn.execute(
+                """
+                INSERT INTO budget_holds (id, session_id, user_id, tokens, cost_usd, expires_at)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (id) DO UPDATE SET
+                    session_id = excluded.session_id, user_id = excluded.user_id,
+                    tokens = excluded.tokens, cost_usd = excluded.cost_usd,
+                    expires_at = excluded.expires_at
+                """,
+                (
+                    hold.id,
+                    hold.session_id,
+                    hold.user_id,
+                    hold.tokens,
+                    hold.cost_usd,
+                    _stamp(hold.expires_at),
+                ),
+            )
+        return None
+
+    def release_budget(self, hold_id: str) -> None:
+        with self._write("release a budget hold") as conn:
+            conn.execute("DELETE FROM budget_holds WHERE id = ?", (hold_id,))
 
     # -- one writer per session ------------------------------------------------------------
 

@@ -144,16 +144,20 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
+def wipe(url: str, prefix: str = "chatchain") -> None:
+    """Drop every table a store of ``prefix`` creates (it recreates them when opened)."""
+    tables = ["messages", "sessions", "migrations", "usage", "usage_totals", "budget_holds"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS " + ", ".join(f"{prefix}_{t}" for t in tables))
+
+
 @pytest.fixture
 def postgres_store(postgres_url: str) -> Iterator[PostgresStore]:
     """A fresh, empty store (the default tables, as `open_store` opens them), dropped after."""
-    prefix = "chatchain"
+    wipe(postgres_url)  # also what earlier tests left through open_store(postgres_url)
     store = PostgresStore(postgres_url, lock_timeout=1.0)
     try:
         yield store
     finally:
         store.close()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(
-                f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_sessions, {prefix}_migrations"
-            )
+        wipe(postgres_url)

@@ -7,7 +7,7 @@ import multiprocessing
 import pytest
 from langchain_core.messages import BaseMessage
 
-from chatchain import Chatbot, Settings
+from chatchain import BudgetExceeded, Chatbot, Settings
 from chatchain.stores import open_store
 from chatchain.testing import FakeChatModel
 
@@ -67,4 +67,62 @@ def test_processes_on_the_same_sessions_lose_and_interleave_nothing(
                 assert mine == [q for q in expected if q.startswith(f"w{w}-")]
             store.delete(sid)
     finally:
+        store.close()
+
+
+BUDGET_TOKENS = 600
+
+
+def _budget_worker(url: str, worker: int, outcomes: multiprocessing.Queue[tuple[int, int]]) -> None:
+    settings = Settings(
+        api_key="sk-test",
+        store=url,
+        model="gpt-4o-mini",
+        max_tokens=20,
+        window_turns=None,
+        window_tokens=None,
+        summarize=False,
+        budget_total_tokens=BUDGET_TOKENS,
+    )
+    answered = refused = 0
+    with Chatbot(settings, llm=FakeChatModel(delay=0.005), system="S") as bot:
+        for turn in range(40):
+            try:
+                bot.chat(f"w{worker} question {turn}", session_id=f"b{worker}-{turn % 4}")
+                answered += 1
+            except BudgetExceeded:
+                refused += 1
+    outcomes.put((answered, refused))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+def test_processes_sharing_a_budget_cannot_overspend_it(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    request.getfixturevalue(f"{backend}_store")  # an empty store, ledger included
+    url = request.getfixturevalue(f"{backend}_url")
+    context = multiprocessing.get_context("spawn")
+    outcomes: multiprocessing.Queue[tuple[int, int]] = context.Queue()
+    processes = [context.Process(target=_budget_worker, args=(url, w, outcomes)) for w in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    results = [outcomes.get(timeout=5) for _ in processes]
+    answered = sum(a for a, _ in results)
+    store = open_store(url)
+    try:
+        total = store.usage_total("all", "")
+        assert total.total_tokens <= BUDGET_TOKENS
+        assert all(r > 0 for _, r in results)  # both processes met the cap
+        assert answered == total.turns == len(store.usage_entries())
+        # Every answered turn is stored, every refused one is not.
+        stored = sum(store.count(sid) for sid in store.sessions())
+        assert stored == 2 * answered
+        # The cap was used, not refused early: less than one turn's worth is left.
+        assert BUDGET_TOKENS - total.total_tokens < 100
+    finally:
+        for sid in store.sessions():
+            store.delete(sid)
         store.close()

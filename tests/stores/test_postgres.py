@@ -9,6 +9,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from multiprocessing.synchronize import Barrier, Event
 
 import psycopg
@@ -16,8 +18,9 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
-from chatchain.stores import Summary, open_store
+from chatchain.stores import Summary, _postgres, open_store
 from chatchain.stores._postgres import _MIGRATIONS, PostgresStore
+from chatchain.usage import BudgetHold, BudgetLimit, Scope, UsageEntry, total_of
 from tests.stores.fixtures_postgres import PostgresCluster, _free_port
 
 spawn = multiprocessing.get_context("spawn")
@@ -32,8 +35,9 @@ def prefix(postgres_url: str) -> Iterator[str]:
     """A table prefix of this test's own, whose tables are dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:10]}"
     yield name
+    tables = ["messages", "sessions", "migrations", "usage", "usage_totals", "budget_holds"]
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {name}_messages, {name}_sessions, {name}_migrations")
+        conn.execute(f"DROP TABLE IF EXISTS {', '.join(f'{name}_{t}' for t in tables)}")
 
 
 def applied_migrations(url: str, prefix: str) -> list[str]:
@@ -58,6 +62,155 @@ def test_reopening_applies_no_migration_twice_and_keeps_the_data(
         assert [m.content for m in again.load("s")] == ["q0", "a1", "q2"]
     finally:
         again.close()
+
+
+def _ledger_entries() -> list[UsageEntry]:
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    return [
+        UsageEntry("s", "m", 6, 4, 10, 1, 2, 1, 1e-5, "settings", 0.5, 0.125, user_id="u", at=t0),
+        UsageEntry("s", None, 3, 0, 3, requests=1, summary=True, estimated=True, at=t0),
+        UsageEntry("t", "m", total_tokens=7, cost_usd=0.1 + 0.2, at=t0 + timedelta(hours=1)),
+    ]
+
+
+def test_the_ledger_survives_a_new_store_object(postgres_url: str, prefix: str) -> None:
+    entries = _ledger_entries()
+    hold = BudgetHold("s", 50, 0.0, datetime.now(timezone.utc) + timedelta(minutes=5))
+    limit = BudgetLimit("all", "", max_tokens=100)
+    first = PostgresStore(postgres_url, table_prefix=prefix)
+    try:
+        for entry in entries:
+            first.record_usage(entry)
+        assert first.hold_budget(hold, [limit]) is None
+        scopes: list[tuple[Scope, str]] = [("all", ""), ("session", "s"), ("user", "u")]
+        totals = [first.usage_total(*scope) for scope in scopes]
+    finally:
+        first.close()
+    again = PostgresStore(postgres_url, table_prefix=prefix)
+    try:
+        assert again.usage_entries() == entries
+        assert [again.usage_total(*scope) for scope in scopes] == totals
+        assert again.usage_total("all", "") == replace(total_of(entries), model=None)
+        assert again.usage_total("session", "s").cost_usd is None  # one unpriced entry
+        assert again.usage_total("user", "u").cost_usd == 1e-5
+        assert again.usage_total("session", "t").cost_usd == 0.1 + 0.2  # floats kept exactly
+        # The hold is in the database too: 20 spent + 50 held leaves room for 30.
+        assert again.hold_budget(replace(hold, id="h2", tokens=31), [limit]) is not None
+        assert again.hold_budget(replace(hold, id="h3", tokens=30), [limit]) is None
+        again.record_usage(entries[0])  # already recorded: changes nothing
+        assert again.usage_total("all", "").total_tokens == 20
+    finally:
+        again.close()
+
+
+def test_a_database_of_the_previous_schema_gets_the_ledger(
+    postgres_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:  # a store as the release before the ledger made it
+        patch.setattr(_postgres, "_MIGRATIONS", _MIGRATIONS[:1])
+        old = PostgresStore(postgres_url, table_prefix=prefix)
+        old.append("s", conversation(2))
+        old.close()
+    assert applied_migrations(postgres_url, prefix) == ["0001_sessions_and_messages"]
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT to_regclass(%s)", (f"{prefix}_usage",)).fetchone() == (None,)
+    store = PostgresStore(postgres_url, table_prefix=prefix)
+    try:
+        assert applied_migrations(postgres_url, prefix) == [
+            "0001_sessions_and_messages",
+            "0002_usage_ledger",
+        ]
+        assert [m.content for m in store.load("s")] == ["q0", "a1"]  # the data survives
+        entries = _ledger_entries()
+        for entry in entries:
+            store.record_usage(entry)
+        assert store.usage_entries(session_id="s") == entries[:2]
+        assert store.usage_total("session", "s").total_tokens == 13
+    finally:
+        store.close()
+
+
+def test_entries_of_the_same_moment_are_listed_in_recording_order(
+    postgres_url: str, prefix: str
+) -> None:
+    store = PostgresStore(postgres_url, table_prefix=prefix)
+    try:
+        at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        entries = [UsageEntry("s", total_tokens=i, at=at, id=f"{9 - i}") for i in range(10)]
+        for entry in entries:
+            store.record_usage(entry)
+        assert store.usage_entries() == entries
+        naive = datetime(2026, 1, 1)  # naive times mean UTC, as they do for prune
+        assert store.usage_entries(since=naive) == entries
+        assert store.usage_entries(until=naive) == []
+    finally:
+        store.close()
+
+
+def _hold_many(
+    url: str, prefix: str, barrier: Barrier, worker: int, kept: multiprocessing.Queue[int]
+) -> None:
+    store = PostgresStore(url, table_prefix=prefix)
+    try:
+        barrier.wait(60)
+        limit = BudgetLimit("all", "", max_tokens=100)
+        mine = 0
+        for j in range(10):
+            hold = BudgetHold(
+                f"p{worker}-{j}", 10, 0.0, datetime.now(timezone.utc) + timedelta(minutes=5)
+            )
+            if store.hold_budget(hold, [limit]) is None:
+                mine += 1
+                # Half the kept holds turn into spending at once, as finished turns do.
+                if j % 2 == 0:
+                    entry = UsageEntry(hold.session_id, total_tokens=10, cost_usd=0.0)
+                    store.record_usage(entry, release=hold.id)
+        kept.put(mine)
+    finally:
+        store.close()
+
+
+def test_holds_of_many_processes_cannot_overspend(postgres_url: str, prefix: str) -> None:
+    barrier = spawn.Barrier(4)
+    kept: multiprocessing.Queue[int] = spawn.Queue()
+    processes = [
+        spawn.Process(target=_hold_many, args=(postgres_url, prefix, barrier, w, kept))
+        for w in range(4)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    assert sum(kept.get(timeout=5) for _ in processes) == 10
+    store = PostgresStore(postgres_url, table_prefix=prefix)
+    try:
+        # Each worker's kept holds are its first ones, so some turned into spending and
+        # some are still held: 100 tokens in all, and not one more.
+        assert 0 < store.usage_total("all", "").total_tokens < 100
+        one_more = BudgetHold("x", 1, 0.0, datetime.now(timezone.utc) + timedelta(minutes=1))
+        assert store.hold_budget(one_more, [BudgetLimit("all", "", max_tokens=100)]) is not None
+    finally:
+        store.close()
+    with psycopg.connect(postgres_url) as conn:  # the budget lock ended with its transactions
+        assert conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        ).fetchone() == (0,)
+
+
+def test_ledger_calls_on_a_closed_store_raise_store_error(postgres_store: PostgresStore) -> None:
+    postgres_store.close()
+    hold = BudgetHold("s", 1, 0.0, datetime.now(timezone.utc))
+    with pytest.raises(StoreError, match="closed"):
+        postgres_store.record_usage(UsageEntry("s"))
+    with pytest.raises(StoreError, match="closed"):
+        postgres_store.usage_total("all", "")
+    with pytest.raises(StoreError, match="closed"):
+        postgres_store.hold_budget(hold, [])
+    with pytest.raises(StoreError, match="closed"):
+        asyncio.run(postgres_store.ahold_budget(hold, []))
+    with pytest.raises(StoreError, match="closed"):
+        asyncio.run(postgres_store.arecord_usage(UsageEntry("s")))
 
 
 def _open_together(url: str, prefix: str, barrier: Barrier, sid: str) -> None:

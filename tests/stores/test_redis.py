@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import random
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import port_for
 import pytest
@@ -21,6 +26,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores import Summary, open_store
 from chatchain.stores._redis import RedisStore
+from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry, total_of
 from tests.stores.fixtures_redis import redis_server, url_of
 from tests.stores.test_contract import conversation
 
@@ -335,3 +341,227 @@ def test_server_killed_mid_turn_then_restarted(tmp_path: Path) -> None:
             store.append("s", [HumanMessage("q"), AIMessage("a")])
         assert asyncio.run(store.acount("s")) == 6
         store.close()
+
+
+# -- the usage ledger ---------------------------------------------------------------------------
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def spend(session: str, *, user: str | None = None, tokens: int = 10, **kw: Any) -> UsageEntry:
+    values: dict[str, Any] = {"cost_usd": tokens / 1e6, "latency_s": 0.1, "at": T0, **kw}
+    return UsageEntry(
+        session,
+        "gpt-4o-mini",
+        prompt_tokens=tokens,
+        total_tokens=tokens,
+        requests=1,
+        user_id=user,
+        **values,
+    )
+
+
+def budget_hold(session: str, *, user: str | None = None, tokens: int = 10) -> BudgetHold:
+    expires = datetime.now(timezone.utc) + timedelta(minutes=1)
+    return BudgetHold(session, tokens, tokens / 1e6, expires, user_id=user)
+
+
+def snapshot(url: str) -> dict[str, bytes | None]:
+    """Every key of the database and its serialized value."""
+    with redis.Redis.from_url(url) as client:
+        return {key.decode(): client.dump(key) for key in client.scan_iter()}  # type: ignore[misc]
+
+
+def test_ledger_survives_a_new_store_object(redis_store: RedisStore, redis_url: str) -> None:
+    recorded = [
+        spend("a", user="u", tokens=10),
+        spend("a", user="u", tokens=20, summary=True, at=T0 + timedelta(hours=1)),
+        spend("b", tokens=30, cost_usd=None, at=T0 + timedelta(days=1)),
+    ]
+    for e in recorded:
+        redis_store.record_usage(e)
+    kept = budget_hold("a", user="u", tokens=40)
+    limit = BudgetLimit("user", "u", max_tokens=100)
+    assert redis_store.hold_budget(kept, [limit]) is None
+    totals = {
+        scope: redis_store.usage_total(*scope)
+        for scope in [("session", "a"), ("session", "b"), ("user", "u"), ("all", "")]
+    }
+    redis_store.close()
+
+    again = RedisStore(redis_url)  # as after a restart, or in another process
+    try:
+        assert {scope: again.usage_total(*scope) for scope in totals} == totals
+        assert totals["session", "a"].cost_usd == pytest.approx(30e-6)
+        assert totals["all", ""].cost_usd is None and totals["all", ""].unpriced == 1
+        assert again.usage_entries() == recorded
+        assert again.usage_entries(user_id="u", since=T0 + timedelta(minutes=1)) == recorded[1:2]
+        # The other store's hold counts here: 30 spent + 40 held + 40 > 100.
+        refusal = again.hold_budget(budget_hold("a", user="u", tokens=40), [limit])
+        assert refusal is not None and (refusal.spent_tokens, refusal.held_tokens) == (30, 40)
+        again.record_usage(spend("a", user="u", tokens=5), release=kept.id)
+        assert again.hold_budget(budget_hold("a", user="u", tokens=65), [limit]) is None
+    finally:
+        again.close()
+
+
+def test_a_refused_hold_stores_nothing(redis_store: RedisStore, redis_url: str) -> None:
+    redis_store.record_usage(spend("a", user="u", tokens=50))
+    first = budget_hold("a", user="u", tokens=30)
+    limits = [BudgetLimit("session", "a", max_tokens=1000), BudgetLimit("user", "u", 0.0001, 100)]
+    assert redis_store.hold_budget(first, limits) is None
+    before = snapshot(redis_url)
+    assert set(before) >= {
+        "chatchain:holds",
+        "chatchain:holds:expiry",
+        "chatchain:holds:session:a",
+        "chatchain:holds:user:u",
+    }
+    refused = budget_hold("a", user="u", tokens=30)  # 50 + 30 + 30 > 100
+    refusal = redis_store.hold_budget(refused, limits)
+    assert refusal is not None and refusal.limit == limits[1]
+    assert (refusal.spent_tokens, refusal.held_tokens) == (50, 30)
+    assert refusal.spent_usd == pytest.approx(50e-6) and refusal.held_usd == pytest.approx(30e-6)
+    assert snapshot(redis_url) == before
+    with raw(redis_url) as client:
+        assert client.hkeys("chatchain:holds") == [first.id]
+        assert client.smembers("chatchain:holds:user:u") == {first.id}
+
+
+def test_ledger_keys_are_percent_encoded_and_holds_leave_none(
+    redis_store: RedisStore, redis_url: str
+) -> None:
+    ids = ["a", "a*", "*", "a:b", "a%3Ab", "", "a b", "名前 🙂"]
+    for sid in ids:
+        h = budget_hold(sid, user=sid)
+        assert redis_store.hold_budget(h, [BudgetLimit("session", sid, max_tokens=99)]) is None
+        with raw(redis_url) as client:
+            assert client.exists(f"chatchain:holds:user:{quote(sid, safe='')}") == 1
+        redis_store.record_usage(spend(sid, user=sid), release=h.id)
+    ledger = re.compile(r"chatchain:usage:(at|total):(all|session|user):[\w%.~-]*", re.ASCII)
+    with raw(redis_url) as client:
+        keys = set(client.scan_iter())
+        assert {k for k in keys if not ledger.fullmatch(k)} == {
+            "chatchain:usage:entries",
+            "chatchain:usage:seq",
+        }  # no hold key is left once every hold is released
+        assert len(keys) == 2 + 2 + 4 * len(ids)  # "all", and session and user per id
+    for sid in ids:
+        assert [e.user_id for e in redis_store.usage_entries(session_id=sid)] == [sid]
+        assert redis_store.usage_total("user", sid).turns == 1
+
+
+def test_entries_of_one_microsecond_keep_their_order(redis_store: RedisStore) -> None:
+    same = [spend("a", tokens=t) for t in (5, 3, 9, 1)]
+    for e in same:
+        redis_store.record_usage(e)
+    assert redis_store.usage_entries() == same
+    assert redis_store.usage_entries(since=T0, until=T0 + timedelta(microseconds=1)) == same
+    assert redis_store.usage_entries(until=T0) == []
+
+
+def test_totals_add_up_as_python_adds_floats(redis_store: RedisStore) -> None:
+    rng = random.Random(7)
+    for i in range(300):
+        cost = rng.random() * 1e-4
+        latency = rng.random() * 3
+        redis_store.record_usage(
+            spend("a", cost_usd=cost, latency_s=latency, at=T0 + timedelta(seconds=i))
+        )
+    total = redis_store.usage_total("session", "a")
+    assert total == replace(total_of(redis_store.usage_entries()), model=None)  # bit for bit
+    assert isinstance(total.cost_usd, float) and isinstance(total.latency_s, float)
+
+
+def test_ledger_out_of_memory_is_a_store_error_and_writes_nothing(
+    redis_store: RedisStore, redis_url: str
+) -> None:
+    redis_store.record_usage(spend("a"))
+    h = budget_hold("a", tokens=10)
+    assert redis_store.hold_budget(h, []) is None
+    before = snapshot(redis_url)
+    with raw(redis_url) as client:
+        client.config_set("maxmemory", "1")
+        try:
+            with pytest.raises(StoreError, match="maxmemory"):
+                redis_store.record_usage(spend("a", tokens=20), release=h.id)
+            with pytest.raises(StoreError, match="maxmemory"):
+                redis_store.hold_budget(budget_hold("b"), [])
+            with pytest.raises(StoreError, match="maxmemory"):
+                asyncio.run(redis_store.arecord_usage(spend("a", tokens=20), release=h.id))
+        finally:
+            client.config_set("maxmemory", "0")
+    assert snapshot(redis_url) == before  # the hold was not dropped without its entry
+    redis_store.record_usage(spend("a", tokens=20), release=h.id)
+    assert redis_store.usage_total("session", "a").total_tokens == 30
+
+
+def test_ledger_without_a_server_is_a_store_error() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{port_for.select_random()}/0")
+    limit = [BudgetLimit("all", "", max_tokens=1)]
+    calls: list[Callable[[], object]] = [
+        lambda: store.record_usage(spend("a")),
+        lambda: store.usage_total("all", ""),
+        lambda: store.usage_entries(),
+        lambda: store.hold_budget(budget_hold("a"), limit),
+        lambda: store.release_budget("h"),
+        lambda: asyncio.run(store.arecord_usage(spend("a"))),
+        lambda: asyncio.run(store.ahold_budget(budget_hold("a"), limit)),
+        lambda: asyncio.run(store.arelease_budget("h")),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError, match="Could not reach"):
+            call()
+    store.close()
+
+
+def test_scripts_are_sent_again_to_a_server_that_lost_them(
+    redis_store: RedisStore, redis_url: str
+) -> None:
+    limit = [BudgetLimit("session", "a", max_tokens=100)]
+
+    async def twins(h: BudgetHold) -> None:
+        assert await redis_store.ahold_budget(h, limit) is None
+        await redis_store.arecord_usage(spend("a", tokens=10), release=h.id)
+        await redis_store.arelease_budget(h.id)
+
+    for spent in (0, 20):
+        with raw(redis_url) as client:
+            client.script_flush()  # as after a restart without persistence of scripts
+        h = budget_hold("a", tokens=90 - spent)
+        assert redis_store.hold_budget(h, limit) is None
+        redis_store.record_usage(spend("a", tokens=10), release=h.id)
+        redis_store.release_budget(h.id)
+        with raw(redis_url) as client:
+            client.script_flush()
+        asyncio.run(twins(budget_hold("a", tokens=80 - spent)))
+    assert redis_store.usage_total("session", "a").total_tokens == 40
+
+
+def test_holds_of_separate_stores_cannot_overspend(redis_url: str) -> None:
+    stores = [RedisStore(redis_url) for _ in range(4)]  # separate pools, as if processes
+    limit = [BudgetLimit("user", "u", max_tokens=100)]
+    kept: list[BudgetHold] = []
+    barrier = threading.Barrier(len(stores))
+
+    def worker(store: RedisStore, i: int) -> None:
+        barrier.wait()
+        for j in range(10):
+            h = budget_hold(f"s{i}-{j}", user="u", tokens=10)
+            if store.hold_budget(h, limit) is None:
+                kept.append(h)
+
+    threads = [threading.Thread(target=worker, args=(s, i)) for i, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(kept) == 10
+        for h in kept:
+            stores[0].release_budget(h.id)
+        with raw(redis_url) as client:
+            assert client.exists("chatchain:holds", "chatchain:holds:user:u") == 0
+    finally:
+        for s in stores:
+            s.close()

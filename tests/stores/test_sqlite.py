@@ -10,6 +10,8 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from multiprocessing.synchronize import Event as SyncEvent
 from pathlib import Path
 
@@ -17,10 +19,14 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from chatchain import ConfigurationError, SessionBusyError, StoreError
-from chatchain.stores import _migrations, _sqlite, open_store
+from chatchain.stores import Summary, _migrations, _sqlite, open_store
 from chatchain.stores._sqlite import SQLiteStore, _path_from_url
+from chatchain.usage import BudgetHold, BudgetLimit, Scope, Usage, UsageEntry, total_of
 
 spawn = multiprocessing.get_context("spawn")
+
+# The schema steps this version ships, in order (append new ones; never edit or reorder).
+SHIPPED = ["m001_initial", "m002_usage_ledger"]
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -47,7 +53,7 @@ def test_migrations_are_recorded_and_applied_once(
     store.append("s", [HumanMessage("kept")])
     store.close()
     recorded = rows(path, "SELECT name, applied_at FROM _chatchain_migrations ORDER BY rowid")
-    assert [name for name, _ in recorded] == ["m001_initial"]
+    assert [name for name, _ in recorded] == SHIPPED
 
     SQLiteStore(path).close()  # reopening applies nothing again
     assert (
@@ -56,18 +62,18 @@ def test_migrations_are_recorded_and_applied_once(
 
     calls: list[str] = []
 
-    def m002_add_tags(conn: sqlite3.Connection) -> None:
-        calls.append("m002")
+    def m999_add_tags(conn: sqlite3.Connection) -> None:
+        calls.append("m999")
         conn.execute("CREATE TABLE tags (session_id TEXT, tag TEXT)")
 
-    monkeypatch.setattr(_migrations, "MIGRATIONS", [*_migrations.MIGRATIONS, m002_add_tags])
+    monkeypatch.setattr(_migrations, "MIGRATIONS", [*_migrations.MIGRATIONS, m999_add_tags])
     for _ in range(2):
         store = SQLiteStore(path)
         assert store.count("s") == 1  # the data survives migrations
         store.close()
-    assert calls == ["m002"]
+    assert calls == ["m999"]
     names = rows(path, "SELECT name FROM _chatchain_migrations ORDER BY rowid")
-    assert names == [("m001_initial",), ("m002_add_tags",)]
+    assert names == [(name,) for name in [*SHIPPED, "m999_add_tags"]]
 
 
 def test_a_failing_migration_changes_nothing(
@@ -76,15 +82,17 @@ def test_a_failing_migration_changes_nothing(
     path = tmp_path / "chat.db"
     SQLiteStore(path).close()
 
-    def m002_broken(conn: sqlite3.Connection) -> None:
+    def m999_broken(conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE half (x)")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(_migrations, "MIGRATIONS", [*_migrations.MIGRATIONS, m002_broken])
+    monkeypatch.setattr(_migrations, "MIGRATIONS", [*_migrations.MIGRATIONS, m999_broken])
     with pytest.raises(RuntimeError, match="migration bug"):
         SQLiteStore(path)
     assert rows(path, "SELECT name FROM sqlite_master WHERE name = 'half'") == []
-    assert rows(path, "SELECT name FROM _chatchain_migrations") == [("m001_initial",)]
+    assert rows(path, "SELECT name FROM _chatchain_migrations ORDER BY rowid") == [
+        (name,) for name in SHIPPED
+    ]
 
 
 def test_window_loads_and_counts_do_not_read_the_whole_session(
@@ -124,6 +132,162 @@ def test_window_loads_and_counts_do_not_read_the_whole_session(
         small, big = cost(call, "small"), cost(call, "big")
         assert big <= 2 * small + 5, (small, big)
     assert [m.content for m in store.load("big", -2)] == ["m19998", "m19999"]
+    store.close()
+
+
+# -- the usage ledger ----------------------------------------------------------------------------
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def in_a_minute(session_id: str, tokens: int, user_id: str | None = None) -> BudgetHold:
+    return BudgetHold(
+        session_id, tokens, 0.0, datetime.now(timezone.utc) + timedelta(minutes=1), user_id=user_id
+    )
+
+
+def test_the_ledger_survives_closing_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path)
+    entries = [
+        UsageEntry(
+            "a",
+            "gpt-4o-mini",
+            prompt_tokens=7,
+            completion_tokens=3,
+            total_tokens=10,
+            cached_tokens=2,
+            reasoning_tokens=1,
+            requests=1,
+            cost_usd=1.5e-5,
+            price_source="genai-prices",
+            latency_s=0.3,
+            first_token_s=0.1,
+            user_id="u",
+            at=T0,
+        ),
+        # Unpriced, a summary, estimated, no user; recorded in another time zone.
+        UsageEntry(
+            "a",
+            None,
+            prompt_tokens=5,
+            total_tokens=5,
+            summary=True,
+            estimated=True,
+            at=datetime(2026, 1, 1, 14, 0, 1, 7, tzinfo=timezone(timedelta(hours=2))),
+        ),
+        UsageEntry("b", "m", total_tokens=4, cost_usd=0.1 + 0.2, user_id="u", at=T0 + timedelta(1)),
+    ]
+    held = in_a_minute("a", 50)
+    assert store.hold_budget(held, []) is None
+    for entry in entries:
+        store.record_usage(entry)
+    scopes: list[tuple[Scope, str]] = [
+        ("session", "a"),
+        ("session", "b"),
+        ("user", "u"),
+        ("all", ""),
+    ]
+    before = {scope: store.usage_total(*scope) for scope in scopes}
+    store.close()
+
+    store = SQLiteStore(path)
+    listed = store.usage_entries()
+    assert listed == entries
+    assert all(e.at.utcoffset() == timedelta(0) for e in listed)  # aware, in UTC
+    assert listed[2].cost_usd == 0.1 + 0.2  # floats exactly as recorded
+    after = {scope: store.usage_total(*scope) for scope in scopes}
+    assert after == before
+    assert after[("all", "")] == replace(total_of(entries), model=None)
+    assert after[("session", "a")].cost_usd is None and after[("session", "a")].unpriced == 1
+    assert after[("user", "u")].cost_usd == 1.5e-5 + (0.1 + 0.2)
+    # The hold was kept in the file too: it still counts against the session.
+    refusal = store.hold_budget(in_a_minute("a", 1), [BudgetLimit("session", "a", max_tokens=65)])
+    assert refusal is not None and (refusal.spent_tokens, refusal.held_tokens) == (15, 50)
+    store.close()
+
+
+def test_a_file_of_the_schema_before_the_ledger_is_migrated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "chat.db"
+    with monkeypatch.context() as patch:  # the release before the ledger
+        patch.setattr(_migrations, "MIGRATIONS", _migrations.MIGRATIONS[:1])
+        old = SQLiteStore(path)
+        old.append("s", [HumanMessage("before the ledger")])
+        old.set_summary("s", Summary("a summary", 1))
+        old.close()
+    assert rows(path, "SELECT name FROM _chatchain_migrations") == [("m001_initial",)]
+    assert rows(path, "SELECT name FROM sqlite_master WHERE name = 'usage'") == []
+
+    store = SQLiteStore(path)
+    assert [m.content for m in store.load("s")] == ["before the ledger"]
+    assert store.get_summary("s") == Summary("a summary", 1)
+    assert store.usage_total("all", "") == Usage()
+    entry = UsageEntry("s", "m", total_tokens=3, cost_usd=0.001, at=T0)
+    store.record_usage(entry)
+    assert store.usage_entries(session_id="s") == [entry]
+    assert store.usage_total("session", "s").total_tokens == 3
+    store.close()
+    names = rows(path, "SELECT name FROM _chatchain_migrations ORDER BY rowid")
+    assert names == [(name,) for name in SHIPPED]
+
+
+def test_a_failed_record_keeps_nothing_and_not_even_drops_the_hold(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "chat.db")
+    limit = BudgetLimit("session", "s", max_tokens=100)
+    held = in_a_minute("s", 60)
+    assert store.hold_budget(held, [limit]) is None
+    # Fault injection: cap the file at its current size on the (only) pooled connection; the
+    # hold's DELETE fits, the entry (with overflow pages) does not.
+    (conn,) = store._idle
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    entry = UsageEntry("s", "m" * 50_000, total_tokens=30, cost_usd=0.0, at=T0)
+    with pytest.raises(StoreError, match="disk is full") as caught:
+        store.record_usage(entry, release=held.id)
+    assert str(store.path) in str(caught.value)
+    assert store.usage_entries() == []
+    assert store.usage_total("session", "s") == Usage()
+    assert store.hold_budget(in_a_minute("s", 41), [limit]) is not None  # 60 still held
+    # The failed connection was dropped; recording again works, and replaces the hold.
+    store.record_usage(replace(entry, model="m"), release=held.id)
+    assert store.usage_total("session", "s").total_tokens == 30
+    assert store.hold_budget(in_a_minute("s", 70), [limit]) is None
+    store.close()
+
+
+def test_totals_do_not_read_the_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = [0]
+
+    def counting(self: SQLiteStore) -> sqlite3.Connection:
+        conn = open_connection(self)
+
+        def tick() -> int:
+            steps[0] += 1
+            return 0
+
+        conn.set_progress_handler(tick, 10)
+        return conn
+
+    open_connection = SQLiteStore._open_connection
+    monkeypatch.setattr(SQLiteStore, "_open_connection", counting)
+    store = SQLiteStore(tmp_path / "chat.db")
+    for i in range(600):
+        session = "small" if i % 100 == 0 else "big"
+        store.record_usage(UsageEntry(session, "m", total_tokens=1, user_id=session, at=T0))
+
+    def cost(scope: Scope, key: str) -> int:
+        steps[0] = 0
+        store.usage_total(scope, key)
+        return steps[0]
+
+    small = cost("session", "small")
+    others: list[tuple[Scope, str]] = [("session", "big"), ("user", "big"), ("all", "")]
+    for scope, key in others:
+        assert cost(scope, key) <= 2 * small + 5, (scope, small)
+    assert store.usage_total("session", "big").turns == 594
+    assert store.usage_total("all", "").turns == 600
     store.close()
 
 
@@ -352,3 +516,29 @@ def test_a_cancelled_async_wait_gives_back_the_lease_it_was_taking(
         pass
     other.close()
     slow.close()
+
+
+def _take_holds(url: str, attempts: int, start: SyncEvent) -> None:
+    store = open_store(url, lock_timeout=30.0)
+    limit = BudgetLimit("all", "", max_tokens=100)
+    start.wait(30)
+    for i in range(attempts):
+        store.hold_budget(in_a_minute(f"{os.getpid()}-{i}", 10), [limit])
+    store.close()
+
+
+def test_holds_from_several_processes_cannot_overspend(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'chat.db'}"
+    open_store(url).close()
+    start = spawn.Event()
+    workers = [spawn.Process(target=_take_holds, args=(url, 15, start)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    start.set()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    # 60 attempts at 10 tokens under a cap of 100: exactly ten kept, whoever won them.
+    assert rows(tmp_path / "chat.db", "SELECT count(*), sum(tokens) FROM budget_holds") == [
+        (10, 100)
+    ]

@@ -249,3 +249,13 @@ def test_async_twins(store: HistoryStore) -> None:
 
     asyncio.run(main())
     assert store.usage_total("session", "a").total_tokens == 5
+
+
+def test_an_unpriced_entry_does_not_hide_the_priced_spending(store: HistoryStore) -> None:
+    store.record_usage(entry("a", cost_usd=0.008))
+    store.record_usage(entry("a", cost_usd=None, price_source=None))
+    total = store.usage_total("session", "a")
+    assert total.cost_usd is None and total.priced_cost_usd == pytest.approx(0.008)
+    limit = BudgetLimit("session", "a", max_usd=0.01)
+    assert store.hold_budget(hold("a", usd=0.005), [limit]) is not None
+    assert store.hold_budget(hold("a", usd=0.001), [limit]) is None
