@@ -65,6 +65,8 @@ def _run(bot: Chatbot) -> None:
         f"\nSession {session!r}: {len(bot.history(session))} messages stored, {total.turns} turns, "
         f"{total.prompt_tokens} prompt + {total.completion_tokens} completion tokens, cost {cost}."
     )
+    print("\nThe usage ledger, by session and model:\n")
+    print(bot.usage_report(by=["session", "model"]))
 
 
 def main() -> int:

@@ -11,6 +11,11 @@ def test_demo_runs_offline_and_says_so(capsys: pytest.CaptureFixture[str]) -> No
     assert "bot> (echo; I was sent 2 earlier messages) What's my name?" in out
     assert "first token" in out
     assert "Session 'dp123': 8 messages stored, 4 turns" in out
+    report = out.split("The usage ledger, by session and model:")[1].splitlines()
+    assert any(
+        line.startswith("dp123") and "gpt-4o-mini" in line and "$" in line for line in report
+    )
+    assert report[-1].startswith("TOTAL")
 
 
 def test_demo_reports_a_configuration_error_in_one_line(
