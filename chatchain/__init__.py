@@ -8,6 +8,8 @@ Example:
     'Hello Bob!'
 """
 
+import logging as _logging
+
 from chatchain._metering import get_openai_callback
 from chatchain.chain import ChatChain, create_chat_chain, get_message_history
 from chatchain.chatbot import AsyncReplyStream, Chatbot, Reply, ReplyStream
@@ -76,3 +78,6 @@ __all__ = [
     "get_openai_callback",
     "open_store",
 ]
+
+# A library's logger stays silent unless the application configures logging.
+_logging.getLogger("chatchain").addHandler(_logging.NullHandler())

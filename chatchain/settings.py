@@ -7,7 +7,7 @@ given in code win over both. Nothing here writes to ``os.environ``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -141,11 +141,13 @@ class Settings(BaseSettings):
     """``CHATCHAIN_BUDGET_TOTAL_TOKENS``: most tokens everything in the store may spend."""
 
     @classmethod
-    def load(cls, env_file: str | Path | None = ".env") -> Settings:
-        """Read the settings from the environment and ``env_file``.
+    def load(cls, env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+        """Read the settings from the environment and ``env_file``, then apply ``overrides``.
 
         Args:
             env_file: The ``.env`` file to read; a missing file is fine; ``None`` reads none.
+            overrides: Values by field name (e.g. ``model="gpt-4o"``) that win over both,
+                validated like the rest; ``None`` values are ignored.
 
         Returns:
             The settings.
@@ -154,10 +156,15 @@ class Settings(BaseSettings):
             ConfigurationError: A value is malformed; the message names the variable.
 
         Example:
-            >>> settings = Settings.load(env_file=None)
+            >>> Settings.load(env_file=None, temperature=0.2).temperature
+            0.2
         """
+        given = {name: value for name, value in overrides.items() if value is not None}
+        unknown = sorted(set(given) - set(cls.model_fields))
+        if unknown:
+            raise ConfigurationError(f"Unknown settings: {', '.join(unknown)}.")
         try:
-            return cls(_env_file=env_file)  # type: ignore[call-arg]
+            return cls(_env_file=env_file, **given)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigurationError(_explain(exc)) from None
 

@@ -23,6 +23,8 @@ __all__ = [
     "BudgetHold",
     "BudgetLimit",
     "BudgetRefusal",
+    "ReportKey",
+    "Scope",
     "Usage",
     "UsageEntry",
     "UsageLedger",

@@ -1,0 +1,387 @@
+"""The ``chatchain`` commands: chat, ask, sessions and usage (click)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar, cast, get_args
+
+import click
+from rich.console import Console
+
+from chatchain import Chatbot, InvalidInputError
+from chatchain.cli._chat import ChatLoop, line_reader, stream_reply
+from chatchain.cli._render import (
+    count,
+    notices,
+    sessions_table,
+    stdout_console,
+    transcript,
+    usage_line,
+    usage_table,
+)
+from chatchain.cli._setup import (
+    DATA_DIR_ENV,
+    data_dir,
+    errors_reported,
+    load_settings,
+    new_session_id,
+    open_settings_store,
+    session_infos,
+    store_bot,
+    use_endpoint,
+)
+from chatchain.usage import ReportKey
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _prompt_vars(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    prompt_vars = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE.")
+        prompt_vars[name.strip()] = text
+    return prompt_vars
+
+
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+    match = re.fullmatch(r"(\d+)([dhm])", value.strip())
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a duration like 30d, 12h or 90m.")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+def _report_keys(ctx: click.Context, param: click.Parameter, value: str) -> tuple[ReportKey, ...]:
+    keys = tuple(key.strip() for key in value.split(",") if key.strip())
+    known = get_args(ReportKey)
+    if not keys or any(key not in known for key in keys):
+        raise click.BadParameter(f"{value!r}: give a comma-separated list of {', '.join(known)}.")
+    return cast("tuple[ReportKey, ...]", keys)
+
+
+def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """One decorator adding ``options`` in the order given (as they are listed in --help)."""
+
+    def decorate(function: F) -> F:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+_store_options = _options(
+    click.option(
+        "--store",
+        metavar="URL",
+        help="Where sessions live: sqlite:///path, redis://..., postgresql://..., memory:// "
+        "(default: CHATCHAIN_STORE, else chat.db in the user's data folder).",
+    ),
+    click.option(
+        "--env-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Read settings from this file instead of ./.env.",
+    ),
+    click.option(
+        "--debug", is_flag=True, help="Show tracebacks and chatchain's log, not one error line."
+    ),
+)
+
+_model_options = _options(
+    click.option(
+        "--model", metavar="NAME", help="The model (default: OPENAI_MODEL, else gpt-4o-mini)."
+    ),
+    click.option("--system", help="The system prompt; may hold {variables}."),
+    click.option(
+        "--var",
+        "prompt_vars",
+        metavar="NAME=VALUE",
+        multiple=True,
+        callback=_prompt_vars,
+        help="A value for a {variable} of the system prompt (repeatable).",
+    ),
+    click.option("--temperature", type=float, help="Sampling temperature, 0 to 2."),
+    click.option(
+        "--user", metavar="ID", help="File the turns' usage (and budgets) under this user id."
+    ),
+    click.option("--offline", is_flag=True, help="Talk to chatchain's echo server, not a model."),
+)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=f"Settings come from the environment and .env (see the README). {DATA_DIR_ENV} "
+    "moves the user's data folder (default store and input history).",
+)
+@click.version_option(package_name="chatchain")
+def cli() -> None:
+    """Chat with an OpenAI-compatible model in the terminal; sessions and costs are kept."""
+
+
+@cli.command()
+@click.option("--session", "session_id", metavar="ID", help="Chat in this session.")
+@click.option("--new", is_flag=True, help="Start a new session (default: the latest one).")
+@_model_options
+@_store_options
+def chat(
+    session_id: str | None,
+    new: bool,
+    model: str | None,
+    system: str | None,
+    prompt_vars: dict[str, str],
+    temperature: float | None,
+    user: str | None,
+    offline: bool,
+    store: str | None,
+    env_file: Path | None,
+    debug: bool,
+) -> None:
+    """Chat interactively; replies stream as they arrive.
+
+    Without --session or --new, the chat goes on in the session written most recently (or a
+    new one). /help lists the commands; Ctrl-C stops a reply; Ctrl-D leaves.
+    """
+    if session_id is not None and new:
+        raise click.UsageError("--session and --new cannot be used together.")
+    console = stdout_console()
+    with errors_reported(debug) as report:
+        loaded = load_settings(
+            env_file, {"store": store, "model": model, "temperature": temperature}
+        )
+        report.remember_key(loaded)
+        with (
+            use_endpoint(loaded, offline, console) as settings,
+            closing(open_settings_store(settings)) as history_store,
+        ):
+            ChatLoop(
+                settings=settings,
+                store=history_store,
+                system=system,
+                prompt_vars=prompt_vars,
+                user_id=user,
+                session_id=new_session_id() if new else session_id,
+                read_line=line_reader(data_dir() / "history"),
+                console=console,
+                report=report,
+            ).run()
+
+
+@cli.command()
+@click.argument("question")
+@click.option("--session", "session_id", metavar="ID", help="Ask in this session (default: new).")
+@_model_options
+@_store_options
+def ask(
+    question: str,
+    session_id: str | None,
+    model: str | None,
+    system: str | None,
+    prompt_vars: dict[str, str],
+    temperature: float | None,
+    user: str | None,
+    offline: bool,
+    store: str | None,
+    env_file: Path | None,
+    debug: bool,
+) -> None:
+    """Ask one QUESTION ("-" reads it from stdin) and print the reply.
+
+    The reply streams when stdout is a terminal, else it is printed whole; the usage line
+    goes to stderr. Exit status: 0 on success, 1 on an error, 2 on a usage error.
+    """
+    if question == "-":
+        question = sys.stdin.read().strip()
+    status = Console(stderr=True, highlight=False)
+    with errors_reported(debug) as report:
+        loaded = load_settings(
+            env_file, {"store": store, "model": model, "temperature": temperature}
+        )
+        report.remember_key(loaded)
+        with (
+            use_endpoint(loaded, offline, status) as settings,
+            Chatbot(settings, system=system, prompt_vars=prompt_vars) as bot,
+        ):
+            session = session_id or new_session_id()
+            if not sys.stdout.isatty():
+                reply = bot.chat(question, session_id=session, user_id=user)
+                click.echo(reply.text)
+                notices(status, reply.notices)
+                status.print(usage_line(reply.usage, session), soft_wrap=True)
+            elif stream_reply(
+                bot,
+                question,
+                session_id=session,
+                user_id=user,
+                out=stdout_console(),
+                status=status,
+                show_session=True,
+            ):
+                raise click.exceptions.Exit(130)  # interrupted, as by SIGINT
+
+
+def _no_session(session_id: str) -> InvalidInputError:
+    return InvalidInputError(f"There is no session {session_id!r}: see chatchain sessions list.")
+
+
+@contextmanager
+def _managing(store: str | None, env_file: Path | None, debug: bool) -> Iterator[Chatbot]:
+    with errors_reported(debug) as report:
+        settings = load_settings(env_file, {"store": store})
+        report.remember_key(settings)
+        with store_bot(settings) as bot:
+            yield bot
+
+
+@cli.group()
+def sessions() -> None:
+    """List, show, export, import, delete and prune the stored sessions."""
+
+
+@sessions.command("list")
+@_store_options
+def list_sessions(store: str | None, env_file: Path | None, debug: bool) -> None:
+    """The sessions: id, messages, created and updated (local time)."""
+    with _managing(store, env_file, debug) as bot:
+        infos = session_infos(bot)
+        if not infos:
+            click.echo("No sessions yet.")
+            return
+        stdout_console().print(sessions_table(infos))
+
+
+@sessions.command()
+@click.argument("session_id", metavar="ID")
+@_store_options
+def show(session_id: str, store: str | None, env_file: Path | None, debug: bool) -> None:
+    """The transcript of session ID; interrupted replies are marked."""
+    with _managing(store, env_file, debug) as bot:
+        messages = bot.history(session_id)
+        if not messages:
+            raise _no_session(session_id)
+        transcript(stdout_console(), messages)
+
+
+@sessions.command()
+@click.argument("session_id", metavar="ID")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_store_options
+def export(
+    session_id: str, file: Path, store: str | None, env_file: Path | None, debug: bool
+) -> None:
+    """Write session ID to FILE as JSON (readable by you only)."""
+    with _managing(store, env_file, debug) as bot:
+        data = bot.export_session(session_id, file)
+        click.echo(
+            f"Exported session {session_id} ({count(len(data['messages']), 'message')}) to {file}."
+        )
+
+
+@sessions.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--as", "as_id", metavar="ID", help="Store it under this id.")
+@click.option("--replace", is_flag=True, help="Overwrite a session of that id.")
+@_store_options
+def import_(
+    file: Path,
+    as_id: str | None,
+    replace: bool,
+    store: str | None,
+    env_file: Path | None,
+    debug: bool,
+) -> None:
+    """Store the session exported to FILE."""
+    with _managing(store, env_file, debug) as bot:
+        session_id = bot.import_session(file, session_id=as_id, replace=replace)
+        info = bot.session_info(session_id)
+        messages = count(0 if info is None else info.message_count, "message")
+        click.echo(f"Imported session {session_id} ({messages}).")
+
+
+@sessions.command()
+@click.argument("session_id", metavar="ID")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_store_options
+def delete(
+    session_id: str, yes: bool, store: str | None, env_file: Path | None, debug: bool
+) -> None:
+    """Delete session ID (what it spent stays in the usage ledger)."""
+    with _managing(store, env_file, debug) as bot:
+        info = bot.session_info(session_id)
+        if info is None:
+            raise _no_session(session_id)
+        if not yes:
+            click.confirm(
+                f"Delete session {session_id} ({count(info.message_count, 'message')})?", abort=True
+            )
+        bot.delete(session_id)
+        click.echo(f"Deleted session {session_id}.")
+
+
+@sessions.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    metavar="DURATION",
+    callback=_duration,
+    required=True,
+    help="Idle for longer than this: 30d, 12h or 90m.",
+)
+@_store_options
+def prune(older_than: timedelta, store: str | None, env_file: Path | None, debug: bool) -> None:
+    """Delete the sessions idle for longer than --older-than."""
+    with _managing(store, env_file, debug) as bot:
+        deleted = bot.prune(older_than)
+        which = f": {', '.join(deleted)}" if deleted else "."
+        click.echo(f"Deleted {count(len(deleted), 'session')}{which}")
+
+
+@cli.command()
+@click.option(
+    "--by",
+    metavar="KEYS",
+    callback=_report_keys,
+    default="session,model,day",
+    show_default=True,
+    help="Group by any of session, user, model, day.",
+)
+@click.option("--session", "session_id", metavar="ID", help="Only this session.")
+@click.option("--user", "user_id", metavar="ID", help="Only this user.")
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    metavar="YYYY-MM-DD",
+    help="From this UTC day on.",
+)
+@_store_options
+def usage(
+    by: tuple[ReportKey, ...],
+    session_id: str | None,
+    user_id: str | None,
+    since: datetime | None,
+    store: str | None,
+    env_file: Path | None,
+    debug: bool,
+) -> None:
+    """What the turns cost: tokens and USD, by session, model and day."""
+    with _managing(store, env_file, debug) as bot:
+        report = bot.usage_report(
+            by,
+            session_id=session_id,
+            user_id=user_id,
+            since=None if since is None else since.replace(tzinfo=timezone.utc),
+        )
+        if not report.rows:
+            click.echo("No usage recorded.")
+            return
+        stdout_console().print(usage_table(report))

@@ -1,0 +1,132 @@
+"""How the terminal shows replies, usage, sessions and transcripts (with rich).
+
+Text from people and models is always printed as is: never read as rich markup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from langchain_core.messages import BaseMessage
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from chatchain import Usage, UsageReport
+from chatchain.stores import SessionInfo
+
+_SPEAKERS = {"human": ("you", "bold cyan"), "ai": ("assistant", "bold green")}
+
+
+def stdout_console() -> Console:
+    """Rich's console on stdout; on a pipe or a file, tables keep their natural width."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 1000
+    return console
+
+
+def count(number: int, noun: str) -> str:
+    """``number`` and ``noun``, plural unless it is 1.
+
+    Example:
+        >>> count(1, "turn"), count(2, "session")
+        ('1 turn', '2 sessions')
+    """
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def usage_line(usage: Usage, session_id: str | None = None) -> Text:
+    """The dim line after a reply: tokens, cost (never a silent $0), latency, first token.
+
+    Example:
+        >>> usage = Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23, cost_usd=None,
+        ...               latency_s=0.412, first_token_s=0.1)
+        >>> usage_line(usage).plain
+        '23 tokens (15 prompt + 8 completion), cost unknown, 0.41 s, first token 0.10 s'
+    """
+    parts = [
+        f"{usage.total_tokens} tokens ({usage.prompt_tokens} prompt + "
+        f"{usage.completion_tokens} completion)",
+        usage.cost_text,
+        f"{usage.latency_s:.2f} s",
+    ]
+    if usage.first_token_s is not None:
+        parts.append(f"first token {usage.first_token_s:.2f} s")
+    if session_id is not None:
+        parts.insert(0, f"session {session_id}")
+    return Text(", ".join(parts), style="dim")
+
+
+def notices(console: Console, texts: Sequence[str]) -> None:
+    """What the library says the user should know about a turn, one line each."""
+    for text in texts:
+        console.print(Text(f"note: {text}", style="yellow"), soft_wrap=True)
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def sessions_table(infos: Sequence[SessionInfo], current: str | None = None) -> Table:
+    """The sessions as a table: id, messages, created, updated (local time)."""
+    table = Table(
+        "session", "messages", "created", "updated", box=None, header_style="bold", pad_edge=False
+    )
+    table.columns[1].justify = "right"
+    for info in infos:
+        mark = " *" if info.session_id == current else ""
+        table.add_row(
+            Text(info.session_id + mark),
+            str(info.message_count),
+            _when(info.created_at),
+            _when(info.updated_at),
+        )
+    return table
+
+
+def transcript(console: Console, messages: Sequence[BaseMessage]) -> None:
+    """A session's messages, one speaker label each; interrupted replies are marked."""
+    for message in messages:
+        name, style = _SPEAKERS.get(message.type, (message.type, "bold"))
+        line = Text.assemble((f"{name}: ", style), message.text)
+        if message.response_metadata.get("interrupted"):
+            line.append(" (interrupted)", style="yellow")
+        console.print(line, soft_wrap=True)
+
+
+def _cost(cost: float | None) -> str:
+    return "unknown" if cost is None else f"${cost:.6f}"
+
+
+def usage_table(report: UsageReport) -> Table:
+    """A usage report's rows and its total as a table; an unknown cost reads ``unknown``."""
+    numbers = ("turns", "summaries", "prompt", "completion", "total", "cost")
+    table = Table(*report.by, box=None, header_style="bold", show_footer=True, pad_edge=False)
+    for name in numbers:
+        table.add_column(name, justify="right")
+    for row in report.rows:
+        table.add_row(
+            *(Text(str(row[key])) for key in report.by),
+            str(row["turns"]),
+            str(row["summaries"]),
+            f"{row['prompt_tokens']:,}",
+            f"{row['completion_tokens']:,}",
+            f"{row['total_tokens']:,}",
+            _cost(row["cost_usd"]),
+        )
+    total = report.total
+    footers = [
+        "TOTAL",
+        *([""] * (len(report.by) - 1)),
+        str(total.turns),
+        str(total.summaries),
+        f"{total.prompt_tokens:,}",
+        f"{total.completion_tokens:,}",
+        f"{total.total_tokens:,}",
+        _cost(total.cost_usd),
+    ]
+    for column, footer in zip(table.columns, footers, strict=True):
+        column.footer = footer
+    return table

@@ -1,0 +1,157 @@
+"""``chatchain sessions``: list, show, export, import, delete and prune."""
+
+from __future__ import annotations
+
+import json
+import stat
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+
+from chatchain import Chatbot, Settings
+from chatchain.stores import _sqlite as sqlite_store
+from chatchain.testing import FakeChatModel
+from tests.cli.conftest import Chatchain, stable
+
+
+def test_list_shows_each_session_with_its_counts(chatchain: Chatchain) -> None:
+    assert chatchain("sessions", "list").output == "No sessions yet.\n"
+    chatchain("ask", "--session", "alpha", "one")
+    chatchain("ask", "--session", "beta", "two")
+    chatchain("ask", "--session", "alpha", "three")
+    result = chatchain("sessions", "list")
+    assert result.exit_code == 0
+    assert stable(result.output).splitlines() == [
+        "session  messages  created           updated",
+        "alpha           4  DATE  DATE",
+        "beta            2  DATE  DATE",
+    ]
+
+
+def test_show_prints_the_transcript_and_marks_interrupted_replies(chatchain: Chatchain) -> None:
+    with Chatbot(Settings(store=chatchain.store_url), llm=FakeChatModel()) as bot:
+        bot.chat("hello", session_id="s")
+        stream = bot.stream("tell me more", session_id="s")
+        first = next(stream)
+        stream.close()  # as Ctrl-C does in the chat
+    result = chatchain("sessions", "show", "s")
+    assert result.exit_code == 0
+    assert result.output.splitlines() == [
+        "you: hello",
+        "assistant: Echo: hello",
+        "you: tell me more",
+        f"assistant: {first} (interrupted)",
+    ]
+
+
+def test_show_of_an_unknown_session_is_an_error(chatchain: Chatchain) -> None:
+    result = chatchain("sessions", "show", "nope")
+    assert result.exit_code == 1
+    assert result.stderr == ("error: There is no session 'nope': see chatchain sessions list.\n")
+
+
+def test_export_then_import_under_another_id(chatchain: Chatchain, tmp_path: Path) -> None:
+    chatchain("ask", "--session", "s", "hi")
+    file = tmp_path / "s.json"
+    result = chatchain("sessions", "export", "s", str(file))
+    assert result.output == f"Exported session s (2 messages) to {file}.\n"
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    assert json.loads(file.read_text())["session_id"] == "s"
+
+    assert chatchain("sessions", "import", str(file), "--as", "copy").output == (
+        "Imported session copy (2 messages).\n"
+    )
+    with chatchain.store() as store:
+        assert [m.text for m in store.load("copy")] == ["hi", "Echo: hi"]
+    refused = chatchain("sessions", "import", str(file), "--as", "copy")
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("error: Session 'copy' exists already")
+    assert chatchain("sessions", "import", str(file), "--as", "copy", "--replace").exit_code == 0
+
+
+def test_import_of_the_exported_id_and_of_a_bad_file(chatchain: Chatchain, tmp_path: Path) -> None:
+    chatchain("ask", "--session", "s", "hi")
+    file = tmp_path / "s.json"
+    chatchain("sessions", "export", "s", str(file))
+    chatchain("sessions", "delete", "s", "--yes")
+    assert chatchain("sessions", "import", str(file)).output == "Imported session s (2 messages).\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    result = chatchain("sessions", "import", str(bad))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: This is not a chatchain session export")
+
+
+def test_export_of_an_unknown_session_is_an_error(chatchain: Chatchain, tmp_path: Path) -> None:
+    result = chatchain("sessions", "export", "nope", str(tmp_path / "x.json"))
+    assert result.exit_code == 1
+    assert result.stderr == "error: There is no session 'nope' to export.\n"
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_delete_asks_first(chatchain: Chatchain) -> None:
+    chatchain("ask", "--session", "s", "hi")
+    kept = chatchain("sessions", "delete", "s", input="n\n")
+    assert kept.exit_code == 1
+    assert "Delete session s (2 messages)? [y/N]" in kept.output
+    with chatchain.store() as store:
+        assert store.sessions() == ["s"]
+    deleted = chatchain("sessions", "delete", "s", input="y\n")
+    assert deleted.exit_code == 0
+    assert deleted.output.endswith("Deleted session s.\n")
+    with chatchain.store() as store:
+        assert store.sessions() == []
+
+
+def test_delete_yes_does_not_ask(chatchain: Chatchain) -> None:
+    chatchain("ask", "--session", "s", "hi")
+    result = chatchain("sessions", "delete", "s", "--yes")
+    assert result.output == "Deleted session s.\n"
+    with chatchain.store() as store:
+        assert store.sessions() == []
+
+
+def test_delete_of_an_unknown_session_is_an_error(chatchain: Chatchain) -> None:
+    result = chatchain("sessions", "delete", "nope", "--yes")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: There is no session 'nope'")
+
+
+def seed_idle_session(
+    chatchain: Chatchain, monkeypatch: pytest.MonkeyPatch, session_id: str, idle: timedelta
+) -> None:
+    """A session last written ``idle`` ago (the SQLite store's clock is set back for it)."""
+    then = datetime.now(timezone.utc) - idle
+    with monkeypatch.context() as patch, chatchain.store() as store:
+        patch.setattr(sqlite_store, "utcnow", lambda: then)
+        store.append(session_id, [HumanMessage("hi"), AIMessage("Echo: hi")])
+
+
+@pytest.mark.parametrize(
+    ("older_than", "deleted"),
+    [("30d", True), ("40d", False), ("800h", True), ("1000h", False), ("48000m", True)],
+)
+def test_prune_deletes_the_sessions_idle_for_longer(
+    chatchain: Chatchain, monkeypatch: pytest.MonkeyPatch, older_than: str, deleted: bool
+) -> None:
+    seed_idle_session(chatchain, monkeypatch, "idle", timedelta(days=35))
+    chatchain("ask", "--session", "fresh", "hi")
+    result = chatchain("sessions", "prune", "--older-than", older_than)
+    assert result.exit_code == 0
+    with chatchain.store() as store:
+        sessions = store.sessions()
+    if deleted:
+        assert result.output == "Deleted 1 session: idle\n"
+        assert sessions == ["fresh"]
+    else:
+        assert result.output == "Deleted 0 sessions.\n"
+        assert sessions == ["idle", "fresh"]
+
+
+@pytest.mark.parametrize("older_than", ["30", "3w", "d", "-1d"])
+def test_prune_refuses_what_is_not_a_duration(chatchain: Chatchain, older_than: str) -> None:
+    result = chatchain("sessions", "prune", "--older-than", older_than)
+    assert result.exit_code == 2
+    assert "is not a duration like 30d, 12h or 90m" in result.stderr

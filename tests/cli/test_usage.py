@@ -1,0 +1,99 @@
+"""``chatchain usage``: the ledger's totals as a table, an unknown cost never shown as $0."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from chatchain import UsageLedger
+from tests.cli.conftest import Chatchain
+
+
+@pytest.fixture
+def spent(chatchain: Chatchain) -> Chatchain:
+    """Three turns: two priced (gpt-4o-mini) in session a, one of unknown price in b by bob."""
+    chatchain("ask", "--session", "a", "one")
+    chatchain("ask", "--session", "a", "two")
+    chatchain("ask", "--session", "b", "three", "--model", "my-local-model", "--user", "bob")
+    return chatchain
+
+
+def numbers(turns: int, prompt: int, completion: int, total: int, cost: float | None) -> list[str]:
+    """The number cells of a row, as the table prints them."""
+    price = "unknown" if cost is None else f"${cost:.6f}"
+    return [str(turns), "0", f"{prompt:,}", f"{completion:,}", f"{total:,}", price]
+
+
+def test_usage_by_session_model_and_day(spent: Chatchain) -> None:
+    result = spent("usage")
+    assert result.exit_code == 0
+    with spent.store() as store:
+        report = UsageLedger(store).report(["session", "model", "day"])
+    a, b = (
+        numbers(
+            r["turns"], r["prompt_tokens"], r["completion_tokens"], r["total_tokens"], r["cost_usd"]
+        )
+        for r in report.rows
+    )
+    t = report.total
+    total = numbers(t.turns, t.prompt_tokens, t.completion_tokens, t.total_tokens, t.cost_usd)
+    day = datetime.now(timezone.utc).date().isoformat()
+    assert [line.split() for line in result.output.splitlines()] == [
+        ["session", "model", "day", "turns", "summaries", "prompt", "completion", "total", "cost"],
+        ["a", "gpt-4o-mini", day, *a],
+        ["b", "my-local-model", day, *b],
+        ["TOTAL", *total],
+    ]
+    assert a[0] == "2" and a[-1].startswith("$0.0000")  # priced from the price tables
+    assert b[-1] == total[-1] == "unknown"  # one unknown price makes the total unknown, not $0
+
+
+def test_usage_by_model_only(spent: Chatchain) -> None:
+    rows = [line.split()[0] for line in spent("usage", "--by", "model").output.splitlines()]
+    assert rows == ["model", "gpt-4o-mini", "my-local-model", "TOTAL"]
+
+
+def test_usage_of_one_session_or_one_user(spent: Chatchain) -> None:
+    by_session = spent("usage", "--session", "a", "--by", "session").output.splitlines()
+    assert [line.split()[:2] for line in by_session] == [
+        ["session", "turns"],
+        ["a", "2"],
+        ["TOTAL", "2"],
+    ]
+    by_user = spent("usage", "--user", "bob", "--by", "user,model").output.splitlines()
+    assert [line.split()[:3] for line in by_user] == [
+        ["user", "model", "turns"],
+        ["bob", "my-local-model", "1"],
+        ["TOTAL", "1", "0"],
+    ]
+    assert by_user[-1].split()[-1] == "unknown"
+
+
+def test_usage_since_a_day(spent: Chatchain) -> None:
+    today = datetime.now(timezone.utc).date()
+    tomorrow = (today + timedelta(days=1)).isoformat()
+    assert spent("usage", "--since", tomorrow).output == "No usage recorded.\n"
+    lines = spent("usage", "--since", today.isoformat(), "--by", "day").output.splitlines()
+    assert [line.split()[:2] for line in lines[1:]] == [[today.isoformat(), "3"], ["TOTAL", "3"]]
+
+
+def test_usage_of_an_empty_ledger(chatchain: Chatchain) -> None:
+    assert chatchain("usage").output == "No usage recorded.\n"
+
+
+@pytest.mark.parametrize("args", [["--by", "week"], ["--by", ","], ["--since", "yesterday"]])
+def test_usage_refuses_bad_options(chatchain: Chatchain, args: list[str]) -> None:
+    result = chatchain("usage", *args)
+    assert result.exit_code == 2
+    assert "Invalid value" in result.stderr
+
+
+def test_usage_needs_no_key(spent: Chatchain) -> None:
+    result = spent(
+        "usage", "--by", "session", env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None}
+    )
+    assert result.exit_code == 0
+    assert result.output.splitlines()[-1].split()[:2] == ["TOTAL", "3"]
+    listed = spent("sessions", "list", env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None})
+    assert listed.exit_code == 0
