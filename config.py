@@ -14,6 +14,7 @@ Example (from a notebook in ``notebooks/``)::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from chatchain import Chatbot, Settings
 
@@ -32,11 +33,15 @@ class Config:
     SESSION_ID = "dp123"
 
     @classmethod
-    def settings(cls) -> Settings:
-        """Settings from the environment and ``.env``, with this file's system prompt."""
-        return Settings.load(cls.ENV_FILE).model_copy(update={"system_prompt": cls.SYSTEM_PROMPT})
+    def settings(cls, **overrides: Any) -> Settings:
+        """Settings from the environment and ``.env``, with this file's system prompt.
+
+        ``overrides`` (e.g. ``store="sqlite:///chat.db"``, ``window_turns=4``) win, validated
+        like the rest: a bad value raises `chatchain.ConfigurationError`.
+        """
+        return Settings.load(cls.ENV_FILE, **{"system_prompt": cls.SYSTEM_PROMPT, **overrides})
 
     @classmethod
-    def chatbot(cls) -> Chatbot:
-        """A `Chatbot` with these settings and the default language."""
-        return Chatbot(cls.settings(), prompt_vars={"language": cls.LANGUAGE})
+    def chatbot(cls, **overrides: Any) -> Chatbot:
+        """A `Chatbot` with these settings (and ``overrides``) and the default language."""
+        return Chatbot(cls.settings(**overrides), prompt_vars={"language": cls.LANGUAGE})

@@ -95,6 +95,7 @@ def entry_from(
     first_token_s: float | None = None,
     summary: bool = False,
     estimate: Estimate | None = None,
+    configured_model: str | None = None,
 ) -> UsageEntry:
     """The ledger entry of one call, from its handler's counts (or ``estimate``).
 
@@ -112,7 +113,12 @@ def entry_from(
     if model and not estimated and community_price_known(model):
         community = float(handler.total_cost)
     price = pricer.price(
-        model, prompt, completion, handler.prompt_tokens_cached, community_cost=community
+        model,
+        prompt,
+        completion,
+        handler.prompt_tokens_cached,
+        community_cost=community,
+        configured=configured_model,
     )
     return UsageEntry(
         session_id,

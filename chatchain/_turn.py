@@ -88,6 +88,14 @@ def _validate_text(text: str, where: str) -> None:
         raise InvalidInputError(
             f"The {where} holds a NUL character (\\x00), which stores cannot keep: remove it."
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: Python holds it, no store can
+        raise InvalidInputError(
+            f"The {where} holds a lone surrogate (U+{ord(text[exc.start]):04X}), which is not "
+            "valid Unicode and cannot be stored: remove it (or decode the text with "
+            "errors='replace')."
+        ) from None
 
 
 def _text_of(message: BaseMessage) -> str:
@@ -280,7 +288,7 @@ class Turn:
     def _new_hold(self, prompt_tokens: int, summary: bool) -> tuple[BudgetHold, list[Any]]:
         spec = self.spec
         model = spec.default_model
-        reply = spec.memory.summary_reply_estimate if summary else spec.reply_estimate
+        reply = spec.reply_estimate  # summaries go through the same model and its max_tokens
         tokens = prompt_tokens + reply
         cost = spec.pricer.price(model, prompt_tokens, reply).cost_usd
         if cost is None and spec.budget.needs_price:
@@ -383,6 +391,7 @@ class Turn:
             latency_s=time.perf_counter() - self.started,
             first_token_s=self.first_token_s,
             estimate=estimate,
+            configured_model=self.spec.default_model,
         )
 
     def _recorded(self, entry: UsageEntry, reply: BaseMessage) -> list[BaseMessage]:
@@ -469,6 +478,7 @@ class Turn:
             pricer=self.spec.pricer,
             latency_s=call.latency_s,
             summary=True,
+            configured_model=self.spec.default_model,
         )
         self.summary_usage = entry.usage()
         return entry
@@ -489,7 +499,7 @@ class Turn:
     def failure(self, exc: BaseException) -> Exception | None:
         """The chatchain error for a failure of the endpoint, or ``None`` to re-raise as is."""
         error = self.spec.describe_failure(exc)
-        if error is not None:
+        if error is not None and not isinstance(error, BudgetExceeded):  # logged when refused
             logger.warning("Turn on session %r failed: %s", self.session_id, error)
         return error
 

@@ -145,9 +145,6 @@ class Memory:
         most = 4 * (self.window.max_messages or 0) if self.window else 0
         return max(covered, upto - most) if most else covered
 
-    summary_reply_estimate: int = 1000
-    """Most tokens a summary reply is assumed to take, for budget checks."""
-
     def _summary_plan(self, count: int, summary: Summary | None) -> tuple[int, int] | None:
         upto = self._summary_due(count, summary)
         if upto is None:

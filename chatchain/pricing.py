@@ -96,11 +96,17 @@ class Pricer:
         cached_tokens: int = 0,
         *,
         community_cost: float | None = None,
+        configured: str | None = None,
     ) -> Price:
-        """The cost of a call to ``model``; ``community_cost`` is LangChain's, if it had one."""
+        """The cost of a call to ``model``; ``community_cost`` is LangChain's, if it had one.
+
+        Your prices are found by the name the endpoint answered with, by the ``configured``
+        name (``gpt-4o-mini`` for a reply from ``gpt-4o-mini-2024-07-18``), or by the longest
+        name of yours that the answered one extends with a dash.
+        """
         if model is None:
             return UNKNOWN
-        own = self.prices.get(model)
+        own = self._own_price(model, configured)
         if own is not None:
             return Price(own.cost(prompt_tokens, completion_tokens, cached_tokens), "settings")
         cost = _genai_price(model, self.base_url, prompt_tokens, completion_tokens, cached_tokens)
@@ -109,6 +115,13 @@ class Pricer:
         if community_cost is not None:
             return Price(community_cost, "langchain-community")
         return UNKNOWN
+
+    def _own_price(self, model: str, configured: str | None) -> ModelPrice | None:
+        for name in (model, configured):
+            if name is not None and name in self.prices:
+                return self.prices[name]
+        extended = [name for name in self.prices if model.startswith(name + "-")]
+        return self.prices[max(extended, key=len)] if extended else None
 
     def knows(self, model: str | None) -> bool:
         """Whether ``model`` has a price anywhere (a USD budget needs one)."""

@@ -146,8 +146,8 @@ class Settings(BaseSettings):
 
         Args:
             env_file: The ``.env`` file to read; a missing file is fine; ``None`` reads none.
-            overrides: Values by field name (e.g. ``model="gpt-4o"``) that win over both,
-                validated like the rest; ``None`` values are ignored.
+            overrides: Values by field name (e.g. ``model="gpt-4o"``, ``window_turns=None``)
+                that win over both, validated like the rest.
 
         Returns:
             The settings.
@@ -159,7 +159,7 @@ class Settings(BaseSettings):
             >>> Settings.load(env_file=None, temperature=0.2).temperature
             0.2
         """
-        given = {name: value for name, value in overrides.items() if value is not None}
+        given = dict(overrides)
         unknown = sorted(set(given) - set(cls.model_fields))
         if unknown:
             raise ConfigurationError(f"Unknown settings: {', '.join(unknown)}.")

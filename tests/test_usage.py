@@ -194,3 +194,17 @@ def test_local_server_url_still_prices_openai_model_names() -> None:
     pricer = Pricer(base_url="http://127.0.0.1:9/v1")
     assert pricer.price("gpt-4o-mini", 1000, 0).source == "genai-prices"
     assert pricer.price("llama3.2", 1000, 0).cost_usd is None
+
+
+def test_your_price_applies_to_the_dated_name_the_endpoint_answers_with() -> None:
+    pricer = Pricer(
+        {
+            "gpt-4o-mini": ModelPrice(input=1.0, output=1.0),
+            "gpt-4o": ModelPrice(input=9.0, output=9.0),
+        }
+    )
+    dated = pricer.price("gpt-4o-mini-2024-07-18", 1_000_000, 0)
+    assert dated.source == "settings" and dated.cost_usd == pytest.approx(1.0)
+    renamed = pricer.price("served-name", 1_000_000, 0, configured="gpt-4o-mini")
+    assert renamed.source == "settings" and renamed.cost_usd == pytest.approx(1.0)
+    assert pricer.price("gpt-4o-2024-08-06", 1_000_000, 0).cost_usd == pytest.approx(9.0)

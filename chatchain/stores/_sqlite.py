@@ -154,19 +154,27 @@ def _read_holds(conn: sqlite3.Connection, scope: Scope, key: str) -> list[Budget
     ]
 
 
+_DAMAGED = (
+    "The file is not a SQLite database or is damaged: check the path (CHATCHAIN_STORE), or "
+    "move the file aside to start a new store."
+)
+
+
+def _is_busy(exc: BaseException | None) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 def _advice(exc: Exception) -> str:
     """What to check, given what SQLite said."""
     text = str(exc).lower()
-    if "locked" in text or "busy" in text:
+    if _is_busy(exc):
         return (
             f"Another process kept the file locked for more than {_BUSY_TIMEOUT_S:g} s: check "
             "for a stuck process using it."
         )
     if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return (
-            "The file is not a SQLite database or is damaged: check the path "
-            "(CHATCHAIN_STORE), or move the file aside to start a new store."
-        )
+        return _DAMAGED
     if "full" in text:
         return "The disk is full: free some space."
     if "readonly" in text or "unable to open" in text or "permission" in text:
@@ -237,6 +245,18 @@ class SQLiteStore(HistoryStore):
                         "mode): put it on a local filesystem."
                     )
                 migrate(conn)
+        except StoreError as exc:
+            self.close()
+            # A damaged file may read as a schema that is merely odd ("table sessions already
+            # exists"): name the damage, not its symptom.
+            cause = exc.__cause__
+            damage = None if _DAMAGED in str(exc) or _is_busy(cause) else self._damage()
+            if damage is not None:
+                raise StoreError(
+                    f"The SQLite store {self.path} could not open the database: {damage}. "
+                    f"{_DAMAGED}"
+                ) from cause
+            raise
         except BaseException:
             self.close()
             raise
@@ -267,6 +287,21 @@ class SQLiteStore(HistoryStore):
                 "folder is writable by this user."
             ) from exc
         os.close(fd)
+
+    def _damage(self) -> str | None:
+        """What SQLite's ``quick_check`` finds wrong with the file, or ``None``."""
+        import sqlite3
+
+        try:
+            conn = self._open_connection()
+            try:
+                rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        problem = str(rows[0][0]) if rows else "ok"
+        return None if problem == "ok" else f"the file is damaged ({problem})"
 
     def _open_connection(self) -> sqlite3.Connection:
         import sqlite3
