@@ -28,8 +28,9 @@ unit: $(VENV)/.installed services
 services:
 	bash .ci/services
 
-bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/bench_turn.py
+# Every benchmark, then docs/benchmarks.md and its plots (~12 min; servers on 127.0.0.1 only).
+bench: $(VENV)/.installed services
+	$(BIN)/python benchmarks/report.py
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

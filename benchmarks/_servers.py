@@ -1,7 +1,7 @@
-"""Throwaway redis-server and PostgreSQL servers for the benchmarks, on free ports of 127.0.0.1.
+"""Throwaway servers for the benchmarks, on free ports of 127.0.0.1.
 
-Both come from the test suite's own launchers, so benchmarks and tests run the servers the
-same way:
+Redis and PostgreSQL come from the test suite's own launchers, so benchmarks and tests run the
+servers the same way:
 
 - `redis_url`: ``tests.stores.fixtures_redis.redis_server`` (pytest-redis's executor running
   /usr/bin/redis-server, no persistence to disk);
@@ -9,17 +9,23 @@ same way:
   directory, trust authentication on 127.0.0.1 only, run as the ``postgres`` user when we are
   root, with ``fsync``, ``synchronous_commit`` and ``full_page_writes`` off).
 
+`openai_test_server` runs `chatchain.testing.OpenAITestServer` in a process of its own.
+
 Each is a context manager that stops its server and removes its files on the way out, even
-after an error. Neither touches a system service on 5432 or 6379.
+after an error. None touches a system service on 5432 or 6379.
 """
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 # A script's sys.path starts with its own folder, not the working directory: the launchers
 # live in the repository's `tests` package, so put the repository root at the end.
@@ -27,7 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-__all__ = ["postgres_url", "postgres_version", "redis_url", "redis_version"]
+_SERVE_FLAG = "--openai-test-server"
+
+__all__ = [
+    "ServerProcess",
+    "openai_test_server",
+    "postgres_url",
+    "postgres_version",
+    "redis_url",
+    "redis_version",
+]
 
 
 @contextmanager
@@ -71,3 +86,85 @@ def postgres_version(url: str) -> str:
     with psycopg.connect(url) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return str(row[0]).split()[0] if row else "unknown"
+
+
+class ServerProcess(NamedTuple):
+    """A server running in a child process."""
+
+    base_url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the process has used so far, from ``/proc``."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def openai_test_server(timeout: float = 30.0) -> Iterator[ServerProcess]:
+    """chatchain's `OpenAITestServer` in a process of its own.
+
+    A benchmark whose client should not share the GIL with the server uses this instead of an
+    in-process server. The child is this file run as a script (`_serve_openai_test_server`):
+    like ``python -m chatchain.testing`` it prints ``base_url=...`` once it serves, and in
+    addition it empties its request log every second (a long benchmark makes tens of thousands
+    of requests) and stops when its stdin closes, so it cannot outlive this process even if
+    this one is killed. On the way out the pipe is closed and the child waited for; it is
+    terminated, then killed, if it does not stop in time.
+    """
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), _SERVE_FLAG],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        line = process.stdout.readline() if ready else ""
+        if not line.startswith("base_url="):
+            raise RuntimeError(
+                f"the OpenAI test server process did not start within {timeout:g} s "
+                f"(exit code {process.poll()}, first line {line!r})"
+            )
+        yield ServerProcess(line.strip().split("=", 1)[1], process.pid)
+    finally:
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # our own child, by its handle
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _serve_openai_test_server() -> None:
+    """The child of `openai_test_server`: serve until stdin closes or SIGTERM."""
+    import signal
+    import threading
+
+    from chatchain.testing import OpenAITestServer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+
+    def watch_stdin() -> None:
+        sys.stdin.read()  # returns at end of file: the parent closed the pipe, or died
+        stop.set()
+
+    with OpenAITestServer(host="127.0.0.1") as server:
+        threading.Thread(target=watch_stdin, daemon=True).start()
+        print(f"base_url={server.base_url}", flush=True)
+        while not stop.wait(1.0):
+            server.clear()
+
+
+if __name__ == "__main__" and sys.argv[1:] == [_SERVE_FLAG]:
+    _serve_openai_test_server()

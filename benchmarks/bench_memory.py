@@ -12,16 +12,17 @@ What runs
 
 1. History length
     Per-turn wall time of ``Chatbot.chat`` with `FakeChatModel` (no delay, so the model costs
-    next to nothing and the store and chain costs show) on sessions pre-filled with 10, 10,000
-    and 100,000 messages, on every store: memory, sqlite (temporary file), redis, postgres.
+    next to nothing and the store and chain costs show) on sessions pre-filled with 10, 1,000,
+    10,000 and 100,000 messages, on every store: memory, sqlite (temporary file), redis,
+    postgres.
     The window is the default (``CHATCHAIN_WINDOW_TURNS``/``_TOKENS``), but the running summary
     is OFF for this part, so that no summary call lands in a timed turn. Pre-fill: the store's
     ``append``, 1,000 messages per call. Per store, the sizes run round-robin (order rotated
     every round) after warm-up rounds. Every turn adds 2 messages; every 10 rounds the
     10-message session is put back to its pre-fill plus one turn (untimed), so it holds 12 to
     30 messages when timed, and every timed turn of every size sends the same full window
-    (checked). Reported: median and p90 per (store, size), and the ratios of medians 10k/10
-    and 100k/10 per store with a 95% bootstrap interval.
+    (checked). Reported: median and p90 per (store, size), and the ratios of medians 1k/10,
+    10k/10 and 100k/10 per store with a 95% bootstrap interval.
 
 2. Prompt tokens over a 200-turn conversation
     One `OpenAITestServer` whose reply function answers summary requests (the last user
@@ -68,7 +69,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -77,7 +77,18 @@ from pathlib import Path
 from typing import Any
 
 import _servers
-from bench_turn import API_KEY, LANGUAGE, MODEL, SYSTEM, machine, percentile, ratio_ci, versions
+from bench_turn import (
+    API_KEY,
+    LANGUAGE,
+    MODEL,
+    SYSTEM,
+    clean_environment,
+    machine,
+    percentile,
+    quiet_seeds,
+    ratio_ci,
+    versions,
+)
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -96,7 +107,7 @@ WINDOW_TURNS: int = _FIELDS["window_turns"].default
 WINDOW_TOKENS: int = _FIELDS["window_tokens"].default
 SUMMARIZE: bool = _FIELDS["summarize"].default
 
-SIZES = (10, 10_000, 100_000)
+SIZES = (10, 1_000, 10_000, 100_000)
 PREFILL_BATCH = 1_000
 HISTORY_TARGET = 1.30
 TOKENS_TARGET = 0.10
@@ -110,14 +121,6 @@ WORKER_WARMUP = 3
 SMALL_RESET_EVERY = 10  # rounds; the smallest history session then holds 12 to 30 messages
 RUN_TIMEOUT_S = 300.0
 SLOW_TURN_S = 0.040  # a turn this long mostly waited (a lock, a busy file, the CPU)
-
-# The deprecation and sunset notices of the seeds' classes, silenced while the plain chain is
-# built (the only place they fire: its histories are created up front, too).
-_SEEDS_WARNINGS = (
-    r".langchain-community. is being sunset",
-    r"RunnableWithMessageHistory is deprecated",
-    r"The class `InMemoryChatMessageHistory` was deprecated",
-)
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,11 @@ def bench_history(store: HistoryStore, turns: int, warmup: int) -> dict[str, Any
     }
 
 
+def _short(size: int) -> str:
+    """``1_000`` -> ``"1k"``."""
+    return f"{size // 1000}k" if size >= 1000 and size % 1000 == 0 else str(size)
+
+
 def summarise_history(result: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     samples: dict[int, list[float]] = result["samples"]
     stats = {
@@ -337,7 +345,8 @@ def report_history(results: dict[str, dict[str, Any]], profile: Profile) -> dict
     )
     head = (
         f"{'store':<10}{'pre-filled':>11}{'held when timed':>19}{'median ms':>11}{'p90 ms':>9}"
-        f"{'pre-fill s':>12}{'10k/10 [95% CI]':>24}{'100k/10 [95% CI]':>24}"
+        f"{'pre-fill s':>12}"
+        + "".join(f"{f'{_short(size)}/{SIZES[0]} [95% CI]':>24}" for size in SIZES[1:])
     )
     print(head)
     print("-" * len(head))
@@ -419,9 +428,9 @@ class PlainChain:
     """The seeds' chain over one session, metered with ``get_openai_callback`` per turn."""
 
     def __init__(self, base_url: str, settings: chatchain.Settings, session_id: str) -> None:
-        with warnings.catch_warnings():
-            for message in _SEEDS_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        # The seeds' deprecation and sunset notices fire while the chain is built (its
+        # histories are created up front, too), so they are silenced here only.
+        with quiet_seeds():
             from langchain_community.callbacks import get_openai_callback
             from langchain_core.chat_history import (
                 BaseChatMessageHistory,
@@ -915,18 +924,10 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _clean_environment() -> None:
-    # The benchmark states every setting it depends on; nothing may come from the caller's
-    # environment. LangSmith tracing would time the network, not the chains.
-    for name in list(os.environ):
-        if name.startswith(("CHATCHAIN_", "OPENAI_", "LANGSMITH_", "LANGCHAIN_")):
-            del os.environ[name]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     profile = QUICK if args.quick else FULL
-    _clean_environment()
+    clean_environment()
     wall = time.perf_counter()
     errors: dict[str, str] = {}
     payload: dict[str, Any] = {}

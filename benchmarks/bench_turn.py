@@ -62,7 +62,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -96,15 +96,37 @@ PAIRS = {
     "chatchain bot / plain chain": ("chatchain bot", "plain chain"),
     "chatchain chain / plain chain": ("chatchain chain", "plain chain"),
     "plain chain / raw client": ("plain chain", "raw client"),
+    "chatchain bot / raw client": ("chatchain bot", "raw client"),
 }
 
 # The deprecation and sunset notices of the seeds' classes; filtered for the whole run, not
 # per call, so that no contender pays for entering and leaving `catch_warnings` on each turn.
-_QUIET = (
+SEEDS_WARNINGS = (
     r".langchain-community. is being sunset",
     r"RunnableWithMessageHistory is deprecated",
     r"The class `InMemoryChatMessageHistory` was deprecated",
 )
+
+
+@contextmanager
+def quiet_seeds() -> Iterator[None]:
+    """Silence `SEEDS_WARNINGS` (and nothing else) inside the block."""
+    with warnings.catch_warnings():
+        for message in SEEDS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        yield
+
+
+def clean_environment() -> None:
+    """Drop the caller's ``CHATCHAIN_``, ``OPENAI_``, ``LANGSMITH_`` and ``LANGCHAIN_`` variables.
+
+    A benchmark states every setting it depends on: an exported ``CHATCHAIN_STORE``, budget or
+    window must not change what is measured, and LangSmith tracing would time the network, not
+    the chains. (The settings themselves are built with ``_env_file=None``: no ``.env`` either.)
+    """
+    for name in list(os.environ):
+        if name.startswith(("CHATCHAIN_", "OPENAI_", "LANGSMITH_", "LANGCHAIN_")):
+            del os.environ[name]
 
 
 class Contender(Protocol):
@@ -131,7 +153,9 @@ class RawClient:
     name = "raw client"
 
     def __init__(self, base_url: str, temperature: float | None) -> None:
+        self._base_url = base_url
         self._client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
+        self._aclient: openai.AsyncOpenAI | None = None
         self._temperature: float | openai.Omit = openai.omit if temperature is None else temperature
         self._system = SYSTEM.format(language=LANGUAGE)
         self._histories: dict[str, list[ChatCompletionMessageParam]] = {}
@@ -173,8 +197,25 @@ class RawClient:
                 yield piece
         self._save(session_id, text, "".join(pieces))
 
+    async def ainvoke(self, session_id: str, text: str) -> str:
+        """`invoke` on ``openai.AsyncOpenAI`` (made on first use, with the same settings)."""
+        if self._aclient is None:
+            self._aclient = openai.AsyncOpenAI(
+                base_url=self._base_url, api_key=API_KEY, max_retries=0
+            )
+        completion = await self._aclient.chat.completions.create(
+            model=MODEL, messages=self._messages(session_id, text), temperature=self._temperature
+        )
+        reply = completion.choices[0].message.content or ""
+        self._save(session_id, text, reply)
+        return reply
+
     def close(self) -> None:
         self._client.close()
+
+    async def aclose(self) -> None:
+        if self._aclient is not None:
+            await self._aclient.close()
 
 
 class PlainChain:
@@ -226,6 +267,12 @@ class PlainChain:
             reply = self._chain.invoke({"input": text, "language": LANGUAGE}, config=config)
         return str(reply.text)
 
+    async def ainvoke(self, session_id: str, text: str) -> str:
+        config: RunnableConfig = {"configurable": {"session_id": session_id}}
+        with self._meter():
+            reply = await self._chain.ainvoke({"input": text, "language": LANGUAGE}, config=config)
+        return str(reply.text)
+
     def stream(self, session_id: str, text: str) -> Iterator[str]:
         config: RunnableConfig = {"configurable": {"session_id": session_id}}
         with self._meter():
@@ -246,6 +293,9 @@ class ChatchainBot:
 
     def invoke(self, session_id: str, text: str) -> str:
         return self._bot.chat(text, session_id=session_id, language=LANGUAGE).text
+
+    async def ainvoke(self, session_id: str, text: str) -> str:
+        return (await self._bot.achat(text, session_id=session_id, language=LANGUAGE)).text
 
     def stream(self, session_id: str, text: str) -> Iterator[str]:
         with self._bot.stream(text, session_id=session_id, language=LANGUAGE) as pieces:
@@ -507,35 +557,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # LangSmith tracing would time the network, not the chains: keep it off in this process.
-    for name in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING"):
-        os.environ.pop(name, None)
-    with warnings.catch_warnings():
-        for message in _QUIET:
-            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        with OpenAITestServer(host="127.0.0.1") as server:
-            settings = chatchain.Settings(
-                api_key=SecretStr(API_KEY),
-                base_url=server.base_url,
-                model=MODEL,
-                system_prompt=SYSTEM,
-            )
-            contenders: list[Contender] = [
-                RawClient(server.base_url, settings.temperature),
-                PlainChain(server.base_url, settings),
-                ChatchainBot(settings),
-                ChatchainChain(settings),
-            ]
-            try:
-                check_payloads(server, contenders)
-                started = time.perf_counter()
-                run_rounds(server, contenders, args.warmup, "warmup", None)
-                results = {c.name: Timings() for c in contenders}
-                run_rounds(server, contenders, args.turns, "timed", results)
-                elapsed = time.perf_counter() - started
-            finally:
-                for contender in contenders:
-                    contender.close()
+    clean_environment()
+    with quiet_seeds(), OpenAITestServer(host="127.0.0.1") as server:
+        settings = chatchain.Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            api_key=SecretStr(API_KEY),
+            base_url=server.base_url,
+            model=MODEL,
+            system_prompt=SYSTEM,
+        )
+        contenders: list[Contender] = [
+            RawClient(server.base_url, settings.temperature),
+            PlainChain(server.base_url, settings),
+            ChatchainBot(settings),
+            ChatchainChain(settings),
+        ]
+        try:
+            check_payloads(server, contenders)
+            started = time.perf_counter()
+            run_rounds(server, contenders, args.warmup, "warmup", None)
+            results = {c.name: Timings() for c in contenders}
+            run_rounds(server, contenders, args.turns, "timed", results)
+            elapsed = time.perf_counter() - started
+        finally:
+            for contender in contenders:
+                contender.close()
     summary = summarise(results)
     table = ratios(results)
     info = {
