@@ -31,6 +31,22 @@ def _detail(exc: BaseException, secret: str | None) -> str:
     return redact(str(message), secret).rstrip(".")
 
 
+def _scrub(exc: BaseException, secret: str | None) -> None:
+    """Take the key out of ``exc``'s own text: it is chained to ours, and tracebacks print it.
+
+    Some OpenAI-compatible servers echo the key they were sent in their error message.
+    """
+    exc.args = tuple(redact(arg, secret) if isinstance(arg, str) else arg for arg in exc.args)
+    message = getattr(exc, "message", None)
+    if isinstance(message, str):
+        setattr(exc, "message", redact(message, secret))  # noqa: B010 - not every exception has it
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        for key, value in body.items():
+            if isinstance(value, str):
+                body[key] = redact(value, secret)
+
+
 def translate(
     exc: BaseException,
     *,
@@ -48,6 +64,13 @@ def translate(
     """
     if isinstance(exc, errors.ChatChainError):
         return exc
+    link: BaseException | None = exc
+    seen: set[int] = set()
+    while link is not None and id(link) not in seen:  # langchain-openai re-raises, chained
+        seen.add(id(link))
+        if isinstance(link, (openai.OpenAIError, httpx.HTTPError, json.JSONDecodeError)):
+            _scrub(link, secret)
+        link = link.__cause__ or link.__context__
     after = f" after {retries} retries" if retries else ""
     detail = _detail(exc, secret)
     status = getattr(exc, "status_code", None)

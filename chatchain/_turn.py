@@ -405,8 +405,10 @@ class Turn:
         The usage goes first: the endpoint has billed the call whatever happens to the store.
         """
         entry = self._entry(reply)
-        hold, self._hold = self._hold, None
-        self.spec.ledger.record(entry, release=hold)
+        # The hold stays the turn's until the entry replaces it: should recording fail, the
+        # turn's end still gives it back (see `release`) instead of stranding it.
+        self.spec.ledger.record(entry, release=self._hold)
+        self._hold = None
         messages = self._recorded(entry, reply)
         if self.spec.store is not None:
             self.spec.store.append(self.session_id, messages)
@@ -416,8 +418,8 @@ class Turn:
     async def asave(self, reply: BaseMessage) -> None:
         """`save` for async callers."""
         entry = self._entry(reply)
-        hold, self._hold = self._hold, None
-        await self.spec.ledger.arecord(entry, release=hold)
+        await self.spec.ledger.arecord(entry, release=self._hold)
+        self._hold = None
         messages = self._recorded(entry, reply)
         if self.spec.store is not None:
             await self.spec.store.aappend(self.session_id, messages)
@@ -443,8 +445,8 @@ class Turn:
             self._summary_failed(exc)
             return
         if call is not None:
-            hold, self._hold = self._hold, None
-            self.spec.ledger.record(self._summary_entry(call), release=hold)
+            self.spec.ledger.record(self._summary_entry(call), release=self._hold)
+            self._hold = None
 
     async def asummarize(self) -> None:
         """`summarize` for async callers."""
@@ -460,8 +462,8 @@ class Turn:
             self._summary_failed(exc)
             return
         if call is not None:
-            hold, self._hold = self._hold, None
-            await self.spec.ledger.arecord(self._summary_entry(call), release=hold)
+            await self.spec.ledger.arecord(self._summary_entry(call), release=self._hold)
+            self._hold = None
 
     def _summary_check(self, request: list[BaseMessage]) -> None:
         self._take_hold(self.spec.memory.counter(request), summary=True)

@@ -782,12 +782,15 @@ class SQLiteStore(HistoryStore):
         """Push back the expiry of the leases this store holds until none is left."""
         while not self._stop.wait(self.lease / 3):
             with self._guard:
-                held = sorted(self._held)
-                if not held:
+                if not self._held:
                     self._renewer = None  # the next lease taken starts a new renewer
                     return
             try:
                 with self._write("renew session locks") as conn:
+                    # Read what we hold only under the write lock: a turn that gives its lease
+                    # back in between has then left both, and is not taken for one that expired.
+                    with self._guard:
+                        held = sorted(self._held)
                     renewed = conn.executemany(
                         "UPDATE locks SET expires_at = ? WHERE session_id = ? AND owner = ?",
                         [(time.time() + self.lease, sid, owner) for sid, owner in held],
