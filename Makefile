@@ -2,10 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Exact versions CI installs, written by `make lock` (uv pip compile) from pyproject.toml's bounds.
+LOCK := requirements/constraints.txt
 
-.PHONY: demo test check lint types unit services bench clean
+.PHONY: demo test check lint types unit services bench lock test-latest test-lowest clean
 
-# Set up (once, and again when pyproject.toml changes) and run the demo chat session.
+# Set up (once, and again when pyproject.toml or the lock changes) and run the demo chat session.
 demo: $(VENV)/.installed
 	$(BIN)/python -m chatchain
 
@@ -32,11 +34,23 @@ services:
 bench: $(VENV)/.installed services
 	$(BIN)/python benchmarks/report.py
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[test]"
 	touch $@
 
+# Re-pin every dependency to the newest versions pyproject.toml allows (needs uv: pip install uv).
+lock:
+	uv pip compile pyproject.toml --all-extras --python-version 3.11 --upgrade --quiet -o $(LOCK)
+
+# Drift checks, not in CI's path: the whole suite against the newest and the lowest versions
+# that pyproject.toml's bounds allow, each in its own virtual environment.
+test-latest: services
+	bash .ci/drift latest
+
+test-lowest: services
+	bash .ci/drift lowest
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-lowest .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ def bench_turns(store: HistoryStore, turns: int, warmup: int) -> dict[str, list[
 
 
 def fill(store: HistoryStore, count: int, session: str) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for i in range(count):
         store.record_usage(
             UsageEntry(session, "gpt-4o-mini", 10, 5, 15, cost_usd=1e-5, user_id="u", at=now)

@@ -13,7 +13,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
@@ -299,7 +299,7 @@ class Turn:
                 '"output": 0.6}} in USD per million tokens), or cap tokens instead '
                 "(CHATCHAIN_BUDGET_*_TOKENS)."
             )
-        expires = datetime.now(timezone.utc) + HOLD_TTL
+        expires = datetime.now(UTC) + HOLD_TTL
         hold = BudgetHold(self.session_id, tokens, cost or 0.0, expires, user_id=self.user_id)
         return hold, spec.budget.limits(self.session_id, self.user_id)
 

@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -350,7 +350,7 @@ class Chatbot:
             >>> Chatbot(llm=FakeChatModel()).prune(timedelta(days=30))
             []
         """
-        return self.store.prune(datetime.now(timezone.utc) - older_than)
+        return self.store.prune(datetime.now(UTC) - older_than)
 
     def export_session(
         self, session_id: str = DEFAULT_SESSION, path: str | Path | None = None

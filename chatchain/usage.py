@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import uuid4
 
@@ -38,7 +38,7 @@ ReportKey = Literal["session", "user", "model", "day"]
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class UsageEntry:
     @property
     def day(self) -> date:
         """The UTC day of the call."""
-        return self.at.astimezone(timezone.utc).date()
+        return self.at.astimezone(UTC).date()
 
     def usage(self) -> Usage:
         """This entry as a `Usage`."""

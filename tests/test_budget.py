@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -124,7 +124,7 @@ def test_interrupted_stream_is_estimated_and_frees_its_hold(
     assert entry.cost_usd is not None and entry.cost_usd > 0
     # No hold is left over: the whole rest of the cap can be held again.
     rest = 10_000 - entry.total_tokens
-    probe = BudgetHold("s", rest, 0.0, datetime.now(timezone.utc) + timedelta(minutes=1))
+    probe = BudgetHold("s", rest, 0.0, datetime.now(UTC) + timedelta(minutes=1))
     limit = BudgetLimit("session", "s", max_tokens=10_000)
     assert bot.ledger.hold(probe, [limit]) is None
 

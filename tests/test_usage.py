@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from chatchain import ModelPrice, Usage, UsageEntry, UsageLedger
 from chatchain.pricing import Pricer
 
-DAY1 = datetime(2026, 3, 1, 23, 30, tzinfo=timezone.utc)
+DAY1 = datetime(2026, 3, 1, 23, 30, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(hours=1)
 
 

@@ -6,7 +6,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast, get_args
 
@@ -379,7 +379,7 @@ def usage(
             by,
             session_id=session_id,
             user_id=user_id,
-            since=None if since is None else since.replace(tzinfo=timezone.utc),
+            since=None if since is None else since.replace(tzinfo=UTC),
         )
         if not report.rows:
             click.echo("No usage recorded.")

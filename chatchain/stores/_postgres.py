@@ -74,7 +74,7 @@ from contextlib import (
     contextmanager,
 )
 from dataclasses import fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from langchain_core.messages import BaseMessage
@@ -204,7 +204,7 @@ def _driver_missing(exc: ImportError) -> ConfigurationError:
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc)
+    return moment.astimezone(UTC)
 
 
 class _Sql:
@@ -385,7 +385,7 @@ _HOLD_COLUMNS = ("id", "session_id", "user_id", "tokens", "cost_usd", "expires_a
 
 def _aware(moment: datetime) -> datetime:
     """A time as the database keeps it: naive means UTC, as `utcnow` gives."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _entry_args(entry: UsageEntry) -> dict[str, Any]:
@@ -834,7 +834,7 @@ class PostgresStore(HistoryStore):
 
     def prune(self, before: datetime) -> list[str]:
         if before.tzinfo is None:
-            before = before.replace(tzinfo=timezone.utc)  # naive means UTC, as utcnow() gives
+            before = before.replace(tzinfo=UTC)  # naive means UTC, as utcnow() gives
         return [sid for (sid,) in self._fetch(self._sql.prune, (before,))]
 
     # -- running summary ---------------------------------------------------------------------
@@ -1145,13 +1145,13 @@ class PostgresStore(HistoryStore):
             await side.pool.putconn(conn)
 
 
-async def _acquire(slots: asyncio.Semaphore, timeout: float) -> bool:
-    """Take a slot, waiting up to ``timeout`` seconds."""
+async def _acquire(slots: asyncio.Semaphore, wait_s: float) -> bool:
+    """Take a slot, waiting up to ``wait_s`` seconds."""
     if not slots.locked():
         await slots.acquire()  # free: returns at once
         return True
     try:
-        await asyncio.wait_for(slots.acquire(), max(0.0, timeout))
-    except asyncio.TimeoutError:
+        await asyncio.wait_for(slots.acquire(), max(0.0, wait_s))
+    except TimeoutError:
         return False
     return True

@@ -57,7 +57,7 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -90,7 +90,7 @@ __all__ = ["RedisStore"]
 logger = logging.getLogger("chatchain")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 # Connecting is quick or broken; a command can wait on a busy server a little longer. Both

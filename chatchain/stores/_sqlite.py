@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,7 +96,7 @@ def _path_from_url(url: str) -> Path:
 
 def _stamp(moment: datetime) -> str:
     # Fixed width (always microseconds, always +00:00), so text order is time order.
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:

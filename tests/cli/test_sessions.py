@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -123,7 +123,7 @@ def seed_idle_session(
     chatchain: Chatchain, monkeypatch: pytest.MonkeyPatch, session_id: str, idle: timedelta
 ) -> None:
     """A session last written ``idle`` ago (the SQLite store's clock is set back for it)."""
-    then = datetime.now(timezone.utc) - idle
+    then = datetime.now(UTC) - idle
     with monkeypatch.context() as patch, chatchain.store() as store:
         patch.setattr(sqlite_store, "utcnow", lambda: then)
         store.append(session_id, [HumanMessage("hi"), AIMessage("Echo: hi")])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -38,7 +38,7 @@ def test_usage_by_session_model_and_day(spent: Chatchain) -> None:
     )
     t = report.total
     total = numbers(t.turns, t.prompt_tokens, t.completion_tokens, t.total_tokens, t.cost_usd)
-    day = datetime.now(timezone.utc).date().isoformat()
+    day = datetime.now(UTC).date().isoformat()
     assert [line.split() for line in result.output.splitlines()] == [
         ["session", "model", "day", "turns", "summaries", "prompt", "completion", "total", "cost"],
         ["a", "gpt-4o-mini", day, *a],
@@ -71,7 +71,7 @@ def test_usage_of_one_session_or_one_user(spent: Chatchain) -> None:
 
 
 def test_usage_since_a_day(spent: Chatchain) -> None:
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     tomorrow = (today + timedelta(days=1)).isoformat()
     assert spent("usage", "--since", tomorrow).output == "No usage recorded.\n"
     lines = spent("usage", "--since", today.isoformat(), "--by", "day").output.splitlines()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -61,7 +61,7 @@ def assert_no_hold_left(bot: Chatbot, session_id: str) -> None:
     a failed or finished turn would make the store refuse it, as it would refuse a real turn.
     """
     spent = bot.usage(session_id).total_tokens
-    probe = BudgetHold(session_id, 1000, 0.0, datetime.now(timezone.utc) + timedelta(minutes=1))
+    probe = BudgetHold(session_id, 1000, 0.0, datetime.now(UTC) + timedelta(minutes=1))
     cap = BudgetLimit("session", session_id, max_tokens=spent + probe.tokens)
     refusal = bot.ledger.hold(probe, [cap])
     assert refusal is None, f"a hold was left behind: {refusal}"

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Barrier, Event
 
 import psycopg
@@ -65,7 +65,7 @@ def test_reopening_applies_no_migration_twice_and_keeps_the_data(
 
 
 def _ledger_entries() -> list[UsageEntry]:
-    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     return [
         UsageEntry("s", "m", 6, 4, 10, 1, 2, 1, 1e-5, "settings", 0.5, 0.125, user_id="u", at=t0),
         UsageEntry("s", None, 3, 0, 3, requests=1, summary=True, estimated=True, at=t0),
@@ -75,7 +75,7 @@ def _ledger_entries() -> list[UsageEntry]:
 
 def test_the_ledger_survives_a_new_store_object(postgres_url: str, prefix: str) -> None:
     entries = _ledger_entries()
-    hold = BudgetHold("s", 50, 0.0, datetime.now(timezone.utc) + timedelta(minutes=5))
+    hold = BudgetHold("s", 50, 0.0, datetime.now(UTC) + timedelta(minutes=5))
     limit = BudgetLimit("all", "", max_tokens=100)
     first = PostgresStore(postgres_url, table_prefix=prefix)
     try:
@@ -135,7 +135,7 @@ def test_entries_of_the_same_moment_are_listed_in_recording_order(
 ) -> None:
     store = PostgresStore(postgres_url, table_prefix=prefix)
     try:
-        at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        at = datetime(2026, 1, 1, tzinfo=UTC)
         entries = [UsageEntry("s", total_tokens=i, at=at, id=f"{9 - i}") for i in range(10)]
         for entry in entries:
             store.record_usage(entry)
@@ -156,9 +156,7 @@ def _hold_many(
         limit = BudgetLimit("all", "", max_tokens=100)
         mine = 0
         for j in range(10):
-            hold = BudgetHold(
-                f"p{worker}-{j}", 10, 0.0, datetime.now(timezone.utc) + timedelta(minutes=5)
-            )
+            hold = BudgetHold(f"p{worker}-{j}", 10, 0.0, datetime.now(UTC) + timedelta(minutes=5))
             if store.hold_budget(hold, [limit]) is None:
                 mine += 1
                 # Half the kept holds turn into spending at once, as finished turns do.
@@ -188,7 +186,7 @@ def test_holds_of_many_processes_cannot_overspend(postgres_url: str, prefix: str
         # Each worker's kept holds are its first ones, so some turned into spending and
         # some are still held: 100 tokens in all, and not one more.
         assert 0 < store.usage_total("all", "").total_tokens < 100
-        one_more = BudgetHold("x", 1, 0.0, datetime.now(timezone.utc) + timedelta(minutes=1))
+        one_more = BudgetHold("x", 1, 0.0, datetime.now(UTC) + timedelta(minutes=1))
         assert store.hold_budget(one_more, [BudgetLimit("all", "", max_tokens=100)]) is not None
     finally:
         store.close()
@@ -200,7 +198,7 @@ def test_holds_of_many_processes_cannot_overspend(postgres_url: str, prefix: str
 
 def test_ledger_calls_on_a_closed_store_raise_store_error(postgres_store: PostgresStore) -> None:
     postgres_store.close()
-    hold = BudgetHold("s", 1, 0.0, datetime.now(timezone.utc))
+    hold = BudgetHold("s", 1, 0.0, datetime.now(UTC))
     with pytest.raises(StoreError, match="closed"):
         postgres_store.record_usage(UsageEntry("s"))
     with pytest.raises(StoreError, match="closed"):

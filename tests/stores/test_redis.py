@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -345,7 +345,7 @@ def test_server_killed_mid_turn_then_restarted(tmp_path: Path) -> None:
 
 # -- the usage ledger ---------------------------------------------------------------------------
 
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def spend(session: str, *, user: str | None = None, tokens: int = 10, **kw: Any) -> UsageEntry:
@@ -362,7 +362,7 @@ def spend(session: str, *, user: str | None = None, tokens: int = 10, **kw: Any)
 
 
 def budget_hold(session: str, *, user: str | None = None, tokens: int = 10) -> BudgetHold:
-    expires = datetime.now(timezone.utc) + timedelta(minutes=1)
+    expires = datetime.now(UTC) + timedelta(minutes=1)
     return BudgetHold(session, tokens, tokens / 1e6, expires, user_id=user)
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from multiprocessing.synchronize import Event as SyncEvent
 from pathlib import Path
 
@@ -137,12 +137,12 @@ def test_window_loads_and_counts_do_not_read_the_whole_session(
 
 # -- the usage ledger ----------------------------------------------------------------------------
 
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def in_a_minute(session_id: str, tokens: int, user_id: str | None = None) -> BudgetHold:
     return BudgetHold(
-        session_id, tokens, 0.0, datetime.now(timezone.utc) + timedelta(minutes=1), user_id=user_id
+        session_id, tokens, 0.0, datetime.now(UTC) + timedelta(minutes=1), user_id=user_id
     )
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from chatchain.stores import HistoryStore
 from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry, total_of
 
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def entry(
@@ -46,7 +46,7 @@ def hold(
     ttl: float = 60.0,
 ) -> BudgetHold:
     return BudgetHold(
-        session, tokens, usd, datetime.now(timezone.utc) + timedelta(seconds=ttl), user_id=user
+        session, tokens, usd, datetime.now(UTC) + timedelta(seconds=ttl), user_id=user
     )
 
 
@@ -139,7 +139,7 @@ def test_deleting_a_session_keeps_what_it_spent(store: HistoryStore) -> None:
     store.append("a", [HumanMessage("hi")])
     store.record_usage(entry("a", tokens=10))
     store.delete("a")
-    store.prune(datetime.now(timezone.utc) + timedelta(days=1))
+    store.prune(datetime.now(UTC) + timedelta(days=1))
     assert store.usage_total("session", "a").total_tokens == 10
     assert len(store.usage_entries(session_id="a")) == 1
 
