@@ -48,7 +48,10 @@ TURN_KEY = "__chatchain_turn"
 """Where a run's configurable carries its `Turn` (``__``: LangChain never copies it to tracing)."""
 
 HOLD_TTL = timedelta(minutes=15)
-"""How long a turn's budget hold outlives a process that died holding it."""
+"""How long a turn's budget hold outlives a process that died holding it, with no deadline."""
+
+HOLD_MARGIN = timedelta(seconds=60)
+"""How long a hold outlives its turn's deadline (clock skew, the final writes)."""
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})  # controls, surrogates, line breaks
 
 
@@ -119,6 +122,7 @@ class TurnSpec:
         default_model: The model to price a turn with when the reply does not name one
             (an interrupted stream never receives the chunk that does).
         describe_failure: Turns an endpoint exception into a chatchain error, or ``None``.
+        deadline: Seconds one whole turn may take (``CHATCHAIN_TURN_DEADLINE``), or ``None``.
     """
 
     input_key: str | None
@@ -132,6 +136,14 @@ class TurnSpec:
     store: HistoryStore | None = None
     default_model: str | None = None
     describe_failure: Callable[[BaseException], Exception | None] = _endpoint_errors.translate
+    deadline: float | None = None
+
+    @property
+    def hold_ttl(self) -> timedelta:
+        """How long a budget hold lives: the turn's deadline plus a margin."""
+        if self.deadline is None:
+            return HOLD_TTL
+        return timedelta(seconds=self.deadline) + HOLD_MARGIN
 
     def begin(
         self,
@@ -299,7 +311,7 @@ class Turn:
                 '"output": 0.6}} in USD per million tokens), or cap tokens instead '
                 "(CHATCHAIN_BUDGET_*_TOKENS)."
             )
-        expires = datetime.now(UTC) + HOLD_TTL
+        expires = datetime.now(UTC) + spec.hold_ttl
         hold = BudgetHold(self.session_id, tokens, cost or 0.0, expires, user_id=self.user_id)
         return hold, spec.budget.limits(self.session_id, self.user_id)
 

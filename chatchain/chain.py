@@ -473,6 +473,7 @@ def create_chat_chain(
             timeout=settings.timeout if llm is None else None,
             retries=settings.max_retries if llm is None else None,
         ),
+        deadline=settings.turn_deadline,
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
     return ChatChain(

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     timeout: float = Field(default=60.0, gt=0, validation_alias="CHATCHAIN_TIMEOUT")
     """``CHATCHAIN_TIMEOUT``: seconds to wait for the endpoint on each attempt."""
 
+    turn_deadline: float | None = Field(
+        default=300.0, gt=0, validation_alias="CHATCHAIN_TURN_DEADLINE"
+    )
+    """``CHATCHAIN_TURN_DEADLINE``: seconds one whole turn may take, retries and a slow stream
+    included (``CHATCHAIN_TIMEOUT`` bounds each read only); then it ends as a timeout."""
+
     max_retries: int = Field(default=2, ge=0, validation_alias="CHATCHAIN_MAX_RETRIES")
     """``CHATCHAIN_MAX_RETRIES``: retries with exponential backoff, honouring Retry-After."""
 
