@@ -29,6 +29,7 @@ from chatchain.errors import (
     RateLimitError,
     ServerError,
     SessionBusyError,
+    SessionExistsError,
     StoreError,
 )
 from chatchain.memory import HistoryWindow
@@ -65,6 +66,7 @@ __all__ = [
     "ReplyStream",
     "ServerError",
     "SessionBusyError",
+    "SessionExistsError",
     "Settings",
     "StoreError",
     "Usage",

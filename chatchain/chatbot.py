@@ -17,9 +17,9 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
-from chatchain.errors import InvalidInputError
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, SessionInfo, open_store
+from chatchain.stores._export import read_export
 from chatchain.usage import Budget, ReportKey, Usage, UsageEntry, UsageLedger, UsageReport
 
 __all__ = ["AsyncReplyStream", "Chatbot", "Reply", "ReplyStream"]
@@ -373,20 +373,16 @@ class Chatbot:
     ) -> str:
         """Store an exported session (the data, or the path of its JSON file); return its id.
 
+        The whole export is checked before anything is stored: a bad file changes nothing,
+        and ``replace`` overwrites the session in one step. The export's times are kept.
+
         Raises:
-            InvalidInputError: Not an export, unreadable, or the session exists and
-                ``replace`` is false.
+            InvalidInputError: Not a valid export, or unreadable; the message says what is
+                wrong and where.
+            SessionExistsError: The session exists and ``replace`` is false.
         """
-        if isinstance(data, (str, Path)):
-            try:
-                data = json.loads(Path(data).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise InvalidInputError(
-                    f"Could not read the session export {data}: {exc}."
-                ) from None
-        if session_id is not None:
-            validate_session_id(session_id)
-        return self.store.import_session(dict(data), session_id=session_id, replace=replace)  # type: ignore[arg-type]
+        exported = read_export(data) if isinstance(data, (str, Path)) else data
+        return self.store.import_session(exported, session_id=session_id, replace=replace)
 
     @property
     def ledger(self) -> UsageLedger:

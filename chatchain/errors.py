@@ -8,7 +8,8 @@ ChatChainError
 ├── ConfigurationError          settings that cannot work (bad value, missing key)
 │   └── MissingAPIKeyError      no OPENAI_API_KEY and no OPENAI_BASE_URL
 ├── InvalidInputError           bad text, session id or prompt variables; nothing was sent
-│   └── MissingPromptVariableError
+│   ├── MissingPromptVariableError
+│   └── SessionExistsError      an import would overwrite a session, and replacing was not asked
 ├── SessionBusyError            another turn held the session for longer than the lock timeout
 ├── BudgetExceeded              the turn could pass a spending cap; nothing was sent or stored
 ├── StoreError                  the history store failed; nothing of the turn was saved
@@ -44,6 +45,7 @@ __all__ = [
     "RateLimitError",
     "ServerError",
     "SessionBusyError",
+    "SessionExistsError",
     "StoreError",
 ]
 
@@ -66,6 +68,18 @@ class InvalidInputError(ChatChainError, ValueError):
 
 class MissingPromptVariableError(InvalidInputError):
     """The prompt template needs a variable that neither the call nor the chain supplies."""
+
+
+class SessionExistsError(InvalidInputError):
+    """An import would overwrite a session that holds messages, and replacing was not asked.
+
+    Attributes:
+        session_id: The id of the session that exists.
+    """
+
+    def __init__(self, message: str, *, session_id: str) -> None:
+        super().__init__(message)
+        self.session_id = session_id
 
 
 class SessionBusyError(ChatChainError):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from chatchain import Chatbot, InvalidInputError, Settings
+from chatchain.stores import _export
 from chatchain.testing import FakeChatModel
 
 
@@ -46,8 +47,10 @@ def test_export_to_a_private_file_and_import_elsewhere(
 def test_import_of_a_bad_file_is_a_clear_error(bot: Chatbot, tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text("{not json", encoding="utf-8")
-    with pytest.raises(InvalidInputError, match="Could not read the session export"):
+    with pytest.raises(InvalidInputError, match="The session export is not JSON"):
         bot.import_session(path)
+    with pytest.raises(InvalidInputError, match="Could not read the session export"):
+        bot.import_session(tmp_path / "missing.json")
     with pytest.raises(InvalidInputError, match="no session 'ghost' to export"):
         bot.export_session("ghost")
 
@@ -80,3 +83,35 @@ def test_store_is_chosen_by_url_setting(tmp_path: Path) -> None:
         bot.chat("persist me", session_id="p")
     with Chatbot(settings, llm=FakeChatModel(), system="S") as again:  # a restart
         assert [m.text for m in again.history("p")] == ["persist me", "Echo: persist me"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[]", "is a JSON list, not a JSON object"),
+        ("[" * 100_000, "nests deeper than the 100 levels"),
+        ("{}", "not a chatchain session export"),
+    ],
+)
+def test_import_of_a_file_that_is_no_export_changes_nothing(
+    bot: Chatbot, tmp_path: Path, text: str, message: str
+) -> None:
+    bot.chat("keep me", session_id="dp123")
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=message) as refused:
+        bot.import_session(path, session_id="dp123", replace=True)
+    assert type(refused.value) is InvalidInputError
+    assert [m.text for m in bot.history("dp123")] == ["keep me", "Echo: keep me"]
+
+
+def test_import_refuses_a_file_larger_than_an_export_can_be(
+    bot: Chatbot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bot.chat("hi", session_id="dp123")
+    path = tmp_path / "dp123.json"
+    bot.export_session("dp123", path)
+    monkeypatch.setattr(_export, "MAX_EXPORT_BYTES", path.stat().st_size - 1)
+    with pytest.raises(InvalidInputError, match="is larger than"):
+        bot.import_session(path, session_id="copy")
+    assert bot.sessions() == ["dp123"]

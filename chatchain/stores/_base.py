@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +24,7 @@ from typing import Any
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
-from chatchain.errors import InvalidInputError
+from chatchain.errors import InvalidInputError, SessionExistsError
 from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
 
 __all__ = [
@@ -269,9 +269,14 @@ class HistoryStore(ABC):
         }
 
     def import_session(
-        self, data: dict[str, Any], *, session_id: str | None = None, replace: bool = False
+        self, data: Mapping[str, Any], *, session_id: str | None = None, replace: bool = False
     ) -> str:
         """Store a session that `export_session` produced; return its id.
+
+        The whole export is checked first (`chatchain.stores._export.validate_export`), then
+        stored in one step by `replace_session`: a bad export changes nothing, and a replaced
+        session is never left half-written. The export's creation and last-write times are
+        kept, so `prune` sees the session's real age.
 
         Args:
             data: The exported dict.
@@ -279,34 +284,74 @@ class HistoryStore(ABC):
             replace: Overwrite an existing session of that id (otherwise refuse).
 
         Raises:
-            InvalidInputError: The data is not an export, or the session exists already.
+            InvalidInputError: The data is not a valid export (the message says what is
+                wrong and where).
+            SessionExistsError: The session holds messages already and ``replace`` is false.
         """
-        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-            raise InvalidInputError(
-                f"This is not a chatchain session export (expected format {EXPORT_FORMAT!r})."
-            )
-        target = session_id or data.get("session_id")
-        if not isinstance(target, str) or not target:
-            raise InvalidInputError("The export has no session id: pass session_id=...")
-        try:
-            messages = messages_from_dict(data["messages"])
-            summary = data.get("summary")
-            parsed = (
-                None if summary is None else Summary(str(summary["text"]), int(summary["covers"]))
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidInputError(f"The session export is malformed: {exc}.") from None
+        # Imported here: the export checks use the session-id rules of the turn module,
+        # which itself builds on this one.
+        from chatchain.stores._export import validate_export
+
+        export = validate_export(data, session_id=session_id)
+        target = export.session_id
         with self.lock(target):
-            if self.count(target) and not replace:
-                raise InvalidInputError(
+            if not replace and self.count(target):
+                raise SessionExistsError(
                     f"Session {target!r} exists already: pass replace=True to overwrite it, or "
-                    "session_id=... to import it under another id."
+                    "session_id=... to import it under another id.",
+                    session_id=target,
                 )
-            self.delete(target)
-            self.append(target, messages)
-            if parsed is not None:
-                self.set_summary(target, parsed)
+            self.replace_session(
+                target,
+                export.messages,
+                export.summary,
+                created_at=export.created_at,
+                updated_at=export.updated_at,
+            )
         return target
+
+    def replace_session(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        summary: Summary | None = None,
+        *,
+        created_at: datetime | None = None,
+        updated_at: datetime | None = None,
+    ) -> None:
+        """Make a session hold exactly ``messages`` and ``summary``, whatever it held before.
+
+        The built-in stores do it in one transaction: readers see the old session or the new
+        one, and a failure leaves the old one whole. This default, for other stores, is
+        `delete`, `append` and `set_summary` in turn: not atomic, and the times are the
+        store's clock (override it to do better). The caller holds the session's `lock` and
+        has checked the data (`import_session` does both).
+
+        Args:
+            session_id: The session to overwrite (or create).
+            messages: Its transcript, oldest first.
+            summary: Its running summary, if any.
+            created_at: When it was created (default: ``updated_at``, else now).
+            updated_at: When it was last written (default: now).
+        """
+        self.delete(session_id)
+        self.append(session_id, messages)
+        if summary is not None:
+            self.set_summary(session_id, summary)
+
+
+def session_times(
+    created_at: datetime | None, updated_at: datetime | None
+) -> tuple[datetime, datetime]:
+    """The creation and last-write times `HistoryStore.replace_session` stores, in UTC
+    (naive times are UTC, as `utcnow` gives)."""
+
+    def utc(moment: datetime) -> datetime:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+    updated = utcnow() if updated_at is None else utc(updated_at)
+    created = updated if created_at is None else utc(created_at)
+    return created, max(created, updated)
 
 
 class StoreHistory(BaseChatMessageHistory):

@@ -12,7 +12,7 @@ from langchain_core.messages import BaseMessage
 
 from chatchain._locks import SessionLocks
 from chatchain._memory_history import SessionHistory
-from chatchain.stores._base import HistoryStore, SessionInfo, Summary, utcnow
+from chatchain.stores._base import HistoryStore, SessionInfo, Summary, session_times, utcnow
 from chatchain.usage import (
     BudgetHold,
     BudgetLimit,
@@ -103,6 +103,27 @@ class MemoryStore(HistoryStore):
     def set_summary(self, session_id: str, summary: Summary) -> None:
         with self._guard:
             self._summaries[session_id] = summary
+
+    def replace_session(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        summary: Summary | None = None,
+        *,
+        created_at: datetime | None = None,
+        updated_at: datetime | None = None,
+    ) -> None:
+        created, updated = session_times(created_at, updated_at)
+        with self._guard:
+            # One assignment, so a reader (who takes no guard) sees the old list or the new;
+            # the history object stays the one `__call__` handed out.
+            self(session_id).messages = list(messages)
+            self._created[session_id] = created
+            self._updated[session_id] = updated
+            if summary is None:
+                self._summaries.pop(session_id, None)
+            else:
+                self._summaries[session_id] = summary
 
     def lock(self, session_id: str) -> AbstractContextManager[None]:
         return self._locks.hold(session_id)

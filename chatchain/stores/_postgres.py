@@ -81,7 +81,14 @@ from langchain_core.messages import BaseMessage
 
 from chatchain._locks import SessionLocks, busy_error
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
-from chatchain.stores._base import HistoryStore, SessionInfo, Summary, dump_message, load_message
+from chatchain.stores._base import (
+    HistoryStore,
+    SessionInfo,
+    Summary,
+    dump_message,
+    load_message,
+    session_times,
+)
 from chatchain.usage import (
     BudgetHold,
     BudgetLimit,
@@ -288,6 +295,12 @@ class _Sql:
             " VALUES (%s, now(), now(), 0, %s, %s)"
             " ON CONFLICT (session_id) DO UPDATE"
             " SET summary = excluded.summary, summary_covers = excluded.summary_covers"
+        )
+        # The session row of `replace_session`, after `delete` (its messages follow by `insert`).
+        self.replace_row = q(
+            "INSERT INTO {sessions}"
+            " (session_id, created_at, updated_at, message_count, summary, summary_covers)"
+            " VALUES (%(sid)s, %(created)s, %(updated)s, %(n)s, %(summary)s, %(covers)s)"
         )
 
         # -- usage ledger --
@@ -836,6 +849,31 @@ class PostgresStore(HistoryStore):
         if before.tzinfo is None:
             before = before.replace(tzinfo=UTC)  # naive means UTC, as utcnow() gives
         return [sid for (sid,) in self._fetch(self._sql.prune, (before,))]
+
+    def replace_session(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        summary: Summary | None = None,
+        *,
+        created_at: datetime | None = None,
+        updated_at: datetime | None = None,
+    ) -> None:
+        texts = [dump_message(m) for m in messages]  # before any write: all or nothing
+        created, updated = session_times(created_at, updated_at)
+        row = {
+            "sid": session_id,
+            "created": created,
+            "updated": updated,
+            "n": len(texts),
+            "summary": None if summary is None else summary.text,
+            "covers": None if summary is None else summary.covers,
+        }
+        with self._connection() as conn, conn.transaction():  # one transaction
+            conn.execute(self._sql.delete, (session_id,))
+            conn.execute(self._sql.replace_row, row)
+            if texts:
+                conn.execute(self._sql.insert, {"sid": session_id, "first": 0, "texts": texts})
 
     # -- running summary ---------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ from chatchain.stores._base import (
     Summary,
     dump_message,
     load_message,
+    session_times,
     utcnow,
 )
 from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
@@ -569,6 +570,33 @@ class RedisStore(HistoryStore):
                 ):
                     pruned.append(session_id)
         return pruned
+
+    def replace_session(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        summary: Summary | None = None,
+        *,
+        created_at: datetime | None = None,
+        updated_at: datetime | None = None,
+    ) -> None:
+        payloads = [dump_message(m) for m in messages]  # before any write: all or nothing
+        created, updated = (str(_micros(t)) for t in session_times(created_at, updated_at))
+        meta = {"created": created, "updated": updated}
+        if summary is not None:
+            meta |= {"summary": summary.text, "covers": str(summary.covers)}
+
+        def queue(pipe: _Pipeline) -> None:
+            # One MULTI/EXEC: a server that refuses any of it (out of memory) runs none of
+            # it, and no reader sees the session between the delete and the writes.
+            self._queue_delete(pipe, session_id)
+            pipe.hset(self._key("meta", session_id), mapping=meta)
+            if payloads:  # as `append`: only a session with messages is listed
+                pipe.rpush(self._key("msgs", session_id), *payloads)
+                pipe.zadd(self._created, {session_id: created})
+                pipe.zadd(self._updated, {session_id: updated})
+
+        self._run(queue)
 
     # -- running summary ---------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from chatchain.stores._base import (
     Summary,
     dump_message,
     load_message,
+    session_times,
     utcnow,
 )
 from chatchain.stores._migrations import migrate
@@ -464,6 +465,40 @@ class SQLiteStore(HistoryStore):
             # Leases of crashed holders are harmless but would pile up; sweep them too.
             conn.execute("DELETE FROM locks WHERE expires_at < ?", (time.time(),))
         return [session_id for session_id, count in rows if count > 0]
+
+    def replace_session(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        summary: Summary | None = None,
+        *,
+        created_at: datetime | None = None,
+        updated_at: datetime | None = None,
+    ) -> None:
+        texts = [dump_message(m) for m in messages]  # before the transaction: all or nothing
+        created, updated = session_times(created_at, updated_at)
+        with self._write("replace a session") as conn:
+            conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+            conn.execute(
+                """
+                INSERT INTO sessions
+                    (session_id, created_at, updated_at, message_count, summary, summary_covers)
+                VALUES (?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    session_id,
+                    _stamp(created),
+                    _stamp(updated),
+                    len(texts),
+                    None if summary is None else summary.text,
+                    None if summary is None else summary.covers,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO messages (session_id, seq, json) VALUES (?, ?, ?)",
+                [(session_id, i, text) for i, text in enumerate(texts)],
+            )
 
     # -- running summary -------------------------------------------------------------------
 

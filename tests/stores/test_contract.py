@@ -175,7 +175,7 @@ def test_export_import_round_trip(store: HistoryStore) -> None:
 def test_import_refuses_what_is_not_an_export(store: HistoryStore) -> None:
     with pytest.raises(InvalidInputError, match="not a chatchain session export"):
         store.import_session({"messages": []})
-    with pytest.raises(InvalidInputError, match="malformed"):
+    with pytest.raises(InvalidInputError, match="Message 1 of the session export has no role"):
         store.import_session(
             {"format": "chatchain.session/1", "session_id": "x", "messages": [{"bad": 1}]}
         )
