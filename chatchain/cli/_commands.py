@@ -13,7 +13,7 @@ from typing import Any, TypeVar, cast, get_args
 import click
 from rich.console import Console
 
-from chatchain import Chatbot, InvalidInputError
+from chatchain import Chatbot, InvalidInputError, SessionExistsError
 from chatchain.cli._chat import ChatLoop, line_reader, stream_reply
 from chatchain.cli._render import (
     count,
@@ -302,7 +302,14 @@ def import_(
 ) -> None:
     """Store the session exported to FILE."""
     with _managing(store, env_file, debug) as bot:
-        session_id = bot.import_session(file, session_id=as_id, replace=replace)
+        try:
+            session_id = bot.import_session(file, session_id=as_id, replace=replace)
+        except SessionExistsError as exc:  # the library's advice names Python arguments
+            raise SessionExistsError(
+                f"Session {exc.session_id!r} exists already: add --replace to overwrite it, "
+                "or --as ID to import it under another id.",
+                session_id=exc.session_id,
+            ) from None
         info = bot.session_info(session_id)
         messages = count(0 if info is None else info.message_count, "message")
         click.echo(f"Imported session {session_id} ({messages}).")

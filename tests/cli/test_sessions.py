@@ -67,7 +67,10 @@ def test_export_then_import_under_another_id(chatchain: Chatchain, tmp_path: Pat
         assert [m.text for m in store.load("copy")] == ["hi", "Echo: hi"]
     refused = chatchain("sessions", "import", str(file), "--as", "copy")
     assert refused.exit_code == 1
-    assert refused.stderr.startswith("error: Session 'copy' exists already")
+    assert refused.stderr == (
+        "error: Session 'copy' exists already: add --replace to overwrite it, or --as ID to "
+        "import it under another id.\n"
+    )
     assert chatchain("sessions", "import", str(file), "--as", "copy", "--replace").exit_code == 0
 
 
@@ -82,6 +85,42 @@ def test_import_of_the_exported_id_and_of_a_bad_file(chatchain: Chatchain, tmp_p
     result = chatchain("sessions", "import", str(bad))
     assert result.exit_code == 1
     assert result.stderr.startswith("error: This is not a chatchain session export")
+
+
+def test_import_of_a_bad_file_with_replace_keeps_the_session(
+    chatchain: Chatchain, tmp_path: Path
+) -> None:
+    chatchain("ask", "--session", "s", "one")
+    chatchain("ask", "--session", "s", "two")
+    chatchain("ask", "--session", "s", "three")
+    file = tmp_path / "s.json"
+    chatchain("sessions", "export", "s", str(file))
+    data = json.loads(file.read_text())
+    data["messages"][3]["data"]["content"] = "\udc00"  # a lone surrogate: no store can keep it
+    file.write_text(json.dumps(data))
+    result = chatchain("sessions", "import", str(file), "--replace")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "error: The session export holds a lone surrogate (U+DC00) at "
+        "messages[3].data.content, which is not valid Unicode and cannot be stored. Fix the "
+        "file, or export the session again.\n"
+    )
+    with chatchain.store() as store:
+        assert store.count("s") == 6
+
+
+def test_import_keeps_the_exported_times(chatchain: Chatchain, tmp_path: Path) -> None:
+    chatchain("ask", "--session", "s", "hi")
+    file = tmp_path / "s.json"
+    chatchain("sessions", "export", "s", str(file))
+    data = json.loads(file.read_text())
+    data["created_at"] = "2020-01-01T00:00:00+00:00"
+    data["updated_at"] = "2020-01-02T00:00:00+00:00"
+    file.write_text(json.dumps(data))
+    assert chatchain("sessions", "import", str(file), "--as", "old").exit_code == 0
+    assert chatchain("sessions", "prune", "--older-than", "30d").output == (
+        "Deleted 1 session: old\n"
+    )
 
 
 def test_export_of_an_unknown_session_is_an_error(chatchain: Chatchain, tmp_path: Path) -> None:
