@@ -33,7 +33,7 @@ from chatchain.errors import (
     StoreError,
 )
 from chatchain.memory import HistoryWindow
-from chatchain.model import create_chat_model
+from chatchain.model import create_chat_model, create_summary_model
 from chatchain.pricing import ModelPrice
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
@@ -76,6 +76,7 @@ __all__ = [
     "create_chat_chain",
     "create_chat_model",
     "create_prompt",
+    "create_summary_model",
     "get_message_history",
     "get_openai_callback",
     "open_store",

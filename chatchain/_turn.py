@@ -300,7 +300,10 @@ class Turn:
     def _new_hold(self, prompt_tokens: int, summary: bool) -> tuple[BudgetHold, list[Any]]:
         spec = self.spec
         model = spec.default_model
-        reply = spec.reply_estimate  # summaries go through the same model and its max_tokens
+        reply = spec.reply_estimate
+        if summary:  # the summary model, capped at its own max_tokens
+            model = spec.memory.summary_model_name or model
+            reply = spec.memory.summary_reply_tokens or reply
         tokens = prompt_tokens + reply
         cost = spec.pricer.price(model, prompt_tokens, reply).cost_usd
         if cost is None and spec.budget.needs_price:
@@ -492,7 +495,7 @@ class Turn:
             pricer=self.spec.pricer,
             latency_s=call.latency_s,
             summary=True,
-            configured_model=self.spec.default_model,
+            configured_model=self.spec.memory.summary_model_name or self.spec.default_model,
         )
         self.summary_usage = entry.usage()
         return entry

@@ -27,11 +27,11 @@ from pydantic import PrivateAttr
 from chatchain import _endpoint_errors
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
-from chatchain._tokens import choose_counter
+from chatchain._tokens import TokenCounter, choose_counter
 from chatchain._turn import DEFAULT_REPLY_ESTIMATE, TURN_KEY, Turn, TurnSpec
 from chatchain.errors import ContextTooLongError
 from chatchain.memory import HistoryWindow, Memory
-from chatchain.model import create_chat_model
+from chatchain.model import create_chat_model, create_summary_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, MemoryStore
@@ -388,6 +388,25 @@ def _model_name(model: Runnable[Any, Any]) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def _memory(
+    window: HistoryWindow | None,
+    counter: TokenCounter,
+    model: Runnable[Any, Any],
+    settings: Settings,
+    own_model: bool,
+) -> Memory:
+    """The memory policy, with the model that writes summaries when there are any."""
+    if window is None or not window.summarize:
+        return Memory(window, counter, model)
+    cap = settings.summary_max_tokens or window.summary_tokens
+    if own_model:
+        capped = settings.model_copy(update={"summary_max_tokens": cap})
+        summarizer: Runnable[Any, Any] = create_summary_model(capped)
+    else:  # the caller's model, capped per call rather than by its own max_tokens
+        summarizer = model if cap is None else model.bind(max_tokens=cap)
+    return Memory(window, counter, model, summarizer, cap)
+
+
 def create_chat_chain(
     llm: Runnable[Any, Any] | None = None,
     *,
@@ -406,6 +425,8 @@ def create_chat_chain(
     Args:
         llm: The chat model; by default `ChatOpenAI` from the settings (with the fallback
             model, if one is set). Any LangChain chat model works, e.g. a fake one in tests.
+            Running summaries go to `create_summary_model` (``CHATCHAIN_SUMMARY_MODEL``), or
+            with ``llm`` to it, with ``max_tokens=CHATCHAIN_SUMMARY_MAX_TOKENS`` per call.
         settings: Settings; read from the environment and ``.env`` when not given.
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
         prompt_vars: Default values of the system message's variables; a call may override.
@@ -461,7 +482,7 @@ def create_chat_chain(
         required_vars=prompt_variables(system) - set(prompt_vars or {}),
         get_history=history,
         ledger=ledger or UsageLedger(store),
-        memory=Memory(window or None, counter, model),
+        memory=_memory(window or None, counter, model, settings, own_model=llm is None),
         pricer=settings.pricer(),
         budget=budget if budget is not None else settings.budget(),
         reply_estimate=settings.max_tokens or DEFAULT_REPLY_ESTIMATE,

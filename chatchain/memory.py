@@ -9,11 +9,21 @@ history and the input fit ``max_tokens`` (LangChain's `trim_messages`), never st
 orphan AI or tool message. With ``summarize`` on, once the turns beyond the window pile up,
 the oldest of them are folded into the session's running summary by the model (a metered
 call), incrementally: the old summary plus the new turns, never the whole transcript again.
+
+The summary has a budget of its own (``summary_tokens``): the summary call asks for a summary
+that fits and is capped with ``max_tokens``, and a summary that is longer all the same (a
+verbose model, an echo, one stored before the budget existed) is cut at the last sentence
+that fits, both when it is stored and when it is sent. So a turn's prompt is at most
+
+    system message + summary_tokens + max_tokens (the history and the input)
+
+tokens (`HistoryWindow.prompt_limit`); an input that alone is over ``max_tokens`` is refused.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -41,8 +51,10 @@ SUMMARY_INSTRUCTIONS = (
     "You maintain a running summary of a conversation between a user and an assistant. "
     "Extend the existing summary with the new lines so that it keeps every fact, name, "
     "preference, decision and open question the user may rely on later. Write plain prose, "
-    "at most 200 words, and reply with the summary only."
+    "at most {words} words, and reply with the summary only."
 )
+SUMMARY_WORDS = 200
+"""The summary's length in words when it has no token budget."""
 SUMMARY_REQUEST_MARK = "[chatchain summary request]"
 SUMMARY_HEADER = "Summary of the earlier conversation:\n"
 
@@ -51,23 +63,35 @@ SUMMARY_HEADER = "Summary of the earlier conversation:\n"
 class HistoryWindow:
     """What of a session's history goes into the prompt.
 
+    A turn's prompt is at most ``system message + summary_tokens + max_tokens`` tokens (see
+    `prompt_limit`): the history and the input share ``max_tokens``, an input that alone is
+    over it is refused (`InvalidInputError`, naming ``CHATCHAIN_WINDOW_TOKENS``), and the
+    summary message is cut to ``summary_tokens``. The endpoint's context must also hold the
+    reply (``CHATCHAIN_MAX_TOKENS``).
+
     Attributes:
         max_turns: Keep at most this many of the newest exchanges (user + reply).
         max_tokens: Token budget for the history plus the new input (the system message
             and the summary come on top); the oldest turns in the window go first.
         summarize: Fold turns that leave the window into a running summary.
+        summary_tokens: Token budget of the summary message (header included); a longer
+            summary is cut at the last sentence that fits. ``None``: no budget, the summary
+            may grow with the conversation.
 
     Example:
         >>> HistoryWindow(max_turns=6, max_tokens=3000).max_messages
         12
+        >>> HistoryWindow(max_turns=6, max_tokens=3000, summary_tokens=500).prompt_limit(40)
+        3540
     """
 
     max_turns: int | None = 6
     max_tokens: int | None = 3000
     summarize: bool = True
+    summary_tokens: int | None = 500
 
     def __post_init__(self) -> None:
-        for name in ("max_turns", "max_tokens"):
+        for name in ("max_turns", "max_tokens", "summary_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigurationError(f"HistoryWindow.{name} must be at least 1 or None.")
@@ -93,24 +117,130 @@ class HistoryWindow:
             return None
         return self.max_messages + (self.summary_batch if self.summarize else 0)
 
+    @property
+    def summary_words(self) -> int:
+        """The summary's length in words that the summary call asks for."""
+        if self.summary_tokens is None:
+            return SUMMARY_WORDS
+        # About 0.75 words a token; 0.4 leaves room for the header and a model that overshoots.
+        return max(1, self.summary_tokens * 2 // 5)
+
+    def prompt_limit(self, system_tokens: int) -> int | None:
+        """The most tokens a turn's prompt can take, given its system message's tokens.
+
+        ``system_tokens + summary_tokens + max_tokens`` (the summary only when ``summarize``
+        is on); ``None`` when ``max_tokens`` or a needed ``summary_tokens`` is ``None``.
+        """
+        if self.max_tokens is None:
+            return None
+        if not self.summarize:
+            return system_tokens + self.max_tokens
+        if self.summary_tokens is None:
+            return None
+        return system_tokens + self.summary_tokens + self.max_tokens
+
     def tightened(self) -> HistoryWindow:
         """Half the window, for a retry after 'context length exceeded'."""
         return HistoryWindow(
-            max_turns=None if self.max_turns is None else max(1, self.max_turns // 2),
-            max_tokens=None if self.max_tokens is None else max(1, self.max_tokens // 2),
+            max_turns=_half(self.max_turns),
+            max_tokens=_half(self.max_tokens),
             summarize=self.summarize,
+            summary_tokens=_half(self.summary_tokens),
         )
 
 
-def _summary_request(previous: str | None, messages: Sequence[BaseMessage]) -> list[BaseMessage]:
+def _half(value: int | None) -> int | None:
+    return None if value is None else max(1, value // 2)
+
+
+def _summary_request(
+    previous: str | None, messages: Sequence[BaseMessage], words: int = SUMMARY_WORDS
+) -> list[BaseMessage]:
     lines = get_buffer_string(list(messages))
     return [
-        SystemMessage(SUMMARY_INSTRUCTIONS),
+        SystemMessage(SUMMARY_INSTRUCTIONS.format(words=words)),
         HumanMessage(
             f"{SUMMARY_REQUEST_MARK}\nExisting summary:\n{previous or '(none yet)'}\n\n"
             f"New lines of conversation:\n{lines}\n\nThe extended summary:"
         ),
     ]
+
+
+def summary_message(text: str) -> SystemMessage:
+    """The message that carries the running summary in a turn's prompt."""
+    return SystemMessage(SUMMARY_HEADER + text)
+
+
+# A sentence ends at ., ! or ? before white space, or at a line break; separators stay with
+# the piece before them, so that the pieces join back into the text (as trim_messages needs).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_WORD_END = re.compile(r"\s+")
+
+
+def _pieces(pattern: re.Pattern[str], text: str) -> list[str]:
+    pieces, start = [], 0
+    for match in pattern.finditer(text):
+        if match.end() > start:
+            pieces.append(text[start : match.end()])
+            start = match.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def _sentences(text: str) -> list[str]:
+    return _pieces(_SENTENCE_END, text)
+
+
+def _words(text: str) -> list[str]:
+    return _pieces(_WORD_END, text)
+
+
+def _after_header(split: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
+    # The header is a piece of its own: it goes whole or (when not even it fits) not at all.
+    def pieces(content: str) -> list[str]:
+        return [SUMMARY_HEADER, *split(content[len(SUMMARY_HEADER) :])]
+
+    return pieces
+
+
+def fit_summary(text: str, max_tokens: int | None, counter: TokenCounter) -> str:
+    """``text`` cut to the last sentence whose summary message fits ``max_tokens`` tokens.
+
+    When not even the first sentence fits, the cut is at the last word (then character) that
+    does. ``None`` keeps the whole text.
+
+    Example:
+        >>> from chatchain._tokens import APPROXIMATE
+        >>> fit_summary("Bob likes tea. He lives in Oslo. " * 30, 30, APPROXIMATE)
+        'Bob likes tea. He lives in Oslo. Bob likes tea.'
+    """
+    text = text.strip()
+    if max_tokens is None or counter([summary_message(text)]) <= max_tokens:
+        return text
+    for splitter in (_sentences, _words, list):
+        kept = trim_messages(
+            [summary_message(text)],
+            max_tokens=max_tokens,
+            token_counter=counter.count,
+            strategy="first",
+            allow_partial=True,
+            text_splitter=_after_header(splitter),
+        )
+        cut = kept[0].text[len(SUMMARY_HEADER) :].strip() if kept else ""
+        if cut:
+            return cut
+    return ""
+
+
+def _reply_summary(reply: Any) -> str:
+    """The summary a reply carries, without a sentence that ``max_tokens`` cut short."""
+    text = _text(reply)
+    metadata = getattr(reply, "response_metadata", None) or {}
+    if metadata.get("finish_reason") == "length":
+        pieces = _sentences(text)
+        text = "".join(pieces[:-1]) if len(pieces) > 1 else text
+    return text.strip()
 
 
 def _drop_orphans(messages: list[BaseMessage]) -> list[BaseMessage]:
@@ -121,11 +251,49 @@ def _drop_orphans(messages: list[BaseMessage]) -> list[BaseMessage]:
 
 @dataclass
 class Memory:
-    """One chain's memory policy at work: window selection and summaries for its store."""
+    """One chain's memory policy at work: window selection and summaries for its store.
+
+    Summaries go to ``summary_model`` (the chat model when it is ``None``), whose replies are
+    capped at ``summary_reply_tokens``; the stored and the sent summary are cut to the
+    window's ``summary_tokens``, so a turn's prompt stays within
+    ``HistoryWindow.prompt_limit`` however verbose the summarizer is.
+
+    Attributes:
+        window: What of the history is sent (``None``: all of it).
+        counter: Counts tokens for the window and the summary budget.
+        model: The chat model.
+        summary_model: The model for summary calls, or ``None`` for ``model``.
+        summary_reply_tokens: The ``max_tokens`` of a summary call, for budget holds.
+    """
 
     window: HistoryWindow | None
     counter: TokenCounter
     model: Runnable[Any, Any]
+    summary_model: Runnable[Any, Any] | None = None
+    summary_reply_tokens: int | None = None
+
+    @property
+    def summarizer(self) -> Runnable[Any, Any]:
+        """The model that writes the summaries."""
+        return self.model if self.summary_model is None else self.summary_model
+
+    @property
+    def summary_model_name(self) -> str | None:
+        """The summary model's name, when it has one."""
+        return _model_name(self.summarizer)
+
+    def _summary_budget(self) -> int | None:
+        return None if self.window is None else self.window.summary_tokens
+
+    def _request(self, summary: Summary | None, older: Sequence[BaseMessage]) -> list[BaseMessage]:
+        # A summary stored before the budget existed may be huge: it goes in cut, too.
+        budget = self._summary_budget()
+        previous = fit_summary(summary.text, budget, self.counter) if summary else None
+        words = self.window.summary_words if self.window else SUMMARY_WORDS
+        return _summary_request(previous, older, words)
+
+    def _fitted(self, reply: Any) -> str:
+        return fit_summary(_reply_summary(reply), self._summary_budget(), self.counter)
 
     def _summary_due(self, count: int, summary: Summary | None) -> int | None:
         """How many leading messages the summary should cover now, or None."""
@@ -167,16 +335,16 @@ class Memory:
         if plan is None:
             return None
         start, upto = plan
-        request = _summary_request(
-            summary.text if summary else None, store.load(session_id, start, upto)
-        )
+        request = self._request(summary, store.load(session_id, start, upto))
         if before_send is not None:
             before_send(request)
         handler, started = _metering.new_handler(), time.perf_counter()
-        reply = self.model.invoke(request, RunnableConfig(callbacks=[handler], run_name="summary"))
+        reply = self.summarizer.invoke(
+            request, RunnableConfig(callbacks=[handler], run_name="summary")
+        )
         latency = time.perf_counter() - started
-        store.set_summary(session_id, Summary(_text(reply), covers=upto))
-        return SummaryCall(handler, latency, _model_name(self.model))
+        store.set_summary(session_id, Summary(self._fitted(reply), covers=upto))
+        return SummaryCall(handler, latency, self.summary_model_name)
 
     async def asummarize(
         self,
@@ -190,17 +358,16 @@ class Memory:
         if plan is None:
             return None
         start, upto = plan
-        older = await store.aload(session_id, start, upto)
-        request = _summary_request(summary.text if summary else None, older)
+        request = self._request(summary, await store.aload(session_id, start, upto))
         if before_send is not None:
             await before_send(request)
         handler, started = _metering.new_handler(), time.perf_counter()
-        reply = await self.model.ainvoke(
+        reply = await self.summarizer.ainvoke(
             request, RunnableConfig(callbacks=[handler], run_name="summary")
         )
         latency = time.perf_counter() - started
-        await store.aset_summary(session_id, Summary(_text(reply), covers=upto))
-        return SummaryCall(handler, latency, _model_name(self.model))
+        await store.aset_summary(session_id, Summary(self._fitted(reply), covers=upto))
+        return SummaryCall(handler, latency, self.summary_model_name)
 
     def _start(self, count: int, summary: Summary | None, window: HistoryWindow) -> int:
         """Index of the first message to load for the prompt."""
@@ -216,13 +383,21 @@ class Memory:
         inputs: Sequence[BaseMessage],
         window: HistoryWindow,
     ) -> list[BaseMessage]:
-        """The history to send: summary message, then the newest messages that fit."""
+        """The history to send: summary message, then the newest messages that fit.
+
+        The summary message is at most ``window.summary_tokens`` and the rest at most
+        ``window.max_tokens`` tokens, the input included.
+
+        Raises:
+            InvalidInputError: The input alone is over ``window.max_tokens``.
+        """
         if window.limit is not None:
             messages = messages[-window.limit :]
         messages = _drop_orphans(messages)
         head: list[BaseMessage] = []
         if summary is not None and window.summarize:
-            head = [SystemMessage(SUMMARY_HEADER + summary.text)]
+            text = fit_summary(summary.text, window.summary_tokens, self.counter)
+            head = [summary_message(text)] if text else []
         if window.max_tokens is not None:
             needed = self.counter(list(inputs))
             if needed > window.max_tokens:
@@ -284,6 +459,7 @@ def _text(reply: Any) -> str:
 
 
 def _model_name(model: Runnable[Any, Any]) -> str | None:
-    model = getattr(model, "runnable", model)
+    model = getattr(model, "bound", model)  # a model with bound max_tokens
+    model = getattr(model, "runnable", model)  # the main model of a RunnableWithFallbacks
     name = getattr(model, "model_name", None)
     return name if isinstance(name, str) else None

@@ -10,7 +10,7 @@ from langchain_openai import ChatOpenAI
 
 from chatchain.settings import Settings
 
-__all__ = ["create_chat_model"]
+__all__ = ["create_chat_model", "create_summary_model"]
 
 
 def _chat_openai(settings: Settings, model: str) -> ChatOpenAI:
@@ -56,3 +56,24 @@ def create_chat_model(settings: Settings | None = None) -> Runnable[Any, Any]:
             openai.NotFoundError,  # the main model is gone or misnamed at this endpoint
         ),
     )
+
+
+def create_summary_model(settings: Settings | None = None) -> ChatOpenAI:
+    """`ChatOpenAI` for running-summary calls: ``summary_model`` capped at its own max_tokens.
+
+    The model is ``CHATCHAIN_SUMMARY_MODEL`` (``OPENAI_MODEL`` by default) and each reply is
+    capped at ``CHATCHAIN_SUMMARY_MAX_TOKENS`` (``CHATCHAIN_SUMMARY_TOKENS`` by default), not
+    at ``CHATCHAIN_MAX_TOKENS``, which caps turns.
+
+    Raises:
+        MissingAPIKeyError: No ``OPENAI_API_KEY`` and no ``OPENAI_BASE_URL``.
+
+    Example:
+        >>> settings = Settings(api_key="sk-test", max_tokens=50, summary_model="gpt-4.1-nano")
+        >>> model = create_summary_model(settings)
+        >>> model.model_name, model.max_tokens
+        ('gpt-4.1-nano', 500)
+    """
+    settings = settings or Settings.load()
+    summary = settings.model_copy(update={"max_tokens": settings.summary_reply_tokens})
+    return _chat_openai(summary, settings.summary_model or settings.model)

@@ -106,6 +106,23 @@ class Settings(BaseSettings):
     summarize: bool = Field(default=True, validation_alias="CHATCHAIN_SUMMARIZE")
     """``CHATCHAIN_SUMMARIZE``: fold turns that leave the window into a running summary."""
 
+    summary_tokens: int | None = Field(
+        default=500, ge=1, validation_alias="CHATCHAIN_SUMMARY_TOKENS"
+    )
+    """``CHATCHAIN_SUMMARY_TOKENS``: token budget of the running summary in the prompt; a
+    longer summary is cut at the last sentence that fits. A turn's prompt is at most the
+    system message + this + ``CHATCHAIN_WINDOW_TOKENS``."""
+
+    summary_model: str | None = Field(default=None, validation_alias="CHATCHAIN_SUMMARY_MODEL")
+    """``CHATCHAIN_SUMMARY_MODEL``: the model that writes the summaries (e.g. a cheaper one);
+    ``OPENAI_MODEL`` by default."""
+
+    summary_max_tokens: int | None = Field(
+        default=None, gt=0, validation_alias="CHATCHAIN_SUMMARY_MAX_TOKENS"
+    )
+    """``CHATCHAIN_SUMMARY_MAX_TOKENS``: cap on the reply of a summary call;
+    ``CHATCHAIN_SUMMARY_TOKENS`` by default (``CHATCHAIN_MAX_TOKENS`` caps turns only)."""
+
     token_counter: Literal["auto", "approximate", "tiktoken"] = Field(
         default="auto", validation_alias="CHATCHAIN_TOKEN_COUNTER"
     )
@@ -184,7 +201,13 @@ class Settings(BaseSettings):
             max_turns=self.window_turns,
             max_tokens=self.window_tokens,
             summarize=self.summarize and self.window_turns is not None,
+            summary_tokens=self.summary_tokens,
         )
+
+    @property
+    def summary_reply_tokens(self) -> int | None:
+        """The ``max_tokens`` of a summary call: ``summary_max_tokens``, else ``summary_tokens``."""
+        return self.summary_max_tokens or self.summary_tokens
 
     def budget(self) -> Budget:
         """The spending caps these settings set (falsy when there are none)."""

@@ -192,6 +192,23 @@ def test_summary_calls_are_recorded_and_checked(settings: Settings, fake: FakeCh
     assert bot.usage("s").total_tokens <= spent + 5
 
 
+def test_a_summary_call_holds_its_own_max_tokens(settings: Settings, fake: FakeChatModel) -> None:
+    # Turns hold CHATCHAIN_MAX_TOKENS (20) for the reply, a summary call its own cap (400).
+    bot = make_bot(
+        settings,
+        fake,
+        window_turns=1,
+        summarize=True,
+        summary_max_tokens=400,
+        budget_session_tokens=300,
+    )
+    with pytest.raises(BudgetExceeded) as info:
+        for i in range(6):
+            bot.chat(f"message {i}", session_id="s")
+    assert bot.usage("s").turns == 3 and bot.usage("s").summaries == 0
+    assert info.value.needed_tokens > 400 and info.value.spent_tokens < 300
+
+
 def test_entries_say_who_and_what(settings: Settings, fake: FakeChatModel) -> None:
     bot = make_bot(settings, fake)
     reply = bot.chat("hi", session_id="s", user_id="ann")

@@ -19,7 +19,8 @@ from chatchain import (
     create_chat_chain,
 )
 from chatchain._tokens import choose_counter
-from chatchain.memory import SUMMARY_HEADER, SUMMARY_REQUEST_MARK, HistoryWindow
+from chatchain.memory import SUMMARY_HEADER, SUMMARY_REQUEST_MARK, HistoryWindow, summary_message
+from chatchain.stores import Summary
 from chatchain.testing import FakeChatModel
 
 
@@ -316,3 +317,88 @@ def test_a_huge_unsummarised_backlog_is_summarised_from_a_bounded_slice() -> Non
     summary = store.get_summary("s")
     assert summary is not None
     assert summary.covers == 2000 - 4
+
+
+def summary_calls(fake: FakeChatModel) -> list[list[BaseMessage]]:
+    return [c for c in fake.calls if c[-1].text.startswith(SUMMARY_REQUEST_MARK)]
+
+
+def turn_calls(fake: FakeChatModel) -> list[list[BaseMessage]]:
+    return [c for c in fake.calls if not c[-1].text.startswith(SUMMARY_REQUEST_MARK)]
+
+
+@pytest.mark.parametrize("mode", ["chat", "achat"])
+def test_a_verbose_summarizer_cannot_grow_the_summary_or_the_prompt(mode: str) -> None:
+    # The echo answers a summary request with the whole request: the old summary plus the
+    # new lines, so unbounded it grows every time (issue 10: ~116,000 characters in 200 turns).
+    fake = FakeChatModel()
+    bot = Chatbot(make_settings(), llm=fake, system="S")  # the defaults: 6 turns, 3000 + 500
+    window = bot.chain.window
+    assert window is not None and window.summary_tokens == 500
+    counter = choose_counter(fake)
+
+    async def achat_all() -> None:
+        for i in range(120):
+            await bot.achat(f"turn {i} " + "words " * 30, session_id="s")
+
+    if mode == "chat":
+        for i in range(120):
+            bot.chat(f"turn {i} " + "words " * 30, session_id="s")
+    else:
+        asyncio.run(achat_all())
+    summary = bot.summary("s")
+    assert summary is not None and summary.startswith("Echo: ")
+    assert counter([summary_message(summary)]) <= 500
+    assert len(summary_calls(fake)) > 20
+    limit = window.prompt_limit(counter([fake.calls[0][0]]))
+    assert limit == counter([fake.calls[0][0]]) + 500 + 3000
+    assert max(counter(call) for call in turn_calls(fake)) <= limit
+    # The summary requests stay bounded too: instructions, a summary in budget, a batch of lines.
+    assert max(counter(call) for call in summary_calls(fake)[2:]) < 1500
+    assert len(bot.history("s")) == 240
+
+
+def test_the_summary_call_is_capped_and_a_cut_sentence_is_dropped() -> None:
+    fake = FakeChatModel(respond=lambda messages: "Bob likes tea. " * 400)
+    bot = Chatbot(
+        make_settings(window_turns=1, window_tokens=None, summary_max_tokens=20),
+        llm=fake,
+        system="S",
+    )
+    for i in range(4):
+        bot.chat(f"turn {i}", session_id="s")
+    # 4 * 20 characters arrived ("finish_reason": "length"); the half sentence is gone.
+    assert bot.summary("s") == "Bob likes tea. " * 4 + "Bob likes tea."
+    assert bot.usage("s").summaries >= 1
+
+
+def test_a_stored_summary_over_budget_is_cut_at_a_sentence_where_it_is_sent() -> None:
+    store = MemoryStore()
+    store.append("s", [HumanMessage("q0"), AIMessage("a0")])
+    store.set_summary("s", Summary("Ann lives in Oslo. " * 2000, covers=0))  # kept from before
+    fake = FakeChatModel(respond=Summarizing())
+    bot = Chatbot(
+        make_settings(window_turns=1, window_tokens=None, summary_tokens=100),
+        store=store,
+        llm=fake,
+        system="S",
+    )
+    counter = choose_counter(fake)
+    bot.chat("q1", session_id="s")
+    (head,) = [m for m in fake.calls[-1] if m.text.startswith(SUMMARY_HEADER)]
+    assert head.text.endswith("Ann lives in Oslo.")
+    assert 90 < counter([head]) <= 100
+    for text in ("q2", "q3"):  # then a summary is due: it starts from the cut summary
+        bot.chat(text, session_id="s")
+    (request,) = summary_calls(fake)
+    assert request[-1].text.count("Ann lives in Oslo.") == head.text.count("Ann lives in Oslo.")
+    assert "at most 40 words" in request[0].text
+
+
+def test_the_summary_budget_halves_on_a_context_retry() -> None:
+    window = HistoryWindow(max_turns=6, max_tokens=3000, summary_tokens=500)
+    assert window.tightened().summary_tokens == 250
+    assert HistoryWindow(summary_tokens=None).prompt_limit(10) is None
+    assert HistoryWindow(summarize=False, summary_tokens=None).prompt_limit(10) == 3010
+    with pytest.raises(ConfigurationError, match="summary_tokens"):
+        HistoryWindow(summary_tokens=0)

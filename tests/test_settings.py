@@ -3,7 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from chatchain import Chatbot, ConfigurationError, MissingAPIKeyError, Settings, create_chat_model
+from chatchain import (
+    Chatbot,
+    ConfigurationError,
+    MissingAPIKeyError,
+    Settings,
+    create_chat_model,
+    create_summary_model,
+)
 
 SECRET = "sk-live-abcdefghijklmnop0123456789"
 
@@ -30,6 +37,31 @@ def test_environment_wins_over_dotenv(tmp_path: Path, monkeypatch: pytest.Monkey
     assert settings.fallback_model == "gpt-4o"
 
 
+def test_summary_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATCHAIN_SUMMARY_TOKENS", "300")
+    monkeypatch.setenv("CHATCHAIN_SUMMARY_MODEL", "gpt-4.1-nano")
+    monkeypatch.setenv("CHATCHAIN_MAX_TOKENS", "40")
+    settings = Settings.load(env_file=None, api_key="sk-test")
+    window = settings.history_window()
+    assert window is not None and window.summary_tokens == 300
+    model = create_summary_model(settings)
+    assert (model.model_name, model.max_tokens) == ("gpt-4.1-nano", 300)  # not the turns' 40
+    monkeypatch.setenv("CHATCHAIN_SUMMARY_MAX_TOKENS", "350")
+    assert create_summary_model(Settings.load(env_file=None, api_key="sk-test")).max_tokens == 350
+    for name in (
+        "CHATCHAIN_SUMMARY_TOKENS",
+        "CHATCHAIN_SUMMARY_MODEL",
+        "CHATCHAIN_SUMMARY_MAX_TOKENS",
+    ):
+        monkeypatch.delenv(name)
+    defaults = Settings.load(env_file=None)
+    assert (defaults.summary_tokens, defaults.summary_model, defaults.summary_max_tokens) == (
+        500,
+        None,
+        None,
+    )
+
+
 def test_dotenv_in_the_working_directory_is_read_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -45,6 +77,7 @@ def test_dotenv_in_the_working_directory_is_read_by_default(
         ("CHATCHAIN_TEMPERATURE", "3"),
         ("CHATCHAIN_MAX_RETRIES", "-1"),
         ("CHATCHAIN_TIMEOUT", "0"),
+        ("CHATCHAIN_SUMMARY_TOKENS", "0"),
     ],
 )
 def test_bad_values_name_the_variable(

@@ -42,6 +42,9 @@ class FakeChatModel(BaseChatModel):
     split at whitespace, fire ``on_llm_new_token`` and end with a usage chunk, so metering,
     streaming and history behave as with `ChatOpenAI`. Errors can be scripted: ``errors`` are
     raised by the next calls, one each, and ``fail_after_chunks`` cuts a stream short.
+    ``max_tokens`` (the field, or per call as with ``model.bind(max_tokens=...)``) cuts a reply
+    to ``4 * max_tokens`` characters with ``finish_reason="length"``, as `OpenAITestServer`
+    does; the echo then makes a verbose summarizer whose replies only the cap bounds.
 
     Example:
         >>> model = FakeChatModel(replies=["Hello Bob!"])
@@ -49,6 +52,8 @@ class FakeChatModel(BaseChatModel):
         'Hello Bob!'
         >>> model.invoke("Still there?").content
         'Echo: Still there?'
+        >>> model.bind(max_tokens=2).invoke("Cut me short").content
+        'Echo: Cu'
     """
 
     replies: list[str] = Field(default_factory=list)
@@ -63,6 +68,8 @@ class FakeChatModel(BaseChatModel):
     """The name reported in ``response_metadata`` (e.g. a real one to get a price)."""
     respond: Callable[[list[BaseMessage]], str] | None = None
     """Computes the reply from the messages when no scripted reply is left (else: echo)."""
+    max_tokens: int | None = None
+    """Cut replies to ``4 * max_tokens`` characters (a call's own ``max_tokens`` wins)."""
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _replies: deque[str] = PrivateAttr()
@@ -88,7 +95,17 @@ class FakeChatModel(BaseChatModel):
         with self._lock:
             self._replies.extend(replies)
 
-    def _next_reply(self, messages: list[BaseMessage]) -> str:
+    def _next_reply(
+        self, messages: list[BaseMessage], max_tokens: int | None = None
+    ) -> tuple[str, str]:
+        """The reply text and its finish reason (``"length"`` when ``max_tokens`` cut it)."""
+        reply = self._uncapped_reply(messages)
+        cap = max_tokens if max_tokens is not None else self.max_tokens
+        if cap is not None and len(reply) > 4 * cap:
+            return reply[: 4 * cap], "length"
+        return reply, "stop"
+
+    def _uncapped_reply(self, messages: list[BaseMessage]) -> str:
         with self._lock:
             self._calls.append(list(messages))
             if self._errors:
@@ -109,12 +126,12 @@ class FakeChatModel(BaseChatModel):
     def _pieces(self, reply: str) -> Iterable[str]:
         return [piece for piece in re.split(r"(\s+)", reply) if piece]
 
-    def _answer(self, messages: list[BaseMessage]) -> ChatResult:
-        reply = self._next_reply(messages)
+    def _answer(self, messages: list[BaseMessage], max_tokens: int | None) -> ChatResult:
+        reply, finish = self._next_reply(messages, max_tokens)
         message = AIMessage(
             content=reply,
             usage_metadata=self._usage(messages, reply),
-            response_metadata={"model_name": self.model_name, "finish_reason": "stop"},
+            response_metadata={"model_name": self.model_name, "finish_reason": finish},
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -126,7 +143,7 @@ class FakeChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         time.sleep(self.delay)
-        return self._answer(messages)
+        return self._answer(messages, kwargs.get("max_tokens"))
 
     async def _agenerate(
         self,
@@ -136,10 +153,12 @@ class FakeChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         await asyncio.sleep(self.delay)
-        return self._answer(messages)
+        return self._answer(messages, kwargs.get("max_tokens"))
 
-    def _chunks(self, messages: list[BaseMessage]) -> Iterator[ChatGenerationChunk]:
-        reply = self._next_reply(messages)
+    def _chunks(
+        self, messages: list[BaseMessage], max_tokens: int | None
+    ) -> Iterator[ChatGenerationChunk]:
+        reply, finish = self._next_reply(messages, max_tokens)
         for index, piece in enumerate(self._pieces(reply)):
             if self.fail_after_chunks is not None and index >= self.fail_after_chunks:
                 raise _cut_off()
@@ -148,7 +167,7 @@ class FakeChatModel(BaseChatModel):
             message=AIMessageChunk(
                 content="",
                 usage_metadata=self._usage(messages, reply),
-                response_metadata={"model_name": self.model_name, "finish_reason": "stop"},
+                response_metadata={"model_name": self.model_name, "finish_reason": finish},
                 chunk_position="last",
             )
         )
@@ -160,7 +179,7 @@ class FakeChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        for chunk in self._chunks(messages):
+        for chunk in self._chunks(messages, kwargs.get("max_tokens")):
             if self.delay:
                 time.sleep(self.delay)
             if run_manager and chunk.text:
@@ -174,7 +193,7 @@ class FakeChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        for chunk in self._chunks(messages):
+        for chunk in self._chunks(messages, kwargs.get("max_tokens")):
             await asyncio.sleep(self.delay)
             if run_manager and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)

@@ -13,6 +13,7 @@ from genai_prices import calc_price
 
 from chatchain import BudgetExceeded, Chatbot, ModelPrice, Settings
 from chatchain.errors import EndpointConnectionError
+from chatchain.memory import SUMMARY_REQUEST_MARK
 from chatchain.testing import Fault, OpenAITestServer, echo_reply
 
 KEY = "sk-e2e-secret-0123456789abcdef"
@@ -98,6 +99,36 @@ def test_summary_calls_are_entries_of_their_own(server: OpenAITestServer) -> Non
     assert len(entries) == len(server.requests)
     assert bot.usage("s").summaries == len(summaries) and bot.usage("s").turns == 5
     assert all(e.cost_usd and e.prompt_tokens > 0 for e in summaries)
+
+
+def max_tokens(body: dict[str, Any]) -> Any:
+    return body.get("max_completion_tokens", body.get("max_tokens"))
+
+
+def test_summaries_have_their_own_model_and_max_tokens(server: OpenAITestServer) -> None:
+    # CHATCHAIN_MAX_TOKENS caps turns only: a low one no longer cuts the summaries short.
+    server.clear()
+    settings = make_settings(
+        server,
+        window_turns=1,
+        summarize=True,
+        max_tokens=5,
+        summary_model="gpt-4.1-nano",
+        summary_tokens=200,
+    )
+    bot = Chatbot(settings)
+    for i in range(6):
+        bot.chat(f"fact number {i}: " + "the sky is blue. " * 10, session_id="s")
+    bodies = [r["body"] for r in server.requests]
+    summaries = [b for b in bodies if b["messages"][-1]["content"].startswith(SUMMARY_REQUEST_MARK)]
+    turns = [b for b in bodies if b not in summaries]
+    assert summaries and len(turns) == 6
+    assert {(b["model"], max_tokens(b)) for b in summaries} == {("gpt-4.1-nano", 200)}
+    assert {(b["model"], max_tokens(b)) for b in turns} == {("gpt-4o-mini", 5)}
+    summary = bot.summary("s")
+    assert summary is not None and 4 * 5 < len(summary) <= 4 * 200
+    entries = [e for e in bot.usage_entries(session_id="s") if e.summary]
+    assert {e.model for e in entries} == {"gpt-4.1-nano"} and len(entries) == len(summaries)
 
 
 def test_a_price_set_in_settings_wins(server: OpenAITestServer) -> None:
