@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_memory.py [--quick] [--json PATH] [--parts 1,2,3]
+    .venv/bin/python benchmarks/bench_memory.py [--quick] [--json PATH] [--parts 1,2,3,4]
 
 What runs
     The script starts everything it talks to and stops it at the end, all on 127.0.0.1: a
@@ -49,6 +49,17 @@ What runs
     processes share (random choice; turns on one session are serialised by its lock, so less
     scaling is expected). Throughput = all turns / (last end - first start); the machine's
     core count bounds the 4-process figure.
+
+4. A verbose summarizer
+    The same 200 user messages through ``Chatbot`` against an `OpenAITestServer` that echoes
+    (`echo_reply`): a summary request is answered with the whole request, the old summary
+    included, so a summary without a bound grows with every fold. Two contenders, one after
+    the other, each on a fresh session: ``unbounded summary`` (``summary_tokens=None``: no
+    budget and no cap on the summary call, the summary before issue 10) and ``summary budget``
+    (the default ``CHATCHAIN_SUMMARY_TOKENS``). Reported: the final summary's length, the
+    largest and last turn prompt, the largest summary request, and all prompt tokens, in the
+    server's count, with the documented ceiling (system + summary budget + window tokens).
+    ``--parts 4`` runs this part alone (about 10 s).
 
 Targets
     1. 100,000 stored messages: median turn within 1.30x of 10, on every store.
@@ -98,7 +109,7 @@ from pydantic import SecretStr
 import chatchain
 from chatchain.memory import SUMMARY_HEADER, SUMMARY_REQUEST_MARK
 from chatchain.stores import HistoryStore, open_store
-from chatchain.testing import FakeChatModel, OpenAITestServer
+from chatchain.testing import FakeChatModel, OpenAITestServer, echo_reply
 
 # -- parameters --------------------------------------------------------------------------------
 
@@ -106,6 +117,7 @@ _FIELDS = chatchain.Settings.model_fields
 WINDOW_TURNS: int = _FIELDS["window_turns"].default
 WINDOW_TOKENS: int = _FIELDS["window_tokens"].default
 SUMMARIZE: bool = _FIELDS["summarize"].default
+SUMMARY_TOKENS: int = _FIELDS["summary_tokens"].default
 
 SIZES = (10, 1_000, 10_000, 100_000)
 PREFILL_BATCH = 1_000
@@ -135,7 +147,9 @@ QUICK = Profile(history_turns=40, history_warmup=8, throughput_turns=50, through
 FULL = Profile(history_turns=500, history_warmup=30, throughput_turns=300, throughput_reps=3)
 
 
-def bench_settings(*, summarize: bool, base_url: str | None = None) -> chatchain.Settings:
+def bench_settings(
+    *, summarize: bool, base_url: str | None = None, summary_tokens: int | None = SUMMARY_TOKENS
+) -> chatchain.Settings:
     """The default window, stated explicitly (no ``.env`` is read, see `main` for the env)."""
     return chatchain.Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -146,6 +160,7 @@ def bench_settings(*, summarize: bool, base_url: str | None = None) -> chatchain
         window_turns=WINDOW_TURNS,
         window_tokens=WINDOW_TOKENS,
         summarize=summarize,
+        summary_tokens=summary_tokens,
     )
 
 
@@ -880,6 +895,96 @@ def report_throughput(results: dict[str, dict[str, Any]], profile: Profile) -> d
     return table
 
 
+# -- 4. a verbose summarizer ---------------------------------------------------------------------
+
+VERBOSE_CONTENDERS: tuple[tuple[str, int | None], ...] = (
+    ("unbounded summary", None),
+    ("summary budget", SUMMARY_TOKENS),
+)
+
+
+def bench_verbose(server: OpenAITestServer, turns: int) -> dict[str, dict[str, Any]]:
+    """Each contender through the conversation against the echo; every request counted."""
+    results: dict[str, dict[str, Any]] = {}
+    for name, budget in VERBOSE_CONTENDERS:
+        settings = bench_settings(summarize=True, base_url=server.base_url, summary_tokens=budget)
+        bot = chatchain.Chatbot(settings)
+        server.clear()
+        turn_tokens: list[int] = []
+        summary_tokens: list[int] = []
+        system = 0
+        for text in USER_TEXTS[:turns]:
+            bot.chat(text, session_id="verbose", language=LANGUAGE)
+            for request in server.requests:
+                body = request["body"]
+                tokens = _request_tokens(server, body)
+                if _is_summary(body):
+                    summary_tokens.append(tokens)
+                else:
+                    turn_tokens.append(tokens)
+                    system = server.count_tokens(_content(body["messages"][0])) + 4
+            server.clear()
+        summary = bot.summary("verbose") or ""
+        bot.close()
+        results[name] = {
+            "summary_tokens_setting": budget,
+            "summary_chars": len(summary),
+            "summary_message_tokens": server.count_tokens(SUMMARY_HEADER + summary) + 4,
+            "last_turn_tokens": turn_tokens[-1],
+            "max_turn_tokens": max(turn_tokens),
+            "max_summary_request_tokens": max(summary_tokens, default=0),
+            "summary_calls": len(summary_tokens),
+            "all_prompt_tokens": sum(turn_tokens) + sum(summary_tokens),
+            "system_tokens": system,
+            "series": turn_tokens,
+        }
+    return results
+
+
+def report_verbose(results: dict[str, dict[str, Any]], turns: int) -> dict[str, Any]:
+    print(
+        f"4. A verbose summarizer: {turns} turns against OpenAITestServer's echo (a summary "
+        "request is answered with the whole request, old summary included); window "
+        f"{WINDOW_TURNS} turns / {WINDOW_TOKENS} tokens; tokens in the server's count"
+    )
+    columns = (
+        ("summary chars", "summary_chars"),
+        ("summary tokens", "summary_message_tokens"),
+        ("last turn", "last_turn_tokens"),
+        ("max turn", "max_turn_tokens"),
+        ("max summary req", "max_summary_request_tokens"),
+        ("all prompt tokens", "all_prompt_tokens"),
+    )
+    head = f"{'contender':<26}" + "".join(f"{title:>18}" for title, _ in columns)
+    print(head)
+    print("-" * len(head))
+    for name, result in results.items():
+        budget = result["summary_tokens_setting"]
+        label = f"{name} ({'none' if budget is None else budget})"
+        print(f"{label:<26}" + "".join(f"{result[key]:>18,}" for _, key in columns))
+    before, after = (results[name] for name, _ in VERBOSE_CONTENDERS)
+    print(
+        f"{'budget / unbounded':<26}"
+        + "".join(f"{after[key] / before[key]:>18.3f}" for _, key in columns)
+    )
+    ceiling = after["system_tokens"] + SUMMARY_TOKENS + WINDOW_TOKENS
+    within = after["max_turn_tokens"] <= ceiling
+    print(
+        f"   documented ceiling: system {after['system_tokens']} + CHATCHAIN_SUMMARY_TOKENS "
+        f"{SUMMARY_TOKENS} + CHATCHAIN_WINDOW_TOKENS {WINDOW_TOKENS:,} = {ceiling:,} tokens; "
+        f"largest turn with the budget: {after['max_turn_tokens']:,} "
+        f"({'within' if within else 'OVER'}); summary calls {before['summary_calls']} / "
+        f"{after['summary_calls']}"
+    )
+    return {
+        "contenders": {
+            k: {n: v for n, v in r.items() if n != "series"} for k, r in results.items()
+        },
+        "ceiling": ceiling,
+        "within_ceiling": within,
+    }
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -907,15 +1012,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer samples (under ~2 minutes)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     parser.add_argument(
-        "--parts", default="1,2,3", help="which parts to run, comma-separated (1,2,3)"
+        "--parts", default="1,2,3,4", help="which parts to run, comma-separated (1,2,3,4)"
     )
     args = parser.parse_args(argv)
     try:
         args.parts = {int(p) for p in args.parts.split(",") if p.strip()}
     except ValueError:
-        parser.error("--parts takes numbers 1 to 3, e.g. --parts 1,3")
-    if not args.parts or not args.parts <= {1, 2, 3}:
-        parser.error("--parts takes numbers 1 to 3, e.g. --parts 1,3")
+        parser.error("--parts takes numbers 1 to 4, e.g. --parts 1,3")
+    if not args.parts or not args.parts <= {1, 2, 3, 4}:
+        parser.error("--parts takes numbers 1 to 4, e.g. --parts 1,3")
     return args
 
 
@@ -1004,6 +1109,13 @@ def main(argv: list[str] | None = None) -> int:
                 tokens = bench_tokens(server, CONVERSATION_TURNS)
             payload["tokens"] = report_tokens(tokens)
             payload["tokens_series"] = tokens["series"]
+            print(flush=True)
+
+        if 4 in args.parts:
+            with OpenAITestServer(host="127.0.0.1", reply=echo_reply) as server:
+                verbose = bench_verbose(server, CONVERSATION_TURNS)
+            payload["verbose"] = report_verbose(verbose, CONVERSATION_TURNS)
+            payload["verbose_series"] = {name: r["series"] for name, r in verbose.items()}
             print(flush=True)
 
         if 3 in args.parts:
