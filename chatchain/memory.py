@@ -256,7 +256,9 @@ class Memory:
     Summaries go to ``summary_model`` (the chat model when it is ``None``), whose replies are
     capped at ``summary_reply_tokens``; the stored and the sent summary are cut to the
     window's ``summary_tokens``, so a turn's prompt stays within
-    ``HistoryWindow.prompt_limit`` however verbose the summarizer is.
+    ``HistoryWindow.prompt_limit`` however verbose the summarizer is. A summary request holds
+    the instructions, the summary (cut to ``summary_tokens``) and the lines it folds in: a
+    batch of turns, or for a backlog at most four windows' worth of messages.
 
     Attributes:
         window: What of the history is sent (``None``: all of it).
