@@ -4,7 +4,9 @@ Standard library only: :mod:`http.server` in a background thread. It speaks enou
 OpenAI wire protocol (``POST /v1/chat/completions``, streamed or not, and ``GET /v1/models``)
 for the official ``openai`` client and ``langchain_openai.ChatOpenAI`` to talk to it, and it
 can be told to misbehave (errors, rate limits, slow replies, cut streams, broken JSON) through
-:class:`Fault`.
+:class:`Fault`, including the ways of hostile endpoints met in the wild: a stream kept alive
+with SSE comments, a body sent a byte at a time, replies under another model name (as proxies
+give), and a reply holding a lone surrogate.
 
 Example:
     >>> import openai
@@ -24,6 +26,7 @@ import contextlib
 import copy
 import http
 import json
+import math
 import os
 import re
 import socket
@@ -52,6 +55,9 @@ _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key"})
 _WORD_RE = re.compile(r"\s*\S+")
 # Socket errors just mean "the client went away" (or stop() closed the connection).
 _DISCONNECT_ERRORS = (OSError,)
+# Half of an emoji (U+1F600 is \ud83d\ude00): what a proxy that cut a reply mid-pair sends.
+_LONE_SURROGATE = " \ud83d"
+_KEEP_ALIVE_COMMENT = b": keep-alive\n\n"
 
 _DEFAULT_ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -145,6 +151,10 @@ class Fault:
     ``malformed``, else ``cut_after`` (for streamed requests; a non-streamed request is
     answered normally, but still uses up the fault).
 
+    The hostile modes (``keep_alive``, ``drip``, ``answer_model``, ``lone_surrogate``) shape
+    an otherwise normal reply; a trickle ends by itself, then the reply is completed, so that a
+    client without a whole-request deadline waits it out and succeeds.
+
     Attributes:
         status: Reply with this HTTP status (400-599) and an OpenAI-style error body
             ``{"error": {"message", "type", "param", "code"}}``.
@@ -160,11 +170,24 @@ class Fault:
         malformed: Answer 200 with a body that is not valid JSON (non-streamed) or with a
             garbage SSE ``data:`` line (streamed).
         times: How many requests this fault applies to.
+        keep_alive: Seconds to hold the reply back after the response head, sending an SSE
+            comment (``": keep-alive"``, streamed) or a blank (JSON whitespace, non-streamed)
+            every ``interval`` seconds: a client's read timeout never fires.
+        stall_after: Streaming, with ``keep_alive``: content chunks sent before the
+            keep-alive comments (0: the comments come before any data).
+        drip: Seconds during which the body goes out one byte every ``interval`` seconds;
+            the rest follows at once.
+        interval: Seconds between the bytes of a ``keep_alive`` or ``drip`` trickle.
+        answer_model: Answer under this model name whatever the request asked for, as
+            proxies do (e.g. ``"openrouter/gpt-4o-mini"`` for ``"gpt-4o-mini"``).
+        lone_surrogate: End the reply with half an emoji, a lone surrogate (U+D83D, sent as
+            the JSON escape ``\\ud83d``): valid JSON, but not valid Unicode.
 
     Example:
         >>> server = OpenAITestServer()
         >>> server.add_fault(Fault(status=429, retry_after=0.05))   # one rate limit
         >>> server.add_fault(Fault(delay=2.0, times=3))            # then three slow replies
+        >>> server.add_fault(Fault(keep_alive=30.0))               # then a 30 s keep-alive trickle
     """
 
     status: int | None = None
@@ -175,6 +198,12 @@ class Fault:
     cut_after: int | None = None
     malformed: bool = False
     times: int = 1
+    keep_alive: float = 0.0
+    stall_after: int = 0
+    drip: float = 0.0
+    interval: float = 1.0
+    answer_model: str | None = None
+    lone_surrogate: bool = False
 
     def __post_init__(self) -> None:
         if self.status is not None and not 400 <= self.status <= 599:
@@ -187,6 +216,17 @@ class Fault:
             raise ValueError(f"Fault.cut_after must be >= 0: {self.cut_after}")
         if self.times < 1:
             raise ValueError(f"Fault.times must be >= 1: {self.times}")
+        for name in ("keep_alive", "drip", "stall_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Fault.{name} must be >= 0: {getattr(self, name)}")
+        if self.interval <= 0:
+            raise ValueError(f"Fault.interval must be > 0: {self.interval}")
+        if self.answer_model == "":
+            raise ValueError("Fault.answer_model must not be empty: give a model name or None")
+
+    def _ticks(self, seconds: float) -> int:
+        """How many bytes a trickle of ``seconds`` sends, one every ``interval``."""
+        return math.ceil(seconds / self.interval) if seconds > 0 else 0
 
 
 class _ReplyError(Exception):
@@ -739,6 +779,8 @@ class OpenAITestServer:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             model = self._model
+        if fault is not None and fault.answer_model:
+            model = fault.answer_model
         stream = body.get("stream") is True
 
         prompt_tokens = self._prompt_tokens(messages)
@@ -763,6 +805,8 @@ class OpenAITestServer:
         finish_reason = "stop"
         if max_tokens is not None and len(text) > 4 * max_tokens:
             text, finish_reason = text[: 4 * max_tokens], "length"
+        if fault is not None and fault.lone_surrogate:
+            text += _LONE_SURROGATE
         completion_tokens = self.count_tokens(text)
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -774,8 +818,9 @@ class OpenAITestServer:
         completion_id = "chatcmpl-" + os.urandom(12).hex()
         created = int(time.time())
         if not stream:
-            handler._send_json(
-                200,
+            self._send_reply(
+                handler,
+                fault,
                 {
                     "id": completion_id,
                     "object": "chat.completion",
@@ -805,7 +850,6 @@ class OpenAITestServer:
         include_usage = (
             isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         )
-        cut_after = fault.cut_after if fault is not None else None
         self._stream(
             handler,
             text,
@@ -815,8 +859,39 @@ class OpenAITestServer:
             finish_reason=finish_reason,
             usage=usage if include_usage else None,
             include_usage=include_usage,
-            cut_after=cut_after,
+            fault=fault,
         )
+
+    def _send_reply(self, handler: _Handler, fault: Fault | None, reply: dict[str, Any]) -> None:
+        body = json.dumps(reply).encode()
+        if fault is None or not (fault.keep_alive or fault.drip):
+            handler._send(200, body)
+            return
+        blanks = fault._ticks(fault.keep_alive)  # JSON may start with whitespace
+        length = str(blanks + len(body))
+        head = [("Content-Type", "application/json"), ("Content-Length", length)]
+        handler.wfile.write(handler._write_head(200, head))
+        if self._trickle(handler, fault, [b" "] * blanks):
+            self._drip(handler, fault, body, chunked=False)
+
+    def _trickle(self, handler: _Handler, fault: Fault, pieces: list[bytes]) -> bool:
+        """Send ``pieces`` one every ``fault.interval``; ``False`` if the server is stopping."""
+        for piece in pieces:
+            handler.wfile.write(piece)
+            if self._stopping.wait(fault.interval):
+                self._drop(handler)
+                return False
+        return True
+
+    def _drip(self, handler: _Handler, fault: Fault, data: bytes, *, chunked: bool) -> bool:
+        """Send ``data`` a byte at a time for ``fault.drip`` seconds, then the rest at once."""
+        dripped = min(len(data), fault._ticks(fault.drip))
+        pieces = [self._frame(data[i : i + 1], chunked) for i in range(dripped)]
+        if not self._trickle(handler, fault, pieces):
+            return False
+        if dripped < len(data):
+            handler.wfile.write(self._frame(data[dripped:], chunked))
+        return True
 
     @staticmethod
     def _start_stream(handler: _Handler) -> bool:
@@ -848,7 +923,7 @@ class OpenAITestServer:
         finish_reason: str,
         usage: dict[str, Any] | None,
         include_usage: bool,
-        cut_after: int | None,
+        fault: Fault | None,
     ) -> None:
         write = handler.wfile.write
         chunked = self._start_stream(handler)
@@ -867,12 +942,27 @@ class OpenAITestServer:
         prefix = f'{envelope}, "choices": [{{"index": 0, "delta": '
         usage_null = ', "usage": null}' if include_usage else "}"
 
-        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        def sse(delta: dict[str, Any], finish: str | None = None) -> bytes:
             data = f'{prefix}{dumps(delta)}, "logprobs": null, "finish_reason": {dumps(finish)}}}]'
-            return frame(f"data: {data}{usage_null}\n\n".encode(), chunked)
+            return f"data: {data}{usage_null}\n\n".encode()
 
-        write(event({"role": "assistant", "content": ""}))
+        def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return frame(sse(delta, finish), chunked)
+
         chunks = _split_words(text, self._chunk_words)
+        if fault is not None and (fault.keep_alive or fault.drip):
+            events = [sse({"role": "assistant", "content": ""})]
+            events += [sse({"content": piece}) for piece in chunks]
+            events.append(sse({}, finish_reason))
+            if usage is not None:
+                events.append(
+                    f'data: {envelope}, "choices": [], "usage": {dumps(usage)}}}\n\n'.encode()
+                )
+            events.append(b"data: [DONE]\n\n")
+            self._stream_slowly(handler, fault, events, chunked)
+            return
+        cut_after = fault.cut_after if fault is not None else None
+        write(event({"role": "assistant", "content": ""}))
         if cut_after is not None:
             for piece in chunks[:cut_after]:
                 write(event({"content": piece}))
@@ -889,6 +979,22 @@ class OpenAITestServer:
         if chunked:
             tail.append(b"0\r\n\r\n")
         write(b"".join(tail))
+
+    def _stream_slowly(
+        self, handler: _Handler, fault: Fault, events: list[bytes], chunked: bool
+    ) -> None:
+        """A stream that keeps the client waiting: keep-alive comments and/or a drip."""
+        # The role chunk and ``stall_after`` content chunks go first, then the comments.
+        stall = 1 + fault.stall_after if fault.keep_alive and fault.stall_after else 0
+        if stall:
+            handler.wfile.write(self._frame(b"".join(events[:stall]), chunked))
+        comment = self._frame(_KEEP_ALIVE_COMMENT, chunked)
+        if not self._trickle(handler, fault, [comment] * fault._ticks(fault.keep_alive)):
+            return
+        if not self._drip(handler, fault, b"".join(events[stall:]), chunked=chunked):
+            return
+        if chunked:
+            handler.wfile.write(b"0\r\n\r\n")
 
     def _stream_malformed(self, handler: _Handler) -> None:
         chunked = self._start_stream(handler)
