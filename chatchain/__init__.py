@@ -31,6 +31,7 @@ from chatchain.errors import (
     SessionBusyError,
     SessionExistsError,
     StoreError,
+    TurnDeadlineError,
 )
 from chatchain.memory import HistoryWindow
 from chatchain.model import create_chat_model, create_summary_model
@@ -69,6 +70,7 @@ __all__ = [
     "SessionExistsError",
     "Settings",
     "StoreError",
+    "TurnDeadlineError",
     "Usage",
     "UsageEntry",
     "UsageLedger",

@@ -4,14 +4,27 @@ A turn is: validate the input, take the session's lock, run the model with a fre
 handler, then save the user's message and the reply in one bulk write and record the usage.
 A failed turn saves nothing; an interrupted stream saves the user's message and the partial
 reply, marked ``interrupted`` in the reply's ``response_metadata``.
+
+The turn's deadline (``CHATCHAIN_TURN_DEADLINE``) counts from when the session's lock is
+taken: waiting for another turn is bounded by ``CHATCHAIN_LOCK_TIMEOUT`` instead. It bounds
+the summary call, the model call with the client's retries, and a stream until its last chunk
+(time the caller spends between chunks included); the final writes are not cut short.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Generator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,13 +35,14 @@ from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
-from chatchain import _endpoint_errors, _metering
+from chatchain import _deadline, _endpoint_errors, _metering
 from chatchain._metering import Estimate
 from chatchain.errors import (
     BudgetExceeded,
     ConfigurationError,
     InvalidInputError,
     MissingPromptVariableError,
+    TurnDeadlineError,
 )
 from chatchain.memory import Memory, SummaryCall
 from chatchain.pricing import Pricer
@@ -99,6 +113,37 @@ def _validate_text(text: str, where: str) -> None:
             "valid Unicode and cannot be stored: remove it (or decode the text with "
             "errors='replace')."
         ) from None
+
+
+# Where a reply holds text from the endpoint (model output may hold invalid code points).
+_REPLY_FIELDS = ("content", "additional_kwargs", "response_metadata", "tool_calls")
+
+
+def _valid_unicode(value: Any) -> tuple[Any, int]:
+    """``value`` with lone surrogates replaced by U+FFFD, and how many were.
+
+    Surrogate pairs split across chunks (two code points in a Python string) are joined into
+    the character they encode first: only halves without their other half are lost. The value
+    is returned as is (the same object) when nothing needed fixing.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            fixed = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+            return fixed, fixed.count("\ufffd") - value.count("\ufffd")
+        return value, 0
+    if isinstance(value, (list, tuple)):
+        items = [_valid_unicode(item) for item in value]
+        if all(new is old for (new, _), old in zip(items, value, strict=True)):
+            return value, 0
+        return type(value)(new for new, _ in items), sum(count for _, count in items)
+    if isinstance(value, dict):
+        pairs = {key: _valid_unicode(item) for key, item in value.items()}
+        if all(pairs[key][0] is item for key, item in value.items()):
+            return value, 0
+        return {key: new for key, (new, _) in pairs.items()}, sum(n for _, n in pairs.values())
+    return value, 0
 
 
 def _text_of(message: BaseMessage) -> str:
@@ -242,10 +287,97 @@ class Turn:
     """What the running-summary call made before this turn cost, if there was one."""
     _count_prompt: Callable[[], int] | None = None
     _hold: str | None = None
+    deadline_at: float | None = None
+    """When the turn must end (`time.monotonic`), once it runs; ``None``: no deadline."""
+    _ended: bool = False
+    _fence: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
         self.started = time.perf_counter()
+
+    # -- the deadline -------------------------------------------------------------------------
+
+    def start_deadline(self) -> None:
+        """The turn runs (its lock is held): its deadline starts counting."""
+        if self.spec.deadline is not None:
+            self.deadline_at = time.monotonic() + self.spec.deadline
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline_at is not None and time.monotonic() >= self.deadline_at
+
+    def deadline_error(self) -> TurnDeadlineError:
+        """The error of a turn stopped by its deadline (logged once, by `failure`)."""
+        kept = (
+            "The reply so far was kept, marked interrupted."
+            if self.has_reply
+            else "Nothing was stored."
+        )
+        return TurnDeadlineError(
+            f"The turn ran past its deadline of {self.spec.deadline:g} s "
+            "(CHATCHAIN_TURN_DEADLINE) and was stopped: the endpoint answered too slowly, or "
+            f"kept the connection open without finishing. {kept} Try again, or raise "
+            "CHATCHAIN_TURN_DEADLINE."
+        )
+
+    def bounded(self, call: Callable[[], Any]) -> Any:
+        """``call()`` (a blocking model call), given up on at the deadline.
+
+        Raises:
+            TurnDeadlineError: The deadline passed first.
+        """
+        if self.expired:  # not even started: nothing may be sent after the deadline
+            raise self.deadline_error()
+        return _deadline.call(call, self.deadline_at, self.deadline_error)
+
+    def bounded_stream(self, chunks: Generator[Any, None, None]) -> Generator[Any, None, None]:
+        """``chunks`` (a blocking stream), given up on at the deadline."""
+        return _deadline.iterate(chunks, self.deadline_at, self.deadline_error)
+
+    def abounded(self) -> AbstractAsyncContextManager[None]:
+        """A block cancelled at the deadline, which then raises `TurnDeadlineError`."""
+        return _deadline.abounded(self.deadline_at, self.deadline_error)
+
+    async def _abounded_call(self, call: Awaitable[Any]) -> Any:
+        async with self.abounded():
+            return await call
+
+    def end(self) -> None:
+        """The turn is over: give back its budget hold, and fence off a worker it abandoned."""
+        with self._fence:
+            self._ended = True
+        self.release()
+
+    async def aend(self) -> None:
+        """`end` for async callers (no worker there: async calls are cancelled)."""
+        self._ended = True
+        await self.arelease()
+
+    def storable(self, reply: BaseMessage) -> BaseMessage:
+        """``reply`` as a store can keep it: invalid code points replaced by U+FFFD.
+
+        Model output is data the user paid for: a lone surrogate (half an emoji, from a proxy
+        that cut a reply mid-pair) must not lose the turn. The notice says it was replaced.
+        """
+        update: dict[str, Any] = {}
+        replaced = 0
+        for name in _REPLY_FIELDS:
+            value = getattr(reply, name, None)
+            fixed, count = _valid_unicode(value)
+            if fixed is not value:
+                update[name] = fixed
+                replaced += count
+        if not update:
+            return reply
+        if not replaced:  # only split pairs, now joined: nothing was lost
+            return reply.model_copy(update=update)
+        self.notice(
+            f"The reply held {replaced} invalid code point(s) (a lone surrogate, e.g. half an "
+            "emoji), which no store can keep as text; it was stored with each replaced by "
+            "U+FFFD (\ufffd)."
+        )
+        return reply.model_copy(update=update)
 
     def add_chunk(self, chunk: Any) -> None:
         """Fold one streamed chunk into the reply."""
@@ -260,10 +392,10 @@ class Turn:
         return bool(self._chunks)
 
     def streamed_reply(self) -> BaseMessage:
-        """The reply assembled from the streamed chunks."""
+        """The reply assembled from the streamed chunks, as a store can keep it."""
         if not self._chunks:
             return AIMessage(content="")
-        return message_chunk_to_message(add_ai_message_chunks(*self._chunks))
+        return self.storable(message_chunk_to_message(add_ai_message_chunks(*self._chunks)))
 
     def partial_reply(self, reason: str) -> AIMessage:
         """What arrived before the stream stopped, marked as interrupted."""
@@ -286,7 +418,10 @@ class Turn:
 
         Raises:
             BudgetExceeded: The call could pass a cap; nothing is sent.
+            TurnDeadlineError: The turn is over (this is a worker it abandoned); nothing is sent.
         """
+        if self._ended or self.expired:
+            raise self.deadline_error()
         self._count_prompt = count_prompt
         if self.spec.budget:
             self._take_hold(count_prompt(), summary=False)
@@ -319,12 +454,16 @@ class Turn:
         return hold, spec.budget.limits(self.session_id, self.user_id)
 
     def _take_hold(self, prompt_tokens: int, summary: bool) -> None:
-        self.release()
-        hold, limits = self._new_hold(prompt_tokens, summary)
-        refusal = self.spec.ledger.hold(hold, limits)
-        if refusal is not None:
-            raise self._exceeded(refusal, hold)
-        self._hold = hold.id
+        # The fence: a worker abandoned at the deadline must not hold, nor send, afterwards.
+        with self._fence:
+            if self._ended or self.expired:
+                raise self.deadline_error()
+            self.release()
+            hold, limits = self._new_hold(prompt_tokens, summary)
+            refusal = self.spec.ledger.hold(hold, limits)
+            if refusal is not None:
+                raise self._exceeded(refusal, hold)
+            self._hold = hold.id
 
     async def _atake_hold(self, prompt_tokens: int, summary: bool) -> None:
         await self.arelease()
@@ -451,9 +590,12 @@ class Turn:
             return
         try:
             call = self.spec.memory.summarize(
-                self.spec.store, self.session_id, self._summary_check if self.spec.budget else None
+                self.spec.store,
+                self.session_id,
+                self._summary_check if self.spec.budget else None,
+                run=self.bounded,
             )
-        except (BudgetExceeded, ConfigurationError):
+        except (BudgetExceeded, ConfigurationError, TurnDeadlineError):
             raise
         except Exception as exc:  # the turn can go on without a fresher summary
             self.release()
@@ -469,8 +611,10 @@ class Turn:
             return
         check = self._asummary_check if self.spec.budget else None
         try:
-            call = await self.spec.memory.asummarize(self.spec.store, self.session_id, check)
-        except (BudgetExceeded, ConfigurationError):
+            call = await self.spec.memory.asummarize(
+                self.spec.store, self.session_id, check, arun=self._abounded_call
+            )
+        except (BudgetExceeded, ConfigurationError, TurnDeadlineError):
             raise
         except Exception as exc:
             await self.arelease()

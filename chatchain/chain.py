@@ -4,7 +4,7 @@
 is validated, the session is locked, every token is metered, and the history is written once,
 by chatchain, when the turn ends. LangChain's own save (a listener that fires only when a run
 ends well) is turned off, so that streamed, failed and interrupted turns follow the same path
-as plain ones.
+as plain ones. Each turn is bounded by its deadline (``CHATCHAIN_TURN_DEADLINE``, see `_turn`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, 
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import replace
 from functools import partial
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage
@@ -217,19 +217,21 @@ class ChatChain(HistoryRunnable):
         turn = self._begin(value, config)
         with self._lock(turn.session_id):
             try:
+                turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
                 for attempt in range(2):
                     try:
-                        reply = super().invoke(value, turn.config, **kwargs)
+                        reply = turn.bounded(partial(super().invoke, value, turn.config, **kwargs))
                         break
                     except Exception as exc:
                         error = turn.failure(exc)
                         if not self._can_tighten(error, turn, attempt):
-                            raise (error or exc) from exc
+                            _raise(error, exc)
+                reply = turn.storable(reply)
                 turn.save(reply)
             finally:
-                turn.release()
+                turn.end()
         return reply, turn
 
     async def arun_turn(
@@ -239,19 +241,22 @@ class ChatChain(HistoryRunnable):
         turn = self._begin(value, config)
         async with self._alock(turn.session_id):
             try:
+                turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
                 for attempt in range(2):
                     try:
-                        reply = await super().ainvoke(value, turn.config, **kwargs)
+                        async with turn.abounded():
+                            reply = await super().ainvoke(value, turn.config, **kwargs)
                         break
                     except Exception as exc:
                         error = turn.failure(exc)
                         if not self._can_tighten(error, turn, attempt):
-                            raise (error or exc) from exc
+                            _raise(error, exc)
+                reply = turn.storable(reply)
                 await turn.asave(reply)
             finally:
-                await turn.arelease()
+                await turn.aend()
         return reply, turn
 
     def stream(
@@ -276,13 +281,17 @@ class ChatChain(HistoryRunnable):
         self, turn: Turn, value: Any, kwargs: dict[str, Any]
     ) -> Generator[Any, None, None]:
         # The model's chunks; "context length exceeded" before the first one retries once.
+        # (Run by a worker thread, ahead of the caller: ``turn.has_reply`` may lag behind.)
+        started = False
         for attempt in range(2):
             inner = cast("Generator[Any, None, None]", super().stream(value, turn.config, **kwargs))
             try:
-                yield from inner
+                for chunk in inner:
+                    started = True
+                    yield chunk
                 return
             except Exception as exc:
-                if turn.has_reply or not self._can_tighten(turn.failure(exc), turn, attempt):
+                if started or not self._can_tighten(turn.failure(exc), turn, attempt):
                     raise
             finally:
                 inner.close()
@@ -290,9 +299,10 @@ class ChatChain(HistoryRunnable):
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         with self._lock(turn.session_id):
             try:
+                turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
-                inner = self._attempts(turn, value, kwargs)
+                inner = turn.bounded_stream(self._attempts(turn, value, kwargs))
                 try:
                     for chunk in inner:
                         turn.add_chunk(chunk)
@@ -308,12 +318,10 @@ class ChatChain(HistoryRunnable):
                     if turn.has_reply or not isinstance(exc, Exception):
                         turn.log_interrupted(type(exc).__name__)
                         turn.save(turn.partial_reply(str(error or type(exc).__name__)))
-                    if error is None:
-                        raise
-                    raise error from exc
+                    _raise(error, exc)
                 turn.save(turn.streamed_reply())
             finally:
-                turn.release()
+                turn.end()
 
     def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -346,11 +354,17 @@ class ChatChain(HistoryRunnable):
     async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         async with self._alock(turn.session_id):
             try:
+                turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
                 inner = cast("AsyncGenerator[Any, None]", self._aattempts(turn, value, kwargs))
                 try:
-                    async for chunk in inner:
+                    while True:
+                        try:  # only the wait for a chunk is cancelled: never the caller's code
+                            async with turn.abounded():
+                                chunk = await anext(inner)
+                        except StopAsyncIteration:
+                            break
                         turn.add_chunk(chunk)
                         yield chunk
                 except (GeneratorExit, asyncio.CancelledError):
@@ -364,12 +378,10 @@ class ChatChain(HistoryRunnable):
                     if turn.has_reply or not isinstance(exc, Exception):
                         turn.log_interrupted(type(exc).__name__)
                         await turn.asave(turn.partial_reply(str(error or type(exc).__name__)))
-                    if error is None:
-                        raise
-                    raise error from exc
+                    _raise(error, exc)
                 await turn.asave(turn.streamed_reply())
             finally:
-                await turn.arelease()
+                await turn.aend()
 
     # `RunnableBindingBase` hands these straight to the inner runnable, which would skip the
     # turn bookkeeping; `Runnable`'s own versions go through invoke/ainvoke/stream/astream.
@@ -380,6 +392,13 @@ class ChatChain(HistoryRunnable):
     transform = Runnable.transform
     atransform = Runnable.atransform
     astream_events = Runnable.astream_events
+
+
+def _raise(error: Exception | None, exc: BaseException) -> NoReturn:
+    """Raise ``error`` (chatchain's) from ``exc`` (the original), or ``exc`` if it is one."""
+    if error is None or error is exc:
+        raise exc
+    raise error from exc
 
 
 def _model_name(model: Runnable[Any, Any]) -> str | None:

@@ -17,6 +17,7 @@ ChatChainError
     ├── AuthenticationError     401/403: the key is wrong or lacks access
     ├── RateLimitError          429 after the client's own retries
     ├── EndpointTimeoutError    no answer within the timeout, after retries
+    │   └── TurnDeadlineError   the whole turn ran past CHATCHAIN_TURN_DEADLINE
     ├── EndpointConnectionError the endpoint could not be reached
     ├── ContextTooLongError     the prompt does not fit the model's context window
     ├── BadRequestError         400/404/422: the endpoint refused the request
@@ -47,6 +48,7 @@ __all__ = [
     "SessionBusyError",
     "SessionExistsError",
     "StoreError",
+    "TurnDeadlineError",
 ]
 
 
@@ -153,6 +155,16 @@ class RateLimitError(EndpointError):
 
 class EndpointTimeoutError(EndpointError):
     """The endpoint did not answer within the timeout, after the client's retries."""
+
+
+class TurnDeadlineError(EndpointTimeoutError):
+    """The whole turn ran past its deadline (``CHATCHAIN_TURN_DEADLINE``) and was stopped.
+
+    The endpoint kept answering too slowly to trip ``CHATCHAIN_TIMEOUT`` (which bounds each
+    read), e.g. with keep-alive comments or a body a byte at a time. Nothing was stored, except
+    the reply a stream had already shown, which is kept, marked interrupted. The session's lock
+    was released.
+    """
 
 
 class EndpointConnectionError(EndpointError):

@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from langchain_core.messages import (
@@ -326,11 +327,13 @@ class Memory:
         store: HistoryStore,
         session_id: str,
         before_send: Callable[[list[BaseMessage]], None] | None = None,
+        run: Callable[[Callable[[], Any]], Any] | None = None,
     ) -> SummaryCall | None:
         """Fold the turns beyond the window into the summary if enough have piled up.
 
-        ``before_send`` sees the request first (a budget check may refuse it by raising).
-        Returns the call's handler and latency, or ``None`` when no summary was due.
+        ``before_send`` sees the request first (a budget check may refuse it by raising);
+        ``run`` makes the model call (the turn's deadline bounds it). Returns the call's
+        handler and latency, or ``None`` when no summary was due.
         """
         summary = store.get_summary(session_id)
         plan = self._summary_plan(store.count(session_id), summary)
@@ -341,9 +344,10 @@ class Memory:
         if before_send is not None:
             before_send(request)
         handler, started = _metering.new_handler(), time.perf_counter()
-        reply = self.summarizer.invoke(
-            request, RunnableConfig(callbacks=[handler], run_name="summary")
+        call = partial(
+            self.summarizer.invoke, request, RunnableConfig(callbacks=[handler], run_name="summary")
         )
+        reply = run(call) if run is not None else call()
         latency = time.perf_counter() - started
         store.set_summary(session_id, Summary(self._fitted(reply), covers=upto))
         return SummaryCall(handler, latency, self.summary_model_name)
@@ -353,6 +357,7 @@ class Memory:
         store: HistoryStore,
         session_id: str,
         before_send: Callable[[list[BaseMessage]], Awaitable[None]] | None = None,
+        arun: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
     ) -> SummaryCall | None:
         """`summarize` for async callers."""
         summary = await store.aget_summary(session_id)
@@ -364,9 +369,10 @@ class Memory:
         if before_send is not None:
             await before_send(request)
         handler, started = _metering.new_handler(), time.perf_counter()
-        reply = await self.summarizer.ainvoke(
+        call = self.summarizer.ainvoke(
             request, RunnableConfig(callbacks=[handler], run_name="summary")
         )
+        reply = await (arun(call) if arun is not None else call)
         latency = time.perf_counter() - started
         await store.aset_summary(session_id, Summary(self._fitted(reply), covers=upto))
         return SummaryCall(handler, latency, self.summary_model_name)
