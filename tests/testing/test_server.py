@@ -649,3 +649,147 @@ def test_cli_prints_base_url_serves_and_stops_on_signal(sig: signal.Signals) -> 
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# --- hostile endpoints ------------------------------------------------------------------
+
+
+def test_hostile_fault_validation() -> None:
+    with pytest.raises(ValueError, match="keep_alive"):
+        Fault(keep_alive=-1)
+    with pytest.raises(ValueError, match="drip"):
+        Fault(drip=-0.5)
+    with pytest.raises(ValueError, match="stall_after"):
+        Fault(stall_after=-1)
+    with pytest.raises(ValueError, match="interval"):
+        Fault(interval=0)
+    with pytest.raises(ValueError, match="answer_model"):
+        Fault(answer_model="")
+
+
+def test_keep_alive_stream_sends_comments_after_stall_then_the_reply(
+    server: OpenAITestServer,
+) -> None:
+    server.add_fault(Fault(keep_alive=0.3, interval=0.1, stall_after=2))
+    body = json.dumps({"model": MODEL, "messages": user("a b c"), "stream": True}).encode()
+    started = time.perf_counter()
+    status, _, payload = raw_request(
+        server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    assert status == 200
+    assert time.perf_counter() - started >= 0.3  # the server held the reply back
+    events = [e for e in payload.decode().split("\n\n") if e]
+    comments = [i for i, e in enumerate(events) if e.startswith(":")]
+    assert [events[i] for i in comments] == [": keep-alive"] * 3
+    # The role chunk and two content chunks, then the comments, then the rest of the reply.
+    assert comments == [3, 4, 5]
+    data = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]
+    assert "".join(d["choices"][0]["delta"].get("content") or "" for d in data) == "Echo: a b c"
+    assert events[-1] == "data: [DONE]"
+
+
+def test_keep_alive_comments_are_invisible_to_the_client(
+    server: OpenAITestServer, client: openai.OpenAI
+) -> None:
+    server.add_fault(Fault(keep_alive=0.2, interval=0.05, times=2))
+    reply = client.chat.completions.create(model=MODEL, messages=user("slow"))
+    assert reply.choices[0].message.content == "Echo: slow"
+    stream = client.chat.completions.create(model=MODEL, messages=user("slow"), stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Echo: slow"
+
+
+def test_keep_alive_non_streamed_body_starts_with_blanks(server: OpenAITestServer) -> None:
+    server.add_fault(Fault(keep_alive=0.3, interval=0.1))
+    body = json.dumps({"model": MODEL, "messages": user("x")}).encode()
+    status, headers, payload = raw_request(
+        server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    assert status == 200
+    assert payload.startswith(b"   {") and int(headers["Content-Length"]) == len(payload)
+    assert json.loads(payload)["choices"][0]["message"]["content"] == "Echo: x"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_drip_sends_the_body_a_byte_at_a_time_then_the_rest(
+    server: OpenAITestServer, stream: bool
+) -> None:
+    server.add_fault(Fault(drip=0.2, interval=0.05))  # 4 single bytes
+    conn = connect(server)
+    try:
+        body = json.dumps({"model": MODEL, "messages": user("drip"), "stream": stream})
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        pieces = [resp.read1(65536) for _ in range(4)]
+        rest = resp.read()
+    finally:
+        conn.close()
+    if stream:  # one byte per chunk of the chunked body
+        assert pieces == [b"d", b"a", b"t", b"a"]
+    else:  # one byte per read while the body trickles (Content-Length framing)
+        assert [len(p) for p in pieces] == [1, 1, 1, 1] and pieces[0] == b"{"
+    whole = b"".join(pieces) + rest
+    if stream:
+        assert b'"content": " drip"' in whole and whole.endswith(b"data: [DONE]\n\n")
+    else:
+        assert json.loads(whole)["choices"][0]["message"]["content"] == "Echo: drip"
+
+
+def test_stop_is_prompt_during_a_trickle() -> None:
+    server = OpenAITestServer().start()
+    client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+    server.add_fault(Fault(keep_alive=30))
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            list(client.chat.completions.create(model=MODEL, messages=user("x"), stream=True))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    trickled = threading.Thread(target=call)
+    try:
+        trickled.start()
+        deadline = time.monotonic() + 5
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.perf_counter()
+        server.stop()
+        assert time.perf_counter() - started < 5  # not the 30 s of the trickle
+        trickled.join(timeout=5)
+        assert not trickled.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], openai.APIConnectionError)
+    finally:
+        client.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_answer_model_answers_under_another_name(
+    server: OpenAITestServer, client: openai.OpenAI, stream: bool
+) -> None:
+    server.add_fault(Fault(answer_model="openrouter/gpt-4o-mini"))
+    if stream:
+        chunks = list(client.chat.completions.create(model=MODEL, messages=user("x"), stream=True))
+        assert {c.model for c in chunks} == {"openrouter/gpt-4o-mini"}
+    else:
+        reply = client.chat.completions.create(model=MODEL, messages=user("x"))
+        assert reply.model == "openrouter/gpt-4o-mini"
+    assert server.requests[0]["body"]["model"] == MODEL
+    # One request only: the next one is answered under the name it asked for.
+    assert client.chat.completions.create(model=MODEL, messages=user("y")).model == MODEL
+
+
+def test_lone_surrogate_reply_is_valid_json_but_not_valid_unicode(
+    server: OpenAITestServer, client: openai.OpenAI
+) -> None:
+    server.add_fault(Fault(lone_surrogate=True, times=2))
+    body = json.dumps({"model": MODEL, "messages": user("smile")}).encode()
+    _, _, payload = raw_request(
+        server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    assert b'"Echo: smile \\ud83d"' in payload  # a JSON escape: the body itself is ASCII
+    reply = client.chat.completions.create(model=MODEL, messages=user("smile"))
+    text = reply.choices[0].message.content
+    assert text == "Echo: smile \ud83d"
+    with pytest.raises(UnicodeEncodeError):
+        text.encode("utf-8")
