@@ -1,11 +1,13 @@
 """Run the OpenAI-compatible test server in the foreground.
 
 Prints ``base_url=http://HOST:PORT/v1`` on one line once it is serving, and stops cleanly
-on SIGINT (Ctrl-C) or SIGTERM.
+on SIGINT (Ctrl-C) or SIGTERM. ``--hostile`` makes it answer every chat request like a hostile
+endpoint, to rehearse an application against one.
 
 Example:
     $ python -m chatchain.testing --port 8000
     base_url=http://127.0.0.1:8000/v1
+    $ python -m chatchain.testing --hostile keep-alive --hostile alias
 """
 
 from __future__ import annotations
@@ -17,7 +19,36 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from chatchain.testing._server import OpenAITestServer
+from chatchain.testing._server import Fault, OpenAITestServer
+
+TRICKLE_S = 30.0
+
+# What each --hostile mode sets on the fault every chat request gets.
+HOSTILE: dict[str, dict[str, object]] = {
+    "keep-alive": {"keep_alive": TRICKLE_S, "stall_after": 2},
+    "byte-a-second": {"drip": TRICKLE_S},
+    "alias": {},  # answer_model: openrouter/<the model asked for>, set below
+    "lone-surrogate": {"lone_surrogate": True},
+}
+
+
+def hostile_fault(modes: Sequence[str], model: str) -> Fault | None:
+    """The fault for ``--hostile`` modes (combined), applied to every chat request.
+
+    Example:
+        >>> hostile_fault(["alias", "lone-surrogate"], "gpt-4o-mini").answer_model
+        'openrouter/gpt-4o-mini'
+        >>> hostile_fault([], "gpt-4o-mini") is None
+        True
+    """
+    if not modes:
+        return None
+    fields: dict[str, object] = {}
+    for mode in modes:
+        fields.update(HOSTILE[mode])
+    if "alias" in modes:
+        fields["answer_model"] = f"openrouter/{model}"
+    return Fault(times=sys.maxsize, **fields)  # type: ignore[arg-type]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,6 +73,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--chunk-words", type=int, default=1, help="words per streamed chunk (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--hostile",
+        action="append",
+        default=[],
+        choices=list(HOSTILE),
+        help=f"answer every chat request like a hostile endpoint (repeat to combine): "
+        f"keep-alive (SSE comments for {TRICKLE_S:g} s, after two chunks), byte-a-second (the "
+        f"body a byte a second for {TRICKLE_S:g} s), alias (answers as openrouter/<model>), "
+        "lone-surrogate (each reply ends with half an emoji)",
     )
     return parser.parse_args(argv)
 
@@ -74,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         context_window=args.context_window,
         chunk_words=args.chunk_words,
     )
+    fault = hostile_fault(args.hostile, args.model)
+    if fault is not None:
+        server.add_fault(fault)
     try:
         server.start()
         print(f"base_url={server.base_url}", flush=True)

@@ -613,9 +613,9 @@ def test_server_can_be_restarted() -> None:
             assert client.chat.completions.create(model=MODEL, messages=user("r")).choices
 
 
-def _start_cli() -> tuple[subprocess.Popen[str], str]:
+def _start_cli(*extra: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatchain.testing", "--port", "0", "--model", "cli-model"],
+        [sys.executable, "-m", "chatchain.testing", "--port", "0", "--model", "cli-model", *extra],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -793,3 +793,34 @@ def test_lone_surrogate_reply_is_valid_json_but_not_valid_unicode(
     assert text == "Echo: smile \ud83d"
     with pytest.raises(UnicodeEncodeError):
         text.encode("utf-8")
+
+
+def test_cli_hostile_modes_apply_to_every_request() -> None:
+    proc, base_url = _start_cli("--hostile", "alias", "--hostile", "lone-surrogate")
+    try:
+        with openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as client:
+            for text in ("one", "two"):
+                reply = client.chat.completions.create(model="cli-model", messages=user(text))
+                assert reply.model == "openrouter/cli-model"
+                assert reply.choices[0].message.content == f"Echo: {text} \ud83d"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+        assert (proc.returncode, stderr) == (0, "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_cli_hostile_keep_alive_is_the_30_second_trickle() -> None:
+    from chatchain.testing.__main__ import hostile_fault
+
+    fault = hostile_fault(["keep-alive", "byte-a-second"], "m")
+    assert fault is not None
+    assert (fault.keep_alive, fault.stall_after, fault.drip, fault.answer_model) == (
+        30.0,
+        2,
+        30.0,
+        None,
+    )
+    assert fault.times == sys.maxsize
