@@ -281,7 +281,7 @@ class ChatChain(HistoryRunnable):
         self, turn: Turn, value: Any, kwargs: dict[str, Any]
     ) -> Generator[Any, None, None]:
         # The model's chunks; "context length exceeded" before the first one retries once.
-        # (Run by a worker thread, ahead of the caller: ``turn.has_reply`` may lag behind.)
+        # (A worker thread runs it, with a deadline: it counts its own chunks, not the turn's.)
         started = False
         for attempt in range(2):
             inner = cast("Generator[Any, None, None]", super().stream(value, turn.config, **kwargs))
