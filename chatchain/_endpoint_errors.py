@@ -4,16 +4,50 @@ from __future__ import annotations
 
 import json
 import re
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 
 from chatchain import errors
 
-__all__ = ["redact", "translate"]
+try:  # newer langchain-core; langchain-openai raises its subclasses for context overflow
+    from langchain_core.exceptions import ContextOverflowError as _ContextOverflowError
+except ImportError:  # pragma: no cover - older langchain-core: the message patterns still work
+    _ContextOverflowError = None  # type: ignore[assignment,misc]
+
+__all__ = ["is_context_overflow", "redact", "translate"]
 
 # OpenAI-style secret keys, in case an endpoint echoes one back in an error message.
 _KEY_PATTERN = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*]{6,}")
+
+# How each server says the prompt does not fit the model's context window:
+#   OpenAI, Azure OpenAI  code "context_length_exceeded": "This model's maximum context length is
+#                         8192 tokens. However, your messages resulted in 9000 tokens..." or
+#                         "Input tokens exceed the configured limit of 272000 tokens..."
+#   LiteLLM proxy         400, code "400": "litellm.ContextWindowExceededError: ..."
+#   vLLM                  400: "This model's maximum context length is 4096 tokens. However, you
+#                         requested 5000 tokens (...)" or "The decoder prompt (length 5000) is
+#                         longer than the maximum model length of 4096..."
+#   llama.cpp server      400, type "exceed_context_size_error": "request (9412 tokens) exceeds
+#                         the available context size (8192 tokens), try increasing it"
+#   Ollama                (it truncates unless told not to) "the input length exceeds the context
+#                         length", "the prompt is longer than the context length currently
+#                         available to the model", or llama.cpp's words passed through
+#   langchain-openai      OpenAIContextOverflowError ("prompt is too long", "exceeds the context
+#                         window", ...), a langchain-core ContextOverflowError
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+_CONTEXT_PATTERN = re.compile(
+    r"context_?window_?exceeded"
+    r"|maximum context length"
+    r"|exceeds? the (?:available |maximum |model's )?context (?:size|length|window)"
+    r"|longer than the (?:maximum model length|context length)"
+    r"|input tokens exceed the configured limit"
+    r"|prompt (?:is )?too long",
+    re.IGNORECASE,
+)
+# OpenAI's own host: the endpoint when OPENAI_BASE_URL is not set.
+_OPENAI_HOST = "api.openai.com"
 
 
 def redact(text: str, secret: str | None = None) -> str:
@@ -47,6 +81,55 @@ def _scrub(exc: BaseException, secret: str | None) -> None:
                 body[key] = redact(value, secret)
 
 
+def _links(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (langchain-openai re-raises, chained)."""
+    links: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and all(link is not seen for seen in links):
+        links.append(link)
+        link = link.__cause__ or link.__context__
+    return links
+
+
+def is_context_overflow(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the prompt exceeds the context window.
+
+    Recognises OpenAI, Azure OpenAI, LiteLLM, vLLM, Ollama and llama.cpp server by their error
+    codes and wording, and langchain-openai's own ``OpenAIContextOverflowError``.
+    """
+    for link in _links(exc):
+        if _ContextOverflowError is not None and isinstance(link, _ContextOverflowError):
+            return True
+        if not isinstance(link, openai.APIError):
+            continue
+        if isinstance(link, openai.APIStatusError) and link.status_code == 413:
+            return True  # Payload Too Large: a shorter history is what helps
+        body = link.body if isinstance(link.body, dict) else {}
+        words = [link.message, str(body.get("message") or "")]
+        codes = {str(link.code), str(link.type), str(body.get("code")), str(body.get("type"))}
+        if codes & _CONTEXT_CODES or any(_CONTEXT_PATTERN.search(text) for text in words):
+            return True
+    return False
+
+
+def _url_of(exc: BaseException) -> str | None:
+    """The URL ``exc``'s request went to, without credentials or query, if it is known."""
+    try:
+        url = str(exc.request.url)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError for an unset request
+        return None
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _model_missing(exc: openai.APIStatusError, detail: str) -> bool:
+    text = detail.lower()
+    return exc.code == "model_not_found" or (
+        "model" in text and ("not found" in text or "does not exist" in text)
+    )
+
+
 def translate(
     exc: BaseException,
     *,
@@ -64,13 +147,9 @@ def translate(
     """
     if isinstance(exc, errors.ChatChainError):
         return exc
-    link: BaseException | None = exc
-    seen: set[int] = set()
-    while link is not None and id(link) not in seen:  # langchain-openai re-raises, chained
-        seen.add(id(link))
+    for link in _links(exc):
         if isinstance(link, (openai.OpenAIError, httpx.HTTPError, json.JSONDecodeError)):
             _scrub(link, secret)
-        link = link.__cause__ or link.__context__
     after = f" after {retries} retries" if retries else ""
     detail = _detail(exc, secret)
     status = getattr(exc, "status_code", None)
@@ -80,9 +159,17 @@ def translate(
             f"The endpoint did not answer {within}{after}. Try again, or raise CHATCHAIN_TIMEOUT."
         )
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
+        url = _url_of(exc)
+        if url is not None and urlsplit(url).hostname == _OPENAI_HOST:
+            return errors.EndpointConnectionError(
+                f"Could not reach OpenAI's API at {url}, or it dropped the connection: {detail}. "
+                "Check the network connection (and proxy), then try again. For another server, "
+                "set OPENAI_BASE_URL (e.g. http://localhost:11434/v1)."
+            )
         return errors.EndpointConnectionError(
-            f"Could not reach the endpoint, or it dropped the connection: {detail}. Check "
-            "OPENAI_BASE_URL and that the server is up, then try again."
+            f"Could not reach the endpoint at {url or 'OPENAI_BASE_URL'}, or it dropped the "
+            f"connection: {detail}. Check that the server is up and that OPENAI_BASE_URL "
+            "points at it, then try again."
         )
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return errors.AuthenticationError(
@@ -96,12 +183,37 @@ def translate(
             "raise CHATCHAIN_MAX_RETRIES, or set CHATCHAIN_FALLBACK_MODEL.",
             status_code=status,
         )
-    if isinstance(exc, openai.BadRequestError) and (
-        getattr(exc, "code", None) == "context_length_exceeded" or "context length" in detail
-    ):
+    if is_context_overflow(exc):
         return errors.ContextTooLongError(
             f"The conversation no longer fits the model's context window: {detail}. Reset the "
-            "session or start a new one, or use a model with a larger context.",
+            "session or start a new one, lower CHATCHAIN_WINDOW_TOKENS or CHATCHAIN_MAX_TOKENS, "
+            "or use a model with a larger context.",
+            status_code=status,
+        )
+    if status == 408:
+        return errors.EndpointTimeoutError(
+            f"The endpoint, or a gateway in front of it, timed out (408){after}: {detail}. Try "
+            "again, or set CHATCHAIN_FALLBACK_MODEL.",
+            status_code=status,
+        )
+    if isinstance(exc, openai.APIStatusError) and status in (404, 405):
+        if status == 404 and _model_missing(exc, detail):
+            return errors.BadRequestError(
+                f"The endpoint does not know the model (404): {detail}. Check OPENAI_MODEL "
+                "(and CHATCHAIN_FALLBACK_MODEL).",
+                status_code=status,
+            )
+        return errors.BadRequestError(
+            f"The endpoint has no chat completions at {_url_of(exc) or 'OPENAI_BASE_URL'} "
+            f"({status}): {detail}. Check OPENAI_BASE_URL: an OpenAI-compatible server's base "
+            "URL usually ends in /v1 (e.g. http://localhost:11434/v1); check OPENAI_MODEL too.",
+            status_code=status,
+        )
+    if status == 501:
+        return errors.ServerError(
+            f"The server at {_url_of(exc) or 'OPENAI_BASE_URL'} does not implement chat "
+            f"completions (501): {detail}. Point OPENAI_BASE_URL at an OpenAI-compatible server "
+            "that serves /chat/completions.",
             status_code=status,
         )
     if isinstance(exc, openai.APIStatusError) and status is not None and status < 500:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import openai
 from langchain_core.language_models import BaseChatModel
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_openai import ChatOpenAI
 
 from chatchain.settings import Settings
@@ -40,17 +42,16 @@ def create_chat_model(settings: Settings | None = None) -> Runnable[Any, Any]:
     Example:
         >>> model = create_chat_model(Settings(api_key="sk-test", model="gpt-4o-mini"))
     """
-    import openai
-
     settings = settings or Settings.load()
     primary: BaseChatModel = _chat_openai(settings, settings.model)
     if not settings.fallback_model:
         return primary
     fallback = _chat_openai(settings, settings.fallback_model)
-    return primary.with_fallbacks(
+    return _RequestTimeoutsNamed(bound=primary).with_fallbacks(
         [fallback],
         exceptions_to_handle=(
             openai.APIConnectionError,  # includes timeouts
+            _RequestTimeout,  # 408 from a gateway: a timeout too
             openai.RateLimitError,
             openai.InternalServerError,
             openai.NotFoundError,  # the main model is gone or misnamed at this endpoint
@@ -77,3 +78,55 @@ def create_summary_model(settings: Settings | None = None) -> ChatOpenAI:
     settings = settings or Settings.load()
     summary = settings.model_copy(update={"max_tokens": settings.summary_reply_tokens})
     return _chat_openai(summary, settings.summary_model or settings.model)
+
+
+class _RequestTimeout(openai.APIStatusError):
+    """A 408 Request Timeout. The openai client raises a bare `openai.APIStatusError` for it,
+    which cannot be told from a refused request by its class, the only thing a fallback sees."""
+
+
+def _as_timeout(exc: openai.APIStatusError) -> _RequestTimeout | None:
+    if exc.status_code != 408 or isinstance(exc, _RequestTimeout):
+        return None
+    return _RequestTimeout(exc.message, response=exc.response, body=exc.body)
+
+
+class _RequestTimeoutsNamed(RunnableBinding[Any, Any]):
+    """The main model, raising its 408s as `_RequestTimeout` so that the fallback is tried."""
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        try:
+            return super().invoke(input, config, **kwargs)
+        except openai.APIStatusError as exc:
+            if (timeout := _as_timeout(exc)) is None:
+                raise
+            raise timeout from exc
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        try:
+            return await super().ainvoke(input, config, **kwargs)
+        except openai.APIStatusError as exc:
+            if (timeout := _as_timeout(exc)) is None:
+                raise
+            raise timeout from exc
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        try:
+            yield from super().stream(input, config, **kwargs)
+        except openai.APIStatusError as exc:
+            if (timeout := _as_timeout(exc)) is None:
+                raise
+            raise timeout from exc
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        try:
+            async for chunk in super().astream(input, config, **kwargs):
+                yield chunk
+        except openai.APIStatusError as exc:
+            if (timeout := _as_timeout(exc)) is None:
+                raise
+            raise timeout from exc

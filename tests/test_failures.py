@@ -264,3 +264,323 @@ async def test_closing_an_astream_keeps_the_partial_reply(settings: Settings) ->
             if piece == "green":
                 break
     assert_interrupted(bot, "colours", "red green")
+
+
+# -- errors that point the right way ---------------------------------------------------------
+
+
+def _request(url: str = "http://127.0.0.1:9/v1/chat/completions") -> httpx.Request:
+    return httpx.Request("POST", url)
+
+
+def raw_status_error(
+    status: int, body: object, url: str = "http://127.0.0.1:9/v1/chat/completions"
+) -> openai.APIStatusError:
+    """What the openai client raises for ``status`` and a JSON ``body``, built the way it does."""
+    client = openai.OpenAI(api_key="sk-test", base_url="http://127.0.0.1:9/v1")
+    response = httpx.Response(status, json=body, request=_request(url))
+    try:
+        return client._make_status_error_from_response(response)
+    finally:
+        client.close()
+
+
+# Each server's own context-overflow reply: status and JSON body, as it sends them.
+CONTEXT_OVERFLOWS = {
+    "openai": (
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is 8192 tokens. However, your "
+                "messages resulted in 9000 tokens. Please reduce the length of the messages.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    ),
+    "azure-openai": (
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is 4096 tokens, however you "
+                "requested 5000 tokens (4000 in your prompt; 1000 for the completion). Please "
+                "reduce your prompt; or completion length.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    ),
+    "litellm": (
+        400,
+        {
+            "error": {
+                "message": "litellm.ContextWindowExceededError: litellm.BadRequestError: "
+                "ContextWindowExceededError: Input is too long for requested model.",
+                "type": None,
+                "param": None,
+                "code": "400",
+            }
+        },
+    ),
+    "vllm": (
+        400,
+        {
+            "object": "error",
+            "message": "This model's maximum context length is 4096 tokens. However, you "
+            "requested 5000 tokens (4000 in the messages, 1000 in the completion). Please reduce "
+            "the length of the messages or completion.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+    ),
+    "vllm-v1": (
+        400,
+        {
+            "error": {
+                "message": "The decoder prompt (length 5951) is longer than the maximum model "
+                "length of 4096. Make sure that `max_model_len` is no smaller than the number of "
+                "text tokens.",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            }
+        },
+    ),
+    "llama.cpp": (
+        400,
+        {
+            "error": {
+                "code": 400,
+                "message": "request (9412 tokens) exceeds the available context size (8192 "
+                "tokens), try increasing it",
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": 9412,
+                "n_ctx": 8192,
+            }
+        },
+    ),
+    "llama.cpp-older": (
+        400,
+        {
+            "error": {
+                "code": 400,
+                "message": "the request exceeds the available context size. try increasing the "
+                "context size or enable context shift",
+                "type": "invalid_request_error",
+            }
+        },
+    ),
+    "ollama": (
+        500,
+        {
+            "error": {
+                "message": "the input length exceeds the context length",
+                "type": "api_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    ),
+    "ollama-no-shift": (
+        400,
+        {
+            "error": {
+                "message": "the prompt is longer than the context length currently available "
+                "to the model",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    ),
+    "gateway-413": (413, {"error": {"message": "Request Entity Too Large", "code": None}}),
+}
+
+
+def window_bot(settings: Settings, fake: FakeChatModel) -> Chatbot:
+    windowed = settings.model_copy(update={"window_turns": 4})
+    bot = Chatbot(windowed, llm=fake, system="Be brief.")
+    bot.chat("first", session_id="s")
+    return bot
+
+
+@pytest.mark.parametrize("server", list(CONTEXT_OVERFLOWS))
+def test_every_servers_context_overflow_is_retried_with_half_the_window(
+    settings: Settings, server: str
+) -> None:
+    status, body = CONTEXT_OVERFLOWS[server]
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = window_bot(settings, fake)
+    fake._errors.append(raw_status_error(status, body))
+    reply = bot.chat("second", session_id="s")
+    assert reply.text == "Echo: second"
+    assert any("half the history window" in notice for notice in reply.notices)
+
+
+@pytest.mark.parametrize("server", list(CONTEXT_OVERFLOWS))
+def test_every_servers_context_overflow_is_a_context_too_long_error(
+    settings: Settings, server: str
+) -> None:
+    status, body = CONTEXT_OVERFLOWS[server]
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=fake, system="Be brief.")  # no window: nothing to halve
+    fake._errors.append(raw_status_error(status, body))
+    with pytest.raises(ContextTooLongError, match="Reset the session") as info:
+        bot.chat("hi", session_id="s")
+    assert info.value.status_code == status
+
+
+def test_langchain_openais_own_context_overflow_classes_are_recognised(
+    settings: Settings,
+) -> None:
+    from langchain_openai.chat_models.base import (
+        OpenAIAPIContextOverflowError,
+        OpenAIContextOverflowError,
+    )
+
+    # What langchain-openai raises for an Anthropic model behind an OpenAI-compatible proxy,
+    # and for an overflow reported inside a stream (no HTTP status).
+    raised: list[Exception] = [
+        OpenAIContextOverflowError(
+            "prompt is too long: 250000 tokens > 200000 maximum",
+            response=httpx.Response(400, request=_request()),
+            body={"message": "prompt is too long: 250000 tokens > 200000 maximum"},
+        ),
+        OpenAIAPIContextOverflowError(
+            "Your input exceeds the context window of this model.",
+            request=_request(),
+            body=None,
+        ),
+    ]
+    for error in raised:
+        fake = FakeChatModel(model_name="gpt-4o-mini")
+        bot = Chatbot(settings, llm=fake, system="Be brief.")
+        fake._errors.append(error)
+        with pytest.raises(ContextTooLongError):
+            bot.chat("hi", session_id="s")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "max_tokens is too large: 5000. This model supports at most 4096 completion tokens.",
+        "Invalid value for 'temperature': expected a number.",
+    ],
+)
+def test_other_refusals_are_not_taken_for_context_overflow(
+    settings: Settings, message: str
+) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=fake, system="Be brief.")
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+    fake._errors.append(raw_status_error(400, body))
+    with pytest.raises(BadRequestError):
+        bot.chat("hi", session_id="s")
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "url", "expected", "says", "does_not_say"),
+    [
+        # A gateway's 408 (LiteLLM, a proxy) is a timeout, not a refused request.
+        (
+            408,
+            {"error": {"message": "Request timed out"}},
+            "http://127.0.0.1:9/v1/chat/completions",
+            EndpointTimeoutError,
+            "CHATCHAIN_FALLBACK_MODEL",
+            "model name",
+        ),
+        # The base URL lacks /v1: the URL is what to check.
+        (
+            404,
+            {"detail": "Not Found"},
+            "http://127.0.0.1:9/chat/completions",
+            BadRequestError,
+            "Check OPENAI_BASE_URL",
+            "Check the model name",
+        ),
+        # The model is unknown: that is what to check.
+        (
+            404,
+            {
+                "error": {
+                    "message": "The model `gpt-9` does not exist or you do not have access to it.",
+                    "code": "model_not_found",
+                }
+            },
+            "http://127.0.0.1:9/v1/chat/completions",
+            BadRequestError,
+            "Check OPENAI_MODEL",
+            "Check OPENAI_BASE_URL",
+        ),
+        (
+            404,
+            {"error": {"message": 'model "llama9" not found, try pulling it first'}},
+            "http://127.0.0.1:9/v1/chat/completions",
+            BadRequestError,
+            "Check OPENAI_MODEL",
+            "Check OPENAI_BASE_URL",
+        ),
+        # 501: the server does not do chat completions; waiting will not help.
+        (
+            501,
+            {"error": {"message": "Not Implemented"}},
+            "http://127.0.0.1:9/v1/chat/completions",
+            ServerError,
+            "does not implement chat completions",
+            "try again later",
+        ),
+    ],
+)
+def test_status_errors_point_at_what_to_fix(
+    settings: Settings,
+    status: int,
+    body: object,
+    url: str,
+    expected: type[EndpointError],
+    says: str,
+    does_not_say: str,
+) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=fake, system="Be brief.")
+    fake._errors.append(raw_status_error(status, body, url))
+    with pytest.raises(expected) as info:
+        bot.chat("hi", session_id="s")
+    assert says.lower() in str(info.value).lower()
+    assert does_not_say.lower() not in str(info.value).lower()
+    assert info.value.status_code == status
+
+
+def test_a_connection_error_names_the_endpoint_it_tried(settings: Settings) -> None:
+    # No OPENAI_BASE_URL: the client went to OpenAI's API; the variable is not what is wrong.
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=fake, system="Be brief.")
+    url = "https://api.openai.com/v1/chat/completions"
+    fake._errors.append(openai.APIConnectionError(request=_request(url)))
+    with pytest.raises(EndpointConnectionError) as info:
+        bot.chat("hi", session_id="s")
+    assert url in str(info.value)
+    assert "Check that the server is up and that OPENAI_BASE_URL" not in str(info.value)
+
+    # A local server: its URL, and the variable that set it.
+    fake._errors.append(
+        openai.APIConnectionError(request=_request("http://localhost:11434/v1/chat/completions"))
+    )
+    with pytest.raises(EndpointConnectionError) as info:
+        bot.chat("hi", session_id="s")
+    assert "http://localhost:11434/v1/chat/completions" in str(info.value)
+    assert "OPENAI_BASE_URL" in str(info.value)
+
+
+def test_the_endpoint_url_is_shown_without_credentials(settings: Settings) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=fake, system="Be brief.")
+    url = "http://user:hunter2@gateway.internal/v1/chat/completions?key=hunter2"
+    fake._errors.append(openai.APIConnectionError(request=_request(url)))
+    with pytest.raises(EndpointConnectionError) as info:
+        bot.chat("hi", session_id="s")
+    assert "http://gateway.internal/v1/chat/completions" in str(info.value)
+    assert "hunter2" not in str(info.value)

@@ -30,6 +30,7 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from chatchain import (
+    BadRequestError,
     Chatbot,
     ContextTooLongError,
     EndpointConnectionError,
@@ -196,6 +197,15 @@ def assert_one_exact_entry(
     return entry
 
 
+# How LiteLLM's proxy and llama.cpp's server say that the prompt does not fit.
+LITELLM_OVERFLOW = (
+    "litellm.ContextWindowExceededError: litellm.BadRequestError: ContextWindowExceededError: "
+    "OpenAIException - Input is too long for requested model."
+)
+LLAMA_CPP_OVERFLOW = (
+    "request (9412 tokens) exceeds the available context size (8192 tokens), try increasing it"
+)
+
 # -- retried by the client, then answered ----------------------------------------------------
 
 # (fault, requests the server sees, least and most seconds the retries may take): the client
@@ -267,6 +277,20 @@ FAILURES = [
         2,  # the first try, and the retry with half the window
         {},
         id="context-length-exceeded",
+    ),
+    pytest.param(
+        Fault(status=400, code="400", message=LITELLM_OVERFLOW, times=2),
+        ContextTooLongError,
+        2,  # as above: LiteLLM's words are a context overflow too
+        {},
+        id="litellm-context-window-exceeded",
+    ),
+    pytest.param(
+        Fault(status=408, retry_after=0.01, times=3),
+        EndpointTimeoutError,  # a gateway's timeout, retried by the client like one
+        3,
+        {},
+        id="408-after-retries",
     ),
 ]
 
@@ -421,6 +445,78 @@ def test_context_length_exceeded_is_retried_once_with_half_the_window(
         assert_one_exact_entry(bot, before, server, done.text)  # billed once, as the retry
         assert_no_hold_left(bot, SID)
         assert_ledger_adds_up(bot)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(Fault(status=400, code="400", message=LITELLM_OVERFLOW), id="litellm"),
+        pytest.param(Fault(status=400, message=LLAMA_CPP_OVERFLOW), id="llama.cpp"),
+    ],
+)
+def test_other_servers_context_overflow_is_retried_once_with_half_the_window(
+    server: OpenAITestServer,
+    make_bot: BotFactory,
+    loop: asyncio.AbstractEventLoop,
+    mode: str,
+    fault: Fault,
+) -> None:
+    bot = make_bot(server.base_url)
+    seeded = seed_long_turns(bot, 4)
+    before = snapshot(bot)
+    server.add_fault(fault)
+
+    done = take_turn(bot, mode, "what was fact 3?", loop)
+
+    assert done.text == "Echo: what was fact 3?"
+    assert any("half the history window" in notice for notice in done.notices)
+    first, retry = server.requests
+    assert [len(r["body"]["messages"]) for r in (first, retry)] == [10, 6]
+    assert bot.store.load(SID)[:8] == seeded and len(bot.store.load(SID)) == 10
+    assert_one_exact_entry(bot, before, server, done.text)
+    assert_no_hold_left(bot, SID)
+
+
+# -- what a gateway's status means -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_gateways_408_makes_the_fallback_model_answer(
+    server: OpenAITestServer, make_bot: BotFactory, loop: asyncio.AbstractEventLoop, mode: str
+) -> None:
+    bot = make_bot(server.base_url, max_retries=0, fallback_model="gpt-4o")
+    before = snapshot(bot)
+    server.add_fault(Fault(status=408))
+
+    done = take_turn(bot, mode, "still there?", loop)
+
+    assert done.text == "Echo: still there?"
+    assert [r["body"]["model"] for r in server.requests] == ["gpt-4o-mini", "gpt-4o"]
+    assert_turn_added(bot, before, "still there?", done.text)
+    assert_no_hold_left(bot, SID)
+
+
+def test_a_refused_request_does_not_make_the_fallback_model_answer(
+    server: OpenAITestServer, make_bot: BotFactory
+) -> None:
+    bot = make_bot(server.base_url, max_retries=0, fallback_model="gpt-4o")
+    server.add_fault(Fault(status=400, message="Invalid value for 'temperature'."))
+    with pytest.raises(BadRequestError):
+        bot.chat("hi", session_id=SID)
+    assert [r["body"]["model"] for r in server.requests] == ["gpt-4o-mini"]
+
+
+def test_a_base_url_without_v1_says_to_check_the_base_url(
+    server: OpenAITestServer, make_bot: BotFactory
+) -> None:
+    base_url = server.base_url.removesuffix("/v1")
+    bot = make_bot(base_url, max_retries=0)
+    with pytest.raises(BadRequestError, match="Check OPENAI_BASE_URL") as caught:
+        bot.chat("hi", session_id=SID)
+    assert f"{base_url}/chat/completions" in str(caught.value)
+    assert "/v1" in str(caught.value)
+    assert bot.store.load(SID) == []
 
 
 # -- a known upstream bug ---------------------------------------------------------------------
