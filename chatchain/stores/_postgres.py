@@ -561,6 +561,26 @@ class _AsyncSide:
             await asyncio.wait(others, timeout=5)
 
 
+def _connect_timeout(value: Any) -> float:
+    """Seconds of ``connect_timeout`` in the URL (the default when absent), or a clear error.
+
+    libpq takes a whole number of seconds; it would refuse anything else only when connecting.
+    """
+    if not value:
+        return _DEFAULT_WAIT_S
+    try:
+        seconds = int(str(value).strip())
+    except ValueError:
+        seconds = -1
+    if seconds < 0:
+        raise ConfigurationError(
+            f"The PostgreSQL URL's connect_timeout must be a whole number of seconds, not "
+            f"{value!r}. Fix it in CHATCHAIN_STORE (or in the URL given to the store), e.g. "
+            "postgresql://user@host/db?connect_timeout=10."
+        )
+    return float(seconds)
+
+
 class PostgresStore(HistoryStore):
     """Sessions in PostgreSQL, shared by every process and machine that opens the same URL.
 
@@ -662,7 +682,7 @@ class PostgresStore(HistoryStore):
         db = params.get("dbname") or params.get("user") or "postgres"
         user = f"{params['user']}@" if params.get("user") else ""
         self._where = f"postgresql://{user}{host}:{params.get('port') or 5432}/{db}"
-        self._wait = float(params.get("connect_timeout") or _DEFAULT_WAIT_S)
+        self._wait = _connect_timeout(params.get("connect_timeout"))
         self._connect_args: dict[str, Any] = {"autocommit": True}
         if not params.get("connect_timeout"):
             self._connect_args["connect_timeout"] = round(self._wait)

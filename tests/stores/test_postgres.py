@@ -253,6 +253,18 @@ def test_unusable_arguments_are_refused(postgres_url: str) -> None:
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
 
 
+@pytest.mark.parametrize("timeout", ["abc", "2.5", "-1", "ten"])
+def test_an_unusable_connect_timeout_is_a_configuration_error(timeout: str) -> None:
+    # Refused while reading the URL, before any connection: no server needed.
+    url = f"postgresql://chat:hunter2-secret@127.0.0.1:1/chatdb?connect_timeout={timeout}"
+    with pytest.raises(ConfigurationError, match="connect_timeout") as caught:
+        PostgresStore(url)
+    assert "CHATCHAIN_STORE" in str(caught.value)
+    assert "hunter2-secret" not in str(caught.value)
+    with pytest.raises(ConfigurationError, match="connect_timeout"):
+        open_store(url)
+
+
 # -- one writer per session across processes -------------------------------------------------
 
 
