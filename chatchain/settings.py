@@ -2,15 +2,32 @@
 
 The environment wins over ``.env`` (as with ``python-dotenv``'s ``load_dotenv``), and values
 given in code win over both. Nothing here writes to ``os.environ``.
+
+A ``CHATCHAIN_*`` variable that is neither a setting nor one of the few other names chatchain
+reads (``CHATCHAIN_DATA_DIR``, ``CHATCHAIN_REDIS_URL``, ``CHATCHAIN_POSTGRES_URL``) is refused,
+in the environment and in ``.env`` alike: a misspelt ``CHATCHAIN_BUDGET_SESION_USD`` must not
+silently leave the turns without a cap.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, field_serializer
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from chatchain.errors import ConfigurationError, MissingAPIKeyError
 from chatchain.pricing import ModelPrice, Pricer
@@ -20,6 +37,16 @@ if TYPE_CHECKING:
     from chatchain.usage import Budget
 
 __all__ = ["Settings"]
+
+# CHATCHAIN_* variables that chatchain reads but that are not settings, with what they are for.
+# Every other CHATCHAIN_* name that is not a setting is refused as a likely typo.
+_OTHER_VARIABLES: Mapping[str, str] = {
+    "CHATCHAIN_DATA_DIR": "the CLI's data folder (default store and input history)",
+    "CHATCHAIN_REDIS_URL": "a Redis server for the notebooks and the store tests",
+    "CHATCHAIN_POSTGRES_URL": "a PostgreSQL server for the notebooks and the store tests",
+}
+
+_PREFIX = "CHATCHAIN_"
 
 # A local OpenAI-compatible server (Ollama, vLLM, llama.cpp) ignores the key, but the OpenAI
 # client refuses to start without one.
@@ -37,6 +64,13 @@ class Settings(BaseSettings):
         'gpt-4o-mini'
         >>> Settings(api_key="sk-secret")  # doctest: +ELLIPSIS
         Settings(api_key=SecretStr('**********'), ...)
+
+        The store's password is left out of the repr and of ``model_dump()``; the
+        ``store`` attribute keeps the real URL for the code that connects:
+
+        >>> settings = Settings(store="postgresql://app:pw@db.example/chat")
+        >>> settings.model_dump()["store"], settings.store
+        ('postgresql://app@db.example/chat', 'postgresql://app:pw@db.example/chat')
     """
 
     model_config = SettingsConfigDict(
@@ -93,7 +127,8 @@ class Settings(BaseSettings):
 
     store: str = Field(default="memory://", min_length=1, validation_alias="CHATCHAIN_STORE")
     """``CHATCHAIN_STORE``: where sessions live: ``memory://``, ``sqlite:///path``,
-    ``redis://host:port/db`` or ``postgresql://user@host/db``."""
+    ``redis://host:port/db`` or ``postgresql://user@host/db``. Shown without its password
+    (and query) in the repr and in ``model_dump()``; this attribute is the real URL."""
 
     window_turns: int | None = Field(default=6, ge=1, validation_alias="CHATCHAIN_WINDOW_TURNS")
     """``CHATCHAIN_WINDOW_TURNS``: newest exchanges sent with each turn."""
@@ -164,6 +199,27 @@ class Settings(BaseSettings):
     """``CHATCHAIN_BUDGET_TOTAL_TOKENS``: most tokens everything in the store may spend."""
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """pydantic-settings' sources, unchanged, once no ``CHATCHAIN_*`` variable is a typo."""
+        _refuse_unknown_variables(cls, getattr(dotenv_settings, "env_file", None))
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
+
+    @field_serializer("store")
+    def _store_without_password(self, store: str) -> str:
+        return _redacted_url(store)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, _redacted_url(value) if name == "store" else value
+
+    @classmethod
     def load(cls, env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
         """Read the settings from the environment and ``env_file``, then apply ``overrides``.
 
@@ -176,7 +232,8 @@ class Settings(BaseSettings):
             The settings.
 
         Raises:
-            ConfigurationError: A value is malformed; the message names the variable.
+            ConfigurationError: A value is malformed, or a ``CHATCHAIN_*`` variable is not a
+                setting; the message names the variable.
 
         Example:
             >>> Settings.load(env_file=None, temperature=0.2).temperature
@@ -190,6 +247,8 @@ class Settings(BaseSettings):
             return cls(_env_file=env_file, **given)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigurationError(_explain(exc)) from None
+        except SettingsError as exc:
+            raise ConfigurationError(_explain_unparsable(cls, exc)) from None
 
     def history_window(self) -> HistoryWindow | None:
         """The window these settings describe (``None`` when both limits are off)."""
@@ -255,3 +314,73 @@ def _explain(exc: ValidationError) -> str:
         + "; ".join(problems)
         + ". Fix the variable in the environment or in .env."
     )
+
+
+def _variable_of(settings_cls: type[BaseSettings], field: str) -> str:
+    alias = settings_cls.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else field.upper()
+
+
+def _explain_unparsable(settings_cls: type[BaseSettings], exc: SettingsError) -> str:
+    # pydantic-settings could not decode a JSON value; its message names the field, not the
+    # variable, and its cause may quote the value (which could hold a secret).
+    match = re.search(r'field "(\w+)"', str(exc))
+    field = match.group(1) if match else None
+    if field is None or field not in settings_cls.model_fields:
+        return f"Invalid chatchain settings: {exc}. Fix the variable in the environment or in .env."
+    variable = _variable_of(settings_cls, field)
+    cause = exc.__cause__
+    where = (
+        f" ({cause.msg} at character {cause.pos})"
+        if isinstance(cause, json.JSONDecodeError)
+        else ""
+    )
+    example = ' e.g. {"my-model": {"input": 0.5, "output": 1.5}}' if field == "prices" else ""
+    return (
+        f"Invalid chatchain settings: {variable} is not valid JSON{where}. Fix it in the "
+        f"environment or in .env; it takes a JSON object,{example}."
+    )
+
+
+def _refuse_unknown_variables(
+    settings_cls: type[BaseSettings], env_file: Path | str | Any | None
+) -> None:
+    """Raise `ConfigurationError` for a ``CHATCHAIN_*`` variable that nothing reads.
+
+    Both the environment and the ``.env`` file(s) are checked; names are compared without
+    case, as pydantic-settings reads them.
+    """
+    known = {_variable_of(settings_cls, name).upper() for name in settings_cls.model_fields}
+    known = {name for name in known if name.startswith(_PREFIX)} | set(_OTHER_VARIABLES)
+    found = [(name, "the environment") for name in os.environ]
+    files = [env_file] if isinstance(env_file, (str, os.PathLike)) else list(env_file or ())
+    for file in files:
+        path = Path(file).expanduser()
+        if path.is_file():
+            found += [(name, str(path)) for name in dotenv_values(path, encoding="utf-8")]
+    for name, where in found:
+        if not name.upper().startswith(_PREFIX) or name.upper() in known:
+            continue
+        # Compared without the prefix that every name shares, which would make all look close.
+        suffixes = sorted(known_name.removeprefix(_PREFIX) for known_name in known)
+        close = difflib.get_close_matches(name.upper().removeprefix(_PREFIX), suffixes, n=1)
+        hint = f"Did you mean {_PREFIX}{close[0]}? " if close else ""
+        raise ConfigurationError(
+            f"Unknown chatchain setting {name} (in {where}). {hint}Rename or remove it: an "
+            "unknown CHATCHAIN_* variable is refused so that a typo cannot silently drop a "
+            "setting such as a budget. The names are in the README and in chatchain.Settings."
+        )
+
+
+def _redacted_url(url: str) -> str:
+    """``url`` without its password or query (which may hold one), as the stores show it."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return f"{url.partition(':')[0]}://***"
+    if password is None and not parts.query:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    return f"{parts.scheme}://{netloc}{parts.path}"

@@ -121,3 +121,108 @@ def test_a_base_url_needs_no_key() -> None:
     settings = Settings(base_url="http://127.0.0.1:11434/v1")
     assert settings.resolved_api_key().get_secret_value() == "not-needed"
     assert Chatbot(settings).settings.base_url == "http://127.0.0.1:11434/v1"
+
+
+@pytest.mark.parametrize("where", ["environment", ".env"])
+@pytest.mark.parametrize("value", ["{bad", "[1, 2", '{"my-model": '])
+def test_malformed_prices_name_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, value: str
+) -> None:
+    env = tmp_path / ".env"
+    if where == "environment":
+        monkeypatch.setenv("CHATCHAIN_PRICES", value)
+    else:
+        env.write_text(f"CHATCHAIN_PRICES='{value}'\n")
+    with pytest.raises(ConfigurationError, match="CHATCHAIN_PRICES is not valid JSON") as info:
+        Settings.load(env)
+    assert info.value.__cause__ is None
+
+
+# -- a misspelt variable is refused, never ignored ----------------------------------------------
+
+
+def test_a_misspelt_budget_in_the_environment_is_refused_with_the_closest_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHATCHAIN_BUDGET_SESION_USD", "0.0000001")
+    with pytest.raises(ConfigurationError) as info:
+        Settings.load(env_file=None)
+    message = str(info.value)
+    assert "CHATCHAIN_BUDGET_SESION_USD (in the environment)" in message
+    assert "Did you mean CHATCHAIN_BUDGET_SESSION_USD?" in message
+    # Not only through load(): however the settings are made, the typo cannot drop the cap.
+    with pytest.raises(ConfigurationError, match="CHATCHAIN_BUDGET_SESION_USD"):
+        Settings()
+    with pytest.raises(ConfigurationError, match="CHATCHAIN_BUDGET_SESION_USD"):
+        Chatbot(env_file=None)
+
+
+def test_a_misspelt_variable_in_dotenv_is_refused_with_the_file(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("OPENAI_MODEL=gpt-4o\nchatchain_window_turn=3\nOTHER_APP_SETTING=fine\n")
+    with pytest.raises(ConfigurationError) as info:
+        Settings.load(env)
+    assert f"chatchain_window_turn (in {env})" in str(info.value)
+    assert "Did you mean CHATCHAIN_WINDOW_TURNS?" in str(info.value)
+
+
+def test_an_unknown_name_far_from_every_setting_is_refused_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHATCHAIN_XYZZY", "1")
+    with pytest.raises(
+        ConfigurationError, match="Unknown chatchain setting CHATCHAIN_XYZZY"
+    ) as info:
+        Settings.load(env_file=None)
+    assert "Did you mean" not in str(info.value)
+
+
+def test_settings_in_any_case_and_chatchains_other_variables_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CHATCHAIN_DATA_DIR", "CHATCHAIN_REDIS_URL", "CHATCHAIN_POSTGRES_URL"):
+        monkeypatch.setenv(name, "set by the CLI, notebooks or tests")
+    monkeypatch.setenv("chatchain_budget_session_usd", "2.5")
+    env = tmp_path / ".env"
+    env.write_text("CHATCHAIN_WINDOW_TURNS=3\nCHATCHAIN_DATA_DIR=/tmp/chatchain\n")
+    settings = Settings.load(env)
+    assert (settings.budget_session_usd, settings.window_turns) == (2.5, 3)
+    assert Settings.load(env_file=None).budget_session_usd == 2.5
+
+
+# -- the store's password is never shown --------------------------------------------------------
+
+STORE_SECRET = "pgS3cretPW"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            f"postgresql://att:{STORE_SECRET}@db.example:5432/chat",
+            "postgresql://att@db.example:5432/chat",
+        ),
+        (
+            f"postgresql://att@db.example/chat?password={STORE_SECRET}&sslmode=require",
+            "postgresql://att@db.example/chat",
+        ),
+        (f"redis://:{STORE_SECRET}@cache.example:6379/0", "redis://cache.example:6379/0"),
+    ],
+)
+def test_the_store_password_is_not_in_the_repr_or_the_dumps(url: str, shown: str) -> None:
+    settings = Settings(store=url)
+    for text in (
+        repr(settings),
+        str(settings),
+        str(settings.model_dump()),
+        settings.model_dump_json(),
+    ):
+        assert STORE_SECRET not in text
+        assert shown in text
+    assert settings.model_dump()["store"] == shown
+    assert settings.store == url  # the real URL, for the code that connects
+
+
+def test_a_store_without_a_secret_is_shown_as_it_is() -> None:
+    for url in ("memory://", "sqlite:///tmp/chat.db", "redis://localhost:6379/0"):
+        assert Settings(store=url).model_dump()["store"] == url

@@ -64,7 +64,8 @@ def load_settings(env_file: Path | None, overrides: Mapping[str, Any]) -> Settin
         values["store"] = f"sqlite:///{data_dir() / 'chat.db'}"
     try:
         # Validated again (model_copy would not), so a bad option is refused like a bad variable.
-        return Settings.model_validate({**settings.model_dump(), **values})
+        # model_dump() shows the store without its password: take the real URL.
+        return Settings.model_validate({**settings.model_dump(), "store": settings.store, **values})
     except ValidationError as exc:
         problems = [
             f"{_OPTION_OF.get(str(error['loc'][0]), error['loc'][0])}: {error['msg']}"
@@ -150,6 +151,9 @@ class ErrorReport:
             text = f"error: {exc}"
         else:
             text = f"error: {type(exc).__name__}: {exc}"
+        if not self.debug:
+            # A gateway's message can span lines; the promise is one line.
+            text = " ".join(line.strip() for line in text.splitlines() if line.strip())
         if self.secret:
             text = text.replace(self.secret, "***")
         self._console.print(Text(text, style="red"), soft_wrap=True)
