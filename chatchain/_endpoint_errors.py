@@ -62,7 +62,7 @@ def _detail(exc: BaseException, secret: str | None) -> str:
     body = getattr(exc, "body", None)
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         message = body["message"]
-    return redact(str(message), secret).rstrip(".")
+    return redact(str(message), secret).strip().rstrip(".")
 
 
 def _scrub(exc: BaseException, secret: str | None) -> None:

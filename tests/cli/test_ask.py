@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from chatchain.cli._setup import load_settings
 from chatchain.testing import Fault, OpenAITestServer
 from tests.cli.conftest import KEY, Chatchain
 
@@ -121,6 +122,40 @@ def test_an_endpoint_error_is_one_line_and_exit_1(
     assert KEY not in result.output
     with chatchain.store() as store:
         assert store.sessions() == []  # a failed turn stores nothing
+
+
+def test_a_gateways_message_of_several_lines_is_still_one_line(
+    chatchain: Chatchain, server: OpenAITestServer
+) -> None:
+    message = "upstream connect error\n  reset reason: overflow\r\n\n<html>Bad gateway</html>\n"
+    server.add_fault(Fault(status=502, message=message))
+    result = chatchain("ask", "hi")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ")
+    assert result.stderr.count("\n") == 1
+    assert "upstream connect error reset reason: overflow <html>Bad gateway</html>. Try" in (
+        result.stderr
+    )
+
+
+def test_a_misspelt_variable_is_refused_in_one_line(
+    chatchain: Chatchain, server: OpenAITestServer
+) -> None:
+    result = chatchain("ask", "hi", env={"CHATCHAIN_BUDGET_SESION_USD": "0.0000001"})
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1
+    assert "CHATCHAIN_BUDGET_SESION_USD" in result.stderr
+    assert "Did you mean CHATCHAIN_BUDGET_SESSION_USD?" in result.stderr
+    assert server.requests == []  # refused before anything was sent
+
+
+def test_options_keep_the_stores_real_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings dumps show the store without its password; the options must not lose it.
+    url = "postgresql://att:pgS3cretPW@db.example/chat"
+    monkeypatch.setenv("CHATCHAIN_STORE", url)
+    settings = load_settings(None, {"model": "gpt-4o", "temperature": 0.1})
+    assert (settings.store, settings.model) == (url, "gpt-4o")
+    assert "pgS3cretPW" not in repr(settings)
 
 
 def test_debug_shows_the_traceback_but_never_the_key(
