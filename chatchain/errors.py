@@ -16,7 +16,7 @@ ChatChainError
 └── EndpointError               the chat endpoint failed; the history is unchanged
     ├── AuthenticationError     401/403: the key is wrong or lacks access
     ├── RateLimitError          429 after the client's own retries
-    ├── EndpointTimeoutError    no answer within the timeout, after retries
+    ├── EndpointTimeoutError    no answer within the timeout, or 408, after retries
     │   └── TurnDeadlineError   the whole turn ran past CHATCHAIN_TURN_DEADLINE
     ├── EndpointConnectionError the endpoint could not be reached
     ├── ContextTooLongError     the prompt does not fit the model's context window
@@ -154,7 +154,8 @@ class RateLimitError(EndpointError):
 
 
 class EndpointTimeoutError(EndpointError):
-    """The endpoint did not answer within the timeout, after the client's retries."""
+    """The endpoint did not answer within the timeout, or a gateway answered 408 Request
+    Timeout, after the client's retries."""
 
 
 class TurnDeadlineError(EndpointTimeoutError):
