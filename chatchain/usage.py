@@ -29,6 +29,7 @@ __all__ = [
     "UsageEntry",
     "UsageLedger",
     "UsageReport",
+    "estimated_note",
 ]
 
 Scope = Literal["session", "user", "all"]
@@ -77,6 +78,9 @@ class Usage:
     priced_cost_usd: float | None = None
     """The cost of the priced entries alone (what a USD budget counts); ``cost_usd`` when
     every entry has a price."""
+    estimated: int = 0
+    """Entries whose tokens were counted here because the endpoint did not report them (see
+    `UsageEntry.estimated`); when above 0, the tokens and cost are partly estimates."""
 
     def __post_init__(self) -> None:
         if self.priced_cost_usd is None:
@@ -102,17 +106,28 @@ class Usage:
             summaries=self.summaries + other.summaries,
             unpriced=self.unpriced + other.unpriced,
             priced_cost_usd=(self.priced_cost_usd or 0.0) + (other.priced_cost_usd or 0.0),
+            estimated=self.estimated + other.estimated,
         )
 
     @property
     def cost_text(self) -> str:
-        """The cost for people: ``$0.000123``, or ``cost unknown`` (never a silent $0)."""
-        return "cost unknown" if self.cost_usd is None else f"${self.cost_usd:.6f}"
+        """The cost for people: ``$0.000123``, ``~$0.000123`` when estimated, or
+        ``cost unknown`` (never a silent $0)."""
+        if self.cost_usd is None:
+            return "cost unknown"
+        return f"{'~' if self.estimated else ''}${self.cost_usd:.6f}"
 
     def __str__(self) -> str:
+        """The usage for people, marked ``(estimated)`` when the endpoint did not report it.
+
+        Example:
+            >>> print(Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, estimated=1))
+            10 prompt + 5 completion = 15 tokens (estimated), ~$0.000000, 0.00 s
+        """
+        mark = " (estimated)" if self.estimated else ""
         return (
             f"{self.prompt_tokens} prompt + {self.completion_tokens} completion = "
-            f"{self.total_tokens} tokens, {self.cost_text}, {self.latency_s:.2f} s"
+            f"{self.total_tokens} tokens{mark}, {self.cost_text}, {self.latency_s:.2f} s"
         )
 
 
@@ -181,6 +196,7 @@ class UsageEntry:
             turns=0 if self.summary else 1,
             summaries=1 if self.summary else 0,
             unpriced=1 if self.cost_usd is None else 0,
+            estimated=1 if self.estimated else 0,
         )
 
     def to_json(self) -> str:
@@ -337,6 +353,7 @@ _NUMBERS = (
     "total_tokens",
     "cost_usd",
     "unpriced",
+    "estimated",
 )
 
 
@@ -345,7 +362,8 @@ class UsageReport:
     """Usage totals grouped by session, user, model and/or day.
 
     ``rows`` is a plain list of dicts (one per group, sorted; no pandas needed), ``total`` the
-    grand total, and ``str(report)`` a text table.
+    grand total, and ``str(report)`` a text table. A row's ``estimated`` counts its entries
+    whose tokens the endpoint did not report; the table marks their totals with ``~``.
     """
 
     by: tuple[ReportKey, ...]
@@ -378,9 +396,7 @@ class UsageReport:
                 *(str(row[key]) for key in self.by),
                 str(row["turns"]),
                 str(row["summaries"]),
-                f"{row['prompt_tokens']:,}",
-                f"{row['completion_tokens']:,}",
-                f"{row['total_tokens']:,}",
+                *_token_cells(row, row["estimated"]),
                 _cost_cell(row["cost_usd"], row["unpriced"]),
             ]
             for row in self.rows
@@ -392,9 +408,7 @@ class UsageReport:
                 *([""] * (len(self.by) - 1)),
                 str(t.turns),
                 str(t.summaries),
-                f"{t.prompt_tokens:,}",
-                f"{t.completion_tokens:,}",
-                f"{t.total_tokens:,}",
+                *_token_cells(_numbers(t), t.estimated),
                 _cost_cell(t.cost_usd, t.unpriced),
             ]
         )
@@ -411,9 +425,11 @@ class UsageReport:
             return "  ".join(cells).rstrip()
 
         rule = "  ".join("-" * width for width in widths)
-        return "\n".join(
-            [render(headers), rule, *(render(line) for line in body[:-1]), rule, render(body[-1])]
-        )
+        lines = [render(headers), rule, *(render(line) for line in body[:-1]), rule]
+        lines.append(render(body[-1]))
+        if t.estimated:
+            lines.append(estimated_note(t.estimated))
+        return "\n".join(lines)
 
 
 def _group_value(entry: UsageEntry, key: ReportKey) -> str:
@@ -438,9 +454,24 @@ def _numbers(usage: Usage) -> dict[str, Any]:
         "total_tokens": usage.total_tokens,
         "cost_usd": usage.cost_usd,
         "unpriced": usage.unpriced,
+        "estimated": usage.estimated,
     }
     assert tuple(values) == _NUMBERS
     return values
+
+
+def _token_cells(numbers: dict[str, Any], estimated: int) -> list[str]:
+    mark = "~" if estimated else ""
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return [f"{mark}{numbers[key]:,}" for key in keys]
+
+
+def estimated_note(estimated: int) -> str:
+    """The line under a usage table that says what its ``~`` marks."""
+    calls = "call was" if estimated == 1 else "calls were"
+    return (
+        f"~ estimated: {estimated} {calls} counted here, as the endpoint did not report their usage"
+    )
 
 
 def _cost_cell(cost: float | None, unpriced: int) -> str:

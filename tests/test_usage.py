@@ -208,3 +208,29 @@ def test_your_price_applies_to_the_dated_name_the_endpoint_answers_with() -> Non
     renamed = pricer.price("served-name", 1_000_000, 0, configured="gpt-4o-mini")
     assert renamed.source == "settings" and renamed.cost_usd == pytest.approx(1.0)
     assert pricer.price("gpt-4o-2024-08-06", 1_000_000, 0).cost_usd == pytest.approx(9.0)
+
+
+def test_estimates_are_counted_in_sums_and_marked_in_text() -> None:
+    exact = UsageEntry("s", "gpt-4o-mini", 10, 5, 15, requests=1, cost_usd=0.001).usage()
+    guess = UsageEntry("s", "gpt-4o-mini", 8, 2, 10, requests=1, cost_usd=0.0005, estimated=True)
+    assert exact.estimated == 0 and "estimated" not in str(exact)
+    assert guess.usage().estimated == 1
+    total = exact + guess.usage() + guess.usage()
+    assert total.estimated == 2
+    assert str(total).startswith("26 prompt + 9 completion = 35 tokens (estimated), ~$0.002000")
+
+
+def test_report_marks_the_rows_that_hold_estimates() -> None:
+    ledger = UsageLedger()
+    ledger.record(UsageEntry("exact", "m", 10, 5, 15, requests=1, cost_usd=0.25))
+    ledger.record(UsageEntry("guess", "m", 8, 2, 10, requests=1, cost_usd=0.5, estimated=True))
+    report = ledger.report(by=["session"])
+    assert [(r["session"], r["estimated"]) for r in report.rows] == [("exact", 0), ("guess", 1)]
+    lines = str(report).splitlines()
+    assert lines[2].split()[-4:] == ["10", "5", "15", "$0.250000"]
+    assert lines[3].split()[-4:] == ["~8", "~2", "~10", "$0.500000"]
+    assert lines[-2].split()[-4:] == ["~18", "~7", "~25", "$0.750000"]  # the TOTAL line
+    assert lines[-1] == (
+        "~ estimated: 1 call was counted here, as the endpoint did not report their usage"
+    )
+    assert "estimated" not in str(ledger.report(by=["session"], session_id="exact"))

@@ -22,6 +22,7 @@ from chatchain.cli._render import (
     stdout_console,
     transcript,
     usage_line,
+    usage_note,
     usage_table,
 )
 from chatchain.cli._setup import (
@@ -391,4 +392,8 @@ def usage(
         if not report.rows:
             click.echo("No usage recorded.")
             return
-        stdout_console().print(usage_table(report))
+        console = stdout_console()
+        console.print(usage_table(report))
+        note = usage_note(report)
+        if note is not None:
+            console.print(note, soft_wrap=True)

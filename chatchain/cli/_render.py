@@ -15,6 +15,7 @@ from rich.text import Text
 
 from chatchain import Usage, UsageReport
 from chatchain.stores import SessionInfo
+from chatchain.usage import estimated_note
 
 _SPEAKERS = {"human": ("you", "bold cyan"), "ai": ("assistant", "bold green")}
 
@@ -40,15 +41,21 @@ def count(number: int, noun: str) -> str:
 def usage_line(usage: Usage, session_id: str | None = None) -> Text:
     """The dim line after a reply: tokens, cost (never a silent $0), latency, first token.
 
+    Tokens the endpoint did not report (counted here) read ``~N tokens (..., estimated)``.
+
     Example:
         >>> usage = Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23, cost_usd=None,
         ...               latency_s=0.412, first_token_s=0.1)
         >>> usage_line(usage).plain
         '23 tokens (15 prompt + 8 completion), cost unknown, 0.41 s, first token 0.10 s'
+        >>> usage_line(Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23,
+        ...                  cost_usd=0.00002, estimated=1)).plain
+        '~23 tokens (15 prompt + 8 completion, estimated), ~$0.000020, 0.00 s'
     """
+    mark, note = ("~", ", estimated") if usage.estimated else ("", "")
     parts = [
-        f"{usage.total_tokens} tokens ({usage.prompt_tokens} prompt + "
-        f"{usage.completion_tokens} completion)",
+        f"{mark}{usage.total_tokens} tokens ({usage.prompt_tokens} prompt + "
+        f"{usage.completion_tokens} completion{note})",
         usage.cost_text,
         f"{usage.latency_s:.2f} s",
     ]
@@ -100,9 +107,25 @@ def _cost(cost: float | None) -> str:
     return "unknown" if cost is None else f"${cost:.6f}"
 
 
+def usage_note(report: UsageReport) -> Text | None:
+    """The line under a usage table that explains its ``~``, if it has one."""
+    if not report.total.estimated:
+        return None
+    return Text(estimated_note(report.total.estimated), style="dim")
+
+
+def _tokens(prompt: int, completion: int, total: int, estimated: int) -> list[str]:
+    mark = "~" if estimated else ""
+    return [f"{mark}{number:,}" for number in (prompt, completion, total)]
+
+
 def usage_table(report: UsageReport) -> Table:
-    """A usage report's rows and its total as a table; an unknown cost reads ``unknown``."""
+    """A usage report's rows and its total as a table; an unknown cost reads ``unknown``.
+
+    Totals that include estimated tokens are marked ``~`` (see `usage_note`).
+    """
     numbers = ("turns", "summaries", "prompt", "completion", "total", "cost")
+    total = report.total
     table = Table(*report.by, box=None, header_style="bold", show_footer=True, pad_edge=False)
     for name in numbers:
         table.add_column(name, justify="right")
@@ -111,20 +134,20 @@ def usage_table(report: UsageReport) -> Table:
             *(Text(str(row[key])) for key in report.by),
             str(row["turns"]),
             str(row["summaries"]),
-            f"{row['prompt_tokens']:,}",
-            f"{row['completion_tokens']:,}",
-            f"{row['total_tokens']:,}",
+            *_tokens(
+                row["prompt_tokens"],
+                row["completion_tokens"],
+                row["total_tokens"],
+                row["estimated"],
+            ),
             _cost(row["cost_usd"]),
         )
-    total = report.total
     footers = [
         "TOTAL",
         *([""] * (len(report.by) - 1)),
         str(total.turns),
         str(total.summaries),
-        f"{total.prompt_tokens:,}",
-        f"{total.completion_tokens:,}",
-        f"{total.total_tokens:,}",
+        *_tokens(total.prompt_tokens, total.completion_tokens, total.total_tokens, total.estimated),
         _cost(total.cost_usd),
     ]
     for column, footer in zip(table.columns, footers, strict=True):

@@ -485,6 +485,8 @@ class OpenAITestServer:
         chunk_words: Words per content chunk when streaming.
         model: The model listed by ``GET /v1/models``, and used in replies when a request
             names none.
+        stream_usage: ``False`` never sends a usage chunk when streaming, even when asked
+            with ``stream_options.include_usage`` (as mockllm does).
 
     Example:
         >>> import openai
@@ -509,6 +511,7 @@ class OpenAITestServer:
         context_window: int | None = None,
         chunk_words: int = 1,
         model: str = "gpt-4o-mini",
+        stream_usage: bool = True,
     ) -> None:
         if chunk_words < 1:
             raise ValueError(f"chunk_words must be >= 1: {chunk_words}")
@@ -520,6 +523,7 @@ class OpenAITestServer:
         self._context_window = context_window
         self._chunk_words = chunk_words
         self._model = model
+        self._stream_usage = stream_usage
         self._created = int(time.time())
         self._lock = threading.Lock()
         self._faults: deque[list[Any]] = deque()  # [Fault, remaining uses]
@@ -848,7 +852,9 @@ class OpenAITestServer:
 
         stream_options = body.get("stream_options")
         include_usage = (
-            isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+            self._stream_usage
+            and isinstance(stream_options, dict)
+            and stream_options.get("include_usage") is True
         )
         self._stream(
             handler,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from chatchain import UsageLedger
+from chatchain import UsageEntry, UsageLedger
 from tests.cli.conftest import Chatchain
 
 
@@ -97,3 +97,15 @@ def test_usage_needs_no_key(spent: Chatchain) -> None:
     assert result.output.splitlines()[-1].split()[:2] == ["TOTAL", "3"]
     listed = spent("sessions", "list", env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None})
     assert listed.exit_code == 0
+
+
+def test_usage_marks_estimated_tokens(chatchain: Chatchain) -> None:
+    with chatchain.store() as store:
+        UsageLedger(store).record(
+            UsageEntry("s", "gpt-4o-mini", 8, 2, 10, requests=1, cost_usd=0.5, estimated=True)
+        )
+    lines = chatchain("usage", "--by", "session").output.splitlines()
+    assert lines[1].split() == ["s", "1", "0", "~8", "~2", "~10", "$0.500000"]
+    assert lines[-1].strip() == (
+        "~ estimated: 1 call was counted here, as the endpoint did not report their usage"
+    )
