@@ -31,7 +31,7 @@ from chatchain._tokens import TokenCounter, choose_counter
 from chatchain._turn import DEFAULT_REPLY_ESTIMATE, TURN_KEY, Turn, TurnSpec
 from chatchain.errors import ContextTooLongError
 from chatchain.memory import HistoryWindow, Memory
-from chatchain.model import create_chat_model, create_summary_model
+from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, MemoryStore
@@ -443,7 +443,9 @@ def create_chat_chain(
 
     Args:
         llm: The chat model; by default `ChatOpenAI` from the settings (with the fallback
-            model, if one is set). Any LangChain chat model works, e.g. a fake one in tests.
+            model, if one is set). Any LangChain chat model works, e.g. a fake one in tests,
+            also with fallbacks or ``.bind(...)``; not a chain such as ``prompt | model``.
+            A `ChatOpenAI` is used through a copy that asks for usage while streaming.
             Running summaries go to `create_summary_model` (``CHATCHAIN_SUMMARY_MODEL``), or
             with ``llm`` to it, with ``max_tokens=CHATCHAIN_SUMMARY_MAX_TOKENS`` per call.
         settings: Settings; read from the environment and ``.env`` when not given.
@@ -468,7 +470,8 @@ def create_chat_chain(
         The chain.
 
     Raises:
-        ConfigurationError: The settings or the system template cannot work.
+        ConfigurationError: The settings or the system template cannot work, or ``llm`` is
+            a chain rather than a chat model.
 
     Example:
         >>> from chatchain.testing import FakeChatModel
@@ -485,7 +488,7 @@ def create_chat_chain(
     prompt = create_prompt(
         system, input_key=input_key, history_key=history_key, prompt_vars=prompt_vars
     )
-    model = llm if llm is not None else create_chat_model(settings)
+    model = prepare_chat_model(llm) if llm is not None else create_chat_model(settings)
     if get_session_history is None or get_session_history is get_message_history:
         history: Callable[[str], BaseChatMessageHistory] = _default_store
     else:

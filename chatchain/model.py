@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import openai
 from langchain_core.language_models import BaseChatModel
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.prompts import BasePromptTemplate
+from langchain_core.runnables import (
+    Runnable,
+    RunnableBinding,
+    RunnableConfig,
+    RunnableSequence,
+    RunnableWithFallbacks,
+)
+from langchain_core.runnables.base import RunnableBindingBase
+from langchain_core.runnables.history import RunnableWithMessageHistory
 from langchain_openai import ChatOpenAI
+from langchain_openai.chat_models.base import BaseChatOpenAI
 
+from chatchain._async_clients import with_loop_clients
+from chatchain.errors import ConfigurationError
 from chatchain.settings import Settings
 
-__all__ = ["create_chat_model", "create_summary_model"]
+__all__ = ["create_chat_model", "create_summary_model", "prepare_chat_model"]
 
 
 def _chat_openai(settings: Settings, model: str) -> ChatOpenAI:
-    return ChatOpenAI(
+    chat = ChatOpenAI(
         model=model,
         api_key=settings.resolved_api_key(),
         base_url=settings.base_url,
@@ -28,6 +41,7 @@ def _chat_openai(settings: Settings, model: str) -> ChatOpenAI:
         # A custom base URL turns usage reporting off while streaming; metering needs it.
         stream_usage=True,
     )
+    return with_loop_clients(chat)
 
 
 def create_chat_model(settings: Settings | None = None) -> Runnable[Any, Any]:
@@ -130,3 +144,43 @@ class _RequestTimeoutsNamed(RunnableBinding[Any, Any]):
             if (timeout := _as_timeout(exc)) is None:
                 raise
             raise timeout from exc
+
+
+def prepare_chat_model(llm: Runnable[Any, Any]) -> Runnable[Any, Any]:
+    """``llm`` as a chain uses it: refused if it is not a chat model, else metered in full.
+
+    A `ChatOpenAI` (also inside fallbacks or a ``.bind(...)``) is copied, never changed: the
+    copy asks the endpoint for usage while streaming (unless ``stream_usage=False`` was
+    given), so that streamed turns are counted, not estimated, and it uses an async client
+    of the running event loop, so that it works across ``asyncio.run`` calls.
+
+    Raises:
+        ConfigurationError: ``llm`` is a prompt, a chain such as ``prompt | model``, or a
+            chain with history, rather than a chat model.
+
+    Example:
+        >>> model = ChatOpenAI(model="gpt-4o-mini", api_key="sk-test", base_url="http://x/v1")
+        >>> prepare_chat_model(model).stream_usage, model.stream_usage
+        (True, None)
+    """
+    if isinstance(llm, RunnableWithFallbacks):
+        runnable = prepare_chat_model(llm.runnable)
+        fallbacks = [prepare_chat_model(fallback) for fallback in llm.fallbacks]
+        if runnable is llm.runnable and all(map(operator.is_, fallbacks, llm.fallbacks)):
+            return llm
+        return llm.model_copy(update={"runnable": runnable, "fallbacks": fallbacks})
+    if isinstance(llm, (RunnableSequence, BasePromptTemplate, RunnableWithMessageHistory)):
+        raise ConfigurationError(
+            f"llm must be the chat model itself, e.g. ChatOpenAI(...), not a "
+            f"{type(llm).__name__} such as prompt | model: chatchain builds the prompt and "
+            "the history around it. Put the system message in system='...' (its {variables} "
+            "in prompt_vars={...}) and pass the model alone as llm."
+        )
+    if isinstance(llm, RunnableBindingBase):  # .bind(...), .bind_tools(...), .with_retry()
+        bound = prepare_chat_model(llm.bound)
+        return llm if bound is llm.bound else llm.model_copy(update={"bound": bound})
+    if isinstance(llm, BaseChatOpenAI):
+        if llm.stream_usage is None:
+            llm = llm.model_copy(update={"stream_usage": True})
+        return with_loop_clients(llm)
+    return llm

@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 from langchain_core.chat_history import InMemoryChatMessageHistory
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables.history import RunnableWithMessageHistory
+from langchain_openai import ChatOpenAI
 
 from chatchain import (
+    ConfigurationError,
     MemoryStore,
     MissingPromptVariableError,
     Settings,
@@ -214,3 +217,35 @@ def test_cost_of_a_known_model_follows_its_price(chain) -> None:  # type: ignore
     # gpt-4o-mini list price: $0.15 per million prompt tokens, $0.60 per million completion.
     expected = usage.prompt_tokens * 0.15e-6 + usage.completion_tokens * 0.60e-6
     assert usage.cost_usd == pytest.approx(expected)
+
+
+def test_a_prompt_and_model_chain_is_refused_as_llm(settings: Settings) -> None:
+    # The seeds' own chain passed whole: ChatPromptTemplate would get chatchain's prompt value.
+    prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{input}")])
+    for llm in (prompt | FakeChatModel(), (prompt | FakeChatModel()).with_fallbacks([prompt])):
+        with pytest.raises(ConfigurationError, match=r"ChatOpenAI\(\.\.\.\).*system='\.\.\.'"):
+            create_chat_chain(llm, settings=settings)
+    with pytest.raises(ConfigurationError, match="chat model itself"):
+        create_chat_chain(prompt, settings=settings)
+
+
+def test_a_chat_model_with_fallbacks_or_bound_arguments_is_accepted(settings: Settings) -> None:
+    failing = FakeChatModel(errors=[RuntimeError("down")])
+    models = [
+        failing.with_fallbacks([FakeChatModel(replies=["from the fallback"])]),
+        FakeChatModel(replies=["from the fallback"]).bind(stop=["never"]),
+    ]
+    for model in models:
+        chain = create_chat_chain(model, settings=settings, get_session_history=MemoryStore())
+        assert chain.model is model  # nothing to change in them
+        assert chain.invoke({"input": "hi"}, config=cfg("s")).content == "from the fallback"
+
+
+def test_a_users_chat_openai_is_used_through_a_copy(settings: Settings) -> None:
+    llm = ChatOpenAI(model="gpt-4o-mini", api_key="sk-test", base_url="http://127.0.0.1:9/v1")  # type: ignore[arg-type]
+    chain = create_chat_chain(llm.bind(temperature=0.5), settings=settings)
+    model = chain.model.bound  # type: ignore[attr-defined]
+    assert model is not llm and model.stream_usage is True and llm.stream_usage is None
+    assert model.root_async_client is not llm.root_async_client
+    off = llm.model_copy(update={"stream_usage": False})  # the user's explicit choice stands
+    assert create_chat_chain(off, settings=settings).model.stream_usage is False  # type: ignore[attr-defined]

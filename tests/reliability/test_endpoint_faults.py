@@ -520,35 +520,61 @@ def test_a_base_url_without_v1_says_to_check_the_base_url(
 
 
 # -- a known upstream bug ---------------------------------------------------------------------
+# -- one event loop after another --------------------------------------------------------------
 
 SEQUENTIAL_LOOPS = """
-import asyncio
+import asyncio, gc, threading
+from langchain_openai import ChatOpenAI
 from chatchain import Chatbot, Settings
 from chatchain.testing import OpenAITestServer
 
+async def astream(bot, text):
+    return "".join([piece async for piece in bot.astream(text, session_id="s")])
+
 with OpenAITestServer() as server:
-    bot = Chatbot(Settings(api_key="sk-test", base_url=server.base_url, max_retries=0))
-    for text in ("one", "two"):
-        print(asyncio.run(bot.achat(text, session_id="s")).text)
+    settings = Settings(api_key="sk-test", base_url=server.base_url, max_retries=0)
+    own = ChatOpenAI(model="gpt-4o-mini", api_key="sk-test", base_url=server.base_url)
+    for bot in (Chatbot(settings), Chatbot(settings, llm=own)):
+        for text in ("one", "two"):
+            print(asyncio.run(bot.achat(text, session_id="s")).text)
+        print(*[r.text for r in asyncio.run(bot.achat_many([("a", "three"), ("b", "four")]))])
+        print(asyncio.run(bot.achat("five", session_id="s")).text)
+        print(asyncio.run(astream(bot, "six")))
+        threads = [
+            threading.Thread(target=asyncio.run, args=(bot.achat(t, session_id=t),))
+            for t in ("x", "y")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print(sorted(m.text for sid in ("x", "y") for m in bot.history(sid)))
+    del bot, own
+    gc.collect()
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="langchain-ai/langchain#35783: langchain-openai caches one async HTTP client per "
-    "(base URL, timeout) for the whole process; its pooled connections belong to the first "
-    "event loop, so a second asyncio.run(bot.achat(...)) fails with 'Event loop is closed'.",
-)
 def test_async_turns_from_one_event_loop_after_another() -> None:
-    # A script or a worker that runs each async turn with its own asyncio.run(). In a process
-    # of its own: the connections it strands would be reported in whichever test runs next.
+    # A script or a worker that runs each async turn with its own asyncio.run(), and two
+    # threads with a loop each: with chatchain's model and with the user's own ChatOpenAI.
+    # langchain-openai alone shares one async client across loops (langchain-ai/langchain#35783).
+    # In a process of its own, showing every ResourceWarning: sockets left open by a loop
+    # would otherwise be reported in whichever test runs next.
     done = subprocess.run(
-        [sys.executable, "-c", SEQUENTIAL_LOOPS],
+        [sys.executable, "-W", "always::ResourceWarning", "-c", SEQUENTIAL_LOOPS],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-1500:]
-    assert done.stdout.splitlines() == ["Echo: one", "Echo: two"]
+    each_bot = [
+        "Echo: one",
+        "Echo: two",
+        "Echo: three Echo: four",
+        "Echo: five",
+        "Echo: six",
+        "['Echo: x', 'Echo: y', 'x', 'y']",
+    ]
+    assert done.stdout.splitlines() == each_bot * 2
+    assert "ResourceWarning" not in done.stderr, done.stderr[-1500:]

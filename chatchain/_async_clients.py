@@ -1,0 +1,95 @@
+"""One async OpenAI client per event loop, for `ChatOpenAI` (langchain-ai/langchain#35783).
+
+`ChatOpenAI` keeps one async client, over an HTTP client that langchain-openai caches for the
+whole process. Its pooled connections belong to the event loop that opened them, so the second
+``asyncio.run(bot.achat(...))`` of a script fails with ``RuntimeError: Event loop is closed``
+(and the first loop's sockets are left open). Here each running loop gets its own copy of the
+client, made on first use, and closed when the loop shuts down its async generators, as
+``asyncio.run`` and ``asyncio.Runner`` do before closing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import weakref
+from collections.abc import AsyncGenerator
+from typing import Any, TypeVar
+
+import openai
+from langchain_openai.chat_models.base import BaseChatOpenAI
+
+__all__ = ["with_loop_clients"]
+
+Model = TypeVar("Model", bound=BaseChatOpenAI)
+
+
+class _LoopClients:
+    """The copies of one async client, one per running event loop."""
+
+    def __init__(self, template: openai.AsyncOpenAI) -> None:
+        self._template = template
+        self._guard = threading.Lock()
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, AsyncGenerator[None, None]]
+        ] = weakref.WeakKeyDictionary()
+
+    def current(self) -> openai.AsyncOpenAI:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not called from a coroutine: nothing is sent from here
+            return self._template
+        with self._guard:
+            found = self._clients.get(loop)
+            if found is None:
+                client = self._template.copy(http_client=openai.DefaultAsyncHttpxClient())
+                closer = self._close_at_shutdown(client)
+                # Run it to its `yield` (it awaits nothing before): the loop now tracks it
+                # and closes it, with the client, in `shutdown_asyncgens`.
+                with contextlib.suppress(StopIteration):
+                    closer.asend(None).send(None)
+                found = self._clients[loop] = (client, closer)
+        return found[0]
+
+    async def _close_at_shutdown(self, client: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            with self._guard:  # a later turn on this loop (if any) opens a new client
+                self._clients.pop(asyncio.get_running_loop(), None)
+            await client.close()
+
+
+class _OnLoop:
+    """Stands in for `ChatOpenAI`'s async client: each use goes to the running loop's copy."""
+
+    def __init__(self, clients: _LoopClients, *path: str) -> None:
+        self._clients = clients
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy, pickle and friends probe for these
+            raise AttributeError(name)
+        target: Any = self._clients.current()
+        for part in self._path:
+            target = getattr(target, part)
+        return getattr(target, name)
+
+
+def with_loop_clients(model: Model) -> Model:
+    """A copy of ``model`` whose async calls use a client of the running event loop.
+
+    ``model`` itself is not changed. A model given its own ``http_async_client`` (or a
+    proxy) keeps it: that client, and its loop, are its owner's.
+    """
+    root = model.root_async_client
+    if model.http_async_client is not None or not isinstance(root, openai.AsyncOpenAI):
+        return model
+    clients = _LoopClients(root)
+    return model.model_copy(
+        update={
+            "root_async_client": _OnLoop(clients),
+            "async_client": _OnLoop(clients, "chat", "completions"),
+        }
+    )
