@@ -190,3 +190,20 @@ def m002_usage_ledger(conn: sqlite3.Connection) -> None:
     )
     conn.execute("CREATE INDEX budget_holds_by_session ON budget_holds (session_id)")
     conn.execute("CREATE INDEX budget_holds_by_user ON budget_holds (user_id)")
+
+
+@migration
+def m003_estimated_totals(conn: sqlite3.Connection) -> None:
+    # How many of a total's entries hold tokens counted here, not reported by the endpoint.
+    conn.execute("ALTER TABLE usage_totals ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        """
+        UPDATE usage_totals SET estimated = (
+            SELECT count(*) FROM usage AS u WHERE u.estimated AND (
+                usage_totals.scope = 'all'
+                OR (usage_totals.scope = 'session' AND u.session_id = usage_totals.key)
+                OR (usage_totals.scope = 'user' AND u.user_id = usage_totals.key)
+            )
+        )
+        """
+    )

@@ -17,7 +17,7 @@ Schema (``<prefix>`` is ``chatchain`` unless ``table_prefix`` says otherwise)::
     <prefix>_usage_totals(scope text, key text, PK (scope, key), prompt/completion/total/
                           cached/reasoning_tokens, requests bigint, cost_usd double (the
                           priced entries' sum), unpriced bigint, latency_s double,
-                          turns, summaries bigint)
+                          turns, summaries, estimated bigint)
     <prefix>_budget_holds(id text PK, session_id, user_id text, tokens bigint,
                           cost_usd double, expires_at timestamptz)
 
@@ -197,6 +197,20 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
                 tokens bigint NOT NULL,
                 cost_usd double precision NOT NULL,
                 expires_at timestamptz NOT NULL
+            )""",
+        ],
+    ),
+    (
+        "0003_estimated_totals",
+        [
+            """ALTER TABLE {usage_totals}
+                ADD COLUMN IF NOT EXISTS estimated bigint NOT NULL DEFAULT 0""",
+            """UPDATE {usage_totals} AS t SET estimated = (
+                SELECT count(*) FROM {usage} AS u WHERE u.estimated AND (
+                    t.scope = 'all'
+                    OR (t.scope = 'session' AND u.session_id = t.key)
+                    OR (t.scope = 'user' AND u.user_id = t.key)
+                )
             )""",
         ],
     ),
@@ -392,6 +406,7 @@ _TOTAL_COLUMNS = (
     "latency_s",
     "turns",
     "summaries",
+    "estimated",
 )
 _HOLD_COLUMNS = ("id", "session_id", "user_id", "tokens", "cost_usd", "expires_at")
 
@@ -425,6 +440,7 @@ def _total_args(entry: UsageEntry) -> list[dict[str, Any]]:
         "latency_s": float(entry.latency_s),
         "turns": 0 if entry.summary else 1,
         "summaries": 1 if entry.summary else 0,
+        "estimated": 1 if entry.estimated else 0,
     }
     scopes: list[tuple[Scope, str]] = [("all", ""), ("session", entry.session_id)]
     if entry.user_id is not None:
@@ -451,6 +467,7 @@ def _total(row: Sequence[Any] | None) -> Usage:
         turns=int(v["turns"]),
         summaries=int(v["summaries"]),
         unpriced=unpriced,
+        estimated=int(v["estimated"]),
     )
 
 

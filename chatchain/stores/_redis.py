@@ -27,8 +27,8 @@ pruning a session leaves its spending in the ledger:
   ``<sequence>:<entry id>``, the sequence (``<prefix>:usage:seq``, 16 digits) keeping entries
   of the same microsecond in the order they were recorded.
 - ``<prefix>:usage:total:<scope>:<key>``: HASH of running sums (tokens, requests, turns,
-  summaries, ``unpriced``, and ``cost`` of the priced entries and ``latency`` as exact
-  doubles), so a total is one read however long the ledger.
+  summaries, ``unpriced``, ``estimated``, and ``cost`` of the priced entries and ``latency``
+  as exact doubles), so a total is one read however long the ledger.
 - ``<prefix>:holds``: HASH of budget hold id -> ``{"t": tokens, "c": usd, "i": [indexes]}``;
   ``<prefix>:holds:expiry``: ZSET of hold ids scored by expiry; ``<prefix>:holds:session:<id>``
   and ``<prefix>:holds:user:<id>``: SETs of the hold ids of a session and of a user (the
@@ -221,6 +221,7 @@ _INT_FIELDS = (
     "turns",
     "summaries",
     "unpriced",
+    "estimated",
 )
 _TOTAL_FIELDS = (*_INT_FIELDS, "cost", "latency")
 
@@ -652,6 +653,7 @@ class RedisStore(HistoryStore):
             usage.turns,
             usage.summaries,
             usage.unpriced,
+            usage.estimated,
         )
         args = [
             entry.id,
@@ -695,6 +697,7 @@ class RedisStore(HistoryStore):
                 turns=ints["turns"],
                 summaries=ints["summaries"],
                 unpriced=ints["unpriced"],
+                estimated=ints["estimated"],
             )
         except ValueError as exc:
             raise self._corrupt_ledger(exc) from exc

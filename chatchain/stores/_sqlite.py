@@ -105,7 +105,7 @@ def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:
     row = conn.execute(
         """
         SELECT prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens,
-               requests, cost_usd, unpriced, latency_s, turns, summaries
+               requests, cost_usd, unpriced, latency_s, turns, summaries, estimated
         FROM usage_totals WHERE scope = ? AND key = ?
         """,
         (scope, key),
@@ -124,6 +124,7 @@ def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:
         latency,
         turns,
         summaries,
+        estimated,
     ) = row
     return Usage(
         prompt_tokens=prompt,
@@ -138,6 +139,7 @@ def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:
         turns=turns,
         summaries=summaries,
         unpriced=unpriced,
+        estimated=estimated,
     )
 
 
@@ -543,6 +545,7 @@ class SQLiteStore(HistoryStore):
             entry.latency_s,
             0 if entry.summary else 1,
             1 if entry.summary else 0,
+            int(entry.estimated),
         )
         with self._write("record usage") as conn:
             if release is not None:
@@ -582,8 +585,9 @@ class SQLiteStore(HistoryStore):
                 """
                 INSERT INTO usage_totals (
                     scope, key, prompt_tokens, completion_tokens, total_tokens, cached_tokens,
-                    reasoning_tokens, requests, cost_usd, unpriced, latency_s, turns, summaries
-                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    reasoning_tokens, requests, cost_usd, unpriced, latency_s, turns, summaries,
+                    estimated
+                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (scope, key) DO UPDATE SET
                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
                     completion_tokens = completion_tokens + excluded.completion_tokens,
@@ -595,7 +599,8 @@ class SQLiteStore(HistoryStore):
                     unpriced = unpriced + excluded.unpriced,
                     latency_s = latency_s + excluded.latency_s,
                     turns = turns + excluded.turns,
-                    summaries = summaries + excluded.summaries
+                    summaries = summaries + excluded.summaries,
+                    estimated = estimated + excluded.estimated
                 """,
                 [(scope, key, *added) for scope, key in scopes],
             )

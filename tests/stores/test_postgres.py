@@ -119,6 +119,7 @@ def test_a_database_of_the_previous_schema_gets_the_ledger(
         assert applied_migrations(postgres_url, prefix) == [
             "0001_sessions_and_messages",
             "0002_usage_ledger",
+            "0003_estimated_totals",
         ]
         assert [m.content for m in store.load("s")] == ["q0", "a1"]  # the data survives
         entries = _ledger_entries()
@@ -126,6 +127,28 @@ def test_a_database_of_the_previous_schema_gets_the_ledger(
             store.record_usage(entry)
         assert store.usage_entries(session_id="s") == entries[:2]
         assert store.usage_total("session", "s").total_tokens == 13
+    finally:
+        store.close()
+
+
+SCOPES: list[tuple[Scope, str]] = [("all", ""), ("session", "s"), ("session", "t"), ("user", "u")]
+
+
+def test_totals_of_a_ledger_before_estimated_totals_count_its_estimates(
+    postgres_url: str, prefix: str
+) -> None:
+    old = PostgresStore(postgres_url, table_prefix=prefix)
+    for entry in _ledger_entries():  # one estimated entry, of session "s"
+        old.record_usage(entry)
+    old.close()
+    with psycopg.connect(postgres_url) as conn:  # back to the release before 0003
+        conn.execute(f"ALTER TABLE {prefix}_usage_totals DROP COLUMN estimated")
+        conn.execute(f"DELETE FROM {prefix}_migrations WHERE name = '0003_estimated_totals'")
+    store = PostgresStore(postgres_url, table_prefix=prefix)
+    try:
+        assert applied_migrations(postgres_url, prefix)[-1] == "0003_estimated_totals"
+        counts = [store.usage_total(scope, key).estimated for scope, key in SCOPES]
+        assert counts == [1, 1, 0, 0]
     finally:
         store.close()
 

@@ -26,7 +26,7 @@ from chatchain.usage import BudgetHold, BudgetLimit, Scope, Usage, UsageEntry, t
 spawn = multiprocessing.get_context("spawn")
 
 # The schema steps this version ships, in order (append new ones; never edit or reorder).
-SHIPPED = ["m001_initial", "m002_usage_ledger"]
+SHIPPED = ["m001_initial", "m002_usage_ledger", "m003_estimated_totals"]
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -231,6 +231,34 @@ def test_a_file_of_the_schema_before_the_ledger_is_migrated(
     store.close()
     names = rows(path, "SELECT name FROM _chatchain_migrations ORDER BY rowid")
     assert names == [(name,) for name in SHIPPED]
+
+
+def test_totals_of_a_ledger_before_estimated_totals_count_its_estimates(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    entries = [
+        UsageEntry("a", "m", total_tokens=3, estimated=True, user_id="u", at=T0),
+        UsageEntry("a", "m", total_tokens=4, at=T0),
+        UsageEntry("b", "m", total_tokens=5, estimated=True, at=T0),
+    ]
+    old = SQLiteStore(path)
+    for entry in entries:
+        old.record_usage(entry)
+    old.close()
+    conn = sqlite3.connect(path)  # back to the file the release before m003 wrote
+    with conn:
+        conn.execute("ALTER TABLE usage_totals DROP COLUMN estimated")
+        conn.execute("DELETE FROM _chatchain_migrations WHERE name = 'm003_estimated_totals'")
+    conn.close()
+
+    store = SQLiteStore(path)
+    counts = {
+        (scope, key): store.usage_total(scope, key).estimated
+        for scope, key in [("all", ""), ("session", "a"), ("session", "b"), ("user", "u")]
+    }
+    assert counts == {("all", ""): 2, ("session", "a"): 1, ("session", "b"): 1, ("user", "u"): 1}
+    store.record_usage(UsageEntry("b", "m", total_tokens=1, estimated=True, at=T0))
+    assert store.usage_total("all", "") == replace(total_of(store.usage_entries()), model=None)
+    store.close()
 
 
 def test_a_failed_record_keeps_nothing_and_not_even_drops_the_hold(tmp_path: Path) -> None:

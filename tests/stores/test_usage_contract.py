@@ -93,6 +93,17 @@ def test_an_unpriced_entry_makes_the_cost_unknown_not_zero(store: HistoryStore) 
     assert store.usage_total("all", "").cost_usd is None
 
 
+def test_totals_count_the_estimated_entries(store: HistoryStore) -> None:
+    store.record_usage(entry("a", user="u", tokens=10, estimated=True))
+    store.record_usage(entry("a", user="u", tokens=20))
+    store.record_usage(entry("b", tokens=30, estimated=True, summary=True))
+    assert store.usage_total("session", "a").estimated == 1
+    assert store.usage_total("user", "u").estimated == 1
+    assert store.usage_total("session", "b").estimated == 1
+    assert store.usage_total("all", "").estimated == 2
+    assert store.usage_total("all", "") == replace(total_of(store.usage_entries()), model=None)
+
+
 def test_cached_and_reasoning_tokens_add_up(store: HistoryStore) -> None:
     store.record_usage(entry("a", cached_tokens=4, reasoning_tokens=1))
     store.record_usage(entry("a", cached_tokens=6, reasoning_tokens=2))
