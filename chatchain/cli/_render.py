@@ -41,7 +41,7 @@ def count(number: int, noun: str) -> str:
 def usage_line(usage: Usage, session_id: str | None = None) -> Text:
     """The dim line after a reply: tokens, cost (never a silent $0), latency, first token.
 
-    Tokens the endpoint did not report (counted here) read ``~N tokens (..., estimated)``.
+    Tokens the endpoint did not report (counted here) read ``~N tokens (...), estimated``.
 
     Example:
         >>> usage = Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23, cost_usd=None,
@@ -50,15 +50,17 @@ def usage_line(usage: Usage, session_id: str | None = None) -> Text:
         '23 tokens (15 prompt + 8 completion), cost unknown, 0.41 s, first token 0.10 s'
         >>> usage_line(Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23,
         ...                  cost_usd=0.00002, estimated=1)).plain
-        '~23 tokens (15 prompt + 8 completion, estimated), ~$0.000020, 0.00 s'
+        '~23 tokens (15 prompt + 8 completion), estimated, ~$0.000020, 0.00 s'
     """
-    mark, note = ("~", ", estimated") if usage.estimated else ("", "")
+    mark = "~" if usage.estimated else ""
     parts = [
         f"{mark}{usage.total_tokens} tokens ({usage.prompt_tokens} prompt + "
-        f"{usage.completion_tokens} completion{note})",
+        f"{usage.completion_tokens} completion)",
         usage.cost_text,
         f"{usage.latency_s:.2f} s",
     ]
+    if usage.estimated:
+        parts.insert(1, "estimated")
     if usage.first_token_s is not None:
         parts.append(f"first token {usage.first_token_s:.2f} s")
     if session_id is not None:

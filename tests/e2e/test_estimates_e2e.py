@@ -79,7 +79,7 @@ def test_streams_without_a_usage_chunk_are_marked_estimated_wherever_shown(
     assert stream.usage.total_tokens > 0
     assert "(estimated)" in str(stream.usage)
     line = usage_line(stream.usage).plain
-    assert line.startswith(f"~{stream.usage.total_tokens} tokens (") and "estimated)" in line
+    assert line.startswith(f"~{stream.usage.total_tokens} tokens (") and "), estimated, " in line
     assert "~$" in line  # the cost is as much an estimate as the tokens
 
     entries = bot.usage_entries(session_id="s")
