@@ -1,11 +1,14 @@
-"""One async OpenAI client per event loop, for `ChatOpenAI` (langchain-ai/langchain#35783).
+"""Async HTTP connections per event loop, for `ChatOpenAI` (langchain-ai/langchain#35783).
 
 `ChatOpenAI` keeps one async client, over an HTTP client that langchain-openai caches for the
 whole process. Its pooled connections belong to the event loop that opened them, so the second
 ``asyncio.run(bot.achat(...))`` of a script fails with ``RuntimeError: Event loop is closed``
-(and the first loop's sockets are left open). Here each running loop gets its own copy of the
-client, made on first use, and closed when the loop shuts down its async generators, as
-``asyncio.run`` and ``asyncio.Runner`` do before closing it.
+(and the first loop's sockets are left open). Here each running loop gets one HTTP client of its
+own, shared by every model as langchain-openai shares its one, and closed when the loop shuts
+down its async generators, as ``asyncio.run`` and ``asyncio.Runner`` do before closing it.
+
+The HTTP clients are kept by loop, not by model: a model that is garbage-collected while its
+loop runs must not take open connections with it (Python would finalize them unclosed).
 """
 
 from __future__ import annotations
@@ -24,16 +27,44 @@ __all__ = ["with_loop_clients"]
 
 Model = TypeVar("Model", bound=BaseChatOpenAI)
 
+_guard = threading.Lock()
+# The HTTP client of each running loop, with the async generator that closes it at shutdown.
+_http_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, tuple[openai.DefaultAsyncHttpxClient, AsyncGenerator[None, None]]
+] = weakref.WeakKeyDictionary()
+
+
+def _http_client(loop: asyncio.AbstractEventLoop) -> openai.DefaultAsyncHttpxClient:
+    with _guard:
+        found = _http_clients.get(loop)
+        if found is None:
+            client = openai.DefaultAsyncHttpxClient()
+            closer = _close_at_shutdown(client)
+            # Run it to its `yield` (it awaits nothing before): the loop now tracks it and
+            # closes it, with the client, in `shutdown_asyncgens`.
+            with contextlib.suppress(StopIteration):
+                closer.asend(None).send(None)
+            found = _http_clients[loop] = (client, closer)
+    return found[0]
+
+
+async def _close_at_shutdown(client: openai.DefaultAsyncHttpxClient) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        with _guard:  # a later call on this loop (if any) opens a new client
+            _http_clients.pop(asyncio.get_running_loop(), None)
+        await client.aclose()
+
 
 class _LoopClients:
-    """The copies of one async client, one per running event loop."""
+    """Copies of one model's async OpenAI client, one per running loop, over its HTTP client."""
 
     def __init__(self, template: openai.AsyncOpenAI) -> None:
         self._template = template
         self._guard = threading.Lock()
-        self._clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, AsyncGenerator[None, None]]
-        ] = weakref.WeakKeyDictionary()
+        self._copies: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]
+        self._copies = weakref.WeakKeyDictionary()
 
     def current(self) -> openai.AsyncOpenAI:
         try:
@@ -41,24 +72,11 @@ class _LoopClients:
         except RuntimeError:  # not called from a coroutine: nothing is sent from here
             return self._template
         with self._guard:
-            found = self._clients.get(loop)
-            if found is None:
-                client = self._template.copy(http_client=openai.DefaultAsyncHttpxClient())
-                closer = self._close_at_shutdown(client)
-                # Run it to its `yield` (it awaits nothing before): the loop now tracks it
-                # and closes it, with the client, in `shutdown_asyncgens`.
-                with contextlib.suppress(StopIteration):
-                    closer.asend(None).send(None)
-                found = self._clients[loop] = (client, closer)
-        return found[0]
-
-    async def _close_at_shutdown(self, client: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            with self._guard:  # a later turn on this loop (if any) opens a new client
-                self._clients.pop(asyncio.get_running_loop(), None)
-            await client.close()
+            copy = self._copies.get(loop)
+            if copy is None:
+                copy = self._template.copy(http_client=_http_client(loop))
+                self._copies[loop] = copy
+        return copy
 
 
 class _OnLoop:
@@ -78,7 +96,7 @@ class _OnLoop:
 
 
 def with_loop_clients(model: Model) -> Model:
-    """A copy of ``model`` whose async calls use a client of the running event loop.
+    """A copy of ``model`` whose async calls use an HTTP client of the running event loop.
 
     ``model`` itself is not changed. A model given its own ``http_async_client`` (or a
     proxy) keeps it: that client, and its loop, are its owner's.
