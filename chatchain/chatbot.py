@@ -162,7 +162,8 @@ class Chatbot:
 
     Args:
         settings: Settings; read from the environment and ``env_file`` when not given.
-        llm: A chat model to use instead of `ChatOpenAI` (e.g. a fake one in tests).
+        llm: A chat model to use instead of `ChatOpenAI` (e.g. a fake one in tests, or
+            your own `ChatOpenAI`), not a chain such as ``prompt | model``.
         store: Where sessions live; by default the store ``settings.store`` names (a new
             in-memory one unless ``CHATCHAIN_STORE`` says otherwise).
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.

@@ -172,9 +172,10 @@ def prepare_chat_model(llm: Runnable[Any, Any]) -> Runnable[Any, Any]:
     if isinstance(llm, (RunnableSequence, BasePromptTemplate, RunnableWithMessageHistory)):
         raise ConfigurationError(
             f"llm must be the chat model itself, e.g. ChatOpenAI(...), not a "
-            f"{type(llm).__name__} such as prompt | model: chatchain builds the prompt and "
-            "the history around it. Put the system message in system='...' (its {variables} "
-            "in prompt_vars={...}) and pass the model alone as llm."
+            f"{type(llm).__name__} (a prompt, or a chain such as prompt | model): chatchain "
+            "builds the prompt and the history around the model. Put the system message in "
+            "system='...' (its {variables} in prompt_vars={...}) and pass the model alone "
+            "as llm."
         )
     if isinstance(llm, RunnableBindingBase):  # .bind(...), .bind_tools(...), .with_retry()
         bound = prepare_chat_model(llm.bound)
