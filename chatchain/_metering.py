@@ -100,7 +100,8 @@ def entry_from(
     """The ledger entry of one call, from its handler's counts (or ``estimate``).
 
     The cost comes from `chatchain.pricing` (settings, genai-prices, langchain-community's
-    table, in that order); it is ``None`` when no source knows the model: never a silent 0.
+    table, in that order); a model no source knows is priced as ``configured_model`` (source
+    ``"configured:<source>"``); the cost is ``None`` when neither is known: never a silent 0.
     """
     prompt, completion = handler.prompt_tokens, handler.completion_tokens
     requests = handler.successful_requests

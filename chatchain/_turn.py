@@ -14,10 +14,19 @@ the summary call, the model call with the client's retries, and a stream until i
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,7 +35,7 @@ from typing import Any
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
 from langchain_core.messages.ai import add_ai_message_chunks
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
 from chatchain import _deadline, _endpoint_errors, _metering
@@ -41,16 +50,34 @@ from chatchain.errors import (
 from chatchain.memory import Memory, SummaryCall
 from chatchain.pricing import Pricer
 from chatchain.stores import HistoryStore
-from chatchain.usage import Budget, BudgetHold, BudgetRefusal, Usage, UsageEntry, UsageLedger
+from chatchain.usage import (
+    Budget,
+    BudgetHold,
+    BudgetLimit,
+    BudgetRefusal,
+    Usage,
+    UsageEntry,
+    UsageLedger,
+)
 
-__all__ = ["MAX_SESSION_ID_LENGTH", "Turn", "TurnSpec", "validate_session_id"]
+__all__ = ["MAX_SESSION_ID_LENGTH", "BudgetedModel", "Turn", "TurnSpec", "validate_session_id"]
 
 logger = logging.getLogger("chatchain")
 
 MAX_SESSION_ID_LENGTH = 256
 
-DEFAULT_REPLY_ESTIMATE = 1000
-"""Reply tokens a budget check assumes when ``CHATCHAIN_MAX_TOKENS`` does not cap the reply."""
+DEFAULT_REPLY_LIMIT = 1000
+"""The most reply tokens a call is sent with under a budget when no ``CHATCHAIN_MAX_TOKENS``
+caps replies: each turn in flight holds that much of every cap (the whole remaining budget
+would leave nothing to concurrent turns, and endpoints refuse a ``max_tokens`` above the
+model's own limit)."""
+
+MIN_REPLY_TOKENS = 1
+"""The fewest reply tokens a budgeted call is sent with: a turn that cannot pay for even these
+is refused with `BudgetExceeded`; one that can is sent with ``max_tokens`` cut to what it can
+pay for (and a notice when that cut the reply)."""
+
+_PRICE_PROBE = 1_000_000  # reply tokens priced at once to find the price of one
 
 TURN_KEY = "__chatchain_turn"
 """Where a run's configurable carries its `Turn` (``__``: LangChain never copies it to tracing)."""
@@ -156,7 +183,9 @@ class TurnSpec:
         memory: The window and summary policy.
         pricer: Prices the turns' tokens.
         budget: Spending caps checked before each call is sent.
-        reply_estimate: The most tokens a reply may take, for budget checks.
+        max_tokens: The user's cap on one reply (``CHATCHAIN_MAX_TOKENS``, or the model's
+            own ``max_tokens``), or ``None``. Under a budget each call is sent with the
+            smaller of this (else `DEFAULT_REPLY_LIMIT`) and what the remaining budget can pay.
         store: The chain's store, when ``get_history`` is one (windowed loads, summaries).
         default_model: The model to price a turn with when the reply does not name one
             (an interrupted stream never receives the chunk that does).
@@ -171,11 +200,16 @@ class TurnSpec:
     memory: Memory
     pricer: Pricer = field(default_factory=Pricer)
     budget: Budget = field(default_factory=Budget)
-    reply_estimate: int = DEFAULT_REPLY_ESTIMATE
+    max_tokens: int | None = None
     store: HistoryStore | None = None
     default_model: str | None = None
     describe_failure: Callable[[BaseException], Exception | None] = _endpoint_errors.translate
     deadline: float | None = None
+
+    @property
+    def reply_ceiling(self) -> int:
+        """The most reply tokens a budgeted call is sent with, whatever the budget has left."""
+        return self.max_tokens or DEFAULT_REPLY_LIMIT
 
     @property
     def hold_ttl(self) -> timedelta:
@@ -279,12 +313,16 @@ class Turn:
     """The turn's ledger entry, once recorded."""
     summary_usage: Usage | None = None
     """What the running-summary call made before this turn cost, if there was one."""
+    reply_limit: int | None = None
+    """The ``max_tokens`` this turn's call is sent with, set by its budget hold: the reply
+    cap, or less when that is all the remaining budget can pay for; ``None`` without a budget."""
     _count_prompt: Callable[[], int] | None = None
     _hold: str | None = None
     deadline_at: float | None = None
     """When the turn must end (`time.monotonic`), once it runs; ``None``: no deadline."""
     _ended: bool = False
     _fence: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _cut_by: tuple[BudgetLimit, bool] | None = None  # the cap (and whether in USD) sizing the hold
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -407,34 +445,33 @@ class Turn:
     def sending(self, count_prompt: Callable[[], int]) -> None:
         """The prompt is about to go out: check the budget and hold what it may cost.
 
+        The hold covers the prompt and the ``max_tokens`` the call is then sent with
+        (`reply_limit`): the reply cap, or what the remaining budget can pay for if less.
         ``count_prompt`` counts the prompt's tokens; it is kept to estimate the usage of a
         stream that stops before the endpoint reports it.
 
         Raises:
-            BudgetExceeded: The call could pass a cap; nothing is sent.
+            BudgetExceeded: Not even `MIN_REPLY_TOKENS` of reply fit a cap; nothing is sent.
             TurnDeadlineError: The turn is over (this is a worker it abandoned); nothing is sent.
         """
         if self._ended or self.expired:
             raise self.deadline_error()
         self._count_prompt = count_prompt
         if self.spec.budget:
-            self._take_hold(count_prompt(), summary=False)
+            self._take_hold(count_prompt())
 
     async def asending(self, count_prompt: Callable[[], int]) -> None:
         """`sending` for async callers."""
         self._count_prompt = count_prompt
         if self.spec.budget:
-            await self._atake_hold(count_prompt(), summary=False)
+            await self._atake_hold(count_prompt())
 
-    def _new_hold(self, prompt_tokens: int, summary: bool) -> tuple[BudgetHold, list[Any]]:
+    def _new_hold(self, prompt_tokens: int, reply_tokens: int, summary: bool = False) -> BudgetHold:
         spec = self.spec
         model = spec.default_model
-        reply = spec.reply_estimate
-        if summary:  # the summary model, capped at its own max_tokens
+        if summary:  # the summary model
             model = spec.memory.summary_model_name or model
-            reply = spec.memory.summary_reply_tokens or reply
-        tokens = prompt_tokens + reply
-        cost = spec.pricer.price(model, prompt_tokens, reply).cost_usd
+        cost = spec.pricer.price(model, prompt_tokens, reply_tokens).cost_usd
         if cost is None and spec.budget.needs_price:
             raise ConfigurationError(
                 f"A budget in USD is set (CHATCHAIN_BUDGET_*_USD) but the price of model "
@@ -444,56 +481,108 @@ class Turn:
                 "(CHATCHAIN_BUDGET_*_TOKENS)."
             )
         expires = datetime.now(UTC) + spec.hold_ttl
-        hold = BudgetHold(self.session_id, tokens, cost or 0.0, expires, user_id=self.user_id)
-        return hold, spec.budget.limits(self.session_id, self.user_id)
+        tokens = prompt_tokens + reply_tokens
+        return BudgetHold(self.session_id, tokens, cost or 0.0, expires, user_id=self.user_id)
 
-    def _take_hold(self, prompt_tokens: int, summary: bool) -> None:
+    # A hold is sized to the reply cap first. When a cap refuses it, the refusal says what
+    # that cap has left, and the hold is tried again with the reply cut to fit; the store's
+    # atomic check decides each try, so turns racing for the same budget cannot both take it
+    # (the loser's next try sees the winner's hold). Each try asks for fewer tokens. A summary
+    # call is never cut: a summary cut short would be kept as the conversation's memory.
+
+    def _first_hold(
+        self, prompt_tokens: int, summary: bool
+    ) -> tuple[BudgetHold, list[BudgetLimit]]:
+        self._cut_by = None
+        reply = self.spec.reply_ceiling
+        if summary:  # capped at the summary call's own max_tokens
+            reply = self.spec.memory.summary_reply_tokens or reply
+        hold = self._new_hold(prompt_tokens, reply, summary)
+        return hold, self.spec.budget.limits(self.session_id, self.user_id)
+
+    def _smaller_hold(
+        self, prompt_tokens: int, hold: BudgetHold, refusal: BudgetRefusal, summary: bool
+    ) -> BudgetHold:
+        if summary:
+            raise self._exceeded(refusal, hold)
+        tried = hold.tokens - prompt_tokens
+        fits, in_usd = self._affordable(prompt_tokens, refusal, tried - 1)
+        if fits < MIN_REPLY_TOKENS:
+            raise self._exceeded(refusal, self._new_hold(prompt_tokens, MIN_REPLY_TOKENS))
+        self._cut_by = (refusal.limit, in_usd)
+        return self._new_hold(prompt_tokens, fits)
+
+    def _affordable(
+        self, prompt_tokens: int, refusal: BudgetRefusal, most: int
+    ) -> tuple[int, bool]:
+        """The most reply tokens (up to ``most``) the refusing cap has left, and whether
+        its USD part is what binds."""
+        limit, fits, in_usd = refusal.limit, most, False
+        if limit.max_tokens is not None:
+            used = refusal.spent_tokens + refusal.held_tokens + prompt_tokens
+            fits = min(fits, limit.max_tokens - used)
+        if limit.max_usd is not None:
+            left = limit.max_usd - refusal.spent_usd - refusal.held_usd
+            usd_fits = self._affordable_usd(prompt_tokens, left)
+            if usd_fits < fits:
+                fits, in_usd = usd_fits, True
+        return fits, in_usd
+
+    def _affordable_usd(self, prompt_tokens: int, left: float) -> int:
+        """The most reply tokens that ``left`` USD pays for on top of the prompt (-1: none)."""
+        pricer, model = self.spec.pricer, self.spec.default_model
+        base = pricer.price(model, prompt_tokens, 0).cost_usd or 0.0
+        probe = pricer.price(model, prompt_tokens, _PRICE_PROBE).cost_usd or 0.0
+        per_token = (probe - base) / _PRICE_PROBE
+        if base > left:
+            return -1
+        if per_token <= 0:
+            return _PRICE_PROBE
+        fits = math.floor((left - base) / per_token)
+        while fits >= 0 and (pricer.price(model, prompt_tokens, fits).cost_usd or 0.0) > left:
+            fits -= 1  # float rounding (or a tiered price) put it one over
+        return fits
+
+    def _held(self, hold: BudgetHold, prompt_tokens: int) -> int:
+        self._hold = hold.id
+        self.reply_limit = hold.tokens - prompt_tokens
+        return self.reply_limit
+
+    def _take_hold(self, prompt_tokens: int, summary: bool = False) -> int:
+        """Hold what this call may cost; returns the ``max_tokens`` to send it with."""
         # The fence: a worker abandoned at the deadline must not hold, nor send, afterwards.
         with self._fence:
             if self._ended or self.expired:
                 raise self.deadline_error()
             self.release()
-            hold, limits = self._new_hold(prompt_tokens, summary)
-            refusal = self.spec.ledger.hold(hold, limits)
-            if refusal is not None:
-                raise self._exceeded(refusal, hold)
-            self._hold = hold.id
+            hold, limits = self._first_hold(prompt_tokens, summary)
+            while (refusal := self.spec.ledger.hold(hold, limits)) is not None:
+                hold = self._smaller_hold(prompt_tokens, hold, refusal, summary)
+            return self._held(hold, prompt_tokens)
 
-    async def _atake_hold(self, prompt_tokens: int, summary: bool) -> None:
+    async def _atake_hold(self, prompt_tokens: int, summary: bool = False) -> int:
         await self.arelease()
-        hold, limits = self._new_hold(prompt_tokens, summary)
-        refusal = await self.spec.ledger.ahold(hold, limits)
-        if refusal is not None:
-            raise self._exceeded(refusal, hold)
-        self._hold = hold.id
+        hold, limits = self._first_hold(prompt_tokens, summary)
+        while (refusal := await self.spec.ledger.ahold(hold, limits)) is not None:
+            hold = self._smaller_hold(prompt_tokens, hold, refusal, summary)
+        return self._held(hold, prompt_tokens)
 
     def _exceeded(self, refusal: BudgetRefusal, hold: BudgetHold) -> BudgetExceeded:
         limit = refusal.limit
-        who = {"session": f"session {limit.key!r}", "user": f"user {limit.key!r}"}.get(
-            limit.scope, "everything in this store"
-        )
-        variable = {"session": "SESSION", "user": "USER"}.get(limit.scope, "TOTAL")
         spent_usd = refusal.spent_usd + refusal.held_usd
         spent_tokens = refusal.spent_tokens + refusal.held_tokens
-        if limit.max_usd is not None and spent_usd + hold.cost_usd > limit.max_usd:
-            cap = f"${limit.max_usd:.4f}"
-            status = f"has spent ${spent_usd:.4f} and this turn may cost up to ${hold.cost_usd:.4f}"
-            setting = f"CHATCHAIN_BUDGET_{variable}_USD"
+        in_usd = limit.max_usd is not None and spent_usd + hold.cost_usd > limit.max_usd
+        who, cap, setting = _cap_words(limit, in_usd)
+        if in_usd:
+            status = f"has spent ${spent_usd:.4f} and this turn needs at least ${hold.cost_usd:.4f}"
         else:
-            cap = f"{limit.max_tokens:,} tokens"
             status = (
-                f"has used {spent_tokens:,} tokens and this turn may take up to {hold.tokens:,}"
+                f"has used {spent_tokens:,} tokens and this turn needs at least {hold.tokens:,}"
             )
-            setting = f"CHATCHAIN_BUDGET_{variable}_TOKENS"
         in_flight = " (including turns in flight)" if refusal.held_tokens else ""
         message = (
             f"Budget exceeded: the cap for {who} is {cap}; it {status}{in_flight}. "
-            f"Nothing was sent or stored. Raise {setting} to go on"
-            + (
-                ", or cap replies lower with CHATCHAIN_MAX_TOKENS."
-                if self.spec.reply_estimate == DEFAULT_REPLY_ESTIMATE
-                else "."
-            )
+            f"Nothing was sent or stored. Raise {setting} to go on."
         )
         logger.warning("Session %r: %s", self.session_id, message)
         return BudgetExceeded(
@@ -506,6 +595,26 @@ class Turn:
             spent_tokens=spent_tokens,
             needed_usd=hold.cost_usd,
             needed_tokens=hold.tokens,
+        )
+
+    def _note_cut(self, reply: BaseMessage) -> None:
+        """Tell the user when the budget, not their own cap, cut the reply short."""
+        limit = self.reply_limit
+        if limit is None or reply.response_metadata.get("finish_reason") != "length":
+            return
+        if self.spec.max_tokens is not None and limit >= self.spec.max_tokens:
+            return  # their CHATCHAIN_MAX_TOKENS did
+        if self._cut_by is None:
+            self.notice(
+                f"The reply was cut at {limit:,} tokens: under a budget, a reply takes at most "
+                f"{DEFAULT_REPLY_LIMIT:,} tokens unless CHATCHAIN_MAX_TOKENS says otherwise. "
+                "Set CHATCHAIN_MAX_TOKENS for longer replies."
+            )
+            return
+        who, cap, setting = _cap_words(*self._cut_by)
+        self.notice(
+            f"The reply was cut at {limit:,} tokens: that is all the cap for {who} ({cap}) "
+            f"had left. Raise {setting} for longer replies."
         )
 
     def release(self) -> None:
@@ -523,6 +632,7 @@ class Turn:
     # -- the end of the turn -----------------------------------------------------------------
 
     def _entry(self, reply: BaseMessage) -> UsageEntry:
+        self._note_cut(reply)
         model = reply.response_metadata.get("model_name") or self.spec.default_model
         estimate = None
         if self.handler.total_tokens == 0 and self.has_reply and self._count_prompt is not None:
@@ -618,11 +728,11 @@ class Turn:
             await self.spec.ledger.arecord(self._summary_entry(call), release=self._hold)
             self._hold = None
 
-    def _summary_check(self, request: list[BaseMessage]) -> None:
-        self._take_hold(self.spec.memory.counter(request), summary=True)
+    def _summary_check(self, request: list[BaseMessage]) -> int:
+        return self._take_hold(self.spec.memory.counter(request), summary=True)
 
-    async def _asummary_check(self, request: list[BaseMessage]) -> None:
-        await self._atake_hold(self.spec.memory.counter(request), summary=True)
+    async def _asummary_check(self, request: list[BaseMessage]) -> int:
+        return await self._atake_hold(self.spec.memory.counter(request), summary=True)
 
     def _summary_entry(self, call: SummaryCall) -> UsageEntry:
         entry = _metering.entry_from(
@@ -662,3 +772,47 @@ class Turn:
         logger.info(
             "Stream on session %r interrupted (%s); partial reply kept.", self.session_id, reason
         )
+
+
+def _cap_words(limit: BudgetLimit, in_usd: bool) -> tuple[str, str, str]:
+    """Whose cap ``limit`` is, the cap, and the setting that raises it (USD or tokens)."""
+    who = {"session": f"session {limit.key!r}", "user": f"user {limit.key!r}"}.get(
+        limit.scope, "everything in this store"
+    )
+    variable = {"session": "SESSION", "user": "USER"}.get(limit.scope, "TOTAL")
+    if in_usd:
+        return who, f"${limit.max_usd:.4f}", f"CHATCHAIN_BUDGET_{variable}_USD"
+    return who, f"{limit.max_tokens:,} tokens", f"CHATCHAIN_BUDGET_{variable}_TOKENS"
+
+
+class BudgetedModel(Runnable[Any, Any]):
+    """The chat model, sent with the ``max_tokens`` its turn's budget hold allows.
+
+    The turn is found in the run's configurable (`TURN_KEY`); without one, or without a
+    budget, the model is called as it is.
+    """
+
+    def __init__(self, model: Runnable[Any, Any]) -> None:
+        self.model = model
+
+    def _limited(self, config: RunnableConfig | None) -> Runnable[Any, Any]:
+        turn = (config or {}).get("configurable", {}).get(TURN_KEY)
+        limit = turn.reply_limit if isinstance(turn, Turn) else None
+        return self.model if limit is None else self.model.bind(max_tokens=limit)
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._limited(config).invoke(input, config, **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._limited(config).ainvoke(input, config, **kwargs)
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        yield from self._limited(config).stream(input, config, **kwargs)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        async for chunk in self._limited(config).astream(input, config, **kwargs):
+            yield chunk

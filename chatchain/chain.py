@@ -28,7 +28,7 @@ from chatchain import _endpoint_errors
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
 from chatchain._tokens import TokenCounter, choose_counter
-from chatchain._turn import DEFAULT_REPLY_ESTIMATE, TURN_KEY, Turn, TurnSpec
+from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
 from chatchain.errors import ContextTooLongError
 from chatchain.memory import HistoryWindow, Memory
 from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
@@ -109,7 +109,8 @@ class ChatChain(HistoryRunnable):
     @property
     def model(self) -> Runnable[Any, Any]:
         """The chat model (with its fallback, if any)."""
-        return getattr(self._inner, "last", self._inner)
+        model = getattr(self._inner, "last", self._inner)
+        return model.model if isinstance(model, BudgetedModel) else model
 
     @property
     def token_counter(self) -> str:
@@ -426,6 +427,13 @@ def _memory(
     return Memory(window, counter, model, summarizer, cap)
 
 
+def _reply_cap(model: Runnable[Any, Any], settings: Settings) -> int | None:
+    """The user's cap on one reply: ``CHATCHAIN_MAX_TOKENS`` or the model's own, the lower."""
+    own = getattr(getattr(model, "runnable", model), "max_tokens", None)
+    caps = [cap for cap in (settings.max_tokens, own) if isinstance(cap, int) and cap > 0]
+    return min(caps) if caps else None
+
+
 def create_chat_chain(
     llm: Runnable[Any, Any] | None = None,
     *,
@@ -464,7 +472,8 @@ def create_chat_chain(
             tokens, running summary), a `HistoryWindow`, or ``False``/``None`` to send all of
             it as the plain chain does. Summaries and windowed reads need a `HistoryStore`.
         budget: Spending caps checked before each call is sent; the settings'
-            ``CHATCHAIN_BUDGET_*`` by default.
+            ``CHATCHAIN_BUDGET_*`` by default. Under a budget each call is sent with
+            ``max_tokens`` cut to what the remaining budget can pay for.
 
     Returns:
         The chain.
@@ -507,7 +516,7 @@ def create_chat_chain(
         memory=_memory(window or None, counter, model, settings, own_model=llm is None),
         pricer=settings.pricer(),
         budget=budget if budget is not None else settings.budget(),
-        reply_estimate=settings.max_tokens or DEFAULT_REPLY_ESTIMATE,
+        max_tokens=_reply_cap(model, settings),
         store=store,
         default_model=_model_name(model),
         describe_failure=partial(
@@ -519,8 +528,9 @@ def create_chat_chain(
         deadline=settings.turn_deadline,
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
+    # Under a budget each call is sent with the max_tokens its hold could pay for.
     return ChatChain(
-        prompt | model,
+        prompt | (BudgetedModel(model) if spec.budget else model),
         history,
         spec=spec,
         input_key=input_key,

@@ -326,12 +326,13 @@ class Memory:
         self,
         store: HistoryStore,
         session_id: str,
-        before_send: Callable[[list[BaseMessage]], None] | None = None,
+        before_send: Callable[[list[BaseMessage]], int | None] | None = None,
         run: Callable[[Callable[[], Any]], Any] | None = None,
     ) -> SummaryCall | None:
         """Fold the turns beyond the window into the summary if enough have piled up.
 
-        ``before_send`` sees the request first (a budget check may refuse it by raising);
+        ``before_send`` sees the request first (a budget check may refuse it by raising) and
+        may return the ``max_tokens`` to send it with (the reply its budget hold covers);
         ``run`` makes the model call (the turn's deadline bounds it). Returns the call's
         handler and latency, or ``None`` when no summary was due.
         """
@@ -341,11 +342,11 @@ class Memory:
             return None
         start, upto = plan
         request = self._request(summary, store.load(session_id, start, upto))
-        if before_send is not None:
-            before_send(request)
+        limit = before_send(request) if before_send is not None else None
+        model = self.summarizer if limit is None else self.summarizer.bind(max_tokens=limit)
         handler, started = _metering.new_handler(), time.perf_counter()
         call = partial(
-            self.summarizer.invoke, request, RunnableConfig(callbacks=[handler], run_name="summary")
+            model.invoke, request, RunnableConfig(callbacks=[handler], run_name="summary")
         )
         reply = run(call) if run is not None else call()
         latency = time.perf_counter() - started
@@ -356,7 +357,7 @@ class Memory:
         self,
         store: HistoryStore,
         session_id: str,
-        before_send: Callable[[list[BaseMessage]], Awaitable[None]] | None = None,
+        before_send: Callable[[list[BaseMessage]], Awaitable[int | None]] | None = None,
         arun: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
     ) -> SummaryCall | None:
         """`summarize` for async callers."""
@@ -366,12 +367,10 @@ class Memory:
             return None
         start, upto = plan
         request = self._request(summary, await store.aload(session_id, start, upto))
-        if before_send is not None:
-            await before_send(request)
+        limit = await before_send(request) if before_send is not None else None
+        model = self.summarizer if limit is None else self.summarizer.bind(max_tokens=limit)
         handler, started = _metering.new_handler(), time.perf_counter()
-        call = self.summarizer.ainvoke(
-            request, RunnableConfig(callbacks=[handler], run_name="summary")
-        )
+        call = model.ainvoke(request, RunnableConfig(callbacks=[handler], run_name="summary"))
         reply = await (arun(call) if arun is not None else call)
         latency = time.perf_counter() - started
         await store.aset_summary(session_id, Summary(self._fitted(reply), covers=upto))

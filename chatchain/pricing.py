@@ -7,7 +7,9 @@ order:
 1. ``CHATCHAIN_PRICES``: prices you set per model (USD per million tokens), which win;
 2. `genai-prices`, a maintained price library, from the data it ships with (never the network);
 3. langchain-community's table behind `get_openai_callback`;
-4. nothing: the cost is ``None`` ("cost unknown"), never 0.
+4. the configured model's price (from 1 or 2), when the endpoint answered under a name no
+   source knows (a proxy or an alias), marked ``"configured:<source>"``;
+5. nothing: the cost is ``None`` ("cost unknown"), never 0.
 
 Each cost carries its source, so a report can say where a number came from.
 """
@@ -102,7 +104,14 @@ class Pricer:
 
         Your prices are found by the name the endpoint answered with, by the ``configured``
         name (``gpt-4o-mini`` for a reply from ``gpt-4o-mini-2024-07-18``), or by the longest
-        name of yours that the answered one extends with a dash.
+        name of yours that the answered one extends with a dash. When no source knows the
+        answered name (proxies and aliases answer as ``openrouter/gpt-4o-mini``), the call is
+        priced as the ``configured`` model, with the source ``"configured:<source>"``: the
+        budget held it at that price, and a cap must not let an unknown name through.
+
+        Example:
+            >>> Pricer().price("openrouter/gpt-4o-mini", 1000, 500, configured="gpt-4o-mini")
+            Price(cost_usd=0.00045, source='configured:genai-prices')
         """
         if model is None:
             return UNKNOWN
@@ -114,6 +123,10 @@ class Pricer:
             return Price(cost, "genai-prices")
         if community_cost is not None:
             return Price(community_cost, "langchain-community")
+        if configured is not None and configured != model:
+            fallback = self.price(configured, prompt_tokens, completion_tokens, cached_tokens)
+            if fallback.cost_usd is not None:
+                return Price(fallback.cost_usd, f"configured:{fallback.source}")
         return UNKNOWN
 
     def _own_price(self, model: str, configured: str | None) -> ModelPrice | None:

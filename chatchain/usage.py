@@ -148,7 +148,9 @@ class UsageEntry:
         model: The model that answered (or the configured one when the reply never said).
         cost_usd: List-price cost; ``None`` when the model's price is unknown.
         price_source: Where the price came from: ``"settings"`` (``CHATCHAIN_PRICES``),
-            ``"genai-prices"``, ``"langchain-community"``, or ``None`` when unknown.
+            ``"genai-prices"``, ``"langchain-community"``, ``"configured:<one of those>"``
+            when the endpoint answered under a name no source knows and the call was priced
+            as the configured model, or ``None`` when unknown.
         summary: Whether this was a running-summary call rather than a turn.
         estimated: The endpoint never reported the tokens (a stream stopped before its usage
             chunk), so they were counted here from what was sent and received.

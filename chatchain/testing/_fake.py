@@ -44,7 +44,9 @@ class FakeChatModel(BaseChatModel):
     raised by the next calls, one each, and ``fail_after_chunks`` cuts a stream short.
     ``max_tokens`` (the field, or per call as with ``model.bind(max_tokens=...)``) cuts a reply
     to ``4 * max_tokens`` characters with ``finish_reason="length"``, as `OpenAITestServer`
-    does; the echo then makes a verbose summarizer whose replies only the cap bounds.
+    does, and never reports more than ``max_tokens`` completion tokens (so budget tests see
+    exactly what a capped call may cost); the echo then makes a verbose summarizer whose
+    replies only the cap bounds.
 
     Example:
         >>> model = FakeChatModel(replies=["Hello Bob!"])
@@ -100,10 +102,13 @@ class FakeChatModel(BaseChatModel):
     ) -> tuple[str, str]:
         """The reply text and its finish reason (``"length"`` when ``max_tokens`` cut it)."""
         reply = self._uncapped_reply(messages)
-        cap = max_tokens if max_tokens is not None else self.max_tokens
+        cap = self._cap(max_tokens)
         if cap is not None and len(reply) > 4 * cap:
             return reply[: 4 * cap], "length"
         return reply, "stop"
+
+    def _cap(self, max_tokens: int | None) -> int | None:
+        return max_tokens if max_tokens is not None else self.max_tokens
 
     def _uncapped_reply(self, messages: list[BaseMessage]) -> str:
         with self._lock:
@@ -116,9 +121,13 @@ class FakeChatModel(BaseChatModel):
             return self.respond(list(messages))
         return f"Echo: {_last_human_text(messages)}"
 
-    def _usage(self, messages: list[BaseMessage], reply: str) -> UsageMetadata:
+    def _usage(
+        self, messages: list[BaseMessage], reply: str, max_tokens: int | None
+    ) -> UsageMetadata:
         prompt = count_tokens_approximately(messages)
         completion = count_tokens_approximately([AIMessage(content=reply)]) if reply else 0
+        cap = self._cap(max_tokens)
+        completion = completion if cap is None else min(completion, cap)
         return UsageMetadata(
             input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion
         )
@@ -130,7 +139,7 @@ class FakeChatModel(BaseChatModel):
         reply, finish = self._next_reply(messages, max_tokens)
         message = AIMessage(
             content=reply,
-            usage_metadata=self._usage(messages, reply),
+            usage_metadata=self._usage(messages, reply, max_tokens),
             response_metadata={"model_name": self.model_name, "finish_reason": finish},
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
@@ -166,7 +175,7 @@ class FakeChatModel(BaseChatModel):
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content="",
-                usage_metadata=self._usage(messages, reply),
+                usage_metadata=self._usage(messages, reply, max_tokens),
                 response_metadata={"model_name": self.model_name, "finish_reason": finish},
                 chunk_position="last",
             )
