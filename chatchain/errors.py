@@ -11,7 +11,7 @@ ChatChainError
 │   ├── MissingPromptVariableError
 │   └── SessionExistsError      an import would overwrite a session, and replacing was not asked
 ├── SessionBusyError            another turn held the session for longer than the lock timeout
-├── BudgetExceeded              the turn could pass a spending cap; nothing was sent or stored
+├── BudgetExceeded              a cap cannot pay for the turn at all; nothing was sent or stored
 ├── StoreError                  the history store failed; nothing of the turn was saved
 └── EndpointError               the chat endpoint failed; the history is unchanged
     ├── AuthenticationError     401/403: the key is wrong or lacks access
@@ -89,7 +89,9 @@ class SessionBusyError(ChatChainError):
 
 
 class BudgetExceeded(ChatChainError):
-    """A turn could pass a spending cap (``CHATCHAIN_BUDGET_*``); nothing was sent or stored.
+    """A turn cannot pay for its prompt and even one reply token under a spending cap
+    (``CHATCHAIN_BUDGET_*``); nothing was sent or stored. (A turn that can pay for some
+    reply is sent with ``max_tokens`` cut to what the cap has left, and a notice.)
 
     Attributes:
         scope: ``"session"``, ``"user"`` or ``"all"``.
@@ -98,8 +100,8 @@ class BudgetExceeded(ChatChainError):
         limit_tokens: The cap in tokens, if the refused cap is in tokens.
         spent_usd: What the scope has spent (plus turns in flight).
         spent_tokens: Tokens the scope has spent (plus turns in flight).
-        needed_usd: The turn's estimated cost.
-        needed_tokens: The turn's estimated tokens (prompt + most the reply may take).
+        needed_usd: The least the turn would cost (its prompt and one reply token).
+        needed_tokens: The fewest tokens the turn would take (its prompt + 1).
     """
 
     def __init__(

@@ -219,3 +219,122 @@ def test_entries_say_who_and_what(settings: Settings, fake: FakeChatModel) -> No
     assert entry.usage() == reply.usage
     with pytest.raises(Exception, match="user id"):
         bot.chat("hi", session_id="s", user_id="bad\nid")
+
+
+LONG = "lorem ipsum " * 2000  # about 6,000 tokens: longer than any reply a budget allows
+
+
+def test_without_max_tokens_a_reply_is_cut_to_what_the_cap_has_left(settings: Settings) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG)
+    bot = Chatbot(settings, llm=fake, budget=Budget(session_tokens=5500))
+    replies = []
+    with pytest.raises(BudgetExceeded, match="CHATCHAIN_BUDGET_SESSION_TOKENS"):
+        for i in range(10):
+            replies.append(bot.chat(f"question {i}", session_id="s"))
+    entries = bot.usage_entries()
+    assert [e.completion_tokens for e in entries[:2]] == [1000, 1000]  # the default reply cap
+    assert "cut at 1,000 tokens" in replies[0].notices[0]
+    assert "Set CHATCHAIN_MAX_TOKENS" in replies[0].notices[0]
+    last = entries[-1].completion_tokens
+    assert 1 <= last < 1000 and replies[-1].message.response_metadata["finish_reason"] == "length"
+    assert replies[-1].notices == (
+        f"The reply was cut at {last:,} tokens: that is all the cap for session 's' "
+        "(5,500 tokens) had left. Raise CHATCHAIN_BUDGET_SESSION_TOKENS for longer replies.",
+    )
+    # The fake bills what was counted, so the cut reply used the cap up exactly.
+    assert bot.usage("s").total_tokens == 5500
+
+
+def test_a_reply_cut_by_your_own_max_tokens_has_no_budget_notice(settings: Settings) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG)
+    bot = make_bot(settings, fake, budget_session_tokens=10_000)  # max_tokens=20
+    reply = bot.chat("hi", session_id="s")
+    assert reply.usage.completion_tokens == 20 and reply.notices == ()
+    # Without a budget nothing is added to the call.
+    plain = make_bot(settings, FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG))
+    assert plain.chat("hi", session_id="s").usage.completion_tokens > 1000
+
+
+def test_streams_and_async_turns_are_cut_the_same_way(settings: Settings) -> None:
+    prices = {"gpt-4o-mini": ModelPrice(input=1.0, output=1.0)}  # 1 USD per million tokens
+    values = {**settings.model_dump(), "prices": prices, "budget_total_usd": 0.0025}
+    fake = FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG)
+    bot = Chatbot(Settings(**values), llm=fake)
+
+    async def run() -> list[tuple[str, ...]]:
+        notices: list[tuple[str, ...]] = []
+        with pytest.raises(BudgetExceeded):
+            for i in range(10):
+                if i % 2:
+                    notices.append((await bot.achat(f"q{i}", session_id=f"s{i}")).notices)
+                else:
+                    with bot.stream(f"q{i}", session_id=f"s{i}") as stream:
+                        assert "".join(stream)
+                    notices.append(stream.notices)
+        return notices
+
+    notices = asyncio.run(run())
+    spent = bot.usage().cost_usd
+    assert len(notices) == 3 and spent is not None and 0.00249 <= spent <= 0.0025
+    assert ["cut at 1,000 tokens" in n[0] for n in notices] == [True, True, False]
+    assert "all the cap for everything in this store ($0.0025) had left" in notices[2][0]
+    assert "CHATCHAIN_BUDGET_TOTAL_USD" in notices[2][0]
+    assert [e.completion_tokens < 1000 for e in bot.usage_entries()] == [False, False, True]
+
+
+def test_concurrent_threads_without_max_tokens_stay_within_a_usd_cap(settings: Settings) -> None:
+    # Before: each turn held a 1,000-token reply but sent no max_tokens; long replies took
+    # the spend to several times the cap.
+    values = {**settings.model_dump(), "budget_total_usd": 0.01}
+    fake = FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG * 2, delay=0.01)
+    bot = Chatbot(Settings(**values), llm=fake)
+    refused: list[BudgetExceeded] = []
+
+    def worker(w: int) -> None:
+        try:
+            for i in range(40):
+                bot.chat(f"w{w} q{i}", session_id=f"w{w}")
+        except BudgetExceeded as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spent = bot.usage().cost_usd
+    assert len(refused) == 6 and spent is not None
+    assert 0.0099 <= spent <= 0.01
+
+
+def test_a_turn_that_cannot_pay_for_one_reply_token_is_refused(settings: Settings) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=fake, budget=Budget(session_tokens=40))
+    with pytest.raises(BudgetExceeded, match="needs at least") as info:
+        for _ in range(10):
+            bot.chat("hello there", session_id="s")
+    error = info.value
+    assert error.spent_tokens + error.needed_tokens > 40
+    calls = len(fake.calls)
+    with pytest.raises(BudgetExceeded):
+        bot.chat("hello there", session_id="s")
+    assert len(fake.calls) == calls and bot.usage("s").total_tokens <= 40
+
+
+def test_a_summary_call_is_sent_with_what_the_cap_has_left(settings: Settings) -> None:
+    values = {**settings.model_dump(), "window_turns": 1, "summarize": True}
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(Settings(**values), llm=fake)
+    for i in range(3):
+        bot.chat(f"message {i}", session_id="s")
+    spent = bot.usage("s").total_tokens
+    fake.queue(*[LONG] * 5)  # long summaries and replies from now on
+    capped = Chatbot(
+        Settings(**values), llm=fake, store=bot.store, budget=Budget(session_tokens=spent + 900)
+    )
+    with pytest.raises(BudgetExceeded):
+        for i in range(5):
+            capped.chat(f"more {i}", session_id="s")
+    summaries = [e for e in capped.usage_entries(session_id="s") if e.summary]
+    assert summaries and all(e.completion_tokens < 900 for e in summaries)
+    assert capped.usage("s").total_tokens <= spent + 900

@@ -11,7 +11,7 @@ import pytest
 from genai_prices import Usage as PriceUsage
 from genai_prices import calc_price
 
-from chatchain import BudgetExceeded, Chatbot, ModelPrice, Settings
+from chatchain import BudgetExceeded, Chatbot, ConfigurationError, ModelPrice, Settings
 from chatchain.errors import EndpointConnectionError
 from chatchain.memory import SUMMARY_REQUEST_MARK
 from chatchain.testing import Fault, OpenAITestServer, echo_reply
@@ -202,3 +202,64 @@ def test_a_usd_budget_stops_the_request_before_it_reaches_the_server(
     assert len(server.requests) == sent
     body = server.requests[0]["body"]
     assert 50 in (body.get("max_tokens"), body.get("max_completion_tokens"))
+
+
+def sent_max_tokens(request: dict[str, Any]) -> int | None:
+    body = request["body"]
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    return value if isinstance(value, int) else None
+
+
+def test_an_answer_under_another_name_is_held_to_a_usd_cap() -> None:
+    # A proxy asked for gpt-4o-mini answers as openrouter/gpt-4o-mini, a name no price table
+    # knows. Before: every entry cost "unknown", the cap skipped them, 60 of 60 turns ran.
+    with OpenAITestServer(answer_as="openrouter/gpt-4o-mini", reply=lambda m: "word " * 200) as s:
+        bot = Chatbot(make_settings(s, max_tokens=100, budget_total_usd=0.0005))
+        turns = 0
+        with pytest.raises(BudgetExceeded, match=r"\$0\.0005"):
+            for i in range(60):
+                bot.chat(f"question {i}", session_id=f"s{i % 3}")
+                turns += 1
+        entries = bot.usage_entries()
+        assert 1 <= turns < 60 and len(entries) == turns == len(s.requests)
+        for entry in entries:
+            assert entry.model == "openrouter/gpt-4o-mini"
+            assert entry.price_source == "configured:genai-prices"
+            assert entry.cost_usd == pytest.approx(
+                list_price(entry.prompt_tokens, entry.completion_tokens)
+            )
+        spent = sum(list_price(e.prompt_tokens, e.completion_tokens) for e in entries)
+        assert spent <= 0.0005 and bot.usage().cost_usd == pytest.approx(spent)
+
+
+def test_an_unknown_answer_of_an_unknown_model_is_refused_under_a_usd_cap() -> None:
+    with OpenAITestServer(answer_as="proxy/my-finetune") as s:
+        bot = Chatbot(make_settings(s, model="my-finetune", budget_total_usd=1.0))
+        with pytest.raises(ConfigurationError, match="price of model 'my-finetune'"):
+            bot.chat("hello", session_id="u")
+        assert s.requests == [] and bot.usage_entries() == []
+
+
+def test_without_max_tokens_each_call_asks_for_what_the_budget_can_pay() -> None:
+    # Long replies and no CHATCHAIN_MAX_TOKENS. Before: each turn held a 1,000-token reply
+    # but was sent without max_tokens, so spend passed the cap.
+    with OpenAITestServer(reply=lambda m: "lorem ipsum " * 2000) as s:
+        bot = Chatbot(make_settings(s, budget_session_usd=0.002))
+        replies = []
+        with pytest.raises(BudgetExceeded, match="CHATCHAIN_BUDGET_SESSION_USD"):
+            for i in range(20):
+                replies.append(bot.chat(f"question {i}", session_id="long"))
+        asked = [sent_max_tokens(r) for r in s.requests]
+        entries = bot.usage_entries()
+        assert len(asked) == len(entries) == len(replies) >= 2
+        # Every request carried a limit; the last ones were cut to what the cap had left.
+        assert asked[0] == 1000 and all(a is not None and a <= 1000 for a in asked)
+        assert asked[-1] is not None and asked[-1] < 1000
+        for entry, limit in zip(entries, asked, strict=True):
+            assert entry.completion_tokens == limit  # the server stopped at the limit
+        spent = sum(list_price(e.prompt_tokens, e.completion_tokens) for e in entries)
+        assert spent <= 0.002
+        assert "cut at 1,000 tokens" in replies[0].notices[0]
+        assert "CHATCHAIN_MAX_TOKENS" in replies[0].notices[0]
+        assert f"cut at {asked[-1]:,} tokens" in replies[-1].notices[0]
+        assert "session 'long'" in replies[-1].notices[0]

@@ -126,3 +126,65 @@ def test_processes_sharing_a_budget_cannot_overspend_it(
         for sid in store.sessions():
             store.delete(sid)
         store.close()
+
+
+BUDGET_USD = 0.01
+LONG = "lorem ipsum " * 4000  # about 12,000 tokens: far beyond what one call may take
+
+
+def _long_reply(messages: list[BaseMessage]) -> str:
+    return LONG
+
+
+def _uncapped_worker(url: str, worker: int, outcomes: multiprocessing.Queue[float]) -> None:
+    settings = Settings(
+        api_key="sk-test",
+        store=url,
+        model="gpt-4o-mini",
+        window_turns=None,
+        window_tokens=None,
+        summarize=False,
+        budget_total_usd=BUDGET_USD,  # and no CHATCHAIN_MAX_TOKENS
+    )
+    fake = FakeChatModel(model_name="gpt-4o-mini", respond=_long_reply, delay=0.005)
+    with Chatbot(settings, llm=fake, system="S") as bot:
+        try:
+            for turn in range(40):
+                bot.chat(f"w{worker} question {turn}", session_id=f"u{worker}-{turn % 4}")
+        except BudgetExceeded as exc:
+            outcomes.put(exc.needed_usd)
+            return
+    outcomes.put(-1.0)  # never refused: the test fails
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+def test_processes_without_a_reply_cap_and_long_replies_stay_within_a_usd_budget(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    # Before: each turn held a 1,000-token reply but was sent without max_tokens, so long
+    # replies took the spend past the cap; now each call asks for what its hold paid for.
+    request.getfixturevalue(f"{backend}_store")  # an empty store, ledger included
+    url = request.getfixturevalue(f"{backend}_url")
+    context = multiprocessing.get_context("spawn")
+    outcomes: multiprocessing.Queue[float] = context.Queue()
+    processes = [
+        context.Process(target=_uncapped_worker, args=(url, w, outcomes)) for w in range(3)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    needed = [outcomes.get(timeout=5) for _ in processes]
+    store = open_store(url)
+    try:
+        total = store.usage_total("all", "")
+        assert all(n > 0 for n in needed)  # every process met the cap
+        assert total.cost_usd is not None and total.cost_usd <= BUDGET_USD
+        assert BUDGET_USD - total.cost_usd < min(needed)  # and it was used up
+        stored = sum(store.count(sid) for sid in store.sessions())
+        assert stored == 2 * total.turns
+    finally:
+        for sid in store.sessions():
+            store.delete(sid)
+        store.close()
