@@ -59,6 +59,7 @@ def make_bot(store: str | HistoryStore, **overrides: Any) -> tuple[Chatbot, Fake
         "window_tokens": None,
         "summarize": False,
         "budget_session_tokens": 10**12,  # every turn takes a hold, so a leftover would show
+        "max_tokens": 10**6,  # under a budget replies are otherwise cut at 1,000 tokens
     }
     values.update(overrides)
     if isinstance(store, str):
