@@ -523,13 +523,14 @@ class Turn:
             fits = min(fits, limit.max_tokens - used)
         if limit.max_usd is not None:
             left = limit.max_usd - refusal.spent_usd - refusal.held_usd
-            usd_fits = self._affordable_usd(prompt_tokens, left)
+            usd_fits = self._affordable_usd(prompt_tokens, left, fits)
             if usd_fits < fits:
                 fits, in_usd = usd_fits, True
         return fits, in_usd
 
-    def _affordable_usd(self, prompt_tokens: int, left: float) -> int:
-        """The most reply tokens that ``left`` USD pays for on top of the prompt (-1: none)."""
+    def _affordable_usd(self, prompt_tokens: int, left: float, most: int) -> int:
+        """The most reply tokens (up to ``most``) that ``left`` USD pays for on top of the
+        prompt; -1 when not even the prompt fits."""
         pricer, model = self.spec.pricer, self.spec.default_model
         base = pricer.price(model, prompt_tokens, 0).cost_usd or 0.0
         probe = pricer.price(model, prompt_tokens, _PRICE_PROBE).cost_usd or 0.0
@@ -537,8 +538,8 @@ class Turn:
         if base > left:
             return -1
         if per_token <= 0:
-            return _PRICE_PROBE
-        fits = math.floor((left - base) / per_token)
+            return most
+        fits = min(most, math.floor((left - base) / per_token))
         while fits >= 0 and (pricer.price(model, prompt_tokens, fits).cost_usd or 0.0) > left:
             fits -= 1  # float rounding (or a tiered price) put it one over
         return fits

@@ -245,13 +245,18 @@ def test_without_max_tokens_each_call_asks_for_what_the_budget_can_pay() -> None
     # but was sent without max_tokens, so spend passed the cap.
     with OpenAITestServer(reply=lambda m: "lorem ipsum " * 2000) as s:
         bot = Chatbot(make_settings(s, budget_session_usd=0.002))
-        replies = []
+        notices: list[tuple[str, ...]] = []
         with pytest.raises(BudgetExceeded, match="CHATCHAIN_BUDGET_SESSION_USD"):
             for i in range(20):
-                replies.append(bot.chat(f"question {i}", session_id="long"))
+                if i % 2:  # streamed and plain turns alike
+                    with bot.stream(f"question {i}", session_id="long") as stream:
+                        assert "".join(stream)
+                    notices.append(stream.notices)
+                else:
+                    notices.append(bot.chat(f"question {i}", session_id="long").notices)
         asked = [sent_max_tokens(r) for r in s.requests]
         entries = bot.usage_entries()
-        assert len(asked) == len(entries) == len(replies) >= 2
+        assert len(asked) == len(entries) == len(notices) >= 2
         # Every request carried a limit; the last ones were cut to what the cap had left.
         assert asked[0] == 1000 and all(a is not None and a <= 1000 for a in asked)
         assert asked[-1] is not None and asked[-1] < 1000
@@ -259,7 +264,7 @@ def test_without_max_tokens_each_call_asks_for_what_the_budget_can_pay() -> None
             assert entry.completion_tokens == limit  # the server stopped at the limit
         spent = sum(list_price(e.prompt_tokens, e.completion_tokens) for e in entries)
         assert spent <= 0.002
-        assert "cut at 1,000 tokens" in replies[0].notices[0]
-        assert "CHATCHAIN_MAX_TOKENS" in replies[0].notices[0]
-        assert f"cut at {asked[-1]:,} tokens" in replies[-1].notices[0]
-        assert "session 'long'" in replies[-1].notices[0]
+        assert "cut at 1,000 tokens" in notices[0][0]
+        assert "CHATCHAIN_MAX_TOKENS" in notices[0][0]
+        assert f"cut at {asked[-1]:,} tokens" in notices[-1][0]
+        assert "session 'long'" in notices[-1][0]
