@@ -234,3 +234,13 @@ def test_report_marks_the_rows_that_hold_estimates() -> None:
         "~ estimated: 1 call was counted here, as the endpoint did not report their usage"
     )
     assert "estimated" not in str(ledger.report(by=["session"], session_id="exact"))
+
+
+def test_an_answer_under_a_name_no_source_knows_is_priced_as_the_configured_model() -> None:
+    # Proxies and aliases: asked for gpt-4o-mini, the endpoint answers as another name.
+    price = Pricer().price("openrouter/gpt-4o-mini", 1_000_000, 1_000_000, configured="gpt-4o-mini")
+    assert price.source == "configured:genai-prices" and price.cost_usd == pytest.approx(0.75)
+    # A name the tables do know keeps its own price; neither known stays unknown.
+    assert Pricer().price("gpt-4o", 1000, 0, configured="gpt-4o-mini").source == "genai-prices"
+    unknown = Pricer().price("proxy/my-llama", 1000, 1000, configured="my-llama")
+    assert unknown.cost_usd is None and unknown.source is None
