@@ -213,7 +213,8 @@ def sent_max_tokens(request: dict[str, Any]) -> int | None:
 def test_an_answer_under_another_name_is_held_to_a_usd_cap() -> None:
     # A proxy asked for gpt-4o-mini answers as openrouter/gpt-4o-mini, a name no price table
     # knows. Before: every entry cost "unknown", the cap skipped them, 60 of 60 turns ran.
-    with OpenAITestServer(answer_as="openrouter/gpt-4o-mini", reply=lambda m: "word " * 200) as s:
+    with OpenAITestServer(reply=lambda m: "word " * 200) as s:
+        s.add_fault(Fault(answer_model="openrouter/gpt-4o-mini", times=100))
         bot = Chatbot(make_settings(s, max_tokens=100, budget_total_usd=0.0005))
         turns = 0
         with pytest.raises(BudgetExceeded, match=r"\$0\.0005"):
@@ -233,7 +234,8 @@ def test_an_answer_under_another_name_is_held_to_a_usd_cap() -> None:
 
 
 def test_an_unknown_answer_of_an_unknown_model_is_refused_under_a_usd_cap() -> None:
-    with OpenAITestServer(answer_as="proxy/my-finetune") as s:
+    with OpenAITestServer() as s:
+        s.add_fault(Fault(answer_model="proxy/my-finetune", times=100))
         bot = Chatbot(make_settings(s, model="my-finetune", budget_total_usd=1.0))
         with pytest.raises(ConfigurationError, match="price of model 'my-finetune'"):
             bot.chat("hello", session_id="u")
