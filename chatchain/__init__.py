@@ -30,6 +30,7 @@ from chatchain.errors import (
     ServerError,
     SessionBusyError,
     SessionExistsError,
+    SessionLockLostError,
     StoreError,
     TurnDeadlineError,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "ServerError",
     "SessionBusyError",
     "SessionExistsError",
+    "SessionLockLostError",
     "Settings",
     "StoreError",
     "TurnDeadlineError",

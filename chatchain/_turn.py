@@ -1,7 +1,8 @@
 """One turn's bookkeeping, shared by every entry point so that they cannot drift.
 
 A turn is: validate the input, take the session's lock, run the model with a fresh usage
-handler, then save the user's message and the reply in one bulk write and record the usage.
+handler, then save the user's message, the reply and the usage in one atomic write that the
+store refuses (but for the usage) if the turn lost the lock meanwhile.
 A failed turn saves nothing; an interrupted stream saves the user's message and the partial
 reply, marked ``interrupted`` in the reply's ``response_metadata``.
 
@@ -45,11 +46,12 @@ from chatchain.errors import (
     ConfigurationError,
     InvalidInputError,
     MissingPromptVariableError,
+    SessionLockLostError,
     TurnDeadlineError,
 )
 from chatchain.memory import Memory, SummaryCall
 from chatchain.pricing import Pricer
-from chatchain.stores import HistoryStore
+from chatchain.stores import Fence, HistoryStore
 from chatchain.usage import (
     Budget,
     BudgetHold,
@@ -316,6 +318,8 @@ class Turn:
     reply_limit: int | None = None
     """The ``max_tokens`` this turn's call is sent with, set by its budget hold: the reply
     cap, or less when that is all the remaining budget can pay for; ``None`` without a budget."""
+    fence: Fence | None = None
+    """The session lock's fence (what `HistoryStore.lock` yielded), checked when saving."""
     _count_prompt: Callable[[], int] | None = None
     _hold: str | None = None
     deadline_at: float | None = None
@@ -659,31 +663,63 @@ class Turn:
         return [*self.input_messages, reply]
 
     def save(self, reply: BaseMessage) -> None:
-        """Record the usage (replacing the budget hold), then store the turn in one write.
+        """Store the turn, record its usage and end its budget hold, in one atomic write.
 
-        The usage goes first: the endpoint has billed the call whatever happens to the store.
+        The write is fenced by the session's lock (`fence`): if the turn lost it, the store
+        keeps the usage (the endpoint billed it) but not the messages, and this raises.
+
+        Raises:
+            SessionLockLostError: Another turn took the session; the reply was not saved.
         """
         entry = self._entry(reply)
-        # The hold stays the turn's until the entry replaces it: should recording fail, the
-        # turn's end still gives it back (see `release`) instead of stranding it.
+        messages = self._recorded(entry, reply)
+        store = self.spec.store
+        # The hold stays the turn's until the write that ends it succeeds: should it fail,
+        # the turn's end still gives it back (see `release`) instead of stranding it.
+        if store is not None and self.spec.ledger.store is store:
+            try:
+                store.commit_turn(
+                    self.session_id, messages, entry, release=self._hold, fence=self.fence
+                )
+            except SessionLockLostError as exc:
+                self._hold = None
+                self._lock_lost(exc)
+                raise
+            self._hold = None
+            return
+        # The ledger lives elsewhere: usage first, as the endpoint has billed the call.
         self.spec.ledger.record(entry, release=self._hold)
         self._hold = None
-        messages = self._recorded(entry, reply)
-        if self.spec.store is not None:
-            self.spec.store.append(self.session_id, messages)
+        if store is not None:
+            store.commit_turn(self.session_id, messages, fence=self.fence)
         else:
             self.spec.get_history(self.session_id).add_messages(messages)
 
     async def asave(self, reply: BaseMessage) -> None:
         """`save` for async callers."""
         entry = self._entry(reply)
+        messages = self._recorded(entry, reply)
+        store = self.spec.store
+        if store is not None and self.spec.ledger.store is store:
+            try:
+                await store.acommit_turn(
+                    self.session_id, messages, entry, release=self._hold, fence=self.fence
+                )
+            except SessionLockLostError as exc:
+                self._hold = None
+                self._lock_lost(exc)
+                raise
+            self._hold = None
+            return
         await self.spec.ledger.arecord(entry, release=self._hold)
         self._hold = None
-        messages = self._recorded(entry, reply)
-        if self.spec.store is not None:
-            await self.spec.store.aappend(self.session_id, messages)
+        if store is not None:
+            await store.acommit_turn(self.session_id, messages, fence=self.fence)
         else:
             await self.spec.get_history(self.session_id).aadd_messages(messages)
+
+    def _lock_lost(self, exc: SessionLockLostError) -> None:
+        logger.error("Session %r: %s", self.session_id, exc)
 
     def summarize(self) -> None:
         """Fold old turns into the running summary first, if due (a separate metered call).

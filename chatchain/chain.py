@@ -34,7 +34,7 @@ from chatchain.memory import HistoryWindow, Memory
 from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
-from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.stores import Fence, HistoryStore, MemoryStore
 from chatchain.usage import Budget, UsageLedger
 
 __all__ = ["ChatChain", "create_chat_chain", "get_message_history"]
@@ -73,8 +73,8 @@ class ChatChain(HistoryRunnable):
 
     _spec: TurnSpec = PrivateAttr()
     _inner: Runnable[Any, Any] = PrivateAttr()
-    _lock: Callable[[str], AbstractContextManager[None]] = PrivateAttr()
-    _alock: Callable[[str], AbstractAsyncContextManager[None]] = PrivateAttr()
+    _lock: Callable[[str], AbstractContextManager[Fence | None]] = PrivateAttr()
+    _alock: Callable[[str], AbstractAsyncContextManager[Fence | None]] = PrivateAttr()
 
     def __init__(
         self,
@@ -216,7 +216,7 @@ class ChatChain(HistoryRunnable):
     ) -> tuple[BaseMessage, Turn]:
         """`invoke`, returning the reply and the finished turn (usage, notices)."""
         turn = self._begin(value, config)
-        with self._lock(turn.session_id):
+        with self._lock(turn.session_id) as turn.fence:
             try:
                 turn.start_deadline()
                 turn.summarize()
@@ -240,7 +240,7 @@ class ChatChain(HistoryRunnable):
     ) -> tuple[BaseMessage, Turn]:
         """`ainvoke`, returning the reply and the finished turn (usage, notices)."""
         turn = self._begin(value, config)
-        async with self._alock(turn.session_id):
+        async with self._alock(turn.session_id) as turn.fence:
             try:
                 turn.start_deadline()
                 await turn.asummarize()
@@ -298,7 +298,7 @@ class ChatChain(HistoryRunnable):
                 inner.close()
 
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
-        with self._lock(turn.session_id):
+        with self._lock(turn.session_id) as turn.fence:
             try:
                 turn.start_deadline()
                 turn.summarize()
@@ -353,7 +353,7 @@ class ChatChain(HistoryRunnable):
                 await inner.aclose()
 
     async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
-        async with self._alock(turn.session_id):
+        async with self._alock(turn.session_id) as turn.fence:
             try:
                 turn.start_deadline()
                 await turn.asummarize()

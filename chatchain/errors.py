@@ -11,6 +11,7 @@ ChatChainError
 │   ├── MissingPromptVariableError
 │   └── SessionExistsError      an import would overwrite a session, and replacing was not asked
 ├── SessionBusyError            another turn held the session for longer than the lock timeout
+├── SessionLockLostError        the turn lost its session lock; its reply was not saved
 ├── BudgetExceeded              a cap cannot pay for the turn at all; nothing was sent or stored
 ├── StoreError                  the history store failed; nothing of the turn was saved
 └── EndpointError               the chat endpoint failed; the history is unchanged
@@ -30,6 +31,11 @@ ChatChainError
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from langchain_core.messages import BaseMessage
+
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
@@ -47,6 +53,7 @@ __all__ = [
     "ServerError",
     "SessionBusyError",
     "SessionExistsError",
+    "SessionLockLostError",
     "StoreError",
     "TurnDeadlineError",
 ]
@@ -86,6 +93,29 @@ class SessionExistsError(InvalidInputError):
 
 class SessionBusyError(ChatChainError):
     """Another turn kept the session locked for longer than the lock timeout."""
+
+
+class SessionLockLostError(ChatChainError):
+    """The turn's session lock expired while it ran (the process or the store stalled for
+    longer than the lock's lease) and another turn took the session.
+
+    The store refused to write this turn's messages, so the two turns cannot interleave in
+    the history; the usage was recorded all the same, since the endpoint billed the call.
+    Nothing is lost: the reply that was not saved is on the error.
+
+    Attributes:
+        session_id: The session.
+        reply: The text of the reply that was not saved.
+        messages: The turn's messages that were not saved (the input and the reply).
+    """
+
+    def __init__(
+        self, message: str, *, session_id: str, reply: str, messages: list[BaseMessage]
+    ) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+        self.reply = reply
+        self.messages = messages
 
 
 class BudgetExceeded(ChatChainError):

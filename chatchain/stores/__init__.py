@@ -11,10 +11,11 @@ Pick one by URL with `open_store`:
 from __future__ import annotations
 
 from chatchain import errors
-from chatchain.stores._base import HistoryStore, SessionInfo, StoreHistory, Summary
+from chatchain.stores._base import Fence, HistoryStore, SessionInfo, StoreHistory, Summary
 from chatchain.stores._memory import MemoryStore
 
 __all__ = [
+    "Fence",
     "HistoryStore",
     "MemoryStore",
     "SessionInfo",

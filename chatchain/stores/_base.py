@@ -19,16 +19,18 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
-from chatchain.errors import InvalidInputError, SessionExistsError
+from chatchain.errors import InvalidInputError, SessionExistsError, SessionLockLostError
 from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
 
 __all__ = [
     "EXPORT_FORMAT",
+    "Fence",
     "HistoryStore",
     "SessionInfo",
     "StoreHistory",
@@ -52,6 +54,38 @@ def load_message(text: str | bytes) -> BaseMessage:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof that a turn holds its session's lock, which `HistoryStore.commit_turn` checks.
+
+    `HistoryStore.lock` yields one (or ``None`` where a lock cannot be lost, as in memory).
+    It is opaque: pass it back as it is.
+
+    Attributes:
+        session_id: The session the lock is for.
+        token: What names this holder of the lock in the store (a lease owner or lock token).
+    """
+
+    session_id: str
+    token: str
+
+
+def lock_lost(session_id: str, messages: Sequence[BaseMessage]) -> SessionLockLostError:
+    """The error for a turn whose fenced write the store refused: it lost its lock."""
+    reply = next((m for m in reversed(messages) if m.type == "ai"), None)
+    text = "" if reply is None else reply.text if isinstance(reply.text, str) else str(reply.text)
+    return SessionLockLostError(
+        f"The reply on session {session_id!r} was not saved: this turn's lock on the session "
+        "expired while it ran (the process or the store stalled for longer than the lock's "
+        "lease) and another turn took the session and wrote to it, so saving this one would "
+        "have mixed the two. Its usage was recorded, as the endpoint billed it. The reply is "
+        "in this error's `reply` attribute: show it, or send the message again.",
+        session_id=session_id,
+        reply=text,
+        messages=list(messages),
+    )
 
 
 @dataclass(frozen=True)
@@ -137,15 +171,18 @@ class HistoryStore(ABC):
     # -- one writer per session ------------------------------------------------------------
 
     @abstractmethod
-    def lock(self, session_id: str) -> AbstractContextManager[None]:
+    def lock(self, session_id: str) -> AbstractContextManager[Fence | None]:
         """Hold the session for one turn (threads, and other processes for shared stores).
+
+        Yields the `Fence` that `commit_turn` checks, where the lock is a lease that a
+        stalled holder can lose (``None`` where it cannot).
 
         Raises:
             SessionBusyError: Another turn kept it past the lock timeout.
         """
 
     @abstractmethod
-    def alock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+    def alock(self, session_id: str) -> AbstractAsyncContextManager[Fence | None]:
         """`lock` for asyncio tasks, without blocking the event loop.
 
         Raises:
@@ -197,6 +234,52 @@ class HistoryStore(ABC):
     @abstractmethod
     def release_budget(self, hold_id: str) -> None:
         """Drop a hold (unknown or expired ids are not an error)."""
+
+    def commit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        """Store a finished turn: its messages, its usage ``entry`` and the end of its budget
+        hold ``release``, in one atomic write.
+
+        With a ``fence`` (from `lock`), the same write first checks that the lock is still
+        the turn's. If another turn took the session meanwhile, the messages are not written
+        (the history keeps only the other turn's), the entry is recorded all the same (the
+        endpoint billed it) and the hold dropped; then `SessionLockLostError` is raised.
+
+        The SQLite, Redis and PostgreSQL stores do all of this in one transaction (one Lua
+        script on Redis), so a failure or a kill leaves either the whole turn or none of it.
+        This default, for stores that cannot, records the entry first and then appends the
+        messages: a failure in between leaves the usage without the messages (what was
+        billed is never lost), and it cannot check a fence.
+
+        Raises:
+            SessionLockLostError: The fence shows the turn lost its lock (messages not saved).
+        """
+        if entry is not None:
+            self.record_usage(entry, release=release)
+        elif release is not None:
+            self.release_budget(release)
+        self.append(session_id, messages)
+
+    async def acommit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        """`commit_turn` for async callers."""
+        await asyncio.to_thread(
+            partial(self.commit_turn, release=release, fence=fence), session_id, messages, entry
+        )
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections and files."""

@@ -12,7 +12,14 @@ from langchain_core.messages import BaseMessage
 
 from chatchain._locks import SessionLocks
 from chatchain._memory_history import SessionHistory
-from chatchain.stores._base import HistoryStore, SessionInfo, Summary, session_times, utcnow
+from chatchain.stores._base import (
+    Fence,
+    HistoryStore,
+    SessionInfo,
+    Summary,
+    session_times,
+    utcnow,
+)
 from chatchain.usage import (
     BudgetHold,
     BudgetLimit,
@@ -125,11 +132,38 @@ class MemoryStore(HistoryStore):
             else:
                 self._summaries[session_id] = summary
 
-    def lock(self, session_id: str) -> AbstractContextManager[None]:
-        return self._locks.hold(session_id)
+    def lock(self, session_id: str) -> AbstractContextManager[Fence | None]:
+        return self._locks.hold(session_id)  # in one process a lock cannot be lost: no fence
 
-    def alock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+    def alock(self, session_id: str) -> AbstractAsyncContextManager[Fence | None]:
         return self._locks.ahold(session_id)
+
+    def commit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        with self._guard:  # one step for every other writer
+            if entry is not None:
+                self.record_usage(entry, release=release)
+            elif release is not None:
+                self.release_budget(release)
+            self.append(session_id, messages)
+
+    async def acommit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        self.commit_turn(session_id, messages, entry, release=release, fence=fence)
 
     def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
         with self._guard:

@@ -73,8 +73,8 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
-from dataclasses import fields
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from langchain_core.messages import BaseMessage
@@ -82,12 +82,15 @@ from langchain_core.messages import BaseMessage
 from chatchain._locks import SessionLocks, busy_error
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores._base import (
+    Fence,
     HistoryStore,
     SessionInfo,
     Summary,
     dump_message,
     load_message,
+    lock_lost,
     session_times,
+    utcnow,
 )
 from chatchain.usage import (
     BudgetHold,
@@ -228,6 +231,18 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
+@dataclass(frozen=True)
+class _LockFence(Fence):
+    """The fence of a session lock: the connection that holds it (``token`` is its pid).
+
+    The turn's final write runs on that very connection, in one transaction: if the
+    connection was killed, the lock went with it and so does the write, and no other
+    process can have taken the lock while the transaction is open.
+    """
+
+    conn: Any = field(default=None, compare=False, repr=False)
+
+
 class _Sql:
     """The store's statements, composed once for its table prefix."""
 
@@ -338,6 +353,14 @@ class _Sql:
         self.entries = q(f"SELECT {entry_columns} FROM {{usage}}")
         self.entries_order = q(" ORDER BY at, seq")
         self.release_hold = q("DELETE FROM {budget_holds} WHERE id = %s")
+        # Whether the backend ``pid`` holds the session lock `_TRY_LOCK` takes for ``key``
+        # (a bigint key is kept as its high and low 32 bits, with objsubid 1).
+        self.lock_held = q(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND pid = %(pid)s AND objsubid = 1"
+            " AND classid = ((hashtextextended(%(key)s, 0) >> 32) & 4294967295)::oid"
+            " AND objid = (hashtextextended(%(key)s, 0) & 4294967295)::oid)"
+        )
         # Transaction-level, in the two-key space with second key 1: the session locks use
         # the one-key space and the schema lock second key 0, so neither can collide.
         self.budget_lock = q("SELECT pg_advisory_xact_lock(hashtext(%s), 1)")
@@ -358,9 +381,12 @@ class _Sql:
             )
             for scope in ("session", "user", "all")
         }
+        # The expiry is the server's clock plus the hold's time to live, so that holds of
+        # clients whose clocks disagree expire when they should.
         self.keep_hold = q(
             f"INSERT INTO {{budget_holds}} ({', '.join(_HOLD_COLUMNS)})"
-            f" VALUES ({', '.join(f'%({c})s' for c in _HOLD_COLUMNS)})"
+            f" VALUES ({', '.join(f'%({c})s' for c in _HOLD_COLUMNS[:-1])},"
+            " clock_timestamp() + %(ttl)s::interval)"
             " ON CONFLICT (id) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in _HOLD_COLUMNS if c != "id")
         )
@@ -481,8 +507,8 @@ def _entries(rows: list[Any]) -> list[UsageEntry]:
 
 
 def _hold_args(hold: BudgetHold) -> dict[str, Any]:
-    args = {name: getattr(hold, name) for name in _HOLD_COLUMNS}
-    args["expires_at"] = _aware(hold.expires_at)
+    args = {name: getattr(hold, name) for name in _HOLD_COLUMNS[:-1]}
+    args["ttl"] = max(timedelta(0), _aware(hold.expires_at) - utcnow())
     return args
 
 
@@ -953,6 +979,129 @@ class PostgresStore(HistoryStore):
             if release is not None:
                 await conn.execute(self._sql.release_hold, (release,))
 
+    def _write_turn(
+        self,
+        conn: Connection[TupleRow],
+        session_id: str,
+        texts: list[str],
+        entry: UsageEntry | None,
+        release: str | None,
+    ) -> None:
+        """The writes of `commit_turn`, in ``conn``'s transaction."""
+        if entry is not None:
+            if conn.execute(self._sql.record_entry, _entry_args(entry)).fetchone() is not None:
+                with conn.cursor() as cursor:
+                    cursor.executemany(self._sql.add_total, _total_args(entry))
+        if release is not None:
+            conn.execute(self._sql.release_hold, (release,))
+        if texts:
+            row = conn.execute(self._sql.bump, {"sid": session_id, "n": len(texts)}).fetchone()
+            conn.execute(self._sql.insert, _insert_args(session_id, texts, row))
+
+    def commit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        import psycopg
+
+        texts = [dump_message(m) for m in messages]  # before any write: all or nothing
+        holder = fence.conn if isinstance(fence, _LockFence) else None
+        if isinstance(holder, psycopg.Connection):
+            try:
+                with holder.transaction():
+                    self._write_turn(holder, session_id, texts, entry, release)
+                return
+            except psycopg.Error as exc:
+                if not (holder.broken or holder.closed):
+                    raise self._failure(exc) from exc
+            # The lock's connection is gone, and the lock with it: keep what was billed.
+            with self._connection() as conn, conn.transaction():
+                self._write_turn(conn, session_id, [], entry, release)
+            raise lock_lost(session_id, messages)
+        with self._connection() as conn, conn.transaction():
+            held = fence is None or bool(
+                conn.execute(self._sql.lock_held, self._held_args(fence)).fetchone() == (True,)
+            )
+            self._write_turn(conn, session_id, texts if held else [], entry, release)
+        if not held:
+            raise lock_lost(session_id, messages)
+
+    def _held_args(self, fence: Fence) -> dict[str, Any]:
+        # A fence taken on the other (sync or async) side: checked by the holder's pid.
+        return {"pid": int(fence.token), "key": self._lock_key(fence.session_id)}
+
+    async def acommit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        texts = [dump_message(m) for m in messages]
+        side = self._async_side()
+        if not await side.call(self._acommit_there(side, session_id, texts, entry, release, fence)):
+            raise lock_lost(session_id, messages)
+
+    async def _acommit_there(
+        self,
+        side: _AsyncSide,
+        session_id: str,
+        texts: list[str],
+        entry: UsageEntry | None,
+        release: str | None,
+        fence: Fence | None,
+    ) -> bool:
+        """`commit_turn` on the store's loop; False when the lock was lost."""
+        import psycopg
+
+        holder = fence.conn if isinstance(fence, _LockFence) else None
+        if isinstance(holder, psycopg.AsyncConnection):
+            try:
+                async with holder.transaction():
+                    await self._awrite_turn(holder, session_id, texts, entry, release)
+                return True
+            except psycopg.Error as exc:
+                if not (holder.broken or holder.closed):
+                    raise self._failure(exc) from exc
+            async with self._aconnection(side) as conn, conn.transaction():
+                await self._awrite_turn(conn, session_id, [], entry, release)
+            return False
+        async with self._aconnection(side) as conn, conn.transaction():
+            held = True
+            if fence is not None:
+                cursor = await conn.execute(self._sql.lock_held, self._held_args(fence))
+                held = await cursor.fetchone() == (True,)
+            await self._awrite_turn(conn, session_id, texts if held else [], entry, release)
+        return held
+
+    async def _awrite_turn(
+        self,
+        conn: AsyncConnection[TupleRow],
+        session_id: str,
+        texts: list[str],
+        entry: UsageEntry | None,
+        release: str | None,
+    ) -> None:
+        """`_write_turn` for async connections."""
+        if entry is not None:
+            cursor = await conn.execute(self._sql.record_entry, _entry_args(entry))
+            if await cursor.fetchone() is not None:
+                async with conn.cursor() as many:
+                    await many.executemany(self._sql.add_total, _total_args(entry))
+        if release is not None:
+            await conn.execute(self._sql.release_hold, (release,))
+        if texts:
+            cursor = await conn.execute(self._sql.bump, {"sid": session_id, "n": len(texts)})
+            row = await cursor.fetchone()
+            await conn.execute(self._sql.insert, _insert_args(session_id, texts, row))
+
     def usage_total(self, scope: Scope, key: str) -> Usage:
         rows = self._fetch(self._sql.usage_total, (scope, key))
         return _total(rows[0] if rows else None)
@@ -1027,14 +1176,14 @@ class PostgresStore(HistoryStore):
             "connections), or raise CHATCHAIN_LOCK_TIMEOUT."
         )
 
-    def lock(self, session_id: str) -> AbstractContextManager[None]:
+    def lock(self, session_id: str) -> AbstractContextManager[Fence]:
         return self._hold(session_id)
 
-    def alock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+    def alock(self, session_id: str) -> AbstractAsyncContextManager[Fence]:
         return self._ahold(session_id)
 
     @contextmanager
-    def _hold(self, session_id: str) -> Iterator[None]:
+    def _hold(self, session_id: str) -> Iterator[Fence]:
         import psycopg
 
         deadline = time.monotonic() + self.lock_timeout
@@ -1052,7 +1201,7 @@ class PostgresStore(HistoryStore):
                     self._pool.putconn(conn)
                     raise
                 try:
-                    yield
+                    yield _LockFence(session_id, str(conn.info.backend_pid), conn)
                 finally:
                     self._release(conn, session_id)
             finally:
@@ -1101,22 +1250,22 @@ class PostgresStore(HistoryStore):
             self._pool.putconn(conn)
 
     @asynccontextmanager
-    async def _ahold(self, session_id: str) -> AsyncIterator[None]:
+    async def _ahold(self, session_id: str) -> AsyncIterator[Fence]:
         deadline = time.monotonic() + self.lock_timeout
         async with self._locks.ahold(session_id):
             side = self._async_side()
             # The lock connection lives on the store's loop, held there by a task until
             # `release` is set; it lets go on its own if this task is cancelled meanwhile.
-            taken: concurrent.futures.Future[None] = concurrent.futures.Future()
+            taken: concurrent.futures.Future[Fence] = concurrent.futures.Future()
             release = asyncio.Event()
             holder = side.submit(self._hold_there(side, session_id, deadline, taken, release))
             try:
-                await asyncio.wrap_future(taken)
+                fence = await asyncio.wrap_future(taken)
             except BaseException:  # the lock was not taken, or this task is cancelled
                 holder.cancel()
                 raise
             try:
-                yield
+                yield fence
             finally:
                 side.loop.call_soon_threadsafe(release.set)
                 # Shielded: the unlock completes even if this task is cancelled now.
@@ -1127,7 +1276,7 @@ class PostgresStore(HistoryStore):
         side: _AsyncSide,
         session_id: str,
         deadline: float,
-        taken: concurrent.futures.Future[None],
+        taken: concurrent.futures.Future[Fence],
         release: asyncio.Event,
     ) -> None:
         """Hold the session's lock for a caller on another loop, until ``release`` is set.
@@ -1141,8 +1290,8 @@ class PostgresStore(HistoryStore):
         assert me is not None
         side.holders.add(me)
         try:
-            async with self._ahold_there(side, session_id, deadline):
-                taken.set_result(None)
+            async with self._ahold_there(side, session_id, deadline) as fence:
+                taken.set_result(fence)
                 await release.wait()
         except BaseException as exc:
             if taken.running():
@@ -1155,7 +1304,7 @@ class PostgresStore(HistoryStore):
     @asynccontextmanager
     async def _ahold_there(
         self, side: _AsyncSide, session_id: str, deadline: float
-    ) -> AsyncIterator[None]:
+    ) -> AsyncIterator[Fence]:
         import psycopg
 
         if not await _acquire(side.lock_slots, deadline - time.monotonic()):
@@ -1171,7 +1320,7 @@ class PostgresStore(HistoryStore):
                 await side.pool.putconn(conn)
                 raise
             try:
-                yield
+                yield _LockFence(session_id, str(conn.info.backend_pid), conn)
             finally:
                 await self._arelease(side, conn, session_id)
         finally:

@@ -67,11 +67,13 @@ from langchain_core.messages import BaseMessage
 from chatchain._locks import SessionLocks, busy_error
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
+    Fence,
     HistoryStore,
     SessionInfo,
     Summary,
     dump_message,
     load_message,
+    lock_lost,
     session_times,
     utcnow,
 )
@@ -120,32 +122,83 @@ local function drop_hold(holds, expiry, id)
 end
 """
 
-# KEYS: entries, seq, holds, holds expiry, then (time index, totals) per scope of the entry.
-# ARGV: entry id, entry JSON, time (us), hold to drop ('' for none), cost ('' when unpriced),
-#       latency, then (field, increment) pairs of the integer sums.
-_RECORD = (
-    _DROP_HOLD
-    + """
-local entries, seq, holds, expiry = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, release = ARGV[1], ARGV[4]
-if redis.call('HEXISTS', entries, id) == 1 then
+# Add an entry to the ledger and drop the hold it replaces (K, A: the keys and arguments).
+# K: entries, seq, holds, holds expiry, then (time index, totals) per scope of the entry.
+# A: entry id, entry JSON, time (us), hold to drop ('' for none), cost ('' when unpriced),
+#    latency, then (field, increment) pairs of the integer sums.
+_RECORD_ENTRY = """
+local function record_entry(K, A)
+  local entries, seq, holds, expiry = K[1], K[2], K[3], K[4]
+  local id, release = A[1], A[4]
+  if redis.call('HEXISTS', entries, id) == 1 then
+    if release ~= '' then drop_hold(holds, expiry, release) end
+    return 0
+  end
+  -- The first write: a server out of memory refuses it, and so the whole script.
+  redis.call('HSET', entries, id, A[2])
   if release ~= '' then drop_hold(holds, expiry, release) end
-  return 0
+  local member = string.format('%016d:', redis.call('INCR', seq)) .. id
+  local function add(totals, field, amount)
+    local sum = tonumber(redis.call('HGET', totals, field) or '0') + tonumber(amount)
+    redis.call('HSET', totals, field, string.format('%.17g', sum))
+  end
+  for k = 5, #K, 2 do
+    local totals = K[k + 1]
+    redis.call('ZADD', K[k], A[3], member)
+    for a = 7, #A, 2 do redis.call('HINCRBY', totals, A[a], A[a + 1]) end
+    add(totals, 'latency', A[6])
+    if A[5] ~= '' then add(totals, 'cost', A[5]) end
+  end
+  return 1
 end
--- The first write: a server out of memory refuses it, and so the whole script.
-redis.call('HSET', entries, id, ARGV[2])
-if release ~= '' then drop_hold(holds, expiry, release) end
-local member = string.format('%016d:', redis.call('INCR', seq)) .. id
-local function add(totals, field, amount)
-  local sum = tonumber(redis.call('HGET', totals, field) or '0') + tonumber(amount)
-  redis.call('HSET', totals, field, string.format('%.17g', sum))
+"""
+
+_RECORD = _DROP_HOLD + _RECORD_ENTRY + "return record_entry(KEYS, ARGV)"
+
+# A whole turn: its messages, its entry and the end of its hold, fenced by the session lock.
+# KEYS: lock, msgs, meta, created, updated, then `record_entry`'s keys (if there is an entry)
+#       or holds and holds expiry (if not).
+# ARGV: lock token ('' for no fence), time (us), raw session id, hold to drop ('' for none),
+#       number of messages n, the n messages, then `record_entry`'s arguments (if any).
+# Returns 0 when the lock was lost (the messages are not written, the entry is), else 1.
+# A server out of memory refuses the first write, so the whole script (see record_entry).
+_COMMIT = (
+    _DROP_HOLD
+    + _RECORD_ENTRY
+    + """
+local token, stamp, sid, release = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local n = tonumber(ARGV[5])
+local held = token == '' or redis.call('GET', KEYS[1]) == token
+-- Redis does not undo a script's earlier writes when a later command fails: refuse keys of
+-- the wrong type (written by something else) before writing anything.
+if held and n > 0 then
+  for k, kind in pairs({[2] = 'list', [3] = 'hash'}) do
+    local found = redis.call('TYPE', KEYS[k]).ok
+    if found ~= 'none' and found ~= kind then
+      return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' holds a ' .. found)
+    end
+  end
 end
-for k = 5, #KEYS, 2 do
-  local totals = KEYS[k + 1]
-  redis.call('ZADD', KEYS[k], ARGV[3], member)
-  for a = 7, #ARGV, 2 do redis.call('HINCRBY', totals, ARGV[a], ARGV[a + 1]) end
-  add(totals, 'latency', ARGV[6])
-  if ARGV[5] ~= '' then add(totals, 'cost', ARGV[5]) end
+local rest_keys, rest_args = {}, {}
+for k = 6, #KEYS do rest_keys[#rest_keys + 1] = KEYS[k] end
+for a = 6 + n, #ARGV do rest_args[#rest_args + 1] = ARGV[a] end
+if #rest_args > 0 then
+  record_entry(rest_keys, rest_args)
+elseif release ~= '' then
+  drop_hold(rest_keys[1], rest_keys[2], release)
+end
+if not held then return 0 end
+if n > 0 then
+  local messages = {}
+  for a = 6, 5 + n do messages[#messages + 1] = ARGV[a] end
+  -- RPUSH takes at most a few thousand arguments at once from Lua (unpack's limit).
+  for first = 1, n, 1000 do
+    redis.call('RPUSH', KEYS[2], unpack(messages, first, math.min(first + 999, n)))
+  end
+  redis.call('HSETNX', KEYS[3], 'created', stamp)
+  redis.call('HSET', KEYS[3], 'updated', stamp)
+  redis.call('ZADD', KEYS[4], 'NX', stamp, sid)
+  redis.call('ZADD', KEYS[5], stamp, sid)
 end
 return 1
 """
@@ -153,14 +206,17 @@ return 1
 
 # `chatchain.usage.check_limit` for each limit, then keep the hold if all of them pass.
 # KEYS: holds, holds expiry, then (totals, hold index) per limit, then the new hold's indexes.
-# ARGV: now (us), hold id, hold record, expiry (us), tokens, usd, number of limits, then
-#       (kind: 'all' or 'set', max tokens or '', max usd or '') per limit.
+# ARGV: '' (unused), hold id, hold record, time to live (us), tokens, usd, number of limits,
+#       then (kind: 'all' or 'set', max tokens or '', max usd or '') per limit.
+# Expiry is on the server's clock (TIME), which every client shares, whatever their own say.
 # Returns nil when the hold is kept, else the (1-based) limit passed and the spending seen.
 _HOLD = (
     _DROP_HOLD
     + """
 local holds, expiry, id = KEYS[1], KEYS[2], ARGV[2]
-for _, dead in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', ARGV[1])) do
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', string.format('%.0f', now))) do
   drop_hold(holds, expiry, dead)
 end
 local tokens, usd, n = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -195,7 +251,7 @@ for i = 1, n do
 end
 drop_hold(holds, expiry, id)  -- the same hold kept again replaces itself
 redis.call('HSET', holds, id, ARGV[3])
-redis.call('ZADD', expiry, ARGV[4], id)
+redis.call('ZADD', expiry, string.format('%.0f', now + tonumber(ARGV[4])), id)
 for k = 3 + 2 * n, #KEYS do redis.call('SADD', KEYS[k], id) end
 return false
 """
@@ -232,6 +288,12 @@ def _micros(moment: datetime) -> int:
 
 def _moment(micros: str | int) -> datetime:
     return _EPOCH + int(micros) * _MICROSECOND
+
+
+def _fence(session_id: str, token: str | bytes | None) -> Fence:
+    """The fence of a `redis.lock.Lock` held: its token, which is the lock key's value."""
+    assert token is not None  # set by a successful acquire
+    return Fence(session_id, token.decode() if isinstance(token, bytes) else token)
 
 
 def _redacted(url: str) -> str:
@@ -335,6 +397,7 @@ class RedisStore(HistoryStore):
         self._expiry = f"{prefix}:holds:expiry"
         # Script objects send EVALSHA, and the script itself once if the server lacks it.
         self._record_script = self._client.register_script(_RECORD)
+        self._commit_script = self._client.register_script(_COMMIT)
         self._hold_script = self._client.register_script(_HOLD)
         self._release_script = self._client.register_script(_RELEASE)
         self._locks = SessionLocks(lock_timeout)
@@ -675,6 +738,65 @@ class RedisStore(HistoryStore):
         keys, args = self._record_call(entry, release)
         await self._aeval(_RECORD, keys, args)
 
+    def _commit_call(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None,
+        release: str | None,
+        fence: Fence | None,
+    ) -> tuple[list[str], list[str]]:
+        """The keys and arguments of `_COMMIT`."""
+        payloads = [dump_message(m) for m in messages]
+        keys = [
+            self._key("lock", session_id),
+            self._key("msgs", session_id),
+            self._key("meta", session_id),
+            self._created,
+            self._updated,
+        ]
+        args = [
+            "" if fence is None else fence.token,
+            str(_micros(utcnow())),
+            session_id,
+            release or "",
+            str(len(payloads)),
+            *payloads,
+        ]
+        if entry is None:
+            keys += [self._holds, self._expiry]
+        else:
+            record_keys, record_args = self._record_call(entry, release)
+            keys += record_keys
+            args += record_args
+        return keys, args
+
+    def commit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        keys, args = self._commit_call(session_id, messages, entry, release, fence)
+        if not int(self._eval(self._commit_script, keys, args)):
+            raise lock_lost(session_id, messages)
+
+    async def acommit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        keys, args = self._commit_call(session_id, messages, entry, release, fence)
+        if not int(await self._aeval(_COMMIT, keys, args)):
+            raise lock_lost(session_id, messages)
+
     def usage_total(self, scope: Scope, key: str) -> Usage:
         totals = self._key(f"usage:total:{scope}", key)
         [values] = self._run(
@@ -751,10 +873,11 @@ class RedisStore(HistoryStore):
         record = {"t": tokens, "c": usd, "i": indexes}
         keys = [self._holds, self._expiry]
         args = [
-            str(_micros(utcnow())),
+            "",
             hold.id,
             json.dumps(record, ensure_ascii=False, separators=(",", ":")),
-            str(_micros(hold.expires_at)),
+            # How long the hold lives, from now: the server's clock times it.
+            str(max(0, _micros(hold.expires_at) - _micros(utcnow()))),
             tokens,
             usd,
             str(len(limits)),
@@ -805,10 +928,10 @@ class RedisStore(HistoryStore):
 
     # -- one writer per session --------------------------------------------------------------
 
-    def lock(self, session_id: str) -> AbstractContextManager[None]:
+    def lock(self, session_id: str) -> AbstractContextManager[Fence]:
         return self._hold(session_id)
 
-    def alock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+    def alock(self, session_id: str) -> AbstractAsyncContextManager[Fence]:
         return self._ahold(session_id)
 
     def _time_left(self, started: float) -> float:
@@ -832,7 +955,7 @@ class RedisStore(HistoryStore):
         )
 
     @contextmanager
-    def _hold(self, session_id: str) -> Iterator[None]:
+    def _hold(self, session_id: str) -> Iterator[Fence]:
         from redis.exceptions import LockNotOwnedError, RedisError
 
         started = time.monotonic()
@@ -862,7 +985,7 @@ class RedisStore(HistoryStore):
             )
             renewer.start()
             try:
-                yield
+                yield _fence(session_id, lease.local.token)
             finally:
                 done.set()
                 renewer.join()
@@ -886,7 +1009,7 @@ class RedisStore(HistoryStore):
                 logger.warning("Could not renew the lock of session %r: %s", session_id, exc)
 
     @asynccontextmanager
-    async def _ahold(self, session_id: str) -> AsyncIterator[None]:
+    async def _ahold(self, session_id: str) -> AsyncIterator[Fence]:
         from redis.exceptions import LockNotOwnedError, RedisError
 
         started = time.monotonic()
@@ -908,7 +1031,7 @@ class RedisStore(HistoryStore):
                 raise busy_error(session_id, self.lock_timeout, anywhere=True)
             renewer = asyncio.create_task(self._arenew(lease, session_id))
             try:
-                yield
+                yield _fence(session_id, lease.local.token)
             finally:
                 renewer.cancel()
                 await asyncio.wait([renewer])  # unlike awaiting it, keeps our own cancellation

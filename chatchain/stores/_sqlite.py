@@ -33,11 +33,13 @@ from langchain_core.messages import BaseMessage
 from chatchain._locks import SessionLocks, busy_error
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
+    Fence,
     HistoryStore,
     SessionInfo,
     Summary,
     dump_message,
     load_message,
+    lock_lost,
     session_times,
     utcnow,
 )
@@ -155,6 +157,110 @@ def _read_holds(conn: sqlite3.Connection, scope: Scope, key: str) -> list[Budget
         BudgetHold(sid, tokens, cost, datetime.fromisoformat(expires), user_id=uid, id=id_)
         for sid, tokens, cost, expires, uid, id_ in conn.execute(sql + " ORDER BY rowid", params)
     ]
+
+
+def _append(conn: sqlite3.Connection, session_id: str, texts: list[str]) -> None:
+    """Add messages at the end of a session, in ``conn``'s write transaction."""
+    row = conn.execute(
+        "SELECT message_count FROM sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    first = 0 if row is None else row[0]
+    now = _stamp(utcnow())  # taken under the write lock: updated_at never goes back
+    # A session that held only a summary starts its life at its first message.
+    conn.execute(
+        """
+        INSERT INTO sessions (session_id, created_at, updated_at, message_count)
+        VALUES (?, ?, ?, ?)
+        ON CONFLICT (session_id) DO UPDATE SET
+            created_at = CASE WHEN message_count = 0
+                              THEN excluded.created_at ELSE created_at END,
+            updated_at = excluded.updated_at,
+            message_count = excluded.message_count
+        """,
+        (session_id, now, now, first + len(texts)),
+    )
+    conn.executemany(
+        "INSERT INTO messages (session_id, seq, json) VALUES (?, ?, ?)",
+        [(session_id, first + i, text) for i, text in enumerate(texts)],
+    )
+
+
+def _record(conn: sqlite3.Connection, entry: UsageEntry, release: str | None) -> None:
+    """`SQLiteStore.record_usage` in ``conn``'s write transaction."""
+    scopes: list[tuple[Scope, str]] = [("session", entry.session_id), ("all", "")]
+    if entry.user_id is not None:
+        scopes.append(("user", entry.user_id))
+    priced = entry.cost_usd is not None
+    added = (
+        entry.prompt_tokens,
+        entry.completion_tokens,
+        entry.total_tokens,
+        entry.cached_tokens,
+        entry.reasoning_tokens,
+        entry.requests,
+        entry.cost_usd if priced else 0.0,
+        0 if priced else 1,
+        entry.latency_s,
+        0 if entry.summary else 1,
+        1 if entry.summary else 0,
+        int(entry.estimated),
+    )
+    if release is not None:
+        conn.execute("DELETE FROM budget_holds WHERE id = ?", (release,))
+    inserted = conn.execute(
+        """
+        INSERT INTO usage (
+            id, session_id, model, prompt_tokens, completion_tokens, total_tokens,
+            cached_tokens, reasoning_tokens, requests, cost_usd, price_source,
+            latency_s, first_token_s, summary, estimated, user_id, at
+        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (id) DO NOTHING
+        """,
+        (
+            entry.id,
+            entry.session_id,
+            entry.model,
+            entry.prompt_tokens,
+            entry.completion_tokens,
+            entry.total_tokens,
+            entry.cached_tokens,
+            entry.reasoning_tokens,
+            entry.requests,
+            entry.cost_usd,
+            entry.price_source,
+            entry.latency_s,
+            entry.first_token_s,
+            int(entry.summary),
+            int(entry.estimated),
+            entry.user_id,
+            _stamp(entry.at),
+        ),
+    ).rowcount
+    if inserted != 1:  # recorded before (a retry): its totals already count it
+        return
+    conn.executemany(
+        """
+        INSERT INTO usage_totals (
+            scope, key, prompt_tokens, completion_tokens, total_tokens, cached_tokens,
+            reasoning_tokens, requests, cost_usd, unpriced, latency_s, turns, summaries,
+            estimated
+        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (scope, key) DO UPDATE SET
+            prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+            completion_tokens = completion_tokens + excluded.completion_tokens,
+            total_tokens = total_tokens + excluded.total_tokens,
+            cached_tokens = cached_tokens + excluded.cached_tokens,
+            reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+            requests = requests + excluded.requests,
+            cost_usd = cost_usd + excluded.cost_usd,
+            unpriced = unpriced + excluded.unpriced,
+            latency_s = latency_s + excluded.latency_s,
+            turns = turns + excluded.turns,
+            summaries = summaries + excluded.summaries,
+            estimated = estimated + excluded.estimated
+        """,
+        [(scope, key, *added) for scope, key in scopes],
+    )
 
 
 _DAMAGED = (
@@ -375,28 +481,36 @@ class SQLiteStore(HistoryStore):
             return
         texts = [dump_message(m) for m in messages]
         with self._write("append messages") as conn:
-            row = conn.execute(
-                "SELECT message_count FROM sessions WHERE session_id = ?", (session_id,)
-            ).fetchone()
-            first = 0 if row is None else row[0]
-            now = _stamp(utcnow())  # taken under the write lock: updated_at never goes back
-            # A session that held only a summary starts its life at its first message.
-            conn.execute(
-                """
-                INSERT INTO sessions (session_id, created_at, updated_at, message_count)
-                VALUES (?, ?, ?, ?)
-                ON CONFLICT (session_id) DO UPDATE SET
-                    created_at = CASE WHEN message_count = 0
-                                      THEN excluded.created_at ELSE created_at END,
-                    updated_at = excluded.updated_at,
-                    message_count = excluded.message_count
-                """,
-                (session_id, now, now, first + len(texts)),
+            _append(conn, session_id, texts)
+
+    def commit_turn(
+        self,
+        session_id: str,
+        messages: Sequence[BaseMessage],
+        entry: UsageEntry | None = None,
+        *,
+        release: str | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        texts = [dump_message(m) for m in messages]  # before any write: all or nothing
+        with self._write("save a turn") as conn:
+            # Under the write lock, which taking a lease needs too: the lease cannot change
+            # hands between this check and the commit.
+            held = fence is None or (
+                conn.execute(
+                    "SELECT 1 FROM locks WHERE session_id = ? AND owner = ?",
+                    (fence.session_id, fence.token),
+                ).fetchone()
+                is not None
             )
-            conn.executemany(
-                "INSERT INTO messages (session_id, seq, json) VALUES (?, ?, ?)",
-                [(session_id, first + i, text) for i, text in enumerate(texts)],
-            )
+            if entry is not None:
+                _record(conn, entry, release)
+            elif release is not None:
+                conn.execute("DELETE FROM budget_holds WHERE id = ?", (release,))
+            if held and texts:
+                _append(conn, session_id, texts)
+        if not held:
+            raise lock_lost(session_id, messages)
 
     def load(self, session_id: str, start: int = 0, stop: int | None = None) -> list[BaseMessage]:
         # One statement, so one consistent snapshot: negative bounds count back from the
@@ -529,81 +643,8 @@ class SQLiteStore(HistoryStore):
     # -- usage ledger ----------------------------------------------------------------------
 
     def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
-        scopes: list[tuple[Scope, str]] = [("session", entry.session_id), ("all", "")]
-        if entry.user_id is not None:
-            scopes.append(("user", entry.user_id))
-        priced = entry.cost_usd is not None
-        added = (
-            entry.prompt_tokens,
-            entry.completion_tokens,
-            entry.total_tokens,
-            entry.cached_tokens,
-            entry.reasoning_tokens,
-            entry.requests,
-            entry.cost_usd if priced else 0.0,
-            0 if priced else 1,
-            entry.latency_s,
-            0 if entry.summary else 1,
-            1 if entry.summary else 0,
-            int(entry.estimated),
-        )
         with self._write("record usage") as conn:
-            if release is not None:
-                conn.execute("DELETE FROM budget_holds WHERE id = ?", (release,))
-            inserted = conn.execute(
-                """
-                INSERT INTO usage (
-                    id, session_id, model, prompt_tokens, completion_tokens, total_tokens,
-                    cached_tokens, reasoning_tokens, requests, cost_usd, price_source,
-                    latency_s, first_token_s, summary, estimated, user_id, at
-                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (id) DO NOTHING
-                """,
-                (
-                    entry.id,
-                    entry.session_id,
-                    entry.model,
-                    entry.prompt_tokens,
-                    entry.completion_tokens,
-                    entry.total_tokens,
-                    entry.cached_tokens,
-                    entry.reasoning_tokens,
-                    entry.requests,
-                    entry.cost_usd,
-                    entry.price_source,
-                    entry.latency_s,
-                    entry.first_token_s,
-                    int(entry.summary),
-                    int(entry.estimated),
-                    entry.user_id,
-                    _stamp(entry.at),
-                ),
-            ).rowcount
-            if inserted != 1:  # recorded before (a retry): its totals already count it
-                return
-            conn.executemany(
-                """
-                INSERT INTO usage_totals (
-                    scope, key, prompt_tokens, completion_tokens, total_tokens, cached_tokens,
-                    reasoning_tokens, requests, cost_usd, unpriced, latency_s, turns, summaries,
-                    estimated
-                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (scope, key) DO UPDATE SET
-                    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                    completion_tokens = completion_tokens + excluded.completion_tokens,
-                    total_tokens = total_tokens + excluded.total_tokens,
-                    cached_tokens = cached_tokens + excluded.cached_tokens,
-                    reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
-                    requests = requests + excluded.requests,
-                    cost_usd = cost_usd + excluded.cost_usd,
-                    unpriced = unpriced + excluded.unpriced,
-                    latency_s = latency_s + excluded.latency_s,
-                    turns = turns + excluded.turns,
-                    summaries = summaries + excluded.summaries,
-                    estimated = estimated + excluded.estimated
-                """,
-                [(scope, key, *added) for scope, key in scopes],
-            )
+            _record(conn, entry, release)
 
     def usage_total(self, scope: Scope, key: str) -> Usage:
         with self._connection("read a usage total") as conn:
@@ -722,7 +763,7 @@ class SQLiteStore(HistoryStore):
     # -- one writer per session ------------------------------------------------------------
 
     @contextmanager
-    def lock(self, session_id: str) -> Iterator[None]:
+    def lock(self, session_id: str) -> Iterator[Fence]:
         deadline = time.monotonic() + self._lock_timeout
         with self._locks.hold(session_id):  # threads of this process queue here, not in SQL
             owner = self._new_owner()
@@ -733,12 +774,12 @@ class SQLiteStore(HistoryStore):
                 time.sleep(pause)
                 pause = min(pause * 2, _MAX_POLL_S)
             try:
-                yield
+                yield Fence(session_id, owner)
             finally:
                 self._drop_lease(session_id, owner)
 
     @asynccontextmanager
-    async def alock(self, session_id: str) -> AsyncIterator[None]:
+    async def alock(self, session_id: str) -> AsyncIterator[Fence]:
         deadline = time.monotonic() + self._lock_timeout
         async with self._locks.ahold(session_id):
             owner = self._new_owner()
@@ -749,7 +790,7 @@ class SQLiteStore(HistoryStore):
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _MAX_POLL_S)
             try:
-                yield
+                yield Fence(session_id, owner)
             finally:
                 # Runs to the end in its thread even if this task is being cancelled.
                 await asyncio.to_thread(self._drop_lease, session_id, owner)

@@ -5,10 +5,9 @@ SQLite file. Here the fault hits a *turn*, and the checks are what the user is l
 
 - the error is a `StoreError` naming the store and saying what to do;
 - the session holds the whole turn or none of it;
-- the ledger holds no half-recorded entry. `Turn.save` records the usage *before* the
-  messages (the endpoint has billed the call whatever the store does next), so a store that
-  fails between the two leaves the turn's entry without its messages: that, and only that,
-  is the one documented exception, and the tests pin it;
+- the ledger holds no half-recorded entry, and no entry without its messages: `Turn.save`
+  writes the messages, the usage and the end of the budget hold in one transaction (one Lua
+  script on Redis), so a failure at any point of it leaves the whole turn or none of it;
 - service resumes with a new turn once the store is back.
 
 The model is a `FakeChatModel` held "thinking" by a `Gate`, so the fault lands at a known
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 from langchain_core.messages import BaseMessage
@@ -211,7 +211,7 @@ def test_a_server_down_while_the_model_thinks_loses_the_whole_turn_only(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_server_down_between_the_usage_and_the_messages_keeps_only_the_usage(
+def test_a_server_down_at_the_save_keeps_neither_the_usage_nor_the_messages(
     outage: Outage, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = outage.make_store()
@@ -220,19 +220,19 @@ def test_a_server_down_between_the_usage_and_the_messages_keeps_only_the_usage(
         bot.chat("before the outage", session_id=SID)
         before, entries = bot.store.load(SID), bot.usage_entries()
 
-        # The server goes down right after the turn's usage is recorded, as it is first.
-        append, aappend = store.append, store.aappend
+        # The server goes down as the turn is being saved (usage and messages, one write).
+        commit, acommit = store.commit_turn, store.acommit_turn
 
-        def failing_append(session_id: str, messages: Sequence[BaseMessage]) -> None:
+        def failing_commit(*args: Any, **kwargs: Any) -> None:
             outage.stop()
-            append(session_id, messages)
+            commit(*args, **kwargs)
 
-        async def failing_aappend(session_id: str, messages: Sequence[BaseMessage]) -> None:
+        async def failing_acommit(*args: Any, **kwargs: Any) -> None:
             outage.stop()
-            await aappend(session_id, messages)
+            await acommit(*args, **kwargs)
 
-        monkeypatch.setattr(store, "append", failing_append)
-        monkeypatch.setattr(store, "aappend", failing_aappend)
+        monkeypatch.setattr(store, "commit_turn", failing_commit)
+        monkeypatch.setattr(store, "acommit_turn", failing_acommit)
         error = turn_in_thread(bot, mode, "during the outage")()
         monkeypatch.undo()
 
@@ -240,14 +240,98 @@ def test_a_server_down_between_the_usage_and_the_messages_keeps_only_the_usage(
         assert outage.where in str(error)
         outage.start()
         wait_until_up(store)
-        # The messages are all or none (none); the entry the endpoint billed is whole.
+        # One write, so neither half: no messages, and no entry without its messages.
         assert bot.store.load(SID) == before
-        after = bot.usage_entries()
-        assert after[: len(entries)] == entries
-        (billed,) = after[len(entries) :]
-        assert (billed.session_id, billed.requests, billed.summary) == (SID, 1, False)
+        assert bot.usage_entries() == entries
         assert_ledger_adds_up(bot)
-        assert_resumes(bot, before, len(entries) + 1)
+        assert_resumes(bot, before, len(entries))
+    finally:
+        bot.close()
+
+
+class Breakage:
+    """A store whose next write of messages fails inside the turn's write, and its repair."""
+
+    def __init__(
+        self, store: HistoryStore, break_: Callable[[], None], mend: Callable[[], None]
+    ) -> None:
+        self.store = store
+        self.break_ = break_
+        self.mend = mend
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+def breakage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Breakage]:
+    if request.param == "sqlite":
+        store: HistoryStore = SQLiteStore(tmp_path / "chat.db")
+        path = tmp_path / "chat.db"
+
+        def sql(statement: str) -> None:
+            conn = sqlite3.connect(path, isolation_level=None)
+            try:
+                conn.execute(statement)
+            finally:
+                conn.close()
+
+        # Fires inside the insert of the messages, after the usage was written.
+        yield Breakage(
+            store,
+            lambda: sql(
+                "CREATE TRIGGER fail BEFORE INSERT ON messages "
+                "BEGIN INSERT INTO no_such_table VALUES (1); END"
+            ),
+            lambda: sql("DROP TRIGGER fail"),
+        )
+    elif request.param == "redis":
+        server: RedisExecutor = request.getfixturevalue("redis_outage")
+        url = url_of(server)
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        redis_store = RedisStore(url, lock_timeout=10.0)
+        # Another program wrote a string where the session's message list goes.
+        msgs = redis_store._key("msgs", SID)
+        yield Breakage(redis_store, lambda: client.set(msgs, "not a list"), lambda: client.delete(msgs))
+        client.close()
+    else:
+        cluster: PostgresCluster = request.getfixturevalue("postgres_outage")
+        PostgresStore(cluster.url).close()
+        wipe_postgres(cluster.url)
+
+        def pg(statement: str) -> None:
+            with psycopg.connect(cluster.url, autocommit=True) as conn:
+                conn.execute(statement)  # type: ignore[arg-type]
+
+        pg(
+            "CREATE OR REPLACE FUNCTION chatchain_test_fail() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'could not extend file (injected)'; END $$"
+        )
+        yield Breakage(
+            PostgresStore(cluster.url, lock_timeout=10.0),
+            lambda: pg(
+                "CREATE TRIGGER fail BEFORE INSERT ON chatchain_messages"
+                " FOR EACH STATEMENT EXECUTE FUNCTION chatchain_test_fail()"
+            ),
+            lambda: pg("DROP TRIGGER fail ON chatchain_messages"),
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failure_writing_the_messages_undoes_the_usage_too(
+    breakage: Breakage, mode: str
+) -> None:
+    # The usage and the messages are one write: when the messages cannot be written, the
+    # entry is not left behind without them (it was, with usage first and messages second).
+    bot = Chatbot(settings(budget_session_tokens=10**9), llm=FakeChatModel(), store=breakage.store)
+    try:
+        breakage.break_()
+        error = turn_in_thread(bot, mode, "lost")()
+        breakage.mend()
+
+        assert isinstance(error, StoreError), error
+        assert bot.store.load(SID) == []
+        assert bot.usage_entries() == []
+        assert_no_hold_left(bot, SID)
+        assert_resumes(bot, [], 0)
     finally:
         bot.close()
 
@@ -427,7 +511,7 @@ def test_a_lease_given_back_while_it_is_being_renewed_is_not_reported_lost(
 def test_a_turn_whose_usage_could_not_be_recorded_gives_its_budget_hold_back(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The store fails once, when the turn records its usage (a blip: a lock, a failover),
+    # The store fails once, when the turn saves itself and its usage (a blip: a lock, a failover),
     # and is fine again when the turn ends. The hold the turn took before sending must not
     # outlive it: stranded, it would count against the budget for 15 minutes.
     store = SQLiteStore(tmp_path / "chat.db")
@@ -435,14 +519,14 @@ def test_a_turn_whose_usage_could_not_be_recorded_gives_its_budget_hold_back(
     try:
         bot.chat("before", session_id=SID)
 
-        def blip(entry: Any, *, release: str | None = None) -> None:
+        def blip(*args: Any, **kwargs: Any) -> None:
             raise StoreError("The store blinked.")
 
-        async def ablip(entry: Any, *, release: str | None = None) -> None:
-            blip(entry, release=release)
+        async def ablip(*args: Any, **kwargs: Any) -> None:
+            blip()
 
-        monkeypatch.setattr(store, "record_usage", blip)
-        monkeypatch.setattr(store, "arecord_usage", ablip)
+        monkeypatch.setattr(store, "commit_turn", blip)
+        monkeypatch.setattr(store, "acommit_turn", ablip)
         error = turn_in_thread(bot, mode, "during the blip")()
         monkeypatch.undo()
 
