@@ -31,9 +31,9 @@ ChatChainError
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import typing
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
 
 __all__ = [

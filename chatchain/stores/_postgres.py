@@ -989,7 +989,8 @@ class PostgresStore(HistoryStore):
     ) -> None:
         """The writes of `commit_turn`, in ``conn``'s transaction."""
         if entry is not None:
-            if conn.execute(self._sql.record_entry, _entry_args(entry)).fetchone() is not None:
+            inserted = conn.execute(self._sql.record_entry, _entry_args(entry)).fetchone()
+            if inserted is not None:  # a new id: add it up
                 with conn.cursor() as cursor:
                     cursor.executemany(self._sql.add_total, _total_args(entry))
         if release is not None:

@@ -290,7 +290,9 @@ def breakage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Breakag
         redis_store = RedisStore(url, lock_timeout=10.0)
         # Another program wrote a string where the session's message list goes.
         msgs = redis_store._key("msgs", SID)
-        yield Breakage(redis_store, lambda: client.set(msgs, "not a list"), lambda: client.delete(msgs))
+        yield Breakage(
+            redis_store, lambda: client.set(msgs, "not a list"), lambda: client.delete(msgs)
+        )
         client.close()
     else:
         cluster: PostgresCluster = request.getfixturevalue("postgres_outage")
@@ -316,9 +318,7 @@ def breakage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Breakag
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_failure_writing_the_messages_undoes_the_usage_too(
-    breakage: Breakage, mode: str
-) -> None:
+def test_a_failure_writing_the_messages_undoes_the_usage_too(breakage: Breakage, mode: str) -> None:
     # The usage and the messages are one write: when the messages cannot be written, the
     # entry is not left behind without them (it was, with usage first and messages second).
     bot = Chatbot(settings(budget_session_tokens=10**9), llm=FakeChatModel(), store=breakage.store)
