@@ -321,9 +321,19 @@ def breakage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Breakag
 def test_a_failure_writing_the_messages_undoes_the_usage_too(breakage: Breakage, mode: str) -> None:
     # The usage and the messages are one write: when the messages cannot be written, the
     # entry is not left behind without them (it was, with usage first and messages second).
-    bot = Chatbot(settings(budget_session_tokens=10**9), llm=FakeChatModel(), store=breakage.store)
+    armed = [True]
+
+    def respond(messages: list[BaseMessage]) -> str:
+        if armed.pop() if armed else False:
+            breakage.break_()  # while the model thinks: the history was read, the save is next
+        return "answer"
+
+    bot = Chatbot(
+        settings(budget_session_tokens=10**9),
+        llm=FakeChatModel(respond=respond),
+        store=breakage.store,
+    )
     try:
-        breakage.break_()
         error = turn_in_thread(bot, mode, "lost")()
         breakage.mend()
 
