@@ -39,15 +39,22 @@ are checked and kept in one transaction under a transaction-level advisory lock 
 (in the two-key space, with second key 1: apart from the session locks, which use the
 one-key space, and from the schema lock, whose second key is 0); each limit's total and holds
 are read by one statement, so a hold that a concurrent commit turns into spending is counted
-once, either as the hold or in the total.
+once, either as the hold or in the total. A hold's expiry is the server's clock
+(``clock_timestamp()``) plus the hold's time to live, so that clients whose clocks disagree
+agree on it; taking a hold deletes the expired ones.
 
 One writer per session across processes: a turn holds a session-level advisory lock keyed by
 a 64-bit hash of the prefix and session id, on a connection it keeps out of the pool until
 the turn ends. Two ids whose hashes collide merely take turns. The lock's lease is that
 connection: PostgreSQL drops the lock when the connection closes, so a holder that dies
-frees it at once, and a live turn, however long, never loses it. Server-side TCP keepalives
-(about two minutes) also free it when the holder's machine vanishes without closing the
-connection. Advisory locks need a direct connection (or PgBouncer in session mode), and
+frees it at once, and a live turn never loses it while its connection lives. Server-side TCP
+keepalives (about two minutes) also free it when the holder's machine vanishes without
+closing the connection. A turn is saved (`PostgresStore.commit_turn`: messages, usage entry
+and totals, end of the budget hold) in one transaction *on the connection that holds the
+lock*: if that connection was killed (a network cut, a failover, ``pg_terminate_backend``),
+the lock went with it and the write fails with it, and no other turn can take the lock while
+the transaction is open. The usage is then recorded on another connection and the turn
+raises `SessionLockLostError`. Advisory locks need a direct connection (or PgBouncer in session mode), and
 the key needs PostgreSQL 11 or later (``hashtextextended``).
 
 Connections: a pool for threads, and one for asyncio that lives on an event loop the store

@@ -14,7 +14,8 @@ match a SCAN pattern meant for another; the raw id is kept in the sorted sets:
   by the writer's clock) and the running summary (``summary``, ``covers``).
 - ``<prefix>:created`` and ``<prefix>:updated``: ZSETs of raw session ids scored by creation
   and by last write, for `sessions` and `prune`.
-- ``<prefix>:lock:<id>``: the session's cross-process lock, a `redis.lock.Lock`.
+- ``<prefix>:lock:<id>``: the session's cross-process lock, a `redis.lock.Lock`, whose value
+  is its holder's token (the turn's `Fence`).
 
 The usage ledger (see `chatchain.usage`), where ``<scope>`` is ``session``, ``user`` or
 ``all`` and ``<key>`` the percent-encoded session or user id (empty for ``all``). Deleting or
@@ -30,9 +31,16 @@ pruning a session leaves its spending in the ledger:
   summaries, ``unpriced``, ``estimated``, and ``cost`` of the priced entries and ``latency``
   as exact doubles), so a total is one read however long the ledger.
 - ``<prefix>:holds``: HASH of budget hold id -> ``{"t": tokens, "c": usd, "i": [indexes]}``;
-  ``<prefix>:holds:expiry``: ZSET of hold ids scored by expiry; ``<prefix>:holds:session:<id>``
-  and ``<prefix>:holds:user:<id>``: SETs of the hold ids of a session and of a user (the
-  record's ``i``).
+  ``<prefix>:holds:expiry``: ZSET of hold ids scored by expiry (microseconds by the server's
+  clock, ``TIME``, so that clients whose clocks disagree agree on it); taking a hold deletes
+  the expired ones; ``<prefix>:holds:session:<id>`` and ``<prefix>:holds:user:<id>``: SETs of
+  the hold ids of a session and of a user (the record's ``i``).
+
+A turn is saved by one Lua script (`RedisStore.commit_turn`): it checks that the session's
+lock key still holds the turn's token, records the usage entry and drops the budget hold,
+then appends the messages only if the lock was still the turn's. Redis does not undo a
+script's earlier writes when a later command fails, so the script checks the types of the
+keys it writes before writing anything.
 
 Writes that touch several keys run as one MULTI/EXEC transaction: if the connection drops
 before EXEC, Redis discards the lot. The ledger's writes are Lua scripts, for the same
@@ -940,7 +948,8 @@ class RedisStore(HistoryStore):
     def _lost(self, session_id: str) -> None:
         logger.warning(
             "The lock of session %r expired while its turn was running (the process stalled "
-            "for more than the %g s lease?): another turn may have run alongside.",
+            "for more than the %g s lease?): if another turn took the session meanwhile, this "
+            "turn's messages are refused (SessionLockLostError).",
             session_id,
             self.lease,
         )

@@ -10,6 +10,15 @@ holder and when it expires. A live holder renews it in the background, so a long
 it; a crashed one stops renewing, so its session frees itself within `SQLiteStore.lease`
 seconds. SQLite has no row locks, and holding a write transaction for a turn would stall
 every other session, hence the table.
+
+A turn is saved by `SQLiteStore.commit_turn` in one ``BEGIN IMMEDIATE`` transaction: its
+messages, its usage entry and totals, and the end of its budget hold. The same transaction
+first checks that the lease still names the turn (its `Fence`); taking a lease needs the
+write lock too, so it cannot change hands in between. A turn paused past its lease whose
+session another process took gets only its usage recorded, and `SessionLockLostError`.
+
+Clocks: lease and budget-hold expiries are wall-clock times of the machine (``time.time``,
+UTC), which every process using the file shares.
 """
 
 from __future__ import annotations
@@ -879,7 +888,8 @@ class SQLiteStore(HistoryStore):
                 if renewed < len(held):  # this process stalled for longer than a lease
                     logger.warning(
                         "A session lock expired while its turn was still running (the process "
-                        "was paused for more than %g s); another turn may have run alongside.",
+                        "was paused for more than %g s); if another turn took its session "
+                        "meanwhile, its messages are refused (SessionLockLostError).",
                         self.lease,
                     )
             except StoreError as exc:  # try again next round, well before the leases expire
