@@ -54,8 +54,8 @@ and totals, end of the budget hold) in one transaction *on the connection that h
 lock*: if that connection was killed (a network cut, a failover, ``pg_terminate_backend``),
 the lock went with it and the write fails with it, and no other turn can take the lock while
 the transaction is open. The usage is then recorded on another connection and the turn
-raises `SessionLockLostError`. Advisory locks need a direct connection (or PgBouncer in session mode), and
-the key needs PostgreSQL 11 or later (``hashtextextended``).
+raises `SessionLockLostError`. Advisory locks need a direct connection (or PgBouncer in
+session mode), and the key needs PostgreSQL 11 or later (``hashtextextended``).
 
 Connections: a pool for threads, and one for asyncio that lives on an event loop the store
 runs in a thread of its own (see `_AsyncSide`), each of ``min_size`` to ``max_size``
