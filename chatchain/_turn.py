@@ -325,7 +325,9 @@ class Turn:
     deadline_at: float | None = None
     """When the turn must end (`time.monotonic`), once it runs; ``None``: no deadline."""
     _ended: bool = False
-    _fence: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _ending: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Held while the turn ends, or while a call holds budget: an abandoned worker cannot
+    take a hold (and send) once the turn is over."""
     _cut_by: tuple[BudgetLimit, bool] | None = None  # the cap (and whether in USD) sizing the hold
 
     def start_clock(self) -> None:
@@ -380,8 +382,8 @@ class Turn:
             return await call
 
     def end(self) -> None:
-        """The turn is over: give back its budget hold, and fence off a worker it abandoned."""
-        with self._fence:
+        """The turn is over: give back its budget hold, and shut out a worker it abandoned."""
+        with self._ending:
             self._ended = True
         self.release()
 
@@ -555,8 +557,8 @@ class Turn:
 
     def _take_hold(self, prompt_tokens: int, summary: bool = False) -> int:
         """Hold what this call may cost; returns the ``max_tokens`` to send it with."""
-        # The fence: a worker abandoned at the deadline must not hold, nor send, afterwards.
-        with self._fence:
+        # A worker abandoned at the deadline must not hold, nor send, afterwards.
+        with self._ending:
             if self._ended or self.expired:
                 raise self.deadline_error()
             self.release()
