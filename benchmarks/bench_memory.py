@@ -107,9 +107,9 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 import chatchain
-from chatchain.memory import SUMMARY_HEADER, SUMMARY_REQUEST_MARK
 from chatchain.stores import HistoryStore, open_store
 from chatchain.testing import FakeChatModel, OpenAITestServer, echo_reply
+from chatchain.window import SUMMARY_HEADER, SUMMARY_REQUEST_MARK
 
 # -- parameters --------------------------------------------------------------------------------
 

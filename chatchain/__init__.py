@@ -34,13 +34,13 @@ from chatchain.errors import (
     StoreError,
     TurnDeadlineError,
 )
-from chatchain.memory import HistoryWindow
 from chatchain.model import create_chat_model, create_summary_model
 from chatchain.pricing import ModelPrice
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, MemoryStore, open_store
 from chatchain.usage import Budget, Usage, UsageEntry, UsageLedger, UsageReport
+from chatchain.window import HistoryWindow
 
 __all__ = [
     "AsyncReplyStream",

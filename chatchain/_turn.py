@@ -49,7 +49,6 @@ from chatchain.errors import (
     SessionLockLostError,
     TurnDeadlineError,
 )
-from chatchain.memory import Memory, SummaryCall
 from chatchain.pricing import Pricer
 from chatchain.stores import Fence, HistoryStore
 from chatchain.usage import (
@@ -61,6 +60,7 @@ from chatchain.usage import (
     UsageEntry,
     UsageLedger,
 )
+from chatchain.window import Recall, SummaryCall
 
 __all__ = ["MAX_SESSION_ID_LENGTH", "BudgetedModel", "Turn", "TurnSpec", "validate_session_id"]
 
@@ -182,7 +182,7 @@ class TurnSpec:
         required_vars: Prompt variables the call must supply (those without a default).
         get_history: The chain's ``get_session_history``.
         ledger: Where each turn's usage is recorded (and budgets held).
-        memory: The window and summary policy.
+        recall: What of the history each turn is sent: the window and the running summary.
         pricer: Prices the turns' tokens.
         budget: Spending caps checked before each call is sent.
         max_tokens: The user's cap on one reply (``CHATCHAIN_MAX_TOKENS``, or the model's
@@ -199,7 +199,7 @@ class TurnSpec:
     required_vars: frozenset[str]
     get_history: Callable[[str], BaseChatMessageHistory]
     ledger: UsageLedger
-    memory: Memory
+    recall: Recall
     pricer: Pricer = field(default_factory=Pricer)
     budget: Budget = field(default_factory=Budget)
     max_tokens: int | None = None
@@ -476,7 +476,7 @@ class Turn:
         spec = self.spec
         model = spec.default_model
         if summary:  # the summary model
-            model = spec.memory.summary_model_name or model
+            model = spec.recall.summary_model_name or model
         cost = spec.pricer.price(model, prompt_tokens, reply_tokens).cost_usd
         if cost is None and spec.budget.needs_price:
             raise ConfigurationError(
@@ -502,7 +502,7 @@ class Turn:
         self._cut_by = None
         reply = self.spec.reply_ceiling
         if summary:  # capped at the summary call's own max_tokens
-            reply = self.spec.memory.summary_reply_tokens or reply
+            reply = self.spec.recall.summary_reply_tokens or reply
         hold = self._new_hold(prompt_tokens, reply, summary)
         return hold, self.spec.budget.limits(self.session_id, self.user_id)
 
@@ -645,7 +645,7 @@ class Turn:
         if self.handler.total_tokens == 0 and self.has_reply and self._count_prompt is not None:
             # The stream stopped before the endpoint's usage chunk, but it billed the prompt
             # and what it generated: count them here rather than record 0.
-            counter = self.spec.memory.counter
+            counter = self.spec.recall.counter
             estimate = Estimate(self._count_prompt(), counter([AIMessage(reply.content)]))
         return _metering.entry_from(
             self.handler,
@@ -732,7 +732,7 @@ class Turn:
         if self.spec.store is None:
             return
         try:
-            call = self.spec.memory.summarize(
+            call = self.spec.recall.summarize(
                 self.spec.store,
                 self.session_id,
                 self._summary_check if self.spec.budget else None,
@@ -754,7 +754,7 @@ class Turn:
             return
         check = self._asummary_check if self.spec.budget else None
         try:
-            call = await self.spec.memory.asummarize(
+            call = await self.spec.recall.asummarize(
                 self.spec.store, self.session_id, check, arun=self._abounded_call
             )
         except (BudgetExceeded, ConfigurationError, TurnDeadlineError):
@@ -768,10 +768,10 @@ class Turn:
             self._hold = None
 
     def _summary_check(self, request: list[BaseMessage]) -> int:
-        return self._take_hold(self.spec.memory.counter(request), summary=True)
+        return self._take_hold(self.spec.recall.counter(request), summary=True)
 
     async def _asummary_check(self, request: list[BaseMessage]) -> int:
-        return await self._atake_hold(self.spec.memory.counter(request), summary=True)
+        return await self._atake_hold(self.spec.recall.counter(request), summary=True)
 
     def _summary_entry(self, call: SummaryCall) -> UsageEntry:
         entry = _metering.entry_from(
@@ -782,7 +782,7 @@ class Turn:
             pricer=self.spec.pricer,
             latency_s=call.latency_s,
             summary=True,
-            configured_model=self.spec.memory.summary_model_name or self.spec.default_model,
+            configured_model=self.spec.recall.summary_model_name or self.spec.default_model,
         )
         self.summary_usage = entry.usage()
         return entry

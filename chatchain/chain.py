@@ -30,12 +30,12 @@ from chatchain._runnable_history import HistoryRunnable
 from chatchain._tokens import TokenCounter, choose_counter
 from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
 from chatchain.errors import ContextTooLongError
-from chatchain.memory import HistoryWindow, Memory
 from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import Fence, HistoryStore, MemoryStore
 from chatchain.usage import Budget, UsageLedger
+from chatchain.window import HistoryWindow, Recall
 
 __all__ = ["ChatChain", "create_chat_chain", "get_message_history"]
 
@@ -115,12 +115,12 @@ class ChatChain(HistoryRunnable):
     @property
     def token_counter(self) -> str:
         """Which token counter the window uses: ``"tiktoken:<encoding>"`` or ``"approximate"``."""
-        return self._spec.memory.counter.name
+        return self._spec.recall.counter.name
 
     @property
     def window(self) -> HistoryWindow | None:
         """What of the history each turn sends (``None``: all of it)."""
-        return self._spec.memory.window
+        return self._spec.recall.window
 
     @property
     def ledger(self) -> UsageLedger:
@@ -145,7 +145,7 @@ class ChatChain(HistoryRunnable):
         inputs = self._get_input_messages(value)
         store = self._spec.store
         if store is not None:
-            history = self._spec.memory.load(
+            history = self._spec.recall.load(
                 store, configurable["session_id"], inputs, bool(configurable.get(_TIGHT))
             )
         else:
@@ -160,14 +160,14 @@ class ChatChain(HistoryRunnable):
         key = str(self.history_messages_key or self.input_messages_key)
         variables = {**value, key: history} if isinstance(value, Mapping) else {key: history}
         messages = self.prompt.invoke(variables).to_messages()
-        return self._spec.memory.counter(messages)
+        return self._spec.recall.counter(messages)
 
     async def _aenter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
         configurable = config["configurable"]
         inputs = self._get_input_messages(value)
         store = self._spec.store
         if store is not None:
-            history = await self._spec.memory.aload(
+            history = await self._spec.recall.aload(
                 store, configurable["session_id"], inputs, bool(configurable.get(_TIGHT))
             )
         else:
@@ -183,16 +183,16 @@ class ChatChain(HistoryRunnable):
         self, messages: list[BaseMessage], inputs: list[BaseMessage], configurable: dict[str, Any]
     ) -> list[BaseMessage]:
         # A plain get_session_history callable: no windowed reads and no summary to keep.
-        memory = self._spec.memory
-        window = memory._effective(bool(configurable.get(_TIGHT)))
+        recall = self._spec.recall
+        window = recall._effective(bool(configurable.get(_TIGHT)))
         if window is None:
             return list(messages)
-        return memory.select(list(messages), None, inputs, replace(window, summarize=False))
+        return recall.select(list(messages), None, inputs, replace(window, summarize=False))
 
     def _can_tighten(self, error: Exception | None, turn: Turn, attempt: int) -> bool:
         if attempt > 0 or not isinstance(error, ContextTooLongError):
             return False
-        if self._spec.memory.window is None:
+        if self._spec.recall.window is None:
             return False
         turn.notice(
             "The conversation did not fit the model's context window; retried once with half "
@@ -408,23 +408,23 @@ def _model_name(model: Runnable[Any, Any]) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _memory(
+def _recall(
     window: HistoryWindow | None,
     counter: TokenCounter,
     model: Runnable[Any, Any],
     settings: Settings,
     own_model: bool,
-) -> Memory:
-    """The memory policy, with the model that writes summaries when there are any."""
+) -> Recall:
+    """The window and summary at work, with the model that writes summaries when there are any."""
     if window is None or not window.summarize:
-        return Memory(window, counter, model)
+        return Recall(window, counter, model)
     cap = settings.summary_max_tokens or window.summary_tokens
     if own_model:
         capped = settings.model_copy(update={"summary_max_tokens": cap})
         summarizer: Runnable[Any, Any] = create_summary_model(capped)
     else:  # the caller's model, capped per call rather than by its own max_tokens
         summarizer = model if cap is None else model.bind(max_tokens=cap)
-    return Memory(window, counter, model, summarizer, cap)
+    return Recall(window, counter, model, summarizer, cap)
 
 
 def _reply_cap(model: Runnable[Any, Any], settings: Settings) -> int | None:
@@ -513,7 +513,7 @@ def create_chat_chain(
         required_vars=prompt_variables(system) - set(prompt_vars or {}),
         get_history=history,
         ledger=ledger or UsageLedger(store),
-        memory=_memory(window or None, counter, model, settings, own_model=llm is None),
+        recall=_recall(window or None, counter, model, settings, own_model=llm is None),
         pricer=settings.pricer(),
         budget=budget if budget is not None else settings.budget(),
         max_tokens=_reply_cap(model, settings),

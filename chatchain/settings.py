@@ -33,8 +33,8 @@ from chatchain.errors import ConfigurationError, MissingAPIKeyError
 from chatchain.pricing import ModelPrice, Pricer
 
 if TYPE_CHECKING:
-    from chatchain.memory import HistoryWindow
     from chatchain.usage import Budget
+    from chatchain.window import HistoryWindow
 
 __all__ = ["Settings"]
 
@@ -252,7 +252,7 @@ class Settings(BaseSettings):
 
     def history_window(self) -> HistoryWindow | None:
         """The window these settings describe (``None`` when both limits are off)."""
-        from chatchain.memory import HistoryWindow
+        from chatchain.window import HistoryWindow
 
         if self.window_turns is None and self.window_tokens is None:
             return None

@@ -11,7 +11,7 @@ from datetime import datetime
 from langchain_core.messages import BaseMessage
 
 from chatchain._locks import SessionLocks
-from chatchain._memory_history import SessionHistory
+from chatchain._session_history import SessionHistory
 from chatchain.stores._base import (
     Fence,
     HistoryStore,

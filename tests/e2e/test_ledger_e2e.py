@@ -13,8 +13,8 @@ from genai_prices import calc_price
 
 from chatchain import BudgetExceeded, Chatbot, ConfigurationError, ModelPrice, Settings
 from chatchain.errors import EndpointConnectionError
-from chatchain.memory import SUMMARY_REQUEST_MARK
 from chatchain.testing import Fault, OpenAITestServer, echo_reply
+from chatchain.window import SUMMARY_REQUEST_MARK
 
 KEY = "sk-e2e-secret-0123456789abcdef"
 

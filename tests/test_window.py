@@ -19,9 +19,9 @@ from chatchain import (
     create_chat_chain,
 )
 from chatchain._tokens import choose_counter
-from chatchain.memory import SUMMARY_HEADER, SUMMARY_REQUEST_MARK, HistoryWindow, summary_message
 from chatchain.stores import Summary
 from chatchain.testing import FakeChatModel
+from chatchain.window import SUMMARY_HEADER, SUMMARY_REQUEST_MARK, HistoryWindow, summary_message
 
 
 def make_settings(**values: Any) -> Settings:

@@ -251,8 +251,8 @@ def _drop_orphans(messages: list[BaseMessage]) -> list[BaseMessage]:
 
 
 @dataclass
-class Memory:
-    """One chain's memory policy at work: window selection and summaries for its store.
+class Recall:
+    """What of a session's history a turn is sent: the window and running summary at work.
 
     Summaries go to ``summary_model`` (the chat model when it is ``None``), whose replies are
     capped at ``summary_reply_tokens``; the stored and the sent summary are cut to the
