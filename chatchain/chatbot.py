@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
+from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, SessionInfo, open_store
 from chatchain.stores._export import read_export
@@ -160,6 +162,10 @@ class AsyncReplyStream(_StreamBase, AsyncIterator[str]):
 class Chatbot:
     """A chat over one chain and one history store.
 
+    The chat model from the settings is built on the first turn (or the first use of `chain`),
+    which raises `MissingAPIKeyError` when no endpoint is set: managing sessions and reading
+    usage need no API key.
+
     Args:
         settings: Settings; read from the environment and ``env_file`` when not given.
         llm: A chat model to use instead of `ChatOpenAI` (e.g. a fake one in tests, or
@@ -172,8 +178,8 @@ class Chatbot:
         budget: Spending caps; the settings' ``CHATCHAIN_BUDGET_*`` by default.
 
     Raises:
-        MissingAPIKeyError: No ``OPENAI_API_KEY`` and no ``OPENAI_BASE_URL`` (and no ``llm``).
-        ConfigurationError: Another setting or the system template cannot work.
+        ConfigurationError: A setting or the system template cannot work, or ``llm`` is a
+            chain rather than a chat model.
 
     Example:
         >>> from chatchain.testing import FakeChatModel
@@ -199,13 +205,39 @@ class Chatbot:
         self.store = store or open_store(
             self.settings.store, lock_timeout=self.settings.lock_timeout
         )
-        self.chain: ChatChain = create_chat_chain(
-            llm,
+        self._ledger = UsageLedger(self.store)
+        self._llm = llm
+        self._system = system if system is not None else self.settings.system_prompt
+        self._prompt_vars = prompt_vars
+        self._budget = budget
+        create_prompt(self._system, prompt_vars=prompt_vars)  # a bad template fails here, not later
+        self._building = threading.Lock()
+        # A given model is checked at once; ChatOpenAI from the settings waits for the first
+        # turn, so that managing sessions and reading usage need no API key.
+        self._chain = None if llm is None else self._build_chain()
+
+    @property
+    def chain(self) -> ChatChain:
+        """The chain, built on first use when the model comes from the settings.
+
+        Raises:
+            MissingAPIKeyError: No ``OPENAI_API_KEY`` and no ``OPENAI_BASE_URL`` (and no ``llm``).
+        """
+        if self._chain is None:
+            with self._building:  # one chain, also when the first turns come from many threads
+                if self._chain is None:
+                    self._chain = self._build_chain()
+        return self._chain
+
+    def _build_chain(self) -> ChatChain:
+        return create_chat_chain(
+            self._llm,
             settings=self.settings,
-            system=system,
-            prompt_vars=prompt_vars,
+            system=self._system,
+            prompt_vars=self._prompt_vars,
             get_session_history=self.store,
-            budget=budget,
+            ledger=self._ledger,
+            budget=self._budget,
         )
 
     def __repr__(self) -> str:
@@ -388,7 +420,7 @@ class Chatbot:
     @property
     def ledger(self) -> UsageLedger:
         """The usage ledger, kept in the store (it survives restarts for persistent stores)."""
-        return self.chain.ledger
+        return self._ledger
 
     def usage(self, session_id: str | None = None, *, user_id: str | None = None) -> Usage:
         """Usage totals of one session, of one user, or of everything (no arguments).
@@ -400,7 +432,7 @@ class Chatbot:
             >>> bot.usage("s1").turns, bot.usage(user_id="ann").turns, bot.usage().turns
             (1, 1, 1)
         """
-        return self.chain.ledger.total(session_id, user_id=user_id)
+        return self._ledger.total(session_id, user_id=user_id)
 
     def usage_report(
         self,
@@ -422,7 +454,7 @@ class Chatbot:
             >>> [(row["session"], row["turns"]) for row in bot.usage_report(by=["session"]).rows]
             [('s1', 1)]
         """
-        return self.chain.ledger.report(
+        return self._ledger.report(
             by, session_id=session_id, user_id=user_id, since=since, until=until
         )
 
@@ -435,7 +467,7 @@ class Chatbot:
         until: datetime | None = None,
     ) -> list[UsageEntry]:
         """The ledger's entries (one per turn and per summary call), oldest first."""
-        return self.chain.ledger.entries(
+        return self._ledger.entries(
             session_id=session_id, user_id=user_id, since=since, until=until
         )
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
-from chatchain import Chatbot, Reply, Settings
+import pytest
+from langchain_core.prompts import ChatPromptTemplate
+
+from chatchain import Chatbot, ConfigurationError, MissingAPIKeyError, Reply, Settings
 from chatchain.testing import FakeChatModel
 
 
@@ -76,3 +80,33 @@ def test_two_bots_do_not_share_sessions(settings: Settings) -> None:
     b = Chatbot(settings, llm=FakeChatModel(), system="B")
     a.chat("only in a", session_id="s")
     assert b.history("s") == []
+
+
+def test_sessions_and_usage_need_no_key_until_the_first_turn(
+    settings: Settings, fake: FakeChatModel, tmp_path: Path
+) -> None:
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    with Chatbot(settings.model_copy(update={"store": store}), llm=fake) as writer:
+        writer.chat("Hi! I'm Bob", session_id="dp123")
+    keyless = Settings(store=store)  # no OPENAI_API_KEY and no OPENAI_BASE_URL
+    with Chatbot(keyless) as bot:
+        assert bot.sessions() == ["dp123"]
+        assert [m.text for m in bot.history("dp123")] == ["Hi! I'm Bob", "Echo: Hi! I'm Bob"]
+        assert bot.usage("dp123").turns == 1
+        assert [row["session"] for row in bot.usage_report(by=["session"]).rows] == ["dp123"]
+        exported = bot.export_session("dp123", tmp_path / "dp123.json")
+        assert bot.import_session(exported, session_id="copy") == "copy"
+        with pytest.raises(MissingAPIKeyError, match="OPENAI_API_KEY"):
+            bot.chat("What's my name?", session_id="dp123")
+        with pytest.raises(MissingAPIKeyError):
+            asyncio.run(bot.achat("What's my name?", session_id="dp123"))
+        with pytest.raises(MissingAPIKeyError):
+            bot.stream("What's my name?", session_id="dp123")
+        assert len(bot.history("dp123")) == 2 and bot.usage().turns == 1
+
+
+def test_a_bad_template_or_a_chain_as_llm_fails_at_construction(fake: FakeChatModel) -> None:
+    with pytest.raises(ConfigurationError):
+        Chatbot(Settings(), system="Answer in {language")  # no key needed to say so
+    with pytest.raises(ConfigurationError, match="chat model itself"):
+        Chatbot(Settings(), llm=ChatPromptTemplate.from_messages([("human", "{input}")]) | fake)

@@ -110,11 +110,12 @@ def test_key_is_never_shown(
         assert SECRET not in text
 
 
-def test_missing_key_says_what_to_set() -> None:
+def test_missing_key_says_what_to_set_at_the_first_turn() -> None:
+    bot = Chatbot(Settings.load(env_file=None))  # sessions and usage need no key
     with pytest.raises(
         MissingAPIKeyError, match=r"OPENAI_API_KEY=sk-\.\.\..*\.env.*OPENAI_BASE_URL"
     ):
-        Chatbot(Settings.load(env_file=None))
+        bot.chat("hi")
 
 
 def test_a_base_url_needs_no_key() -> None:

@@ -14,12 +14,11 @@ import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from uuid import uuid4
 
 import click
 import platformdirs
-from langchain_core.runnables import RunnableLambda
 from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
@@ -93,17 +92,9 @@ def use_endpoint(settings: Settings, offline: bool, notice: Console) -> Iterator
         yield settings.model_copy(update={"base_url": server.base_url, "api_key": None})
 
 
-def _never_called(value: object) -> NoReturn:
-    raise RuntimeError("The sessions and usage commands never call the model.")
-
-
 def store_bot(settings: Settings) -> Chatbot:
-    """A Chatbot for reading and managing the store, which needs no API key.
-
-    `Chatbot` builds `ChatOpenAI` (which refuses to start without a key) unless it is given a
-    model; listing sessions or usage must work without one, so it gets a stand-in.
-    """
-    return Chatbot(settings, llm=RunnableLambda(_never_called))
+    """A Chatbot for reading and managing the store (it needs no API key)."""
+    return Chatbot(settings)
 
 
 def open_settings_store(settings: Settings) -> HistoryStore:
