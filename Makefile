@@ -9,7 +9,7 @@ LOCK := requirements/constraints.txt
 
 # Set up (once, and again when pyproject.toml or the lock changes) and run the demo chat session.
 demo: $(VENV)/.installed
-	$(BIN)/python -m chatchain
+	$(BIN)/python -m chatchain._demo
 
 # Set up and run everything CI runs: format, lint, types, all tests.
 test: check

@@ -1,8 +1,6 @@
-"""``python -m chatchain``: the demo chat session (see the README)."""
+"""``python -m chatchain``: the ``chatchain`` command, e.g. ``python -m chatchain demo``."""
 
-import sys
-
-from chatchain._demo import main
+from chatchain.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,7 +1,9 @@
-"""The main job: a short chat session from the seeds' scenario, with tokens and cost.
+"""The demo: a short chat session from the seeds' scenario, with tokens and cost.
 
 Runs against the endpoint in the settings; with neither ``OPENAI_API_KEY`` nor
 ``OPENAI_BASE_URL`` set, it runs offline against chatchain's own test server, which echoes.
+``chatchain demo`` runs it, and so does ``python -m chatchain._demo`` (``make demo``), which
+needs no ``cli`` extra.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ def _usage_line(usage: Usage | None) -> str:
     return f"   [{usage}{first}]"
 
 
+SESSION = "dp123"
+
+
 def _run(bot: Chatbot) -> None:
-    session = "dp123"
+    session = SESSION
     for question in ("Hi! I'm Bob", "What's my name?"):
         print(f"you> {question}")
         reply = bot.chat(question, session_id=session)
@@ -86,3 +91,7 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,9 @@
 """The ``chatchain`` terminal chat: a thin command line over the public API.
 
 Commands: ``chat`` (interactive, streamed), ``ask`` (one turn, for scripts and pipes),
-``sessions`` (list, show, export, import, delete, prune) and ``usage`` (the ledger's totals).
-It needs the ``cli`` extra: ``pip install 'chatchain[cli]'``.
+``sessions`` (list, show, export, import, delete, prune), ``usage`` (the ledger's totals) and
+``demo`` (a short scripted session). ``python -m chatchain`` runs the same command. It needs
+the ``cli`` extra: ``pip install 'chatchain[cli]'``.
 """
 
 from __future__ import annotations

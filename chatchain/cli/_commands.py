@@ -1,4 +1,4 @@
-"""The ``chatchain`` commands: chat, ask, sessions and usage (click)."""
+"""The ``chatchain`` commands: chat, ask, sessions, usage and demo (click)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, TypeVar, cast, get_args
 import click
 from rich.console import Console
 
-from chatchain import Chatbot, InvalidInputError, SessionExistsError
+from chatchain import Chatbot, InvalidInputError, SessionExistsError, _demo
 from chatchain.cli._chat import ChatLoop, line_reader, stream_reply
 from chatchain.cli._render import (
     count,
@@ -397,3 +397,13 @@ def usage(
         note = usage_note(report)
         if note is not None:
             console.print(note, soft_wrap=True)
+
+
+@cli.command()
+def demo() -> None:
+    """Run a short scripted chat session and show its tokens and costs.
+
+    It talks to the endpoint of the settings; with no OPENAI_API_KEY and no OPENAI_BASE_URL
+    it runs offline against chatchain's own echo server, and says so.
+    """
+    raise click.exceptions.Exit(_demo.main())
