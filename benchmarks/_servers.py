@@ -1,13 +1,13 @@
 """Throwaway servers for the benchmarks, on free ports of 127.0.0.1.
 
-Redis and PostgreSQL come from the test suite's own launchers, so benchmarks and tests run the
-servers the same way:
+Redis and PostgreSQL come from `chatchain.testing`, whose launchers the store tests use too, so
+benchmarks and tests run the servers the same way:
 
-- `redis_url`: ``tests.stores.fixtures_redis.redis_server`` (pytest-redis's executor running
-  /usr/bin/redis-server, no persistence to disk);
-- `postgres_url`: ``tests.stores.fixtures_postgres.PostgresCluster`` (``initdb`` in a temporary
-  directory, trust authentication on 127.0.0.1 only, run as the ``postgres`` user when we are
-  root, with ``fsync``, ``synchronous_commit`` and ``full_page_writes`` off).
+- `redis_url`: `chatchain.testing.redis_server` (pytest-redis's executor running
+  /usr/bin/redis-server), with snapshots to disk off;
+- `postgres_url`: `chatchain.testing.PostgresCluster` (``initdb`` in a temporary directory,
+  trust authentication on 127.0.0.1 only, run as the ``postgres`` user when we are root, with
+  ``fsync`` and ``full_page_writes`` off).
 
 `openai_test_server` runs `chatchain.testing.OpenAITestServer` in a process of its own.
 
@@ -21,17 +21,10 @@ import os
 import select
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
-
-# A script's sys.path starts with its own folder, not the working directory: the launchers
-# live in the repository's `tests` package, so put the repository root at the end.
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
 
 _SERVE_FLAG = "--openai-test-server"
 
@@ -50,13 +43,10 @@ def redis_url() -> Iterator[str]:
     """A redis-server of our own; yields its ``redis://`` URL."""
     import redis
 
-    from tests.stores.fixtures_redis import redis_server, url_of
+    from chatchain.testing import redis_server, redis_url_of
 
-    with (
-        tempfile.TemporaryDirectory(prefix="chatchain-bench-redis-") as datadir,
-        redis_server(Path(datadir)) as server,
-    ):
-        url = url_of(server)
+    with redis_server() as server:
+        url = redis_url_of(server)
         # Redis's default snapshot rules would fork a background save in the middle of the
         # measurements (the 100,000-message pre-fill crosses "10000 changes in 60 s").
         with redis.Redis.from_url(url) as client:
@@ -67,7 +57,7 @@ def redis_url() -> Iterator[str]:
 @contextmanager
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL cluster of our own; yields its ``postgresql://`` URL."""
-    from tests.stores.fixtures_postgres import PostgresCluster
+    from chatchain.testing import PostgresCluster
 
     with PostgresCluster.running() as url:
         yield url

@@ -6,9 +6,21 @@
   streaming with a usage chunk, errors on demand), for end-to-end tests of `ChatOpenAI`;
   `Fault` also plays the hostile endpoints met in the wild (keep-alive trickles, a body a byte
   a second, replies under another model name, a lone surrogate in the reply).
+- `redis_server` and `PostgresCluster`: real Redis and PostgreSQL servers of a test's own on
+  free ports of 127.0.0.1 (Debian's binaries, in a temporary directory), to run a store against
+  and to stop or crash; `redis_url_of` gives a Redis server's URL.
 """
 
 from chatchain.testing._fake import FakeChatModel
 from chatchain.testing._server import Fault, OpenAITestServer, echo_reply
+from chatchain.testing._stores import PostgresCluster, redis_server, redis_url_of
 
-__all__ = ["FakeChatModel", "Fault", "OpenAITestServer", "echo_reply"]
+__all__ = [
+    "FakeChatModel",
+    "Fault",
+    "OpenAITestServer",
+    "PostgresCluster",
+    "echo_reply",
+    "redis_server",
+    "redis_url_of",
+]

@@ -38,11 +38,9 @@ from chatchain.stores import _sqlite as sqlite_module
 from chatchain.stores._postgres import PostgresStore
 from chatchain.stores._redis import RedisStore
 from chatchain.stores._sqlite import SQLiteStore
-from chatchain.testing import FakeChatModel
+from chatchain.testing import FakeChatModel, PostgresCluster, redis_server, redis_url_of
 from tests.reliability.conftest import Gate, assert_ledger_adds_up, assert_no_hold_left
-from tests.stores.fixtures_postgres import PostgresCluster
 from tests.stores.fixtures_postgres import wipe as wipe_postgres
-from tests.stores.fixtures_redis import redis_server, url_of
 
 SID = "s"
 MODES = ["sync", "async"]
@@ -151,7 +149,7 @@ def postgres_outage() -> Iterator[PostgresCluster]:
 def outage(request: pytest.FixtureRequest) -> Iterator[Outage]:
     if request.param == "redis":
         server: RedisExecutor = request.getfixturevalue("redis_outage")
-        url = url_of(server)
+        url = redis_url_of(server)
         with redis.Redis.from_url(url) as client:
             client.flushdb()
         yield Outage(
@@ -284,7 +282,7 @@ def breakage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Breakag
         )
     elif request.param == "redis":
         server: RedisExecutor = request.getfixturevalue("redis_outage")
-        url = url_of(server)
+        url = redis_url_of(server)
         client = redis.Redis.from_url(url)
         client.flushdb()
         redis_store = RedisStore(url, lock_timeout=10.0)

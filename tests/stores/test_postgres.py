@@ -20,8 +20,9 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores import Summary, _postgres, open_store
 from chatchain.stores._postgres import _MIGRATIONS, PostgresStore
+from chatchain.testing import PostgresCluster
+from chatchain.testing._stores import free_port
 from chatchain.usage import BudgetHold, BudgetLimit, Scope, UsageEntry, total_of
-from tests.stores.fixtures_postgres import PostgresCluster, _free_port
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -462,7 +463,7 @@ def test_async_calls_work_from_many_event_loops_and_threads(postgres_store: Post
 
 
 def test_an_unreachable_server_gives_a_store_error_without_the_password() -> None:
-    url = f"postgresql://chat:hunter2-secret@127.0.0.1:{_free_port()}/chatdb?connect_timeout=2"
+    url = f"postgresql://chat:hunter2-secret@127.0.0.1:{free_port()}/chatdb?connect_timeout=2"
     with pytest.raises(StoreError) as caught:
         PostgresStore(url)
     message = str(caught.value)

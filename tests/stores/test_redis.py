@@ -26,8 +26,8 @@ from langchain_core.messages import AIMessage, HumanMessage
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores import Summary, open_store
 from chatchain.stores._redis import RedisStore
+from chatchain.testing import redis_server, redis_url_of
 from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry, total_of
-from tests.stores.fixtures_redis import redis_server, url_of
 from tests.stores.test_contract import conversation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -322,7 +322,7 @@ def test_waiting_for_a_busy_session_does_not_block_the_loop(
 
 def test_server_killed_mid_turn_then_restarted(tmp_path: Path) -> None:
     with redis_server(tmp_path, appendonly=True) as server:
-        url = url_of(server)
+        url = redis_url_of(server)
         store = RedisStore(url, lock_timeout=5.0, lease=1.0)
         store.append("s", conversation(4))
         store.set_summary("s", Summary("greetings", 2))
