@@ -9,12 +9,10 @@ needs no ``cli`` extra.
 from __future__ import annotations
 
 import sys
-from typing import Any
-
 from chatchain.chatbot import Chatbot
 from chatchain.errors import ChatChainError
 from chatchain.settings import Settings
-from chatchain.testing import OpenAITestServer
+from chatchain.testing import OpenAITestServer, memory_echo_reply
 from chatchain.usage import Usage
 
 SYSTEM = (
@@ -29,11 +27,6 @@ To talk to a real model:
   export OPENAI_BASE_URL=http://localhost:11434/v1   # or a local server (Ollama, vLLM, ...)
   export OPENAI_MODEL=llama3.2                       # with its model name
 """
-
-
-def _offline_reply(messages: list[dict[str, Any]]) -> str:
-    earlier = len(messages) - 2  # minus the system message and the new question
-    return f"(echo; I was sent {earlier} earlier messages) {messages[-1]['content']}"
 
 
 def _usage_line(usage: Usage | None) -> str:
@@ -80,7 +73,7 @@ def main() -> int:
         settings = Settings.load()
         if settings.api_key is None and not settings.base_url:
             print(OFFLINE_NOTE)
-            with OpenAITestServer(reply=_offline_reply, model=settings.model) as server:
+            with OpenAITestServer(reply=memory_echo_reply, model=settings.model) as server:
                 offline = settings.model_copy(update={"base_url": server.base_url})
                 _run(Chatbot(offline, system=SYSTEM, prompt_vars={"language": "English"}))
         else:

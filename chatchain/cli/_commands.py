@@ -29,6 +29,7 @@ from chatchain.cli._setup import (
     DATA_DIR_ENV,
     data_dir,
     errors_reported,
+    latest_session,
     load_settings,
     new_session_id,
     open_settings_store,
@@ -53,14 +54,64 @@ def _prompt_vars(
     return prompt_vars
 
 
-_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+_UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes"}
+
+
+def _parse_duration(value: str) -> timedelta | None:
+    match = re.fullmatch(r"(\d+)([wdhm])", value.strip())
+    return None if match is None else timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
-    match = re.fullmatch(r"(\d+)([dhm])", value.strip())
-    if match is None:
+    duration = _parse_duration(value)
+    if duration is None:
         raise click.BadParameter(f"{value!r} is not a duration like 30d, 12h or 90m.")
-    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+    return duration
+
+
+def since_time(value: str, now: datetime) -> datetime:
+    """The start of the period that ``usage --since VALUE`` names, as of ``now`` (UTC).
+
+    click has no relative dates and no dependency of chatchain parses them, so this small
+    parser takes: a duration back from now (``7d``, ``24h``, ``90m``, ``2w``); ``today`` or
+    ``yesterday`` (from 00:00 UTC of that day); or a UTC day (``2026-11-01``).
+
+    Raises:
+        ValueError: ``value`` is none of these.
+
+    Example:
+        >>> now = datetime(2026, 11, 20, 15, 30, tzinfo=UTC)
+        >>> since_time("7d", now).isoformat()
+        '2026-11-13T15:30:00+00:00'
+        >>> since_time("yesterday", now).isoformat()
+        '2026-11-19T00:00:00+00:00'
+        >>> since_time("2026-11-01", now).isoformat()
+        '2026-11-01T00:00:00+00:00'
+    """
+    text = value.strip().lower()
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    days_back = {"today": 0, "yesterday": 1}
+    if text in days_back:
+        return midnight - timedelta(days=days_back[text])
+    duration = _parse_duration(text)
+    if duration is not None:
+        return now - duration
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a period: give 7d, 24h, 90m, 2w, today, yesterday or a day "
+            "like 2026-11-01 (UTC)."
+        ) from None
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return since_time(value, datetime.now(UTC))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _report_keys(ctx: click.Context, param: click.Parameter, value: str) -> tuple[ReportKey, ...]:
@@ -180,11 +231,19 @@ def chat(
 
 @cli.command()
 @click.argument("question")
+@click.option(
+    "-c",
+    "--continue",
+    "continue_",
+    is_flag=True,
+    help="Ask in the session written most recently (a new one if there is none).",
+)
 @click.option("--session", "session_id", metavar="ID", help="Ask in this session (default: new).")
 @_model_options
 @_store_options
 def ask(
     question: str,
+    continue_: bool,
     session_id: str | None,
     model: str | None,
     system: str | None,
@@ -198,9 +257,13 @@ def ask(
 ) -> None:
     """Ask one QUESTION ("-" reads it from stdin) and print the reply.
 
-    The reply streams when stdout is a terminal, else it is printed whole; the usage line
-    goes to stderr. Exit status: 0 on success, 1 on an error, 2 on a usage error.
+    Each ask starts a new session unless -c/--continue or --session says which to go on
+    in. The reply streams when stdout is a terminal, else it is printed whole; the usage line
+    (with the session id) goes to stderr. Exit status: 0 on success, 1 on an error, 2 on a
+    usage error.
     """
+    if session_id is not None and continue_:
+        raise click.UsageError("--session and --continue cannot be used together.")
     if question == "-":
         question = sys.stdin.read().strip()
     status = Console(stderr=True, highlight=False)
@@ -213,7 +276,8 @@ def ask(
             use_endpoint(loaded, offline, status) as settings,
             Chatbot(settings, system=system, prompt_vars=prompt_vars) as bot,
         ):
-            session = session_id or new_session_id()
+            session = session_id or (latest_session(bot) if continue_ else None)
+            session = session or new_session_id()
             if not sys.stdout.isatty():
                 reply = bot.chat(question, session_id=session, user_id=user)
                 click.echo(reply.text)
@@ -367,9 +431,10 @@ def prune(older_than: timedelta, store: str | None, env_file: Path | None, debug
 @click.option("--user", "user_id", metavar="ID", help="Only this user.")
 @click.option(
     "--since",
-    type=click.DateTime(formats=["%Y-%m-%d"]),
-    metavar="YYYY-MM-DD",
-    help="From this UTC day on.",
+    metavar="WHEN",
+    callback=_since,
+    help="Only the usage since WHEN: 7d, 24h, 90m, 2w back from now; today or yesterday "
+    "(from 00:00 UTC); or a UTC day, 2026-11-01.",
 )
 @_store_options
 def usage(
@@ -387,7 +452,7 @@ def usage(
             by,
             session_id=session_id,
             user_id=user_id,
-            since=None if since is None else since.replace(tzinfo=UTC),
+            since=since,
         )
         if not report.rows:
             click.echo("No usage recorded.")

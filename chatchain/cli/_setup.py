@@ -25,7 +25,7 @@ from rich.text import Text
 
 from chatchain import Chatbot, ChatChainError, ConfigurationError, MissingAPIKeyError, Settings
 from chatchain.stores import HistoryStore, SessionInfo, open_store
-from chatchain.testing import OpenAITestServer
+from chatchain.testing import OpenAITestServer, memory_echo_reply
 
 DATA_DIR_ENV = "CHATCHAIN_DATA_DIR"
 """Overrides the user's data folder (where the default store and the input history live)."""
@@ -87,7 +87,7 @@ def use_endpoint(settings: Settings, offline: bool, notice: Console) -> Iterator
             raise MissingAPIKeyError(NO_ENDPOINT)
         yield settings
         return
-    with OpenAITestServer(model=settings.model) as server:
+    with OpenAITestServer(reply=memory_echo_reply, model=settings.model) as server:
         notice.print(Text(OFFLINE, style="bold yellow"))
         yield settings.model_copy(update={"base_url": server.base_url, "api_key": None})
 

@@ -12,7 +12,7 @@
 """
 
 from chatchain.testing._fake import FakeChatModel
-from chatchain.testing._server import Fault, OpenAITestServer, echo_reply
+from chatchain.testing._server import Fault, OpenAITestServer, echo_reply, memory_echo_reply
 from chatchain.testing._stores import PostgresCluster, redis_server, redis_url_of
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "OpenAITestServer",
     "PostgresCluster",
     "echo_reply",
+    "memory_echo_reply",
     "redis_server",
     "redis_url_of",
 ]

@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Fault", "OpenAITestServer", "echo_reply"]
+__all__ = ["Fault", "OpenAITestServer", "echo_reply", "memory_echo_reply"]
 
 ReplyFn = Callable[[list[dict[str, Any]]], str]
 
@@ -139,6 +139,31 @@ def echo_reply(messages: list[dict[str, Any]]) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             return "Echo: " + _content_text(message.get("content"))
     return "Echo: "
+
+
+def memory_echo_reply(messages: list[dict[str, Any]]) -> str:
+    """A reply that echoes the last message and says how many earlier messages were sent.
+
+    The memory at work, shown without a model: the demo's and ``chatchain chat --offline``'s
+    reply. System messages (the system prompt, a running summary) are not counted.
+
+    Args:
+        messages: The ``messages`` of an OpenAI chat-completions request.
+
+    Returns:
+        The reply text.
+
+    Example:
+        >>> memory_echo_reply([{"role": "system", "content": "Be brief."},
+        ...                    {"role": "user", "content": "Hi! I'm Bob"},
+        ...                    {"role": "assistant", "content": "Hello Bob!"},
+        ...                    {"role": "user", "content": "What's my name?"}])
+        "(echo; I was sent 2 earlier messages) What's my name?"
+    """
+    earlier = sum(1 for message in messages[:-1] if message.get("role") != "system")
+    last = _content_text(messages[-1].get("content")) if messages else ""
+    noun = "message" if earlier == 1 else "messages"
+    return f"(echo; I was sent {earlier} earlier {noun}) {last}"
 
 
 @dataclass(frozen=True)

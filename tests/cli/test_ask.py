@@ -64,6 +64,37 @@ def test_each_ask_is_a_new_session_unless_one_is_given(
         assert [m.text for m in store.load("s1")] == ["three", "Echo: three", "four", "Echo: four"]
 
 
+def test_continue_asks_in_the_latest_session(
+    chatchain: Chatchain, server: OpenAITestServer
+) -> None:
+    first = chatchain("ask", "--continue", "Hi! I'm Bob")  # no session yet: a new one
+    second = chatchain("ask", "-c", "What's my name?")
+    assert (first.exit_code, second.exit_code) == (0, 0)
+    session = USAGE_LINE.fullmatch(first.stderr)
+    assert session is not None
+    assert f"session {session[1]}," in second.stderr
+    assert [len(r["body"]["messages"]) for r in server.requests] == [2, 4]
+    chatchain("ask", "--session", "other", "elsewhere")
+    assert chatchain("ask", "-c", "again").exit_code == 0  # "other" is now the latest
+    with chatchain.store() as store:
+        assert sorted(store.sessions()) == sorted([session[1], "other"])
+        assert [m.text for m in store.load("other")][::2] == ["elsewhere", "again"]
+        assert [m.text for m in store.load(session[1])][::2] == ["Hi! I'm Bob", "What's my name?"]
+
+
+def test_continue_and_session_together_is_a_usage_error(chatchain: Chatchain) -> None:
+    result = chatchain("ask", "-c", "--session", "s1", "hi")
+    assert result.exit_code == 2
+    assert "--session and --continue cannot be used together" in result.stderr
+
+
+def test_offline_echo_shows_the_memory(chatchain: Chatchain) -> None:
+    offline = {"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None}
+    chatchain("ask", "--offline", "--session", "s", "Hi! I'm Bob", env=offline)
+    result = chatchain("ask", "--offline", "--session", "s", "What's my name?", env=offline)
+    assert result.stdout == "(echo; I was sent 2 earlier messages) What's my name?\n"
+
+
 def test_options_reach_the_request_and_the_ledger(
     chatchain: Chatchain, server: OpenAITestServer
 ) -> None:
@@ -185,7 +216,7 @@ def test_offline_talks_to_the_echo_server_and_says_so(
         "ask", "--offline", "hi", env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None}
     )
     assert result.exit_code == 0
-    assert result.stdout == "Echo: hi\n"
+    assert result.stdout == "(echo; I was sent 0 earlier messages) hi\n"
     assert result.stderr.startswith("OFFLINE: replies are echoes from chatchain's test server")
     assert server.requests == []
 
@@ -194,7 +225,7 @@ def test_offline_ignores_the_configured_endpoint(
     chatchain: Chatchain, server: OpenAITestServer
 ) -> None:
     result = chatchain("ask", "--offline", "hi")
-    assert result.stdout == "Echo: hi\n"
+    assert result.stdout == "(echo; I was sent 0 earlier messages) hi\n"
     assert server.requests == []
 
 

@@ -197,13 +197,15 @@ def test_chat_offline(chatchain: Chatchain, server: OpenAITestServer) -> None:
     result = chatchain(
         "chat",
         "--offline",
-        input=lines("hi"),
+        input=lines("Hi! I'm Bob", "What's my name?"),
         env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None},
     )
     assert result.exit_code == 0
     output = result.output.splitlines()
     assert output[0] == "OFFLINE: replies are echoes from chatchain's test server on 127.0.0.1."
-    assert output[3] == "Echo: hi"
+    # As in the demo, the echo shows the memory at work: how many earlier messages were sent.
+    assert "(echo; I was sent 0 earlier messages) Hi! I'm Bob" in output
+    assert "(echo; I was sent 2 earlier messages) What's my name?" in output
     assert server.requests == []
 
 

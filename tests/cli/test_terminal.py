@@ -132,7 +132,7 @@ def test_chat_in_a_terminal(
     session = offline.expect(r"session \w+ \(new\)").split()[1]
     wait_for_prompt(offline)
     offline.type(f"helo{LEFT}l\r")
-    offline.expect("Echo: hello\n")
+    offline.expect(r"\(echo; I was sent 0 earlier messages\) hello\n")
     offline.expect(r"tokens \(\d+ prompt \+ \d+ completion\), \$0\.\d{6}, [\d.]+ s, first token")
     wait_for_prompt(offline)
     offline.type("discarded")
@@ -142,10 +142,10 @@ def test_chat_in_a_terminal(
     offline.expect(r"discarded *\n+you>")  # the line is left as it was, and a new prompt shown
     offline.settle()
     offline.type("kept\r")
-    offline.expect("Echo: kept\n")
+    offline.expect(r"\(echo; I was sent 2 earlier messages\) kept\n")
     wait_for_prompt(offline)
     offline.type(f"{UP}\r")  # the input history holds the line just sent
-    offline.expect("Echo: kept\n")
+    offline.expect(r"\(echo; I was sent 4 earlier messages\) kept\n")
     wait_for_prompt(offline)
     offline.type(CTRL_D)
     assert offline.process.wait(30) == 0
@@ -177,11 +177,11 @@ def test_chat_in_a_terminal(
         store.close()
     assert [m.text for m in messages[:6]] == [
         "hello",
-        "Echo: hello",
+        "(echo; I was sent 0 earlier messages) hello",
         "kept",
-        "Echo: kept",
+        "(echo; I was sent 2 earlier messages) kept",
         "kept",
-        "Echo: kept",
+        "(echo; I was sent 4 earlier messages) kept",
     ]
     asked, partial = messages[6:]
     assert asked.text == "tell me everything"
@@ -193,6 +193,6 @@ def test_chat_in_a_terminal(
 def test_ask_streams_to_a_terminal(terminal_env: dict[str, str], terminals: list[Terminal]) -> None:
     ask = Terminal(["ask", "--offline", "hello there"], terminal_env)
     terminals.append(ask)
-    ask.expect("Echo: hello there\n")
+    ask.expect(r"\(echo; I was sent 0 earlier messages\) hello there\n")
     ask.expect(r"session \w+, \d+ tokens .* first token [\d.]+ s")  # only streams time it
     assert ask.process.wait(30) == 0

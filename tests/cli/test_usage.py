@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from chatchain import UsageEntry, UsageLedger
+from chatchain.cli._commands import since_time
 from tests.cli.conftest import Chatchain
 
 
@@ -82,7 +83,46 @@ def test_usage_of_an_empty_ledger(chatchain: Chatchain) -> None:
     assert chatchain("usage").output == "No usage recorded.\n"
 
 
-@pytest.mark.parametrize("args", [["--by", "week"], ["--by", ","], ["--since", "yesterday"]])
+def test_usage_since_a_relative_period(chatchain: Chatchain) -> None:
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    ages = {
+        "today": now,
+        "yesterday": midnight - timedelta(hours=1),
+        "3 days ago": midnight - timedelta(days=3),
+        "10 days ago": midnight - timedelta(days=10),
+    }
+    with chatchain.store() as store:
+        for session, at in ages.items():
+            store.record_usage(UsageEntry(session.replace(" ", "-"), "gpt-4o-mini", at=at))
+
+    def sessions(since: str) -> list[str]:
+        result = chatchain("usage", "--since", since, "--by", "session")
+        assert result.exit_code == 0, result.stderr
+        return [line.split()[0] for line in result.output.splitlines()[1:-1]]
+
+    assert sessions("today") == ["today"]
+    assert sessions("yesterday") == ["today", "yesterday"]
+    assert sessions("7d") == ["3-days-ago", "today", "yesterday"]
+    assert sessions("2w") == ["10-days-ago", "3-days-ago", "today", "yesterday"]
+    assert sessions("1h") == ["today"]
+    assert sessions((midnight - timedelta(days=3)).date().isoformat()) == sessions("7d")
+
+
+def test_since_time_reads_periods_and_days() -> None:
+    now = datetime(2026, 11, 20, 15, 30, tzinfo=UTC)
+    assert since_time("24h", now) == datetime(2026, 11, 19, 15, 30, tzinfo=UTC)
+    assert since_time("90m", now) == datetime(2026, 11, 20, 14, 0, tzinfo=UTC)
+    assert since_time(" Today ", now) == datetime(2026, 11, 20, tzinfo=UTC)
+    assert since_time("yesterday", now) == datetime(2026, 11, 19, tzinfo=UTC)
+    assert since_time("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="7d, 24h, 90m, 2w, today, yesterday or a day"):
+        since_time("last week", now)
+
+
+@pytest.mark.parametrize(
+    "args", [["--by", "week"], ["--by", ","], ["--since", "last week"], ["--since", "7x"]]
+)
 def test_usage_refuses_bad_options(chatchain: Chatchain, args: list[str]) -> None:
     result = chatchain("usage", *args)
     assert result.exit_code == 2
