@@ -9,6 +9,7 @@ needs no ``cli`` extra.
 from __future__ import annotations
 
 import sys
+
 from chatchain.chatbot import Chatbot
 from chatchain.errors import ChatChainError
 from chatchain.settings import Settings
