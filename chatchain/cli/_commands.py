@@ -54,11 +54,11 @@ def _prompt_vars(
     return prompt_vars
 
 
-_UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes"}
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
 
 def _parse_duration(value: str) -> timedelta | None:
-    match = re.fullmatch(r"(\d+)([wdhm])", value.strip())
+    match = re.fullmatch(r"(\d+)([dhm])", value.strip())
     return None if match is None else timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
@@ -73,7 +73,7 @@ def since_time(value: str, now: datetime) -> datetime:
     """The start of the period that ``usage --since VALUE`` names, as of ``now`` (UTC).
 
     click has no relative dates and no dependency of chatchain parses them, so this small
-    parser takes: a duration back from now (``7d``, ``24h``, ``90m``, ``2w``); ``today`` or
+    parser takes: a duration back from now (``7d``, ``24h``, ``90m``); ``today`` or
     ``yesterday`` (from 00:00 UTC of that day); or a UTC day (``2026-11-01``).
 
     Raises:
@@ -100,7 +100,7 @@ def since_time(value: str, now: datetime) -> datetime:
         return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
         raise ValueError(
-            f"{value!r} is not a period: give 7d, 24h, 90m, 2w, today, yesterday or a day "
+            f"{value!r} is not a period: give 7d, 24h, 90m, today, yesterday or a day "
             "like 2026-11-01 (UTC)."
         ) from None
 
@@ -433,7 +433,7 @@ def prune(older_than: timedelta, store: str | None, env_file: Path | None, debug
     "--since",
     metavar="WHEN",
     callback=_since,
-    help="Only the usage since WHEN: 7d, 24h, 90m, 2w back from now; today or yesterday "
+    help="Only the usage since WHEN: 7d, 24h or 90m back from now; today or yesterday "
     "(from 00:00 UTC); or a UTC day, 2026-11-01.",
 )
 @_store_options
