@@ -8,7 +8,8 @@ LOCK := requirements/constraints.txt
 .PHONY: demo test check lint types unit services bench lock test-latest test-lowest clean
 
 # Set up (once, and again when pyproject.toml or the lock changes) and run the demo chat session.
-demo: $(VENV)/.installed
+# It needs only the package itself, not the test tools and database drivers.
+demo: $(VENV)/.demo
 	$(BIN)/python -m chatchain._demo
 
 # Set up and run everything CI runs: format, lint, types, all tests.
@@ -34,6 +35,12 @@ services:
 bench: $(VENV)/.installed services
 	$(BIN)/python benchmarks/report.py
 
+$(VENV)/.demo: pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e .
+	touch $@
+
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -44,8 +51,9 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 lock:
 	uv pip compile pyproject.toml --all-extras --python-version 3.11 --upgrade --quiet -o $(LOCK)
 
-# Drift checks, not in CI's path: the whole suite against the newest and the lowest versions
-# that pyproject.toml's bounds allow, each in its own virtual environment.
+# Drift checks, not in CI's path: lint and the whole suite against the newest and the lowest
+# versions that pyproject.toml's bounds allow, each in its own virtual environment (types
+# against the newest only; see .ci/drift).
 test-latest: services
 	bash .ci/drift latest
 
