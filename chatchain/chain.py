@@ -33,7 +33,7 @@ from chatchain.errors import ContextTooLongError
 from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
-from chatchain.stores import Fence, HistoryStore, MemoryStore
+from chatchain.stores import Fence, HistoryBackend, HistoryStore, MemoryStore, as_store
 from chatchain.usage import Budget, UsageLedger
 from chatchain.window import HistoryWindow, Recall
 
@@ -461,7 +461,9 @@ def create_chat_chain(
         prompt_vars: Default values of the system message's variables; a call may override.
         get_session_history: Returns the history of a session id. A `HistoryStore` also
             serialises turns per session across every chain that shares it; the default is
-            `get_message_history`, a process-wide dict of `ChatMessageHistory`.
+            `get_message_history`, a process-wide dict of `ChatMessageHistory`. A store
+            that implements only `HistoryBackend` is completed by `as_store` (lock,
+            summary and ledger in this process).
         input_key: The input dict's key for the user's text.
         history_key: The prompt variable the history fills. ``None`` makes ``input_key`` a
             list of messages to which the history is prepended (the seeds' ``my_msg`` form).
@@ -500,6 +502,9 @@ def create_chat_chain(
     model = prepare_chat_model(llm) if llm is not None else create_chat_model(settings)
     if get_session_history is None or get_session_history is get_message_history:
         history: Callable[[str], BaseChatMessageHistory] = _default_store
+    elif isinstance(get_session_history, HistoryBackend):
+        # A store with only part of the contract: the rest is kept in this process.
+        history = as_store(get_session_history, lock_timeout=settings.lock_timeout)
     else:
         history = get_session_history
     if window is True:

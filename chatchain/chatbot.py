@@ -20,7 +20,7 @@ from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
-from chatchain.stores import HistoryStore, SessionInfo, open_store
+from chatchain.stores import HistoryBackend, HistoryStore, SessionInfo, as_store, open_store
 from chatchain.stores._export import read_export
 from chatchain.usage import Budget, ReportKey, Usage, UsageEntry, UsageLedger, UsageReport
 
@@ -171,7 +171,8 @@ class Chatbot:
         llm: A chat model to use instead of `ChatOpenAI` (e.g. a fake one in tests, or
             your own `ChatOpenAI`), not a chain such as ``prompt | model``.
         store: Where sessions live; by default the store ``settings.store`` names (a new
-            in-memory one unless ``CHATCHAIN_STORE`` says otherwise).
+            in-memory one unless ``CHATCHAIN_STORE`` says otherwise). A store that
+            implements only `HistoryBackend` is completed by `as_store`.
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
         prompt_vars: Default values of the system message's variables.
         env_file: The ``.env`` file to read when ``settings`` is not given.
@@ -195,15 +196,17 @@ class Chatbot:
         settings: Settings | None = None,
         *,
         llm: Runnable[Any, Any] | None = None,
-        store: HistoryStore | None = None,
+        store: HistoryBackend | None = None,
         system: str | None = None,
         prompt_vars: Mapping[str, str] | None = None,
         env_file: str | Path | None = ".env",
         budget: Budget | None = None,
     ) -> None:
         self.settings = settings or Settings.load(env_file)
-        self.store = store or open_store(
-            self.settings.store, lock_timeout=self.settings.lock_timeout
+        self.store: HistoryStore = (
+            open_store(self.settings.store, lock_timeout=self.settings.lock_timeout)
+            if store is None
+            else as_store(store, lock_timeout=self.settings.lock_timeout)
         )
         self._ledger = UsageLedger(self.store)
         self._llm = llm

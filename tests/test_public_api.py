@@ -17,7 +17,14 @@ def test_all_is_sorted_and_exports_exactly_the_public_names() -> None:
             and getattr(value, "__module__", module.__name__).startswith("chatchain")
         }
         public -= {"annotations"}
+        public |= set(getattr(module, "_LAZY", ()))  # exported on first use
         assert set(module.__all__) == public, module.__name__
+
+
+def test_every_public_name_resolves() -> None:
+    for module in (chatchain, chatchain.errors, chatchain.stores, chatchain.testing):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"{module.__name__}.{name}"
 
 
 def test_every_error_descends_from_the_root() -> None:

@@ -4,9 +4,11 @@ A store keeps, per session id: the full transcript (messages in order, never tri
 running summary of older messages, and when the session was created and last written. It
 also provides one writer per session (a lock that spans processes for shared backends).
 
-Backends implement the small set of abstract primitives below; everything else (the
-`BaseChatMessageHistory` view, export and import, async twins) is built on them here, so
-behaviour cannot drift between backends. Messages are stored as JSON
+The contract is four small ones that a store combines: `HistoryBackend` (transcripts),
+`SummaryBackend`, `LockBackend` and `LedgerBackend`; `HistoryStore` is all four plus session
+times, and is what the built-in stores implement. Everything else (the
+`BaseChatMessageHistory` view, export and import, async twins) is built on the primitives
+here, so behaviour cannot drift between backends. Messages are stored as JSON
 (``langchain_core.messages.message_to_dict``), never pickled.
 """
 
@@ -25,16 +27,26 @@ from typing import Any
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
-from chatchain.errors import InvalidInputError, SessionExistsError, SessionLockLostError
+from chatchain.errors import (
+    ConfigurationError,
+    InvalidInputError,
+    SessionExistsError,
+    SessionLockLostError,
+)
 from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
 
 __all__ = [
     "EXPORT_FORMAT",
     "Fence",
+    "HistoryBackend",
     "HistoryStore",
+    "LedgerBackend",
+    "LockBackend",
     "SessionInfo",
     "StoreHistory",
     "Summary",
+    "SummaryBackend",
+    "driver_missing",
     "dump_message",
     "load_message",
 ]
@@ -50,6 +62,20 @@ def dump_message(message: BaseMessage) -> str:
 def load_message(text: str | bytes) -> BaseMessage:
     """The message `dump_message` wrote."""
     return messages_from_dict([json.loads(text)])[0]
+
+
+def driver_missing(store: str, extra: str, exc: ImportError) -> ConfigurationError:
+    """The error for a store whose optional driver is not installed: which extra fixes it.
+
+    Args:
+        store: The store's name, as a user knows it (``"Redis"``).
+        extra: The chatchain extra that installs its driver (``"redis"``).
+        exc: The import error (its message is kept).
+    """
+    return ConfigurationError(
+        f"The {store} store needs its driver, which is not installed ({exc}): "
+        f"pip install 'chatchain[{extra}]'."
+    )
 
 
 def utcnow() -> datetime:
@@ -111,17 +137,16 @@ class SessionInfo:
     updated_at: datetime
 
 
-class HistoryStore(ABC):
-    """Where sessions live: transcripts, summaries and one writer per session.
+class HistoryBackend(ABC):
+    """Transcripts: the one part of the storage contract every store provides.
 
-    A store is itself a ``get_session_history`` callable, so it can be handed straight to
-    `RunnableWithMessageHistory` or `create_chat_chain`.
+    A third-party store may implement only this (five methods); `as_store` then adds the
+    rest in this process (see ``docs/writing-a-store.md`` for what that gives up). A
+    backend is itself a ``get_session_history`` callable.
 
-    Subclasses implement the abstract methods (sync). The async twins run them in a thread
-    by default; backends with an async driver override them.
+    The async twins run the sync methods in a thread by default; backends with an async
+    driver override them.
     """
-
-    # -- messages --------------------------------------------------------------------------
 
     @abstractmethod
     def append(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
@@ -140,25 +165,39 @@ class HistoryStore(ABC):
     def count(self, session_id: str) -> int:
         """How many messages a session holds (0 for an unknown session)."""
 
-    # -- sessions --------------------------------------------------------------------------
-
     @abstractmethod
     def sessions(self) -> list[str]:
         """The ids of the sessions that hold messages, oldest first."""
 
     @abstractmethod
-    def info(self, session_id: str) -> SessionInfo | None:
-        """Counts and times of a session, or ``None`` if it holds no messages."""
-
-    @abstractmethod
     def delete(self, session_id: str) -> None:
         """Forget a session: messages, summary and times. An unknown id is not an error."""
 
-    @abstractmethod
-    def prune(self, before: datetime) -> list[str]:
-        """Delete the sessions last written before ``before``; return their ids."""
+    def __call__(self, session_id: str) -> BaseChatMessageHistory:
+        """The session's history, as `RunnableWithMessageHistory` expects it."""
+        return StoreHistory(self, session_id)
 
-    # -- running summary -------------------------------------------------------------------
+    async def aappend(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
+        """`append` for async callers."""
+        await asyncio.to_thread(self.append, session_id, messages)
+
+    async def aload(
+        self, session_id: str, start: int = 0, stop: int | None = None
+    ) -> list[BaseMessage]:
+        """`load` for async callers."""
+        return await asyncio.to_thread(self.load, session_id, start, stop)
+
+    async def acount(self, session_id: str) -> int:
+        """`count` for async callers."""
+        return await asyncio.to_thread(self.count, session_id)
+
+    async def adelete(self, session_id: str) -> None:
+        """`delete` for async callers."""
+        await asyncio.to_thread(self.delete, session_id)
+
+
+class SummaryBackend(ABC):
+    """A running summary per session (the window's summary of older turns)."""
 
     @abstractmethod
     def get_summary(self, session_id: str) -> Summary | None:
@@ -168,7 +207,17 @@ class HistoryStore(ABC):
     def set_summary(self, session_id: str, summary: Summary) -> None:
         """Replace the session's running summary."""
 
-    # -- one writer per session ------------------------------------------------------------
+    async def aget_summary(self, session_id: str) -> Summary | None:
+        """`get_summary` for async callers."""
+        return await asyncio.to_thread(self.get_summary, session_id)
+
+    async def aset_summary(self, session_id: str, summary: Summary) -> None:
+        """`set_summary` for async callers."""
+        await asyncio.to_thread(self.set_summary, session_id, summary)
+
+
+class LockBackend(ABC):
+    """One writer per session: threads, and other processes for shared stores."""
 
     @abstractmethod
     def lock(self, session_id: str) -> AbstractContextManager[Fence | None]:
@@ -189,7 +238,9 @@ class HistoryStore(ABC):
             SessionBusyError: Another turn kept it past the lock timeout.
         """
 
-    # -- usage ledger (see chatchain.usage) -------------------------------------------------
+
+class LedgerBackend(ABC):
+    """The usage ledger: entries, totals per scope and budget holds (see chatchain.usage)."""
 
     @abstractmethod
     def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
@@ -234,6 +285,39 @@ class HistoryStore(ABC):
     @abstractmethod
     def release_budget(self, hold_id: str) -> None:
         """Drop a hold (unknown or expired ids are not an error)."""
+
+    async def arecord_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        """`record_usage` for async callers."""
+        await asyncio.to_thread(self.record_usage, entry, release=release)
+
+    async def ahold_budget(
+        self, hold: BudgetHold, limits: Sequence[BudgetLimit]
+    ) -> BudgetRefusal | None:
+        """`hold_budget` for async callers."""
+        return await asyncio.to_thread(self.hold_budget, hold, limits)
+
+    async def arelease_budget(self, hold_id: str) -> None:
+        """`release_budget` for async callers."""
+        await asyncio.to_thread(self.release_budget, hold_id)
+
+
+class HistoryStore(HistoryBackend, SummaryBackend, LockBackend, LedgerBackend):
+    """Where sessions live: transcripts, summaries, one writer per session and the ledger.
+
+    The full contract of the built-in stores: the four small ones (`HistoryBackend`,
+    `SummaryBackend`, `LockBackend`, `LedgerBackend`) plus session times (`info`, `prune`),
+    an atomic `commit_turn` and `replace_session`. A store is itself a
+    ``get_session_history`` callable, so it can be handed straight to
+    `RunnableWithMessageHistory` or `create_chat_chain`.
+    """
+
+    @abstractmethod
+    def info(self, session_id: str) -> SessionInfo | None:
+        """Counts and times of a session, or ``None`` if it holds no messages."""
+
+    @abstractmethod
+    def prune(self, before: datetime) -> list[str]:
+        """Delete the sessions last written before ``before``; return their ids."""
 
     def commit_turn(
         self,
@@ -281,54 +365,10 @@ class HistoryStore(ABC):
             partial(self.commit_turn, release=release, fence=fence), session_id, messages, entry
         )
 
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+    def close(self) -> None:
         """Release connections and files."""
 
     # -- built on the primitives -----------------------------------------------------------
-
-    def __call__(self, session_id: str) -> BaseChatMessageHistory:
-        """The session's history, as `RunnableWithMessageHistory` expects it."""
-        return StoreHistory(self, session_id)
-
-    async def aappend(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
-        """`append` for async callers."""
-        await asyncio.to_thread(self.append, session_id, messages)
-
-    async def aload(
-        self, session_id: str, start: int = 0, stop: int | None = None
-    ) -> list[BaseMessage]:
-        """`load` for async callers."""
-        return await asyncio.to_thread(self.load, session_id, start, stop)
-
-    async def acount(self, session_id: str) -> int:
-        """`count` for async callers."""
-        return await asyncio.to_thread(self.count, session_id)
-
-    async def adelete(self, session_id: str) -> None:
-        """`delete` for async callers."""
-        await asyncio.to_thread(self.delete, session_id)
-
-    async def aget_summary(self, session_id: str) -> Summary | None:
-        """`get_summary` for async callers."""
-        return await asyncio.to_thread(self.get_summary, session_id)
-
-    async def aset_summary(self, session_id: str, summary: Summary) -> None:
-        """`set_summary` for async callers."""
-        await asyncio.to_thread(self.set_summary, session_id, summary)
-
-    async def arecord_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
-        """`record_usage` for async callers."""
-        await asyncio.to_thread(self.record_usage, entry, release=release)
-
-    async def ahold_budget(
-        self, hold: BudgetHold, limits: Sequence[BudgetLimit]
-    ) -> BudgetRefusal | None:
-        """`hold_budget` for async callers."""
-        return await asyncio.to_thread(self.hold_budget, hold, limits)
-
-    async def arelease_budget(self, hold_id: str) -> None:
-        """`release_budget` for async callers."""
-        await asyncio.to_thread(self.release_budget, hold_id)
 
     def export_session(self, session_id: str) -> dict[str, Any]:
         """A session as a JSON-ready dict: messages, summary and times.
@@ -443,7 +483,7 @@ class StoreHistory(BaseChatMessageHistory):
     ``messages`` is the full transcript; the chain itself loads only the window it needs.
     """
 
-    def __init__(self, store: HistoryStore, session_id: str) -> None:
+    def __init__(self, store: HistoryBackend, session_id: str) -> None:
         self.store = store
         self.session_id = session_id
 

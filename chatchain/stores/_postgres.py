@@ -93,6 +93,7 @@ from chatchain.stores._base import (
     HistoryStore,
     SessionInfo,
     Summary,
+    driver_missing,
     dump_message,
     load_message,
     lock_lost,
@@ -119,7 +120,6 @@ __all__ = ["PostgresStore"]
 
 _T = TypeVar("_T")
 
-_INSTALL = "pip install 'chatchain[postgres]'"
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # the longest table name stays under 63 bytes
 _DEFAULT_WAIT_S = 10.0
 _NO_STOP = 2**62  # "to the end" for the range read
@@ -225,13 +225,6 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
         ],
     ),
 ]
-
-
-def _driver_missing(exc: ImportError) -> ConfigurationError:
-    return ConfigurationError(
-        f"The PostgreSQL store needs psycopg 3 and psycopg-pool ({exc.name} is missing): "
-        f"{_INSTALL}."
-    )
 
 
 def _utc(moment: datetime) -> datetime:
@@ -668,7 +661,7 @@ class PostgresStore(HistoryStore):
         try:
             from psycopg_pool import ConnectionPool
         except ImportError as exc:
-            raise _driver_missing(exc) from exc
+            raise driver_missing("PostgreSQL", "postgres", exc) from exc
         if not _PREFIX.fullmatch(table_prefix):
             raise ConfigurationError(
                 f"Unusable table prefix {table_prefix!r}: use 1 to 40 lowercase letters, digits "
@@ -706,9 +699,23 @@ class PostgresStore(HistoryStore):
         self._pool.open()
 
     @classmethod
-    def from_url(cls, url: str, *, lock_timeout: float = 120.0) -> PostgresStore:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        lock_timeout: float = 120.0,
+        table_prefix: str = "chatchain",
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> PostgresStore:
         """The store at a ``postgresql://`` URL (what `open_store` calls)."""
-        return cls(url, lock_timeout=lock_timeout)
+        return cls(
+            url,
+            lock_timeout=lock_timeout,
+            table_prefix=table_prefix,
+            min_size=min_size,
+            max_size=max_size,
+        )
 
     def __repr__(self) -> str:
         return f"PostgresStore({self._where!r}, table_prefix={self.table_prefix!r})"

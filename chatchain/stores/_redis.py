@@ -79,6 +79,7 @@ from chatchain.stores._base import (
     HistoryStore,
     SessionInfo,
     Summary,
+    driver_missing,
     dump_message,
     load_message,
     lock_lost,
@@ -368,9 +369,7 @@ class RedisStore(HistoryStore):
             from redis.backoff import NoBackoff
             from redis.retry import Retry
         except ImportError as exc:
-            raise ConfigurationError(
-                "The Redis store needs the redis driver: pip install 'chatchain[redis]'."
-            ) from exc
+            raise driver_missing("Redis", "redis", exc) from exc
         if not _PREFIX.fullmatch(prefix):
             raise ConfigurationError(
                 f"Invalid Redis key prefix {prefix!r}: use 1 to 64 letters, digits, '_', '.' "
@@ -416,9 +415,16 @@ class RedisStore(HistoryStore):
         ] = {}
 
     @classmethod
-    def from_url(cls, url: str, *, lock_timeout: float = 120.0) -> RedisStore:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        lock_timeout: float = 120.0,
+        prefix: str = "chatchain",
+        lease: float = 30.0,
+    ) -> RedisStore:
         """The store at ``url`` (see `chatchain.stores.open_store`)."""
-        return cls(url, lock_timeout=lock_timeout)
+        return cls(url, lock_timeout=lock_timeout, prefix=prefix, lease=lease)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._where!r}, prefix={self.prefix!r})"

@@ -380,14 +380,14 @@ class SQLiteStore(HistoryStore):
             raise
 
     @classmethod
-    def from_url(cls, url: str, *, lock_timeout: float = 120.0) -> SQLiteStore:
+    def from_url(cls, url: str, *, lock_timeout: float = 120.0, lease: float = 30.0) -> SQLiteStore:
         """The store at ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (``~`` allowed).
 
         Raises:
             ConfigurationError: The URL names no file.
             StoreError: The file cannot be created or opened.
         """
-        return cls(_path_from_url(url), lock_timeout=lock_timeout)
+        return cls(_path_from_url(url), lock_timeout=lock_timeout, lease=lease)
 
     # -- connections -----------------------------------------------------------------------
 

@@ -10,13 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.stores import HistoryStore, MemoryStore, as_store
+from tests.stores.example_store import TinyStore
 from tests.stores.fixtures_postgres import postgres_store, postgres_url
 from tests.stores.fixtures_redis import redis_store, redis_url
 from tests.stores.fixtures_sqlite import sqlite_store, sqlite_url
 
 # Each backend's fixtures, registered here by name.
 __all__ = [
+    "example_store",
     "memory_store",
     "postgres_store",
     "postgres_url",
@@ -27,12 +29,20 @@ __all__ = [
     "store",
 ]
 
-BACKENDS = ["memory", "sqlite", "redis", "postgres"]
+# "example": the third-party store of docs/writing-a-store.md, completed by `as_store`.
+BACKENDS = ["memory", "sqlite", "redis", "postgres", "example"]
 
 
 @pytest.fixture
 def memory_store() -> Iterator[HistoryStore]:
     store = MemoryStore(lock_timeout=1.0)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def example_store() -> Iterator[HistoryStore]:
+    store = as_store(TinyStore(), lock_timeout=1.0)
     yield store
     store.close()
 

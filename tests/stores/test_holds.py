@@ -21,6 +21,7 @@ import redis
 from chatchain import BudgetExceeded, Chatbot, Settings
 from chatchain.stores import HistoryStore, MemoryStore
 from chatchain.stores import _base as base_module
+from chatchain.stores._composed import ComposedStore
 from chatchain.stores._postgres import PostgresStore
 from chatchain.stores._redis import RedisStore
 from chatchain.stores._sqlite import SQLiteStore
@@ -32,6 +33,8 @@ CAP = BudgetLimit("all", "", max_tokens=5000)
 
 def kept_holds(store: HistoryStore) -> set[str]:
     """The ids of the holds the store keeps, expired or not (each backend's own table)."""
+    if isinstance(store, ComposedStore):
+        store = store._local  # its ledger, in this process
     if isinstance(store, MemoryStore):
         return set(store._holds)
     if isinstance(store, SQLiteStore):

@@ -1,0 +1,158 @@
+"""A store that implements only part of the contract, completed by `as_store`; lazy exports.
+
+The contract suite runs the example store of docs/writing-a-store.md as the ``example``
+backend; these tests cover what is particular to it: the docs show it word for word, the
+chain and the chatbot accept it as it is, and a backend's own parts are used when it has them.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+
+import chatchain.stores
+from chatchain import Chatbot, Settings, create_chat_chain
+from chatchain.errors import ConfigurationError
+from chatchain.stores import (
+    MemoryStore,
+    Summary,
+    SummaryBackend,
+    as_store,
+    open_store,
+)
+from chatchain.stores._composed import ComposedStore
+from chatchain.testing import FakeChatModel
+from chatchain.usage import UsageEntry
+from tests.stores import example_store
+from tests.stores.example_store import TinyStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_docs_show_the_example_store_word_for_word_in_under_60_lines() -> None:
+    page = (ROOT / "docs" / "writing-a-store.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    source = Path(example_store.__file__).read_text(encoding="utf-8")
+    assert source in blocks
+    assert len(source.splitlines()) < 60
+
+
+def test_a_full_store_is_returned_as_it_is() -> None:
+    store = MemoryStore()
+    assert as_store(store) is store
+
+
+def test_a_history_only_store_is_completed_in_this_process() -> None:
+    store = as_store(TinyStore(), lock_timeout=1.0)
+    assert isinstance(store, ComposedStore)
+    store.append("s", [HumanMessage("hi"), AIMessage("hello")])
+    store.set_summary("s", Summary("greetings", 2))
+    store.record_usage(UsageEntry("s", "m", total_tokens=5))
+    assert store.usage_total("session", "s").total_tokens == 5
+    store.delete("s")
+    assert (store.count("s"), store.get_summary("s"), store.info("s")) == (0, None, None)
+    assert store.usage_total("session", "s").total_tokens == 5  # what it spent stays
+
+
+def test_a_chain_runs_on_a_history_only_store(settings: Settings) -> None:
+    backend = TinyStore()
+    chain = create_chat_chain(FakeChatModel(), settings=settings, get_session_history=backend)
+    config = {"configurable": {"session_id": "s1"}}
+    chain.invoke({"input": "one"}, config=config)
+    chain.invoke({"input": "two"}, config=config)
+    assert [m.content for m in backend.load("s1")] == ["one", "Echo: one", "two", "Echo: two"]
+    assert chain.ledger.total("s1").turns == 2
+
+
+def test_a_chatbot_runs_on_a_history_only_store(settings: Settings) -> None:
+    backend = TinyStore()
+    bot = Chatbot(settings, llm=FakeChatModel(), store=backend)
+    assert bot.chat("hi", session_id="s1").text == "Echo: hi"
+    assert backend.count("s1") == 2
+    info = bot.session_info("s1")
+    assert info is not None
+    assert info.message_count == 2
+    assert bot.usage("s1").turns == 1
+
+
+class _WithSummary(TinyStore, SummaryBackend):
+    """A backend that keeps its own summaries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summaries: dict[str, Summary] = {}
+
+    def get_summary(self, session_id: str) -> Summary | None:
+        return self.summaries.get(session_id)
+
+    def set_summary(self, session_id: str, summary: Summary) -> None:
+        self.summaries[session_id] = summary
+
+
+def test_a_backends_own_parts_are_used_when_it_has_them() -> None:
+    backend = _WithSummary()
+    store = as_store(backend)
+    store.set_summary("s", Summary("kept by the backend", 4))
+    assert backend.summaries == {"s": Summary("kept by the backend", 4)}
+    assert store.get_summary("s") == Summary("kept by the backend", 4)
+
+
+def test_the_concrete_stores_are_exported_lazily() -> None:
+    from chatchain.stores._postgres import PostgresStore
+    from chatchain.stores._redis import RedisStore
+    from chatchain.stores._sqlite import SQLiteStore
+
+    assert chatchain.stores.SQLiteStore is SQLiteStore
+    assert chatchain.stores.RedisStore is RedisStore
+    assert chatchain.stores.PostgresStore is PostgresStore
+    with pytest.raises(AttributeError, match="NoSuchStore"):
+        _ = chatchain.stores.NoSuchStore  # type: ignore[attr-defined]
+
+
+def test_open_store_passes_the_stores_options(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'chat.db'}", lock_timeout=2.0, lease=7.0)
+    try:
+        assert isinstance(store, chatchain.stores.SQLiteStore)
+        assert store.lease == 7.0
+    finally:
+        store.close()
+
+
+def test_open_store_passes_redis_options(redis_url: str) -> None:
+    store = open_store(redis_url, prefix="other", lease=9.0)
+    try:
+        assert isinstance(store, chatchain.stores.RedisStore)
+        assert (store.prefix, store.lease) == ("other", 9.0)
+    finally:
+        store.close()
+
+
+def test_open_store_passes_postgres_options(postgres_url: str) -> None:
+    store = open_store(postgres_url, table_prefix="optioned", max_size=3)
+    try:
+        assert isinstance(store, chatchain.stores.PostgresStore)
+        assert store.table_prefix == "optioned"
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "option", "says"),
+    [
+        ("memory://", "lease", "its options: none"),
+        ("sqlite:///x.db", "prefix", "its options: lease"),
+    ],
+)
+def test_an_option_the_store_lacks_is_refused_clearly(url: str, option: str, says: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"no option {option} .*{says}"):
+        open_store(url, **{option: 1})
+
+
+def test_a_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg_pool", None)
+    with pytest.raises(ConfigurationError, match=re.escape("pip install 'chatchain[postgres]'")):
+        open_store("postgresql://nobody@127.0.0.1:1/none")
