@@ -13,17 +13,53 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 from chatchain.errors import SessionBusyError
 
-__all__ = ["SessionLocks", "busy_error"]
+__all__ = ["SessionLocks", "apoll", "busy_error", "poll"]
 
-# Poll quickly at first (an uncontended turn ends in milliseconds), then back off.
-_FIRST_POLL_S = 0.0005
-_MAX_POLL_S = 0.02
+# Poll quickly at first (an uncontended turn ends in milliseconds), then back off: a fixed
+# 50 ms poll made processes sharing a session wait ten turns for each one.
+_FIRST_POLL_S = 0.001
+_MAX_POLL_S = 0.05  # between processes; in this process a lock comes free sooner
+_MAX_LOCAL_POLL_S = 0.02
+
+
+def poll(attempt: Callable[[], bool], deadline: float, *, most: float = _MAX_POLL_S) -> bool:
+    """Call ``attempt`` until it succeeds or the ``time.monotonic()`` ``deadline`` passes,
+    waiting 1 ms after the first try and twice as long after each next one, up to ``most``
+    seconds. True if it succeeded.
+
+    Example:
+        >>> tries = iter([False, False, True])
+        >>> poll(lambda: next(tries), time.monotonic() + 1.0)
+        True
+    """
+    pause = _FIRST_POLL_S
+    while not attempt():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, most)
+    return True
+
+
+async def apoll(
+    attempt: Callable[[], Awaitable[bool]], deadline: float, *, most: float = _MAX_POLL_S
+) -> bool:
+    """`poll` for asyncio tasks: waits without blocking the event loop."""
+    pause = _FIRST_POLL_S
+    while not await attempt():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, most)
+    return True
 
 
 def busy_error(session_id: str, timeout: float, *, anywhere: bool = False) -> SessionBusyError:
@@ -53,7 +89,7 @@ class SessionLocks:
 
     Example:
         >>> locks = SessionLocks(timeout=5.0)
-        >>> with locks.hold("session-1"):
+        >>> with locks.locked("session-1"):
         ...     pass  # load, call the model, save
     """
 
@@ -83,7 +119,7 @@ class SessionLocks:
                 del self._entries[session_id]
 
     @contextmanager
-    def hold(self, session_id: str) -> Iterator[None]:
+    def locked(self, session_id: str) -> Iterator[None]:
         """Hold the session's lock in this thread, waiting up to the timeout.
 
         Raises:
@@ -104,7 +140,7 @@ class SessionLocks:
             self._leave(session_id, entry)
 
     @asynccontextmanager
-    async def ahold(self, session_id: str) -> AsyncIterator[None]:
+    async def alocked(self, session_id: str) -> AsyncIterator[None]:
         """Hold the session's lock in this task without blocking the event loop.
 
         Raises:
@@ -113,14 +149,13 @@ class SessionLocks:
         me = asyncio.current_task()
         entry = self._join(session_id, me)
         try:
-            if not entry.lock.acquire(blocking=False):
-                deadline = time.monotonic() + self.timeout
-                pause = _FIRST_POLL_S
-                while not entry.lock.acquire(blocking=False):
-                    if time.monotonic() >= deadline:
-                        raise busy_error(session_id, self.timeout)
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, _MAX_POLL_S)
+
+            async def attempt() -> bool:
+                return entry.lock.acquire(blocking=False)
+
+            deadline = time.monotonic() + self.timeout
+            if not await apoll(attempt, deadline, most=_MAX_LOCAL_POLL_S):
+                raise busy_error(session_id, self.timeout)
             entry.owner = me
             try:
                 yield

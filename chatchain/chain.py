@@ -97,7 +97,7 @@ class ChatChain(HistoryRunnable):
         if isinstance(locks, HistoryStore):
             self._lock, self._alock = locks.lock, locks.alock
         else:
-            self._lock, self._alock = locks.hold, locks.ahold
+            self._lock, self._alock = locks.locked, locks.alocked
 
     @property
     def prompt(self) -> ChatPromptTemplate:

@@ -9,11 +9,11 @@ from chatchain._locks import SessionLocks
 
 def test_entries_exist_only_while_a_turn_holds_or_waits() -> None:
     locks = SessionLocks(timeout=1.0)
-    with locks.hold("a"):
+    with locks.locked("a"):
         assert len(locks) == 1
     assert len(locks) == 0
     for i in range(1000):
-        with locks.hold(f"session-{i}"):
+        with locks.locked(f"session-{i}"):
             pass
     assert len(locks) == 0
 
@@ -24,7 +24,7 @@ def test_a_thread_waits_for_the_holder() -> None:
     release = threading.Event()
 
     def holder() -> None:
-        with locks.hold("s"):
+        with locks.locked("s"):
             order.append("holder in")
             release.wait(1.0)
             order.append("holder out")
@@ -34,7 +34,7 @@ def test_a_thread_waits_for_the_holder() -> None:
     while not order:
         pass
     release.set()
-    with locks.hold("s"):
+    with locks.locked("s"):
         order.append("waiter in")
     thread.join()
     assert order == ["holder in", "holder out", "waiter in"]
@@ -45,18 +45,18 @@ def test_timeout_raises_session_busy() -> None:
     ready, done = threading.Event(), threading.Event()
 
     def holder() -> None:
-        with locks.hold("s"):
+        with locks.locked("s"):
             ready.set()
             done.wait(1.0)
 
     thread = threading.Thread(target=holder)
     thread.start()
     ready.wait(1.0)
-    with pytest.raises(SessionBusyError, match="busy"), locks.hold("s"):
+    with pytest.raises(SessionBusyError, match="busy"), locks.locked("s"):
         pass
 
     async def waiter() -> None:
-        async with locks.ahold("s"):
+        async with locks.alocked("s"):
             pass
 
     with pytest.raises(SessionBusyError, match="busy"):
@@ -68,12 +68,12 @@ def test_timeout_raises_session_busy() -> None:
 
 async def test_a_cancelled_waiter_leaves_no_trace() -> None:
     locks = SessionLocks(timeout=5.0)
-    async with locks.ahold("s"):
-        waiter = asyncio.create_task(locks.ahold("s").__aenter__())
+    async with locks.alocked("s"):
+        waiter = asyncio.create_task(locks.alocked("s").__aenter__())
         await asyncio.sleep(0.01)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
     assert len(locks) == 0
-    async with locks.ahold("s"):
+    async with locks.alocked("s"):
         pass

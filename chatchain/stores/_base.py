@@ -221,7 +221,7 @@ class LockBackend(ABC):
 
     @abstractmethod
     def lock(self, session_id: str) -> AbstractContextManager[Fence | None]:
-        """Hold the session for one turn (threads, and other processes for shared stores).
+        """Take the session for one turn (threads, and other processes for shared stores).
 
         Yields the `Fence` that `commit_turn` checks, where the lock is a lease that a
         stalled holder can lose (``None`` where it cannot).

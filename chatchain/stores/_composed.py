@@ -3,10 +3,13 @@
 A third-party store may implement only `HistoryBackend` (append, windowed load, count,
 sessions, delete). `as_store` completes it with what this process can provide itself:
 
-- the summary, the lock and the ledger come from the backend when it implements
-  `SummaryBackend`, `LockBackend` or `LedgerBackend`, else from a `MemoryStore` in this
-  process: summaries and usage are lost when it exits, and the lock serialises turns of this
-  process only (two processes on one backend can interleave their turns);
+- the ledger is a `MemoryLedger`: usage and budget holds are lost when the process exits,
+  and a budget counts this process's turns only (a store with a ledger of its own
+  implements `HistoryStore`);
+- the summary and the lock come from the backend when it implements `SummaryBackend` or
+  `LockBackend`, else from this process: summaries are lost when it exits, and the lock
+  serialises the turns of this process only (two processes on one backend can interleave
+  their turns);
 - session times (`HistoryStore.info`, `HistoryStore.prune`) are this process's view: when
   it first saw a session and when it last wrote it;
 - `HistoryStore.commit_turn` records the usage, then appends the messages (two writes, not
@@ -15,7 +18,6 @@ sessions, delete). `as_store` completes it with what this process can provide it
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import UTC, datetime
@@ -26,7 +28,6 @@ from chatchain.stores._base import (
     Fence,
     HistoryBackend,
     HistoryStore,
-    LedgerBackend,
     LockBackend,
     SessionInfo,
     Summary,
@@ -34,8 +35,7 @@ from chatchain.stores._base import (
     session_times,
     utcnow,
 )
-from chatchain.stores._memory import MemoryStore
-from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
+from chatchain.stores._memory import MemoryLedger, MemoryStore
 
 __all__ = ["ComposedStore", "as_store"]
 
@@ -61,17 +61,16 @@ def as_store(backend: HistoryBackend, *, lock_timeout: float = 120.0) -> History
     return ComposedStore(backend, lock_timeout=lock_timeout)
 
 
-class ComposedStore(HistoryStore):
+class ComposedStore(MemoryLedger, HistoryStore):
     """A `HistoryBackend` with the parts it lacks kept in this process (see the module)."""
 
     def __init__(self, backend: HistoryBackend, *, lock_timeout: float = 120.0) -> None:
-        local = MemoryStore(lock_timeout=lock_timeout)
+        super().__init__()  # the ledger
+        local = MemoryStore(lock_timeout=lock_timeout)  # the summaries and the lock, if need be
         self.backend = backend
         self._local = local
         self._summaries: SummaryBackend = backend if isinstance(backend, SummaryBackend) else local
         self._locks: LockBackend = backend if isinstance(backend, LockBackend) else local
-        self._ledger: LedgerBackend = backend if isinstance(backend, LedgerBackend) else local
-        self._guard = threading.Lock()
         self._times: dict[str, tuple[datetime, datetime]] = {}  # session: (created, updated)
 
     def _touch(self, session_id: str, created: datetime, updated: datetime) -> None:
@@ -148,7 +147,7 @@ class ComposedStore(HistoryStore):
         with self._guard:
             self._times[session_id] = (created, updated)
 
-    # -- summary, lock and ledger: the backend's if it has them, else this process's -------
+    # -- summary and lock: the backend's if it has them, else this process's -------------
 
     def get_summary(self, session_id: str) -> Summary | None:
         return self._summaries.get_summary(session_id)
@@ -161,30 +160,6 @@ class ComposedStore(HistoryStore):
 
     def alock(self, session_id: str) -> AbstractAsyncContextManager[Fence | None]:
         return self._locks.alock(session_id)
-
-    def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
-        self._ledger.record_usage(entry, release=release)
-
-    def usage_total(self, scope: Scope, key: str) -> Usage:
-        return self._ledger.usage_total(scope, key)
-
-    def usage_entries(
-        self,
-        *,
-        session_id: str | None = None,
-        user_id: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[UsageEntry]:
-        return self._ledger.usage_entries(
-            session_id=session_id, user_id=user_id, since=since, until=until
-        )
-
-    def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
-        return self._ledger.hold_budget(hold, limits)
-
-    def release_budget(self, hold_id: str) -> None:
-        self._ledger.release_budget(hold_id)
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)

@@ -15,11 +15,13 @@ from chatchain._session_history import SessionHistory
 from chatchain.stores._base import (
     Fence,
     HistoryStore,
+    LedgerBackend,
     SessionInfo,
     Summary,
     session_times,
     utcnow,
 )
+from chatchain.stores._ledger import scopes_of
 from chatchain.usage import (
     BudgetHold,
     BudgetLimit,
@@ -30,10 +32,92 @@ from chatchain.usage import (
     check_limit,
 )
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryLedger", "MemoryStore"]
 
 
-class MemoryStore(HistoryStore):
+class MemoryLedger(LedgerBackend):
+    """A usage ledger in this process's memory: entries, totals per scope and budget holds.
+
+    The ledger of `MemoryStore`, and of any store `as_store` completes. Its ``_guard`` (a
+    re-entrant lock) is the one lock of a store that combines it: one step for every writer.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.RLock()
+        self._entries: list[UsageEntry] = []
+        self._entry_ids: set[str] = set()
+        self._totals: dict[tuple[Scope, str], Usage] = {}
+        self._holds: dict[str, BudgetHold] = {}
+
+    def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        with self._guard:
+            if release is not None:
+                self._holds.pop(release, None)
+            if entry.id in self._entry_ids:
+                return
+            self._entry_ids.add(entry.id)
+            self._entries.append(entry)
+            usage = replace(entry.usage(), model=None, first_token_s=None)
+            for scope in scopes_of(entry):
+                self._totals[scope] = self._totals.get(scope, Usage()) + usage
+
+    def usage_total(self, scope: Scope, key: str) -> Usage:
+        with self._guard:
+            return self._totals.get((scope, key), Usage())
+
+    def usage_entries(
+        self,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageEntry]:
+        with self._guard:
+            entries = list(self._entries)
+        return sorted(
+            (
+                e
+                for e in entries
+                if (session_id is None or e.session_id == session_id)
+                and (user_id is None or e.user_id == user_id)
+                and (since is None or e.at >= since)
+                and (until is None or e.at < until)
+            ),
+            key=lambda e: e.at,
+        )
+
+    def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
+        with self._guard:
+            now = utcnow()
+            for expired in [h.id for h in self._holds.values() if h.expires_at <= now]:
+                del self._holds[expired]
+            for limit in limits:
+                held = [h for h in self._holds.values() if h.counts_for(limit.scope, limit.key)]
+                refusal = check_limit(limit, self.usage_total(limit.scope, limit.key), held, hold)
+                if refusal is not None:
+                    return refusal
+            self._holds[hold.id] = hold
+            return None
+
+    def release_budget(self, hold_id: str) -> None:
+        with self._guard:
+            self._holds.pop(hold_id, None)
+
+    # In memory there is nothing to wait for: no thread hop for the async twins.
+    async def arecord_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
+        self.record_usage(entry, release=release)
+
+    async def ahold_budget(
+        self, hold: BudgetHold, limits: Sequence[BudgetLimit]
+    ) -> BudgetRefusal | None:
+        return self.hold_budget(hold, limits)
+
+    async def arelease_budget(self, hold_id: str) -> None:
+        self.release_budget(hold_id)
+
+
+class MemoryStore(MemoryLedger, HistoryStore):
     """Sessions in this process's memory; gone when it exits. The design's default.
 
     Example:
@@ -48,12 +132,8 @@ class MemoryStore(HistoryStore):
         self._created: dict[str, datetime] = {}
         self._updated: dict[str, datetime] = {}
         self._summaries: dict[str, Summary] = {}
-        self._guard = threading.RLock()
+        super().__init__()
         self._locks = SessionLocks(lock_timeout)
-        self._entries: list[UsageEntry] = []
-        self._entry_ids: set[str] = set()
-        self._totals: dict[tuple[Scope, str], Usage] = {}
-        self._holds: dict[str, BudgetHold] = {}
 
     def __call__(self, session_id: str) -> SessionHistory:
         """The session's `ChatMessageHistory` (the same object on every call)."""
@@ -133,10 +213,10 @@ class MemoryStore(HistoryStore):
                 self._summaries[session_id] = summary
 
     def lock(self, session_id: str) -> AbstractContextManager[Fence | None]:
-        return self._locks.hold(session_id)  # in one process a lock cannot be lost: no fence
+        return self._locks.locked(session_id)  # in one process a lock cannot be lost: no fence
 
     def alock(self, session_id: str) -> AbstractAsyncContextManager[Fence | None]:
-        return self._locks.ahold(session_id)
+        return self._locks.alocked(session_id)
 
     def commit_turn(
         self,
@@ -165,64 +245,6 @@ class MemoryStore(HistoryStore):
     ) -> None:
         self.commit_turn(session_id, messages, entry, release=release, fence=fence)
 
-    def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
-        with self._guard:
-            if release is not None:
-                self._holds.pop(release, None)
-            if entry.id in self._entry_ids:
-                return
-            self._entry_ids.add(entry.id)
-            self._entries.append(entry)
-            usage = replace(entry.usage(), model=None, first_token_s=None)
-            scopes: list[tuple[Scope, str]] = [("session", entry.session_id), ("all", "")]
-            if entry.user_id is not None:
-                scopes.append(("user", entry.user_id))
-            for scope in scopes:
-                self._totals[scope] = self._totals.get(scope, Usage()) + usage
-
-    def usage_total(self, scope: Scope, key: str) -> Usage:
-        with self._guard:
-            return self._totals.get((scope, key), Usage())
-
-    def usage_entries(
-        self,
-        *,
-        session_id: str | None = None,
-        user_id: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> list[UsageEntry]:
-        with self._guard:
-            entries = list(self._entries)
-        return sorted(
-            (
-                e
-                for e in entries
-                if (session_id is None or e.session_id == session_id)
-                and (user_id is None or e.user_id == user_id)
-                and (since is None or e.at >= since)
-                and (until is None or e.at < until)
-            ),
-            key=lambda e: e.at,
-        )
-
-    def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
-        with self._guard:
-            now = utcnow()
-            for expired in [h.id for h in self._holds.values() if h.expires_at <= now]:
-                del self._holds[expired]
-            for limit in limits:
-                held = [h for h in self._holds.values() if h.counts_for(limit.scope, limit.key)]
-                refusal = check_limit(limit, self.usage_total(limit.scope, limit.key), held, hold)
-                if refusal is not None:
-                    return refusal
-            self._holds[hold.id] = hold
-            return None
-
-    def release_budget(self, hold_id: str) -> None:
-        with self._guard:
-            self._holds.pop(hold_id, None)
-
     # In memory there is nothing to wait for: no thread hop for the async twins.
     async def aappend(self, session_id: str, messages: Sequence[BaseMessage]) -> None:
         self.append(session_id, messages)
@@ -243,14 +265,3 @@ class MemoryStore(HistoryStore):
 
     async def aset_summary(self, session_id: str, summary: Summary) -> None:
         self.set_summary(session_id, summary)
-
-    async def arecord_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
-        self.record_usage(entry, release=release)
-
-    async def ahold_budget(
-        self, hold: BudgetHold, limits: Sequence[BudgetLimit]
-    ) -> BudgetRefusal | None:
-        return self.hold_budget(hold, limits)
-
-    async def arelease_budget(self, hold_id: str) -> None:
-        self.release_budget(hold_id)

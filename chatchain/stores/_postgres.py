@@ -80,7 +80,7 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -99,6 +99,13 @@ from chatchain.stores._base import (
     lock_lost,
     session_times,
     utcnow,
+)
+from chatchain.stores._ledger import (
+    ENTRY_COLUMNS,
+    TOTAL_COLUMNS,
+    increments,
+    scopes_of,
+    total_usage,
 )
 from chatchain.usage import (
     BudgetHold,
@@ -333,19 +340,19 @@ class _Sql:
         )
 
         # -- usage ledger --
-        entry_columns = ", ".join(_ENTRY_COLUMNS)
-        total_columns = ", ".join(_TOTAL_COLUMNS)
+        entry_columns = ", ".join(ENTRY_COLUMNS)
+        total_columns = ", ".join(TOTAL_COLUMNS)
         # RETURNING yields a row only when the id is new: then, and only then, add it up.
         self.record_entry = q(
             f"INSERT INTO {{usage}} ({entry_columns})"
-            f" VALUES ({', '.join(f'%({c})s' for c in _ENTRY_COLUMNS)})"
+            f" VALUES ({', '.join(f'%({c})s' for c in ENTRY_COLUMNS)})"
             " ON CONFLICT (id) DO NOTHING RETURNING seq"
         )
         self.add_total = q(
             f"INSERT INTO {{usage_totals}} AS t (scope, key, {total_columns})"
-            f" VALUES (%(scope)s, %(key)s, {', '.join(f'%({c})s' for c in _TOTAL_COLUMNS)})"
+            f" VALUES (%(scope)s, %(key)s, {', '.join(f'%({c})s' for c in TOTAL_COLUMNS)})"
             " ON CONFLICT (scope, key) DO UPDATE SET "
-            + ", ".join(f"{c} = t.{c} + excluded.{c}" for c in _TOTAL_COLUMNS)
+            + ", ".join(f"{c} = t.{c} + excluded.{c}" for c in TOTAL_COLUMNS)
         )
         self.usage_total = q(
             f"SELECT {total_columns} FROM {{usage_totals}} WHERE scope = %s AND key = %s"
@@ -355,7 +362,7 @@ class _Sql:
         self.release_hold = q("DELETE FROM {budget_holds} WHERE id = %s")
         # Whether the backend ``pid`` holds the session lock `_TRY_LOCK` takes for ``key``
         # (a bigint key is kept as its high and low 32 bits, with objsubid 1).
-        self.lock_held = q(
+        self.lock_owned = q(
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
             " AND pid = %(pid)s AND objsubid = 1"
             " AND classid = ((hashtextextended(%(key)s, 0) >> 32) & 4294967295)::oid"
@@ -372,7 +379,7 @@ class _Sql:
         held_by = {"session": "h.session_id = %(key)s", "user": "h.user_id = %(key)s"}
         self.spending = {
             scope: q(
-                f"SELECT {', '.join(f't.{c}' for c in _TOTAL_COLUMNS)},"
+                f"SELECT {', '.join(f't.{c}' for c in TOTAL_COLUMNS)},"
                 f" {', '.join(f'h.{c}' for c in _HOLD_COLUMNS)}"
                 " FROM (SELECT) AS one"
                 " LEFT JOIN {usage_totals} AS t ON t.scope = %(scope)s AND t.key = %(key)s"
@@ -418,22 +425,7 @@ class _Sql:
         return sql.Composed([self.entries, where, self.entries_order]), params
 
 
-# The ledger's columns: every field of a `UsageEntry`, of a total, and of a `BudgetHold`.
-_ENTRY_COLUMNS = tuple(f.name for f in fields(UsageEntry))
-_TOTAL_COLUMNS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "requests",
-    "cost_usd",  # of the priced entries only
-    "unpriced",
-    "latency_s",
-    "turns",
-    "summaries",
-    "estimated",
-)
+# The columns of a `BudgetHold` (those of an entry and a total: chatchain.stores._ledger).
 _HOLD_COLUMNS = ("id", "session_id", "user_id", "tokens", "cost_usd", "expires_at")
 
 
@@ -443,64 +435,29 @@ def _aware(moment: datetime) -> datetime:
 
 
 def _entry_args(entry: UsageEntry) -> dict[str, Any]:
-    args = {name: getattr(entry, name) for name in _ENTRY_COLUMNS}
+    args = {name: getattr(entry, name) for name in ENTRY_COLUMNS}
     args["at"] = _aware(entry.at)
     return args
 
 
 def _total_args(entry: UsageEntry) -> list[dict[str, Any]]:
-    """What ``entry`` adds to each of its totals, in the one order every recording locks them.
-
-    All, then session, then user: two transactions that add to the same rows take them in
-    the same order, so one waits for the other instead of deadlocking.
-    """
-    numbers = {
-        "prompt_tokens": entry.prompt_tokens,
-        "completion_tokens": entry.completion_tokens,
-        "total_tokens": entry.total_tokens,
-        "cached_tokens": entry.cached_tokens,
-        "reasoning_tokens": entry.reasoning_tokens,
-        "requests": entry.requests,
-        "cost_usd": 0.0 if entry.cost_usd is None else float(entry.cost_usd),
-        "unpriced": 1 if entry.cost_usd is None else 0,
-        "latency_s": float(entry.latency_s),
-        "turns": 0 if entry.summary else 1,
-        "summaries": 1 if entry.summary else 0,
-        "estimated": 1 if entry.estimated else 0,
-    }
-    scopes: list[tuple[Scope, str]] = [("all", ""), ("session", entry.session_id)]
-    if entry.user_id is not None:
-        scopes.append(("user", entry.user_id))
-    return [{"scope": scope, "key": key, **numbers} for scope, key in scopes]
+    """What ``entry`` adds to each of its totals, in the one order every recording locks them
+    (`scopes_of`)."""
+    added = increments(entry)
+    return [{"scope": scope, "key": key, **added} for scope, key in scopes_of(entry)]
 
 
 def _total(row: Sequence[Any] | None) -> Usage:
     """The `Usage` of a totals row (its first columns), or zeros for no row."""
     if row is None or row[0] is None:
         return Usage()
-    v = dict(zip(_TOTAL_COLUMNS, row, strict=False))
-    unpriced = int(v["unpriced"])
-    return Usage(
-        prompt_tokens=int(v["prompt_tokens"]),
-        completion_tokens=int(v["completion_tokens"]),
-        total_tokens=int(v["total_tokens"]),
-        cached_tokens=int(v["cached_tokens"]),
-        reasoning_tokens=int(v["reasoning_tokens"]),
-        successful_requests=int(v["requests"]),
-        cost_usd=None if unpriced else float(v["cost_usd"]),
-        priced_cost_usd=float(v["cost_usd"]),
-        latency_s=float(v["latency_s"]),
-        turns=int(v["turns"]),
-        summaries=int(v["summaries"]),
-        unpriced=unpriced,
-        estimated=int(v["estimated"]),
-    )
+    return total_usage(dict(zip(TOTAL_COLUMNS, row, strict=False)))
 
 
 def _entries(rows: list[Any]) -> list[UsageEntry]:
     entries = []
     for row in rows:
-        values = dict(zip(_ENTRY_COLUMNS, row, strict=True))
+        values = dict(zip(ENTRY_COLUMNS, row, strict=True))
         values["at"] = _utc(values["at"])
         entries.append(UsageEntry(**values))
     return entries
@@ -514,7 +471,7 @@ def _hold_args(hold: BudgetHold) -> dict[str, Any]:
 
 def _check(limit: BudgetLimit, rows: list[Any], hold: BudgetHold) -> BudgetRefusal | None:
     """`check_limit` on what a `_Sql.spending` statement read."""
-    n = len(_TOTAL_COLUMNS)
+    n = len(TOTAL_COLUMNS)
     held = [
         BudgetHold(session_id, int(tokens), float(cost), _utc(expires), user_id=user_id, id=hold_id)
         for hold_id, session_id, user_id, tokens, cost, expires in (row[n:] for row in rows)
@@ -1039,14 +996,14 @@ class PostgresStore(HistoryStore):
                 self._write_turn(conn, session_id, [], entry, release)
             raise lock_lost(session_id, messages)
         with self._connection() as conn, conn.transaction():
-            held = fence is None or bool(
-                conn.execute(self._sql.lock_held, self._held_args(fence)).fetchone() == (True,)
+            owned = fence is None or bool(
+                conn.execute(self._sql.lock_owned, self._owner_args(fence)).fetchone() == (True,)
             )
-            self._write_turn(conn, session_id, texts if held else [], entry, release)
-        if not held:
+            self._write_turn(conn, session_id, texts if owned else [], entry, release)
+        if not owned:
             raise lock_lost(session_id, messages)
 
-    def _held_args(self, fence: Fence) -> dict[str, Any]:
+    def _owner_args(self, fence: Fence) -> dict[str, Any]:
         # A fence taken on the other (sync or async) side: checked by the holder's pid.
         return {"pid": int(fence.token), "key": self._lock_key(fence.session_id)}
 
@@ -1089,12 +1046,12 @@ class PostgresStore(HistoryStore):
                 await self._awrite_turn(conn, session_id, [], entry, release)
             return False
         async with self._aconnection(side) as conn, conn.transaction():
-            held = True
+            owned = True
             if fence is not None:
-                cursor = await conn.execute(self._sql.lock_held, self._held_args(fence))
-                held = await cursor.fetchone() == (True,)
-            await self._awrite_turn(conn, session_id, texts if held else [], entry, release)
-        return held
+                cursor = await conn.execute(self._sql.lock_owned, self._owner_args(fence))
+                owned = await cursor.fetchone() == (True,)
+            await self._awrite_turn(conn, session_id, texts if owned else [], entry, release)
+        return owned
 
     async def _awrite_turn(
         self,
@@ -1192,17 +1149,17 @@ class PostgresStore(HistoryStore):
         )
 
     def lock(self, session_id: str) -> AbstractContextManager[Fence]:
-        return self._hold(session_id)
+        return self._locked(session_id)
 
     def alock(self, session_id: str) -> AbstractAsyncContextManager[Fence]:
-        return self._ahold(session_id)
+        return self._alocked(session_id)
 
     @contextmanager
-    def _hold(self, session_id: str) -> Iterator[Fence]:
+    def _locked(self, session_id: str) -> Iterator[Fence]:
         import psycopg
 
         deadline = time.monotonic() + self.lock_timeout
-        with self._locks.hold(session_id):
+        with self._locks.locked(session_id):
             if not self._lock_slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise self._no_slot(session_id)
             try:
@@ -1265,15 +1222,15 @@ class PostgresStore(HistoryStore):
             self._pool.putconn(conn)
 
     @asynccontextmanager
-    async def _ahold(self, session_id: str) -> AsyncIterator[Fence]:
+    async def _alocked(self, session_id: str) -> AsyncIterator[Fence]:
         deadline = time.monotonic() + self.lock_timeout
-        async with self._locks.ahold(session_id):
+        async with self._locks.alocked(session_id):
             side = self._async_side()
             # The lock connection lives on the store's loop, held there by a task until
             # `release` is set; it lets go on its own if this task is cancelled meanwhile.
             taken: concurrent.futures.Future[Fence] = concurrent.futures.Future()
             release = asyncio.Event()
-            holder = side.submit(self._hold_there(side, session_id, deadline, taken, release))
+            holder = side.submit(self._lock_there(side, session_id, deadline, taken, release))
             try:
                 fence = await asyncio.wrap_future(taken)
             except BaseException:  # the lock was not taken, or this task is cancelled
@@ -1286,7 +1243,7 @@ class PostgresStore(HistoryStore):
                 # Shielded: the unlock completes even if this task is cancelled now.
                 await asyncio.shield(asyncio.wrap_future(holder))
 
-    async def _hold_there(
+    async def _lock_there(
         self,
         side: _AsyncSide,
         session_id: str,

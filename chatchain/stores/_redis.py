@@ -72,7 +72,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from langchain_core.messages import BaseMessage
 
-from chatchain._locks import SessionLocks, busy_error
+from chatchain._locks import SessionLocks, apoll, busy_error, poll
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
     Fence,
@@ -86,6 +86,7 @@ from chatchain.stores._base import (
     session_times,
     utcnow,
 )
+from chatchain.stores._ledger import TOTAL_COLUMNS, increments, scopes_of, total_usage
 from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
 
 if TYPE_CHECKING:
@@ -111,8 +112,6 @@ _CONNECT_TIMEOUT_S = 5.0
 _IO_TIMEOUT_S = 15.0
 
 # Turns of one process queue on SessionLocks; only turns of other processes poll the key.
-_FIRST_POLL_S = 0.001
-_POLL_S = 0.05
 
 # -- the ledger's scripts ----------------------------------------------------------------------
 # Each runs atomically on the server. Numbers cross into Lua as strings and go back out as
@@ -275,20 +274,12 @@ return 0
 """
 )
 
-# The integer sums of a total, as `UsageEntry.usage` counts them, and the HASH fields of all.
-_INT_FIELDS = (
-    "prompt",
-    "completion",
-    "total",
-    "cached",
-    "reasoning",
-    "requests",
-    "turns",
-    "summaries",
-    "unpriced",
-    "estimated",
-)
-_TOTAL_FIELDS = (*_INT_FIELDS, "cost", "latency")
+# The HASH field of each column of a total: its name without the unit.
+_FIELDS = {
+    column: column.removesuffix("_tokens").removesuffix("_usd").removesuffix("_s")
+    for column in TOTAL_COLUMNS
+}
+_FLOAT_COLUMNS = ("cost_usd", "latency_s")  # added by HINCRBYFLOAT, the others by HINCRBY
 
 
 def _micros(moment: datetime) -> int:
@@ -713,35 +704,21 @@ class RedisStore(HistoryStore):
 
     def _record_call(self, entry: UsageEntry, release: str | None) -> tuple[list[str], list[str]]:
         """The keys and arguments of `_RECORD` for ``entry``."""
-        scopes: list[tuple[Scope, str]] = [("all", ""), ("session", entry.session_id)]
-        if entry.user_id is not None:
-            scopes.append(("user", entry.user_id))
         keys = [self._entries, self._seq, self._holds, self._expiry]
-        for scope, key in scopes:
+        for scope, key in scopes_of(entry):
             keys += [self._key(f"usage:at:{scope}", key), self._key(f"usage:total:{scope}", key)]
-        usage = entry.usage()
-        sums = (
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.total_tokens,
-            usage.cached_tokens,
-            usage.reasoning_tokens,
-            usage.successful_requests,
-            usage.turns,
-            usage.summaries,
-            usage.unpriced,
-            usage.estimated,
-        )
+        added = increments(entry)
         args = [
             entry.id,
             entry.to_json(),
             str(_micros(entry.at)),
             release or "",
-            "" if entry.cost_usd is None else repr(float(entry.cost_usd)),
-            repr(float(entry.latency_s)),
+            "" if entry.cost_usd is None else repr(added["cost_usd"]),
+            repr(added["latency_s"]),
         ]
-        for field, amount in zip(_INT_FIELDS, sums, strict=True):
-            args += [field, str(int(amount))]
+        for column, amount in added.items():
+            if column not in _FLOAT_COLUMNS:
+                args += [_FIELDS[column], str(int(amount))]
         return keys, args
 
     def record_usage(self, entry: UsageEntry, *, release: str | None = None) -> None:
@@ -814,27 +791,10 @@ class RedisStore(HistoryStore):
     def usage_total(self, scope: Scope, key: str) -> Usage:
         totals = self._key(f"usage:total:{scope}", key)
         [values] = self._run(
-            lambda pipe: pipe.hmget(totals, list(_TOTAL_FIELDS)), transaction=False
+            lambda pipe: pipe.hmget(totals, list(_FIELDS.values())), transaction=False
         )
         try:
-            sums = dict(zip(_TOTAL_FIELDS, values, strict=True))
-            ints = {field: int(sums[field] or 0) for field in _INT_FIELDS}
-            cost = float(sums["cost"] or 0)
-            return Usage(
-                prompt_tokens=ints["prompt"],
-                completion_tokens=ints["completion"],
-                total_tokens=ints["total"],
-                cached_tokens=ints["cached"],
-                reasoning_tokens=ints["reasoning"],
-                successful_requests=ints["requests"],
-                cost_usd=None if ints["unpriced"] else cost,
-                priced_cost_usd=cost,
-                latency_s=float(sums["latency"] or 0),
-                turns=ints["turns"],
-                summaries=ints["summaries"],
-                unpriced=ints["unpriced"],
-                estimated=ints["estimated"],
-            )
+            return total_usage(dict(zip(TOTAL_COLUMNS, values, strict=True)))
         except ValueError as exc:
             raise self._corrupt_ledger(exc) from exc
 
@@ -943,13 +903,10 @@ class RedisStore(HistoryStore):
     # -- one writer per session --------------------------------------------------------------
 
     def lock(self, session_id: str) -> AbstractContextManager[Fence]:
-        return self._hold(session_id)
+        return self._locked(session_id)
 
     def alock(self, session_id: str) -> AbstractAsyncContextManager[Fence]:
-        return self._ahold(session_id)
-
-    def _time_left(self, started: float) -> float:
-        return max(0.0, self.lock_timeout - (time.monotonic() - started))
+        return self._alocked(session_id)
 
     def _lost(self, session_id: str) -> None:
         logger.warning(
@@ -970,25 +927,18 @@ class RedisStore(HistoryStore):
         )
 
     @contextmanager
-    def _hold(self, session_id: str) -> Iterator[Fence]:
+    def _locked(self, session_id: str) -> Iterator[Fence]:
         from redis.exceptions import LockNotOwnedError, RedisError
 
         started = time.monotonic()
-        with self._locks.hold(session_id):
+        with self._locks.locked(session_id):
             lease = self._client.lock(
                 self._key("lock", session_id),
                 timeout=self.lease,
                 thread_local=False,  # the renewing thread must see the token
             )
             with self._failures():
-                acquired = lease.acquire(blocking=False)
-                pause = _FIRST_POLL_S
-                while not acquired and self._time_left(started) > 0:
-                    # A short first wait: turns last milliseconds, and a fixed 50 ms poll
-                    # made processes sharing a session wait ten turns for each one.
-                    time.sleep(min(pause, self._time_left(started)))
-                    pause = min(pause * 2, _POLL_S)
-                    acquired = lease.acquire(blocking=False)
+                acquired = poll(partial(lease.acquire, blocking=False), started + self.lock_timeout)
             if not acquired:
                 raise busy_error(session_id, self.lock_timeout, anywhere=True)
             done = threading.Event()
@@ -1024,11 +974,11 @@ class RedisStore(HistoryStore):
                 logger.warning("Could not renew the lock of session %r: %s", session_id, exc)
 
     @asynccontextmanager
-    async def _ahold(self, session_id: str) -> AsyncIterator[Fence]:
+    async def _alocked(self, session_id: str) -> AsyncIterator[Fence]:
         from redis.exceptions import LockNotOwnedError, RedisError
 
         started = time.monotonic()
-        async with self._locks.ahold(session_id):
+        async with self._locks.alocked(session_id):
             with self._failures():
                 client = await self._aclient()
                 lease = client.lock(
@@ -1036,12 +986,9 @@ class RedisStore(HistoryStore):
                     timeout=self.lease,
                     thread_local=False,
                 )
-                acquired = await lease.acquire(blocking=False)
-                pause = _FIRST_POLL_S
-                while not acquired and self._time_left(started) > 0:
-                    await asyncio.sleep(min(pause, self._time_left(started)))
-                    pause = min(pause * 2, _POLL_S)
-                    acquired = await lease.acquire(blocking=False)
+                acquired = await apoll(
+                    partial(lease.acquire, blocking=False), started + self.lock_timeout
+                )
             if not acquired:
                 raise busy_error(session_id, self.lock_timeout, anywhere=True)
             renewer = asyncio.create_task(self._arenew(lease, session_id))

@@ -34,12 +34,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import BaseMessage
 
-from chatchain._locks import SessionLocks, busy_error
+from chatchain._locks import SessionLocks, apoll, busy_error, poll
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
     Fence,
@@ -51,6 +52,13 @@ from chatchain.stores._base import (
     lock_lost,
     session_times,
     utcnow,
+)
+from chatchain.stores._ledger import (
+    ENTRY_COLUMNS,
+    TOTAL_COLUMNS,
+    increments,
+    scopes_of,
+    total_usage,
 )
 from chatchain.stores._migrations import migrate
 from chatchain.usage import (
@@ -75,9 +83,6 @@ logger = logging.getLogger("chatchain")
 _BUSY_TIMEOUT_S = 15.0
 # Idle connections kept for reuse; more are opened while more threads work at once.
 _MAX_IDLE = 8
-# Polling for another process's lease: quick at first, then back off.
-_FIRST_POLL_S = 0.002
-_MAX_POLL_S = 0.05
 # Upper bound for a slice's stop when none is given (seq never comes near it).
 _NO_END = 2**62
 # Upserts (INSERT ... ON CONFLICT DO UPDATE) arrived in SQLite 3.24 (2018).
@@ -106,6 +111,20 @@ def _path_from_url(url: str) -> Path:
     return Path(path).expanduser()
 
 
+# The ledger's statements, over the columns `chatchain.stores._ledger` names.
+_SELECT_TOTAL = f"SELECT {', '.join(TOTAL_COLUMNS)} FROM usage_totals WHERE scope = ? AND key = ?"
+_INSERT_ENTRY = (
+    f"INSERT INTO usage ({', '.join(ENTRY_COLUMNS)})"
+    f" VALUES ({', '.join(f':{c}' for c in ENTRY_COLUMNS)}) ON CONFLICT (id) DO NOTHING"
+)
+_ADD_TOTAL = (
+    f"INSERT INTO usage_totals (scope, key, {', '.join(TOTAL_COLUMNS)})"
+    f" VALUES (:scope, :key, {', '.join(f':{c}' for c in TOTAL_COLUMNS)})"
+    " ON CONFLICT (scope, key) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in TOTAL_COLUMNS)
+)
+
+
 def _stamp(moment: datetime) -> str:
     # Fixed width (always microseconds, always +00:00), so text order is time order.
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
@@ -113,45 +132,8 @@ def _stamp(moment: datetime) -> str:
 
 def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:
     """A scope's running total, read in ``conn``'s transaction (if any)."""
-    row = conn.execute(
-        """
-        SELECT prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens,
-               requests, cost_usd, unpriced, latency_s, turns, summaries, estimated
-        FROM usage_totals WHERE scope = ? AND key = ?
-        """,
-        (scope, key),
-    ).fetchone()
-    if row is None:
-        return Usage()
-    (
-        prompt,
-        completion,
-        total,
-        cached,
-        reasoning,
-        requests,
-        cost,
-        unpriced,
-        latency,
-        turns,
-        summaries,
-        estimated,
-    ) = row
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=total,
-        cached_tokens=cached,
-        reasoning_tokens=reasoning,
-        successful_requests=requests,
-        cost_usd=None if unpriced > 0 else cost,
-        priced_cost_usd=cost,
-        latency_s=latency,
-        turns=turns,
-        summaries=summaries,
-        unpriced=unpriced,
-        estimated=estimated,
-    )
+    row = conn.execute(_SELECT_TOTAL, (scope, key)).fetchone()
+    return total_usage(None if row is None else dict(zip(TOTAL_COLUMNS, row, strict=True)))
 
 
 def _read_holds(conn: sqlite3.Connection, scope: Scope, key: str) -> list[BudgetHold]:
@@ -196,80 +178,30 @@ def _append(conn: sqlite3.Connection, session_id: str, texts: list[str]) -> None
 
 def _record(conn: sqlite3.Connection, entry: UsageEntry, release: str | None) -> None:
     """`SQLiteStore.record_usage` in ``conn``'s write transaction."""
-    scopes: list[tuple[Scope, str]] = [("session", entry.session_id), ("all", "")]
-    if entry.user_id is not None:
-        scopes.append(("user", entry.user_id))
-    priced = entry.cost_usd is not None
-    added = (
-        entry.prompt_tokens,
-        entry.completion_tokens,
-        entry.total_tokens,
-        entry.cached_tokens,
-        entry.reasoning_tokens,
-        entry.requests,
-        entry.cost_usd if priced else 0.0,
-        0 if priced else 1,
-        entry.latency_s,
-        0 if entry.summary else 1,
-        1 if entry.summary else 0,
-        int(entry.estimated),
-    )
     if release is not None:
         conn.execute("DELETE FROM budget_holds WHERE id = ?", (release,))
-    inserted = conn.execute(
-        """
-        INSERT INTO usage (
-            id, session_id, model, prompt_tokens, completion_tokens, total_tokens,
-            cached_tokens, reasoning_tokens, requests, cost_usd, price_source,
-            latency_s, first_token_s, summary, estimated, user_id, at
-        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-        ON CONFLICT (id) DO NOTHING
-        """,
-        (
-            entry.id,
-            entry.session_id,
-            entry.model,
-            entry.prompt_tokens,
-            entry.completion_tokens,
-            entry.total_tokens,
-            entry.cached_tokens,
-            entry.reasoning_tokens,
-            entry.requests,
-            entry.cost_usd,
-            entry.price_source,
-            entry.latency_s,
-            entry.first_token_s,
-            int(entry.summary),
-            int(entry.estimated),
-            entry.user_id,
-            _stamp(entry.at),
-        ),
-    ).rowcount
-    if inserted != 1:  # recorded before (a retry): its totals already count it
-        return
-    conn.executemany(
-        """
-        INSERT INTO usage_totals (
-            scope, key, prompt_tokens, completion_tokens, total_tokens, cached_tokens,
-            reasoning_tokens, requests, cost_usd, unpriced, latency_s, turns, summaries,
-            estimated
-        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-        ON CONFLICT (scope, key) DO UPDATE SET
-            prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-            completion_tokens = completion_tokens + excluded.completion_tokens,
-            total_tokens = total_tokens + excluded.total_tokens,
-            cached_tokens = cached_tokens + excluded.cached_tokens,
-            reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
-            requests = requests + excluded.requests,
-            cost_usd = cost_usd + excluded.cost_usd,
-            unpriced = unpriced + excluded.unpriced,
-            latency_s = latency_s + excluded.latency_s,
-            turns = turns + excluded.turns,
-            summaries = summaries + excluded.summaries,
-            estimated = estimated + excluded.estimated
-        """,
-        [(scope, key, *added) for scope, key in scopes],
+    if conn.execute(_INSERT_ENTRY, _entry_row(entry)).rowcount != 1:
+        return  # recorded before (a retry): its totals already count it
+    added = increments(entry)
+    conn.executemany(_ADD_TOTAL, [{"scope": s, "key": k, **added} for s, k in scopes_of(entry)])
+
+
+def _entry_row(entry: UsageEntry) -> dict[str, Any]:
+    """The ``usage`` row of an entry (flags as 0/1, the time as fixed-width text)."""
+    row = {name: getattr(entry, name) for name in ENTRY_COLUMNS}
+    row.update(summary=int(entry.summary), estimated=int(entry.estimated), at=_stamp(entry.at))
+    return row
+
+
+def _entry(row: Sequence[Any]) -> UsageEntry:
+    """The entry of a ``usage`` row (its columns in `ENTRY_COLUMNS` order)."""
+    values = dict(zip(ENTRY_COLUMNS, row, strict=True))
+    values.update(
+        summary=bool(values["summary"]),
+        estimated=bool(values["estimated"]),
+        at=datetime.fromisoformat(values["at"]),
     )
+    return UsageEntry(**values)
 
 
 _DAMAGED = (
@@ -311,7 +243,7 @@ class SQLiteStore(HistoryStore):
     Args:
         path: The database file; created (readable by its owner only) with its folder.
         lock_timeout: How long `lock` waits for a session another turn holds, in seconds.
-        lease: How long a hold outlives a crashed holder, in seconds. A live holder renews it
+        lease: How long a lease outlives a crashed holder, in seconds. A live holder renews it
             every third of that, so it never bounds the length of a turn.
 
     Raises:
@@ -350,7 +282,7 @@ class SQLiteStore(HistoryStore):
         self._guard = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
-        self._held: set[tuple[str, str]] = set()  # (session id, owner) of leases we renew
+        self._leased: set[tuple[str, str]] = set()  # (session id, owner) of leases we renew
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
         self._create_file()
@@ -505,7 +437,7 @@ class SQLiteStore(HistoryStore):
         with self._write("save a turn") as conn:
             # Under the write lock, which taking a lease needs too: the lease cannot change
             # hands between this check and the commit.
-            held = fence is None or (
+            owned = fence is None or (
                 conn.execute(
                     "SELECT 1 FROM locks WHERE session_id = ? AND owner = ?",
                     (fence.session_id, fence.token),
@@ -516,9 +448,9 @@ class SQLiteStore(HistoryStore):
                 _record(conn, entry, release)
             elif release is not None:
                 conn.execute("DELETE FROM budget_holds WHERE id = ?", (release,))
-            if held and texts:
+            if owned and texts:
                 _append(conn, session_id, texts)
-        if not held:
+        if not owned:
             raise lock_lost(session_id, messages)
 
     def load(self, session_id: str, start: int = 0, stop: int | None = None) -> list[BaseMessage]:
@@ -682,56 +614,13 @@ class SQLiteStore(HistoryStore):
         if until is not None:
             where.append("at < ?")
             params.append(_stamp(until))
-        sql = (
-            "SELECT id, session_id, model, prompt_tokens, completion_tokens, total_tokens, "
-            "cached_tokens, reasoning_tokens, requests, cost_usd, price_source, latency_s, "
-            "first_token_s, summary, estimated, user_id, at FROM usage"
-        )
+        sql = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM usage"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY at, rowid"  # entries of the same moment in the order recorded
         with self._connection("read usage entries") as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [
-            UsageEntry(
-                id=id_,
-                session_id=sid,
-                model=model,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                total_tokens=total,
-                cached_tokens=cached,
-                reasoning_tokens=reasoning,
-                requests=requests,
-                cost_usd=cost,
-                price_source=source,
-                latency_s=latency,
-                first_token_s=first_token,
-                summary=bool(summary),
-                estimated=bool(estimated),
-                user_id=uid,
-                at=datetime.fromisoformat(at),
-            )
-            for (
-                id_,
-                sid,
-                model,
-                prompt,
-                completion,
-                total,
-                cached,
-                reasoning,
-                requests,
-                cost,
-                source,
-                latency,
-                first_token,
-                summary,
-                estimated,
-                uid,
-                at,
-            ) in rows
-        ]
+        return [_entry(row) for row in rows]
 
     def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
         # One BEGIN IMMEDIATE transaction: SQLite's write lock keeps every other thread and
@@ -774,14 +663,10 @@ class SQLiteStore(HistoryStore):
     @contextmanager
     def lock(self, session_id: str) -> Iterator[Fence]:
         deadline = time.monotonic() + self._lock_timeout
-        with self._locks.hold(session_id):  # threads of this process queue here, not in SQL
+        with self._locks.locked(session_id):  # threads of this process queue here, not in SQL
             owner = self._new_owner()
-            pause = _FIRST_POLL_S
-            while not self._take_lease(session_id, owner):
-                if time.monotonic() >= deadline:
-                    raise busy_error(session_id, self._lock_timeout, anywhere=True)
-                time.sleep(pause)
-                pause = min(pause * 2, _MAX_POLL_S)
+            if not poll(partial(self._take_lease, session_id, owner), deadline):
+                raise busy_error(session_id, self._lock_timeout, anywhere=True)
             try:
                 yield Fence(session_id, owner)
             finally:
@@ -790,14 +675,10 @@ class SQLiteStore(HistoryStore):
     @asynccontextmanager
     async def alock(self, session_id: str) -> AsyncIterator[Fence]:
         deadline = time.monotonic() + self._lock_timeout
-        async with self._locks.ahold(session_id):
+        async with self._locks.alocked(session_id):
             owner = self._new_owner()
-            pause = _FIRST_POLL_S
-            while not await self._atake_lease(session_id, owner):
-                if time.monotonic() >= deadline:
-                    raise busy_error(session_id, self._lock_timeout, anywhere=True)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _MAX_POLL_S)
+            if not await apoll(partial(self._atake_lease, session_id, owner), deadline):
+                raise busy_error(session_id, self._lock_timeout, anywhere=True)
             try:
                 yield Fence(session_id, owner)
             finally:
@@ -848,7 +729,7 @@ class SQLiteStore(HistoryStore):
         if taken != 1:
             return False
         with self._guard:
-            self._held.add((session_id, owner))
+            self._leased.add((session_id, owner))
             if self._renewer is None and not self._closed:
                 self._renewer = threading.Thread(
                     target=self._renew_leases, name="chatchain-sqlite-leases", daemon=True
@@ -858,7 +739,7 @@ class SQLiteStore(HistoryStore):
 
     def _drop_lease(self, session_id: str, owner: str) -> None:
         with self._guard:
-            self._held.discard((session_id, owner))
+            self._leased.discard((session_id, owner))
         try:
             with self._write("unlock a session") as conn:
                 conn.execute(
@@ -872,7 +753,7 @@ class SQLiteStore(HistoryStore):
         """Push back the expiry of the leases this store holds until none is left."""
         while not self._stop.wait(self.lease / 3):
             with self._guard:
-                if not self._held:
+                if not self._leased:
                     self._renewer = None  # the next lease taken starts a new renewer
                     return
             try:
@@ -880,12 +761,12 @@ class SQLiteStore(HistoryStore):
                     # Read what we hold only under the write lock: a turn that gives its lease
                     # back in between has then left both, and is not taken for one that expired.
                     with self._guard:
-                        held = sorted(self._held)
+                        leased = sorted(self._leased)
                     renewed = conn.executemany(
                         "UPDATE locks SET expires_at = ? WHERE session_id = ? AND owner = ?",
-                        [(time.time() + self.lease, sid, owner) for sid, owner in held],
+                        [(time.time() + self.lease, sid, owner) for sid, owner in leased],
                     ).rowcount
-                if renewed < len(held):  # this process stalled for longer than a lease
+                if renewed < len(leased):  # this process stalled for longer than a lease
                     logger.warning(
                         "A session lock expired while its turn was still running (the process "
                         "was paused for more than %g s); if another turn took its session "

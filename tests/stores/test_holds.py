@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from chatchain import BudgetExceeded, Chatbot, Settings
-from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.stores import HistoryStore
 from chatchain.stores import _base as base_module
-from chatchain.stores._composed import ComposedStore
+from chatchain.stores._memory import MemoryLedger
 from chatchain.stores._postgres import PostgresStore
 from chatchain.stores._redis import RedisStore
 from chatchain.stores._sqlite import SQLiteStore
@@ -33,9 +33,7 @@ CAP = BudgetLimit("all", "", max_tokens=5000)
 
 def kept_holds(store: HistoryStore) -> set[str]:
     """The ids of the holds the store keeps, expired or not (each backend's own table)."""
-    if isinstance(store, ComposedStore):
-        store = store._local  # its ledger, in this process
-    if isinstance(store, MemoryStore):
+    if isinstance(store, MemoryLedger):  # MemoryStore, and a store `as_store` completed
         return set(store._holds)
     if isinstance(store, SQLiteStore):
         with sqlite3.connect(store.path) as conn:

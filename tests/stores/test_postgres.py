@@ -292,21 +292,21 @@ def test_an_unusable_connect_timeout_is_a_configuration_error(timeout: str) -> N
 # -- one writer per session across processes -------------------------------------------------
 
 
-def _hold_until_killed(url: str, held: Event) -> None:
+def _lock_until_killed(url: str, locked: Event) -> None:
     store = open_store(url)
     with store.lock("held"):
-        held.set()
+        locked.set()
         time.sleep(120)
 
 
 def test_a_lock_is_freed_when_the_process_holding_it_dies(
     postgres_store: PostgresStore, postgres_url: str
 ) -> None:
-    held = spawn.Event()
-    holder = spawn.Process(target=_hold_until_killed, args=(postgres_url, held))
+    locked = spawn.Event()
+    holder = spawn.Process(target=_lock_until_killed, args=(postgres_url, locked))
     holder.start()
     try:
-        assert held.wait(60)
+        assert locked.wait(60)
         with pytest.raises(SessionBusyError, match="another process"), postgres_store.lock("held"):
             pass  # the other process has it
         with postgres_store.lock("free"):  # other sessions go on meanwhile

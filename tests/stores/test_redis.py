@@ -197,20 +197,20 @@ def test_errors_never_show_the_password() -> None:
         store.close()
 
 
-HOLD_AND_DIE = """
+LOCK_AND_DIE = """
 import os, sys
 from chatchain.stores._redis import RedisStore
 store = RedisStore(sys.argv[1], lease=1.5)
-held = store.lock("s")  # kept referenced: a collected context manager would release
-held.__enter__()
-print("held", flush=True)
-os._exit(0)  # dies holding the lock, never releasing it
+lock = store.lock("s")  # kept referenced: a collected context manager would release
+lock.__enter__()
+print("locked", flush=True)
+os._exit(0)  # dies with the lock taken, never releasing it
 """
 
 
 def test_lease_frees_a_session_whose_holder_died(redis_url: str) -> None:
-    output, _ = run_python(HOLD_AND_DIE, redis_url).communicate(timeout=30)
-    assert output == "held\n"
+    output, _ = run_python(LOCK_AND_DIE, redis_url).communicate(timeout=30)
+    assert output == "locked\n"
     impatient = RedisStore(redis_url, lock_timeout=0.1)
     patient = RedisStore(redis_url, lock_timeout=10.0)
     try:

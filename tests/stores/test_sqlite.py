@@ -457,21 +457,21 @@ def test_two_processes_on_one_file_lose_nothing(tmp_path: Path) -> None:
     store.close()
 
 
-def _hold_and_die(path: Path, held: SyncEvent) -> None:
+def _lock_and_die(path: Path, locked: SyncEvent) -> None:
     store = SQLiteStore(path, lease=1.0)
-    hold = store.lock("s")  # kept referenced: collecting it would release the lock
-    hold.__enter__()
-    held.set()
+    lock = store.lock("s")  # kept referenced: collecting it would release the lock
+    lock.__enter__()
+    locked.set()
     os._exit(0)  # no release, no close: as if killed
 
 
 def test_a_dead_holders_lease_expires(tmp_path: Path) -> None:
     path = tmp_path / "chat.db"
     SQLiteStore(path).close()
-    held = spawn.Event()
-    holder = spawn.Process(target=_hold_and_die, args=(path, held))
+    locked = spawn.Event()
+    holder = spawn.Process(target=_lock_and_die, args=(path, locked))
     holder.start()
-    assert held.wait(30)
+    assert locked.wait(30)
     holder.join(30)
     assert lease_holders(path) == [holder.pid]
 
