@@ -120,7 +120,7 @@ class SessionLocks:
 
     @contextmanager
     def locked(self, session_id: str) -> Iterator[None]:
-        """Hold the session's lock in this thread, waiting up to the timeout.
+        """Take the session's lock in this thread, waiting up to the timeout.
 
         Raises:
             SessionBusyError: The lock did not come free in time, or this thread holds it.
@@ -141,7 +141,7 @@ class SessionLocks:
 
     @asynccontextmanager
     async def alocked(self, session_id: str) -> AsyncIterator[None]:
-        """Hold the session's lock in this task without blocking the event loop.
+        """Take the session's lock in this task without blocking the event loop.
 
         Raises:
             SessionBusyError: The lock did not come free in time, or this task holds it.

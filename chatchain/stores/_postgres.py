@@ -1251,7 +1251,7 @@ class PostgresStore(HistoryStore):
         taken: concurrent.futures.Future[Fence],
         release: asyncio.Event,
     ) -> None:
-        """Hold the session's lock for a caller on another loop, until ``release`` is set.
+        """Keep the session's lock for a caller on another loop, until ``release`` is set.
 
         Outcomes reach the caller through ``taken`` only; this task itself never fails, so
         nothing is left unretrieved when the caller has gone.

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 import chatchain.stores
-from chatchain import Chatbot, Settings, create_chat_chain
+from chatchain import Chatbot, HistoryWindow, Settings, create_chat_chain
 from chatchain.errors import ConfigurationError
 from chatchain.stores import (
     MemoryStore,
@@ -58,14 +59,28 @@ def test_a_history_only_store_is_completed_in_this_process() -> None:
     assert store.usage_total("session", "s").total_tokens == 5  # what it spent stays
 
 
-def test_a_chain_runs_on_a_history_only_store(settings: Settings) -> None:
+def test_a_chain_runs_on_a_history_only_store_with_a_window_and_a_summary(
+    settings: Settings,
+) -> None:
     backend = TinyStore()
-    chain = create_chat_chain(FakeChatModel(), settings=settings, get_session_history=backend)
+    chain = create_chat_chain(
+        FakeChatModel(),
+        settings=settings,
+        get_session_history=backend,
+        window=HistoryWindow(max_turns=1, max_tokens=None, summarize=True),
+    )
     config = {"configurable": {"session_id": "s1"}}
-    chain.invoke({"input": "one"}, config=config)
-    chain.invoke({"input": "two"}, config=config)
-    assert [m.content for m in backend.load("s1")] == ["one", "Echo: one", "two", "Echo: two"]
-    assert chain.ledger.total("s1").turns == 2
+    for i in range(5):
+        chain.invoke({"input": f"turn {i}"}, config=config)
+    assert [m.content for m in backend.load("s1", -2)] == ["turn 4", "Echo: turn 4"]
+    assert backend.count("s1") == 10  # the full transcript, in the backend
+    store = chain.ledger.store  # the chain's store: the backend, completed in this process
+    assert isinstance(store, ComposedStore)
+    assert store.backend is backend
+    summary = store.get_summary("s1")
+    assert summary is not None
+    assert summary.covers >= 2  # the turns that left the window are summarised
+    assert store.usage_total("session", "s1").turns == 5
 
 
 def test_a_chatbot_runs_on_a_history_only_store(settings: Settings) -> None:
@@ -113,29 +128,21 @@ def test_the_concrete_stores_are_exported_lazily() -> None:
         _ = chatchain.stores.NoSuchStore  # type: ignore[attr-defined]
 
 
-def test_open_store_passes_the_stores_options(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path / 'chat.db'}", lock_timeout=2.0, lease=7.0)
+@pytest.mark.parametrize(
+    ("url_fixture", "options"),
+    [
+        ("sqlite_url", {"lease": 7.0}),
+        ("redis_url", {"prefix": "other", "lease": 9.0}),
+        ("postgres_url", {"table_prefix": "optioned", "max_size": 3}),
+    ],
+)
+def test_open_store_passes_the_stores_options(
+    request: pytest.FixtureRequest, url_fixture: str, options: dict[str, Any]
+) -> None:
+    store = open_store(request.getfixturevalue(url_fixture), lock_timeout=2.0, **options)
     try:
-        assert isinstance(store, chatchain.stores.SQLiteStore)
-        assert store.lease == 7.0
-    finally:
-        store.close()
-
-
-def test_open_store_passes_redis_options(redis_url: str) -> None:
-    store = open_store(redis_url, prefix="other", lease=9.0)
-    try:
-        assert isinstance(store, chatchain.stores.RedisStore)
-        assert (store.prefix, store.lease) == ("other", 9.0)
-    finally:
-        store.close()
-
-
-def test_open_store_passes_postgres_options(postgres_url: str) -> None:
-    store = open_store(postgres_url, table_prefix="optioned", max_size=3)
-    try:
-        assert isinstance(store, chatchain.stores.PostgresStore)
-        assert store.table_prefix == "optioned"
+        kept = {name: getattr(store, name) for name in options if name != "max_size"}
+        assert kept == {name: value for name, value in options.items() if name != "max_size"}
     finally:
         store.close()
 
