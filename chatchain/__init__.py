@@ -86,5 +86,9 @@ __all__ = [
     "open_store",
 ]
 
+# The one place the version is written: the build reads it from here (pyproject.toml's
+# [tool.setuptools.dynamic]), so the installed package's metadata says the same.
+__version__ = "0.1.0"
+
 # A library's logger stays silent unless the application configures logging.
 _logging.getLogger("chatchain").addHandler(_logging.NullHandler())
