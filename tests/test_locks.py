@@ -21,18 +21,18 @@ def test_entries_exist_only_while_a_turn_holds_or_waits() -> None:
 def test_a_thread_waits_for_the_holder() -> None:
     locks = SessionLocks(timeout=2.0)
     order: list[str] = []
-    release = threading.Event()
+    held, release = threading.Event(), threading.Event()
 
     def holder() -> None:
         with locks.locked("s"):
             order.append("holder in")
+            held.set()
             release.wait(1.0)
             order.append("holder out")
 
     thread = threading.Thread(target=holder)
     thread.start()
-    while not order:
-        pass
+    assert held.wait(5.0)
     release.set()
     with locks.locked("s"):
         order.append("waiter in")
