@@ -29,13 +29,16 @@ __all__ = [
     "UsageEntry",
     "UsageLedger",
     "UsageReport",
+    "check_limit",
     "estimated_note",
+    "total_of",
 ]
 
 Scope = Literal["session", "user", "all"]
 """Whose spending a total or a limit is about: one session, one user, or everything."""
 
 ReportKey = Literal["session", "user", "model", "day"]
+"""What a usage report groups its rows by (`UsageLedger.report`'s ``by``)."""
 
 
 def _utcnow() -> datetime:
