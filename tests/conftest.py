@@ -10,6 +10,26 @@ from chatchain import Chatbot, Settings
 from chatchain.testing import FakeChatModel
 
 
+# Fixtures (and parameters naming a backend) that need a Redis or PostgreSQL server started by
+# the test run: `redis_url`, `redis_store`, `postgres_url`, `postgres_store`, the plugins'
+# `redis_proc`/`postgresql_proc`, and tests parametrized over backends by name. A test that
+# starts a server of its own says so with `@pytest.mark.services`.
+_SERVICES = ("redis", "postgres")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `services` every test that needs the Redis or PostgreSQL servers."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if any(name.startswith(_SERVICES) for name in fixtures) or any(
+            value in _SERVICES for value in params
+        ):
+            item.add_marker(pytest.mark.services)
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     # Tests must not read the developer's key or .env: run from an empty directory.

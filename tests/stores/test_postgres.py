@@ -483,6 +483,7 @@ def own_cluster() -> Iterator[PostgresCluster]:
         cluster.destroy()
 
 
+@pytest.mark.services  # starts a server of its own
 def test_the_server_stopping_mid_turn_writes_nothing_and_service_resumes(
     own_cluster: PostgresCluster,
 ) -> None:

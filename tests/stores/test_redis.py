@@ -320,6 +320,7 @@ def test_waiting_for_a_busy_session_does_not_block_the_loop(
         other.close()
 
 
+@pytest.mark.services  # starts a server of its own
 def test_server_killed_mid_turn_then_restarted(tmp_path: Path) -> None:
     with redis_server(tmp_path, appendonly=True) as server:
         url = redis_url_of(server)
