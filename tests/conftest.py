@@ -9,7 +9,6 @@ import pytest
 from chatchain import Chatbot, Settings
 from chatchain.testing import FakeChatModel
 
-
 # Fixtures (and parameters naming a backend) that need a Redis or PostgreSQL server started by
 # the test run: `redis_url`, `redis_store`, `postgres_url`, `postgres_store`, the plugins'
 # `redis_proc`/`postgresql_proc`, and tests parametrized over backends by name. A test that

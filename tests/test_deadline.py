@@ -46,6 +46,7 @@ def _join_workers() -> None:
 MODES = ["chat", "stream", "achat", "astream"]
 
 
+@pytest.mark.slow  # runs until its deadline
 @pytest.mark.parametrize("mode", MODES)
 def test_a_slow_user_model_is_stopped_at_the_deadline(settings: Settings, mode: str) -> None:
     slow = FakeChatModel(model_name="gpt-4o-mini", delay=6.0)  # per reply, and per chunk

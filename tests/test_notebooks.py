@@ -35,6 +35,8 @@ from chatchain.testing import OpenAITestServer
 from tests.stores.fixtures_postgres import postgres_url, wipe  # noqa: F401
 from tests.stores.fixtures_redis import redis_url  # noqa: F401
 
+pytestmark = pytest.mark.slow  # runs every notebook in a kernel
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SERIES = [

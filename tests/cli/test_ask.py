@@ -266,6 +266,7 @@ def test_usage_errors_exit_2(chatchain: Chatchain, args: list[str]) -> None:
     assert "Usage: " in result.stderr
 
 
+@pytest.mark.slow  # runs the installed script
 def test_the_installed_script_reports_an_error_in_exactly_one_line(
     chatchain: Chatchain, server: OpenAITestServer
 ) -> None:

@@ -119,6 +119,7 @@ def wait_for_prompt(terminal: Terminal) -> None:
     terminal.settle()
 
 
+@pytest.mark.slow  # a real terminal, a new process
 def test_chat_in_a_terminal(
     terminal_env: dict[str, str],
     terminals: list[Terminal],
@@ -190,6 +191,7 @@ def test_chat_in_a_terminal(
     assert len(partial.text.split()) < len(words)
 
 
+@pytest.mark.slow  # a real terminal, a new process
 def test_ask_streams_to_a_terminal(terminal_env: dict[str, str], terminals: list[Terminal]) -> None:
     ask = Terminal(["ask", "--offline", "hello there"], terminal_env)
     terminals.append(ask)

@@ -120,6 +120,7 @@ def _has_surrogate(text: str) -> bool:
     return any(unicodedata.category(ch) == "Cs" for ch in text)
 
 
+@pytest.mark.slow  # hypothesis
 @LOCAL
 @given(text=st.text(ANY_CHAR, max_size=60), mode=st.sampled_from(["chat", "stream", "achat"]))
 @example(text="\x1b[31mred\x1b[0m\r\nnext line\u2028\ttab \x7f", mode="chat")
@@ -247,6 +248,7 @@ def check_ids_apart(bot: Chatbot, fake: FakeChatModel, ids: list[str]) -> None:
         assert bot.store.load(session_id) == []
 
 
+@pytest.mark.slow  # hypothesis
 @LOCAL
 @given(ids=st.lists(IDS, min_size=1, max_size=5, unique=True))
 @example(ids=HOSTILE_IDS)
@@ -320,6 +322,7 @@ EXTRA_NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
 )
 
 
+@pytest.mark.slow  # hypothesis
 @LOCAL
 @given(
     role=VALUES,

@@ -554,6 +554,7 @@ with OpenAITestServer() as server:
 """
 
 
+@pytest.mark.slow  # many event loops
 def test_async_turns_from_one_event_loop_after_another() -> None:
     # A script or a worker that runs each async turn with its own asyncio.run(), and two
     # threads with a loop each: with chatchain's model and with the user's own ChatOpenAI.

@@ -42,6 +42,8 @@ from tests.reliability.test_endpoint_faults import (
     take_turn,
 )
 
+pytestmark = pytest.mark.slow  # each turn runs until its deadline
+
 # The endpoint-fault tests' fixtures: one server per test, one event loop for the module.
 server = faults.server
 loop = faults.loop

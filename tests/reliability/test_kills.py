@@ -22,6 +22,8 @@ import pytest
 
 from chatchain.stores import open_store
 
+pytestmark = pytest.mark.slow  # kills processes mid-turn, many times
+
 KILLS = 3
 
 _CHILD = """

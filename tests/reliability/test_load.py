@@ -30,6 +30,8 @@ from chatchain.testing import FakeChatModel
 from chatchain.usage import total_of
 from tests.stores.test_multiprocess import _reply
 
+pytestmark = pytest.mark.slow  # 1,000 sessions at once, and processes
+
 SESSIONS = 1000
 ROUNDS = 2
 DELAY = 0.1  # each reply "thinks" this long: one after another, a round would take 100 s

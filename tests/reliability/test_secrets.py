@@ -273,6 +273,7 @@ def chatchain(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.slow  # runs the command in many processes
 def test_the_cli_never_prints_the_key(
     server: OpenAITestServer, cli_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -36,9 +36,10 @@ SESSIONS = 4
 # catches one of 0.4 KB a turn. The process itself is ~110 MB.
 MAX_GROWTH_MB = 6.0
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads /proc/self/statm"
-)
+pytestmark = [
+    pytest.mark.slow,  # 20,000 turns
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm"),
+]
 
 
 def rss_mb() -> float:

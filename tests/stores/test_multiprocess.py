@@ -11,6 +11,8 @@ from chatchain import BudgetExceeded, Chatbot, Settings
 from chatchain.stores import open_store
 from chatchain.testing import FakeChatModel
 
+pytestmark = pytest.mark.slow  # processes hammering one store
+
 WORKERS = 4
 TURNS = 12
 SESSIONS = 3

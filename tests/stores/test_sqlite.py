@@ -433,6 +433,7 @@ def _writer(url: str, name: str, turns: int, start: SyncEvent) -> None:
     store.close()
 
 
+@pytest.mark.slow  # processes
 def test_two_processes_on_one_file_lose_nothing(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'chat.db'}"
     open_store(url).close()  # migrate once, so the workers start writing at once
@@ -465,6 +466,7 @@ def _lock_and_die(path: Path, locked: SyncEvent) -> None:
     os._exit(0)  # no release, no close: as if killed
 
 
+@pytest.mark.slow  # a process, and a lease running out
 def test_a_dead_holders_lease_expires(tmp_path: Path) -> None:
     path = tmp_path / "chat.db"
     SQLiteStore(path).close()
@@ -555,6 +557,7 @@ def _take_holds(url: str, attempts: int, start: SyncEvent) -> None:
     store.close()
 
 
+@pytest.mark.slow  # processes
 def test_holds_from_several_processes_cannot_overspend(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'chat.db'}"
     open_store(url).close()

@@ -633,6 +633,7 @@ def _start_cli(*extra: str) -> tuple[subprocess.Popen[str], str]:
     return proc, line.removeprefix("base_url=")
 
 
+@pytest.mark.slow  # a server process
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_prints_base_url_serves_and_stops_on_signal(sig: signal.Signals) -> None:
     proc, base_url = _start_cli()
@@ -795,6 +796,7 @@ def test_lone_surrogate_reply_is_valid_json_but_not_valid_unicode(
         text.encode("utf-8")
 
 
+@pytest.mark.slow  # a server process
 def test_cli_hostile_modes_apply_to_every_request() -> None:
     proc, base_url = _start_cli("--hostile", "alias", "--hostile", "lone-surrogate")
     try:
