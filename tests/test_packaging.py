@@ -1,12 +1,20 @@
-"""What ``pip install -e .`` builds: chatchain on sys.path, and no warning a user cannot act on."""
+"""What the builds carry: an editable install that warns about nothing; one version, the types
+(PEP 561) and the license in the wheel."""
 
 from __future__ import annotations
 
+import email.parser
+import importlib.metadata
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
+
+import pytest
+
+import chatchain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,15 +26,29 @@ print(build_meta.build_editable(sys.argv[1]))
 """
 
 
-def test_an_editable_install_is_a_path_entry_and_warns_about_nothing(tmp_path: Path) -> None:
+# The PEP 517 hook pip calls for `pip wheel .` (and a release build).
+BUILD_WHEEL = """
+import sys
+from setuptools import build_meta
+print(build_meta.build_wheel(sys.argv[1]))
+"""
+
+
+def _checkout(tmp_path: Path) -> Path:
+    """A copy of what a build reads, away from the repository's build/ and egg-info."""
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    for name in ("pyproject.toml", "README.md", "config.py"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "config.py"):
         shutil.copy(ROOT / name, checkout / name)
     shutil.copytree(
         ROOT / "chatchain", checkout / "chatchain", ignore=shutil.ignore_patterns("__pycache__")
     )
     (tmp_path / "wheel").mkdir()
+    return checkout
+
+
+def test_an_editable_install_is_a_path_entry_and_warns_about_nothing(tmp_path: Path) -> None:
+    checkout = _checkout(tmp_path)
     result = subprocess.run(
         [sys.executable, "-W", "always", "-c", BUILD_EDITABLE, str(tmp_path / "wheel")],
         cwd=checkout,
@@ -45,3 +67,43 @@ def test_an_editable_install_is_a_path_entry_and_warns_about_nothing(tmp_path: P
         # The checkout itself on sys.path, as a flat layout is; no finder module.
         assert built.read(pth).decode().strip() == str(checkout)
         assert not [name for name in built.namelist() if name.endswith("finder.py")]
+
+
+def test_the_version_is_written_once_and_the_metadata_reads_it() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in pyproject["project"]
+    assert "version" in pyproject["project"]["dynamic"]
+    dynamic = pyproject["tool"]["setuptools"]["dynamic"]["version"]
+    assert dynamic == {"attr": "chatchain.__version__"}
+    # The installed metadata: reinstall (make test does) if this fails after a version bump.
+    assert importlib.metadata.version("chatchain") == chatchain.__version__
+
+
+def test_the_changelog_has_a_section_for_the_version() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert f"## [{chatchain.__version__}]" in changelog
+    assert "## [Unreleased]" in changelog
+
+
+@pytest.mark.slow  # builds a wheel
+def test_the_wheel_carries_the_types_the_license_and_the_version(tmp_path: Path) -> None:
+    checkout = _checkout(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_WHEEL, str(tmp_path / "wheel")],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    wheel = tmp_path / "wheel" / result.stdout.split()[-1]
+    dist_info = f"chatchain-{chatchain.__version__}.dist-info"
+    with zipfile.ZipFile(wheel) as built:
+        names = set(built.namelist())
+        metadata = email.parser.Parser().parsestr(built.read(f"{dist_info}/METADATA").decode())
+        license_text = built.read(f"{dist_info}/licenses/LICENSE").decode()
+    assert "chatchain/py.typed" in names
+    assert metadata["Version"] == chatchain.__version__
+    assert metadata["License-Expression"] == "MIT"
+    assert license_text.startswith("MIT License\n")
+    assert license_text == (ROOT / "LICENSE").read_text(encoding="utf-8")
