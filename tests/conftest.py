@@ -14,6 +14,7 @@ from chatchain.testing import FakeChatModel
 # `redis_proc`/`postgresql_proc`, and tests parametrized over backends by name. A test that
 # starts a server of its own says so with `@pytest.mark.services`.
 _SERVICES = ("redis", "postgres")
+_FIXTURES = ("redis_", "postgres_")  # a parameter naming one of their fixtures
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
@@ -24,7 +25,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         params = callspec.params.values() if callspec is not None else ()
         if any(name.startswith(_SERVICES) for name in fixtures) or any(
-            value in _SERVICES for value in params
+            isinstance(value, str) and (value in _SERVICES or value.startswith(_FIXTURES))
+            for value in params
         ):
             item.add_marker(pytest.mark.services)
 

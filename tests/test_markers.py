@@ -37,6 +37,10 @@ def test_every_store(store):
 def test_by_name(backend):
     pass
 
+@pytest.mark.parametrize("fixture", ["sqlite_url", "postgres_url"])
+def test_by_fixture_name(fixture):
+    pass
+
 @pytest.mark.parametrize("url", ["redis://cache:6379/0"])
 def test_a_url_is_only_text(url):
     pass
@@ -57,5 +61,6 @@ def test_tests_that_need_redis_or_postgres_are_marked_services(pytester: pytest.
         "test_suite.py::test_every_store[memory]",
         "test_suite.py::test_every_store[sqlite]",
         "test_suite.py::test_by_name[sqlite]",
+        "test_suite.py::test_by_fixture_name[sqlite_url]",
         "test_suite.py::test_a_url_is_only_text[redis://cache:6379/0]",
     }

@@ -295,6 +295,7 @@ FAILURES = [
 ]
 
 
+@pytest.mark.slow  # 159 faults x stores x entry points
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("fault", "error", "requests", "overrides"), FAILURES)
 def test_a_failed_turn_stores_nothing_records_nothing_and_holds_nothing(

@@ -72,6 +72,7 @@ def test_a_new_hold_reclaims_the_expired_ones(store: HistoryStore) -> None:
     assert kept_holds(store) == {live.id, fresh.id}  # ...nor is it kept: deleted
 
 
+@pytest.mark.slow  # waits for a hold to expire
 def test_a_crashed_turns_hold_stops_blocking_another_session_once_it_expires(
     store: HistoryStore,
 ) -> None:

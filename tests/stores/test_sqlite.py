@@ -492,6 +492,7 @@ def test_a_dead_holders_lease_expires(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.slow  # waits past a lease
 def test_a_live_holder_keeps_its_lease_beyond_its_length(tmp_path: Path) -> None:
     path = tmp_path / "chat.db"
     holder = SQLiteStore(path, lease=0.5)  # renewed every 1/6 s while held

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 from chatchain.stores import open_store
 from chatchain.testing import PostgresCluster, redis_server, redis_url_of
+
+pytestmark = pytest.mark.services  # starts servers of its own
 
 
 def _round_trip(url: str) -> list[str]:
