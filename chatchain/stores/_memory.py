@@ -227,12 +227,8 @@ class MemoryStore(MemoryLedger, HistoryStore):
         release: str | None = None,
         fence: Fence | None = None,
     ) -> None:
-        with self._guard:  # one step for every other writer
-            if entry is not None:
-                self.record_usage(entry, release=release)
-            elif release is not None:
-                self.release_budget(release)
-            self.append(session_id, messages)
+        with self._guard:  # the base's steps, as one step for every other writer
+            super().commit_turn(session_id, messages, entry, release=release, fence=fence)
 
     async def acommit_turn(
         self,
