@@ -34,13 +34,22 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Fault", "OpenAITestServer", "echo_reply", "memory_echo_reply"]
+from chatchain.testing._scripts import (
+    ScriptedCall,
+    fit_schema,
+    forced_tool,
+    json_schema_format,
+    offered_tools,
+    results_pending,
+)
+
+__all__ = ["Fault", "OpenAITestServer", "ScriptedCall", "echo_reply", "memory_echo_reply"]
 
 ReplyFn = Callable[[list[dict[str, Any]]], str]
 
@@ -120,7 +129,8 @@ def echo_reply(messages: list[dict[str, Any]]) -> str:
 
     The text is the message's string content, or the text parts of a list content joined
     with no separator (as LangChain's ``message.text`` does). With no user message, the reply
-    is just ``"Echo: "``.
+    is just ``"Echo: "``. Tool results sent after the last user message are echoed too:
+    ``"Echo: <text> [tool results: <result>; <result>]"``.
 
     Args:
         messages: The ``messages`` of an OpenAI chat-completions request.
@@ -134,10 +144,20 @@ def echo_reply(messages: list[dict[str, Any]]) -> str:
         'Echo: hello'
         >>> echo_reply([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
         'Echo: hi'
+        >>> echo_reply([{"role": "user", "content": "weather?"},
+        ...             {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+        ...              "function": {"name": "weather", "arguments": "{}"}}]},
+        ...             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])
+        'Echo: weather? [tool results: sunny]'
     """
+    results: list[str] = []
     for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return "Echo: " + _content_text(message.get("content"))
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "tool":
+            results.insert(0, _content_text(message.get("content")))
+        if role == "user":
+            text = "Echo: " + _content_text(message.get("content"))
+            return f"{text} [tool results: {'; '.join(results)}]" if results else text
     return "Echo: "
 
 
@@ -315,6 +335,39 @@ def _split_words(text: str, words_per_chunk: int) -> list[str]:
     return [
         "".join(pieces[i : i + words_per_chunk]) for i in range(0, len(pieces), words_per_chunk)
     ]
+
+
+def _stream_deltas(
+    answer: str | list[dict[str, Any]], words_per_chunk: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The first delta of a streamed reply and the rest, as OpenAI streams them.
+
+    Text: the role with empty content, then the words. Tool calls: each call's id, type and
+    name with empty arguments (all calls in the first delta), then each call's arguments in
+    pieces of a few characters, tagged with the call's ``index``.
+    """
+    if isinstance(answer, str):
+        pieces = _split_words(answer, words_per_chunk)
+        return {"role": "assistant", "content": ""}, [{"content": piece} for piece in pieces]
+    heads = []
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(answer):
+        function = call["function"]
+        heads.append(
+            {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": function["name"], "arguments": ""},
+            }
+        )
+        arguments = function["arguments"]
+        step = 4 * words_per_chunk
+        deltas += [
+            {"tool_calls": [{"index": index, "function": {"arguments": arguments[i : i + step]}}]}
+            for i in range(0, len(arguments), step)
+        ]
+    return {"role": "assistant", "content": None, "tool_calls": heads}, deltas
 
 
 def _status_line(status: int) -> str:
@@ -502,6 +555,33 @@ class OpenAITestServer:
     Every chat request is recorded in :attr:`requests` (``Authorization`` and ``api-key``
     values are replaced by ``"<redacted>"``).
 
+    Tool calls, so that you can test your own tools offline with the real client (OpenAI's
+    wire format: ``message.tool_calls``, ``finish_reason: "tool_calls"``, and when streaming
+    one delta with each call's id and name, then its ``arguments`` in pieces):
+
+    - a scripted sequence: :meth:`queue_tool_calls` queues one reply that calls one or more
+      tools (several: parallel calls), among the :meth:`queue_replies` texts; e.g. calls,
+      then the final answer the model gives once it has the results;
+    - a rule: :meth:`add_tool_rule` ``(name, args)`` calls ``name`` with ``args`` whenever a
+      request offers that tool in ``tools`` and holds no tool result since the last user
+      message (the rules of every offered tool fire together, as parallel calls); once the
+      results are sent, the reply is the answer (queued, or ``reply(messages)``, which by
+      default echoes the user's text and the tool results).
+
+    A request whose ``tool_choice`` forces a function (what ``with_structured_output``'s
+    ``function_calling`` method sends) gets a call of it, its arguments the next queued
+    reply (e.g. from :meth:`queue_json`) or else made to fit the function's parameters.
+    Queued replies come first, then rules, then ``reply``.
+
+    Structured replies: a request with ``response_format: {"type": "json_schema", ...}`` is
+    answered with the next queued reply (queue JSON with :meth:`queue_json`, or any text to
+    test replies that do not validate) or else with a JSON value made to fit the schema
+    (simple schemas; see `fit_schema`). With ``json_schema=False`` such requests are refused
+    with a 400, as servers without structured outputs do.
+
+    Usage of tool traffic: the tools' JSON and the calls' names and arguments in the
+    messages count into ``prompt_tokens``; a reply's calls into ``completion_tokens``.
+
     Args:
         host: Interface to bind (``"127.0.0.1"`` by default; ``"::1"`` for IPv6).
         port: Port to bind; 0 picks a free one.
@@ -512,6 +592,9 @@ class OpenAITestServer:
             names none.
         stream_usage: ``False`` never sends a usage chunk when streaming, even when asked
             with ``stream_options.include_usage`` (as mockllm does).
+        json_schema: ``False`` refuses ``response_format`` of type ``json_schema`` with a
+            400 ``invalid_request_error`` (param ``response_format``), as OpenAI does for
+            models without structured outputs and many compatible servers do.
 
     Example:
         >>> import openai
@@ -525,6 +608,26 @@ class OpenAITestServer:
         1
         >>> reply.choices[0].message.content, reply.usage.total_tokens
         ('first', 10)
+
+        A tool call, then the answer once the result is sent:
+
+        >>> city = {"type": "object", "properties": {"city": {"type": "string"}}}
+        >>> weather = {"type": "function",
+        ...            "function": {"name": "get_weather", "parameters": city}}
+        >>> with OpenAITestServer() as server:
+        ...     server.add_tool_rule("get_weather", {"city": "Oslo"})
+        ...     with openai.OpenAI(base_url=server.base_url, api_key="k") as client:
+        ...         asked = [{"role": "user", "content": "Weather in Oslo?"}]
+        ...         first = client.chat.completions.create(
+        ...             model="gpt-4o-mini", messages=asked, tools=[weather])
+        ...         call = first.choices[0].message.tool_calls[0]
+        ...         result = {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+        ...         second = client.chat.completions.create(model="gpt-4o-mini", tools=[weather],
+        ...             messages=[*asked, first.choices[0].message.model_dump(), result])
+        >>> first.choices[0].finish_reason, call.function.name, call.function.arguments
+        ('tool_calls', 'get_weather', '{"city": "Oslo"}')
+        >>> second.choices[0].message.content
+        'Echo: Weather in Oslo? [tool results: sunny]'
     """
 
     def __init__(
@@ -537,6 +640,7 @@ class OpenAITestServer:
         chunk_words: int = 1,
         model: str = "gpt-4o-mini",
         stream_usage: bool = True,
+        json_schema: bool = True,
     ) -> None:
         if chunk_words < 1:
             raise ValueError(f"chunk_words must be >= 1: {chunk_words}")
@@ -549,10 +653,12 @@ class OpenAITestServer:
         self._chunk_words = chunk_words
         self._model = model
         self._stream_usage = stream_usage
+        self._json_schema = json_schema
         self._created = int(time.time())
         self._lock = threading.Lock()
         self._faults: deque[list[Any]] = deque()  # [Fault, remaining uses]
-        self._replies: deque[str] = deque()
+        self._replies: deque[str | tuple[ScriptedCall, ...]] = deque()
+        self._tool_rules: dict[str, dict[str, Any]] = {}
         self._requests: list[dict[str, Any]] = []
         self._lifecycle = threading.Lock()
         self._httpd: _HTTPServer | None = None
@@ -668,8 +774,50 @@ class OpenAITestServer:
         with self._lock:
             self._replies.extend(texts)
 
+    def queue_tool_calls(self, *calls: ScriptedCall) -> None:
+        """Queue one reply that calls tools (several calls: parallel ones), among the texts.
+
+        Args:
+            *calls: The calls of that one reply, in order.
+
+        Example:
+            >>> server = OpenAITestServer()
+            >>> server.queue_tool_calls(ScriptedCall("get_weather", {"city": "Oslo"}),
+            ...                         ScriptedCall("get_time", {"zone": "CET"}))
+            >>> server.queue_replies("Sunny, and it is noon.")   # the answer after the results
+        """
+        if not calls:
+            raise ValueError("queue_tool_calls needs at least one ScriptedCall")
+        with self._lock:
+            self._replies.append(tuple(calls))
+
+    def queue_json(self, *values: Any) -> None:
+        """Queue replies that are these values as JSON text (structured replies).
+
+        Example:
+            >>> server = OpenAITestServer()
+            >>> server.queue_json({"city": "Oslo", "days": 3})
+        """
+        self.queue_replies(*(json.dumps(value) for value in values))
+
+    def add_tool_rule(self, name: str, args: Mapping[str, Any] | None = None) -> None:
+        """Call tool ``name`` with ``args`` whenever a request offers it and awaits its result.
+
+        A request "awaits" while its messages since the last user message hold no tool
+        result: the first request of a turn. The request after the results gets the answer.
+        A later rule for the same name replaces the earlier one.
+
+        Example:
+            >>> server = OpenAITestServer()
+            >>> server.add_tool_rule("get_weather", {"city": "Oslo"})
+        """
+        arguments = dict(args or {})
+        ScriptedCall(name, arguments)  # checks the name and that the args are JSON
+        with self._lock:
+            self._tool_rules[name] = arguments
+
     def clear(self) -> None:
-        """Drop queued faults and replies, and forget the recorded requests.
+        """Drop queued faults, replies and tool rules, and forget the recorded requests.
 
         Example:
             >>> server = OpenAITestServer()
@@ -679,6 +827,7 @@ class OpenAITestServer:
         with self._lock:
             self._faults.clear()
             self._replies.clear()
+            self._tool_rules.clear()
             self._requests.clear()
 
     @property
@@ -735,10 +884,33 @@ class OpenAITestServer:
                 self._faults.popleft()
             return fault
 
-    def _take_reply(self, messages: list[dict[str, Any]]) -> str:
+    def _take_answer(
+        self, body: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> str | list[dict[str, Any]]:
+        """The reply: its text, or its tool calls in the wire format."""
         with self._lock:
-            if self._replies:
-                return self._replies.popleft()
+            queued = self._replies.popleft() if self._replies else None
+            rules = dict(self._tool_rules)
+        if isinstance(queued, tuple):
+            return [call.wire(index) for index, call in enumerate(queued)]
+        offered = offered_tools(body)
+        forced = forced_tool(body)
+        if forced is not None:
+            arguments = (
+                queued if queued is not None else json.dumps(fit_schema(offered.get(forced, {})))
+            )
+            return [ScriptedCall(forced).wire(0, arguments)]
+        if queued is not None:
+            return queued
+        calls = [ScriptedCall(name, args) for name, args in rules.items() if name in offered]
+        if calls and results_pending(messages):
+            return [call.wire(index) for index, call in enumerate(calls)]
+        schema = json_schema_format(body)
+        if schema is not None:
+            return json.dumps(fit_schema(schema))
+        return self._reply_text(messages)
+
+    def _reply_text(self, messages: list[dict[str, Any]]) -> str:
         try:
             text = self._reply(messages)
         except Exception as exc:
@@ -747,14 +919,30 @@ class OpenAITestServer:
             raise _ReplyError(500, f"The test server's reply function returned {type(text)}")
         return text
 
-    def _prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
-        return (
-            sum(
+    def _prompt_tokens(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> int:
+        tokens = 3
+        for m in messages:
+            tokens += (
                 self.count_tokens(_content_text(m.get("content") if isinstance(m, dict) else None))
                 + 4
-                for m in messages
             )
-            + 3
+            calls = m.get("tool_calls") if isinstance(m, dict) else None
+            if isinstance(calls, list) and calls:
+                tokens += self.count_tokens(json.dumps(calls))
+        tools = body.get("tools")
+        if isinstance(tools, list) and tools:
+            tokens += self.count_tokens(json.dumps(tools))
+        return tokens
+
+    def _refuse_json_schema(self, body: dict[str, Any]) -> None:
+        if self._json_schema or json_schema_format(body) is None:
+            return
+        raise _ReplyError(
+            400,
+            "Invalid parameter: 'response_format' of type 'json_schema' is not supported with "
+            "this model. Learn more about supported models at the Structured Outputs guide: "
+            "https://platform.openai.com/docs/guides/structured-outputs",
+            param="response_format",
         )
 
     def _handle_chat(self, handler: _Handler, raw: bytes) -> None:
@@ -812,7 +1000,8 @@ class OpenAITestServer:
             model = fault.answer_model
         stream = body.get("stream") is True
 
-        prompt_tokens = self._prompt_tokens(messages)
+        self._refuse_json_schema(body)
+        prompt_tokens = self._prompt_tokens(body, messages)
         if self._context_window is not None and prompt_tokens > self._context_window:
             raise _ReplyError(
                 400,
@@ -830,13 +1019,15 @@ class OpenAITestServer:
                 handler._send(200, b'{"id": "chatcmpl-malformed", "object": "chat.completion", [')
             return
 
-        text = self._take_reply(messages)
-        finish_reason = "stop"
+        answer = self._take_answer(body, messages)
+        calls = answer if isinstance(answer, list) else None
+        text = answer if isinstance(answer, str) else ""
+        finish_reason = "stop" if calls is None else "tool_calls"
         if max_tokens is not None and len(text) > 4 * max_tokens:
             text, finish_reason = text[: 4 * max_tokens], "length"
-        if fault is not None and fault.lone_surrogate:
+        if fault is not None and fault.lone_surrogate and calls is None:
             text += _LONE_SURROGATE
-        completion_tokens = self.count_tokens(text)
+        completion_tokens = self.count_tokens(text if calls is None else json.dumps(calls))
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -860,9 +1051,10 @@ class OpenAITestServer:
                             "index": 0,
                             "message": {
                                 "role": "assistant",
-                                "content": text,
+                                "content": text if calls is None else None,
                                 "refusal": None,
                                 "annotations": [],
+                                **({"tool_calls": calls} if calls else {}),
                             },
                             "logprobs": None,
                             "finish_reason": finish_reason,
@@ -883,7 +1075,7 @@ class OpenAITestServer:
         )
         self._stream(
             handler,
-            text,
+            text if calls is None else calls,
             completion_id=completion_id,
             created=created,
             model=model,
@@ -946,7 +1138,7 @@ class OpenAITestServer:
     def _stream(
         self,
         handler: _Handler,
-        text: str,
+        answer: str | list[dict[str, Any]],
         *,
         completion_id: str,
         created: int,
@@ -980,10 +1172,10 @@ class OpenAITestServer:
         def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
             return frame(sse(delta, finish), chunked)
 
-        chunks = _split_words(text, self._chunk_words)
+        first, deltas = _stream_deltas(answer, self._chunk_words)
         if fault is not None and (fault.keep_alive or fault.drip):
-            events = [sse({"role": "assistant", "content": ""})]
-            events += [sse({"content": piece}) for piece in chunks]
+            events = [sse(first)]
+            events += [sse(delta) for delta in deltas]
             events.append(sse({}, finish_reason))
             if usage is not None:
                 events.append(
@@ -993,14 +1185,14 @@ class OpenAITestServer:
             self._stream_slowly(handler, fault, events, chunked)
             return
         cut_after = fault.cut_after if fault is not None else None
-        write(event({"role": "assistant", "content": ""}))
+        write(event(first))
         if cut_after is not None:
-            for piece in chunks[:cut_after]:
-                write(event({"content": piece}))
+            for delta in deltas[:cut_after]:
+                write(event(delta))
             self._drop(handler)
             return
-        for piece in chunks:
-            write(event({"content": piece}))
+        for delta in deltas:
+            write(event(delta))
 
         tail = [event({}, finish_reason)]
         if usage is not None:

@@ -13,14 +13,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import openai
 import pytest
 from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
 
-from chatchain.testing import Fault, OpenAITestServer, echo_reply
+from chatchain.testing import Fault, OpenAITestServer, ScriptedCall, echo_reply
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-do-not-leak"
@@ -826,3 +827,231 @@ def test_cli_hostile_keep_alive_is_the_30_second_trickle() -> None:
         None,
     )
     assert fault.times == sys.maxsize
+
+
+# --- tool calls and structured replies --------------------------------------------------
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}},
+    },
+}
+
+
+def chat_openai(server: OpenAITestServer, **kwargs: Any) -> ChatOpenAI:
+    return ChatOpenAI(
+        base_url=server.base_url,
+        api_key=API_KEY,  # type: ignore[arg-type]
+        model=MODEL,
+        stream_usage=True,
+        max_retries=0,
+        **kwargs,
+    )
+
+
+def test_tool_rule_calls_the_offered_tool_then_answers_with_the_results(
+    server: OpenAITestServer, client: openai.OpenAI
+) -> None:
+    server.add_tool_rule("get_weather", {"city": "Oslo"})
+    server.add_tool_rule("not_offered", {})
+    asked: list[Any] = user("Weather in Oslo?")
+    first = client.chat.completions.create(model=MODEL, messages=asked, tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls is not None and len(calls) == 1
+    call = calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert (call.function.name, json.loads(call.function.arguments)) == (  # type: ignore[union-attr]
+        "get_weather",
+        {"city": "Oslo"},
+    )
+    result = {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}
+    second = client.chat.completions.create(
+        model=MODEL,
+        messages=[*asked, choice.message.model_dump(exclude_none=True), result],
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+    )
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.content == "Echo: Weather in Oslo? [tool results: sunny, 21 C]"
+    # Without the tool offered, the rule does not fire.
+    plain = client.chat.completions.create(model=MODEL, messages=user("hi"))
+    assert plain.choices[0].message.content == "Echo: hi"
+    assert plain.choices[0].message.tool_calls is None
+
+
+def test_queued_parallel_calls_then_the_queued_answer(
+    server: OpenAITestServer, client: openai.OpenAI
+) -> None:
+    server.queue_tool_calls(
+        ScriptedCall("get_weather", {"city": "Oslo"}, id="call_w"),
+        ScriptedCall("get_time", {"zone": "CET"}),
+    )
+    server.queue_replies("Sunny, and it is noon.")
+    tools: Any = [WEATHER_TOOL, TIME_TOOL]
+    first = client.chat.completions.create(model=MODEL, messages=user("both?"), tools=tools)
+    calls = first.choices[0].message.tool_calls
+    assert calls is not None
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]  # type: ignore[union-attr]
+    assert calls[0].id == "call_w"
+    assert len({c.id for c in calls}) == 2
+    second = client.chat.completions.create(model=MODEL, messages=user("next"), tools=tools)
+    assert second.choices[0].message.content == "Sunny, and it is noon."
+    # The calls count as completion tokens; the tools' schemas as prompt tokens.
+    assert first.usage is not None and first.usage.completion_tokens > 5
+    plain_prompt = expected_prompt_tokens(server, ["both?"])
+    assert first.usage.prompt_tokens == plain_prompt + server.count_tokens(json.dumps(tools))
+
+
+def test_streamed_tool_call_deltas_on_the_wire(server: OpenAITestServer) -> None:
+    server.queue_tool_calls(
+        ScriptedCall("get_weather", {"city": "Oslo, Norway"}, id="call_a"),
+        ScriptedCall("get_time", {"zone": "Europe/Oslo"}, id="call_b"),
+    )
+    body = {
+        "model": MODEL,
+        "messages": user("weather and time"),
+        "tools": [WEATHER_TOOL, TIME_TOOL],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    status, _, payload = raw_request(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 200
+    events = sse_events(payload)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    first = chunks[0]["choices"][0]["delta"]
+    # Each call's id and name come first, with empty arguments; then the arguments in pieces.
+    assert first["role"] == "assistant"
+    assert [(c["index"], c["id"], c["function"]) for c in first["tool_calls"]] == [
+        (0, "call_a", {"name": "get_weather", "arguments": ""}),
+        (1, "call_b", {"name": "get_time", "arguments": ""}),
+    ]
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    finish = []
+    for chunk in chunks[1:]:
+        for choice in chunk["choices"]:
+            for delta in choice["delta"].get("tool_calls", []):
+                assert set(delta) == {"index", "function"}  # no id or name after the first
+                pieces[delta["index"]].append(delta["function"]["arguments"])
+            finish.append(choice["finish_reason"])
+    assert len(pieces[0]) > 1  # arguments really come in pieces
+    assert json.loads("".join(pieces[0])) == {"city": "Oslo, Norway"}
+    assert json.loads("".join(pieces[1])) == {"zone": "Europe/Oslo"}
+    assert [f for f in finish if f] == ["tool_calls"]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_langchain_bind_tools_invoke_and_stream(server: OpenAITestServer) -> None:
+    llm = chat_openai(server).bind_tools([WEATHER_TOOL, TIME_TOOL])
+    server.add_tool_rule("get_weather", {"city": "Oslo"})
+    server.add_tool_rule("get_time", {"zone": "CET"})
+
+    message = llm.invoke("weather and time in Oslo?")
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [  # type: ignore[attr-defined]
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {"zone": "CET"}),
+    ]
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+
+    chunks = list(llm.stream("weather and time in Oslo?"))
+    assert len(chunks) > 4
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole = whole + chunk
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [  # type: ignore[attr-defined]
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {"zone": "CET"}),
+    ]
+    assert whole.usage_metadata is not None  # type: ignore[attr-defined]
+    assert whole.usage_metadata["output_tokens"] > 0  # type: ignore[attr-defined]
+
+    # The results go back as ToolMessages; the answer follows.
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    results = [ToolMessage(f"result {c['name']}", tool_call_id=c["id"]) for c in message.tool_calls]  # type: ignore[attr-defined]
+    answer = llm.invoke([HumanMessage("weather and time in Oslo?"), message, *results])
+    assert answer.content == (
+        "Echo: weather and time in Oslo? [tool results: result get_weather; result get_time]"
+    )
+    assert answer.tool_calls == []  # type: ignore[attr-defined]
+
+
+def test_cut_after_counts_tool_call_deltas(server: OpenAITestServer) -> None:
+    server.add_fault(Fault(cut_after=1))
+    server.queue_tool_calls(ScriptedCall("get_weather", {"city": "A long city name"}))
+    llm = chat_openai(server).bind_tools([WEATHER_TOOL])
+    with pytest.raises(openai.APIConnectionError):
+        list(llm.stream("weather?"))
+
+
+class Forecast(BaseModel):
+    city: str
+    days: int = Field(ge=1)
+    unit: Literal["C", "F"]
+
+
+def test_json_schema_reply_is_generated_to_fit_the_schema(server: OpenAITestServer) -> None:
+    structured = chat_openai(server).with_structured_output(Forecast, method="json_schema")
+    assert structured.invoke("forecast?") == Forecast(city="text", days=1, unit="C")
+    request = server.requests[-1]["body"]
+    assert request["response_format"]["type"] == "json_schema"
+
+
+def test_json_schema_reply_from_the_queue(server: OpenAITestServer) -> None:
+    server.queue_json({"city": "Oslo", "days": 3, "unit": "F"})
+    structured = chat_openai(server).with_structured_output(Forecast, method="json_schema")
+    assert structured.invoke("forecast?") == Forecast(city="Oslo", days=3, unit="F")
+
+
+def test_function_calling_structured_reply(server: OpenAITestServer) -> None:
+    structured = chat_openai(server).with_structured_output(Forecast, method="function_calling")
+    assert structured.invoke("forecast?") == Forecast(city="text", days=1, unit="C")
+    server.queue_json({"city": "Bergen", "days": 2, "unit": "C"})
+    assert structured.invoke("forecast?") == Forecast(city="Bergen", days=2, unit="C")
+    assert server.requests[-1]["body"]["tool_choice"]["function"]["name"] == "Forecast"
+
+
+def test_server_can_refuse_json_schema_like_servers_without_it() -> None:
+    with (
+        OpenAITestServer(json_schema=False) as server,
+        openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0) as client,
+    ):
+        server.queue_replies("kept for the next request")
+        response_format: Any = {
+            "type": "json_schema",
+            "json_schema": {"name": "Forecast", "schema": Forecast.model_json_schema()},
+        }
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model=MODEL, messages=user("x"), response_format=response_format
+            )
+        assert caught.value.status_code == 400
+        assert caught.value.body["param"] == "response_format"  # type: ignore[index]
+        assert "'response_format' of type 'json_schema' is not supported" in caught.value.message
+        # Plain requests, JSON mode and function calling still work; no reply was used up.
+        reply = client.chat.completions.create(model=MODEL, messages=user("x"))
+        assert reply.choices[0].message.content == "kept for the next request"
+        structured = chat_openai(server).with_structured_output(Forecast, method="function_calling")
+        assert structured.invoke("forecast?") == Forecast(city="text", days=1, unit="C")
