@@ -10,6 +10,7 @@ folder); otherwise LangChain's `count_tokens_approximately` counts. The choice i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -17,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import BaseMessage, SystemMessage
 from langchain_core.messages.utils import count_tokens_approximately
+from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from chatchain.errors import ConfigurationError
 
@@ -49,6 +51,27 @@ class TokenCounter:
 
     def __call__(self, messages: Sequence[BaseMessage]) -> int:
         return self.count(messages)
+
+    def count_tools(self, tools: Sequence[Any]) -> int:
+        """The tokens that binding ``tools`` adds to every prompt: their JSON schemas.
+
+        ``tools`` are anything ``bind_tools`` takes (LangChain tools, typed functions,
+        pydantic models, OpenAI tool dicts); each is converted as ``bind_tools`` sends it
+        (`convert_to_openai_tool`) and the JSON text is counted like message text. Add it to
+        a prompt's count (the budget hold, the window's room) whenever the tools are bound.
+
+        Example:
+            >>> def get_weather(city: str) -> str:
+            ...     "The weather in a city."
+            ...     return "sunny"
+            >>> APPROXIMATE.count_tools([get_weather]) > 0, APPROXIMATE.count_tools([])
+            (True, 0)
+        """
+        if not tools:
+            return 0
+        schemas = json.dumps([convert_to_openai_tool(tool) for tool in tools])
+        empty = self.count([SystemMessage("")])
+        return max(0, self.count([SystemMessage(schemas)]) - empty)
 
 
 APPROXIMATE = TokenCounter("approximate", count_tokens_approximately)

@@ -10,6 +10,12 @@ orphan AI or tool message. With ``summarize`` on, once the turns beyond the wind
 the oldest of them are folded into the session's running summary by the model (a metered
 call), incrementally: the old summary plus the new turns, never the whole transcript again.
 
+A tool exchange (the AI message that calls tools, and the tool results) is part of its turn:
+the window opens on a user message, and never sends an AI message whose calls lost their
+results or a result without its call (`whole_exchanges`: the endpoint refuses both); the
+summary covers whole turns. The messages of a tool exchange count towards the window's
+``2 * max_turns`` messages, so tool-heavy turns leave fewer of them in the window.
+
 The summary has a budget of its own (``summary_tokens``): the summary call asks for a summary
 that fits and is capped with ``max_tokens``, and a summary that is longer all the same (a
 verbose model, an echo, one stored before the budget existed) is cut at the last sentence
@@ -31,9 +37,11 @@ from functools import partial
 from typing import Any
 
 from langchain_core.messages import (
+    AIMessage,
     BaseMessage,
     HumanMessage,
     SystemMessage,
+    ToolMessage,
     get_buffer_string,
     trim_messages,
 )
@@ -44,7 +52,7 @@ from chatchain._tokens import TokenCounter
 from chatchain.errors import ConfigurationError, InvalidInputError
 from chatchain.stores import HistoryStore, Summary
 
-__all__ = ["HistoryWindow"]
+__all__ = ["HistoryWindow", "whole_exchanges"]
 
 logger = logging.getLogger("chatchain")
 
@@ -244,10 +252,59 @@ def _reply_summary(reply: Any) -> str:
     return text.strip()
 
 
-def _drop_orphans(messages: list[BaseMessage]) -> list[BaseMessage]:
-    # A window must open on the user's turn: a leading reply or tool result has lost its question.
+def _calls(message: BaseMessage) -> list[str]:
+    """The ids of the tool calls an AI message makes (none for other messages)."""
+    if not isinstance(message, AIMessage):
+        return []
+    return [str(call.get("id")) for call in message.tool_calls]
+
+
+def whole_exchanges(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
+    """``messages`` as a prompt can hold them: whole turns, every tool call with its result.
+
+    The history opens on a user message (a leading reply or tool result has lost its
+    question). An AI message that calls tools is kept with the results that follow it only
+    when every one of its calls has one; else (a turn cut short, a window or an import that
+    split it) its calls and their results go, and its text, if any, stays. A tool result
+    that answers no call of the AI message before it goes too.
+
+    Example:
+        >>> from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+        >>> call = {"name": "weather", "args": {}, "id": "c1"}
+        >>> history = [ToolMessage("orphan", tool_call_id="c0"), HumanMessage("Oslo?"),
+        ...            AIMessage("", tool_calls=[call, {**call, "id": "c2"}]),
+        ...            ToolMessage("sunny", tool_call_id="c1"), HumanMessage("And now?")]
+        >>> [m.type for m in whole_exchanges(history)]
+        ['human', 'human']
+    """
     start = next((i for i, m in enumerate(messages) if m.type == "human"), len(messages))
-    return messages[start:]
+    kept: list[BaseMessage] = []
+    index = start
+    while index < len(messages):
+        message = messages[index]
+        index += 1
+        calls = _calls(message)
+        if not calls:
+            if not isinstance(message, ToolMessage):  # a result here follows no call
+                kept.append(message)
+            continue
+        results: dict[str, BaseMessage] = {}
+        while index < len(messages) and isinstance(messages[index], ToolMessage):
+            result = messages[index]
+            assert isinstance(result, ToolMessage)
+            if result.tool_call_id in calls:
+                results.setdefault(result.tool_call_id, result)
+            index += 1
+        if len(results) == len(set(calls)):
+            kept += [message, *results.values()]
+        elif message.text.strip():
+            kept.append(AIMessage(content=message.content, id=message.id))
+    return kept
+
+
+def _turn_starts(messages: Sequence[BaseMessage], offset: int) -> list[int]:
+    """Where turns start (the indexes of user messages), counted from ``offset``."""
+    return [offset + i for i, m in enumerate(messages) if m.type == "human"]
 
 
 @dataclass
@@ -322,6 +379,30 @@ class Recall:
             return None
         return self._summary_start(summary, upto), upto
 
+    @staticmethod
+    def _whole_turns(
+        summary: Summary | None, loaded: list[BaseMessage], start: int, upto: int
+    ) -> tuple[int, list[BaseMessage]] | None:
+        """The plan moved to turn boundaries: what the summary covers, and the lines it folds.
+
+        ``loaded`` holds the messages from ``start`` on. A summary ends where a turn starts,
+        so that a tool exchange is never split between the summary and the window: at the
+        last turn that starts by ``upto`` (the summary covers less), or when one turn spans
+        the whole plan, at the next one (it covers more). ``None``: no turn starts after
+        ``start`` (the newest turn is all there is to fold). A backlog slice (older turns
+        beyond a summary's reach) starts on its first turn too, when one starts before the end.
+        """
+        base = start
+        starts = _turn_starts(loaded, base)
+        before = [i for i in starts if start < i <= upto]
+        after = [i for i in starts if i > upto]
+        end = before[-1] if before else (after[0] if after else None)
+        if end is None:
+            return None
+        if start > (summary.covers if summary else 0):  # a backlog cut: on a turn if one fits
+            start = next((i for i in starts if start <= i < end), start)
+        return end, loaded[start - base : end - base]
+
     def summarize(
         self,
         store: HistoryStore,
@@ -341,7 +422,11 @@ class Recall:
         if plan is None:
             return None
         start, upto = plan
-        request = self._request(summary, store.load(session_id, start, upto))
+        turns = self._whole_turns(summary, store.load(session_id, start), start, upto)
+        if turns is None:
+            return None
+        upto, older = turns
+        request = self._request(summary, older)
         limit = before_send(request) if before_send is not None else None
         model = self.summarizer if limit is None else self.summarizer.bind(max_tokens=limit)
         handler, started = _metering.new_handler(), time.perf_counter()
@@ -366,7 +451,11 @@ class Recall:
         if plan is None:
             return None
         start, upto = plan
-        request = self._request(summary, await store.aload(session_id, start, upto))
+        turns = self._whole_turns(summary, await store.aload(session_id, start), start, upto)
+        if turns is None:
+            return None
+        upto, older = turns
+        request = self._request(summary, older)
         limit = await before_send(request) if before_send is not None else None
         model = self.summarizer if limit is None else self.summarizer.bind(max_tokens=limit)
         handler, started = _metering.new_handler(), time.perf_counter()
@@ -400,7 +489,7 @@ class Recall:
         """
         if window.limit is not None:
             messages = messages[-window.limit :]
-        messages = _drop_orphans(messages)
+        messages = whole_exchanges(messages)
         head: list[BaseMessage] = []
         if summary is not None and window.summarize:
             text = fit_summary(summary.text, window.summary_tokens, self.counter)
