@@ -1,6 +1,7 @@
 """Test doubles that ship with chatchain, for its own tests and for yours.
 
-- `FakeChatModel`: a LangChain chat model with scripted or echo replies, real streaming and
+- `FakeChatModel`: a LangChain chat model with scripted or echo replies, scripted tool calls
+  (`tool_call_reply`, with `bind_tools`), real streaming and
   OpenAI-like usage, for unit tests without a network.
 - `OpenAITestServer`: a real OpenAI-compatible HTTP server on 127.0.0.1 (JSON and SSE
   streaming with a usage chunk, errors on demand), for end-to-end tests of `ChatOpenAI`;
@@ -13,7 +14,7 @@
   and to stop or crash; `redis_url_of` gives a Redis server's URL.
 """
 
-from chatchain.testing._fake import FakeChatModel
+from chatchain.testing._fake import FakeChatModel, tool_call_reply
 from chatchain.testing._scripts import ScriptedCall, fit_schema
 from chatchain.testing._server import Fault, OpenAITestServer, echo_reply, memory_echo_reply
 from chatchain.testing._stores import PostgresCluster, redis_server, redis_url_of
@@ -29,4 +30,5 @@ __all__ = [
     "memory_echo_reply",
     "redis_server",
     "redis_url_of",
+    "tool_call_reply",
 ]
