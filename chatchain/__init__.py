@@ -32,6 +32,7 @@ from chatchain.errors import (
     SessionExistsError,
     SessionLockLostError,
     StoreError,
+    StructuredReplyError,
     TurnDeadlineError,
 )
 from chatchain.model import create_chat_model, create_summary_model
@@ -72,6 +73,7 @@ __all__ = [
     "SessionLockLostError",
     "Settings",
     "StoreError",
+    "StructuredReplyError",
     "TurnDeadlineError",
     "Usage",
     "UsageEntry",

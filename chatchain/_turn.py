@@ -320,6 +320,8 @@ class Turn:
     cap, or less when that is all the remaining budget can pay for; ``None`` without a budget."""
     fence: Fence | None = None
     """The session lock's fence (what `HistoryStore.lock` yielded), checked when saving."""
+    parsed: Any = None
+    """A structured turn's reply as a validated instance of its schema (see `_structured`)."""
     _count_prompt: Callable[[], int] | None = None
     _hold: str | None = None
     deadline_at: float | None = None
@@ -719,6 +721,21 @@ class Turn:
             await store.acommit_turn(self.session_id, messages, fence=self.fence)
         else:
             await self.spec.get_history(self.session_id).aadd_messages(messages)
+
+    def meter_only(self, reply: BaseMessage) -> None:
+        """Record what a call cost when its reply is not kept (a structured reply that does
+        not validate): the endpoint billed it. Nothing is stored in the history."""
+        entry = self._entry(reply)
+        self._recorded(entry, reply)
+        self.spec.ledger.record(entry, release=self._hold)
+        self._hold = None
+
+    async def ameter_only(self, reply: BaseMessage) -> None:
+        """`meter_only` for async callers."""
+        entry = self._entry(reply)
+        self._recorded(entry, reply)
+        await self.spec.ledger.arecord(entry, release=self._hold)
+        self._hold = None
 
     def _lock_lost(self, exc: SessionLockLostError) -> None:
         logger.error("Session %r: %s", self.session_id, exc)

@@ -22,11 +22,12 @@ from langchain_core.messages import BaseMessage
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tracers.schemas import Run
-from pydantic import PrivateAttr
+from pydantic import BaseModel, PrivateAttr
 
 from chatchain import _endpoint_errors
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
+from chatchain._structured import StructuredChain, StructuredModel, schema_of
 from chatchain._tokens import TokenCounter, choose_counter
 from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
 from chatchain.errors import ContextTooLongError
@@ -110,6 +111,7 @@ class ChatChain(HistoryRunnable):
     def model(self) -> Runnable[Any, Any]:
         """The chat model (with its fallback, if any)."""
         model = getattr(self._inner, "last", self._inner)
+        model = model.step if isinstance(model, StructuredModel) else model
         return model.model if isinstance(model, BudgetedModel) else model
 
     @property
@@ -126,6 +128,31 @@ class ChatChain(HistoryRunnable):
     def ledger(self) -> UsageLedger:
         """Usage totals per session of every turn this chain ran."""
         return self._spec.ledger
+
+    def with_structured_output(self, schema: type[BaseModel]) -> Runnable[Any, Any]:
+        """This chain, answering each turn with a validated instance of ``schema``.
+
+        The turn runs as usual (history, window, lock, metering); the model is asked for the
+        schema with ``with_structured_output`` (json_schema, or function calling for an
+        endpoint that refuses it), the reply is stored as its JSON text, and ``invoke`` /
+        ``ainvoke`` return the instance.
+
+        Raises:
+            InvalidInputError: ``schema`` is not a pydantic model class.
+            StructuredReplyError: (when invoked) The reply does not fit the schema; nothing
+                was stored.
+
+        Example:
+            >>> from pydantic import BaseModel
+            >>> from chatchain.testing import FakeChatModel
+            >>> class City(BaseModel):
+            ...     name: str
+            >>> chain = create_chat_chain(FakeChatModel(replies=['{"name": "Oslo"}']))
+            >>> chain.with_structured_output(City).invoke(
+            ...     {"input": "Capital of Norway?"}, config={"configurable": {"session_id": "c"}})
+            City(name='Oslo')
+        """
+        return StructuredChain(self, schema)
 
     # LangChain's save-on-success listeners are not attached (see `_runnable_history`); should
     # a future version call them anyway, they must not save a second time.
@@ -153,14 +180,17 @@ class ChatChain(HistoryRunnable):
         history = history if self.history_messages_key else history + inputs
         turn = configurable.get(TURN_KEY)
         if turn is not None:  # the budget check, with what is about to be sent
-            turn.sending(partial(self._count_prompt, value, history))
+            turn.sending(partial(self._count_prompt, value, history, schema_of(config)))
         return history
 
-    def _count_prompt(self, value: Any, history: list[BaseMessage]) -> int:
+    def _count_prompt(
+        self, value: Any, history: list[BaseMessage], schema: type[BaseModel] | None = None
+    ) -> int:
         key = str(self.history_messages_key or self.input_messages_key)
         variables = {**value, key: history} if isinstance(value, Mapping) else {key: history}
         messages = self.prompt.invoke(variables).to_messages()
-        return self._spec.recall.counter(messages)
+        counter = self._spec.recall.counter
+        return counter(messages) + (counter.count_tools([schema]) if schema else 0)
 
     async def _aenter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
         configurable = config["configurable"]
@@ -176,7 +206,7 @@ class ChatChain(HistoryRunnable):
         history = history if self.history_messages_key else history + inputs
         turn = configurable.get(TURN_KEY)
         if turn is not None:
-            await turn.asending(partial(self._count_prompt, value, history))
+            await turn.asending(partial(self._count_prompt, value, history, schema_of(config)))
         return history
 
     def _window(
@@ -534,8 +564,9 @@ def create_chat_chain(
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
     # Under a budget each call is sent with the max_tokens its hold could pay for.
+    step = BudgetedModel(model) if spec.budget else model
     return ChatChain(
-        prompt | (BudgetedModel(model) if spec.budget else model),
+        prompt | StructuredModel(step, model),
         history,
         spec=spec,
         input_key=input_key,

@@ -15,7 +15,9 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
+from pydantic import BaseModel
 
+from chatchain._structured import with_schema
 from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
 from chatchain.prompt import create_prompt
@@ -46,6 +48,9 @@ class Reply:
     session_id: str
     notices: tuple[str, ...] = ()
     """What the user should know about the turn, e.g. a retry with a tighter window."""
+    parsed: BaseModel | None = None
+    """With ``schema=``: the reply as a validated instance of the schema (``text`` is its
+    JSON, as stored in the history); ``None`` otherwise."""
 
     @property
     def interrupted(self) -> bool:
@@ -58,7 +63,9 @@ class Reply:
 
 def _reply(message: BaseMessage, turn: Turn) -> Reply:
     assert turn.usage is not None  # set by the turn's save
-    return Reply(message.text, turn.usage, message, turn.session_id, tuple(turn.notices))
+    return Reply(
+        message.text, turn.usage, message, turn.session_id, tuple(turn.notices), turn.parsed
+    )
 
 
 class _StreamBase:
@@ -247,12 +254,17 @@ class Chatbot:
         return f"Chatbot(model={self.settings.model!r}, store={type(self.store).__name__})"
 
     def _call(
-        self, text: str, session_id: str, user_id: str | None, prompt_vars: Mapping[str, Any]
+        self,
+        text: str,
+        session_id: str,
+        user_id: str | None,
+        prompt_vars: Mapping[str, Any],
+        schema: type[BaseModel] | None = None,
     ) -> tuple[dict[str, Any], RunnableConfig]:
         configurable: dict[str, Any] = {"session_id": session_id}
         if user_id is not None:
             configurable["user_id"] = user_id
-        return {**prompt_vars, "input": text}, {"configurable": configurable}
+        return {**prompt_vars, "input": text}, with_schema({"configurable": configurable}, schema)
 
     def chat(
         self,
@@ -260,19 +272,38 @@ class Chatbot:
         *,
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
+        schema: type[BaseModel] | None = None,
         **prompt_vars: Any,
     ) -> Reply:
         """Send one message and return the reply.
 
         ``user_id`` (optional) files the turn's usage under that user too, for per-user
-        totals and budgets.
+        totals and budgets. With ``schema`` (a pydantic model class) the model answers in
+        that schema (``with_structured_output``: json_schema, or function calling for an
+        endpoint that refuses it): ``Reply.parsed`` is the validated instance, and the
+        history keeps its JSON text.
 
         Raises:
             InvalidInputError: Empty text, a bad session id or a missing prompt variable.
             BudgetExceeded: The turn could pass a spending cap; nothing was sent or stored.
+            StructuredReplyError: With ``schema``, the reply does not fit it; nothing was
+                stored (the call was metered).
             EndpointError: The endpoint failed; the history is unchanged.
+
+        Example:
+            >>> from pydantic import BaseModel
+            >>> from chatchain.testing import FakeChatModel
+            >>> class City(BaseModel):
+            ...     name: str
+            ...     population: int
+            >>> bot = Chatbot(llm=FakeChatModel(replies=['{"name": "Oslo", "population": 709000}']))
+            >>> bot.chat("Capital of Norway?", session_id="geo", schema=City).parsed
+            City(name='Oslo', population=709000)
+            >>> bot.history("geo")[-1].content
+            '{"name":"Oslo","population":709000}'
         """
-        message, turn = self.chain.run_turn(*self._call(text, session_id, user_id, prompt_vars))
+        call = self._call(text, session_id, user_id, prompt_vars, schema)
+        message, turn = self.chain.run_turn(*call)
         return _reply(message, turn)
 
     async def achat(
@@ -281,12 +312,12 @@ class Chatbot:
         *,
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
+        schema: type[BaseModel] | None = None,
         **prompt_vars: Any,
     ) -> Reply:
         """`chat` without blocking the event loop."""
-        message, turn = await self.chain.arun_turn(
-            *self._call(text, session_id, user_id, prompt_vars)
-        )
+        call = self._call(text, session_id, user_id, prompt_vars, schema)
+        message, turn = await self.chain.arun_turn(*call)
         return _reply(message, turn)
 
     def stream(

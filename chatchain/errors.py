@@ -22,7 +22,8 @@ ChatChainError
     ├── EndpointConnectionError the endpoint could not be reached
     ├── ContextTooLongError     the prompt does not fit the model's context window
     ├── BadRequestError         400/404/422: the endpoint refused the request
-    └── ServerError             5xx after retries, or a reply that could not be read
+    ├── ServerError             5xx after retries, or a reply that could not be read
+    └── StructuredReplyError    a structured reply (schema=...) did not validate; nothing stored
 ```
 
 `InvalidInputError` is also a `ValueError`, so code written against LangChain's own
@@ -55,6 +56,7 @@ __all__ = [
     "SessionExistsError",
     "SessionLockLostError",
     "StoreError",
+    "StructuredReplyError",
     "TurnDeadlineError",
 ]
 
@@ -214,3 +216,20 @@ class BadRequestError(EndpointError):
 
 class ServerError(EndpointError):
     """The endpoint failed on its side (5xx), or answered with something unreadable."""
+
+
+class StructuredReplyError(EndpointError):
+    """The model's reply to a structured turn (``schema=...``) does not fit the schema: not
+    JSON, a field missing or of the wrong type, a refusal, or cut short by ``max_tokens``.
+
+    Nothing was stored in the history; the call was metered (the endpoint billed it).
+
+    Attributes:
+        schema: The pydantic model the reply had to fit.
+        text: The reply as the model gave it (its JSON text or tool-call arguments).
+    """
+
+    def __init__(self, message: str, *, schema: type, text: str) -> None:
+        super().__init__(message)
+        self.schema = schema
+        self.text = text
