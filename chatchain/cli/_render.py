@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -95,14 +95,57 @@ def sessions_table(infos: Sequence[SessionInfo], current: str | None = None) -> 
     return table
 
 
+def _short(text: str, most: int) -> str:
+    text = " ".join(text.split())  # one line, whatever the tool returned
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
+def tool_call_line(name: str, args: dict[str, object]) -> Text:
+    """The dim line of a tool call in a transcript: its name and (short) arguments.
+
+    Example:
+        >>> tool_call_line("get_weather", {"city": "Oslo"}).plain
+        "  tool get_weather(city='Oslo')"
+    """
+    shown = ", ".join(f"{key}={value!r}" for key, value in args.items())
+    return Text(f"  tool {name}({_short(shown, 60)})", style="dim")
+
+
+def tool_result_line(message: ToolMessage, name: str | None = None) -> Text:
+    """The dim line of a tool's result in a transcript: ``→`` the result, or its error.
+
+    Example:
+        >>> from langchain_core.messages import ToolMessage
+        >>> tool_result_line(ToolMessage("sunny,\\n21 C", tool_call_id="c1"), "get_weather").plain
+        '  → get_weather: sunny, 21 C'
+        >>> tool_result_line(ToolMessage("no such city", tool_call_id="c1", status="error")).plain
+        '  → error: no such city'
+    """
+    label = "error" if message.status == "error" else (message.name or name)
+    prefix = f"{label}: " if label else ""
+    return Text(f"  → {prefix}{_short(message.text, 100)}", style="dim")
+
+
 def transcript(console: Console, messages: Sequence[BaseMessage]) -> None:
-    """A session's messages, one speaker label each; interrupted replies are marked."""
+    """A session's messages, one speaker label each; interrupted replies are marked.
+
+    Tool calls and their results show as dim lines under the reply that made them.
+    """
+    names: dict[str, str] = {}  # tool call id -> tool name, to label the results
     for message in messages:
-        name, style = _SPEAKERS.get(message.type, (message.type, "bold"))
-        line = Text.assemble((f"{name}: ", style), message.text)
-        if message.response_metadata.get("interrupted"):
-            line.append(" (interrupted)", style="yellow")
-        console.print(line, soft_wrap=True)
+        if isinstance(message, ToolMessage):
+            console.print(tool_result_line(message, names.get(message.tool_call_id)))
+            continue
+        calls = message.tool_calls if isinstance(message, AIMessage) else []
+        if message.text or not calls:
+            name, style = _SPEAKERS.get(message.type, (message.type, "bold"))
+            line = Text.assemble((f"{name}: ", style), message.text)
+            if message.response_metadata.get("interrupted"):
+                line.append(" (interrupted)", style="yellow")
+            console.print(line, soft_wrap=True)
+        for call in calls:
+            names[str(call.get("id"))] = call["name"]
+            console.print(tool_call_line(call["name"], call["args"]), soft_wrap=True)
 
 
 def _cost(cost: float | None) -> str:

@@ -4,8 +4,9 @@ An import is validated whole, here, with no store in sight: `validate_export` re
 `SessionExport` that every store can write in one step (`HistoryStore.replace_session`), or
 raises one `InvalidInputError` naming the first thing wrong with the file. A file that passes
 can be stored by any backend: no lone surrogate (which no driver can encode), no NUL, no
-nesting deeper than `MAX_EXPORT_DEPTH`, roles chatchain writes, a summary that covers some of
-the messages, times that are times.
+nesting deeper than `MAX_EXPORT_DEPTH`, roles chatchain writes, tool results that answer a
+call an AI message made before them, a summary that covers some of the messages, times that
+are times.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from langchain_core.messages import BaseMessage, messages_from_dict
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage, messages_from_dict
 
 from chatchain._turn import validate_session_id
 from chatchain.errors import InvalidInputError
@@ -290,7 +291,22 @@ def _messages(value: object) -> list[BaseMessage]:
             f"{first + 1}): a conversation starts with the user (after any system message). "
             f"{_FIX}"
         )
+    _check_tool_results(messages)
     return messages
+
+
+def _check_tool_results(messages: list[BaseMessage]) -> None:
+    """Every tool result answers a call that an AI message before it made."""
+    calls: set[str] = set()
+    for number, message in enumerate(messages, 1):
+        if isinstance(message, AIMessage):
+            calls.update(str(call.get("id")) for call in message.tool_calls)
+        elif isinstance(message, ToolMessage) and message.tool_call_id not in calls:
+            raise InvalidInputError(
+                f"Message {number} of the session export is the result of tool call "
+                f"{message.tool_call_id!r}, which no AI message before it made (a tool "
+                f"result answers a call in an earlier message's tool_calls). {_FIX}"
+            )
 
 
 def _summary(value: object, count: int) -> Summary | None:

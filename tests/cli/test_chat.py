@@ -231,3 +231,25 @@ def test_session_and_new_cannot_go_together(chatchain: Chatchain) -> None:
     result = chatchain("chat", "--session", "s", "--new")
     assert result.exit_code == 2
     assert "--session and --new cannot be used together" in result.stderr
+
+
+def test_history_shows_the_tool_calls_and_results_of_the_session(chatchain: Chatchain) -> None:
+    from tests.cli.test_sessions import tool_exchange
+
+    with chatchain.store() as store:
+        store.append("t", tool_exchange())
+    result = chatchain("chat", "--session", "t", input=lines("/history", "/exit"))
+    assert result.exit_code == 0
+    shown = stable(result.output).splitlines()
+    start = shown.index("you: Weather and time in Oslo?")
+    assert shown[start : start + 9] == [
+        "you: Weather and time in Oslo?",
+        "assistant: Let me check.",
+        "  tool get_weather(city='Oslo')",
+        "  tool get_time(zone='CET')",
+        "  → get_weather: sunny, 21 C",
+        "  → error: unknown zone",
+        "  tool get_time(zone='Europe/Oslo')",
+        "  → get_time: 12:00",
+        "assistant: Sunny, 21 C, and it is noon.",
+    ]

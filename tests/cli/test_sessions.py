@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
 from chatchain import Chatbot, Settings
 from chatchain.stores import _sqlite as sqlite_store
@@ -43,6 +43,54 @@ def test_show_prints_the_transcript_and_marks_interrupted_replies(chatchain: Cha
         "assistant: Echo: hello",
         "you: tell me more",
         f"assistant: {first} (interrupted)",
+    ]
+
+
+def tool_exchange() -> list[BaseMessage]:
+    calls = [
+        {"name": "get_weather", "args": {"city": "Oslo"}, "id": "c1", "type": "tool_call"},
+        {"name": "get_time", "args": {"zone": "CET"}, "id": "c2", "type": "tool_call"},
+    ]
+    return [
+        HumanMessage("Weather and time in Oslo?"),
+        AIMessage("Let me check.", tool_calls=calls),
+        ToolMessage("sunny,\n21 C", tool_call_id="c1"),
+        ToolMessage("unknown zone", tool_call_id="c2", status="error"),
+        AIMessage("", tool_calls=[{**calls[1], "id": "c3", "args": {"zone": "Europe/Oslo"}}]),
+        ToolMessage("12:00", tool_call_id="c3", name="get_time"),
+        AIMessage("Sunny, 21 C, and it is noon."),
+    ]
+
+
+def test_show_prints_tool_calls_and_results_as_dim_lines(chatchain: Chatchain) -> None:
+    with chatchain.store() as store:
+        store.append("t", tool_exchange())
+    result = chatchain("sessions", "show", "t", env={"FORCE_COLOR": "1", "TERM": "xterm"})
+    assert result.exit_code == 0
+    plain = chatchain("sessions", "show", "t")
+    assert plain.output.splitlines() == [
+        "you: Weather and time in Oslo?",
+        "assistant: Let me check.",
+        "  tool get_weather(city='Oslo')",
+        "  tool get_time(zone='CET')",
+        "  → get_weather: sunny, 21 C",
+        "  → error: unknown zone",
+        "  tool get_time(zone='Europe/Oslo')",
+        "  → get_time: 12:00",
+        "assistant: Sunny, 21 C, and it is noon.",
+    ]
+    dim = "\x1b[2m"
+    colored = result.output.splitlines()
+    assert [line.startswith(dim) for line in colored] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
     ]
 
 

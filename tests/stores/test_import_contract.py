@@ -19,7 +19,13 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, messages_from_dict
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    ToolMessage,
+    messages_from_dict,
+)
 
 from chatchain import InvalidInputError, SessionExistsError, StoreError
 from chatchain.stores import HistoryStore, Summary
@@ -114,6 +120,20 @@ def raw(text: str) -> bytes:
     return text.encode()
 
 
+def tool_result(call_id: str, at: int, call_at: int | None = None) -> bytes:
+    """`good_export` with a tool result for ``call_id`` at ``at``; ``call_at``: the AI
+    message (index, after the insertion) that makes the call."""
+
+    def change(data: dict[str, Any]) -> None:
+        result = {"type": "tool", "data": {"content": "21 C", "tool_call_id": call_id}}
+        data["messages"].insert(at, result)
+        if call_at is not None:
+            call = {"name": "weather", "args": {}, "id": call_id, "type": "tool_call"}
+            data["messages"][call_at]["data"]["tool_calls"] = [call]
+
+    return changed(change)
+
+
 # (the file's bytes, what the error must say)
 BAD_FILES: dict[str, tuple[bytes, str]] = {
     "lone surrogate": (changed(content("\udc00")), r"lone surrogate \(U\+DC00\) at messages\[2\]"),
@@ -150,6 +170,15 @@ BAD_FILES: dict[str, tuple[bytes, str]] = {
             )
         ),
         "starts with a tool message",
+    ),
+    "a tool result without its call": (
+        tool_result("call_x", 2),
+        "Message 3 of the session export is the result of tool call 'call_x', which no AI "
+        "message before it made",
+    ),
+    "a tool result before its call": (
+        tool_result("call_y", 2, call_at=4),
+        "Message 3 .* result of tool call 'call_y', which no AI message before it made",
     ),
     "unknown role": (changed(role("wizard")), "Message 3 of the session export has the role"),
     "a chat role": (changed(role("chat")), "has the role 'chat'; chatchain stores ai, human"),
@@ -257,6 +286,28 @@ def test_an_export_round_trips_with_its_times(store: HistoryStore) -> None:
     original, copied = store.info("s"), store.info("copy")
     assert original is not None and copied is not None
     assert (copied.created_at, copied.updated_at) == (original.created_at, original.updated_at)
+
+
+def test_an_export_with_parallel_tool_calls_imports_whole(store: HistoryStore) -> None:
+    calls = [
+        {"name": "weather", "args": {"city": city}, "id": f"call_{city}", "type": "tool_call"}
+        for city in ("Oslo", "Bergen")
+    ]
+    messages: list[BaseMessage] = [
+        HumanMessage("Oslo and Bergen?"),
+        AIMessage("", tool_calls=calls),
+        ToolMessage("sunny", tool_call_id="call_Bergen", name="weather"),  # any order
+        ToolMessage("rain", tool_call_id="call_Oslo", name="weather", status="error"),
+        AIMessage("Sunny in Bergen; Oslo's forecast failed."),
+    ]
+    export = {
+        "format": EXPORT_FORMAT,
+        "session_id": "t",
+        "messages": [{"type": m.type, "data": m.model_dump()} for m in messages],
+    }
+    assert store.import_session(json.loads(json.dumps(export))) == "t"
+    assert same(store.load("t"), messages)
+    assert json.loads(json.dumps(store.export_session("t")))["messages"] == export["messages"]
 
 
 def test_replace_session_makes_the_session_exactly_that(store: HistoryStore) -> None:
