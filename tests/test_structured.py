@@ -176,3 +176,23 @@ def test_a_structured_turn_is_sent_with_the_budget_holds_reply_limit(settings: S
         bot.chat("Capital?", session_id="s", schema=City)
     assert bot.history("s") == []
     assert 76 < bot.usage("s").total_tokens <= 80
+
+
+def test_a_streamed_structured_turn_sends_the_validated_json_as_one_piece(
+    settings: Settings,
+) -> None:
+    from chatchain._structured import with_schema
+
+    fake = FakeChatModel(replies=[OSLO, OSLO])
+    store = MemoryStore()
+    chain = create_chat_chain(fake, settings=settings, get_session_history=store)
+    config = with_schema({"configurable": {"session_id": "c"}}, City)
+    pieces = [chunk.content for chunk in chain.stream({"input": "Capital?"}, config=config)]
+    assert pieces == ['{"name":"Oslo","population":709000}']
+
+    async def collect() -> list[object]:
+        return [c.content async for c in chain.astream({"input": "Again?"}, config=config)]
+
+    assert asyncio.run(collect()) == ['{"name":"Oslo","population":709000}']
+    assert [m.text for m in store.load("c")][1::2] == ['{"name":"Oslo","population":709000}'] * 2
+    assert chain.ledger.total("c").turns == 2

@@ -210,8 +210,9 @@ class Fault:
             ``"rate_limit_exceeded"`` for 429, else ``None``).
         message: ``error.message`` (default: a sensible message for the code or status).
         delay: Seconds to wait before answering, so a client timeout can fire.
-        cut_after: Streaming only: send this many content chunks, then drop the connection
-            (no finishing chunk, no ``[DONE]``, no end of the chunked body).
+        cut_after: Streaming only: send this many content chunks (for a tool-call reply,
+            argument pieces), then drop the connection (no finishing chunk, no ``[DONE]``,
+            no end of the chunked body).
         malformed: Answer 200 with a body that is not valid JSON (non-streamed) or with a
             garbage SSE ``data:`` line (streamed).
         times: How many requests this fault applies to.
