@@ -251,3 +251,32 @@ def test_count_tools_counts_the_schemas_as_bind_tools_sends_them() -> None:
 
     # LangChain's own approximate count of tools agrees within a few tokens.
     assert abs(count_tokens_approximately([], tools=[get_weather]) - tokens) <= 15
+
+
+@PROPERTY
+@given(history=turns(damaged=True))
+def test_an_export_of_tool_exchanges_imports_unless_a_result_lost_its_call(
+    history: list[list[BaseMessage]],
+) -> None:
+    from chatchain import InvalidInputError
+
+    messages = flat(history)
+    store = MemoryStore()
+    store("s").add_messages(messages)
+    export = store.export_session("s") if messages else None
+    if export is None:
+        return
+    made: set[str] = set()
+    orphan = False
+    for message in messages:
+        if isinstance(message, AIMessage):
+            made.update(str(call["id"]) for call in message.tool_calls)
+        elif isinstance(message, ToolMessage):
+            orphan = orphan or message.tool_call_id not in made
+    if orphan:  # a stray result: refused whole, nothing stored
+        with pytest.raises(InvalidInputError, match="which no AI message before it made"):
+            store.import_session(export, session_id="copy")
+        assert store.load("copy") == []
+    else:  # calls that lost their results are kept as they are (the window copes)
+        store.import_session(export, session_id="copy")
+        assert [m.model_dump() for m in store.load("copy")] == [m.model_dump() for m in messages]
