@@ -11,6 +11,7 @@ Example:
 import logging as _logging
 
 from chatchain._metering import get_openai_callback
+from chatchain._tools import ToolCall, ToolFinished, ToolStarted
 from chatchain.chain import ChatChain, create_chat_chain, get_message_history
 from chatchain.chatbot import AsyncReplyStream, Chatbot, Reply, ReplyStream
 from chatchain.errors import (
@@ -74,6 +75,9 @@ __all__ = [
     "Settings",
     "StoreError",
     "StructuredReplyError",
+    "ToolCall",
+    "ToolFinished",
+    "ToolStarted",
     "TurnDeadlineError",
     "Usage",
     "UsageEntry",

@@ -34,13 +34,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ToolMessage,
+    message_chunk_to_message,
+)
 from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
 from chatchain import _deadline, _endpoint_errors, _metering
 from chatchain._metering import Estimate
+from chatchain._tools import INTERRUPTED, Toolbox, ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain.errors import (
     BudgetExceeded,
     ConfigurationError,
@@ -193,6 +200,7 @@ class TurnSpec:
             (an interrupted stream never receives the chunk that does).
         describe_failure: Turns an endpoint exception into a chatchain error, or ``None``.
         deadline: Seconds one whole turn may take (``CHATCHAIN_TURN_DEADLINE``), or ``None``.
+        tools: The chain's tools and their limits, or ``None``.
     """
 
     input_key: str | None
@@ -207,6 +215,7 @@ class TurnSpec:
     default_model: str | None = None
     describe_failure: Callable[[BaseException], Exception | None] = _endpoint_errors.translate
     deadline: float | None = None
+    tools: Toolbox | None = None
 
     @property
     def reply_ceiling(self) -> int:
@@ -331,6 +340,17 @@ class Turn:
     """Held while the turn ends, or while a call holds budget: an abandoned worker cannot
     take a hold (and send) once the turn is over."""
     _cut_by: tuple[BudgetLimit, bool] | None = None  # the cap (and whether in USD) sizing the hold
+    _spent: tuple[int, int] = (0, 0)
+    """Prompt and reply tokens of the turn's calls so far, which its next hold covers too."""
+    steps: list[BaseMessage] = field(default_factory=list)
+    """The tool exchange so far: AI messages with tool calls, each followed by its results."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """Every tool call of the turn, in the order they ended."""
+    on_tool: Callable[[ToolEvent], None] | None = None
+    """Called with each tool event as it happens."""
+    stream_events: bool = False
+    """Whether the turn's stream yields tool events besides the model's chunks."""
+    _open: tuple[AIMessage, dict[str, ToolMessage]] | None = None  # a step whose tools run
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -429,13 +449,85 @@ class Turn:
 
     @property
     def has_reply(self) -> bool:
-        return bool(self._chunks)
+        """Whether the turn has something to keep if it is interrupted now."""
+        return bool(self._chunks or self.steps or self._open)
+
+    # -- the tool exchange ------------------------------------------------------------------
+
+    def open_step(self, reply: AIMessage) -> AIMessage:
+        """The model asked for tools in ``reply``: its results are collected until `close_step`."""
+        message = self.storable(reply)
+        assert isinstance(message, AIMessage)
+        self._open = (message, {})
+        self._chunks = []  # the next call's chunks make the next reply
+        return message
+
+    def close_step(self) -> list[BaseMessage]:
+        """The step's AI message and its results (in the order of its calls), now kept."""
+        assert self._open is not None
+        step = self._exchange()
+        self.steps += step
+        self._open = None
+        # The step's calls in the order the model made them, not the order they ended in.
+        order = {m.tool_call_id: i for i, m in enumerate(step) if isinstance(m, ToolMessage)}
+        ran = len(step) - 1
+        self.tool_calls[-ran:] = sorted(self.tool_calls[-ran:], key=lambda c: order.get(c.id, ran))
+        return step
+
+    def _exchange(self) -> list[BaseMessage]:
+        """The open step, every call answered: those still running by an interrupted result."""
+        if self._open is None:
+            return []
+        message, results = self._open
+        answered: list[BaseMessage] = [message]
+        for call in [*message.tool_calls, *message.invalid_tool_calls]:
+            call_id = str(call.get("id") or "")
+            result = results.get(call_id) or ToolMessage(
+                INTERRUPTED, tool_call_id=call_id, name=call.get("name"), status="error"
+            )
+            answered.append(result)
+        return answered
+
+    def tool_started(self, request: Mapping[str, Any]) -> ToolStarted:
+        args = request.get("args")
+        event = ToolStarted(
+            str(request.get("id") or ""),
+            str(request.get("name") or ""),
+            dict(args) if isinstance(args, dict) else {},
+        )
+        self._tell(event)
+        return event
+
+    def tool_finished(self, call: ToolCall, message: ToolMessage) -> ToolFinished:
+        if self._open is not None:
+            self._open[1][call.id] = message
+        self.tool_calls.append(call)
+        event = ToolFinished(call)
+        self._tell(event)
+        return event
+
+    def _tell(self, event: ToolEvent) -> None:
+        if self.on_tool is not None:
+            self.on_tool(event)
+
+    def final(self, reply: BaseMessage) -> BaseMessage:
+        """The final reply, without tool calls (a model called without tools may still make
+        some up, which nothing would answer)."""
+        if self.spec.tools is None or not isinstance(reply, AIMessage):
+            return reply
+        if not (reply.tool_calls or reply.invalid_tool_calls):
+            return reply
+        kwargs = {k: v for k, v in reply.additional_kwargs.items() if k != "tool_calls"}
+        return reply.model_copy(
+            update={"tool_calls": [], "invalid_tool_calls": [], "additional_kwargs": kwargs}
+        )
 
     def streamed_reply(self) -> BaseMessage:
         """The reply assembled from the streamed chunks, as a store can keep it."""
         if not self._chunks:
             return AIMessage(content="")
-        return self.storable(message_chunk_to_message(add_ai_message_chunks(*self._chunks)))
+        merged = message_chunk_to_message(add_ai_message_chunks(*self._chunks))
+        return self.storable(self.final(merged))
 
     def partial_reply(self, reason: str) -> AIMessage:
         """What arrived before the stream stopped, marked as interrupted."""
@@ -465,12 +557,14 @@ class Turn:
         if self._ended or self.expired:
             raise self.deadline_error()
         self._count_prompt = count_prompt
+        self._spent = (self.handler.prompt_tokens, self.handler.completion_tokens)
         if self.spec.budget:
             self._take_hold(count_prompt())
 
     async def asending(self, count_prompt: Callable[[], int]) -> None:
         """`sending` for async callers."""
         self._count_prompt = count_prompt
+        self._spent = (self.handler.prompt_tokens, self.handler.completion_tokens)
         if self.spec.budget:
             await self._atake_hold(count_prompt())
 
@@ -479,6 +573,11 @@ class Turn:
         model = spec.default_model
         if summary:  # the summary model
             model = spec.recall.summary_model_name or model
+        # A call after tool calls holds what the turn's earlier calls used too: they are
+        # recorded only when the turn ends, and its one hold must cover them till then.
+        spent_prompt, spent_reply = (0, 0) if summary else self._spent
+        prompt_tokens += spent_prompt
+        reply_tokens += spent_reply
         cost = spec.pricer.price(model, prompt_tokens, reply_tokens).cost_usd
         if cost is None and spec.budget.needs_price:
             raise ConfigurationError(
@@ -513,7 +612,7 @@ class Turn:
     ) -> BudgetHold:
         if summary:
             raise self._exceeded(refusal, hold)
-        tried = hold.tokens - prompt_tokens
+        tried = hold.tokens - prompt_tokens - sum(self._spent)
         fits, in_usd = self._affordable(prompt_tokens, refusal, tried - 1)
         if fits < MIN_REPLY_TOKENS:
             raise self._exceeded(refusal, self._new_hold(prompt_tokens, MIN_REPLY_TOKENS))
@@ -527,7 +626,7 @@ class Turn:
         its USD part is what binds."""
         limit, fits, in_usd = refusal.limit, most, False
         if limit.max_tokens is not None:
-            used = refusal.spent_tokens + refusal.held_tokens + prompt_tokens
+            used = refusal.spent_tokens + refusal.held_tokens + prompt_tokens + sum(self._spent)
             fits = min(fits, limit.max_tokens - used)
         if limit.max_usd is not None:
             left = limit.max_usd - refusal.spent_usd - refusal.held_usd
@@ -540,21 +639,26 @@ class Turn:
         """The most reply tokens (up to ``most``) that ``left`` USD pays for on top of the
         prompt; -1 when not even the prompt fits."""
         pricer, model = self.spec.pricer, self.spec.default_model
-        base = pricer.price(model, prompt_tokens, 0).cost_usd or 0.0
-        probe = pricer.price(model, prompt_tokens, _PRICE_PROBE).cost_usd or 0.0
-        per_token = (probe - base) / _PRICE_PROBE
+        prompt_tokens += self._spent[0]
+        spent = self._spent[1]  # reply tokens of the turn's earlier calls
+
+        def cost(reply: int) -> float:
+            return pricer.price(model, prompt_tokens, spent + reply).cost_usd or 0.0
+
+        base = cost(0)
+        per_token = (cost(_PRICE_PROBE) - base) / _PRICE_PROBE
         if base > left:
             return -1
         if per_token <= 0:
             return most
         fits = min(most, math.floor((left - base) / per_token))
-        while fits >= 0 and (pricer.price(model, prompt_tokens, fits).cost_usd or 0.0) > left:
+        while fits >= 0 and cost(fits) > left:
             fits -= 1  # float rounding (or a tiered price) put it one over
         return fits
 
     def _held(self, hold: BudgetHold, prompt_tokens: int) -> int:
         self._hold = hold.id
-        self.reply_limit = hold.tokens - prompt_tokens
+        self.reply_limit = hold.tokens - prompt_tokens - sum(self._spent)
         return self.reply_limit
 
     def _take_hold(self, prompt_tokens: int, summary: bool = False) -> int:
@@ -664,7 +768,7 @@ class Turn:
     def _recorded(self, entry: UsageEntry, reply: BaseMessage) -> list[BaseMessage]:
         self.entry = entry
         self.usage = entry.usage()
-        return [*self.input_messages, reply]
+        return [*self.input_messages, *self.steps, *self._exchange(), reply]
 
     def save(self, reply: BaseMessage) -> None:
         """Store the turn, record its usage and end its budget hold, in one atomic write.

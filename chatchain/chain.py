@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import replace
 from functools import partial
@@ -29,6 +37,7 @@ from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
 from chatchain._structured import StructuredChain, StructuredModel, schema_of
 from chatchain._tokens import TokenCounter, choose_counter
+from chatchain._tools import Toolbox, ToolEvent, ToolFinished, ToolLoop, ToolStarted, bind_tools
 from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
 from chatchain.errors import ContextTooLongError
 from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
@@ -112,7 +121,14 @@ class ChatChain(HistoryRunnable):
         """The chat model (with its fallback, if any)."""
         model = getattr(self._inner, "last", self._inner)
         model = model.step if isinstance(model, StructuredModel) else model
+        model = model.model if isinstance(model, ToolLoop) else model
         return model.model if isinstance(model, BudgetedModel) else model
+
+    @property
+    def tools(self) -> list[Any]:
+        """The tools the model may call in a turn (LangChain tools), or ``[]``."""
+        toolbox = self._spec.tools
+        return [] if toolbox is None else list(toolbox.tools.values())
 
     @property
     def token_counter(self) -> str:
@@ -190,7 +206,10 @@ class ChatChain(HistoryRunnable):
         variables = {**value, key: history} if isinstance(value, Mapping) else {key: history}
         messages = self.prompt.invoke(variables).to_messages()
         counter = self._spec.recall.counter
-        return counter(messages) + (counter.count_tools([schema]) if schema else 0)
+        if schema is not None:  # a structured turn calls no tools
+            return counter(messages) + counter.count_tools([schema])
+        tools = self._spec.tools
+        return counter(messages) + (tools.schema_tokens if tools else 0)
 
     async def _aenter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
         configurable = config["configurable"]
@@ -222,6 +241,8 @@ class ChatChain(HistoryRunnable):
     def _can_tighten(self, error: Exception | None, turn: Turn, attempt: int) -> bool:
         if attempt > 0 or not isinstance(error, ContextTooLongError):
             return False
+        if turn.steps or turn.tool_calls:  # tools ran: running them again could act twice
+            return False
         if self._spec.recall.window is None:
             return False
         turn.notice(
@@ -242,10 +263,19 @@ class ChatChain(HistoryRunnable):
         return (await self.arun_turn(input, config, **kwargs))[0]
 
     def run_turn(
-        self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
+        self,
+        value: Any,
+        config: RunnableConfig | None = None,
+        *,
+        on_tool: Callable[[ToolEvent], None] | None = None,
+        **kwargs: Any,
     ) -> tuple[BaseMessage, Turn]:
-        """`invoke`, returning the reply and the finished turn (usage, notices)."""
+        """`invoke`, returning the reply and the finished turn (usage, notices, tool calls).
+
+        ``on_tool`` is called with each `ToolStarted` and `ToolFinished` as it happens.
+        """
         turn = self._begin(value, config)
+        turn.on_tool = on_tool
         with self._lock(turn.session_id) as turn.fence:
             try:
                 turn.start_deadline()
@@ -266,10 +296,16 @@ class ChatChain(HistoryRunnable):
         return reply, turn
 
     async def arun_turn(
-        self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
+        self,
+        value: Any,
+        config: RunnableConfig | None = None,
+        *,
+        on_tool: Callable[[ToolEvent], None] | None = None,
+        **kwargs: Any,
     ) -> tuple[BaseMessage, Turn]:
-        """`ainvoke`, returning the reply and the finished turn (usage, notices)."""
+        """`ainvoke`, returning the reply and the finished turn (see `run_turn`)."""
         turn = self._begin(value, config)
+        turn.on_tool = on_tool
         async with self._alock(turn.session_id) as turn.fence:
             try:
                 turn.start_deadline()
@@ -302,10 +338,21 @@ class ChatChain(HistoryRunnable):
         return self.stream_turn(input, config, **kwargs)[0]
 
     def stream_turn(
-        self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
+        self,
+        value: Any,
+        config: RunnableConfig | None = None,
+        *,
+        on_tool: Callable[[ToolEvent], None] | None = None,
+        events: bool = False,
+        **kwargs: Any,
     ) -> tuple[Iterator[Any], Turn]:
-        """`stream`, also returning the open turn (its ``usage`` is set when the stream ends)."""
+        """`stream`, also returning the open turn (its ``usage`` is set when the stream ends).
+
+        With ``events`` the stream also yields each `ToolStarted` and `ToolFinished` in
+        order with the chunks; ``on_tool`` is called with them as they happen.
+        """
         turn = self._begin(value, config)
+        turn.on_tool, turn.stream_events = on_tool, events
         return self._stream(turn, value, kwargs), turn
 
     def _attempts(
@@ -336,7 +383,11 @@ class ChatChain(HistoryRunnable):
                 inner = turn.bounded_stream(self._attempts(turn, value, kwargs))
                 try:
                     for chunk in inner:
-                        turn.add_chunk(chunk)
+                        if isinstance(chunk, (ToolStarted, ToolFinished)):
+                            if not turn.stream_events:
+                                continue
+                        else:
+                            turn.add_chunk(chunk)
                         yield chunk
                 except GeneratorExit:
                     inner.close()
@@ -361,10 +412,17 @@ class ChatChain(HistoryRunnable):
         return self.astream_turn(input, config, **kwargs)[0]
 
     def astream_turn(
-        self, value: Any, config: RunnableConfig | None = None, **kwargs: Any
+        self,
+        value: Any,
+        config: RunnableConfig | None = None,
+        *,
+        on_tool: Callable[[ToolEvent], None] | None = None,
+        events: bool = False,
+        **kwargs: Any,
     ) -> tuple[AsyncIterator[Any], Turn]:
-        """`astream`, also returning the open turn (its ``usage`` is set when it ends)."""
+        """`astream`, also returning the open turn (see `stream_turn`)."""
         turn = self._begin(value, config)
+        turn.on_tool, turn.stream_events = on_tool, events
         return self._astream(turn, value, kwargs), turn
 
     async def _aattempts(
@@ -396,7 +454,11 @@ class ChatChain(HistoryRunnable):
                                 chunk = await anext(inner)
                         except StopAsyncIteration:
                             break
-                        turn.add_chunk(chunk)
+                        if isinstance(chunk, (ToolStarted, ToolFinished)):
+                            if not turn.stream_events:
+                                continue
+                        else:
+                            turn.add_chunk(chunk)
                         yield chunk
                 except (GeneratorExit, asyncio.CancelledError):
                     await inner.aclose()
@@ -476,6 +538,7 @@ def create_chat_chain(
     ledger: UsageLedger | None = None,
     window: HistoryWindow | bool | None = True,
     budget: Budget | None = None,
+    tools: Sequence[Any] | None = None,
 ) -> ChatChain:
     """Build the conversational chain.
 
@@ -506,13 +569,19 @@ def create_chat_chain(
         budget: Spending caps checked before each call is sent; the settings'
             ``CHATCHAIN_BUDGET_*`` by default. Under a budget each call is sent with
             ``max_tokens`` cut to what the remaining budget can pay for.
+        tools: Tools the model may call in each turn: LangChain tools (``@tool``,
+            ``BaseTool``, ``StructuredTool``) and plain functions (sync or async) with type
+            hints and a docstring. A turn then runs them while the model asks for them
+            (``CHATCHAIN_TOOL_ROUNDS``, ``CHATCHAIN_TOOL_TIMEOUT``,
+            ``CHATCHAIN_TOOL_RESULT_TOKENS``) and saves the whole exchange at once. Tools
+            get the session and user ids in their config, never the settings or the key.
 
     Returns:
         The chain.
 
     Raises:
-        ConfigurationError: The settings or the system template cannot work, or ``llm`` is
-            a chain rather than a chat model.
+        ConfigurationError: The settings or the system template cannot work, ``llm`` is
+            a chain rather than a chat model, or a tool cannot be used.
 
     Example:
         >>> from chatchain.testing import FakeChatModel
@@ -543,6 +612,11 @@ def create_chat_chain(
     logger.info("Counting tokens with the %s counter.", counter.name)
     store = history if isinstance(history, HistoryStore) else None
     secret = settings.api_key.get_secret_value() if settings.api_key else None
+    toolbox = None
+    if tools:
+        toolbox = Toolbox.of(
+            tools, settings.tool_rounds, settings.tool_timeout, settings.tool_result_tokens
+        )
     spec = TurnSpec(
         input_key=input_key,
         required_vars=prompt_variables(system) - set(prompt_vars or {}),
@@ -561,10 +635,14 @@ def create_chat_chain(
             retries=settings.max_retries if llm is None else None,
         ),
         deadline=settings.turn_deadline,
+        tools=toolbox,
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
     # Under a budget each call is sent with the max_tokens its hold could pay for.
-    step = BudgetedModel(model) if spec.budget else model
+    step: Runnable[Any, Any] = BudgetedModel(model) if spec.budget else model
+    if toolbox is not None:
+        with_tools = bind_tools(model, list(toolbox.tools.values()))
+        step = ToolLoop(BudgetedModel(with_tools) if spec.budget else with_tools, step, toolbox)
     return ChatChain(
         prompt | StructuredModel(step, model),
         history,

@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +18,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel
 
 from chatchain._structured import with_schema
+from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
 from chatchain.prompt import create_prompt
@@ -40,6 +41,7 @@ class Reply:
         usage: Tokens, cost and latency of the turn.
         message: The reply as a LangChain message (with its metadata).
         session_id: The session the turn belongs to.
+        tool_calls: The tool calls the model made in the turn, in the order they ended.
     """
 
     text: str
@@ -51,6 +53,7 @@ class Reply:
     parsed: BaseModel | None = None
     """With ``schema=``: the reply as a validated instance of the schema (``text`` is its
     JSON, as stored in the history); ``None`` otherwise."""
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def interrupted(self) -> bool:
@@ -64,7 +67,13 @@ class Reply:
 def _reply(message: BaseMessage, turn: Turn) -> Reply:
     assert turn.usage is not None  # set by the turn's save
     return Reply(
-        message.text, turn.usage, message, turn.session_id, tuple(turn.notices), turn.parsed
+        message.text,
+        turn.usage,
+        message,
+        turn.session_id,
+        tuple(turn.notices),
+        turn.parsed,
+        tuple(turn.tool_calls),
     )
 
 
@@ -92,8 +101,15 @@ class _StreamBase:
         """What the user should know about the turn (see `Reply.notices`)."""
         return tuple(self._turn.notices)
 
-    def _piece(self, chunk: Any) -> str:
-        piece = chunk.text if isinstance(chunk, BaseMessage) else str(chunk)
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls made so far (see `Reply.tool_calls`)."""
+        return tuple(self._turn.tool_calls)
+
+    def _piece(self, chunk: Any) -> str | ToolEvent:
+        if isinstance(chunk, (ToolStarted, ToolFinished)):
+            return chunk
+        piece = str(chunk.text) if isinstance(chunk, BaseMessage) else str(chunk)
         self._pieces.append(piece)
         return piece
 
@@ -120,8 +136,29 @@ class ReplyStream(_StreamBase, Iterator[str]):
     def __next__(self) -> str:
         while True:
             piece = self._piece(next(self._chunks))
-            if piece:
+            if piece and isinstance(piece, str):
                 return piece
+
+    def events(self) -> Iterator[str | ToolEvent]:
+        """The reply's text pieces and the turn's tool events, in the order they happen.
+
+        Example:
+            >>> from chatchain.testing import FakeChatModel, tool_call_reply
+            >>> def add(a: int, b: int) -> int:
+            ...     '''Add two numbers.'''
+            ...     return a + b
+            >>> fake = FakeChatModel(replies=[tool_call_reply(("add", {"a": 1, "b": 2})), "3"])
+            >>> bot = Chatbot(llm=fake, tools=[add])
+            >>> [e if isinstance(e, str) else type(e).__name__ for e in bot.stream("1+2?").events()]
+            ['ToolStarted', 'ToolFinished', '3']
+        """
+        while True:
+            try:
+                piece = self._piece(next(self._chunks))
+            except StopIteration:
+                return
+            if piece:
+                yield piece
 
     def close(self) -> None:
         """Stop the stream; what arrived so far is kept, marked interrupted."""
@@ -148,8 +185,18 @@ class AsyncReplyStream(_StreamBase, AsyncIterator[str]):
     async def __anext__(self) -> str:
         while True:
             piece = self._piece(await anext(self._chunks))
-            if piece:
+            if piece and isinstance(piece, str):
                 return piece
+
+    async def events(self) -> AsyncIterator[str | ToolEvent]:
+        """`ReplyStream.events` for ``async for``."""
+        while True:
+            try:
+                piece = self._piece(await anext(self._chunks))
+            except StopAsyncIteration:
+                return
+            if piece:
+                yield piece
 
     async def aclose(self) -> None:
         """Stop the stream; what arrived so far is kept, marked interrupted."""
@@ -184,6 +231,8 @@ class Chatbot:
         prompt_vars: Default values of the system message's variables.
         env_file: The ``.env`` file to read when ``settings`` is not given.
         budget: Spending caps; the settings' ``CHATCHAIN_BUDGET_*`` by default.
+        tools: Tools the model may call in each turn (LangChain tools, or functions with
+            type hints and a docstring, sync or async); see `create_chat_chain`.
 
     Raises:
         ConfigurationError: A setting or the system template cannot work, or ``llm`` is a
@@ -208,6 +257,7 @@ class Chatbot:
         prompt_vars: Mapping[str, str] | None = None,
         env_file: str | Path | None = ".env",
         budget: Budget | None = None,
+        tools: Sequence[Any] | None = None,
     ) -> None:
         self.settings = settings or Settings.load(env_file)
         self.store: HistoryStore = (
@@ -220,6 +270,7 @@ class Chatbot:
         self._system = system if system is not None else self.settings.system_prompt
         self._prompt_vars = prompt_vars
         self._budget = budget
+        self._tools = list(tools or [])
         create_prompt(self._system, prompt_vars=prompt_vars)  # a bad template fails here, not later
         self._building = threading.Lock()
         # A given model is checked at once; ChatOpenAI from the settings waits for the first
@@ -248,6 +299,7 @@ class Chatbot:
             get_session_history=self.store,
             ledger=self._ledger,
             budget=self._budget,
+            tools=self._tools,
         )
 
     def __repr__(self) -> str:
@@ -273,6 +325,7 @@ class Chatbot:
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
         schema: type[BaseModel] | None = None,
+        on_tool: Callable[[ToolEvent], None] | None = None,
         **prompt_vars: Any,
     ) -> Reply:
         """Send one message and return the reply.
@@ -281,7 +334,8 @@ class Chatbot:
         totals and budgets. With ``schema`` (a pydantic model class) the model answers in
         that schema (``with_structured_output``: json_schema, or function calling for an
         endpoint that refuses it): ``Reply.parsed`` is the validated instance, and the
-        history keeps its JSON text.
+        history keeps its JSON text. ``on_tool`` (optional) is called with each
+        `ToolStarted` and `ToolFinished` as the turn's tools run.
 
         Raises:
             InvalidInputError: Empty text, a bad session id or a missing prompt variable.
@@ -303,7 +357,7 @@ class Chatbot:
             '{"name":"Oslo","population":709000}'
         """
         call = self._call(text, session_id, user_id, prompt_vars, schema)
-        message, turn = self.chain.run_turn(*call)
+        message, turn = self.chain.run_turn(*call, on_tool=on_tool)
         return _reply(message, turn)
 
     async def achat(
@@ -313,11 +367,12 @@ class Chatbot:
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
         schema: type[BaseModel] | None = None,
+        on_tool: Callable[[ToolEvent], None] | None = None,
         **prompt_vars: Any,
     ) -> Reply:
         """`chat` without blocking the event loop."""
         call = self._call(text, session_id, user_id, prompt_vars, schema)
-        message, turn = await self.chain.arun_turn(*call)
+        message, turn = await self.chain.arun_turn(*call, on_tool=on_tool)
         return _reply(message, turn)
 
     def stream(
@@ -326,14 +381,18 @@ class Chatbot:
         *,
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
+        on_tool: Callable[[ToolEvent], None] | None = None,
         **prompt_vars: Any,
     ) -> ReplyStream:
         """Send one message and iterate over the reply's text as it arrives.
 
         The input is checked at once; the request goes out (and a budget is checked) on the
-        first ``next()``.
+        first ``next()``. Iterating yields text only; `ReplyStream.events` also yields the
+        tool events, which ``on_tool`` receives too.
         """
-        chunks, turn = self.chain.stream_turn(*self._call(text, session_id, user_id, prompt_vars))
+        chunks, turn = self.chain.stream_turn(
+            *self._call(text, session_id, user_id, prompt_vars), on_tool=on_tool, events=True
+        )
         return ReplyStream(chunks, turn)
 
     def astream(
@@ -342,10 +401,13 @@ class Chatbot:
         *,
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
+        on_tool: Callable[[ToolEvent], None] | None = None,
         **prompt_vars: Any,
     ) -> AsyncReplyStream:
         """`stream` for ``async for``."""
-        chunks, turn = self.chain.astream_turn(*self._call(text, session_id, user_id, prompt_vars))
+        chunks, turn = self.chain.astream_turn(
+            *self._call(text, session_id, user_id, prompt_vars), on_tool=on_tool, events=True
+        )
         return AsyncReplyStream(chunks, turn)
 
     async def achat_many(

@@ -109,6 +109,20 @@ class Settings(BaseSettings):
     """``CHATCHAIN_TURN_DEADLINE``: seconds one whole turn may take, retries and a slow stream
     included (``CHATCHAIN_TIMEOUT`` bounds each read only); then it ends as a timeout."""
 
+    tool_rounds: int = Field(default=5, ge=1, validation_alias="CHATCHAIN_TOOL_ROUNDS")
+    """``CHATCHAIN_TOOL_ROUNDS``: how many rounds of tool calls one turn may run; a model
+    that still asks for tools is then called once more without them, and must answer."""
+
+    tool_timeout: float = Field(default=30.0, gt=0, validation_alias="CHATCHAIN_TOOL_TIMEOUT")
+    """``CHATCHAIN_TOOL_TIMEOUT``: seconds one tool call may take; a slower one is cancelled
+    and reported to the model as an error (the turn's deadline still bounds the whole turn)."""
+
+    tool_result_tokens: int = Field(
+        default=2000, ge=1, validation_alias="CHATCHAIN_TOOL_RESULT_TOKENS"
+    )
+    """``CHATCHAIN_TOOL_RESULT_TOKENS``: the most tokens of one tool result sent to the model
+    (and stored); a longer result is cut, with a note saying so."""
+
     max_retries: int = Field(default=2, ge=0, validation_alias="CHATCHAIN_MAX_RETRIES")
     """``CHATCHAIN_MAX_RETRIES``: retries with exponential backoff, honouring Retry-After."""
 
