@@ -841,6 +841,51 @@ class Turn:
         await self.spec.ledger.arecord(entry, release=self._hold)
         self._hold = None
 
+    def record_billed(self) -> None:
+        """A turn failed after tool rounds: record what its finished calls cost, store nothing.
+
+        The endpoint billed those calls; a failed turn without tool rounds made none.
+        """
+        if not self.steps or self.handler.successful_requests == 0:
+            return
+        entry = self._billed_entry()
+        try:
+            self.spec.ledger.record(entry, release=self._hold)
+            self._hold = None
+        except Exception:  # the turn's own error is what the caller must see
+            logger.exception(
+                "Session %r: the usage of a failed turn was not recorded", self.session_id
+            )
+
+    async def arecord_billed(self) -> None:
+        """`record_billed` for async callers."""
+        if not self.steps or self.handler.successful_requests == 0:
+            return
+        entry = self._billed_entry()
+        try:
+            await self.spec.ledger.arecord(entry, release=self._hold)
+            self._hold = None
+        except Exception:
+            logger.exception(
+                "Session %r: the usage of a failed turn was not recorded", self.session_id
+            )
+
+    def _billed_entry(self) -> UsageEntry:
+        model = next(
+            (m.response_metadata.get("model_name") for m in self.steps if m.type == "ai"), None
+        )
+        entry = _metering.entry_from(
+            self.handler,
+            session_id=self.session_id,
+            user_id=self.user_id,
+            model=model or self.spec.default_model,
+            pricer=self.spec.pricer,
+            latency_s=time.perf_counter() - self.started,
+            configured_model=self.spec.default_model,
+        )
+        self.entry, self.usage = entry, entry.usage()
+        return entry
+
     def _lock_lost(self, exc: SessionLockLostError) -> None:
         logger.error("Session %r: %s", self.session_id, exc)
 

@@ -288,6 +288,7 @@ class ChatChain(HistoryRunnable):
                     except Exception as exc:
                         error = turn.failure(exc)
                         if not self._can_tighten(error, turn, attempt):
+                            turn.record_billed()
                             _raise(error, exc)
                 reply = turn.storable(reply)
                 turn.save(reply)
@@ -319,6 +320,7 @@ class ChatChain(HistoryRunnable):
                     except Exception as exc:
                         error = turn.failure(exc)
                         if not self._can_tighten(error, turn, attempt):
+                            await turn.arecord_billed()
                             _raise(error, exc)
                 reply = turn.storable(reply)
                 await turn.asave(reply)
