@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from chatchain import Chatbot, Settings
+from chatchain import Chatbot, Settings, ToolFinished
 from chatchain.cli._render import count, notices, sessions_table, transcript, usage_line
 from chatchain.cli._setup import (
     ErrorReport,
@@ -31,6 +32,7 @@ from chatchain.cli._setup import (
     new_session_id,
     session_infos,
 )
+from chatchain.cli._tools import tool_line
 from chatchain.stores import HistoryStore
 
 ReadLine = Callable[[], str]
@@ -68,7 +70,8 @@ def stream_reply(
 ) -> bool:
     """Print the reply as it arrives on ``out``, then its usage line on ``status``.
 
-    ``show_session`` names the session in the usage line.
+    ``show_session`` names the session in the usage line. Each tool call the model makes
+    shows as a dim line on ``status`` when it ends.
 
     Ctrl-C closes the stream (the library keeps the partial reply, marked interrupted) and
     prints ``(interrupted)``. Returns whether the reply was interrupted.
@@ -78,15 +81,24 @@ def stream_reply(
     write, flush = out.file.write, out.file.flush
     stream = bot.stream(text, session_id=session_id, user_id=user_id)
     interrupted = False
+    line_open = False
     try:
-        for piece in stream:
-            write(piece)
-            flush()
+        for event in stream.events():
+            if isinstance(event, str):
+                write(event)
+                flush()
+                line_open = True
+            elif isinstance(event, ToolFinished):
+                if line_open:  # the model said something before calling the tool
+                    write("\n")
+                    flush()
+                    line_open = False
+                status.print(tool_line(event.call), soft_wrap=True)
     except KeyboardInterrupt:
         stream.close()
         interrupted = True
     finally:
-        if stream.text:
+        if line_open:
             write("\n")  # end the reply's line, before an error line too
             flush()
     if interrupted:
@@ -129,6 +141,7 @@ class ChatLoop:
         read_line: Where lines come from (see `line_reader`).
         console: Where the chat is shown.
         report: How errors are shown.
+        tools: The tools the model may call (``--tools``), or none.
     """
 
     def __init__(
@@ -143,8 +156,10 @@ class ChatLoop:
         read_line: ReadLine,
         console: Console,
         report: ErrorReport,
+        tools: Sequence[Any] = (),
     ) -> None:
         self.settings = settings
+        self.tools = list(tools)
         self.store = store
         self.prompt_vars = prompt_vars
         self.user_id = user_id
@@ -165,7 +180,13 @@ class ChatLoop:
         }
 
     def _chatbot(self, system: str | None) -> Chatbot:
-        return Chatbot(self.settings, store=self.store, system=system, prompt_vars=self.prompt_vars)
+        return Chatbot(
+            self.settings,
+            store=self.store,
+            system=system,
+            prompt_vars=self.prompt_vars,
+            tools=self.tools,
+        )
 
     def run(self) -> None:
         """Chat until ``/exit`` or the end of input."""

@@ -13,7 +13,7 @@ from typing import Any, TypeVar, cast, get_args
 import click
 from rich.console import Console
 
-from chatchain import Chatbot, InvalidInputError, SessionExistsError, _demo
+from chatchain import Chatbot, InvalidInputError, SessionExistsError, ToolFinished, _demo
 from chatchain.cli._chat import ChatLoop, line_reader, stream_reply
 from chatchain.cli._render import (
     count,
@@ -37,6 +37,7 @@ from chatchain.cli._setup import (
     store_bot,
     use_endpoint,
 )
+from chatchain.cli._tools import TOOLS_HELP, load_tools, tool_line
 from chatchain.usage import ReportKey
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -168,6 +169,7 @@ _model_options = _options(
         "--user", metavar="ID", help="File the turns' usage (and budgets) under this user id."
     ),
     click.option("--offline", is_flag=True, help="Talk to chatchain's echo server, not a model."),
+    click.option("--tools", "tools_from", metavar="MODULE", help=TOOLS_HELP),
 )
 
 
@@ -195,6 +197,7 @@ def chat(
     temperature: float | None,
     user: str | None,
     offline: bool,
+    tools_from: str | None,
     store: str | None,
     env_file: Path | None,
     debug: bool,
@@ -202,7 +205,8 @@ def chat(
     """Chat interactively; replies stream as they arrive.
 
     Without --session or --new, the chat goes on in the session written most recently (or a
-    new one). /help lists the commands; Ctrl-C stops a reply; Ctrl-D leaves.
+    new one). /help lists the commands; Ctrl-C stops a reply; Ctrl-D leaves. With --tools the
+    model may call your tools; each call shows as a dim line (name, arguments, ok or error).
     """
     if session_id is not None and new:
         raise click.UsageError("--session and --new cannot be used together.")
@@ -212,6 +216,7 @@ def chat(
             env_file, {"store": store, "model": model, "temperature": temperature}
         )
         report.remember_key(loaded)
+        tools = load_tools(tools_from) if tools_from else []
         with (
             use_endpoint(loaded, offline, console) as settings,
             closing(open_settings_store(settings)) as history_store,
@@ -226,6 +231,7 @@ def chat(
                 read_line=line_reader(data_dir() / "history"),
                 console=console,
                 report=report,
+                tools=tools,
             ).run()
 
 
@@ -251,6 +257,7 @@ def ask(
     temperature: float | None,
     user: str | None,
     offline: bool,
+    tools_from: str | None,
     store: str | None,
     env_file: Path | None,
     debug: bool,
@@ -272,14 +279,24 @@ def ask(
             env_file, {"store": store, "model": model, "temperature": temperature}
         )
         report.remember_key(loaded)
+        tools = load_tools(tools_from) if tools_from else []
         with (
             use_endpoint(loaded, offline, status) as settings,
-            Chatbot(settings, system=system, prompt_vars=prompt_vars) as bot,
+            Chatbot(settings, system=system, prompt_vars=prompt_vars, tools=tools) as bot,
         ):
             session = session_id or (latest_session(bot) if continue_ else None)
             session = session or new_session_id()
             if not sys.stdout.isatty():
-                reply = bot.chat(question, session_id=session, user_id=user)
+                reply = bot.chat(
+                    question,
+                    session_id=session,
+                    user_id=user,
+                    on_tool=lambda e: (
+                        status.print(tool_line(e.call), soft_wrap=True)
+                        if isinstance(e, ToolFinished)
+                        else None
+                    ),
+                )
                 click.echo(reply.text)
                 notices(status, reply.notices)
                 status.print(usage_line(reply.usage, session), soft_wrap=True)
