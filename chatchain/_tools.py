@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import queue
 import threading
@@ -164,7 +165,7 @@ class Toolbox:
         schemas = [convert_to_openai_tool(tool) for tool in named.values()]
         return cls(named, rounds, timeout, result_tokens, schemas)
 
-    @property
+    @functools.cached_property
     def schema_tokens(self) -> int:
         """About how many prompt tokens the tools' schemas add to a call sent with them."""
         return count_tokens_approximately([], tools=list[BaseTool | dict[str, Any]](self.schemas))
@@ -206,30 +207,33 @@ class Toolbox:
             return None, f"The arguments for {name!r} could not be read ({detail}). Send JSON."
         return tool, None
 
-    def run_one(self, tool: BaseTool, args: dict[str, Any], turn: Turn) -> tuple[str, str | None]:
+    def run_one(
+        self, tool: BaseTool, request: Mapping[str, Any], turn: Turn
+    ) -> tuple[str, str | None]:
         """Run a tool in this thread: its result text, or ``("", error)``."""
+        call = _tool_call(request)
         try:
             if isinstance(tool, StructuredTool) and tool.func is None and tool.coroutine:
-                output = asyncio.run(tool.ainvoke(args, self._config(turn)))
+                output = asyncio.run(tool.ainvoke(call, self._config(turn)))
             else:
-                output = tool.invoke(args, self._config(turn))
+                output = tool.invoke(call, self._config(turn))
         except ValidationError as exc:
             return "", self._invalid(tool.name, exc)
         except Exception as exc:
             return "", f"{type(exc).__name__}: {exc}"
-        return _text(output), None
+        return _outcome(output)
 
     async def arun_one(
-        self, tool: BaseTool, args: dict[str, Any], turn: Turn
+        self, tool: BaseTool, request: Mapping[str, Any], turn: Turn
     ) -> tuple[str, str | None]:
         """`run_one` for async turns (a sync tool runs in a thread)."""
         try:
-            output = await tool.ainvoke(args, self._config(turn))
+            output = await tool.ainvoke(_tool_call(request), self._config(turn))
         except ValidationError as exc:
             return "", self._invalid(tool.name, exc)
         except Exception as exc:
             return "", f"{type(exc).__name__}: {exc}"
-        return _text(output), None
+        return _outcome(output)
 
     def finish(
         self,
@@ -284,7 +288,7 @@ class Toolbox:
             # A thread without the turn's context: LangChain's config lives in a context var.
             worker = threading.Thread(
                 target=contextvars.Context().run,
-                args=(self._work, done, index, tool, request["args"], turn),
+                args=(self._work, done, index, tool, request, turn),
                 name=f"chatchain-tool-{tool.name}",
                 daemon=True,  # a tool that never returns must not keep the process alive
             )
@@ -308,11 +312,11 @@ class Toolbox:
         done: queue.SimpleQueue[tuple[int, tuple[str, str | None], float]],
         index: int,
         tool: BaseTool,
-        args: dict[str, Any],
+        request: Mapping[str, Any],
         turn: Turn,
     ) -> None:
         started = time.perf_counter()
-        outcome = self.run_one(tool, args, turn)
+        outcome = self.run_one(tool, request, turn)
         done.put((index, outcome, time.perf_counter() - started))
 
     async def arun_step(
@@ -331,7 +335,7 @@ class Toolbox:
                     continue
                 # A task without the turn's context (see `run_step`).
                 task = loop.create_task(
-                    self.arun_one(tool, request["args"], turn), context=contextvars.Context()
+                    self.arun_one(tool, request, turn), context=contextvars.Context()
                 )
                 tasks[task] = (index, time.perf_counter())
             until = time.monotonic() + self.timeout
@@ -365,15 +369,28 @@ def _tokens(text: str, counter: TokenCounter) -> int:
     return counter([ToolMessage(text, tool_call_id="")])
 
 
-def _text(output: Any) -> str:
-    if isinstance(output, str):
-        return output
+def _tool_call(request: Mapping[str, Any]) -> dict[str, Any]:
+    """A call as LangChain's tools take it, so that they answer with a `ToolMessage`."""
+    return {
+        "type": "tool_call",
+        "name": request["name"],
+        "args": request["args"],
+        "id": str(request.get("id") or ""),
+    }
+
+
+def _outcome(output: Any) -> tuple[str, str | None]:
+    """A tool's result text, or ``("", error)`` for a result it marked as an error (e.g. a
+    tool with ``handle_tool_error``)."""
     if isinstance(output, ToolMessage):
-        return output.text
+        text = output.text
+        return ("", text) if output.status == "error" else (text, None)
+    if isinstance(output, str):
+        return output, None
     try:
-        return json.dumps(output, ensure_ascii=False)
+        return json.dumps(output, ensure_ascii=False), None
     except (TypeError, ValueError):
-        return str(output)
+        return str(output), None
 
 
 def requests_of(message: AIMessage) -> list[dict[str, Any]]:
@@ -404,7 +421,7 @@ def bind_tools(model: Runnable[Any, Any], tools: Sequence[BaseTool]) -> Runnable
                 "fallbacks": [bind_tools(fallback, tools) for fallback in model.fallbacks],
             }
         )
-    if isinstance(model, RunnableBindingBase) and not hasattr(model, "bind_tools"):
+    if isinstance(model, RunnableBindingBase):  # keep what .bind(...) and wrappers add
         return model.model_copy(update={"bound": bind_tools(model.bound, tools)})
     bind = getattr(model, "bind_tools", None)
     try:

@@ -19,7 +19,7 @@ from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
-from langchain_core.tools import tool
+from langchain_core.tools import StructuredTool, ToolException, tool
 
 from chatchain import (
     Budget,
@@ -618,3 +618,15 @@ def test_tool_call_records_are_frozen() -> None:
     with pytest.raises(AttributeError):
         call.result = "3"  # type: ignore[misc]
     assert call.status == "success" and call.error is None
+
+
+def test_a_tool_that_handles_its_own_errors_is_reported_as_an_error() -> None:
+    def careful(x: int) -> str:
+        """Raises a ToolException, which LangChain turns into the result."""
+        raise ToolException(f"cannot do {x}")
+
+    handled = StructuredTool.from_function(careful, handle_tool_error=True)
+    fake = script(tool_call_reply(("careful", {"x": 7})), "ok")
+    reply = bot_with(fake, [handled]).chat("go", session_id="s")
+    (call,) = reply.tool_calls
+    assert call.status == "error" and call.error == "cannot do 7"

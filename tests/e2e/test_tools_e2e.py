@@ -1,0 +1,88 @@
+"""End to end: a Chatbot with tools over the real `ChatOpenAI` and chatchain's test server.
+
+The test server answers with text only until it can script tool calls (issue 13, the
+tools-memory branch); these tests check what reaches the endpoint: the tools' schemas, on
+every path to the model (fallbacks, ``.bind(...)``), and nothing when no tools are given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from langchain_openai import ChatOpenAI
+
+from chatchain import Chatbot, Settings
+from chatchain.testing import OpenAITestServer
+
+KEY = "sk-e2e-secret-0123456789abcdef"
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+@pytest.fixture(scope="module")
+def module_server() -> Iterator[OpenAITestServer]:
+    with OpenAITestServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server(module_server: OpenAITestServer) -> OpenAITestServer:
+    module_server.clear()
+    return module_server
+
+
+def settings(server: OpenAITestServer, **changes: object) -> Settings:
+    values: dict[str, object] = {
+        "api_key": KEY,
+        "base_url": server.base_url,
+        "model": "gpt-4o-mini",
+        "max_retries": 0,
+        "timeout": 5.0,
+        "summarize": False,
+    }
+    values.update(changes)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def sent_tools(server: OpenAITestServer) -> list[str]:
+    body = server.requests[-1]["body"]
+    return [tool["function"]["name"] for tool in body.get("tools", [])]
+
+
+@pytest.mark.parametrize("mode", ["sync", "stream", "async"])
+def test_chatopenai_is_sent_the_tools(server: OpenAITestServer, mode: str) -> None:
+    bot = Chatbot(settings(server, fallback_model="gpt-4.1-nano"), tools=[add])
+    if mode == "sync":
+        text = bot.chat("hi", session_id="s").text
+    elif mode == "stream":
+        text = "".join(bot.stream("hi", session_id="s"))
+    else:
+        text = asyncio.run(bot.achat("hi", session_id="s")).text
+    assert text == "Echo: hi"
+    assert sent_tools(server) == ["add"]
+    schema = server.requests[-1]["body"]["tools"][0]["function"]
+    assert schema["description"] == "Add two numbers."
+    assert sorted(schema["parameters"]["properties"]) == ["a", "b"]
+    assert [m.type for m in bot.history("s")] == ["human", "ai"]
+    assert bot.usage("s").successful_requests == 1
+
+
+def test_a_bound_model_keeps_its_arguments_and_gets_the_tools(server: OpenAITestServer) -> None:
+    model = ChatOpenAI(
+        model="gpt-4o-mini", api_key=KEY, base_url=server.base_url, max_retries=0
+    ).bind(stop=["never-seen"])
+    bot = Chatbot(settings(server), llm=model, tools=[add])
+    bot.chat("hi", session_id="s")
+    body = server.requests[-1]["body"]
+    assert body["stop"] == ["never-seen"]
+    assert sent_tools(server) == ["add"]
+
+
+def test_without_tools_none_are_sent(server: OpenAITestServer) -> None:
+    Chatbot(settings(server)).chat("hi", session_id="s")
+    assert "tools" not in server.requests[-1]["body"]
