@@ -345,7 +345,7 @@ class Turn:
     steps: list[BaseMessage] = field(default_factory=list)
     """The tool exchange so far: AI messages with tool calls, each followed by its results."""
     tool_calls: list[ToolCall] = field(default_factory=list)
-    """Every tool call of the turn, in the order they ended."""
+    """Every tool call of the turn (a step's in the order they ended until it is closed)."""
     on_tool: Callable[[ToolEvent], None] | None = None
     """Called with each tool event as it happens."""
     stream_events: bool = False

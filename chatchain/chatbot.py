@@ -41,7 +41,8 @@ class Reply:
         usage: Tokens, cost and latency of the turn.
         message: The reply as a LangChain message (with its metadata).
         session_id: The session the turn belongs to.
-        tool_calls: The tool calls the model made in the turn, in the order they ended.
+        tool_calls: The tool calls the model made in the turn, step by step, each step's
+            calls in the order the model made them.
     """
 
     text: str
