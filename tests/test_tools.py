@@ -630,3 +630,31 @@ def test_a_tool_that_handles_its_own_errors_is_reported_as_an_error() -> None:
     reply = bot_with(fake, [handled]).chat("go", session_id="s")
     (call,) = reply.tool_calls
     assert call.status == "error" and call.error == "cannot do 7"
+
+
+async def test_an_async_stream_stopped_while_tools_run_cancels_them_and_answers_every_call() -> (
+    None
+):
+    cancelled = asyncio.Event()
+
+    async def hang() -> str:
+        """Hangs."""
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "never"
+
+    fake = script(tool_call_reply(("add", {"a": 1, "b": 2}), ("hang", {})), "never")
+    bot = bot_with(fake, [add, hang])
+    stream = bot.astream("go", session_id="s")
+    async for event in stream.events():
+        if isinstance(event, ToolFinished):  # add ended; hang still runs
+            break
+    await stream.aclose()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    history = await bot.store.aload("s")
+    assert shape(history) == ["human", "ai:add,hang", "tool:success", "tool:error", "ai"]
+    assert answered(history)
+    assert history[-1].response_metadata["interrupted"] is True
