@@ -388,8 +388,9 @@ class Chatbot:
         """Send one message and iterate over the reply's text as it arrives.
 
         The input is checked at once; the request goes out (and a budget is checked) on the
-        first ``next()``. Iterating yields text only; `ReplyStream.events` also yields the
-        tool events, which ``on_tool`` receives too.
+        first ``next()``. Iterating yields text only (with tools, also what the model says
+        before it calls them); `ReplyStream.events` also yields the tool events, which
+        ``on_tool`` receives too.
         """
         chunks, turn = self.chain.stream_turn(
             *self._call(text, session_id, user_id, prompt_vars), on_tool=on_tool, events=True
