@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 from langchain_core.language_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.messages.utils import count_tokens_approximately
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import StructuredTool, ToolException, tool
@@ -658,3 +659,35 @@ async def test_an_async_stream_stopped_while_tools_run_cancels_them_and_answers_
     assert shape(history) == ["human", "ai:add,hang", "tool:success", "tool:error", "ai"]
     assert answered(history)
     assert history[-1].response_metadata["interrupted"] is True
+
+
+class _Stubborn(FakeChatModel):
+    """Asks for a tool on every call, even one sent without tools (as a bad endpoint may)."""
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        super()._generate(messages, *args, **kwargs)  # recorded, like every call
+        message = tool_call_reply(("add", {"a": 1, "b": 1}), text="still asking")
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self, messages: list[BaseMessage], *args: Any, **kwargs: Any
+    ) -> Iterator[ChatGenerationChunk]:
+        (call,) = self._generate(messages, *args, **kwargs).generations[0].message.tool_calls
+        piece = tool_call_chunk(name="add", args=json.dumps(call["args"]), id=call["id"], index=0)
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(content="still asking", tool_call_chunks=[piece])
+        )
+
+
+@pytest.mark.parametrize("mode", ["sync", "stream"])
+def test_tool_calls_in_the_last_call_are_dropped_never_left_unanswered(mode: str) -> None:
+    fake = _Stubborn()
+    bot = bot_with(fake, [add], tool_rounds=1)
+    if mode == "sync":
+        bot.chat("go", session_id="s")
+    else:
+        "".join(bot.stream("go", session_id="s"))
+    history = bot.history("s")
+    assert shape(history) == ["human", "ai:add", "tool:success", "ai"]
+    assert history[-1].content == "still asking"
+    assert answered(history)
