@@ -691,3 +691,18 @@ def test_tool_calls_in_the_last_call_are_dropped_never_left_unanswered(mode: str
     assert shape(history) == ["human", "ai:add", "tool:success", "ai"]
     assert history[-1].content == "still asking"
     assert answered(history)
+
+
+async def test_async_turns_report_raises_unknown_names_and_bad_arguments() -> None:
+    fake = script(
+        tool_call_reply(
+            ("explode", {"reason": "async"}), ("made_up", {}), ("add", {"a": "x", "b": 1})
+        ),
+        "ok",
+    )
+    reply = await bot_with(fake, [add, explode]).achat("go", session_id="s")
+    raised, made_up, bad = reply.tool_calls
+    assert raised.error == "RuntimeError: kaboom: async"
+    assert made_up.error is not None and "no tool named 'made_up'" in made_up.error
+    assert bad.error is not None and "arguments for 'add' are not valid (a:" in bad.error
+    assert {call.status for call in reply.tool_calls} == {"error"}
