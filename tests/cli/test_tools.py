@@ -5,15 +5,23 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 
+import chatchain.testing
 from chatchain import Chatbot, ConfigurationError, Settings
 from chatchain.cli._chat import stream_reply
 from chatchain.cli._tools import load_tools
 from chatchain.testing import FakeChatModel, OpenAITestServer, tool_call_reply
 from tests.cli.conftest import Chatchain
+
+# The test server's tool-call scripting lands with the tools-memory branch (issue 13).
+ScriptedCall: Any = getattr(chatchain.testing, "ScriptedCall", None)
+needs_scripted_calls = pytest.mark.skipif(
+    ScriptedCall is None, reason="OpenAITestServer cannot script tool calls yet (tools-memory)"
+)
 
 TOOLS_MODULE = '''
 from langchain_core.tools import tool
@@ -151,3 +159,35 @@ def test_help_documents_the_option(chatchain: Chatchain) -> None:
     result = chatchain("chat", "--help")
     assert "--tools MODULE" in result.output
     assert "TOOLS list" in result.output and "@tool" in result.output
+
+
+@needs_scripted_calls
+def test_chat_shows_a_dim_line_per_tool_call(
+    chatchain: Chatchain, server: OpenAITestServer, tools_file: Path
+) -> None:
+    server.queue_tool_calls(
+        ScriptedCall("add", {"a": 1, "b": 2}), ScriptedCall("explode", {"reason": "why"})
+    )
+    server.queue_replies("Three; the other failed.")
+    result = chatchain("chat", "--tools", str(tools_file), "--session", "t", input="go\n")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[2:5] == [
+        "  tool add(a=1, b=2) ok",
+        "  tool explode(reason='why') error: RuntimeError: kaboom: why",
+        "Three; the other failed.",
+    ]
+    with chatchain.store() as store:
+        assert [m.type for m in store.load("t")] == ["human", "ai", "tool", "tool", "ai"]
+
+
+@needs_scripted_calls
+def test_ask_prints_tool_lines_to_stderr(
+    chatchain: Chatchain, server: OpenAITestServer, tools_file: Path
+) -> None:
+    server.queue_tool_calls(ScriptedCall("add", {"a": 2, "b": 2}))
+    server.queue_replies("Four.")
+    result = chatchain("ask", "--tools", str(tools_file), "2+2?")
+    assert result.exit_code == 0
+    assert result.stdout == "Four.\n"
+    assert result.stderr.splitlines()[0] == "  tool add(a=2, b=2) ok"

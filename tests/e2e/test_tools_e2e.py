@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from langchain_openai import ChatOpenAI
 
+import chatchain.testing
 from chatchain import Chatbot, Settings
 from chatchain.testing import OpenAITestServer
 
 KEY = "sk-e2e-secret-0123456789abcdef"
+
+
+# The test server's tool-call scripting lands with the tools-memory branch (issue 13).
+ScriptedCall: Any = getattr(chatchain.testing, "ScriptedCall", None)
+needs_scripted_calls = pytest.mark.skipif(
+    ScriptedCall is None, reason="OpenAITestServer cannot script tool calls yet (tools-memory)"
+)
 
 
 def add(a: int, b: int) -> int:
@@ -86,3 +95,37 @@ def test_a_bound_model_keeps_its_arguments_and_gets_the_tools(server: OpenAITest
 def test_without_tools_none_are_sent(server: OpenAITestServer) -> None:
     Chatbot(settings(server)).chat("hi", session_id="s")
     assert "tools" not in server.requests[-1]["body"]
+
+
+@needs_scripted_calls
+@pytest.mark.parametrize("mode", ["sync", "stream", "async"])
+def test_chatopenai_runs_a_parallel_tool_step_end_to_end(
+    server: OpenAITestServer, mode: str
+) -> None:
+    server.queue_tool_calls(
+        ScriptedCall("add", {"a": 1, "b": 2}, id="call_one"),
+        ScriptedCall("add", {"a": 5, "b": 5}, id="call_two"),
+    )
+    server.queue_replies("3 and 10")
+    bot = Chatbot(settings(server), tools=[add])
+    if mode == "sync":
+        text = bot.chat("sums?", session_id="s").text
+    elif mode == "stream":
+        text = "".join(bot.stream("sums?", session_id="s"))
+    else:
+        text = asyncio.run(bot.achat("sums?", session_id="s")).text
+    assert text == "3 and 10"
+    history = bot.history("s")
+    assert [m.type for m in history] == ["human", "ai", "tool", "tool", "ai"]
+    assert [c["id"] for c in history[1].tool_calls] == ["call_one", "call_two"]  # type: ignore[attr-defined]
+    assert [(m.tool_call_id, m.content) for m in history[2:4]] == [  # type: ignore[attr-defined]
+        ("call_one", "3"),
+        ("call_two", "10"),
+    ]
+    # The second request carried the calls and their results, in OpenAI's format.
+    sent = server.requests[-1]["body"]["messages"]
+    assert [m["role"] for m in sent[-3:]] == ["assistant", "tool", "tool"]
+    assert [m["tool_call_id"] for m in sent[-2:]] == ["call_one", "call_two"]
+    usage = bot.usage("s")
+    assert usage.successful_requests == 2 and usage.turns == 1
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
