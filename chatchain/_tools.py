@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import json
 import queue
 import threading
@@ -38,7 +37,6 @@ from langchain_core.messages import (
     message_chunk_to_message,
 )
 from langchain_core.messages.ai import add_ai_message_chunks
-from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableWithFallbacks
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.tools import BaseTool, StructuredTool
@@ -165,10 +163,9 @@ class Toolbox:
         schemas = [convert_to_openai_tool(tool) for tool in named.values()]
         return cls(named, rounds, timeout, result_tokens, schemas)
 
-    @functools.cached_property
-    def schema_tokens(self) -> int:
-        """About how many prompt tokens the tools' schemas add to a call sent with them."""
-        return count_tokens_approximately([], tools=list[BaseTool | dict[str, Any]](self.schemas))
+    def schema_tokens(self, counter: TokenCounter) -> int:
+        """The prompt tokens the tools' schemas add to a call sent with them."""
+        return counter.count_tools(self.schemas)
 
     # -- one call -------------------------------------------------------------------------
 
@@ -489,7 +486,7 @@ class ToolLoop(Runnable[Any, Any]):
 
     def _count(self, turn: Turn, messages: list[BaseMessage], tools: bool) -> Callable[[], int]:
         counter = turn.spec.recall.counter
-        extra = self.toolbox.schema_tokens if tools else 0
+        extra = self.toolbox.schema_tokens(counter) if tools else 0
         snapshot = list(messages)
         return lambda: counter(snapshot) + extra
 

@@ -209,7 +209,7 @@ class ChatChain(HistoryRunnable):
         if schema is not None:  # a structured turn calls no tools
             return counter(messages) + counter.count_tools([schema])
         tools = self._spec.tools
-        return counter(messages) + (tools.schema_tokens if tools else 0)
+        return counter(messages) + (tools.schema_tokens(counter) if tools else 0)
 
     async def _aenter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
         configurable = config["configurable"]

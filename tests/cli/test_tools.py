@@ -5,23 +5,15 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from rich.console import Console
 
-import chatchain.testing
 from chatchain import Chatbot, ConfigurationError, Settings
 from chatchain.cli._chat import stream_reply
 from chatchain.cli._tools import load_tools
-from chatchain.testing import FakeChatModel, OpenAITestServer, tool_call_reply
+from chatchain.testing import FakeChatModel, OpenAITestServer, ScriptedCall, tool_call_reply
 from tests.cli.conftest import Chatchain
-
-# The test server's tool-call scripting lands with the tools-memory branch (issue 13).
-ScriptedCall: Any = getattr(chatchain.testing, "ScriptedCall", None)
-needs_scripted_calls = pytest.mark.skipif(
-    ScriptedCall is None, reason="OpenAITestServer cannot script tool calls yet (tools-memory)"
-)
 
 TOOLS_MODULE = '''
 from langchain_core.tools import tool
@@ -161,7 +153,6 @@ def test_help_documents_the_option(chatchain: Chatchain) -> None:
     assert "TOOLS list" in result.output and "@tool" in result.output
 
 
-@needs_scripted_calls
 def test_chat_shows_a_dim_line_per_tool_call(
     chatchain: Chatchain, server: OpenAITestServer, tools_file: Path
 ) -> None:
@@ -181,7 +172,6 @@ def test_chat_shows_a_dim_line_per_tool_call(
         assert [m.type for m in store.load("t")] == ["human", "ai", "tool", "tool", "ai"]
 
 
-@needs_scripted_calls
 def test_ask_prints_tool_lines_to_stderr(
     chatchain: Chatchain, server: OpenAITestServer, tools_file: Path
 ) -> None:

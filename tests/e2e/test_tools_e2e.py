@@ -1,31 +1,22 @@
 """End to end: a Chatbot with tools over the real `ChatOpenAI` and chatchain's test server.
 
-The test server answers with text only until it can script tool calls (issue 13, the
-tools-memory branch); these tests check what reaches the endpoint: the tools' schemas, on
-every path to the model (fallbacks, ``.bind(...)``), and nothing when no tools are given.
+The server scripts the model's tool calls (`ScriptedCall`); the tests check the whole
+exchange as saved and metered, and what reaches the endpoint: the tools' schemas on every
+path to the model (fallbacks, ``.bind(...)``), and nothing when no tools are given.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from langchain_openai import ChatOpenAI
 
-import chatchain.testing
 from chatchain import Chatbot, Settings
-from chatchain.testing import OpenAITestServer
+from chatchain.testing import OpenAITestServer, ScriptedCall
 
 KEY = "sk-e2e-secret-0123456789abcdef"
-
-
-# The test server's tool-call scripting lands with the tools-memory branch (issue 13).
-ScriptedCall: Any = getattr(chatchain.testing, "ScriptedCall", None)
-needs_scripted_calls = pytest.mark.skipif(
-    ScriptedCall is None, reason="OpenAITestServer cannot script tool calls yet (tools-memory)"
-)
 
 
 def add(a: int, b: int) -> int:
@@ -97,7 +88,6 @@ def test_without_tools_none_are_sent(server: OpenAITestServer) -> None:
     assert "tools" not in server.requests[-1]["body"]
 
 
-@needs_scripted_calls
 @pytest.mark.parametrize("mode", ["sync", "stream", "async"])
 def test_chatopenai_runs_a_parallel_tool_step_end_to_end(
     server: OpenAITestServer, mode: str
