@@ -708,3 +708,23 @@ async def test_async_turns_report_raises_unknown_names_and_bad_arguments() -> No
     assert made_up.error is not None and "no tool named 'made_up'" in made_up.error
     assert bad.error is not None and "arguments for 'add' are not valid (a:" in bad.error
     assert {call.status for call in reply.tool_calls} == {"error"}
+
+
+@pytest.mark.parametrize("window", [{"window_turns": 1}, {"window_tokens": 120}])
+def test_windows_over_saved_tool_turns_send_whole_exchanges(window: dict[str, int]) -> None:
+    def respond(messages: list[BaseMessage]) -> str | AIMessage:
+        if isinstance(messages[-1], ToolMessage):
+            return f"The sum is {messages[-1].text}."
+        return tool_call_reply(("add", {"a": 20, "b": 22}), ("add", {"a": 1, "b": 1}))
+
+    fake = FakeChatModel(respond=respond)
+    bot = Chatbot(settings(**window), llm=fake, tools=[add])
+    for n in range(4):
+        bot.chat(f"question {n}", session_id="s")
+    for sent in fake.calls:
+        history = [m for m in sent if m.type != "system"]
+        assert history[0].type == "human"  # never opens on a result or a call
+        assert answered(history)
+        results = [m for m in history if isinstance(m, ToolMessage)]
+        calls = {c["id"] for m in history if isinstance(m, AIMessage) for c in m.tool_calls}
+        assert {r.tool_call_id for r in results} <= calls  # no result without its call
