@@ -84,6 +84,11 @@ class Usage:
     estimated: int = 0
     """Entries whose tokens were counted here because the endpoint did not report them (see
     `UsageEntry.estimated`); when above 0, the tokens and cost are partly estimates."""
+    cached_turns: int = 0
+    """Turns answered from the response cache (``CHATCHAIN_CACHE``): no request, no tokens,
+    no cost (see `UsageEntry.cached`)."""
+    saved_usd: float = 0.0
+    """What the cached turns would have cost at their model's price (those of a known price)."""
 
     def __post_init__(self) -> None:
         if self.priced_cost_usd is None:
@@ -110,6 +115,8 @@ class Usage:
             unpriced=self.unpriced + other.unpriced,
             priced_cost_usd=(self.priced_cost_usd or 0.0) + (other.priced_cost_usd or 0.0),
             estimated=self.estimated + other.estimated,
+            cached_turns=self.cached_turns + other.cached_turns,
+            saved_usd=self.saved_usd + other.saved_usd,
         )
 
     @property
@@ -128,10 +135,27 @@ class Usage:
             10 prompt + 5 completion = 15 tokens (estimated), ~$0.000000, 0.00 s
         """
         mark = " (estimated)" if self.estimated else ""
-        return (
+        text = (
             f"{self.prompt_tokens} prompt + {self.completion_tokens} completion = "
             f"{self.total_tokens} tokens{mark}, {self.cost_text}, {self.latency_s:.2f} s"
         )
+        if self.cached_turns:
+            text += f", {self.cached_text}"
+        return text
+
+    @property
+    def cached_text(self) -> str:
+        """The cache hits for people: ``cached`` for one turn, else ``3 cached``, and the
+        money saved when known (``""`` without hits).
+
+        Example:
+            >>> Usage(turns=1, cached_turns=1, saved_usd=0.00012).cached_text
+            'cached, saved $0.000120'
+        """
+        if not self.cached_turns:
+            return ""
+        hits = "cached" if self.cached_turns == self.turns == 1 else f"{self.cached_turns} cached"
+        return f"{hits}, saved ${self.saved_usd:.6f}" if self.saved_usd else hits
 
 
 def _merge_model(a: Usage, b: Usage) -> str | None:
@@ -157,6 +181,10 @@ class UsageEntry:
         summary: Whether this was a running-summary call rather than a turn.
         estimated: The endpoint never reported the tokens (a stream stopped before its usage
             chunk), so they were counted here from what was sent and received.
+        cached: The reply came from the response cache (``CHATCHAIN_CACHE``): no request
+            was sent, so the tokens, requests and cost are 0.
+        saved_usd: For a cached turn, what the reply would have cost at the model's price
+            (its tokens as first reported); ``None`` when that price is unknown.
         user_id: The user the session belongs to, when the caller gave one.
         at: When the call ended (UTC).
         id: A unique id.
@@ -176,6 +204,8 @@ class UsageEntry:
     first_token_s: float | None = None
     summary: bool = False
     estimated: bool = False
+    cached: bool = False
+    saved_usd: float | None = None
     user_id: str | None = None
     at: datetime = field(default_factory=_utcnow)
     id: str = field(default_factory=lambda: uuid4().hex)
@@ -202,6 +232,8 @@ class UsageEntry:
             summaries=1 if self.summary else 0,
             unpriced=1 if self.cost_usd is None else 0,
             estimated=1 if self.estimated else 0,
+            cached_turns=1 if self.cached and not self.summary else 0,
+            saved_usd=self.saved_usd or 0.0,
         )
 
     def to_json(self) -> str:
@@ -359,6 +391,8 @@ _NUMBERS = (
     "cost_usd",
     "unpriced",
     "estimated",
+    "cached_turns",
+    "saved_usd",
 )
 
 
@@ -368,7 +402,10 @@ class UsageReport:
 
     ``rows`` is a plain list of dicts (one per group, sorted; no pandas needed), ``total`` the
     grand total, and ``str(report)`` a text table. A row's ``estimated`` counts its entries
-    whose tokens the endpoint did not report; the table marks their totals with ``~``.
+    whose tokens the endpoint did not report; the table marks their totals with ``~``. A
+    row's ``cached_turns`` counts its turns answered from the response cache and
+    ``saved_usd`` what they would have cost; the table shows them (columns ``cached`` and
+    ``saved``) when the report has any.
     """
 
     by: tuple[ReportKey, ...]
@@ -395,7 +432,10 @@ class UsageReport:
         return cls(tuple(by), rows, total)
 
     def __str__(self) -> str:
+        t = self.total
+        hits = bool(t.cached_turns)  # the cache columns only where the cache was at work
         headers = [*self.by, "turns", "summaries", "prompt", "completion", "total", "cost"]
+        headers += ["cached", "saved"] if hits else []
         body = [
             [
                 *(str(row[key]) for key in self.by),
@@ -403,10 +443,10 @@ class UsageReport:
                 str(row["summaries"]),
                 *_token_cells(row, row["estimated"]),
                 _cost_cell(row["cost_usd"], row["unpriced"]),
+                *(_cache_cells(row) if hits else []),
             ]
             for row in self.rows
         ]
-        t = self.total
         body.append(
             [
                 "TOTAL",
@@ -415,6 +455,7 @@ class UsageReport:
                 str(t.summaries),
                 *_token_cells(_numbers(t), t.estimated),
                 _cost_cell(t.cost_usd, t.unpriced),
+                *(_cache_cells(_numbers(t)) if hits else []),
             ]
         )
         if not self.by:
@@ -460,6 +501,8 @@ def _numbers(usage: Usage) -> dict[str, Any]:
         "cost_usd": usage.cost_usd,
         "unpriced": usage.unpriced,
         "estimated": usage.estimated,
+        "cached_turns": usage.cached_turns,
+        "saved_usd": usage.saved_usd,
     }
     assert tuple(values) == _NUMBERS
     return values
@@ -469,6 +512,10 @@ def _token_cells(numbers: dict[str, Any], estimated: int) -> list[str]:
     mark = "~" if estimated else ""
     keys = ("prompt_tokens", "completion_tokens", "total_tokens")
     return [f"{mark}{numbers[key]:,}" for key in keys]
+
+
+def _cache_cells(numbers: dict[str, Any]) -> list[str]:
+    return [str(numbers["cached_turns"]), f"${numbers['saved_usd']:.6f}"]
 
 
 def estimated_note(estimated: int) -> str:

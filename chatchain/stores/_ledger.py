@@ -29,6 +29,8 @@ TOTAL_COLUMNS = (
     "turns",
     "summaries",
     "estimated",
+    "cached_turns",
+    "saved_usd",
 )
 """The sums a running total keeps, per scope."""
 
@@ -61,6 +63,8 @@ def increments(entry: UsageEntry) -> dict[str, int | float]:
         "turns": usage.turns,
         "summaries": usage.summaries,
         "estimated": usage.estimated,
+        "cached_turns": usage.cached_turns,
+        "saved_usd": float(usage.saved_usd),
     }
 
 
@@ -93,4 +97,6 @@ def total_usage(sums: Mapping[str, Any] | None) -> Usage:
         summaries=number("summaries", int),
         unpriced=unpriced,
         estimated=number("estimated", int),
+        cached_turns=number("cached_turns", int),
+        saved_usd=number("saved_usd", float),
     )

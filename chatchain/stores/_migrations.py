@@ -207,3 +207,13 @@ def m003_estimated_totals(conn: sqlite3.Connection) -> None:
         )
         """
     )
+
+
+@migration
+def m004_cached_turns(conn: sqlite3.Connection) -> None:
+    # Turns answered from the response cache (CHATCHAIN_CACHE): flagged, with what they would
+    # have cost (NULL when unknown). No entry before this step was a cache hit: all 0.
+    conn.execute("ALTER TABLE usage ADD COLUMN cached INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE usage ADD COLUMN saved_usd REAL")
+    conn.execute("ALTER TABLE usage_totals ADD COLUMN cached_turns INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE usage_totals ADD COLUMN saved_usd REAL NOT NULL DEFAULT 0.0")

@@ -13,11 +13,13 @@ Schema (``<prefix>`` is ``chatchain`` unless ``table_prefix`` says otherwise)::
     <prefix>_usage(id text PK, seq bigint identity, at timestamptz, session_id, user_id,
                    model text, prompt/completion/total/cached/reasoning_tokens, requests bigint,
                    cost_usd double NULL, price_source text, latency_s double,
-                   first_token_s double NULL, summary, estimated boolean)
+                   first_token_s double NULL, summary, estimated, cached boolean,
+                   saved_usd double NULL)
     <prefix>_usage_totals(scope text, key text, PK (scope, key), prompt/completion/total/
                           cached/reasoning_tokens, requests bigint, cost_usd double (the
                           priced entries' sum), unpriced bigint, latency_s double,
-                          turns, summaries, estimated bigint)
+                          turns, summaries, estimated, cached_turns bigint,
+                          saved_usd double)
     <prefix>_budget_holds(id text PK, session_id, user_id text, tokens bigint,
                           cost_usd double, expires_at timestamptz)
 
@@ -229,6 +231,19 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
                     OR (t.scope = 'user' AND u.user_id = t.key)
                 )
             )""",
+        ],
+    ),
+    (
+        # Turns answered from the response cache (CHATCHAIN_CACHE), and what they would have
+        # cost. No entry before this step was a cache hit: all 0.
+        "0004_cached_turns",
+        [
+            """ALTER TABLE {usage}
+                ADD COLUMN IF NOT EXISTS cached boolean NOT NULL DEFAULT false,
+                ADD COLUMN IF NOT EXISTS saved_usd double precision""",
+            """ALTER TABLE {usage_totals}
+                ADD COLUMN IF NOT EXISTS cached_turns bigint NOT NULL DEFAULT 0,
+                ADD COLUMN IF NOT EXISTS saved_usd double precision NOT NULL DEFAULT 0""",
         ],
     ),
 ]

@@ -28,8 +28,9 @@ pruning a session leaves its spending in the ledger:
   ``<sequence>:<entry id>``, the sequence (``<prefix>:usage:seq``, 16 digits) keeping entries
   of the same microsecond in the order they were recorded.
 - ``<prefix>:usage:total:<scope>:<key>``: HASH of running sums (tokens, requests, turns,
-  summaries, ``unpriced``, ``estimated``, and ``cost`` of the priced entries and ``latency``
-  as exact doubles), so a total is one read however long the ledger.
+  summaries, ``unpriced``, ``estimated``, ``cached_turns``, and ``cost`` of the priced
+  entries, ``latency`` and ``saved`` (by cached turns) as exact doubles), so a total is one
+  read however long the ledger.
 - ``<prefix>:holds``: HASH of budget hold id -> ``{"t": tokens, "c": usd, "i": [indexes]}``;
   ``<prefix>:holds:expiry``: ZSET of hold ids scored by expiry (microseconds by the server's
   clock, ``TIME``, so that clients whose clocks disagree agree on it); taking a hold deletes
@@ -133,7 +134,7 @@ end
 # Add an entry to the ledger and drop the hold it replaces (K, A: the keys and arguments).
 # K: entries, seq, holds, holds expiry, then (time index, totals) per scope of the entry.
 # A: entry id, entry JSON, time (us), hold to drop ('' for none), cost ('' when unpriced),
-#    latency, then (field, increment) pairs of the integer sums.
+#    latency, saved, then (field, increment) pairs of the integer sums.
 _RECORD_ENTRY = """
 local function record_entry(K, A)
   local entries, seq, holds, expiry = K[1], K[2], K[3], K[4]
@@ -153,8 +154,9 @@ local function record_entry(K, A)
   for k = 5, #K, 2 do
     local totals = K[k + 1]
     redis.call('ZADD', K[k], A[3], member)
-    for a = 7, #A, 2 do redis.call('HINCRBY', totals, A[a], A[a + 1]) end
+    for a = 8, #A, 2 do redis.call('HINCRBY', totals, A[a], A[a + 1]) end
     add(totals, 'latency', A[6])
+    if tonumber(A[7]) ~= 0 then add(totals, 'saved', A[7]) end
     if A[5] ~= '' then add(totals, 'cost', A[5]) end
   end
   return 1
@@ -279,7 +281,7 @@ _FIELDS = {
     column: column.removesuffix("_tokens").removesuffix("_usd").removesuffix("_s")
     for column in TOTAL_COLUMNS
 }
-_FLOAT_COLUMNS = ("cost_usd", "latency_s")  # added by HINCRBYFLOAT, the others by HINCRBY
+_FLOAT_COLUMNS = ("cost_usd", "latency_s", "saved_usd")  # exact doubles; the rest by HINCRBY
 
 
 def _micros(moment: datetime) -> int:
@@ -715,6 +717,7 @@ class RedisStore(HistoryStore):
             release or "",
             "" if entry.cost_usd is None else repr(added["cost_usd"]),
             repr(added["latency_s"]),
+            repr(added["saved_usd"]),
         ]
         for column, amount in added.items():
             if column not in _FLOAT_COLUMNS:

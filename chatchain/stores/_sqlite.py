@@ -189,7 +189,12 @@ def _record(conn: sqlite3.Connection, entry: UsageEntry, release: str | None) ->
 def _entry_row(entry: UsageEntry) -> dict[str, Any]:
     """The ``usage`` row of an entry (flags as 0/1, the time as fixed-width text)."""
     row = {name: getattr(entry, name) for name in ENTRY_COLUMNS}
-    row.update(summary=int(entry.summary), estimated=int(entry.estimated), at=_stamp(entry.at))
+    row.update(
+        summary=int(entry.summary),
+        estimated=int(entry.estimated),
+        cached=int(entry.cached),
+        at=_stamp(entry.at),
+    )
     return row
 
 
@@ -199,6 +204,7 @@ def _entry(row: Sequence[Any]) -> UsageEntry:
     values.update(
         summary=bool(values["summary"]),
         estimated=bool(values["estimated"]),
+        cached=bool(values["cached"]),
         at=datetime.fromisoformat(values["at"]),
     )
     return UsageEntry(**values)

@@ -121,6 +121,7 @@ def test_a_database_of_the_previous_schema_gets_the_ledger(
             "0001_sessions_and_messages",
             "0002_usage_ledger",
             "0003_estimated_totals",
+            "0004_cached_turns",
         ]
         assert [m.content for m in store.load("s")] == ["q0", "a1"]  # the data survives
         entries = _ledger_entries()
@@ -147,9 +148,36 @@ def test_totals_of_a_ledger_before_estimated_totals_count_its_estimates(
         conn.execute(f"DELETE FROM {prefix}_migrations WHERE name = '0003_estimated_totals'")
     store = PostgresStore(postgres_url, table_prefix=prefix)
     try:
-        assert applied_migrations(postgres_url, prefix)[-1] == "0003_estimated_totals"
+        assert "0003_estimated_totals" in applied_migrations(postgres_url, prefix)
         counts = [store.usage_total(scope, key).estimated for scope, key in SCOPES]
         assert counts == [1, 1, 0, 0]
+    finally:
+        store.close()
+
+
+def test_a_ledger_before_cached_turns_reads_as_no_hits_and_takes_them(
+    postgres_url: str, prefix: str
+) -> None:
+    old = PostgresStore(postgres_url, table_prefix=prefix)
+    entries = _ledger_entries()
+    for entry in entries:
+        old.record_usage(entry)
+    old.close()
+    with psycopg.connect(postgres_url) as conn:  # back to the release before 0004
+        conn.execute(f"ALTER TABLE {prefix}_usage DROP COLUMN cached, DROP COLUMN saved_usd")
+        conn.execute(
+            f"ALTER TABLE {prefix}_usage_totals DROP COLUMN cached_turns, DROP COLUMN saved_usd"
+        )
+        conn.execute(f"DELETE FROM {prefix}_migrations WHERE name = '0004_cached_turns'")
+    store = PostgresStore(postgres_url, table_prefix=prefix)
+    try:
+        assert applied_migrations(postgres_url, prefix)[-1] == "0004_cached_turns"
+        assert store.usage_entries() == entries
+        hit = replace(entries[0], id="hit", total_tokens=0, cached=True, saved_usd=2e-6)
+        store.record_usage(hit)
+        total = store.usage_total("session", hit.session_id)
+        assert (total.cached_turns, total.saved_usd) == (1, 2e-6)
+        assert store.usage_total("all", "") == replace(total_of(store.usage_entries()), model=None)
     finally:
         store.close()
 

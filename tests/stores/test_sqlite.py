@@ -26,7 +26,7 @@ from chatchain.usage import BudgetHold, BudgetLimit, Scope, Usage, UsageEntry, t
 spawn = multiprocessing.get_context("spawn")
 
 # The schema steps this version ships, in order (append new ones; never edit or reorder).
-SHIPPED = ["m001_initial", "m002_usage_ledger", "m003_estimated_totals"]
+SHIPPED = ["m001_initial", "m002_usage_ledger", "m003_estimated_totals", "m004_cached_turns"]
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -257,6 +257,33 @@ def test_totals_of_a_ledger_before_estimated_totals_count_its_estimates(tmp_path
     }
     assert counts == {("all", ""): 2, ("session", "a"): 1, ("session", "b"): 1, ("user", "u"): 1}
     store.record_usage(UsageEntry("b", "m", total_tokens=1, estimated=True, at=T0))
+    assert store.usage_total("all", "") == replace(total_of(store.usage_entries()), model=None)
+    store.close()
+
+
+def test_a_ledger_before_cached_turns_reads_as_no_hits_and_takes_them(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    old = SQLiteStore(path)
+    before = UsageEntry("a", "m", total_tokens=3, requests=1, cost_usd=1e-6, user_id="u", at=T0)
+    old.record_usage(before)
+    old.close()
+    conn = sqlite3.connect(path)  # back to the file the release before m004 wrote
+    with conn:
+        for table, column in [("usage", "cached"), ("usage", "saved_usd")] + [
+            ("usage_totals", "cached_turns"),
+            ("usage_totals", "saved_usd"),
+        ]:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.execute("DELETE FROM _chatchain_migrations WHERE name = 'm004_cached_turns'")
+    conn.close()
+
+    store = SQLiteStore(path)
+    assert store.usage_entries() == [before]
+    hit = UsageEntry("a", "m", cost_usd=0.0, cached=True, saved_usd=2e-6, user_id="u", at=T0)
+    store.record_usage(hit)
+    assert store.usage_entries() == [before, hit]
+    total = store.usage_total("user", "u")
+    assert (total.turns, total.cached_turns, total.saved_usd) == (2, 1, 2e-6)
     assert store.usage_total("all", "") == replace(total_of(store.usage_entries()), model=None)
     store.close()
 

@@ -104,6 +104,28 @@ def test_totals_count_the_estimated_entries(store: HistoryStore) -> None:
     assert store.usage_total("all", "") == replace(total_of(store.usage_entries()), model=None)
 
 
+def test_cache_hits_round_trip_and_add_up_with_what_they_saved(store: HistoryStore) -> None:
+    def hit(session: str, saved: float | None, **kw: object) -> UsageEntry:
+        return entry(session, tokens=0, requests=0, cost_usd=0.0, cached=True, saved_usd=saved, **kw)
+
+    first = hit("a", 2.5e-5, user="u")
+    unknown = hit("a", None, at=T0 + timedelta(1))  # a hit of a model of unknown price
+    store.record_usage(first)
+    store.record_usage(unknown)
+    store.record_usage(entry("a", user="u", tokens=30))
+    store.record_usage(hit("b", 1e-5, summary=False))
+    kept = store.usage_entries(session_id="a")
+    assert first in kept and unknown in kept
+    a = store.usage_total("session", "a")
+    assert (a.turns, a.cached_turns, a.total_tokens, a.successful_requests) == (3, 2, 30, 1)
+    assert a.saved_usd == pytest.approx(2.5e-5)
+    assert a.cost_usd == pytest.approx(30e-6)  # a hit costs 0, and is priced (not unknown)
+    assert store.usage_total("user", "u").cached_turns == 1
+    everything = store.usage_total("all", "")
+    assert (everything.cached_turns, everything.saved_usd) == (3, pytest.approx(3.5e-5))
+    assert everything == replace(total_of(store.usage_entries()), model=None)
+
+
 def test_cached_and_reasoning_tokens_add_up(store: HistoryStore) -> None:
     store.record_usage(entry("a", cached_tokens=4, reasoning_tokens=1))
     store.record_usage(entry("a", cached_tokens=6, reasoning_tokens=2))
