@@ -96,12 +96,17 @@ def entry_from(
     summary: bool = False,
     estimate: Estimate | None = None,
     configured_model: str | None = None,
+    cached: bool = False,
 ) -> UsageEntry:
     """The ledger entry of one call, from its handler's counts (or ``estimate``).
 
     The cost comes from `chatchain.pricing` (settings, genai-prices, langchain-community's
     table, in that order); a model no source knows is priced as ``configured_model`` (source
     ``"configured:<source>"``); the cost is ``None`` when neither is known: never a silent 0.
+
+    A ``cached`` call (a reply from the response cache) sent nothing: its tokens, requests
+    and cost are 0, and ``saved_usd`` is what the tokens the handler saw (those the reply
+    was first billed with) would have cost.
     """
     prompt, completion = handler.prompt_tokens, handler.completion_tokens
     requests = handler.successful_requests
@@ -121,6 +126,19 @@ def entry_from(
         community_cost=community,
         configured=configured_model,
     )
+    if cached:
+        return UsageEntry(
+            session_id,
+            model=model,
+            cost_usd=0.0,
+            price_source=price.source,
+            latency_s=latency_s,
+            first_token_s=first_token_s,
+            summary=summary,
+            cached=True,
+            saved_usd=price.cost_usd,
+            user_id=user_id,
+        )
     return UsageEntry(
         session_id,
         model=model,

@@ -32,7 +32,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, PrivateAttr
 
-from chatchain import _endpoint_errors
+from chatchain import _cache, _endpoint_errors
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
 from chatchain._structured import StructuredChain, StructuredModel, schema_of
@@ -640,6 +640,8 @@ def create_chat_chain(
         tools=toolbox,
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
+    if settings.cache is not None:  # the turns' model only: summaries are never cached
+        model = _cache.with_cache(model, _cache.open_cache(settings.cache))
     # Under a budget each call is sent with the max_tokens its hold could pay for.
     step: Runnable[Any, Any] = BudgetedModel(model) if spec.budget else model
     if toolbox is not None:

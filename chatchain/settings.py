@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_serializer
+from pydantic import Field, SecretStr, ValidationError, field_serializer, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -182,6 +182,13 @@ class Settings(BaseSettings):
     """``CHATCHAIN_PRICES``: your prices in USD per million tokens, which win over the price
     tables, as JSON: ``{"my-model": {"input": 0.5, "output": 1.5, "cached_input": 0.25}}``."""
 
+    cache: str | None = Field(default=None, min_length=1, validation_alias="CHATCHAIN_CACHE")
+    """``CHATCHAIN_CACHE``: a response cache for the chat model, off by default: ``memory://``
+    (this process, the newest 1,000 replies), ``sqlite:///path/to/cache.db`` (a file that
+    survives restarts) or ``redis://host:6379/0`` (shared by processes and machines). A turn
+    whose model, parameters and messages all match a cached call is answered from the cache:
+    no request, cost 0, recorded as cached with what it saved. Shown without its password."""
+
     budget_session_usd: float | None = Field(
         default=None, ge=0, validation_alias="CHATCHAIN_BUDGET_SESSION_USD"
     )
@@ -225,13 +232,26 @@ class Settings(BaseSettings):
         _refuse_unknown_variables(cls, getattr(dotenv_settings, "env_file", None))
         return init_settings, env_settings, dotenv_settings, file_secret_settings
 
-    @field_serializer("store")
-    def _store_without_password(self, store: str) -> str:
-        return _redacted_url(store)
+    @field_validator("cache")
+    @classmethod
+    def _cache_url(cls, cache: str | None) -> str | None:
+        from chatchain._cache import check_url
+
+        if cache is None:
+            return None
+        try:
+            return check_url(cache)
+        except ConfigurationError as exc:  # raised as is by `load` (its text names the variable)
+            raise _CacheURLError(str(exc)) from None
+
+    @field_serializer("store", "cache")
+    def _url_without_password(self, url: str | None) -> str | None:
+        return None if url is None else _redacted_url(url)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
-            yield name, _redacted_url(value) if name == "store" else value
+            redact = name in ("store", "cache") and value is not None
+            yield name, _redacted_url(value) if redact else value
 
     @classmethod
     def load(cls, env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
@@ -317,10 +337,16 @@ class Settings(BaseSettings):
         )
 
 
+class _CacheURLError(ValueError):
+    """A bad ``CHATCHAIN_CACHE``: its message is whole, not pydantic's "Value error, ..."."""
+
+
 def _explain(exc: ValidationError) -> str:
     # pydantic's own text echoes the input, which could be a secret: rebuild it without values.
     problems = []
     for error in exc.errors(include_input=False, include_url=False):
+        if isinstance(cause := error.get("ctx", {}).get("error"), _CacheURLError):
+            return str(cause)  # already says which variable and what to write
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         problems.append(f"{name}: {error['msg']}")
     return (

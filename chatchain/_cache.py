@@ -1,0 +1,405 @@
+"""The response cache (``CHATCHAIN_CACHE``): LangChain's LLM cache, on chatchain's model only.
+
+The cache is set on a copy of the chain's chat model (its ``cache`` field), never with
+``set_llm_cache``, so the user's other models are untouched. The classes are the maintained
+ones: langchain-core's `InMemoryCache` for ``memory://``, langchain-community's `SQLiteCache`
+for ``sqlite:///path`` and `RedisCache` for ``redis://``. A hit is an exact match of
+LangChain's key: the model and its parameters (``llm_string``, ``max_tokens`` included) and
+every message sent (system message, history window, new message).
+
+What chatchain adds around them:
+
+- `BaseChatModel.stream` never reads nor writes the cache (only ``invoke`` does), so the model
+  is wrapped (`_CachedModel`): a stream looks the key up first; a hit is answered by
+  ``invoke``, which LangChain serves from the cache, as one chunk; a miss streams, and its
+  whole reply is then cached, as ``invoke`` would have.
+- Each hit is marked in its reply's ``response_metadata`` (`MARK`), so that the turn records
+  it as cached (cost 0, what it saved), and the mark is taken off before the reply is stored.
+- The community classes revive rows with ``langchain_core.load.loads`` without an allow-list,
+  which warns on every hit (``LangChainPendingDeprecationWarning``) and would revive any core
+  class: here rows are revived with an explicit allow-list (a chat generation and its message).
+- Redis keys are ``chatchain:llm-cache:<sha256>`` rather than bare MD5 hex.
+- A cache that fails (a locked file, Redis down) is logged and read as a miss: it never fails
+  a turn that the endpoint can answer, nor one it already answered.
+
+`langchain_community` warns on import that it is being sunset: imported lazily, with exactly
+that warning filtered, as in `chatchain._metering`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from langchain_core.caches import BaseCache, InMemoryCache
+from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models._utils import _normalize_messages
+from langchain_core.load import dumps, loads
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, Generation
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableWithFallbacks
+from langchain_core.runnables.base import RunnableBindingBase
+
+from chatchain.errors import ConfigurationError
+
+__all__ = [
+    "FORMS",
+    "MARK",
+    "MEMORY_CACHE_SIZE",
+    "check_url",
+    "is_hit",
+    "open_cache",
+    "unmarked",
+    "with_cache",
+]
+
+logger = logging.getLogger("chatchain")
+
+MARK = "chatchain_cached"
+"""The ``response_metadata`` key that marks a reply served from the cache (never stored)."""
+
+MEMORY_CACHE_SIZE = 1000
+"""How many replies ``memory://`` keeps (the oldest go first)."""
+
+FORMS = "memory://, sqlite:///path/to/cache.db or redis://host:6379/0"
+"""The URL forms ``CHATCHAIN_CACHE`` accepts, for messages."""
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_SQLITE_PREFIX = "sqlite:///"
+_REDIS_PREFIX = "chatchain:llm-cache:"
+_REDIS_TIMEOUT = 5.0  # seconds; a cache that does not answer is a miss, not a stuck turn
+
+# What a cached row may revive: a chat generation and its message (see the module docstring).
+_ALLOWED = [ChatGeneration, AIMessage]
+
+
+def _invalid(url: str, why: str) -> ConfigurationError:
+    scheme = url.partition(":")[0] or url
+    return ConfigurationError(
+        f"CHATCHAIN_CACHE={scheme}:... {why}. It takes {FORMS} (or leave it unset for no "
+        "cache); fix it in the environment or in .env."
+    )
+
+
+def check_url(url: str) -> str:
+    """``url`` if it names a cache chatchain can open (the file or server is not opened).
+
+    Raises:
+        ConfigurationError: It is none of the accepted forms; the message lists them.
+
+    Example:
+        >>> check_url("sqlite:///cache.db")
+        'sqlite:///cache.db'
+    """
+    scheme = url.partition(":")[0].lower()
+    if url.lower() == "memory://":
+        return url
+    if scheme == "sqlite":
+        _sqlite_path(url)
+        return url
+    if scheme in _REDIS_SCHEMES:
+        try:
+            urlsplit(url).port  # noqa: B018 (a bad port raises here)
+        except ValueError as exc:
+            raise _invalid(url, f"is not a valid Redis URL ({exc})") from None
+        return url
+    raise _invalid(url, "is not a cache URL")
+
+
+def _sqlite_path(url: str) -> Path:
+    if not url.lower().startswith(_SQLITE_PREFIX):
+        raise _invalid(url, "names no file: write sqlite:///relative.db or sqlite:////abs.db")
+    path = url[len(_SQLITE_PREFIX) :]
+    if not path or path == ":memory:" or "?" in path:
+        raise _invalid(url, "names no file (for a cache in memory use memory://)")
+    return Path(path).expanduser()
+
+
+def open_cache(url: str) -> BaseCache:
+    """The cache ``url`` names (see `check_url`), ready to set on a chat model.
+
+    Raises:
+        ConfigurationError: The URL is not a cache's, Redis's driver is missing (the message
+            says which ``pip install`` fixes it), or the SQLite file cannot be created.
+    """
+    check_url(url)
+    scheme = url.partition(":")[0].lower()
+    if scheme in _REDIS_SCHEMES:
+        inner = _redis_cache(url)
+    elif scheme == "sqlite":
+        inner = _sqlite_cache(_sqlite_path(url))
+    else:
+        inner = InMemoryCache(maxsize=MEMORY_CACHE_SIZE)
+    return _Marked(inner)
+
+
+def _sqlite_cache(path: Path) -> BaseCache:
+    # Created owner-only first, as the SQLite store does: cached replies are conversations.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"The cache file {path} (CHATCHAIN_CACHE) could not be created: {exc}. Check that "
+            "its folder is writable by this user, or choose another path."
+        ) from exc
+    cache: BaseCache = _classes()[0](str(path))
+    return cache
+
+
+def _redis_cache(url: str) -> BaseCache:
+    try:
+        import redis
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"CHATCHAIN_CACHE={url.partition(':')[0]}://... needs the Redis driver, which is "
+            f"not installed ({exc}): pip install 'chatchain[redis]'."
+        ) from exc
+    client = redis.Redis.from_url(
+        url, socket_timeout=_REDIS_TIMEOUT, socket_connect_timeout=_REDIS_TIMEOUT
+    )
+    cache: BaseCache = _classes()[1](client)
+    return cache
+
+
+def _revive(texts: Sequence[str | bytes]) -> list[Generation] | None:
+    """The generations of a cached entry, or ``None`` (a miss) if one cannot be revived."""
+    try:
+        return [
+            loads(text if isinstance(text, str) else text.decode(), allowed_objects=_ALLOWED)
+            for text in texts
+        ]
+    except Exception as exc:  # a row of another format or version: recomputed and replaced
+        logger.warning("A cached reply could not be read (%s); asking the model instead.", exc)
+        return None
+
+
+@functools.cache
+def _classes() -> tuple[type[BaseCache], type[BaseCache]]:
+    """langchain-community's `SQLiteCache` and `RedisCache`, reviving rows as `_revive` does."""
+    with warnings.catch_warnings():
+        # The sunset notice of the archived package; see the module docstring.
+        warnings.filterwarnings(
+            "ignore", message=r".langchain-community. is being sunset", category=DeprecationWarning
+        )
+        from langchain_community import cache as community
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    class SQLiteCache(community.SQLiteCache):
+        def lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+            schema = self.cache_schema
+            query = (
+                select(schema.response)
+                .where(schema.prompt == prompt)
+                .where(schema.llm == llm_string)
+                .order_by(schema.idx)
+            )
+            with Session(self.engine) as session:
+                rows = session.execute(query).fetchall()
+            return _revive([row[0] for row in rows]) if rows else None
+
+    class RedisCache(community.RedisCache):
+        @staticmethod
+        def _key(prompt: str, llm_string: str) -> str:
+            digest = hashlib.sha256(f"{llm_string}\0{prompt}".encode()).hexdigest()
+            return _REDIS_PREFIX + digest
+
+        @staticmethod
+        def _get_generations(results: dict[str | bytes, str | bytes]) -> list[Generation] | None:
+            if not results:
+                return None
+            return _revive([results[index] for index in sorted(results, key=int)])
+
+    return SQLiteCache, RedisCache
+
+
+# -- marking hits -----------------------------------------------------------------------------
+
+
+def _mark(generation: Generation) -> Generation:
+    if not isinstance(generation, ChatGeneration):
+        return generation
+    message = generation.message
+    metadata = {**message.response_metadata, MARK: True}
+    return ChatGeneration(
+        message=message.model_copy(update={"response_metadata": metadata}),
+        generation_info=generation.generation_info,
+    )
+
+
+class _Marked(BaseCache):
+    """A cache whose hits come back marked (`MARK`) and whose failures are misses."""
+
+    def __init__(self, inner: BaseCache) -> None:
+        self.inner = inner
+
+    def lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+        try:
+            found = self.inner.lookup(prompt, llm_string)
+        except Exception as exc:
+            return self._failed("read", exc)
+        return None if found is None else [_mark(g) for g in found]
+
+    async def alookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+        try:
+            found = await self.inner.alookup(prompt, llm_string)
+        except Exception as exc:
+            return self._failed("read", exc)
+        return None if found is None else [_mark(g) for g in found]
+
+    def update(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
+        try:
+            self.inner.update(prompt, llm_string, return_val)
+        except Exception as exc:
+            self._failed("write", exc)
+
+    async def aupdate(
+        self, prompt: str, llm_string: str, return_val: Sequence[Generation]
+    ) -> None:
+        try:
+            await self.inner.aupdate(prompt, llm_string, return_val)
+        except Exception as exc:
+            self._failed("write", exc)
+
+    def clear(self, **kwargs: Any) -> None:
+        self.inner.clear(**kwargs)
+
+    async def aclear(self, **kwargs: Any) -> None:
+        await self.inner.aclear(**kwargs)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        logger.warning(
+            "The response cache (CHATCHAIN_CACHE) could not %s a reply (%s: %s); the turn "
+            "goes on without it.",
+            what,
+            type(exc).__name__,
+            exc,
+        )
+
+
+def is_hit(reply: BaseMessage) -> bool:
+    """Whether ``reply`` came from the response cache."""
+    return reply.response_metadata.get(MARK) is True
+
+
+def unmarked(reply: BaseMessage) -> BaseMessage:
+    """``reply`` as it was cached: without `MARK`, nor the ``total_cost`` of 0 that LangChain
+    adds to a hit's ``usage_metadata``, so that later prompts holding it match the cache too."""
+    if not is_hit(reply):
+        return reply
+    update: dict[str, Any] = {
+        "response_metadata": {k: v for k, v in reply.response_metadata.items() if k != MARK}
+    }
+    usage = getattr(reply, "usage_metadata", None)
+    if usage is not None:
+        usage = {k: v for k, v in usage.items() if k != "total_cost"}
+        update["usage_metadata"] = usage or None
+    return reply.model_copy(update=update)
+
+
+# -- the model --------------------------------------------------------------------------------
+
+
+def with_cache(model: Runnable[Any, Any], cache: BaseCache) -> Runnable[Any, Any]:
+    """``model`` with ``cache`` on each chat model in it (also in fallbacks and bindings).
+
+    Each chat model is copied with ``cache=cache`` (one whose own ``cache`` is set keeps
+    it) and wrapped so that its streams use the cache too; ``model`` itself is not changed.
+    """
+    if isinstance(model, RunnableWithFallbacks):
+        return model.model_copy(
+            update={
+                "runnable": with_cache(model.runnable, cache),
+                "fallbacks": [with_cache(fallback, cache) for fallback in model.fallbacks],
+            }
+        )
+    if isinstance(model, BaseChatModel):
+        if model.cache is not None:  # the caller's own choice
+            return model
+        return _CachedModel(bound=model.model_copy(update={"cache": cache}))
+    if isinstance(model, RunnableBindingBase):  # .bind(...), the fallback's 408 wrapper
+        return model.model_copy(update={"bound": with_cache(model.bound, cache)})
+    return model
+
+
+def _key(model: BaseChatModel, input: Any, kwargs: dict[str, Any]) -> tuple[str, str]:
+    """The cache key ``model.invoke(input, **kwargs)`` looks up: (prompt, llm_string), as
+    `BaseChatModel._generate_with_cache` computes it."""
+    kwargs = dict(kwargs)
+    stop = kwargs.pop("stop", None)
+    kwargs.pop("ls_structured_output_format", None)
+    kwargs.pop("structured_output_format", None)
+    messages = _normalize_messages(model._convert_input(input).to_messages())
+    normalized = [m.model_copy(update={"id": None}) if m.id is not None else m for m in messages]
+    return dumps(normalized), model._get_llm_string(stop=stop, **kwargs)
+
+
+def _as_chunk(reply: BaseMessage) -> AIMessageChunk:
+    return AIMessageChunk(**reply.model_dump(exclude={"type"}))
+
+
+def _generation(chunks: list[AIMessageChunk]) -> list[Generation]:
+    from langchain_core.messages import message_chunk_to_message
+    from langchain_core.messages.ai import add_ai_message_chunks
+
+    merged = add_ai_message_chunks(chunks[0], *chunks[1:])
+    return [ChatGeneration(message=message_chunk_to_message(merged))]
+
+
+class _CachedModel(RunnableBinding[Any, Any]):
+    """A chat model with the cache on, whose streams use it too (see the module docstring).
+
+    Its attributes are the model's (``model_name``, ``max_tokens``...), as with any binding.
+    """
+
+    # `RunnableBinding` hands these to the model, whose streams skip the cache; `Runnable`'s
+    # own versions go through `stream` and `astream` (a chain's last step is transformed).
+    transform = Runnable.transform
+    atransform = Runnable.atransform
+
+    def _parts(self) -> tuple[BaseChatModel, BaseCache]:
+        model = cast(BaseChatModel, self.bound)
+        return model, cast(BaseCache, model.cache)
+
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        model, cache = self._parts()
+        key = _key(model, input, kwargs)
+        if cache.lookup(*key) is not None:
+            yield _as_chunk(self.invoke(input, config, **kwargs))
+            return
+        chunks = []
+        for chunk in super().stream(input, config, **kwargs):
+            if isinstance(chunk, AIMessageChunk):
+                chunks.append(chunk)
+            yield chunk
+        if chunks:  # the stream ran to its end: cache the whole reply
+            cache.update(*key, _generation(chunks))
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        model, cache = self._parts()
+        key = _key(model, input, kwargs)
+        if await cache.alookup(*key) is not None:
+            yield _as_chunk(await self.ainvoke(input, config, **kwargs))
+            return
+        chunks = []
+        async for chunk in super().astream(input, config, **kwargs):
+            if isinstance(chunk, AIMessageChunk):
+                chunks.append(chunk)
+            yield chunk
+        if chunks:
+            await cache.aupdate(*key, _generation(chunks))
