@@ -15,9 +15,10 @@ What chatchain adds around them:
   whole reply is then cached, as ``invoke`` would have.
 - Each hit is marked in its reply's ``response_metadata`` (`MARK`), so that the turn records
   it as cached (cost 0, what it saved), and the mark is taken off before the reply is stored.
-- The community classes revive rows with ``langchain_core.load.loads`` without an allow-list,
-  which warns on every hit (``LangChainPendingDeprecationWarning``) and would revive any core
-  class: here rows are revived with an explicit allow-list (a chat generation and its message).
+- The community classes revive rows with ``langchain_core.load.loads``, which warns on every
+  hit (a beta API, and a pending change of its ``allowed_objects`` default) and can revive any
+  core class by name: here a row is read as what chatchain caches, a `ChatGeneration` of an
+  `AIMessage` of plain data, and anything else is a miss.
 - Redis keys are ``chatchain:llm-cache:<sha256>`` rather than bare MD5 hex.
 - A cache that fails (a locked file, Redis down) is logged and read as a miss: it never fails
   a turn that the endpoint can answer, nor one it already answered.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import warnings
@@ -41,7 +43,7 @@ from urllib.parse import urlsplit
 from langchain_core.caches import BaseCache, InMemoryCache
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models._utils import _normalize_messages
-from langchain_core.load import dumps, loads
+from langchain_core.load import dumps
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableWithFallbacks
@@ -76,8 +78,7 @@ _SQLITE_PREFIX = "sqlite:///"
 _REDIS_PREFIX = "chatchain:llm-cache:"
 _REDIS_TIMEOUT = 5.0  # seconds; a cache that does not answer is a miss, not a stuck turn
 
-# What a cached row may revive: a chat generation and its message (see the module docstring).
-_ALLOWED = [ChatGeneration, AIMessage]
+_ESCAPED = "__lc_escaped__"  # how `dumps` wraps user data that holds an "lc" key
 
 
 def _invalid(url: str, why: str) -> ConfigurationError:
@@ -174,13 +175,43 @@ def _redis_cache(url: str) -> BaseCache:
 def _revive(texts: Sequence[str | bytes]) -> list[Generation] | None:
     """The generations of a cached entry, or ``None`` (a miss) if one cannot be revived."""
     try:
-        return [
-            loads(text if isinstance(text, str) else text.decode(), allowed_objects=_ALLOWED)
-            for text in texts
-        ]
+        return [_generation_of(json.loads(text)) for text in texts]
     except Exception as exc:  # a row of another format or version: recomputed and replaced
         logger.warning("A cached reply could not be read (%s); asking the model instead.", exc)
         return None
+
+
+def _generation_of(data: Any) -> ChatGeneration:
+    """The chat generation ``langchain_core.load.dumps`` wrote as ``data``: a `ChatGeneration`
+    of an `AIMessage` of plain data, nothing else (no class is looked up by name)."""
+    kwargs = _constructor(data, "ChatGeneration")
+    message = _plain(_constructor(kwargs.get("message"), "AIMessage"))
+    info = _plain(kwargs.get("generation_info"))
+    return ChatGeneration(message=AIMessage(**message), generation_info=info)
+
+
+def _constructor(data: Any, name: str) -> dict[str, Any]:
+    ids = data.get("id") if isinstance(data, dict) else None
+    kwargs = data.get("kwargs") if isinstance(data, dict) else None
+    if data.get("type") != "constructor" or not ids or ids[-1] != name or not isinstance(
+        kwargs, dict
+    ):
+        raise ValueError(f"not a serialized {name}")
+    return kwargs
+
+
+def _plain(value: Any) -> Any:
+    """A dumped value as plain data: escaped dicts (user data with an ``lc`` key) unwrapped,
+    any serialized object refused."""
+    if isinstance(value, dict):
+        if set(value) == {_ESCAPED}:
+            return value[_ESCAPED]
+        if "lc" in value:
+            raise ValueError("a serialized object where plain data was expected")
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 @functools.cache

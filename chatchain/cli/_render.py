@@ -41,7 +41,8 @@ def count(number: int, noun: str) -> str:
 def usage_line(usage: Usage, session_id: str | None = None) -> Text:
     """The dim line after a reply: tokens, cost (never a silent $0), latency, first token.
 
-    Tokens the endpoint did not report (counted here) read ``~N tokens (...), estimated``.
+    Tokens the endpoint did not report (counted here) read ``~N tokens (...), estimated``;
+    a reply from the response cache reads ``cached`` and what it saved.
 
     Example:
         >>> usage = Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23, cost_usd=None,
@@ -51,6 +52,8 @@ def usage_line(usage: Usage, session_id: str | None = None) -> Text:
         >>> usage_line(Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23,
         ...                  cost_usd=0.00002, estimated=1)).plain
         '~23 tokens (15 prompt + 8 completion), estimated, ~$0.000020, 0.00 s'
+        >>> usage_line(Usage(turns=1, cached_turns=1, saved_usd=0.00002, latency_s=0.01)).plain
+        'cached, saved $0.000020, 0 tokens (0 prompt + 0 completion), $0.000000, 0.01 s'
     """
     mark = "~" if usage.estimated else ""
     parts = [
@@ -61,6 +64,8 @@ def usage_line(usage: Usage, session_id: str | None = None) -> Text:
     ]
     if usage.estimated:
         parts.insert(1, "estimated")
+    if usage.cached_turns:
+        parts.insert(0, usage.cached_text)
     if usage.first_token_s is not None:
         parts.append(f"first token {usage.first_token_s:.2f} s")
     if session_id is not None:
@@ -167,10 +172,13 @@ def _tokens(prompt: int, completion: int, total: int, estimated: int) -> list[st
 def usage_table(report: UsageReport) -> Table:
     """A usage report's rows and its total as a table; an unknown cost reads ``unknown``.
 
-    Totals that include estimated tokens are marked ``~`` (see `usage_note`).
+    Totals that include estimated tokens are marked ``~`` (see `usage_note`). When the
+    response cache answered any turn, columns ``cached`` (turns) and ``saved`` (USD) follow.
     """
-    numbers = ("turns", "summaries", "prompt", "completion", "total", "cost")
     total = report.total
+    hits = bool(total.cached_turns)
+    numbers = ("turns", "summaries", "prompt", "completion", "total", "cost")
+    numbers += ("cached", "saved") if hits else ()
     table = Table(*report.by, box=None, header_style="bold", show_footer=True, pad_edge=False)
     for name in numbers:
         table.add_column(name, justify="right")
@@ -186,6 +194,7 @@ def usage_table(report: UsageReport) -> Table:
                 row["estimated"],
             ),
             _cost(row["cost_usd"]),
+            *((str(row["cached_turns"]), _cost(row["saved_usd"])) if hits else ()),
         )
     footers = [
         "TOTAL",
@@ -194,6 +203,7 @@ def usage_table(report: UsageReport) -> Table:
         str(total.summaries),
         *_tokens(total.prompt_tokens, total.completion_tokens, total.total_tokens, total.estimated),
         _cost(total.cost_usd),
+        *((str(total.cached_turns), _cost(total.saved_usd)) if hits else ()),
     ]
     for column, footer in zip(table.columns, footers, strict=True):
         column.footer = footer

@@ -1,0 +1,209 @@
+"""The response cache (``CHATCHAIN_CACHE``) on every store: a hit sends nothing, costs 0, is
+recorded as a cached turn with what it saved, and is saved to the history like any turn.
+
+The cache backends (memory, SQLite, Redis) each run the same scenario on the memory store;
+every store runs it with the memory cache. Sync, streamed and async turns alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+from chatchain import Budget, Chatbot, Settings
+from chatchain.stores import HistoryStore, MemoryStore
+from chatchain.testing import FakeChatModel
+from chatchain.usage import BudgetHold, BudgetLimit
+
+Ask = Callable[[Chatbot, str, str], str]
+
+
+def _chat(bot: Chatbot, text: str, session: str) -> str:
+    return bot.chat(text, session_id=session).text
+
+
+def _stream(bot: Chatbot, text: str, session: str) -> str:
+    return "".join(bot.stream(text, session_id=session))
+
+
+def _achat(bot: Chatbot, text: str, session: str) -> str:
+    async def turn() -> str:
+        return (await bot.achat(text, session_id=session)).text
+
+    return asyncio.run(turn())
+
+
+def _astream(bot: Chatbot, text: str, session: str) -> str:
+    async def turn() -> str:
+        return "".join([piece async for piece in bot.astream(text, session_id=session)])
+
+    return asyncio.run(turn())
+
+
+WAYS = {"chat": _chat, "stream": _stream, "achat": _achat, "astream": _astream}
+
+
+def settings(cache: str, **overrides: object) -> Settings:
+    return Settings.load(
+        env_file=None,
+        api_key="sk-test",
+        model="gpt-4o-mini",
+        cache=cache,
+        window_turns=None,
+        window_tokens=None,
+        summarize=False,
+        **overrides,
+    )
+
+
+def _hit_and_miss(store: HistoryStore, cache: str, ask: Ask) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings(cache), llm=fake, store=store)
+    first = ask(bot, "What is a cache?", "a")
+    again = ask(bot, "What is a cache?", "b")  # a fresh session: the same prompt
+    assert again == first == "Echo: What is a cache?"
+    assert len(fake.calls) == 1  # the model answered once
+
+    paid, hit = store.usage_entries(session_id="a")[0], store.usage_entries(session_id="b")[0]
+    assert not paid.cached and paid.requests == 1 and paid.total_tokens > 0
+    assert paid.cost_usd is not None and paid.cost_usd > 0
+    assert hit.cached and hit.requests == 0 and hit.total_tokens == 0 and hit.cost_usd == 0.0
+    assert hit.saved_usd == pytest.approx(paid.cost_usd)
+    assert hit.model == "gpt-4o-mini"
+    total = bot.usage()
+    assert (total.turns, total.cached_turns, total.successful_requests) == (2, 1, 1)
+    assert total.saved_usd == pytest.approx(paid.cost_usd)
+    assert total.cost_usd == pytest.approx(paid.cost_usd)
+
+    # The hit's turn is in its session's history, as the cached reply (mark taken off).
+    history = bot.history("b")
+    assert [m.type for m in history] == ["human", "ai"]
+    assert history[1].text == first
+    assert "chatchain_cached" not in history[1].response_metadata
+    assert history[1].response_metadata == bot.history("a")[1].response_metadata
+
+    # The next turn of the hit's session sends its history, which the cache has seen too.
+    ask(bot, "And a second one?", "a")
+    ask(bot, "And a second one?", "b")
+    assert len(fake.calls) == 2
+    assert bot.usage("b").cached_turns == 2
+
+    ask(bot, "Something else", "b")  # another message: a miss
+    assert len(fake.calls) == 3
+    assert bot.usage().cached_turns == 2
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_a_hit_sends_nothing_and_is_recorded_as_cached_on_every_store(
+    store: HistoryStore, way: str
+) -> None:
+    _hit_and_miss(store, "memory://", WAYS[way])
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def cache_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/cache.db"
+    url: str = request.getfixturevalue("redis_url")
+    with redis.Redis.from_url(url) as client:  # the run's server: no other test's replies
+        client.flushdb()
+    return url
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_every_cache_backend(cache_url: str, way: str) -> None:
+    _hit_and_miss(MemoryStore(), cache_url, WAYS[way])
+
+
+def test_a_streamed_reply_is_cached_for_plain_turns_and_the_other_way_round() -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings("memory://"), llm=fake)
+    assert _stream(bot, "one", "a") == _chat(bot, "one", "b")
+    assert _chat(bot, "two", "c") == _astream(bot, "two", "d")
+    assert len(fake.calls) == 2 and bot.usage().cached_turns == 2
+
+
+def test_a_stream_stopped_early_is_not_cached() -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini", replies=["one two three four"])
+    bot = Chatbot(settings("memory://"), llm=fake)
+    with bot.stream("hi", session_id="a") as stream:
+        next(stream)
+    assert bot.history("a")[1].response_metadata.get("interrupted")
+    assert _chat(bot, "hi", "b") == "Echo: hi"  # asked again, not served half a reply
+    assert len(fake.calls) == 2 and bot.usage().cached_turns == 0
+
+
+def test_different_parameters_or_models_miss(tmp_path: Path) -> None:
+    cache = f"sqlite:///{tmp_path}/cache.db"
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    cool = Chatbot(settings(cache), llm=fake.bind(temperature=0.0))
+    warm = Chatbot(settings(cache), llm=fake.bind(temperature=1.0))
+    other = FakeChatModel(model_name="gpt-4.1-nano")
+    cool.chat("hi", session_id="a")
+    warm.chat("hi", session_id="a")
+    Chatbot(settings(cache), llm=other).chat("hi", session_id="a")
+    assert (len(fake.calls), len(other.calls)) == (2, 1)
+    Chatbot(settings(cache), llm=fake.bind(temperature=1.0)).chat("hi", session_id="b")
+    assert len(fake.calls) == 2  # the same model and parameters: a hit
+
+
+def test_the_sqlite_cache_survives_a_restart(tmp_path: Path) -> None:
+    cache = f"sqlite:///{tmp_path}/cache.db"
+    store = f"sqlite:///{tmp_path}/chat.db"
+    first = FakeChatModel(model_name="gpt-4o-mini")
+    Chatbot(settings(cache, store=store), llm=first).chat("hi", session_id="a")
+    assert (tmp_path / "cache.db").stat().st_mode & 0o077 == 0  # conversations: owner only
+
+    fresh = FakeChatModel(model_name="gpt-4o-mini")  # a new process would build all anew
+    bot = Chatbot(settings(cache, store=store), llm=fresh)
+    assert bot.chat("hi", session_id="b").usage.cached_turns == 1
+    assert fresh.calls == []
+    assert bot.usage().cached_turns == 1 and bot.usage().turns == 2
+
+
+def test_without_the_setting_nothing_is_cached() -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings("memory://").model_copy(update={"cache": None}), llm=fake)
+    _chat(bot, "hi", "a")
+    _stream(bot, "hi", "b")
+    assert len(fake.calls) == 2 and bot.usage().cached_turns == 0
+    assert fake.cache is None  # the caller's model is never changed
+
+
+def test_a_hit_under_a_budget_costs_nothing_and_gives_its_hold_back(store: HistoryStore) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    budget = Budget(total_tokens=5_000)
+    bot = Chatbot(settings("memory://"), llm=fake, store=store, budget=budget)
+    _chat(bot, "hi", "a")
+    spent = bot.usage().total_tokens
+    for session in ("b", "c", "d"):
+        assert bot.chat("hi", session_id=session).usage.cached_turns == 1
+    assert len(fake.calls) == 1 and bot.usage().total_tokens == spent
+    # No hold was left behind: what remains of the cap can be held whole.
+    rest = BudgetHold("x", 5_000 - spent, 0.0, datetime.now(UTC) + timedelta(minutes=1))
+    assert store.hold_budget(rest, [BudgetLimit("all", "", max_tokens=5_000)]) is None
+
+
+def test_concurrent_hits_each_save_their_turn(store: HistoryStore) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings("memory://"), llm=fake, store=store)
+    _chat(bot, "hi", "first")
+    threads = [
+        threading.Thread(target=_chat, args=(bot, "hi", f"s{n % 4}")) for n in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(fake.calls) == 1
+    for n in range(4):
+        assert [m.text for m in bot.history(f"s{n}")] == ["hi", "Echo: hi"]
+    assert bot.usage().cached_turns == 4
