@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -46,7 +46,12 @@ from langchain_core.language_models._utils import _normalize_messages
 from langchain_core.load import dumps
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, Generation
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableWithFallbacks
+from langchain_core.runnables import (
+    Runnable,
+    RunnableBinding,
+    RunnableConfig,
+    RunnableWithFallbacks,
+)
 from langchain_core.runnables.base import RunnableBindingBase
 
 from chatchain.errors import ConfigurationError
@@ -193,8 +198,11 @@ def _generation_of(data: Any) -> ChatGeneration:
 def _constructor(data: Any, name: str) -> dict[str, Any]:
     ids = data.get("id") if isinstance(data, dict) else None
     kwargs = data.get("kwargs") if isinstance(data, dict) else None
-    if data.get("type") != "constructor" or not ids or ids[-1] != name or not isinstance(
-        kwargs, dict
+    if (
+        data.get("type") != "constructor"
+        or not ids
+        or ids[-1] != name
+        or not isinstance(kwargs, dict)
     ):
         raise ValueError(f"not a serialized {name}")
     return kwargs
@@ -215,7 +223,7 @@ def _plain(value: Any) -> Any:
 
 
 @functools.cache
-def _classes() -> tuple[type[BaseCache], type[BaseCache]]:
+def _classes() -> tuple[Callable[[str], BaseCache], Callable[[Any], BaseCache]]:
     """langchain-community's `SQLiteCache` and `RedisCache`, reviving rows as `_revive` does."""
     with warnings.catch_warnings():
         # The sunset notice of the archived package; see the module docstring.
@@ -230,7 +238,7 @@ def _classes() -> tuple[type[BaseCache], type[BaseCache]]:
     class SQLiteCache(community.SQLiteCache):
         def lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
             schema = self.cache_schema
-            query = (
+            query: Any = (
                 select(schema.response)
                 .where(schema.prompt == prompt)
                 .where(schema.llm == llm_string)
@@ -279,14 +287,16 @@ class _Marked(BaseCache):
         try:
             found = self.inner.lookup(prompt, llm_string)
         except Exception as exc:
-            return self._failed("read", exc)
+            self._failed("read", exc)
+            return None
         return None if found is None else [_mark(g) for g in found]
 
     async def alookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
         try:
             found = await self.inner.alookup(prompt, llm_string)
         except Exception as exc:
-            return self._failed("read", exc)
+            self._failed("read", exc)
+            return None
         return None if found is None else [_mark(g) for g in found]
 
     def update(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
@@ -295,9 +305,7 @@ class _Marked(BaseCache):
         except Exception as exc:
             self._failed("write", exc)
 
-    async def aupdate(
-        self, prompt: str, llm_string: str, return_val: Sequence[Generation]
-    ) -> None:
+    async def aupdate(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
         try:
             await self.inner.aupdate(prompt, llm_string, return_val)
         except Exception as exc:

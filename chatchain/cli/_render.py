@@ -177,8 +177,8 @@ def usage_table(report: UsageReport) -> Table:
     """
     total = report.total
     hits = bool(total.cached_turns)
-    numbers = ("turns", "summaries", "prompt", "completion", "total", "cost")
-    numbers += ("cached", "saved") if hits else ()
+    numbers = ["turns", "summaries", "prompt", "completion", "total", "cost"]
+    numbers += ["cached", "saved"] if hits else []
     table = Table(*report.by, box=None, header_style="bold", show_footer=True, pad_edge=False)
     for name in numbers:
         table.add_column(name, justify="right")

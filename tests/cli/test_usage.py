@@ -8,6 +8,7 @@ import pytest
 
 from chatchain import UsageEntry, UsageLedger
 from chatchain.cli._commands import since_time
+from chatchain.testing import OpenAITestServer
 from tests.cli.conftest import Chatchain
 
 
@@ -149,3 +150,51 @@ def test_usage_marks_estimated_tokens(chatchain: Chatchain) -> None:
     assert lines[-1].strip() == (
         "~ estimated: 1 call was counted here, as the endpoint did not report their usage"
     )
+
+
+def test_cache_hits_show_as_cached_in_the_usage_line_and_the_table(
+    chatchain: Chatchain, server: OpenAITestServer
+) -> None:
+    cache = {"CHATCHAIN_CACHE": f"sqlite:///{chatchain.data_dir}/cache.db"}
+    paid = chatchain("ask", "--session", "a", "same question", env=cache)
+    hit = chatchain("ask", "--session", "b", "same question", env=cache)
+    assert hit.stdout == paid.stdout == "Echo: same question\n"
+    assert len(server.requests) == 1
+    with chatchain.store() as store:
+        [entry] = store.usage_entries(session_id="a")
+    assert entry.cost_usd is not None
+    saved = f"${entry.cost_usd:.6f}"
+    assert "cached" not in paid.stderr
+    assert hit.stderr.startswith(f"session b, cached, saved {saved}, 0 tokens (0 prompt + 0 ")
+
+    result = chatchain("usage", "--by", "session")
+    assert [line.split() for line in result.output.splitlines()] == [
+        [
+            "session",
+            "turns",
+            "summaries",
+            "prompt",
+            "completion",
+            "total",
+            "cost",
+            "cached",
+            "saved",
+        ],
+        [
+            "a",
+            *numbers(
+                1, entry.prompt_tokens, entry.completion_tokens, entry.total_tokens, entry.cost_usd
+            ),
+            "0",
+            "$0.000000",
+        ],
+        ["b", *numbers(1, 0, 0, 0, 0.0), "1", saved],
+        [
+            "TOTAL",
+            *numbers(
+                2, entry.prompt_tokens, entry.completion_tokens, entry.total_tokens, entry.cost_usd
+            ),
+            "1",
+            saved,
+        ],
+    ]

@@ -196,9 +196,7 @@ def test_concurrent_hits_each_save_their_turn(store: HistoryStore) -> None:
     fake = FakeChatModel(model_name="gpt-4o-mini")
     bot = Chatbot(settings("memory://"), llm=fake, store=store)
     _chat(bot, "hi", "first")
-    threads = [
-        threading.Thread(target=_chat, args=(bot, "hi", f"s{n % 4}")) for n in range(4)
-    ]
+    threads = [threading.Thread(target=_chat, args=(bot, "hi", f"s{n % 4}")) for n in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -269,10 +269,8 @@ def test_a_ledger_before_cached_turns_reads_as_no_hits_and_takes_them(tmp_path: 
     old.close()
     conn = sqlite3.connect(path)  # back to the file the release before m004 wrote
     with conn:
-        for table, column in [("usage", "cached"), ("usage", "saved_usd")] + [
-            ("usage_totals", "cached_turns"),
-            ("usage_totals", "saved_usd"),
-        ]:
+        dropped = ["usage.cached", "usage.saved_usd", "usage_totals.cached_turns"]
+        for table, column in (name.split(".") for name in [*dropped, "usage_totals.saved_usd"]):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute("DELETE FROM _chatchain_migrations WHERE name = 'm004_cached_turns'")
     conn.close()

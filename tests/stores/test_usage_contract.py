@@ -106,7 +106,9 @@ def test_totals_count_the_estimated_entries(store: HistoryStore) -> None:
 
 def test_cache_hits_round_trip_and_add_up_with_what_they_saved(store: HistoryStore) -> None:
     def hit(session: str, saved: float | None, **kw: object) -> UsageEntry:
-        return entry(session, tokens=0, requests=0, cost_usd=0.0, cached=True, saved_usd=saved, **kw)
+        return entry(
+            session, tokens=0, requests=0, cost_usd=0.0, cached=True, saved_usd=saved, **kw
+        )
 
     first = hit("a", 2.5e-5, user="u")
     unknown = hit("a", None, at=T0 + timedelta(1))  # a hit of a model of unknown price

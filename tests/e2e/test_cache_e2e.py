@@ -1,0 +1,117 @@
+"""The response cache end to end: the real `ChatOpenAI` against the test server.
+
+Two identical turns on two fresh sessions reach the server once; the hit is priced at what it
+saved; a different model, temperature or message is a miss; the SQLite cache outlives the
+process's objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatchain import Chatbot, Settings
+from chatchain.testing import OpenAITestServer
+
+KEY = "sk-e2e-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[OpenAITestServer]:
+    with OpenAITestServer() as server:
+        yield server
+
+
+def make_settings(server: OpenAITestServer, cache: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "api_key": KEY,
+        "base_url": server.base_url,
+        "model": "gpt-4o-mini",
+        "max_retries": 0,
+        "timeout": 5.0,
+        "window_turns": None,
+        "window_tokens": None,
+        "summarize": False,
+        "cache": cache,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def _chat(bot: Chatbot, text: str, session: str) -> str:
+    return bot.chat(text, session_id=session).text
+
+
+def _stream(bot: Chatbot, text: str, session: str) -> str:
+    return "".join(bot.stream(text, session_id=session))
+
+
+def _achat(bot: Chatbot, text: str, session: str) -> str:
+    async def turn() -> str:
+        return (await bot.achat(text, session_id=session)).text
+
+    return asyncio.run(turn())
+
+
+def _astream(bot: Chatbot, text: str, session: str) -> str:
+    async def turn() -> str:
+        return "".join([piece async for piece in bot.astream(text, session_id=session)])
+
+    return asyncio.run(turn())
+
+
+WAYS = {"chat": _chat, "stream": _stream, "achat": _achat, "astream": _astream}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_two_identical_turns_on_fresh_sessions_send_one_request(
+    server: OpenAITestServer, tmp_path: Path, way: str
+) -> None:
+    server.clear()
+    ask = WAYS[way]
+    bot = Chatbot(make_settings(server, f"sqlite:///{tmp_path}/cache.db"))
+    first = ask(bot, "Tell me about caches", "a")
+    again = ask(bot, "Tell me about caches", "b")
+    assert again == first and len(server.requests) == 1
+
+    paid, hit = bot.usage_entries()
+    assert (paid.cached, paid.requests) == (False, 1) and paid.price_source == "genai-prices"
+    assert (hit.cached, hit.requests, hit.total_tokens, hit.cost_usd) == (True, 0, 0, 0.0)
+    assert hit.saved_usd == pytest.approx(paid.cost_usd)
+    assert [m.text for m in bot.history("b")] == ["Tell me about caches", first]
+
+    # The hit's session goes on with its history, which the cache has seen in "a" too.
+    ask(bot, "And then?", "a")
+    ask(bot, "And then?", "b")
+    assert len(server.requests) == 2 and bot.usage().cached_turns == 2
+
+
+def test_a_different_model_temperature_or_message_misses(
+    server: OpenAITestServer, tmp_path: Path
+) -> None:
+    server.clear()
+    cache = f"sqlite:///{tmp_path}/cache.db"
+    Chatbot(make_settings(server, cache)).chat("hi", session_id="a")
+    Chatbot(make_settings(server, cache, temperature=0.2)).chat("hi", session_id="a")
+    Chatbot(make_settings(server, cache, model="gpt-4.1-nano")).chat("hi", session_id="a")
+    Chatbot(make_settings(server, cache)).chat("hello", session_id="b")
+    assert len(server.requests) == 4
+    bot = Chatbot(make_settings(server, cache, temperature=0.2))
+    assert bot.chat("hi", session_id="c").usage.cached_turns == 1
+    assert len(server.requests) == 4
+
+
+def test_the_sqlite_cache_survives_a_restart(server: OpenAITestServer, tmp_path: Path) -> None:
+    server.clear()
+    settings = make_settings(
+        server, f"sqlite:///{tmp_path}/cache.db", store=f"sqlite:///{tmp_path}/chat.db"
+    )
+    Chatbot(settings).chat("Remember me", session_id="a")
+    restarted = Chatbot(settings.model_copy())  # a new model, cache engine and store
+    reply = restarted.chat("Remember me", session_id="b")
+    assert len(server.requests) == 1 and reply.usage.cached_turns == 1
+    assert restarted.usage().cached_turns == 1
