@@ -150,15 +150,13 @@ def _sqlite_cache(path: Path) -> BaseCache:
     # Created owner-only first, as the SQLite store does: cached replies are conversations.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
-    except OSError as exc:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        cache: BaseCache = _classes()[0](str(path))
+    except Exception as exc:  # no folder, no permission, not a database (SQLAlchemy's errors)
         raise ConfigurationError(
-            f"The cache file {path} (CHATCHAIN_CACHE) could not be created: {exc}. Check that "
-            "its folder is writable by this user, or choose another path."
+            f"The cache file {path} (CHATCHAIN_CACHE) could not be created or opened: {exc}. "
+            "Check that its folder is writable by this user, or choose another path."
         ) from exc
-    cache: BaseCache = _classes()[0](str(path))
     return cache
 
 

@@ -80,6 +80,14 @@ def _costs(ns: dict[str, Any], out: str) -> None:
     assert Path("chat.db").exists()  # the SQLite store, in the working folder
 
 
+def _cache(ns: dict[str, Any], out: str) -> None:
+    usage = ns["reply"].usage
+    assert (usage.cached_turns, usage.successful_requests, usage.cost_usd) == (1, 0, 0.0)
+    assert usage.saved_usd > 0
+    assert [m.text for m in ns["bot"].history("b")][-1] == ns["reply"].text
+    assert Path("cache.db").exists()
+
+
 def _testing(ns: dict[str, Any], out: str) -> None:
     assert ns["bot"].history("s")[-1].text == "Echo: hi"
 
@@ -90,6 +98,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
     "async def main():": _async_tour,
     "chain = create_chat_chain(": _chain,
     'bot.chat("hi", session_id="dp123", user_id="bob")': _costs,
+    'bot = Chatbot(Settings(cache="sqlite:///cache.db"))': _cache,
     "bot = Chatbot(llm=FakeChatModel(": _testing,
 }
 

@@ -205,3 +205,14 @@ def test_concurrent_hits_each_save_their_turn(store: HistoryStore) -> None:
     for n in range(4):
         assert [m.text for m in bot.history(f"s{n}")] == ["hi", "Echo: hi"]
     assert bot.usage().cached_turns == 4
+
+
+def test_the_redis_cache_keeps_its_keys_under_a_prefix(redis_url: str) -> None:
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
+        bot = Chatbot(settings(redis_url), llm=FakeChatModel(model_name="gpt-4o-mini"))
+        bot.chat("hi", session_id="a")
+        keys = [key.decode() for key in client.keys("*")]
+        client.flushdb()
+    [key] = keys  # the store is in memory here: the one key is the cached reply
+    assert key.startswith("chatchain:llm-cache:") and len(key) == len("chatchain:llm-cache:") + 64
