@@ -115,3 +115,12 @@ def test_the_sqlite_cache_survives_a_restart(server: OpenAITestServer, tmp_path:
     reply = restarted.chat("Remember me", session_id="b")
     assert len(server.requests) == 1 and reply.usage.cached_turns == 1
     assert restarted.usage().cached_turns == 1
+
+
+def test_with_a_fallback_model_each_model_has_the_cache(server: OpenAITestServer) -> None:
+    server.clear()
+    settings = make_settings(server, "memory://", fallback_model="gpt-4.1-nano")
+    bot = Chatbot(settings)
+    assert _stream(bot, "hi", "a") == _chat(bot, "hi", "b")
+    assert len(server.requests) == 1 and bot.usage().cached_turns == 1
+    assert bot.usage_entries()[1].model == "gpt-4o-mini"
