@@ -19,7 +19,8 @@ What chatchain adds around them:
   hit (a beta API, and a pending change of its ``allowed_objects`` default) and can revive any
   core class by name: here a row is read as what chatchain caches, a `ChatGeneration` of an
   `AIMessage` of plain data, and anything else is a miss.
-- Redis keys are ``chatchain:llm-cache:<sha256>`` rather than bare MD5 hex.
+- Redis keys are ``chatchain:llm-cache:<sha256>`` rather than bare MD5 hex, and ``clear``
+  deletes those keys only, where the community class flushes the whole database.
 - A cache that fails (a locked file, Redis down) is logged and read as a miss: it never fails
   a turn that the endpoint can answer, nor one it already answered.
 
@@ -257,6 +258,13 @@ def _classes() -> tuple[Callable[[str], BaseCache], Callable[[Any], BaseCache]]:
             if not results:
                 return None
             return _revive([results[index] for index in sorted(results, key=int)])
+
+        def clear(self, **kwargs: Any) -> None:
+            # Only the cache's keys: the community class flushes the whole database, which
+            # may hold a chatchain store (or anything else).
+            keys = list(self.redis.scan_iter(match=_REDIS_PREFIX + "*", count=1000))
+            for start in range(0, len(keys), 1000):
+                self.redis.unlink(*keys[start : start + 1000])
 
     return SQLiteCache, RedisCache
 

@@ -184,7 +184,7 @@ class Settings(BaseSettings):
 
     cache: str | None = Field(default=None, min_length=1, validation_alias="CHATCHAIN_CACHE")
     """``CHATCHAIN_CACHE``: a response cache for the chat model, off by default: ``memory://``
-    (this process, the newest 1,000 replies), ``sqlite:///path/to/cache.db`` (a file that
+    (the chain's memory, the newest 1,000 replies), ``sqlite:///path/to/cache.db`` (a file that
     survives restarts) or ``redis://host:6379/0`` (shared by processes and machines). A turn
     whose model, parameters and messages all match a cached call is answered from the cache:
     no request, cost 0, recorded as cached with what it saved. Shown without its password."""

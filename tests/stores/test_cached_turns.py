@@ -216,3 +216,16 @@ def test_the_redis_cache_keeps_its_keys_under_a_prefix(redis_url: str) -> None:
         client.flushdb()
     [key] = keys  # the store is in memory here: the one key is the cached reply
     assert key.startswith("chatchain:llm-cache:") and len(key) == len("chatchain:llm-cache:") + 64
+
+
+def test_clearing_the_redis_cache_leaves_the_rest_of_the_database(
+    redis_store: HistoryStore, redis_url: str
+) -> None:
+    bot = Chatbot(
+        settings(redis_url), llm=FakeChatModel(model_name="gpt-4o-mini"), store=redis_store
+    )
+    bot.chat("hi", session_id="a")
+    model = bot.chain.model
+    model.bound.cache.clear()  # the cache the chain's model holds
+    assert [m.text for m in bot.history("a")] == ["hi", "Echo: hi"]  # the store's keys stay
+    assert bot.chat("hi", session_id="b").usage.cached_turns == 0  # the reply was cleared
