@@ -13,8 +13,10 @@ What chatchain adds around them:
   is wrapped (`_CachedModel`): a stream looks the key up first; a hit is answered by
   ``invoke``, which LangChain serves from the cache, as one chunk; a miss streams, and its
   whole reply is then cached, as ``invoke`` would have.
-- Each hit is marked in its reply's ``response_metadata`` (`MARK`), so that the turn records
-  it as cached (cost 0, what it saved), and the mark is taken off before the reply is stored.
+- Each hit is marked in its reply's ``response_metadata`` (`MARK`), so that the turn's usage
+  handler (`chatchain._metering.new_handler`) keeps its tokens apart: the turn records what
+  it saved, not what it cost (a turn all of whose calls were hits is a cached turn, cost 0);
+  the mark is taken off before the reply is stored.
 - The community classes revive rows with ``langchain_core.load.loads``, which warns on every
   hit (a beta API, and a pending change of its ``allowed_objects`` default) and can revive any
   core class by name: here a row is read as what chatchain caches, a `ChatGeneration` of an
@@ -46,7 +48,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models._utils import _normalize_messages
 from langchain_core.load import dumps
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGeneration, Generation
+from langchain_core.outputs import ChatGeneration, Generation, LLMResult
 from langchain_core.runnables import (
     Runnable,
     RunnableBinding,
@@ -64,6 +66,7 @@ __all__ = [
     "check_url",
     "is_hit",
     "open_cache",
+    "result_is_hit",
     "unmarked",
     "with_cache",
 ]
@@ -336,6 +339,14 @@ class _Marked(BaseCache):
 def is_hit(reply: BaseMessage) -> bool:
     """Whether ``reply`` came from the response cache."""
     return reply.response_metadata.get(MARK) is True
+
+
+def result_is_hit(result: LLMResult) -> bool:
+    """Whether a model call's result (what callbacks' ``on_llm_end`` get) came from the cache."""
+    generations = [g for batch in result.generations for g in batch]
+    return bool(generations) and all(
+        isinstance(g, ChatGeneration) and is_hit(g.message) for g in generations
+    )
 
 
 def unmarked(reply: BaseMessage) -> BaseMessage:

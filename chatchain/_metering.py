@@ -14,6 +14,7 @@ still sees every token, because chatchain never resets the variable under it.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,13 +22,22 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from chatchain import _cache
 from chatchain.pricing import Pricer
 from chatchain.usage import UsageEntry
 
 if TYPE_CHECKING:
     from langchain_community.callbacks.openai_info import OpenAICallbackHandler
+    from langchain_core.outputs import LLMResult
 
-__all__ = ["Estimate", "community_price_known", "entry_from", "get_openai_callback", "new_handler"]
+__all__ = [
+    "CacheHits",
+    "Estimate",
+    "community_price_known",
+    "entry_from",
+    "get_openai_callback",
+    "new_handler",
+]
 
 
 @functools.cache
@@ -61,9 +71,60 @@ def get_openai_callback() -> Iterator[OpenAICallbackHandler]:
         yield handler
 
 
+# What the community handler counts, and so what a reply from the response cache adds to it.
+_COUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_cached",
+    "reasoning_tokens",
+    "successful_requests",
+    "total_cost",
+)
+
+
+@dataclass
+class CacheHits:
+    """What the calls answered from the response cache (``CHATCHAIN_CACHE``) added to a
+    handler's counts: none of it was sent or billed."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_cached: int = 0
+    reasoning_tokens: int = 0
+    successful_requests: int = 0
+    total_cost: float = 0.0
+
+
+@functools.cache
+def _handler_class() -> type[OpenAICallbackHandler]:
+    base: type[OpenAICallbackHandler] = _openai_info().OpenAICallbackHandler
+
+    class TurnHandler(base):  # type: ignore[misc, valid-type]
+        """The community handler, also keeping apart what replies from the cache added."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hits = CacheHits()
+            self._ends = threading.Lock()  # its counts change only here: deltas are exact
+
+        def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
+            with self._ends:
+                before = [getattr(self, name) for name in _COUNTS]
+                super().on_llm_end(response, **kwargs)
+                if not _cache.result_is_hit(response):
+                    return
+                self.hits.calls += 1
+                for name, old in zip(_COUNTS, before, strict=True):
+                    setattr(self.hits, name, getattr(self.hits, name) + getattr(self, name) - old)
+
+    return TurnHandler
+
+
 def new_handler() -> OpenAICallbackHandler:
-    """A fresh handler that counts one turn's tokens, requests and list-price cost."""
-    handler: OpenAICallbackHandler = _openai_info().OpenAICallbackHandler()
+    """A fresh handler that counts one turn's tokens, requests and list-price cost, and keeps
+    apart (in ``hits``, a `CacheHits`) what calls answered from the response cache added."""
+    handler: OpenAICallbackHandler = _handler_class()()
     return handler
 
 
@@ -96,7 +157,6 @@ def entry_from(
     summary: bool = False,
     estimate: Estimate | None = None,
     configured_model: str | None = None,
-    cached: bool = False,
 ) -> UsageEntry:
     """The ledger entry of one call, from its handler's counts (or ``estimate``).
 
@@ -104,55 +164,60 @@ def entry_from(
     table, in that order); a model no source knows is priced as ``configured_model`` (source
     ``"configured:<source>"``); the cost is ``None`` when neither is known: never a silent 0.
 
-    A ``cached`` call (a reply from the response cache) sent nothing: its tokens, requests
-    and cost are 0, and ``saved_usd`` is what the tokens the handler saw (those the reply
-    was first billed with) would have cost.
+    Calls answered from the response cache (the handler's ``hits``) sent nothing: their
+    tokens, requests and cost are left out, and ``saved_usd`` is what they would have cost
+    (the tokens their replies were first billed with). An entry all of whose calls were hits
+    is ``cached``, with tokens, requests and cost 0.
     """
-    prompt, completion = handler.prompt_tokens, handler.completion_tokens
-    requests = handler.successful_requests
+    hits: CacheHits = getattr(handler, "hits", None) or CacheHits()
+    prompt = handler.prompt_tokens - hits.prompt_tokens
+    completion = handler.completion_tokens - hits.completion_tokens
+    cached_prompt = handler.prompt_tokens_cached - hits.prompt_tokens_cached
+    requests = handler.successful_requests - hits.successful_requests
     estimated = handler.total_tokens == 0 and estimate is not None
     if estimated:
         assert estimate is not None
         prompt, completion = estimate.prompt_tokens, estimate.completion_tokens
         requests = max(requests, 1)
-    community = None
+    community = saved_community = None
     if model and not estimated and community_price_known(model):
-        community = float(handler.total_cost)
+        community = float(handler.total_cost) - hits.total_cost
+        saved_community = hits.total_cost
     price = pricer.price(
         model,
         prompt,
         completion,
-        handler.prompt_tokens_cached,
+        cached_prompt,
         community_cost=community,
         configured=configured_model,
     )
-    if cached:
-        return UsageEntry(
-            session_id,
-            model=model,
-            cost_usd=0.0,
-            price_source=price.source,
-            latency_s=latency_s,
-            first_token_s=first_token_s,
-            summary=summary,
-            cached=True,
-            saved_usd=price.cost_usd,
-            user_id=user_id,
+    saved = None
+    if hits.calls:
+        saved = pricer.price(
+            model,
+            hits.prompt_tokens,
+            hits.completion_tokens,
+            hits.prompt_tokens_cached,
+            community_cost=saved_community,
+            configured=configured_model,
         )
+    cached = hits.calls > 0 and requests == 0 and not estimated
     return UsageEntry(
         session_id,
         model=model,
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        cached_tokens=handler.prompt_tokens_cached,
-        reasoning_tokens=handler.reasoning_tokens,
+        cached_tokens=cached_prompt,
+        reasoning_tokens=handler.reasoning_tokens - hits.reasoning_tokens,
         requests=requests,
-        cost_usd=price.cost_usd,
-        price_source=price.source,
+        cost_usd=0.0 if cached else price.cost_usd,
+        price_source=(saved or price).source if cached else price.source,
         latency_s=latency_s,
         first_token_s=first_token_s,
         summary=summary,
         estimated=estimated,
+        cached=cached,
+        saved_usd=None if saved is None else saved.cost_usd,
         user_id=user_id,
     )

@@ -763,7 +763,6 @@ class Turn:
             first_token_s=self.first_token_s,
             estimate=estimate,
             configured_model=self.spec.default_model,
-            cached=_cache.is_hit(reply),
         )
 
     def _recorded(self, entry: UsageEntry, reply: BaseMessage) -> list[BaseMessage]:

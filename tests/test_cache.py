@@ -14,10 +14,12 @@ import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.load import dumps
 from langchain_core.messages import AIMessage, HumanMessage
-from langchain_core.outputs import ChatGeneration
+from langchain_core.outputs import ChatGeneration, LLMResult
 
-from chatchain import Chatbot, ConfigurationError, Settings
-from chatchain._cache import _revive, open_cache, with_cache
+from chatchain import Chatbot, ConfigurationError, Settings, UsageEntry
+from chatchain._cache import MARK, _revive, open_cache, with_cache
+from chatchain._metering import entry_from, new_handler
+from chatchain.pricing import Pricer
 from chatchain.testing import FakeChatModel
 
 
@@ -104,3 +106,38 @@ def test_a_row_of_any_other_class_is_a_miss(caplog: pytest.LogCaptureFixture) ->
     for row in (other, nested, {"text": "legacy"}):
         assert _revive([json.dumps(row)]) is None
     assert "could not be read" in caplog.text
+
+
+def _result(prompt: int, completion: int, *, hit: bool) -> LLMResult:
+    metadata = {"model_name": "gpt-4o-mini", **({MARK: True} if hit else {})}
+    usage = {"input_tokens": prompt, "output_tokens": completion}
+    message = AIMessage(
+        "x",
+        response_metadata=metadata,
+        usage_metadata={**usage, "total_tokens": prompt + completion},  # type: ignore[typeddict-item]
+    )
+    return LLMResult(generations=[[ChatGeneration(message=message)]])
+
+
+def _entry(*results: LLMResult) -> UsageEntry:
+    handler = new_handler()
+    for result in results:
+        handler.on_llm_end(result)
+    pricer = Pricer()
+    return entry_from(
+        handler, session_id="s", user_id=None, model="gpt-4o-mini", pricer=pricer, latency_s=0.1
+    )
+
+
+def test_a_turn_of_several_calls_counts_only_the_calls_that_were_sent() -> None:
+    # A turn with tool rounds makes several calls; some may come from the cache.
+    paid, hit = _entry(_result(100, 20, hit=False)), _entry(_result(50, 10, hit=True))
+    mixed = _entry(_result(100, 20, hit=False), _result(50, 10, hit=True))
+    assert (paid.cached, paid.saved_usd, paid.requests) == (False, None, 1)
+    assert (hit.cached, hit.total_tokens, hit.requests, hit.cost_usd) == (True, 0, 0, 0.0)
+    assert not mixed.cached  # the turn sent a request: not a cached turn...
+    assert (mixed.prompt_tokens, mixed.completion_tokens, mixed.requests) == (100, 20, 1)
+    assert mixed.cost_usd == pytest.approx(paid.cost_usd)  # ...billed for what it sent,
+    assert mixed.saved_usd == pytest.approx(hit.saved_usd)  # and it saved the hit's price
+    assert hit.saved_usd is not None and hit.saved_usd > 0
+    assert mixed.usage().cached_turns == 0 and mixed.usage().saved_usd == hit.saved_usd
