@@ -8,6 +8,8 @@ process's objects.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,38 @@ def test_the_sqlite_cache_survives_a_restart(server: OpenAITestServer, tmp_path:
     reply = restarted.chat("Remember me", session_id="b")
     assert len(server.requests) == 1 and reply.usage.cached_turns == 1
     assert restarted.usage().cached_turns == 1
+
+
+CHILD = """
+import sys
+from chatchain import Chatbot, Settings
+settings = Settings(
+    api_key="sk-x", base_url=sys.argv[1], cache=sys.argv[2], store=sys.argv[3],
+    max_retries=0, timeout=5.0,  # as make_settings: the model's parameters are in the key
+)
+print(Chatbot(settings).chat("Asked in another process", session_id="a").text)
+"""
+
+
+@pytest.mark.slow  # a Python process of its own
+def test_a_reply_cached_by_a_process_that_ended_is_a_hit(
+    server: OpenAITestServer, tmp_path: Path
+) -> None:
+    server.clear()
+    cache, store = f"sqlite:///{tmp_path}/cache.db", f"sqlite:///{tmp_path}/chat.db"
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, server.base_url, cache, store],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (child.returncode, child.stderr) == (0, "")
+    assert len(server.requests) == 1
+    bot = Chatbot(make_settings(server, cache, store=store))
+    reply = bot.chat("Asked in another process", session_id="b")
+    assert reply.text == child.stdout.strip() and reply.usage.cached_turns == 1
+    assert len(server.requests) == 1
 
 
 def test_with_a_fallback_model_each_model_has_the_cache(server: OpenAITestServer) -> None:
