@@ -90,6 +90,9 @@ EXPECTED_OUTPUT = {
         "my-local-model               no price       cost unknown",
         "BudgetExceeded: Budget exceeded: the cap for session 'capped' is 400 tokens",
         "the refused question was stored: False",
+        "same reply: True",
+        "again: 0 prompt + 0 completion = 0 tokens, $0.000000",
+        ", cached, saved $",
     ],
     "04_long_conversations": ["60 messages stored, 30 turns"],
     "05_persistent_and_shared_memory": [
