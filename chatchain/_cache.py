@@ -424,15 +424,20 @@ class _CachedModel(RunnableBinding[Any, Any]):
     transform = Runnable.transform
     atransform = Runnable.atransform
 
-    def _parts(self) -> tuple[BaseChatModel, BaseCache]:
-        model = cast(BaseChatModel, self.bound)
-        return model, cast(BaseCache, model.cache)
+    def _key(self, input: Any, kwargs: dict[str, Any]) -> tuple[BaseCache, tuple[str, str]]:
+        """The model's cache, and the key a call with ``kwargs`` has in it: the model may sit
+        in bindings (``.bind(...)``, ``bind_tools``), whose arguments the call gets too."""
+        model, merged = self.bound, dict(kwargs)
+        while isinstance(model, RunnableBindingBase):
+            merged = {**model.kwargs, **merged}  # an outer binding's arguments win
+            model = model.bound
+        chat = cast(BaseChatModel, model)
+        return cast(BaseCache, chat.cache), _key(chat, input, merged)
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
-        model, cache = self._parts()
-        key = _key(model, input, kwargs)
+        cache, key = self._key(input, kwargs)
         if cache.lookup(*key) is not None:
             yield _as_chunk(self.invoke(input, config, **kwargs))
             return
@@ -447,8 +452,7 @@ class _CachedModel(RunnableBinding[Any, Any]):
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
-        model, cache = self._parts()
-        key = _key(model, input, kwargs)
+        cache, key = self._key(input, kwargs)
         if await cache.alookup(*key) is not None:
             yield _as_chunk(await self.ainvoke(input, config, **kwargs))
             return

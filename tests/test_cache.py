@@ -141,3 +141,15 @@ def test_a_turn_of_several_calls_counts_only_the_calls_that_were_sent() -> None:
     assert mixed.saved_usd == pytest.approx(hit.saved_usd)  # and it saved the hit's price
     assert hit.saved_usd is not None and hit.saved_usd > 0
     assert mixed.usage().cached_turns == 0 and mixed.usage().saved_usd == hit.saved_usd
+
+
+def test_a_stream_keys_the_cache_with_the_arguments_of_bindings_inside_the_wrapper() -> None:
+    # As when tools are bound to the cached model (bind_tools keeps the wrapper outside).
+    fake = FakeChatModel()
+    cached = with_cache(fake, open_cache("memory://"))
+    inner = cached.model_copy(update={"bound": cached.bound.bind(temperature=1.0)})  # type: ignore[attr-defined]
+    messages = [HumanMessage("hi")]
+    assert "".join(chunk.text for chunk in inner.stream(messages)) == "Echo: hi"
+    assert inner.invoke(messages).response_metadata.get(MARK) is True  # the stream's entry
+    assert cached.invoke(messages).response_metadata.get(MARK) is None  # other arguments
+    assert len(fake.calls) == 2
