@@ -5,7 +5,12 @@ The cache is set on a copy of the chain's chat model (its ``cache`` field), neve
 ones: langchain-core's `InMemoryCache` for ``memory://``, langchain-community's `SQLiteCache`
 for ``sqlite:///path`` and `RedisCache` for ``redis://``. A hit is an exact match of
 LangChain's key: the model and its parameters (``llm_string``, ``max_tokens`` included) and
-every message sent (system message, history window, new message).
+every message sent (system message, history window, new message), as the endpoint gets them:
+the key leaves out the metadata LangChain keeps on earlier replies (``response_metadata``,
+``usage_metadata``), which is never sent. That metadata differs between two runs of the same
+conversation (completion ids, and the ``total_cost`` of 0 LangChain writes on every hit), so
+with it in the key a conversation replayed turn for turn, or a tool loop after a hit, would
+miss from its second call on.
 
 What chatchain adds around them:
 
@@ -13,10 +18,10 @@ What chatchain adds around them:
   is wrapped (`_CachedModel`): a stream looks the key up first; a hit is answered by
   ``invoke``, which LangChain serves from the cache, as one chunk; a miss streams, and its
   whole reply is then cached, as ``invoke`` would have.
-- Each hit is marked in its reply's ``response_metadata`` (`MARK`), so that the turn's usage
-  handler (`chatchain._metering.new_handler`) keeps its tokens apart: the turn records what
-  it saved, not what it cost (a turn all of whose calls were hits is a cached turn, cost 0);
-  the mark is taken off before the reply is stored.
+- Each hit is marked in its generation's ``generation_info`` (`MARK`), which the callbacks'
+  ``on_llm_end`` sees and the reply does not carry, so that the turn's usage handler
+  (`chatchain._metering.new_handler`) keeps its tokens apart: the turn records what it
+  saved, not what it cost (a turn all of whose calls were hits is a cached turn, cost 0).
 - The community classes revive rows with ``langchain_core.load.loads``, which warns on every
   hit (a beta API, and a pending change of its ``allowed_objects`` default) and can revive any
   core class by name: here a row is read as what chatchain caches, a `ChatGeneration` of an
@@ -64,17 +69,15 @@ __all__ = [
     "MARK",
     "MEMORY_CACHE_SIZE",
     "check_url",
-    "is_hit",
     "open_cache",
     "result_is_hit",
-    "unmarked",
     "with_cache",
 ]
 
 logger = logging.getLogger("chatchain")
 
 MARK = "chatchain_cached"
-"""The ``response_metadata`` key that marks a reply served from the cache (never stored)."""
+"""The ``generation_info`` key that marks a generation served from the cache."""
 
 MEMORY_CACHE_SIZE = 1000
 """How many replies ``memory://`` keeps (the oldest go first)."""
@@ -278,23 +281,43 @@ def _classes() -> tuple[Callable[[str], BaseCache], Callable[[Any], BaseCache]]:
 def _mark(generation: Generation) -> Generation:
     if not isinstance(generation, ChatGeneration):
         return generation
-    message = generation.message
-    metadata = {**message.response_metadata, MARK: True}
+    # A copy: LangChain changes the message of the generation a lookup returns, and an
+    # in-memory cache returns the one it keeps.
     return ChatGeneration(
-        message=message.model_copy(update={"response_metadata": metadata}),
-        generation_info=generation.generation_info,
+        message=generation.message.model_copy(),
+        generation_info={**(generation.generation_info or {}), MARK: True},
     )
 
 
+_NOT_SENT = ("response_metadata", "usage_metadata")  # what LangChain keeps, never sends
+
+
+def _sent(prompt: str) -> str:
+    """LangChain's prompt key (the messages, dumped) without what is never sent."""
+    try:
+        messages = json.loads(prompt)
+    except ValueError:
+        return prompt
+    if not isinstance(messages, list):
+        return prompt
+    for message in messages:
+        kwargs = message.get("kwargs") if isinstance(message, dict) else None
+        if isinstance(kwargs, dict):
+            for name in _NOT_SENT:
+                kwargs.pop(name, None)
+    return json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
 class _Marked(BaseCache):
-    """A cache whose hits come back marked (`MARK`) and whose failures are misses."""
+    """A cache keyed by what is sent (`_sent`), whose hits come back marked (`MARK`) and
+    whose failures are misses."""
 
     def __init__(self, inner: BaseCache) -> None:
         self.inner = inner
 
     def lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
         try:
-            found = self.inner.lookup(prompt, llm_string)
+            found = self.inner.lookup(_sent(prompt), llm_string)
         except Exception as exc:
             self._failed("read", exc)
             return None
@@ -302,7 +325,7 @@ class _Marked(BaseCache):
 
     async def alookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
         try:
-            found = await self.inner.alookup(prompt, llm_string)
+            found = await self.inner.alookup(_sent(prompt), llm_string)
         except Exception as exc:
             self._failed("read", exc)
             return None
@@ -310,13 +333,13 @@ class _Marked(BaseCache):
 
     def update(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
         try:
-            self.inner.update(prompt, llm_string, return_val)
+            self.inner.update(_sent(prompt), llm_string, return_val)
         except Exception as exc:
             self._failed("write", exc)
 
     async def aupdate(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
         try:
-            await self.inner.aupdate(prompt, llm_string, return_val)
+            await self.inner.aupdate(_sent(prompt), llm_string, return_val)
         except Exception as exc:
             self._failed("write", exc)
 
@@ -336,32 +359,10 @@ class _Marked(BaseCache):
         )
 
 
-def is_hit(reply: BaseMessage) -> bool:
-    """Whether ``reply`` came from the response cache."""
-    return reply.response_metadata.get(MARK) is True
-
-
 def result_is_hit(result: LLMResult) -> bool:
     """Whether a model call's result (what callbacks' ``on_llm_end`` get) came from the cache."""
     generations = [g for batch in result.generations for g in batch]
-    return bool(generations) and all(
-        isinstance(g, ChatGeneration) and is_hit(g.message) for g in generations
-    )
-
-
-def unmarked(reply: BaseMessage) -> BaseMessage:
-    """``reply`` as it was cached: without `MARK`, nor the ``total_cost`` of 0 that LangChain
-    adds to a hit's ``usage_metadata``, so that later prompts holding it match the cache too."""
-    if not is_hit(reply):
-        return reply
-    update: dict[str, Any] = {
-        "response_metadata": {k: v for k, v in reply.response_metadata.items() if k != MARK}
-    }
-    usage = getattr(reply, "usage_metadata", None)
-    if usage is not None:
-        usage = {k: v for k, v in usage.items() if k != "total_cost"}
-        update["usage_metadata"] = usage or None
-    return reply.model_copy(update=update)
+    return bool(generations) and all((g.generation_info or {}).get(MARK) for g in generations)
 
 
 # -- the model --------------------------------------------------------------------------------

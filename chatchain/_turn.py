@@ -45,7 +45,7 @@ from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
-from chatchain import _cache, _deadline, _endpoint_errors, _metering
+from chatchain import _deadline, _endpoint_errors, _metering
 from chatchain._metering import Estimate
 from chatchain._tools import INTERRUPTED, Toolbox, ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain.errors import (
@@ -768,7 +768,7 @@ class Turn:
     def _recorded(self, entry: UsageEntry, reply: BaseMessage) -> list[BaseMessage]:
         self.entry = entry
         self.usage = entry.usage()
-        return [*self.input_messages, *self.steps, *self._exchange(), _cache.unmarked(reply)]
+        return [*self.input_messages, *self.steps, *self._exchange(), reply]
 
     def save(self, reply: BaseMessage) -> None:
         """Store the turn, record its usage and end its budget hold, in one atomic write.

@@ -158,3 +158,20 @@ def test_with_a_fallback_model_each_model_has_the_cache(server: OpenAITestServer
     assert _stream(bot, "hi", "a") == _chat(bot, "hi", "b")
     assert len(server.requests) == 1 and bot.usage().cached_turns == 1
     assert bot.usage_entries()[1].model == "gpt-4o-mini"
+
+
+def test_replies_that_differ_only_in_metadata_never_sent_still_match(
+    server: OpenAITestServer,
+) -> None:
+    # The same first exchange, generated twice: the replies' completion ids differ, but
+    # those are not sent, so the second turns are the same request.
+    server.clear()
+    bot = Chatbot(make_settings(server, "memory://"))
+    bot.chat("hi", session_id="a")
+    bot.chain.model.bound.cache.clear()  # forget that reply: "b" gets a fresh one
+    bot.chat("hi", session_id="b")
+    first_a, first_b = bot.history("a")[1], bot.history("b")[1]
+    assert first_a.response_metadata["id"] != first_b.response_metadata["id"]
+    bot.chat("and then?", session_id="a")
+    assert bot.chat("and then?", session_id="b").usage.cached_turns == 1
+    assert len(server.requests) == 3
