@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from langchain_core.messages import AIMessage, BaseMessage
 
 from chatchain import Budget, Chatbot, Settings
 from chatchain.stores import HistoryStore, MemoryStore
-from chatchain.testing import FakeChatModel
+from chatchain.testing import FakeChatModel, tool_call_reply
 from chatchain.usage import BudgetHold, BudgetLimit
 
 Ask = Callable[[Chatbot, str, str], str]
@@ -229,3 +230,31 @@ def test_clearing_the_redis_cache_leaves_the_rest_of_the_database(
     model.bound.cache.clear()  # the cache the chain's model holds
     assert [m.text for m in bot.history("a")] == ["hi", "Echo: hi"]  # the store's keys stay
     assert bot.chat("hi", session_id="b").usage.cached_turns == 0  # the reply was cleared
+
+
+def _adds(messages: list[BaseMessage]) -> str | AIMessage:
+    if messages[-1].type == "tool":
+        return f"The sum is {messages[-1].text}."
+    return tool_call_reply(("add", {"a": 2, "b": 3}))
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_a_tool_turn_replayed_is_served_whole_from_the_cache(store: HistoryStore, way: str) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        calls.append((a, b))
+        return a + b
+
+    fake = FakeChatModel(model_name="gpt-4o-mini", respond=_adds)
+    bot = Chatbot(settings("memory://"), llm=fake, store=store, tools=[add])
+    ask = WAYS[way]
+    assert ask(bot, "What is 2 + 3?", "a") == ask(bot, "What is 2 + 3?", "b") == "The sum is 5."
+    assert len(fake.calls) == 2  # the tool call and the answer, asked once each
+    assert calls == [(2, 3), (2, 3)]  # tools still run: their results are part of the prompt
+    assert [m.type for m in bot.history("b")] == ["human", "ai", "tool", "ai"]
+    paid, hit = store.usage_entries(session_id="a")[0], store.usage_entries(session_id="b")[0]
+    assert (paid.requests, paid.cached) == (2, False)
+    assert (hit.requests, hit.cached, hit.total_tokens, hit.cost_usd) == (0, True, 0, 0.0)
+    assert hit.saved_usd == pytest.approx(paid.cost_usd)
