@@ -45,7 +45,13 @@ SERIES = [
     "03_tokens_and_costs",
     "04_long_conversations",
     "05_persistent_and_shared_memory",
+    "06_tools_and_structured_output",
 ]
+
+# The test server calls a tool only when told to: the rules each notebook's turns need.
+TOOL_RULES: dict[str, list[tuple[str, dict[str, str]]]] = {
+    "06_tools_and_structured_output": [("get_weather", {"city": "Oslo"})],
+}
 
 # Environment variables a notebook reads besides chatchain's settings, and the fixture of each.
 SERVERS = {
@@ -95,6 +101,18 @@ EXPECTED_OUTPUT = {
         ", cached, saved $",
     ],
     "04_long_conversations": ["60 messages stored, 30 turns"],
+    "06_tools_and_structured_output": [
+        "called get_weather({'city': 'Oslo'}) -> 'sunny, 21 °C in Oslo' [success]",
+        "bot> Echo: What's the weather in Oslo? [tool results: sunny, 21 °C in Oslo]",
+        "stored: ['human', 'ai', 'tool', 'ai']",
+        "[calling get_weather({'city': 'Oslo'})]",
+        "[get_weather answered 'sunny, 21 °C in Oslo']",
+        "Trip: Trip(city=",
+        "stored as: {",
+        "same reply: True",
+        "again: 0 prompt + 0 completion = 0 tokens, $0.000000",
+        ", cached, saved $",
+    ],
     "05_persistent_and_shared_memory": [
         "sessions: ['dp123']",
         "Echo: ¿Cómo me llamo?\nnow 6 messages, 3 turns",
@@ -103,10 +121,16 @@ EXPECTED_OUTPUT = {
 
 
 @pytest.fixture
-def endpoint() -> Iterator[str]:
-    """The base URL of a fresh chatchain test server (it echoes the last user message)."""
+def test_server() -> Iterator[OpenAITestServer]:
+    """A fresh chatchain test server (it echoes the last user message)."""
     with OpenAITestServer() as server:
-        yield server.base_url
+        yield server
+
+
+@pytest.fixture
+def endpoint(test_server: OpenAITestServer) -> str:
+    """The base URL of `test_server`."""
+    return test_server.base_url
 
 
 def copy_layout(tmp_path: Path, notebook: Path) -> Path:
@@ -218,8 +242,14 @@ def test_the_series_is_complete() -> None:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs_top_to_bottom(
-    path: Path, endpoint: str, tmp_path: Path, request: pytest.FixtureRequest
+    path: Path,
+    test_server: OpenAITestServer,
+    endpoint: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
+    for name, args in TOOL_RULES.get(path.stem, []):
+        test_server.add_tool_rule(name, args)
     variables = {"OPENAI_BASE_URL": endpoint, "OPENAI_MODEL": "gpt-4o-mini"}
     servers = SERVERS.get(path.stem, {})
     for variable, fixture in servers.items():
