@@ -88,6 +88,14 @@ def _cache(ns: dict[str, Any], out: str) -> None:
     assert Path("cache.db").exists()
 
 
+def _tools(ns: dict[str, Any], out: str) -> None:
+    [call] = ns["reply"].tool_calls
+    assert (call.name, call.args, call.status) == ("get_weather", {"city": "Oslo"}, "success")
+    assert "ToolStarted(" in out and "ToolFinished(" in out
+    assert [m.type for m in ns["bot"].history("trip")][:4] == ["human", "ai", "tool", "ai"]
+    assert type(ns["trip"]).__name__ == "Trip"
+
+
 def _testing(ns: dict[str, Any], out: str) -> None:
     assert ns["bot"].history("s")[-1].text == "Echo: hi"
 
@@ -99,6 +107,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
     "chain = create_chat_chain(": _chain,
     'bot.chat("hi", session_id="dp123", user_id="bob")': _costs,
     'bot = Chatbot(Settings(cache="sqlite:///cache.db"))': _cache,
+    "bot = Chatbot(Settings(), tools=[get_weather])": _tools,
     "bot = Chatbot(llm=FakeChatModel(": _testing,
 }
 
@@ -107,6 +116,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
 def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAITestServer]:
     # tests/conftest.py already removed OPENAI_* and CHATCHAIN_* and moved to an empty folder.
     with OpenAITestServer() as server:
+        server.add_tool_rule("get_weather", {"city": "Oslo"})  # the tools example's call
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         yield server
 
