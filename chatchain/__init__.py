@@ -35,6 +35,8 @@ from chatchain.errors import (
     StoreError,
     StructuredReplyError,
     TurnDeadlineError,
+    UnknownUserError,
+    UserExistsError,
 )
 from chatchain.model import create_chat_model, create_summary_model
 from chatchain.pricing import ModelPrice
@@ -79,10 +81,12 @@ __all__ = [
     "ToolFinished",
     "ToolStarted",
     "TurnDeadlineError",
+    "UnknownUserError",
     "Usage",
     "UsageEntry",
     "UsageLedger",
     "UsageReport",
+    "UserExistsError",
     "create_chat_chain",
     "create_chat_model",
     "create_prompt",

@@ -9,7 +9,9 @@ ChatChainError
 │   └── MissingAPIKeyError      no OPENAI_API_KEY and no OPENAI_BASE_URL
 ├── InvalidInputError           bad text, session id or prompt variables; nothing was sent
 │   ├── MissingPromptVariableError
-│   └── SessionExistsError      an import would overwrite a session, and replacing was not asked
+│   ├── SessionExistsError      an import would overwrite a session, and replacing was not asked
+│   ├── UserExistsError         a user of that name exists already
+│   └── UnknownUserError        no user of that name
 ├── SessionBusyError            another turn held the session for longer than the lock timeout
 ├── SessionLockLostError        the turn lost its session lock; its reply was not saved
 ├── BudgetExceeded              a cap cannot pay for the turn at all; nothing was sent or stored
@@ -58,6 +60,8 @@ __all__ = [
     "StoreError",
     "StructuredReplyError",
     "TurnDeadlineError",
+    "UnknownUserError",
+    "UserExistsError",
 ]
 
 
@@ -91,6 +95,14 @@ class SessionExistsError(InvalidInputError):
     def __init__(self, message: str, *, session_id: str) -> None:
         super().__init__(message)
         self.session_id = session_id
+
+
+class UserExistsError(InvalidInputError):
+    """A user of that name exists already (`chatchain.users.Users.add`); nothing changed."""
+
+
+class UnknownUserError(InvalidInputError):
+    """No user of that name (`chatchain.users.Users`); nothing changed."""
 
 
 class SessionBusyError(ChatChainError):

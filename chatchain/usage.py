@@ -272,12 +272,24 @@ class BudgetLimit:
         key: The session or user id (``""`` for ``"all"``).
         max_usd: Most USD the scope may spend, or ``None``.
         max_tokens: Most tokens (prompt + completion) the scope may spend, or ``None``.
+        since: Count only the spending recorded at or after this moment (a period cap: a
+            day's or a month's), or ``None`` for all of it. Turns in flight (their holds)
+            count either way.
+        label: How a refusal names the cap (``"user alice's daily cap"``), or ``None``
+            for the default wording.
+
+    Example:
+        >>> day = datetime(2026, 1, 31, tzinfo=UTC)
+        >>> BudgetLimit("user", "alice", max_usd=1.0, since=day).since.isoformat()
+        '2026-01-31T00:00:00+00:00'
     """
 
     scope: Scope
     key: str
     max_usd: float | None = None
     max_tokens: int | None = None
+    since: datetime | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -346,8 +358,9 @@ class Budget:
     estimate of its prompt tokens plus the most tokens the reply may take.
 
     Example:
-        >>> Budget(session_usd=0.50).limits("s1", None)
-        [BudgetLimit(scope='session', key='s1', max_usd=0.5, max_tokens=None)]
+        >>> Budget(session_usd=0.50).limits("s1", None)  # doctest: +NORMALIZE_WHITESPACE
+        [BudgetLimit(scope='session', key='s1', max_usd=0.5, max_tokens=None,
+                     since=None, label=None)]
     """
 
     session_usd: float | None = None

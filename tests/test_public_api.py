@@ -14,6 +14,7 @@ import chatchain.prompt
 import chatchain.stores
 import chatchain.testing
 import chatchain.usage
+import chatchain.users
 
 MODULES = [
     chatchain,
@@ -23,6 +24,7 @@ MODULES = [
     chatchain.stores,
     chatchain.testing,
     chatchain.usage,
+    chatchain.users,
 ]
 
 

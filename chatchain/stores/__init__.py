@@ -35,6 +35,7 @@ from chatchain.stores._base import (
     StoreHistory,
     Summary,
     SummaryBackend,
+    UserBackend,
     dump_message,
     load_message,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "StoreHistory",
     "Summary",
     "SummaryBackend",
+    "UserBackend",
     "as_store",
     "dump_message",
     "load_message",

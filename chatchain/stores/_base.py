@@ -8,7 +8,8 @@ The contract is four small ones that a store combines: `HistoryBackend` (transcr
 `SummaryBackend`, `LockBackend` and `LedgerBackend`; `HistoryStore` is all four plus session
 times, and is what the built-in stores implement. Everything else (the
 `BaseChatMessageHistory` view, export and import, async twins) is built on the primitives
-here, so behaviour cannot drift between backends. Messages are stored as JSON
+here, so behaviour cannot drift between backends. The built-in stores also keep the users of
+a chat service (`UserBackend`). Messages are stored as JSON
 (``langchain_core.messages.message_to_dict``), never pickled.
 """
 
@@ -32,11 +33,14 @@ from chatchain.errors import (
     InvalidInputError,
     SessionExistsError,
     SessionLockLostError,
+    UserExistsError,
 )
 from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
+from chatchain.users import User
 
 __all__ = [
     "EXPORT_FORMAT",
+    "USER_CHANGES",
     "Fence",
     "HistoryBackend",
     "HistoryStore",
@@ -46,6 +50,7 @@ __all__ = [
     "StoreHistory",
     "Summary",
     "SummaryBackend",
+    "UserBackend",
     "driver_missing",
     "dump_message",
     "load_message",
@@ -299,6 +304,90 @@ class LedgerBackend(ABC):
     async def arelease_budget(self, hold_id: str) -> None:
         """`release_budget` for async callers."""
         await asyncio.to_thread(self.release_budget, hold_id)
+
+
+USER_CHANGES = frozenset({"budget_usd", "daily_usd", "monthly_usd", "revoked"})
+"""The `User` fields `UserBackend.update_user` changes (the name and creation time never)."""
+
+
+def user_exists(name: str) -> UserExistsError:
+    """The error for adding a user whose name is taken."""
+    return UserExistsError(
+        f"There is a user {name!r} already: pick another name, or give them a new token with "
+        f"`chatchain users rotate {name}`."
+    )
+
+
+def check_user_changes(changes: Mapping[str, object]) -> None:
+    """Refuse changes `UserBackend.update_user` does not make (a bug in the caller)."""
+    unknown = set(changes) - USER_CHANGES
+    if unknown:
+        raise ValueError(f"Cannot change {sorted(unknown)} of a user: only {sorted(USER_CHANGES)}.")
+
+
+class UserBackend(ABC):
+    """The users of a chat service (`chatchain.users.Users`), kept in the store so that every
+    process sharing it sees them: each user's `User` record and the SHA-256 hash of their
+    token (never the token).
+
+    The async twins run the sync methods in a thread by default.
+    """
+
+    @abstractmethod
+    def add_user(self, user: User, token_hash: str) -> None:
+        """Add a user, atomically across processes.
+
+        Raises:
+            UserExistsError: A user of that name exists (``user`` was not stored).
+        """
+
+    @abstractmethod
+    def get_user(self, name: str) -> User | None:
+        """The user of that name, or ``None``."""
+
+    @abstractmethod
+    def find_user(self, token_hash: str) -> tuple[User, str] | None:
+        """The user whose token hashes to ``token_hash``, with the hash as stored; ``None``
+        when there is none. Revoked users are found too (the caller refuses them)."""
+
+    @abstractmethod
+    def list_users(self) -> list[User]:
+        """Every user, oldest first (then by name)."""
+
+    @abstractmethod
+    def update_user(
+        self, name: str, changes: Mapping[str, Any], *, token_hash: str | None = None
+    ) -> User | None:
+        """Change a user's fields (`USER_CHANGES`) and, when given, replace their token's
+        hash (the old token then finds no one), in one atomic step.
+
+        Returns:
+            The user as changed, or ``None`` if there is no user of that name.
+        """
+
+    async def aadd_user(self, user: User, token_hash: str) -> None:
+        """`add_user` for async callers."""
+        await asyncio.to_thread(self.add_user, user, token_hash)
+
+    async def aget_user(self, name: str) -> User | None:
+        """`get_user` for async callers."""
+        return await asyncio.to_thread(self.get_user, name)
+
+    async def afind_user(self, token_hash: str) -> tuple[User, str] | None:
+        """`find_user` for async callers."""
+        return await asyncio.to_thread(self.find_user, token_hash)
+
+    async def alist_users(self) -> list[User]:
+        """`list_users` for async callers."""
+        return await asyncio.to_thread(self.list_users)
+
+    async def aupdate_user(
+        self, name: str, changes: Mapping[str, Any], *, token_hash: str | None = None
+    ) -> User | None:
+        """`update_user` for async callers."""
+        return await asyncio.to_thread(
+            partial(self.update_user, token_hash=token_hash), name, changes
+        )
 
 
 class HistoryStore(HistoryBackend, SummaryBackend, LockBackend, LedgerBackend):

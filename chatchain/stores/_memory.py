@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from langchain_core.messages import BaseMessage
 
@@ -18,7 +19,10 @@ from chatchain.stores._base import (
     LedgerBackend,
     SessionInfo,
     Summary,
+    UserBackend,
+    check_user_changes,
     session_times,
+    user_exists,
     utcnow,
 )
 from chatchain.stores._ledger import scopes_of
@@ -31,8 +35,9 @@ from chatchain.usage import (
     UsageEntry,
     check_limit,
 )
+from chatchain.users import User
 
-__all__ = ["MemoryLedger", "MemoryStore"]
+__all__ = ["MemoryLedger", "MemoryStore", "MemoryUsers"]
 
 
 class MemoryLedger(LedgerBackend):
@@ -117,7 +122,56 @@ class MemoryLedger(LedgerBackend):
         self.release_budget(hold_id)
 
 
-class MemoryStore(MemoryLedger, HistoryStore):
+class MemoryUsers(UserBackend):
+    """Users in this process's memory (of `MemoryStore`): a dict by name, and one by hash."""
+
+    def __init__(self) -> None:
+        self._users_guard = threading.Lock()
+        self._users: dict[str, tuple[User, str]] = {}
+        self._by_hash: dict[str, str] = {}
+
+    def add_user(self, user: User, token_hash: str) -> None:
+        with self._users_guard:
+            if user.name in self._users:
+                raise user_exists(user.name)
+            self._users[user.name] = (user, token_hash)
+            self._by_hash[token_hash] = user.name
+
+    def get_user(self, name: str) -> User | None:
+        found = self._users.get(name)
+        return None if found is None else found[0]
+
+    def find_user(self, token_hash: str) -> tuple[User, str] | None:
+        with self._users_guard:
+            name = self._by_hash.get(token_hash)
+            return None if name is None else self._users[name]
+
+    def list_users(self) -> list[User]:
+        with self._users_guard:
+            users = [user for user, _ in self._users.values()]
+        return sorted(users, key=lambda u: (u.created_at, u.name))
+
+    def update_user(
+        self, name: str, changes: Mapping[str, Any], *, token_hash: str | None = None
+    ) -> User | None:
+        check_user_changes(changes)
+        with self._users_guard:
+            found = self._users.get(name)
+            if found is None:
+                return None
+            user, old_hash = replace(found[0], **changes), found[1]
+            if token_hash is not None:
+                del self._by_hash[old_hash]
+                self._by_hash[token_hash] = name
+            self._users[name] = (user, old_hash if token_hash is None else token_hash)
+            return user
+
+    # In memory there is nothing to wait for: no thread hop for the async twins.
+    async def afind_user(self, token_hash: str) -> tuple[User, str] | None:
+        return self.find_user(token_hash)
+
+
+class MemoryStore(MemoryLedger, MemoryUsers, HistoryStore):
     """Sessions in this process's memory; gone when it exits. The design's default.
 
     Example:
@@ -132,7 +186,8 @@ class MemoryStore(MemoryLedger, HistoryStore):
         self._created: dict[str, datetime] = {}
         self._updated: dict[str, datetime] = {}
         self._summaries: dict[str, Summary] = {}
-        super().__init__()
+        MemoryLedger.__init__(self)
+        MemoryUsers.__init__(self)
         self._locks = SessionLocks(lock_timeout)
 
     def __call__(self, session_id: str) -> SessionHistory:

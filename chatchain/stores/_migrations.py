@@ -217,3 +217,22 @@ def m004_cached_turns(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE usage ADD COLUMN saved_usd REAL")
     conn.execute("ALTER TABLE usage_totals ADD COLUMN cached_turns INTEGER NOT NULL DEFAULT 0")
     conn.execute("ALTER TABLE usage_totals ADD COLUMN saved_usd REAL NOT NULL DEFAULT 0.0")
+
+
+@migration
+def m005_users(conn: sqlite3.Connection) -> None:
+    # The users of a chat service: the hash of each one's token (never the token), found by
+    # its unique index on every request; caps in USD (NULL: none); times as in m001.
+    conn.execute(
+        """
+        CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            budget_usd REAL,
+            daily_usd REAL,
+            monthly_usd REAL,
+            revoked INTEGER NOT NULL DEFAULT 0
+        )
+        """
+    )

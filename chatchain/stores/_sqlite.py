@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -47,10 +47,13 @@ from chatchain.stores._base import (
     HistoryStore,
     SessionInfo,
     Summary,
+    UserBackend,
+    check_user_changes,
     dump_message,
     load_message,
     lock_lost,
     session_times,
+    user_exists,
     utcnow,
 )
 from chatchain.stores._ledger import (
@@ -70,6 +73,7 @@ from chatchain.usage import (
     UsageEntry,
     check_limit,
 )
+from chatchain.users import User
 
 if TYPE_CHECKING:
     import sqlite3
@@ -243,7 +247,17 @@ def _advice(exc: Exception) -> str:
     return "Check the file and its disk."
 
 
-class SQLiteStore(HistoryStore):
+_USER_COLUMNS = "name, created_at, budget_usd, daily_usd, monthly_usd, revoked, token_hash"
+
+
+def _user(row: Sequence[Any]) -> tuple[User, str]:
+    """The user of a ``users`` row (`_USER_COLUMNS`), and their token's hash."""
+    name, created, budget, daily, monthly, revoked, token_hash = row
+    user = User(name, datetime.fromisoformat(created), budget, daily, monthly, bool(revoked))
+    return user, token_hash
+
+
+class SQLiteStore(HistoryStore, UserBackend):
     """Sessions in one SQLite file: persistent, for the threads and processes of one machine.
 
     Args:
@@ -663,6 +677,66 @@ class SQLiteStore(HistoryStore):
     def release_budget(self, hold_id: str) -> None:
         with self._write("release a budget hold") as conn:
             conn.execute("DELETE FROM budget_holds WHERE id = ?", (hold_id,))
+
+    # -- users -----------------------------------------------------------------------------
+
+    def add_user(self, user: User, token_hash: str) -> None:
+        with self._write("add a user") as conn:
+            added = conn.execute(
+                f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (name) DO NOTHING",
+                (
+                    user.name,
+                    _stamp(user.created_at),
+                    user.budget_usd,
+                    user.daily_usd,
+                    user.monthly_usd,
+                    int(user.revoked),
+                    token_hash,
+                ),
+            ).rowcount
+        if added != 1:
+            raise user_exists(user.name)
+
+    def get_user(self, name: str) -> User | None:
+        with self._connection("read a user") as conn:
+            row = conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE name = ?", (name,)
+            ).fetchone()
+        return None if row is None else _user(row)[0]
+
+    def find_user(self, token_hash: str) -> tuple[User, str] | None:
+        with self._connection("find a user") as conn:
+            row = conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+        return None if row is None else _user(row)
+
+    def list_users(self) -> list[User]:
+        with self._connection("list users") as conn:
+            rows = conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users ORDER BY created_at, name"
+            ).fetchall()
+        return [_user(row)[0] for row in rows]
+
+    def update_user(
+        self, name: str, changes: Mapping[str, Any], *, token_hash: str | None = None
+    ) -> User | None:
+        check_user_changes(changes)  # so only known column names go into the SQL
+        values = {k: int(v) if k == "revoked" else v for k, v in changes.items()}
+        if token_hash is not None:
+            values["token_hash"] = token_hash
+        with self._write("change a user") as conn:
+            if values:
+                conn.execute(
+                    f"UPDATE users SET {', '.join(f'{k} = :{k}' for k in values)} "
+                    "WHERE name = :name",
+                    {**values, "name": name},
+                )
+            row = conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE name = ?", (name,)
+            ).fetchone()
+        return None if row is None else _user(row)[0]
 
     # -- one writer per session ------------------------------------------------------------
 

@@ -26,7 +26,13 @@ from chatchain.usage import BudgetHold, BudgetLimit, Scope, Usage, UsageEntry, t
 spawn = multiprocessing.get_context("spawn")
 
 # The schema steps this version ships, in order (append new ones; never edit or reorder).
-SHIPPED = ["m001_initial", "m002_usage_ledger", "m003_estimated_totals", "m004_cached_turns"]
+SHIPPED = [
+    "m001_initial",
+    "m002_usage_ledger",
+    "m003_estimated_totals",
+    "m004_cached_turns",
+    "m005_users",
+]
 
 
 def rows(path: Path, sql: str) -> list[tuple[object, ...]]:

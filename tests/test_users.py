@@ -1,0 +1,217 @@
+"""`chatchain.users`: tokens that authenticate, revoke and rotate; names; caps as limits.
+
+The same behaviour on every store (Redis and PostgreSQL too) is in
+tests/stores/test_users_contract.py; here the facade runs over memory and SQLite.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from chatchain import (
+    ConfigurationError,
+    InvalidInputError,
+    MemoryStore,
+    UnknownUserError,
+    UserExistsError,
+)
+from chatchain.stores import HistoryStore, SQLiteStore, as_store
+from chatchain.usage import BudgetLimit
+from chatchain.users import User, Users, hash_token
+from tests.stores.example_store import TinyStore
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def users(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Users]:
+    store: HistoryStore = (
+        MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "chat.db")
+    )
+    yield Users(store)
+    store.close()
+
+
+def test_add_returns_a_token_that_authenticates(users: Users) -> None:
+    token = users.add("alice", budget_usd=5.0, daily_usd=1.0, monthly_usd=2.5)
+    assert token.startswith("cc_") and len(token) == 46
+    user = users.authenticate(token)
+    assert user is not None
+    assert (user.name, user.budget_usd, user.daily_usd, user.monthly_usd, user.revoked) == (
+        "alice",
+        5.0,
+        1.0,
+        2.5,
+        False,
+    )
+    assert user.created_at.tzinfo is not None
+    assert users.get("alice") == user
+
+
+async def test_aauthenticate_matches_authenticate(users: Users) -> None:
+    token = users.add("alice")
+    assert await users.aauthenticate(token) == users.authenticate(token)
+    assert await users.aauthenticate(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "cc_",
+        "cc_" + "A" * 43,  # well-formed, but no one's
+        "cc_" + "A" * 42,
+        "cc_" + "A" * 44,
+        "xx_" + "A" * 43,
+        "cc_" + "!" * 43,
+        " cc_" + "A" * 43,
+        None,
+        42,
+    ],
+)
+def test_wrong_or_malformed_tokens_authenticate_no_one(users: Users, bad: object) -> None:
+    users.add("alice")
+    assert users.authenticate(bad) is None  # type: ignore[arg-type]
+
+
+def test_a_token_of_one_user_is_not_another_s(users: Users) -> None:
+    a, b = users.add("alice"), users.add("bob")
+    assert a != b
+    assert [users.authenticate(t).name for t in (a, b)] == ["alice", "bob"]  # type: ignore[union-attr]
+
+
+def test_revoked_token_authenticates_no_one(users: Users) -> None:
+    token = users.add("alice")
+    users.revoke("alice")
+    assert users.authenticate(token) is None
+    assert users.get("alice").revoked  # type: ignore[union-attr]
+
+
+def test_rotate_invalidates_the_old_token_and_unrevokes(users: Users) -> None:
+    old = users.add("alice", daily_usd=1.0)
+    users.revoke("alice")
+    new = users.rotate("alice")
+    assert new != old
+    assert users.authenticate(old) is None
+    user = users.authenticate(new)
+    assert user is not None and not user.revoked and user.daily_usd == 1.0
+
+
+@pytest.mark.parametrize("action", ["revoke", "rotate"])
+def test_unknown_user_is_refused_with_advice(users: Users, action: str) -> None:
+    with pytest.raises(UnknownUserError, match=r"no user 'ghost'.*chatchain users list"):
+        getattr(users, action)("ghost")
+    with pytest.raises(UnknownUserError):
+        users.set_caps("ghost", daily_usd=1.0)
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "alice", "Alice.Smith", "alice@example.com", "a-b_c", "0", "x" * 64]
+)
+def test_good_names(users: Users, name: str) -> None:
+    users.add(name)
+    assert [u.name for u in users.list()] == [name]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "x" * 65, "alice:1", "_alice", ".alice", "-a", "@a", "al ice", "alice\n", "ålice", "a/b"],
+)
+def test_bad_names_are_refused(users: Users, name: str) -> None:
+    with pytest.raises(InvalidInputError, match="cannot name a user: use 1 to 64 letters"):
+        users.add(name)
+    assert users.list() == []
+
+
+def test_duplicate_name_is_refused_and_keeps_the_first(users: Users) -> None:
+    token = users.add("alice", daily_usd=1.0)
+    with pytest.raises(UserExistsError, match=r"user 'alice' already.*users rotate alice"):
+        users.add("alice", daily_usd=9.0)
+    assert users.authenticate(token).daily_usd == 1.0  # type: ignore[union-attr]
+    assert len(users.list()) == 1
+
+
+@pytest.mark.parametrize("cap", [-1.0, float("nan"), float("inf"), "1", True])
+def test_bad_caps_are_refused(users: Users, cap: object) -> None:
+    with pytest.raises(InvalidInputError, match="daily_usd cap must be"):
+        users.add("alice", daily_usd=cap)  # type: ignore[arg-type]
+    assert users.list() == []
+
+
+def test_set_caps_changes_only_the_caps_given(users: Users) -> None:
+    users.add("alice", budget_usd=5.0, daily_usd=1.0)
+    user = users.set_caps("alice", daily_usd=None, monthly_usd=3)
+    assert (user.budget_usd, user.daily_usd, user.monthly_usd) == (5.0, None, 3.0)
+    assert users.get("alice") == user
+
+
+def test_list_is_oldest_first(users: Users) -> None:
+    for name in ("carol", "alice", "bob"):
+        users.add(name)
+    assert [u.name for u in users.list()] == ["carol", "alice", "bob"]
+
+
+def test_sqlite_keeps_only_the_token_s_hash(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "chat.db")
+    users = Users(store)
+    token = users.add("alice")
+    rotated = users.rotate("alice")
+    store.close()
+    raw = (tmp_path / "chat.db").read_bytes()
+    conn = sqlite3.connect(tmp_path / "chat.db")
+    rows = conn.execute("SELECT * FROM users").fetchall()
+    conn.close()
+    assert token[3:].encode() not in raw and rotated[3:].encode() not in raw
+    assert all(token not in str(row) and rotated not in str(row) for row in rows)
+    assert [row[1] for row in rows] == [hash_token(rotated)]
+
+
+def test_memory_store_keeps_only_the_token_s_hash() -> None:
+    store = MemoryStore()
+    token = Users(store).add("alice")
+    assert token not in repr(vars(store)) and hash_token(token) in repr(vars(store))
+
+
+def test_a_store_without_users_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="keeps no users: use memory://"):
+        Users(as_store(TinyStore()))
+
+
+def test_limits_are_lifetime_day_and_month_in_utc() -> None:
+    user = User("alice", datetime(2025, 1, 1, tzinfo=UTC), 5.0, 1.0, 2.0)
+    now = datetime(2026, 3, 15, 23, 30, tzinfo=UTC)
+    assert Users(MemoryStore()).limits(user, now) == [
+        BudgetLimit("user", "alice", 5.0, label="user alice's budget"),
+        BudgetLimit(
+            "user",
+            "alice",
+            1.0,
+            since=datetime(2026, 3, 15, tzinfo=UTC),
+            label="user alice's daily cap",
+        ),
+        BudgetLimit(
+            "user",
+            "alice",
+            2.0,
+            since=datetime(2026, 3, 1, tzinfo=UTC),
+            label="user alice's monthly cap",
+        ),
+    ]
+
+
+def test_limits_take_the_utc_day_of_a_local_time() -> None:
+    from datetime import timedelta, timezone
+
+    user = User("bob", datetime(2025, 1, 1, tzinfo=UTC), daily_usd=1.0)
+    # 01:00 on April 1st at UTC+2 is still March 31st in UTC.
+    local = datetime(2026, 4, 1, 1, 0, tzinfo=timezone(timedelta(hours=2)))
+    (daily,) = Users(MemoryStore()).limits(user, local)
+    assert daily.since == datetime(2026, 3, 31, tzinfo=UTC)
+
+
+def test_no_caps_no_limits() -> None:
+    user = User("bob", datetime(2025, 1, 1, tzinfo=UTC))
+    assert Users(MemoryStore()).limits(user) == []
