@@ -291,6 +291,10 @@ class BudgetLimit:
     since: datetime | None = None
     label: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.since is not None and self.since.tzinfo is None:  # naive times are UTC
+            object.__setattr__(self, "since", self.since.replace(tzinfo=UTC))
+
 
 @dataclass(frozen=True)
 class BudgetHold:

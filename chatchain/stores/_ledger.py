@@ -11,7 +11,15 @@ from typing import Any
 
 from chatchain.usage import Scope, Usage, UsageEntry
 
-__all__ = ["ENTRY_COLUMNS", "TOTAL_COLUMNS", "increments", "scopes_of", "total_usage"]
+__all__ = [
+    "ENTRY_COLUMNS",
+    "PERIOD_SUMS",
+    "TOTAL_COLUMNS",
+    "in_scope",
+    "increments",
+    "scopes_of",
+    "total_usage",
+]
 
 ENTRY_COLUMNS = tuple(f.name for f in fields(UsageEntry))
 """Every field of a `UsageEntry`, in its order (the stores' column and key names)."""
@@ -34,6 +42,25 @@ TOTAL_COLUMNS = (
 )
 """The sums a running total keeps, per scope."""
 
+PERIOD_SUMS = ", ".join(
+    (
+        "sum(prompt_tokens)",
+        "sum(completion_tokens)",
+        "sum(total_tokens)",
+        "sum(cached_tokens)",
+        "sum(reasoning_tokens)",
+        "sum(requests)",
+        "sum(cost_usd)",  # NULLs (unpriced) left out, as in a running total
+        "sum(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END)",
+        "sum(latency_s)",
+        "sum(CASE WHEN summary THEN 0 ELSE 1 END)",
+        "sum(CASE WHEN summary THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN estimated THEN 1 ELSE 0 END)",
+    )
+)
+"""`TOTAL_COLUMNS` summed over rows of the entries table, in SQL that SQLite and PostgreSQL
+both read: the total of a period (`BudgetLimit.since`), computed from its entries."""
+
 
 def scopes_of(entry: UsageEntry) -> list[tuple[Scope, str]]:
     """The totals ``entry`` counts towards: everything, its session and its user (if any).
@@ -45,6 +72,11 @@ def scopes_of(entry: UsageEntry) -> list[tuple[Scope, str]]:
     if entry.user_id is not None:
         scopes.append(("user", entry.user_id))
     return scopes
+
+
+def in_scope(entry: UsageEntry, scope: Scope, key: str) -> bool:
+    """Whether ``entry`` counts towards the total of ``(scope, key)``."""
+    return (scope, key) in scopes_of(entry)
 
 
 def increments(entry: UsageEntry) -> dict[str, int | float]:

@@ -25,7 +25,7 @@ from chatchain.stores._base import (
     user_exists,
     utcnow,
 )
-from chatchain.stores._ledger import scopes_of
+from chatchain.stores._ledger import in_scope, scopes_of
 from chatchain.usage import (
     BudgetHold,
     BudgetLimit,
@@ -34,6 +34,7 @@ from chatchain.usage import (
     Usage,
     UsageEntry,
     check_limit,
+    total_of,
 )
 from chatchain.users import User
 
@@ -99,11 +100,19 @@ class MemoryLedger(LedgerBackend):
                 del self._holds[expired]
             for limit in limits:
                 held = [h for h in self._holds.values() if h.counts_for(limit.scope, limit.key)]
-                refusal = check_limit(limit, self.usage_total(limit.scope, limit.key), held, hold)
+                refusal = check_limit(limit, self._spent(limit), held, hold)
                 if refusal is not None:
                     return refusal
             self._holds[hold.id] = hold
             return None
+
+    def _spent(self, limit: BudgetLimit) -> Usage:
+        if limit.since is None:
+            return self.usage_total(limit.scope, limit.key)
+        since = limit.since
+        return total_of(
+            e for e in self._entries if e.at >= since and in_scope(e, limit.scope, limit.key)
+        )
 
     def release_budget(self, hold_id: str) -> None:
         with self._guard:

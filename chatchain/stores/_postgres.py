@@ -22,6 +22,8 @@ Schema (``<prefix>`` is ``chatchain`` unless ``table_prefix`` says otherwise)::
                           saved_usd double)
     <prefix>_budget_holds(id text PK, session_id, user_id text, tokens bigint,
                           cost_usd double, expires_at timestamptz)
+    <prefix>_users(name text PK, token_hash text UNIQUE, created_at timestamptz,
+                   budget_usd, daily_usd, monthly_usd double NULL, revoked boolean)
 
 The tables are created by ordered, named migrations, each recorded in ``<prefix>_migrations``,
 under an advisory lock so that processes opening the store at once apply each migration once.
@@ -41,9 +43,15 @@ are checked and kept in one transaction under a transaction-level advisory lock 
 (in the two-key space, with second key 1: apart from the session locks, which use the
 one-key space, and from the schema lock, whose second key is 0); each limit's total and holds
 are read by one statement, so a hold that a concurrent commit turns into spending is counted
-once, either as the hold or in the total. A hold's expiry is the server's clock
-(``clock_timestamp()``) plus the hold's time to live, so that clients whose clocks disagree
-agree on it; taking a hold deletes the expired ones.
+once, either as the hold or in the total. A period cap (`BudgetLimit.since`) sums the
+scope's entries since its start instead of reading the total: one range read of the index
+on (user or session, time).
+A hold's expiry is the server's clock (``clock_timestamp()``) plus the hold's time to live,
+so that clients whose clocks disagree agree on it; taking a hold deletes the expired ones.
+
+Users (`chatchain.users`) are rows of ``<prefix>_users``, keyed by name and found by the
+unique index on their token's SHA-256 hash (the token itself is never stored); adding one is
+``INSERT ... ON CONFLICT DO NOTHING``, so of two processes adding one name exactly one wins.
 
 One writer per session across processes: a turn holds a session-level advisory lock keyed by
 a 64-bit hash of the prefix and session id, on a connection it keeps out of the pool until
@@ -75,7 +83,7 @@ import concurrent.futures
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
@@ -91,19 +99,24 @@ from langchain_core.messages import BaseMessage
 from chatchain._locks import SessionLocks, busy_error
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores._base import (
+    USER_CHANGES,
     Fence,
     HistoryStore,
     SessionInfo,
     Summary,
+    UserBackend,
+    check_user_changes,
     driver_missing,
     dump_message,
     load_message,
     lock_lost,
     session_times,
+    user_exists,
     utcnow,
 )
 from chatchain.stores._ledger import (
     ENTRY_COLUMNS,
+    PERIOD_SUMS,
     TOTAL_COLUMNS,
     increments,
     scopes_of,
@@ -118,6 +131,7 @@ from chatchain.usage import (
     UsageEntry,
     check_limit,
 )
+from chatchain.users import User
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, Connection
@@ -246,6 +260,20 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
                 ADD COLUMN IF NOT EXISTS saved_usd double precision NOT NULL DEFAULT 0""",
         ],
     ),
+    (
+        "0005_users",
+        [
+            """CREATE TABLE IF NOT EXISTS {users} (
+                name text PRIMARY KEY,
+                token_hash text NOT NULL UNIQUE,
+                created_at timestamptz NOT NULL,
+                budget_usd double precision,
+                daily_usd double precision,
+                monthly_usd double precision,
+                revoked boolean NOT NULL DEFAULT false
+            )""",
+        ],
+    ),
 ]
 
 
@@ -283,6 +311,7 @@ class _Sql:
             "usage_at",
             "usage_totals",
             "budget_holds",
+            "users",
         )
         names = {name: sql.Identifier(f"{prefix}_{name}") for name in tables}
 
@@ -375,6 +404,19 @@ class _Sql:
         self.entries = q(f"SELECT {entry_columns} FROM {{usage}}")
         self.entries_order = q(" ORDER BY at, seq")
         self.release_hold = q("DELETE FROM {budget_holds} WHERE id = %s")
+        # -- users --
+        user_columns = "name, created_at, budget_usd, daily_usd, monthly_usd, revoked, token_hash"
+        self.add_user = q(
+            f"INSERT INTO {{users}} ({user_columns}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (name) DO NOTHING RETURNING name"
+        )
+        self.get_user = q(f"SELECT {user_columns} FROM {{users}} WHERE name = %s")
+        self.find_user = q(f"SELECT {user_columns} FROM {{users}} WHERE token_hash = %s")
+        self.list_users = q(f"SELECT {user_columns} FROM {{users}} ORDER BY created_at, name")
+        self.update_user = {
+            column: q(f"UPDATE {{users}} SET {column} = %(value)s WHERE name = %(name)s")
+            for column in (*sorted(USER_CHANGES), "token_hash")
+        }
         # Whether the backend ``pid`` holds the session lock `_TRY_LOCK` takes for ``key``
         # (a bigint key is kept as its high and low 32 bits, with objsubid 1).
         self.lock_owned = q(
@@ -398,6 +440,19 @@ class _Sql:
                 f" {', '.join(f'h.{c}' for c in _HOLD_COLUMNS)}"
                 " FROM (SELECT) AS one"
                 " LEFT JOIN {usage_totals} AS t ON t.scope = %(scope)s AND t.key = %(key)s"
+                f" LEFT JOIN {{budget_holds}} AS h ON {held_by.get(scope, 'true')}"
+                " ORDER BY h.id"
+            )
+            for scope in ("session", "user", "all")
+        }
+        # The same for a period (`BudgetLimit.since`): its entries summed, from the index on
+        # (scope key, at), instead of the running total.
+        in_scope = {"session": "session_id = %(key)s", "user": "user_id = %(key)s"}
+        self.spending_since = {
+            scope: q(
+                f"SELECT t.*, {', '.join(f'h.{c}' for c in _HOLD_COLUMNS)}"
+                f" FROM (SELECT {PERIOD_SUMS} FROM {{usage}}"
+                f" WHERE {in_scope.get(scope, 'true')} AND at >= %(since)s) AS t"
                 f" LEFT JOIN {{budget_holds}} AS h ON {held_by.get(scope, 'true')}"
                 " ORDER BY h.id"
             )
@@ -493,6 +548,12 @@ def _check(limit: BudgetLimit, rows: list[Any], hold: BudgetHold) -> BudgetRefus
         if hold_id is not None
     ]
     return check_limit(limit, _total(rows[0] if rows else None), held, hold)
+
+
+def _user(row: Sequence[Any]) -> tuple[User, str]:
+    """The user of a ``users`` row, and their token's hash."""
+    name, created, budget, daily, monthly, revoked, token_hash = row
+    return User(name, _utc(created), budget, daily, monthly, bool(revoked)), token_hash
 
 
 def _load_args(session_id: str, start: int, stop: int | None) -> dict[str, Any]:
@@ -596,7 +657,7 @@ def _connect_timeout(value: Any) -> float:
     return float(seconds)
 
 
-class PostgresStore(HistoryStore):
+class PostgresStore(HistoryStore, UserBackend):
     """Sessions in PostgreSQL, shared by every process and machine that opens the same URL.
 
     Args:
@@ -1107,6 +1168,14 @@ class PostgresStore(HistoryStore):
     def _budget_key(self) -> str:
         return f"{self.table_prefix} budgets"
 
+    def _spending(self, limit: BudgetLimit) -> tuple[Composed, dict[str, Any]]:
+        """The statement that reads a limit's spending and holds, and its parameters."""
+        read: dict[str, Any] = {"scope": limit.scope, "key": limit.key}
+        if limit.since is None:
+            return self._sql.spending[limit.scope], read
+        read["since"] = _aware(limit.since)
+        return self._sql.spending_since[limit.scope], read
+
     def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:
         with self._connection() as conn, conn.transaction():
             # Its own statement: each statement after it reads a snapshot taken once the
@@ -1114,8 +1183,7 @@ class PostgresStore(HistoryStore):
             conn.execute(self._sql.budget_lock, (self._budget_key(),))
             conn.execute(self._sql.expire_holds)
             for limit in limits:
-                read = {"scope": limit.scope, "key": limit.key}
-                rows = conn.execute(self._sql.spending[limit.scope], read).fetchall()
+                rows = conn.execute(*self._spending(limit)).fetchall()
                 refusal = _check(limit, rows, hold)
                 if refusal is not None:
                     return refusal
@@ -1135,8 +1203,7 @@ class PostgresStore(HistoryStore):
             await conn.execute(self._sql.budget_lock, (self._budget_key(),))
             await conn.execute(self._sql.expire_holds)
             for limit in limits:
-                read = {"scope": limit.scope, "key": limit.key}
-                cursor = await conn.execute(self._sql.spending[limit.scope], read)
+                cursor = await conn.execute(*self._spending(limit))
                 refusal = _check(limit, await cursor.fetchall(), hold)
                 if refusal is not None:
                     return refusal
@@ -1148,6 +1215,43 @@ class PostgresStore(HistoryStore):
 
     async def arelease_budget(self, hold_id: str) -> None:
         await self._afetch(self._sql.release_hold, (hold_id,))
+
+    # -- users -------------------------------------------------------------------------------
+
+    def add_user(self, user: User, token_hash: str) -> None:
+        row = (
+            user.name,
+            _aware(user.created_at),
+            user.budget_usd,
+            user.daily_usd,
+            user.monthly_usd,
+            user.revoked,
+            token_hash,
+        )
+        if not self._fetch(self._sql.add_user, row):
+            raise user_exists(user.name)
+
+    def get_user(self, name: str) -> User | None:
+        rows = self._fetch(self._sql.get_user, (name,))
+        return _user(rows[0])[0] if rows else None
+
+    def find_user(self, token_hash: str) -> tuple[User, str] | None:
+        rows = self._fetch(self._sql.find_user, (token_hash,))
+        return _user(rows[0]) if rows else None
+
+    def list_users(self) -> list[User]:
+        return [_user(row)[0] for row in self._fetch(self._sql.list_users)]
+
+    def update_user(
+        self, name: str, changes: Mapping[str, Any], *, token_hash: str | None = None
+    ) -> User | None:
+        check_user_changes(changes)
+        values = dict(changes) if token_hash is None else {**changes, "token_hash": token_hash}
+        with self._connection() as conn, conn.transaction():
+            for column, value in values.items():
+                conn.execute(self._sql.update_user[column], {"value": value, "name": name})
+            row = conn.execute(self._sql.get_user, (name,)).fetchone()
+        return None if row is None else _user(row)[0]
 
     # -- one writer per session --------------------------------------------------------------
 

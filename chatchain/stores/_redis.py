@@ -31,11 +31,26 @@ pruning a session leaves its spending in the ledger:
   summaries, ``unpriced``, ``estimated``, ``cached_turns``, and ``cost`` of the priced
   entries, ``latency`` and ``saved`` (by cached turns) as exact doubles), so a total is one
   read however long the ledger.
+- ``<prefix>:usage:days:<scope>:<key>``: HASH of the scope's spending per UTC day,
+  ``<YYYY-MM-DD>:t`` (tokens) and ``<YYYY-MM-DD>:c`` (cost of the priced entries), so that a
+  period cap (`BudgetLimit.since`) reads one field pair per day of its period; a period that
+  starts within a day reads that day's entries after its start from the time index.
 - ``<prefix>:holds``: HASH of budget hold id -> ``{"t": tokens, "c": usd, "i": [indexes]}``;
   ``<prefix>:holds:expiry``: ZSET of hold ids scored by expiry (microseconds by the server's
   clock, ``TIME``, so that clients whose clocks disagree agree on it); taking a hold deletes
   the expired ones; ``<prefix>:holds:session:<id>`` and ``<prefix>:holds:user:<id>``: SETs of
   the hold ids of a session and of a user (the record's ``i``).
+
+The users of a chat service (`chatchain.users`):
+
+- ``<prefix>:user:<name>``: HASH of ``name``, ``created`` (microseconds since the epoch),
+  ``budget``, ``daily``, ``monthly`` (USD, ``''`` for no cap), ``revoked`` (``0``/``1``) and
+  ``hash`` (the SHA-256 of the user's token; the token itself is never stored);
+- ``<prefix>:token:<hash>``: STRING, the key of the user the token belongs to;
+- ``<prefix>:users``: ZSET of names scored by creation, for listing.
+
+Adding and changing a user are Lua scripts, so two processes adding one name cannot both win
+and a rotated token's old hash is gone in the same step as the new one appears.
 
 A turn is saved by one Lua script (`RedisStore.commit_turn`): it checks that the session's
 lock key still holds the turn's token, records the usage entry and drops the budget hold,
@@ -59,7 +74,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
@@ -80,15 +95,19 @@ from chatchain.stores._base import (
     HistoryStore,
     SessionInfo,
     Summary,
+    UserBackend,
+    check_user_changes,
     driver_missing,
     dump_message,
     load_message,
     lock_lost,
     session_times,
+    user_exists,
     utcnow,
 )
 from chatchain.stores._ledger import TOTAL_COLUMNS, increments, scopes_of, total_usage
 from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
+from chatchain.users import User
 
 if TYPE_CHECKING:
     import redis
@@ -132,9 +151,10 @@ end
 """
 
 # Add an entry to the ledger and drop the hold it replaces (K, A: the keys and arguments).
-# K: entries, seq, holds, holds expiry, then (time index, totals) per scope of the entry.
+# K: entries, seq, holds, holds expiry, then (time index, totals, days) per scope of the entry.
 # A: entry id, entry JSON, time (us), hold to drop ('' for none), cost ('' when unpriced),
-#    latency, saved, then (field, increment) pairs of the integer sums.
+#    latency, saved, UTC day (YYYY-MM-DD), total tokens, then (field, increment) pairs of
+#    the integer sums.
 _RECORD_ENTRY = """
 local function record_entry(K, A)
   local entries, seq, holds, expiry = K[1], K[2], K[3], K[4]
@@ -151,13 +171,17 @@ local function record_entry(K, A)
     local sum = tonumber(redis.call('HGET', totals, field) or '0') + tonumber(amount)
     redis.call('HSET', totals, field, string.format('%.17g', sum))
   end
-  for k = 5, #K, 2 do
-    local totals = K[k + 1]
+  for k = 5, #K, 3 do
+    local totals, days = K[k + 1], K[k + 2]
     redis.call('ZADD', K[k], A[3], member)
-    for a = 8, #A, 2 do redis.call('HINCRBY', totals, A[a], A[a + 1]) end
+    for a = 10, #A, 2 do redis.call('HINCRBY', totals, A[a], A[a + 1]) end
     add(totals, 'latency', A[6])
     if tonumber(A[7]) ~= 0 then add(totals, 'saved', A[7]) end
-    if A[5] ~= '' then add(totals, 'cost', A[5]) end
+    redis.call('HINCRBY', days, A[8] .. ':t', A[9])
+    if A[5] ~= '' then
+      add(totals, 'cost', A[5])
+      add(days, A[8] .. ':c', A[5])
+    end
   end
   return 1
 end
@@ -215,9 +239,13 @@ return 1
 )
 
 # `chatchain.usage.check_limit` for each limit, then keep the hold if all of them pass.
-# KEYS: holds, holds expiry, then (totals, hold index) per limit, then the new hold's indexes.
+# KEYS: holds, holds expiry, entries, then (totals, hold index, days, time index) per limit,
+#       then the new hold's indexes.
 # ARGV: '' (unused), hold id, hold record, time to live (us), tokens, usd, number of limits,
-#       then (kind: 'all' or 'set', max tokens or '', max usd or '') per limit.
+#       then (kind: 'all' or 'set', max tokens or '', max usd or '', period days or '',
+#       partial day's start (us) or '', its end) per limit. A limit with a period
+#       (`BudgetLimit.since`) counts the day sums of its whole days (comma-separated
+#       YYYY-MM-DD) plus, when it starts within a day, that day's entries after its start.
 # Expiry is on the server's clock (TIME), which every client shares, whatever their own say.
 # Returns nil when the hold is kept, else the (1-based) limit passed and the spending seen.
 _HOLD = (
@@ -230,9 +258,34 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', string.format(
   drop_hold(holds, expiry, dead)
 end
 local tokens, usd, n = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+-- What a scope spent in a period: its whole days' sums, then a partial first day's entries.
+local function spent_since(days, index, whole, low, high)
+  local tokens, usd, fields = 0, 0, {}
+  for day in string.gmatch(whole, '[^,]+') do
+    fields[#fields + 1] = day .. ':t'
+    fields[#fields + 1] = day .. ':c'
+  end
+  for first = 1, #fields, 1000 do
+    local values = redis.call('HMGET', days, unpack(fields, first, math.min(first + 999, #fields)))
+    for f = 1, #values, 2 do
+      tokens = tokens + tonumber(values[f] or '0')
+      usd = usd + tonumber(values[f + 1] or '0')
+    end
+  end
+  if low ~= '' then
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', index, low, high)) do
+      local entry = cjson.decode(redis.call('HGET', KEYS[3], string.sub(member, 18)))
+      tokens = tokens + entry.total_tokens
+      if entry.cost_usd ~= cjson.null then usd = usd + entry.cost_usd end
+    end
+  end
+  return tokens, usd
+end
 for i = 1, n do
-  local totals, index = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
-  local kind, max_tokens, max_usd = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
+  local totals, index = KEYS[4 * i], KEYS[1 + 4 * i]
+  local days, at = KEYS[2 + 4 * i], KEYS[3 + 4 * i]
+  local kind, max_tokens, max_usd = ARGV[2 + 6 * i], ARGV[3 + 6 * i], ARGV[4 + 6 * i]
+  local whole, low, high = ARGV[5 + 6 * i], ARGV[6 + 6 * i], ARGV[7 + 6 * i]
   local records
   if kind == 'all' then
     records = redis.call('HVALS', holds)
@@ -249,10 +302,15 @@ for i = 1, n do
     held_tokens = held_tokens + tonumber(hold.t)
     held_usd = held_usd + tonumber(hold.c)
   end
-  local spent = redis.call('HMGET', totals, 'total', 'cost')
-  local spent_tokens = tonumber(spent[1] or '0')
-  -- As check_limit reads `Usage.priced_cost_usd`: what the priced entries cost.
-  local spent_usd = tonumber(spent[2] or '0')
+  local spent_tokens, spent_usd
+  if whole == '' and low == '' then
+    local spent = redis.call('HMGET', totals, 'total', 'cost')
+    spent_tokens = tonumber(spent[1] or '0')
+    -- As check_limit reads `Usage.priced_cost_usd`: what the priced entries cost.
+    spent_usd = tonumber(spent[2] or '0')
+  else
+    spent_tokens, spent_usd = spent_since(days, at, whole, low, high)
+  end
   if (max_tokens ~= '' and spent_tokens + held_tokens + tokens > tonumber(max_tokens))
     or (max_usd ~= '' and spent_usd + held_usd + usd > tonumber(max_usd)) then
     return {tostring(i), string.format('%.0f', spent_tokens), string.format('%.17g', spent_usd),
@@ -262,7 +320,7 @@ end
 drop_hold(holds, expiry, id)  -- the same hold kept again replaces itself
 redis.call('HSET', holds, id, ARGV[3])
 redis.call('ZADD', expiry, string.format('%.0f', now + tonumber(ARGV[4])), id)
-for k = 3 + 2 * n, #KEYS do redis.call('SADD', KEYS[k], id) end
+for k = 4 + 4 * n, #KEYS do redis.call('SADD', KEYS[k], id) end
 return false
 """
 )
@@ -275,6 +333,38 @@ drop_hold(KEYS[1], KEYS[2], ARGV[1])
 return 0
 """
 )
+
+# Add a user unless the name is taken. KEYS: user, token, users. ARGV: name, created (us),
+# budget, daily, monthly, revoked, token hash. Returns 1 when added, 0 when the name is taken.
+_ADD_USER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'name', ARGV[1], 'created', ARGV[2], 'budget', ARGV[3],
+  'daily', ARGV[4], 'monthly', ARGV[5], 'revoked', ARGV[6], 'hash', ARGV[7])
+redis.call('SET', KEYS[2], KEYS[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
+# Change a user. KEYS: user. ARGV: start of token keys, new token hash ('' to keep it), then
+# (field, value) pairs. Returns the user's fields (HGETALL), or nil for no such user.
+_UPDATE_USER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[2] ~= '' then
+  local old = redis.call('HGET', KEYS[1], 'hash')
+  if old then redis.call('DEL', ARGV[1] .. old) end
+  redis.call('SET', ARGV[1] .. ARGV[2], KEYS[1])
+  redis.call('HSET', KEYS[1], 'hash', ARGV[2])
+end
+for a = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[a], ARGV[a + 1]) end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# The user a token hash names. KEYS: token. Returns the user's fields, or nil.
+_FIND_USER = """
+local user = redis.call('GET', KEYS[1])
+if not user then return false end
+return redis.call('HGETALL', user)
+"""
 
 # The HASH field of each column of a total: its name without the unit.
 _FIELDS = {
@@ -290,6 +380,65 @@ def _micros(moment: datetime) -> int:
 
 def _moment(micros: str | int) -> datetime:
     return _EPOCH + int(micros) * _MICROSECOND
+
+
+def _cap(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _user_fields(value: object) -> str:
+    """A `User` field as a user HASH keeps it."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return _cap(value)  # type: ignore[arg-type]
+
+
+def _user(fields: list[str] | dict[str, str] | None) -> tuple[User, str] | None:
+    """The user of a user HASH (HGETALL's reply), and their token's hash."""
+    if not fields:
+        return None
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+
+    def cap(name: str) -> float | None:
+        return float(fields[name]) if fields.get(name) else None
+
+    user = User(
+        fields["name"],
+        _moment(fields["created"]),
+        budget_usd=cap("budget"),
+        daily_usd=cap("daily"),
+        monthly_usd=cap("monthly"),
+        revoked=fields.get("revoked") == "1",
+    )
+    return user, fields["hash"]
+
+
+# `User` fields -> user HASH fields.
+_USER_FIELDS = {
+    "budget_usd": "budget",
+    "daily_usd": "daily",
+    "monthly_usd": "monthly",
+    "revoked": "revoked",
+}
+
+
+def _period(since: datetime | None) -> tuple[str, str, str]:
+    """A period's arguments for `_HOLD`: its whole UTC days (up to tomorrow, for clocks a
+    little ahead), and the time range of a first day it starts within (else ``''``)."""
+    if since is None:
+        return "", "", ""
+    start = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+    midnight = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    low = high = ""
+    if start != midnight:
+        midnight += timedelta(days=1)
+        low, high = str(_micros(start)), f"({_micros(midnight)}"
+    last = utcnow().date() + timedelta(days=1)
+    days = [midnight.date() + timedelta(days=i) for i in range((last - midnight.date()).days + 1)]
+    if not days and not low:  # a period yet to come: only entries stamped in it count
+        low, high = str(_micros(start)), "+inf"
+    return ",".join(day.isoformat() for day in days), low, high
 
 
 def _fence(session_id: str, token: str | bytes | None) -> Fence:
@@ -317,7 +466,7 @@ def _window(start: int, stop: int | None) -> tuple[int, int] | None:
     return start, -1 if stop is None else stop - 1
 
 
-class RedisStore(HistoryStore):
+class RedisStore(HistoryStore, UserBackend):
     """Sessions in Redis, shared by every process and machine that uses the server.
 
     Needs ``pip install 'chatchain[redis]'`` and any stock Redis server (no modules). The
@@ -400,6 +549,10 @@ class RedisStore(HistoryStore):
         self._commit_script = self._client.register_script(_COMMIT)
         self._hold_script = self._client.register_script(_HOLD)
         self._release_script = self._client.register_script(_RELEASE)
+        self._add_user_script = self._client.register_script(_ADD_USER)
+        self._update_user_script = self._client.register_script(_UPDATE_USER)
+        self._find_user_script = self._client.register_script(_FIND_USER)
+        self._users = f"{prefix}:users"
         self._locks = SessionLocks(lock_timeout)
         self._guard = threading.Lock()
         self._aclients: dict[
@@ -708,7 +861,11 @@ class RedisStore(HistoryStore):
         """The keys and arguments of `_RECORD` for ``entry``."""
         keys = [self._entries, self._seq, self._holds, self._expiry]
         for scope, key in scopes_of(entry):
-            keys += [self._key(f"usage:at:{scope}", key), self._key(f"usage:total:{scope}", key)]
+            keys += [
+                self._key(f"usage:at:{scope}", key),
+                self._key(f"usage:total:{scope}", key),
+                self._key(f"usage:days:{scope}", key),
+            ]
         added = increments(entry)
         args = [
             entry.id,
@@ -718,6 +875,8 @@ class RedisStore(HistoryStore):
             "" if entry.cost_usd is None else repr(added["cost_usd"]),
             repr(added["latency_s"]),
             repr(added["saved_usd"]),
+            entry.day.isoformat(),
+            str(int(added["total_tokens"])),
         ]
         for column, amount in added.items():
             if column not in _FLOAT_COLUMNS:
@@ -848,7 +1007,7 @@ class RedisStore(HistoryStore):
             indexes.append(self._key("holds:user", hold.user_id))
         tokens, usd = str(int(hold.tokens)), repr(float(hold.cost_usd))
         record = {"t": tokens, "c": usd, "i": indexes}
-        keys = [self._holds, self._expiry]
+        keys = [self._holds, self._expiry, self._entries]
         args = [
             "",
             hold.id,
@@ -865,10 +1024,15 @@ class RedisStore(HistoryStore):
                 keys.append(self._holds)  # every hold counts: the script reads them all
             else:
                 keys.append(self._key(f"holds:{limit.scope}", limit.key))
+            keys += [
+                self._key(f"usage:days:{limit.scope}", limit.key),
+                self._key(f"usage:at:{limit.scope}", limit.key),
+            ]
             args += [
                 "all" if limit.scope == "all" else "set",
                 "" if limit.max_tokens is None else str(int(limit.max_tokens)),
                 "" if limit.max_usd is None else repr(float(limit.max_usd)),
+                *_period(limit.since),
             ]
         return keys + indexes, args
 
@@ -902,6 +1066,65 @@ class RedisStore(HistoryStore):
 
     async def arelease_budget(self, hold_id: str) -> None:
         await self._aeval(_RELEASE, [self._holds, self._expiry], [hold_id])
+
+    # -- users -------------------------------------------------------------------------------
+
+    def _token_key(self, token_hash: str) -> str:
+        return f"{self.prefix}:token:{token_hash}"
+
+    def _user_failures(self, fields: Any) -> tuple[User, str] | None:
+        try:
+            return _user(fields)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StoreError(
+                f"A user in the Redis history store at {self._where} holds data chatchain did "
+                f"not write ({exc!r}). Check what else writes keys under {self.prefix!r}:user."
+            ) from exc
+
+    def add_user(self, user: User, token_hash: str) -> None:
+        keys = [self._key("user", user.name), self._token_key(token_hash), self._users]
+        args = [
+            user.name,
+            str(_micros(user.created_at)),
+            _cap(user.budget_usd),
+            _cap(user.daily_usd),
+            _cap(user.monthly_usd),
+            _user_fields(user.revoked),
+            token_hash,
+        ]
+        if not int(self._eval(self._add_user_script, keys, args)):
+            raise user_exists(user.name)
+
+    def get_user(self, name: str) -> User | None:
+        key = self._key("user", name)
+        [fields] = self._run(lambda pipe: pipe.hgetall(key), transaction=False)
+        found = self._user_failures(fields)
+        return None if found is None else found[0]
+
+    def find_user(self, token_hash: str) -> tuple[User, str] | None:
+        fields = self._eval(self._find_user_script, [self._token_key(token_hash)], [])
+        return self._user_failures(fields)
+
+    def list_users(self) -> list[User]:
+        [names] = self._run(lambda pipe: pipe.zrange(self._users, 0, -1), transaction=False)
+
+        def queue(pipe: _Pipeline) -> None:
+            for name in names:
+                pipe.hgetall(self._key("user", name))
+
+        users = [self._user_failures(fields) for fields in self._run(queue, transaction=False)]
+        return [found[0] for found in users if found is not None]
+
+    def update_user(
+        self, name: str, changes: Mapping[str, Any], *, token_hash: str | None = None
+    ) -> User | None:
+        check_user_changes(changes)
+        args = [self._token_key(""), token_hash or ""]
+        for field, value in changes.items():
+            args += [_USER_FIELDS[field], _user_fields(value)]
+        fields = self._eval(self._update_user_script, [self._key("user", name)], args)
+        found = self._user_failures(fields)
+        return None if found is None else found[0]
 
     # -- one writer per session --------------------------------------------------------------
 

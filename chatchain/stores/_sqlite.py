@@ -17,6 +17,9 @@ first checks that the lease still names the turn (its `Fence`); taking a lease n
 write lock too, so it cannot change hands in between. A turn paused past its lease whose
 session another process took gets only its usage recorded, and `SessionLockLostError`.
 
+A period cap (`BudgetLimit.since`) sums its scope's entries since its start, a range read of
+the ``usage`` indexes on (session or user, time), in the same transaction as the check.
+
 Clocks: lease and budget-hold expiries are wall-clock times of the machine (``time.time``,
 UTC), which every process using the file shares.
 """
@@ -58,6 +61,7 @@ from chatchain.stores._base import (
 )
 from chatchain.stores._ledger import (
     ENTRY_COLUMNS,
+    PERIOD_SUMS,
     TOTAL_COLUMNS,
     increments,
     scopes_of,
@@ -138,6 +142,21 @@ def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:
     """A scope's running total, read in ``conn``'s transaction (if any)."""
     row = conn.execute(_SELECT_TOTAL, (scope, key)).fetchone()
     return total_usage(None if row is None else dict(zip(TOTAL_COLUMNS, row, strict=True)))
+
+
+def _read_spent(conn: sqlite3.Connection, limit: BudgetLimit) -> Usage:
+    """What a limit's scope spent: its running total, or for a period (`BudgetLimit.since`)
+    its entries since the start summed, one range read of the index on (scope key, at)."""
+    if limit.since is None:
+        return _read_total(conn, limit.scope, limit.key)
+    sql = f"SELECT {PERIOD_SUMS} FROM usage WHERE at >= ?"
+    params: tuple[str, ...] = (_stamp(limit.since),)
+    if limit.scope == "session":
+        sql, params = sql + " AND session_id = ?", (*params, limit.key)
+    elif limit.scope == "user":
+        sql, params = sql + " AND user_id = ?", (*params, limit.key)
+    row = conn.execute(sql, params).fetchone()
+    return total_usage(dict(zip(TOTAL_COLUMNS, row, strict=True)))
 
 
 def _read_holds(conn: sqlite3.Connection, scope: Scope, key: str) -> list[BudgetHold]:
@@ -649,7 +668,7 @@ class SQLiteStore(HistoryStore, UserBackend):
             now = _stamp(utcnow())  # once we may write: a wait for the lock must not age it
             conn.execute("DELETE FROM budget_holds WHERE expires_at <= ?", (now,))
             for limit in limits:
-                spent = _read_total(conn, limit.scope, limit.key)
+                spent = _read_spent(conn, limit)
                 held = _read_holds(conn, limit.scope, limit.key)
                 refusal = check_limit(limit, spent, held, hold)
                 if refusal is not None:

@@ -27,7 +27,15 @@ def postgres_url() -> Iterator[str]:
 
 def wipe(url: str, prefix: str = "chatchain") -> None:
     """Drop every table a store of ``prefix`` creates (it recreates them when opened)."""
-    tables = ["messages", "sessions", "migrations", "usage", "usage_totals", "budget_holds"]
+    tables = [
+        "messages",
+        "sessions",
+        "migrations",
+        "usage",
+        "usage_totals",
+        "budget_holds",
+        "users",
+    ]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS " + ", ".join(f"{prefix}_{t}" for t in tables))
 

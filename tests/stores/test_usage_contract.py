@@ -294,3 +294,92 @@ def test_an_unpriced_entry_does_not_hide_the_priced_spending(store: HistoryStore
     limit = BudgetLimit("session", "a", max_usd=0.01)
     assert store.hold_budget(hold("a", usd=0.005), [limit]) is not None
     assert store.hold_budget(hold("a", usd=0.001), [limit]) is None
+
+
+# -- period caps (BudgetLimit.since) ----------------------------------------------------------
+
+
+def _midnight() -> datetime:
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def test_a_daily_cap_counts_today_only(store: HistoryStore) -> None:
+    today = _midnight()
+    store.record_usage(entry("s", user="u", tokens=1000, at=today - timedelta(seconds=1)))
+    store.record_usage(entry("s", user="u", tokens=60, at=today + timedelta(seconds=1)))
+    store.record_usage(entry("other", user="v", tokens=1000, at=today + timedelta(seconds=2)))
+    daily = BudgetLimit("user", "u", max_tokens=100, since=today)
+    kept = hold("s", user="u", tokens=40)
+    assert store.hold_budget(kept, [daily]) is None  # 60 + 40 = 100: yesterday's 1000 not counted
+    refusal = store.hold_budget(hold("s", user="u", tokens=1), [daily])
+    assert refusal is not None and refusal.limit == daily
+    assert (refusal.spent_tokens, refusal.held_tokens) == (60, 40)  # holds count too
+    store.release_budget(kept.id)
+    store.record_usage(entry("s", user="u", tokens=40, at=today + timedelta(seconds=3)))
+    refusal = store.hold_budget(hold("s", user="u", tokens=1), [daily])  # today's reached the cap
+    assert refusal is not None and (refusal.spent_tokens, refusal.held_tokens) == (100, 0)
+    # The lifetime total still counts everything, and reads no entries.
+    assert store.usage_total("user", "u").total_tokens == 1100
+
+
+def test_a_daily_cap_in_usd_counts_the_priced_entries_of_today(store: HistoryStore) -> None:
+    today = _midnight()
+    store.record_usage(entry("s", user="u", cost_usd=0.9, at=today - timedelta(hours=1)))
+    store.record_usage(entry("s", user="u", cost_usd=0.25, at=today + timedelta(minutes=1)))
+    store.record_usage(entry("s", user="u", cost_usd=None, at=today + timedelta(minutes=2)))
+    daily = BudgetLimit("user", "u", max_usd=1.0, since=today)
+    refusal = store.hold_budget(hold("s", user="u", usd=0.8), [daily])
+    assert refusal is not None and refusal.spent_usd == pytest.approx(0.25)
+    assert store.hold_budget(hold("s", user="u", usd=0.75), [daily]) is None
+
+
+def test_a_monthly_cap_counts_this_month_only(store: HistoryStore) -> None:
+    month = _midnight().replace(day=1)
+    store.record_usage(entry("s", user="u", tokens=500, at=month - timedelta(seconds=1)))
+    store.record_usage(entry("s", user="u", tokens=30, at=month))  # at the start: counts
+    store.record_usage(entry("s", user="u", tokens=30, at=month + timedelta(hours=5)))
+    monthly = BudgetLimit("user", "u", max_tokens=100, since=month)
+    assert store.hold_budget(hold("s", user="u", tokens=40), [monthly]) is None
+    refusal = store.hold_budget(hold("s", user="u", tokens=1), [monthly])
+    assert refusal is not None and (refusal.spent_tokens, refusal.held_tokens) == (60, 40)
+
+
+@pytest.mark.parametrize("days_back", [0, 2])
+def test_a_period_may_start_within_a_day(store: HistoryStore, days_back: int) -> None:
+    start = _midnight() - timedelta(days=days_back) + timedelta(hours=1)
+    store.record_usage(entry("s", tokens=1000, at=start - timedelta(minutes=30)))  # same day
+    store.record_usage(entry("s", tokens=10, at=start))
+    store.record_usage(entry("s", tokens=20, at=start + timedelta(hours=1)))
+    if days_back:
+        store.record_usage(entry("s", tokens=40, at=_midnight() - timedelta(hours=12)))
+    spent = 30 + (40 if days_back else 0)
+    for scope, key in [("session", "s"), ("all", "")]:
+        limit = BudgetLimit(scope, key, max_tokens=spent, since=start)  # type: ignore[arg-type]
+        refusal = store.hold_budget(hold("s", tokens=1), [limit])
+        assert refusal is not None and refusal.spent_tokens == spent
+
+
+def test_a_period_yet_to_come_counts_only_holds(store: HistoryStore) -> None:
+    store.record_usage(entry("s", tokens=50, at=datetime.now(UTC)))
+    later = BudgetLimit("session", "s", max_tokens=10, since=_midnight() + timedelta(days=5))
+    assert store.hold_budget(hold("s", tokens=10), [later]) is None
+    refusal = store.hold_budget(hold("s", tokens=1), [later])
+    assert refusal is not None and (refusal.spent_tokens, refusal.held_tokens) == (0, 10)
+
+
+def test_a_period_cap_and_a_lifetime_cap_together(store: HistoryStore) -> None:
+    today = _midnight()
+    store.record_usage(entry("s", user="u", tokens=90, at=today - timedelta(days=3)))
+    lifetime = BudgetLimit("user", "u", max_tokens=100)
+    daily = BudgetLimit("user", "u", max_tokens=50, since=today)
+    refusal = store.hold_budget(hold("s", user="u", tokens=20), [daily, lifetime])
+    assert refusal is not None and refusal.limit == lifetime
+    assert store.hold_budget(hold("s", user="u", tokens=10), [daily, lifetime]) is None
+
+
+async def test_async_hold_honours_the_period(store: HistoryStore) -> None:
+    today = _midnight()
+    store.record_usage(entry("s", user="u", tokens=1000, at=today - timedelta(days=1)))
+    daily = BudgetLimit("user", "u", max_tokens=100, since=today)
+    assert await store.ahold_budget(hold("s", user="u", tokens=100), [daily]) is None
+    assert await store.ahold_budget(hold("s", user="u", tokens=1), [daily]) is not None
