@@ -91,6 +91,10 @@ _PRICE_PROBE = 1_000_000  # reply tokens priced at once to find the price of one
 TURN_KEY = "__chatchain_turn"
 """Where a run's configurable carries its `Turn` (``__``: LangChain never copies it to tracing)."""
 
+LIMITS_KEY = "limits"
+"""Where a call's configurable carries its own caps (a list of `BudgetLimit`), checked with
+the chain's budget before anything is sent."""
+
 HOLD_TTL = timedelta(minutes=15)
 """How long a turn's budget hold outlives a process that died holding it, with no deadline."""
 
@@ -251,6 +255,7 @@ class TurnSpec:
         user_id = configurable.get("user_id")
         if user_id is not None:
             user_id = validate_session_id(user_id, "user")
+        limits = _call_limits(configurable.get(LIMITS_KEY, ()), user_id)
         self._check_input(value)
         messages = input_messages(value)
         for message in messages:
@@ -264,6 +269,7 @@ class TurnSpec:
             config=config,
             input_messages=messages,
             handler=handler,
+            limits=limits,
         )
         config = {**config, "configurable": {**configurable, TURN_KEY: turn}}
         if config.get("callbacks"):
@@ -314,6 +320,8 @@ class Turn:
     config: RunnableConfig
     input_messages: list[BaseMessage]
     handler: Any
+    limits: tuple[BudgetLimit, ...] = ()
+    """This call's own caps (``configurable["limits"]``), checked with the budget's."""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     _chunks: list[AIMessageChunk] = field(default_factory=list)
@@ -558,15 +566,20 @@ class Turn:
             raise self.deadline_error()
         self._count_prompt = count_prompt
         self._spent = (self.handler.prompt_tokens, self.handler.completion_tokens)
-        if self.spec.budget:
+        if self.budgeted:
             self._take_hold(count_prompt())
 
     async def asending(self, count_prompt: Callable[[], int]) -> None:
         """`sending` for async callers."""
         self._count_prompt = count_prompt
         self._spent = (self.handler.prompt_tokens, self.handler.completion_tokens)
-        if self.spec.budget:
+        if self.budgeted:
             await self._atake_hold(count_prompt())
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether any cap applies to this turn: the budget's, or the call's own."""
+        return bool(self.spec.budget) or bool(self.limits)
 
     def _new_hold(self, prompt_tokens: int, reply_tokens: int, summary: bool = False) -> BudgetHold:
         spec = self.spec
@@ -579,9 +592,11 @@ class Turn:
         prompt_tokens += spent_prompt
         reply_tokens += spent_reply
         cost = spec.pricer.price(model, prompt_tokens, reply_tokens).cost_usd
-        if cost is None and spec.budget.needs_price:
+        needs_price = spec.budget.needs_price or any(x.max_usd is not None for x in self.limits)
+        if cost is None and needs_price:
             raise ConfigurationError(
-                f"A budget in USD is set (CHATCHAIN_BUDGET_*_USD) but the price of model "
+                f"A budget in USD is set (CHATCHAIN_BUDGET_*_USD, or the call's limits) but "
+                f"the price of model "
                 f"{model!r} is unknown, so the turn cannot be checked and was not sent. Set its "
                 'price in CHATCHAIN_PRICES (e.g. {"' + str(model) + '": {"input": 0.15, '
                 '"output": 0.6}} in USD per million tokens), or cap tokens instead '
@@ -605,7 +620,7 @@ class Turn:
         if summary:  # capped at the summary call's own max_tokens
             reply = self.spec.recall.summary_reply_tokens or reply
         hold = self._new_hold(prompt_tokens, reply, summary)
-        return hold, self.spec.budget.limits(self.session_id, self.user_id)
+        return hold, [*self.spec.budget.limits(self.session_id, self.user_id), *self.limits]
 
     def _smaller_hold(
         self, prompt_tokens: int, hold: BudgetHold, refusal: BudgetRefusal, summary: bool
@@ -693,10 +708,17 @@ class Turn:
                 f"has used {spent_tokens:,} tokens and this turn needs at least {hold.tokens:,}"
             )
         in_flight = " (including turns in flight)" if refusal.held_tokens else ""
-        message = (
-            f"Budget exceeded: the cap for {who} is {cap}; it {status}{in_flight}. "
-            f"Nothing was sent or stored. Raise {setting} to go on."
-        )
+        if limit.label is None:
+            message = (
+                f"Budget exceeded: the cap for {who} is {cap}; it {status}{in_flight}. "
+                f"Nothing was sent or stored. Raise {setting} to go on."
+            )
+        else:
+            period = "" if limit.since is None else f" since {limit.since:%Y-%m-%d %H:%M} UTC"
+            message = (
+                f"Budget exceeded: {limit.label} of {cap} is reached; {who}{period} {status}"
+                f"{in_flight}. Nothing was sent or stored. {setting}"
+            )
         logger.warning("Session %r: %s", self.session_id, message)
         return BudgetExceeded(
             message,
@@ -724,7 +746,14 @@ class Turn:
                 "Set CHATCHAIN_MAX_TOKENS for longer replies."
             )
             return
+        cap_limit = self._cut_by[0]
         who, cap, setting = _cap_words(*self._cut_by)
+        if cap_limit.label is not None:
+            self.notice(
+                f"The reply was cut at {limit:,} tokens: that is all {cap_limit.label} ({cap}) "
+                "had left."
+            )
+            return
         self.notice(
             f"The reply was cut at {limit:,} tokens: that is all the cap for {who} ({cap}) "
             f"had left. Raise {setting} for longer replies."
@@ -901,7 +930,7 @@ class Turn:
             call = self.spec.recall.summarize(
                 self.spec.store,
                 self.session_id,
-                self._summary_check if self.spec.budget else None,
+                self._summary_check if self.budgeted else None,
                 run=self.bounded,
             )
         except (BudgetExceeded, ConfigurationError, TurnDeadlineError):
@@ -918,7 +947,7 @@ class Turn:
         """`summarize` for async callers."""
         if self.spec.store is None:
             return
-        check = self._asummary_check if self.spec.budget else None
+        check = self._asummary_check if self.budgeted else None
         try:
             call = await self.spec.recall.asummarize(
                 self.spec.store, self.session_id, check, arun=self._abounded_call
@@ -979,11 +1008,46 @@ class Turn:
         )
 
 
+def _call_limits(value: object, user_id: str | None) -> tuple[BudgetLimit, ...]:
+    """A call's own caps (``configurable["limits"]``), checked.
+
+    Raises:
+        InvalidInputError: Not a sequence of `BudgetLimit`, or a user's cap on a turn that
+            is not filed under that user (their spending could not be counted).
+    """
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise InvalidInputError(
+            f"limits must be a list of BudgetLimit, not {type(value).__name__}."
+        )
+    for limit in value:
+        if not isinstance(limit, BudgetLimit):
+            raise InvalidInputError(
+                f"limits must be a list of BudgetLimit, not of {type(limit).__name__}: "
+                "build them with Budget(...).limits(...) or Users(store).limits(user)."
+            )
+        if limit.scope == "user" and limit.key != user_id:
+            raise InvalidInputError(
+                f"A cap for user {limit.key!r} applies only to turns filed under that user: "
+                f"pass user_id={limit.key!r} with it."
+            )
+    return tuple(value)
+
+
 def _cap_words(limit: BudgetLimit, in_usd: bool) -> tuple[str, str, str]:
-    """Whose cap ``limit`` is, the cap, and the setting that raises it (USD or tokens)."""
+    """Whose cap ``limit`` is, the cap, and the setting that raises it (USD or tokens); for a
+    call's own (labelled) cap, what to do instead of a setting."""
     who = {"session": f"session {limit.key!r}", "user": f"user {limit.key!r}"}.get(
         limit.scope, "everything in this store"
     )
+    if limit.label is not None:
+        usd = limit.max_usd or 0.0
+        cap = (
+            (f"${usd:.2f}" if round(usd, 2) == usd else f"${usd:.4f}")
+            if in_usd
+            else f"{limit.max_tokens:,} tokens"
+        )
+        wait = "" if limit.since is None else "Wait for the next period, or raise"
+        return who, cap, f"{wait or 'Raise'} the cap to go on."
     variable = {"session": "SESSION", "user": "USER"}.get(limit.scope, "TOTAL")
     if in_usd:
         return who, f"${limit.max_usd:.4f}", f"CHATCHAIN_BUDGET_{variable}_USD"

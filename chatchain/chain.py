@@ -642,11 +642,12 @@ def create_chat_chain(
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
     if settings.cache is not None:  # the turns' model only: summaries are never cached
         model = _cache.with_cache(model, _cache.open_cache(settings.cache))
-    # Under a budget each call is sent with the max_tokens its hold could pay for.
-    step: Runnable[Any, Any] = BudgetedModel(model) if spec.budget else model
+    # Under a budget (the chain's, or a call's own limits) each call is sent with the
+    # max_tokens its hold could pay for; without one the model is called as it is.
+    step: Runnable[Any, Any] = BudgetedModel(model)
     if toolbox is not None:
         with_tools = bind_tools(model, list(toolbox.tools.values()))
-        step = ToolLoop(BudgetedModel(with_tools) if spec.budget else with_tools, step, toolbox)
+        step = ToolLoop(BudgetedModel(with_tools), step, toolbox)
     return ChatChain(
         prompt | StructuredModel(step, model),
         history,

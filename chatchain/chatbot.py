@@ -25,7 +25,15 @@ from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
 from chatchain.stores import HistoryBackend, HistoryStore, SessionInfo, as_store, open_store
 from chatchain.stores._export import read_export
-from chatchain.usage import Budget, ReportKey, Usage, UsageEntry, UsageLedger, UsageReport
+from chatchain.usage import (
+    Budget,
+    BudgetLimit,
+    ReportKey,
+    Usage,
+    UsageEntry,
+    UsageLedger,
+    UsageReport,
+)
 
 __all__ = ["AsyncReplyStream", "Chatbot", "Reply", "ReplyStream"]
 
@@ -313,10 +321,14 @@ class Chatbot:
         user_id: str | None,
         prompt_vars: Mapping[str, Any],
         schema: type[BaseModel] | None = None,
+        *,
+        limits: Sequence[BudgetLimit] = (),
     ) -> tuple[dict[str, Any], RunnableConfig]:
         configurable: dict[str, Any] = {"session_id": session_id}
         if user_id is not None:
             configurable["user_id"] = user_id
+        if limits:
+            configurable["limits"] = limits
         return {**prompt_vars, "input": text}, with_schema({"configurable": configurable}, schema)
 
     def chat(
@@ -327,6 +339,7 @@ class Chatbot:
         user_id: str | None = None,
         schema: type[BaseModel] | None = None,
         on_tool: Callable[[ToolEvent], None] | None = None,
+        limits: Sequence[BudgetLimit] = (),
         **prompt_vars: Any,
     ) -> Reply:
         """Send one message and return the reply.
@@ -336,7 +349,9 @@ class Chatbot:
         that schema (``with_structured_output``: json_schema, or function calling for an
         endpoint that refuses it): ``Reply.parsed`` is the validated instance, and the
         history keeps its JSON text. ``on_tool`` (optional) is called with each
-        `ToolStarted` and `ToolFinished` as the turn's tools run.
+        `ToolStarted` and `ToolFinished` as the turn's tools run. ``limits`` (optional) are
+        this call's own caps, checked together with the budget's before anything is sent,
+        e.g. ``Users(store).limits(user)`` (a user's caps need ``user_id`` of that user).
 
         Raises:
             InvalidInputError: Empty text, a bad session id or a missing prompt variable.
@@ -357,7 +372,7 @@ class Chatbot:
             >>> bot.history("geo")[-1].content
             '{"name":"Oslo","population":709000}'
         """
-        call = self._call(text, session_id, user_id, prompt_vars, schema)
+        call = self._call(text, session_id, user_id, prompt_vars, schema, limits=limits)
         message, turn = self.chain.run_turn(*call, on_tool=on_tool)
         return _reply(message, turn)
 
@@ -369,10 +384,11 @@ class Chatbot:
         user_id: str | None = None,
         schema: type[BaseModel] | None = None,
         on_tool: Callable[[ToolEvent], None] | None = None,
+        limits: Sequence[BudgetLimit] = (),
         **prompt_vars: Any,
     ) -> Reply:
         """`chat` without blocking the event loop."""
-        call = self._call(text, session_id, user_id, prompt_vars, schema)
+        call = self._call(text, session_id, user_id, prompt_vars, schema, limits=limits)
         message, turn = await self.chain.arun_turn(*call, on_tool=on_tool)
         return _reply(message, turn)
 
@@ -383,6 +399,7 @@ class Chatbot:
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
         on_tool: Callable[[ToolEvent], None] | None = None,
+        limits: Sequence[BudgetLimit] = (),
         **prompt_vars: Any,
     ) -> ReplyStream:
         """Send one message and iterate over the reply's text as it arrives.
@@ -393,7 +410,9 @@ class Chatbot:
         ``on_tool`` receives too.
         """
         chunks, turn = self.chain.stream_turn(
-            *self._call(text, session_id, user_id, prompt_vars), on_tool=on_tool, events=True
+            *self._call(text, session_id, user_id, prompt_vars, limits=limits),
+            on_tool=on_tool,
+            events=True,
         )
         return ReplyStream(chunks, turn)
 
@@ -404,11 +423,14 @@ class Chatbot:
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
         on_tool: Callable[[ToolEvent], None] | None = None,
+        limits: Sequence[BudgetLimit] = (),
         **prompt_vars: Any,
     ) -> AsyncReplyStream:
         """`stream` for ``async for``."""
         chunks, turn = self.chain.astream_turn(
-            *self._call(text, session_id, user_id, prompt_vars), on_tool=on_tool, events=True
+            *self._call(text, session_id, user_id, prompt_vars, limits=limits),
+            on_tool=on_tool,
+            events=True,
         )
         return AsyncReplyStream(chunks, turn)
 

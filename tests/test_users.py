@@ -6,22 +6,28 @@ tests/stores/test_users_contract.py; here the facade runs over memory and SQLite
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from chatchain import (
+    BudgetExceeded,
+    Chatbot,
     ConfigurationError,
     InvalidInputError,
     MemoryStore,
+    ModelPrice,
+    Settings,
     UnknownUserError,
     UserExistsError,
 )
 from chatchain.stores import HistoryStore, SQLiteStore, as_store
-from chatchain.usage import BudgetLimit
+from chatchain.testing import FakeChatModel
+from chatchain.usage import BudgetLimit, UsageEntry
 from chatchain.users import User, Users, hash_token
 from tests.stores.example_store import TinyStore
 
@@ -203,7 +209,7 @@ def test_limits_are_lifetime_day_and_month_in_utc() -> None:
 
 
 def test_limits_take_the_utc_day_of_a_local_time() -> None:
-    from datetime import timedelta, timezone
+    from datetime import timezone
 
     user = User("bob", datetime(2025, 1, 1, tzinfo=UTC), daily_usd=1.0)
     # 01:00 on April 1st at UTC+2 is still March 31st in UTC.
@@ -215,3 +221,145 @@ def test_limits_take_the_utc_day_of_a_local_time() -> None:
 def test_no_caps_no_limits() -> None:
     user = User("bob", datetime(2025, 1, 1, tzinfo=UTC))
     assert Users(MemoryStore()).limits(user) == []
+
+
+# -- per-call limits: a user's caps on their turns --------------------------------------------
+
+PRICES = {"gpt-4o-mini": ModelPrice(input=1.0, output=1.0)}  # 1 USD per million tokens
+
+
+@pytest.fixture
+def capped(settings: Settings, fake: FakeChatModel) -> tuple[Chatbot, Users]:
+    values = {**settings.model_dump(), "max_tokens": 20, "prices": PRICES}
+    bot = Chatbot(Settings(**values), llm=fake)
+    return bot, Users(bot.store)
+
+
+def _spend(bot: Chatbot, user: str, usd: float, at: datetime) -> None:
+    bot.store.record_usage(
+        UsageEntry("earlier", "gpt-4o-mini", total_tokens=10, cost_usd=usd, user_id=user, at=at)
+    )
+
+
+def _today() -> datetime:
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def test_a_daily_cap_refuses_before_sending(
+    capped: tuple[Chatbot, Users], fake: FakeChatModel
+) -> None:
+    bot, users = capped
+    users.add("alice", daily_usd=0.0002)
+    alice = users.get("alice")
+    assert alice is not None
+    turns = 0
+    with pytest.raises(BudgetExceeded) as info:
+        for _ in range(50):
+            bot.chat("hi there", session_id="s", user_id="alice", limits=users.limits(alice))
+            turns += 1
+    assert 1 <= turns < 50
+    calls, history, spent = len(fake.calls), bot.history("s"), bot.usage(user_id="alice")
+    assert spent.cost_usd is not None and spent.cost_usd <= 0.0002
+    error = info.value
+    assert (error.scope, error.key, error.limit_usd) == ("user", "alice", 0.0002)
+    message = str(error)
+    assert message.startswith("Budget exceeded: user alice's daily cap of $0.0002 is reached;")
+    assert "Nothing was sent or stored. Wait for the next period, or raise the cap" in message
+    # Nothing sent, stored or counted; other users and calls without limits go on.
+    with pytest.raises(BudgetExceeded):
+        bot.chat("again", session_id="s", user_id="alice", limits=users.limits(alice))
+    assert (len(fake.calls), bot.history("s"), bot.usage(user_id="alice")) == (
+        calls,
+        history,
+        spent,
+    )
+    assert bot.chat("hi", session_id="s2", user_id="alice").text == "Echo: hi"
+
+
+def test_yesterday_does_not_count_but_the_lifetime_budget_does(
+    capped: tuple[Chatbot, Users], fake: FakeChatModel
+) -> None:
+    bot, users = capped
+    users.add("alice", daily_usd=0.01, monthly_usd=5.0, budget_usd=1.0)
+    alice = users.get("alice")
+    assert alice is not None
+    _spend(bot, "alice", 0.5, _today() - timedelta(seconds=1))
+    assert bot.chat("hi", user_id="alice", limits=users.limits(alice)).text == "Echo: hi"
+    _spend(bot, "alice", 0.5, _today() - timedelta(days=40))  # lifetime now 1.0+
+    with pytest.raises(BudgetExceeded, match=r"user alice's budget of \$1\.00 is reached"):
+        bot.chat("hi", user_id="alice", limits=users.limits(alice))
+    assert len(fake.calls) == 1
+
+
+def test_a_monthly_cap_refuses_once_this_month_reaches_it(
+    capped: tuple[Chatbot, Users], fake: FakeChatModel
+) -> None:
+    bot, users = capped
+    users.add("bob", monthly_usd=1.0)
+    bob = users.get("bob")
+    assert bob is not None
+    month = _today().replace(day=1)
+    _spend(bot, "bob", 5.0, month - timedelta(seconds=1))  # last month: not counted
+    assert bot.chat("hi", user_id="bob", limits=users.limits(bob)).text == "Echo: hi"
+    _spend(bot, "bob", 1.0, month)
+    with pytest.raises(BudgetExceeded, match=r"user bob's monthly cap of \$1\.00 is reached"):
+        bot.chat("hi", user_id="bob", limits=users.limits(bob))
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("how", ["chat", "achat", "stream", "astream", "chain"])
+def test_every_entry_point_checks_the_call_s_limits(
+    capped: tuple[Chatbot, Users], fake: FakeChatModel, how: str
+) -> None:
+    bot, users = capped
+    users.add("alice", daily_usd=0.5)
+    alice = users.get("alice")
+    assert alice is not None
+    _spend(bot, "alice", 0.5, _today())
+    limits = users.limits(alice)
+    entries = bot.store.usage_entries()
+
+    async def consume() -> None:
+        if how == "achat":
+            await bot.achat("hi", session_id="s", user_id="alice", limits=limits)
+        else:
+            async for _ in bot.astream("hi", session_id="s", user_id="alice", limits=limits):
+                pass
+
+    with pytest.raises(BudgetExceeded, match=r"user alice's daily cap of \$0\.50"):
+        if how == "chat":
+            bot.chat("hi", session_id="s", user_id="alice", limits=limits)
+        elif how == "stream":
+            list(bot.stream("hi", session_id="s", user_id="alice", limits=limits))
+        elif how == "chain":
+            configurable = {"session_id": "s", "user_id": "alice", "limits": limits}
+            bot.chain.invoke({"input": "hi"}, config={"configurable": configurable})
+        else:
+            asyncio.run(consume())
+    assert fake.calls == []
+    assert bot.history("s") == []
+    assert bot.store.usage_entries() == entries
+
+
+def test_a_user_s_cap_needs_their_user_id(
+    capped: tuple[Chatbot, Users], fake: FakeChatModel
+) -> None:
+    bot, users = capped
+    users.add("alice", daily_usd=1.0)
+    limits = users.limits(users.get("alice"))  # type: ignore[arg-type]
+    for user_id in (None, "bob"):
+        with pytest.raises(InvalidInputError, match="pass user_id='alice' with it"):
+            bot.chat("hi", user_id=user_id, limits=limits)
+    with pytest.raises(InvalidInputError, match="limits must be a list of BudgetLimit"):
+        bot.chat("hi", limits=[{"max_usd": 1.0}])  # type: ignore[list-item]
+    assert fake.calls == [] and bot.history() == []
+
+
+def test_a_call_s_limits_size_the_reply_without_a_budget(settings: Settings) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini", replies=["word " * 200])
+    bot = Chatbot(settings, llm=fake)  # no budget of its own: the call's limit alone
+    limit = BudgetLimit("session", "s", max_tokens=60, label="the demo's cap")
+    reply = bot.chat("hi", session_id="s", limits=[limit])
+    assert 0 < len(reply.text) < 4 * 60  # sent with max_tokens cut to what the cap had left
+    assert any("that is all the demo's cap (60 tokens) had left" in n for n in reply.notices)
+    assert bot.store.usage_total("session", "s").total_tokens <= 60

@@ -122,6 +122,7 @@ def test_a_database_of_the_previous_schema_gets_the_ledger(
             "0002_usage_ledger",
             "0003_estimated_totals",
             "0004_cached_turns",
+            "0005_users",
         ]
         assert [m.content for m in store.load("s")] == ["q0", "a1"]  # the data survives
         entries = _ledger_entries()

@@ -439,14 +439,14 @@ def test_ledger_keys_are_percent_encoded_and_holds_leave_none(
         with raw(redis_url) as client:
             assert client.exists(f"chatchain:holds:user:{quote(sid, safe='')}") == 1
         redis_store.record_usage(spend(sid, user=sid), release=h.id)
-    ledger = re.compile(r"chatchain:usage:(at|total):(all|session|user):[\w%.~-]*", re.ASCII)
+    ledger = re.compile(r"chatchain:usage:(at|total|days):(all|session|user):[\w%.~-]*", re.ASCII)
     with raw(redis_url) as client:
         keys = set(client.scan_iter())
         assert {k for k in keys if not ledger.fullmatch(k)} == {
             "chatchain:usage:entries",
             "chatchain:usage:seq",
         }  # no hold key is left once every hold is released
-        assert len(keys) == 2 + 2 + 4 * len(ids)  # "all", and session and user per id
+        assert len(keys) == 2 + 3 + 6 * len(ids)  # "all", and session and user per id
     for sid in ids:
         assert [e.user_id for e in redis_store.usage_entries(session_id=sid)] == [sid]
         assert redis_store.usage_total("user", sid).turns == 1
