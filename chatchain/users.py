@@ -239,8 +239,8 @@ class Users:
         user = self.store.update_user(name, changes, token_hash=token_hash)
         if user is None:
             raise UnknownUserError(
-                f"There is no user {name!r}: see `chatchain users list`, or add them with "
-                f"`chatchain users add {name}`."
+                f"There is no user {name!r}: see chatchain users list, or add them with "
+                f"chatchain users add {name}."
             )
         return user
 

@@ -1,4 +1,4 @@
-"""The ``chatchain`` commands: chat, ask, sessions, usage and demo (click)."""
+"""The ``chatchain`` commands: chat, ask, sessions, usage, users and demo (click)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,17 @@ from typing import Any, TypeVar, cast, get_args
 import click
 from rich.console import Console
 
-from chatchain import Chatbot, InvalidInputError, SessionExistsError, ToolFinished, _demo
+from chatchain import (
+    Chatbot,
+    InvalidInputError,
+    SessionExistsError,
+    ToolFinished,
+    UnknownUserError,
+    _demo,
+)
 from chatchain.cli._chat import ChatLoop, line_reader, stream_reply
 from chatchain.cli._render import (
+    caps_line,
     count,
     notices,
     sessions_table,
@@ -24,6 +32,7 @@ from chatchain.cli._render import (
     usage_line,
     usage_note,
     usage_table,
+    users_table,
 )
 from chatchain.cli._setup import (
     DATA_DIR_ENV,
@@ -39,6 +48,7 @@ from chatchain.cli._setup import (
 )
 from chatchain.cli._tools import TOOLS_HELP, load_tools, tool_line
 from chatchain.usage import ReportKey
+from chatchain.users import Users
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -479,6 +489,153 @@ def usage(
         note = usage_note(report)
         if note is not None:
             console.print(note, soft_wrap=True)
+
+
+@contextmanager
+def _users(store: str | None, env_file: Path | None, debug: bool) -> Iterator[Users]:
+    with errors_reported(debug) as report:
+        settings = load_settings(env_file, {"store": store})
+        report.remember_key(settings)
+        with closing(open_settings_store(settings)) as history_store:
+            yield Users(history_store)
+
+
+_CAPS = {"--budget-usd": "budget_usd", "--daily-usd": "daily_usd", "--monthly-usd": "monthly_usd"}
+
+
+def _caps_options(none: bool) -> Callable[[F], F]:
+    """--budget-usd, --daily-usd and --monthly-usd (``none`` removes a cap, in ``caps``)."""
+    remove = " (none removes it)" if none else ""
+    helps = {
+        "--budget-usd": "The most the user may spend in all, in USD",
+        "--daily-usd": "The most the user may spend per UTC day, in USD",
+        "--monthly-usd": "The most the user may spend per UTC calendar month, in USD",
+    }
+    return _options(
+        *(
+            click.option(flag, metavar="USD", help=text + remove + ".")
+            for flag, text in helps.items()
+        )
+    )
+
+
+def _usd_caps(given: dict[str, str | None], *, none: bool) -> dict[str, float | None]:
+    """The caps given on the command line, by `Users` keyword (``none`` -> ``None``).
+
+    Raises:
+        InvalidInputError: A value is not an amount of USD (one line, saying what to give).
+    """
+    caps: dict[str, float | None] = {}
+    for flag, field in _CAPS.items():
+        value = given[field]
+        if value is None:
+            continue
+        if none and value.strip().lower() == "none":
+            caps[field] = None
+            continue
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        if not 0 <= amount < float("inf"):
+            removal = " (or none to remove the cap)" if none else ""
+            raise InvalidInputError(
+                f"{flag} {value!r} is not an amount of USD: give a number like 1.50{removal}."
+            )
+        caps[field] = amount
+    return caps
+
+
+@cli.group()
+def users() -> None:
+    """Add, list, revoke and rotate the users of `chatchain serve`, and set their caps.
+
+    Users live in the store (--store), so every server worker sharing it sees them. A token is
+    printed once, when it is made; the store keeps only its hash.
+    """
+
+
+@users.command("add")
+@click.argument("name")
+@_caps_options(none=False)
+@_store_options
+def add_user(
+    name: str,
+    budget_usd: str | None,
+    daily_usd: str | None,
+    monthly_usd: str | None,
+    store: str | None,
+    env_file: Path | None,
+    debug: bool,
+) -> None:
+    """Add a user and print their bearer token (once: keep it, it cannot be shown again)."""
+    given = {"budget_usd": budget_usd, "daily_usd": daily_usd, "monthly_usd": monthly_usd}
+    with _users(store, env_file, debug) as users_:
+        token = users_.add(name, **_usd_caps(given, none=False))
+        click.echo(f"Added user {name}. Their token, shown this once:", err=True)
+        click.echo(token)
+
+
+@users.command("list")
+@_store_options
+def list_users(store: str | None, env_file: Path | None, debug: bool) -> None:
+    """The users: name, created (local time), caps and whether revoked."""
+    with _users(store, env_file, debug) as users_:
+        found = users_.list()
+        if not found:
+            click.echo("No users yet: add one with chatchain users add NAME.")
+            return
+        stdout_console().print(users_table(found))
+
+
+@users.command()
+@click.argument("name")
+@_store_options
+def revoke(name: str, store: str | None, env_file: Path | None, debug: bool) -> None:
+    """Stop a user's token from working (rotate gives them a new one)."""
+    with _users(store, env_file, debug) as users_:
+        users_.revoke(name)
+        click.echo(f"Revoked {name}'s token. chatchain users rotate {name} gives them a new one.")
+
+
+@users.command()
+@click.argument("name")
+@_store_options
+def rotate(name: str, store: str | None, env_file: Path | None, debug: bool) -> None:
+    """Give a user a new token and print it (the old one stops working; revoked users are
+    active again)."""
+    with _users(store, env_file, debug) as users_:
+        token = users_.rotate(name)
+        click.echo(
+            f"New token for {name} (the old one no longer works), shown this once:", err=True
+        )
+        click.echo(token)
+
+
+@users.command()
+@click.argument("name")
+@_caps_options(none=True)
+@_store_options
+def caps(
+    name: str,
+    budget_usd: str | None,
+    daily_usd: str | None,
+    monthly_usd: str | None,
+    store: str | None,
+    env_file: Path | None,
+    debug: bool,
+) -> None:
+    """Show a user's caps, or change those given (none removes one)."""
+    given = {"budget_usd": budget_usd, "daily_usd": daily_usd, "monthly_usd": monthly_usd}
+    with _users(store, env_file, debug) as users_:
+        changes = _usd_caps(given, none=True)
+        user = users_.set_caps(name, **changes) if changes else users_.get(name)
+        if user is None:
+            raise UnknownUserError(
+                f"There is no user {name!r}: see chatchain users list, or add them with "
+                f"chatchain users add {name}."
+            )
+        click.echo(caps_line(user))
 
 
 @cli.command()

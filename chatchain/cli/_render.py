@@ -16,6 +16,7 @@ from rich.text import Text
 from chatchain import Usage, UsageReport
 from chatchain.stores import SessionInfo
 from chatchain.usage import estimated_note
+from chatchain.users import User
 
 _SPEAKERS = {"human": ("you", "bold cyan"), "ai": ("assistant", "bold green")}
 
@@ -129,6 +130,44 @@ def tool_result_line(message: ToolMessage, name: str | None = None) -> Text:
     label = "error" if message.status == "error" else (message.name or name)
     prefix = f"{label}: " if label else ""
     return Text(f"  → {prefix}{_short(message.text, 100)}", style="dim")
+
+
+def _usd(cap: float | None) -> str:
+    return "-" if cap is None else f"${cap:.2f}" if round(cap, 2) == cap else f"${cap:g}"
+
+
+def users_table(users: Sequence[User]) -> Table:
+    """The users as a table: name, created (local time), caps in USD and status; never a
+    token or its hash."""
+    table = Table(
+        "user",
+        "created",
+        "budget",
+        "daily",
+        "monthly",
+        "status",
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+    )
+    for column in table.columns[2:5]:
+        column.justify = "right"
+    for user in users:
+        table.add_row(
+            Text(user.name),
+            _when(user.created_at),
+            _usd(user.budget_usd),
+            _usd(user.daily_usd),
+            _usd(user.monthly_usd),
+            "revoked" if user.revoked else "active",
+        )
+    return table
+
+
+def caps_line(user: User) -> str:
+    """A user's caps in one line: ``alice: budget $5.00, daily $1.00, monthly -``."""
+    caps = (("budget", user.budget_usd), ("daily", user.daily_usd), ("monthly", user.monthly_usd))
+    return f"{user.name}: " + ", ".join(f"{name} {_usd(cap)}" for name, cap in caps)
 
 
 def transcript(console: Console, messages: Sequence[BaseMessage]) -> None:

@@ -314,7 +314,7 @@ def user_exists(name: str) -> UserExistsError:
     """The error for adding a user whose name is taken."""
     return UserExistsError(
         f"There is a user {name!r} already: pick another name, or give them a new token with "
-        f"`chatchain users rotate {name}`."
+        f"chatchain users rotate {name}."
     )
 
 
