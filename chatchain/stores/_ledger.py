@@ -75,8 +75,12 @@ def scopes_of(entry: UsageEntry) -> list[tuple[Scope, str]]:
 
 
 def in_scope(entry: UsageEntry, scope: Scope, key: str) -> bool:
-    """Whether ``entry`` counts towards the total of ``(scope, key)``."""
-    return (scope, key) in scopes_of(entry)
+    """Whether ``entry`` counts towards the total of ``(scope, key)`` (as `scopes_of` says)."""
+    if scope == "session":
+        return entry.session_id == key
+    if scope == "user":
+        return entry.user_id == key
+    return True
 
 
 def increments(entry: UsageEntry) -> dict[str, int | float]:

@@ -34,7 +34,6 @@ from chatchain.usage import (
     Usage,
     UsageEntry,
     check_limit,
-    total_of,
 )
 from chatchain.users import User
 
@@ -107,12 +106,15 @@ class MemoryLedger(LedgerBackend):
             return None
 
     def _spent(self, limit: BudgetLimit) -> Usage:
+        """A limit's spending: the running total, or a period's entries summed (only what
+        `check_limit` reads: tokens and the priced entries' cost)."""
         if limit.since is None:
             return self.usage_total(limit.scope, limit.key)
         since = limit.since
-        return total_of(
-            e for e in self._entries if e.at >= since and in_scope(e, limit.scope, limit.key)
-        )
+        period = [e for e in self._entries if e.at >= since and in_scope(e, limit.scope, limit.key)]
+        tokens = sum(e.total_tokens for e in period)
+        cost = sum(e.cost_usd for e in period if e.cost_usd is not None)
+        return Usage(total_tokens=tokens, cost_usd=cost, priced_cost_usd=cost)
 
     def release_budget(self, hold_id: str) -> None:
         with self._guard:

@@ -144,18 +144,22 @@ def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:
     return total_usage(None if row is None else dict(zip(TOTAL_COLUMNS, row, strict=True)))
 
 
+def _period_query(scope: Scope, key: str, since: datetime) -> tuple[str, tuple[str, ...]]:
+    """The statement summing a scope's entries since ``since``, and its parameters: one
+    range read of the index on (session or user, at), or on at for ``"all"``."""
+    sql = f"SELECT {PERIOD_SUMS} FROM usage WHERE at >= ?"
+    if scope == "all":
+        return sql, (_stamp(since),)
+    column = "session_id" if scope == "session" else "user_id"
+    return f"{sql} AND {column} = ?", (_stamp(since), key)
+
+
 def _read_spent(conn: sqlite3.Connection, limit: BudgetLimit) -> Usage:
     """What a limit's scope spent: its running total, or for a period (`BudgetLimit.since`)
-    its entries since the start summed, one range read of the index on (scope key, at)."""
+    its entries since the start, summed."""
     if limit.since is None:
         return _read_total(conn, limit.scope, limit.key)
-    sql = f"SELECT {PERIOD_SUMS} FROM usage WHERE at >= ?"
-    params: tuple[str, ...] = (_stamp(limit.since),)
-    if limit.scope == "session":
-        sql, params = sql + " AND session_id = ?", (*params, limit.key)
-    elif limit.scope == "user":
-        sql, params = sql + " AND user_id = ?", (*params, limit.key)
-    row = conn.execute(sql, params).fetchone()
+    row = conn.execute(*_period_query(limit.scope, limit.key, limit.since)).fetchone()
     return total_usage(dict(zip(TOTAL_COLUMNS, row, strict=True)))
 
 

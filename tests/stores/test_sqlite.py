@@ -605,3 +605,18 @@ def test_holds_from_several_processes_cannot_overspend(tmp_path: Path) -> None:
     assert rows(tmp_path / "chat.db", "SELECT count(*), sum(tokens) FROM budget_holds") == [
         (10, 100)
     ]
+
+
+@pytest.mark.parametrize(
+    ("scope", "index"),
+    [("user", "usage_by_user"), ("session", "usage_by_session"), ("all", "usage_by_at")],
+)
+def test_a_period_cap_reads_a_range_of_an_index(tmp_path: Path, scope: Scope, index: str) -> None:
+    SQLiteStore(tmp_path / "chat.db").close()
+    sql, params = _sqlite._period_query(scope, "u", datetime(2026, 1, 1, tzinfo=UTC))
+    conn = sqlite3.connect(tmp_path / "chat.db")
+    try:
+        plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    finally:
+        conn.close()
+    assert f"SEARCH usage USING INDEX {index}" in plan and "SCAN" not in plan
