@@ -383,3 +383,33 @@ async def test_async_hold_honours_the_period(store: HistoryStore) -> None:
     daily = BudgetLimit("user", "u", max_tokens=100, since=today)
     assert await store.ahold_budget(hold("s", user="u", tokens=100), [daily]) is None
     assert await store.ahold_budget(hold("s", user="u", tokens=1), [daily]) is not None
+
+
+def test_concurrent_holds_under_a_daily_cap_cannot_overspend(store: HistoryStore) -> None:
+    today = _midnight()
+    store.record_usage(entry("s", user="u", tokens=500, at=today - timedelta(hours=1)))
+    store.record_usage(entry("s", user="u", tokens=40, at=today + timedelta(seconds=1)))
+    daily = BudgetLimit("user", "u", max_tokens=100, since=today)
+    results: list[bool] = []
+    barrier = threading.Barrier(6)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for j in range(5):
+            kept = store.hold_budget(hold(f"s{i}-{j}", user="u", tokens=10), [daily]) is None
+            results.append(kept)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 6 and len(results) == 30  # 40 spent today + 6 x 10
+
+
+def test_a_naive_since_is_utc(store: HistoryStore) -> None:
+    today = _midnight()
+    store.record_usage(entry("s", tokens=50, at=today - timedelta(minutes=1)))
+    naive = BudgetLimit("session", "s", max_tokens=10, since=today.replace(tzinfo=None))
+    assert naive.since == today
+    assert store.hold_budget(hold("s", tokens=10), [naive]) is None
