@@ -1,22 +1,24 @@
 """What the stores' ledgers share: the scopes an entry counts for, the columns of a running
-total, what an entry adds to it (as `UsageEntry.usage` counts it) and the `Usage` a total
-row reads as. One definition here, so the backends cannot count differently.
+total, what an entry adds to it (as `UsageEntry.usage` counts it), the `Usage` a total
+row reads as, and how a period cap's span splits into whole days and a part of one. One
+definition here, so the backends cannot count differently.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from chatchain.usage import Scope, Usage, UsageEntry
 
 __all__ = [
     "ENTRY_COLUMNS",
-    "PERIOD_SUMS",
     "TOTAL_COLUMNS",
     "in_scope",
     "increments",
+    "period_bounds",
     "scopes_of",
     "total_usage",
 ]
@@ -42,24 +44,25 @@ TOTAL_COLUMNS = (
 )
 """The sums a running total keeps, per scope."""
 
-PERIOD_SUMS = ", ".join(
-    (
-        "sum(prompt_tokens)",
-        "sum(completion_tokens)",
-        "sum(total_tokens)",
-        "sum(cached_tokens)",
-        "sum(reasoning_tokens)",
-        "sum(requests)",
-        "sum(cost_usd)",  # NULLs (unpriced) left out, as in a running total
-        "sum(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END)",
-        "sum(latency_s)",
-        "sum(CASE WHEN summary THEN 0 ELSE 1 END)",
-        "sum(CASE WHEN summary THEN 1 ELSE 0 END)",
-        "sum(CASE WHEN estimated THEN 1 ELSE 0 END)",
-    )
-)
-"""`TOTAL_COLUMNS` summed over rows of the entries table, in SQL that SQLite and PostgreSQL
-both read: the total of a period (`BudgetLimit.since`), computed from its entries."""
+
+def period_bounds(since: datetime) -> tuple[date, tuple[datetime, datetime] | None]:
+    """How a store reads a period that starts at ``since`` (`BudgetLimit.since`): the first
+    UTC day it covers whole (read from the per-day sums), and the part of a day it starts
+    within, if any (read from the entries: ``start <= at < end``).
+
+    Example:
+        >>> period_bounds(datetime(2026, 3, 1, tzinfo=UTC))
+        (datetime.date(2026, 3, 1), None)
+        >>> day, (start, end) = period_bounds(datetime(2026, 3, 1, 6, tzinfo=UTC))
+        >>> day.isoformat(), start.hour, end.isoformat()
+        ('2026-03-02', 6, '2026-03-02T00:00:00+00:00')
+    """
+    start = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+    midnight = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    if start == midnight:
+        return midnight.date(), None
+    end = midnight + timedelta(days=1)
+    return end.date(), (start, end)
 
 
 def scopes_of(entry: UsageEntry) -> list[tuple[Scope, str]]:

@@ -236,3 +236,31 @@ def m005_users(conn: sqlite3.Connection) -> None:
         )
         """
     )
+
+
+@migration
+def m006_usage_days(conn: sqlite3.Connection) -> None:
+    # Spending per UTC day for each total (scope, key), kept in the same transaction as the
+    # entries: a period cap (a day's, a month's) reads a row per day of its period instead
+    # of every entry. cost_usd sums the priced entries only, as in usage_totals.
+    conn.execute(
+        """
+        CREATE TABLE usage_days (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            day TEXT NOT NULL,
+            total_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL NOT NULL DEFAULT 0.0,
+            PRIMARY KEY (scope, key, day)
+        ) WITHOUT ROWID
+        """
+    )
+    # The entries recorded before: `at` is UTC text, so its first ten characters are its day.
+    for scope, key in (("'all'", "''"), ("'session'", "session_id"), ("'user'", "user_id")):
+        conn.execute(
+            f"""
+            INSERT INTO usage_days (scope, key, day, total_tokens, cost_usd)
+            SELECT {scope}, {key}, substr(at, 1, 10), sum(total_tokens), coalesce(sum(cost_usd), 0)
+            FROM usage WHERE {key} IS NOT NULL GROUP BY {key}, substr(at, 1, 10)
+            """
+        )

@@ -22,6 +22,8 @@ Schema (``<prefix>`` is ``chatchain`` unless ``table_prefix`` says otherwise)::
                           saved_usd double)
     <prefix>_budget_holds(id text PK, session_id, user_id text, tokens bigint,
                           cost_usd double, expires_at timestamptz)
+    <prefix>_usage_days(scope, key text, day date, PK (scope, key, day), total_tokens bigint,
+                        cost_usd double (the priced entries' sum))
     <prefix>_users(name text PK, token_hash text UNIQUE, created_at timestamptz,
                    budget_usd, daily_usd, monthly_usd double NULL, revoked boolean)
 
@@ -43,9 +45,9 @@ are checked and kept in one transaction under a transaction-level advisory lock 
 (in the two-key space, with second key 1: apart from the session locks, which use the
 one-key space, and from the schema lock, whose second key is 0); each limit's total and holds
 are read by one statement, so a hold that a concurrent commit turns into spending is counted
-once, either as the hold or in the total. A period cap (`BudgetLimit.since`) sums the
-scope's entries since its start instead of reading the total: one range read of the index
-on (user or session, time).
+once, either as the hold or in the total. Each recording also adds to its scopes' sums per
+UTC day (``<prefix>_usage_days``), so that a period cap (`BudgetLimit.since`: a day, a
+month) reads a row per day of its period, plus the entries of a day it starts within.
 A hold's expiry is the server's clock (``clock_timestamp()``) plus the hold's time to live,
 so that clients whose clocks disagree agree on it; taking a hold deletes the expired ones.
 
@@ -116,9 +118,9 @@ from chatchain.stores._base import (
 )
 from chatchain.stores._ledger import (
     ENTRY_COLUMNS,
-    PERIOD_SUMS,
     TOTAL_COLUMNS,
     increments,
+    period_bounds,
     scopes_of,
     total_usage,
 )
@@ -274,6 +276,31 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
             )""",
         ],
     ),
+    (
+        "0006_usage_days",
+        [
+            """CREATE TABLE IF NOT EXISTS {usage_days} (
+                scope text NOT NULL,
+                key text NOT NULL,
+                day date NOT NULL,
+                total_tokens bigint NOT NULL,
+                cost_usd double precision NOT NULL,
+                PRIMARY KEY (scope, key, day)
+            )""",
+            """INSERT INTO {usage_days} (scope, key, day, total_tokens, cost_usd)
+            SELECT 'all', '', (at AT TIME ZONE 'UTC')::date, sum(total_tokens),
+                coalesce(sum(cost_usd), 0)
+            FROM {usage} GROUP BY 3
+            UNION ALL
+            SELECT 'session', session_id, (at AT TIME ZONE 'UTC')::date, sum(total_tokens),
+                coalesce(sum(cost_usd), 0)
+            FROM {usage} GROUP BY 2, 3
+            UNION ALL
+            SELECT 'user', user_id, (at AT TIME ZONE 'UTC')::date, sum(total_tokens),
+                coalesce(sum(cost_usd), 0)
+            FROM {usage} WHERE user_id IS NOT NULL GROUP BY 2, 3""",
+        ],
+    ),
 ]
 
 
@@ -312,6 +339,7 @@ class _Sql:
             "usage_totals",
             "budget_holds",
             "users",
+            "usage_days",
         )
         names = {name: sql.Identifier(f"{prefix}_{name}") for name in tables}
 
@@ -392,8 +420,14 @@ class _Sql:
             f" VALUES ({', '.join(f'%({c})s' for c in ENTRY_COLUMNS)})"
             " ON CONFLICT (id) DO NOTHING RETURNING seq"
         )
+        # The running total, and the day's sum (`usage_days`) in the same statement.
         self.add_total = q(
-            f"INSERT INTO {{usage_totals}} AS t (scope, key, {total_columns})"
+            "WITH day AS (INSERT INTO {usage_days} AS d (scope, key, day, total_tokens, cost_usd)"
+            " VALUES (%(scope)s, %(key)s, %(day)s, %(total_tokens)s, %(cost_usd)s)"
+            " ON CONFLICT (scope, key, day) DO UPDATE SET"
+            " total_tokens = d.total_tokens + excluded.total_tokens,"
+            " cost_usd = d.cost_usd + excluded.cost_usd)"
+            f" INSERT INTO {{usage_totals}} AS t (scope, key, {total_columns})"
             f" VALUES (%(scope)s, %(key)s, {', '.join(f'%({c})s' for c in TOTAL_COLUMNS)})"
             " ON CONFLICT (scope, key) DO UPDATE SET "
             + ", ".join(f"{c} = t.{c} + excluded.{c}" for c in TOTAL_COLUMNS)
@@ -445,14 +479,21 @@ class _Sql:
             )
             for scope in ("session", "user", "all")
         }
-        # The same for a period (`BudgetLimit.since`): its entries summed, from the index on
-        # (scope key, at), instead of the running total.
+        # The same for a period (`BudgetLimit.since`): the sums of its whole UTC days, plus
+        # the entries of a day it starts within (``since <= at < until``; an empty range when
+        # it starts at midnight), instead of the running total; one statement again.
         in_scope = {"session": "session_id = %(key)s", "user": "user_id = %(key)s"}
         self.spending_since = {
             scope: q(
-                f"SELECT t.*, {', '.join(f'h.{c}' for c in _HOLD_COLUMNS)}"
-                f" FROM (SELECT {PERIOD_SUMS} FROM {{usage}}"
-                f" WHERE {in_scope.get(scope, 'true')} AND at >= %(since)s) AS t"
+                "SELECT d.tokens + p.tokens, d.cost + p.cost,"
+                f" {', '.join(f'h.{c}' for c in _HOLD_COLUMNS)}"
+                " FROM (SELECT coalesce(sum(total_tokens), 0) AS tokens,"
+                " coalesce(sum(cost_usd), 0) AS cost FROM {usage_days}"
+                " WHERE scope = %(scope)s AND key = %(key)s AND day >= %(day)s) AS d"
+                " CROSS JOIN (SELECT coalesce(sum(total_tokens), 0) AS tokens,"
+                " coalesce(sum(cost_usd), 0) AS cost FROM {usage}"
+                f" WHERE {in_scope.get(scope, 'true')}"
+                " AND at >= %(since)s AND at < %(until)s) AS p"
                 f" LEFT JOIN {{budget_holds}} AS h ON {held_by.get(scope, 'true')}"
                 " ORDER BY h.id"
             )
@@ -511,9 +552,9 @@ def _entry_args(entry: UsageEntry) -> dict[str, Any]:
 
 
 def _total_args(entry: UsageEntry) -> list[dict[str, Any]]:
-    """What ``entry`` adds to each of its totals, in the one order every recording locks them
-    (`scopes_of`)."""
-    added = increments(entry)
+    """What ``entry`` adds to each of its totals (and to its UTC day's sums), in the one order
+    every recording locks them (`scopes_of`)."""
+    added = {**increments(entry), "day": entry.day}
     return [{"scope": scope, "key": key, **added} for scope, key in scopes_of(entry)]
 
 
@@ -540,14 +581,25 @@ def _hold_args(hold: BudgetHold) -> dict[str, Any]:
 
 
 def _check(limit: BudgetLimit, rows: list[Any], hold: BudgetHold) -> BudgetRefusal | None:
-    """`check_limit` on what a `_Sql.spending` statement read."""
-    n = len(TOTAL_COLUMNS)
+    """`check_limit` on what a `_Sql.spending` (or for a period, `_Sql.spending_since`:
+    tokens and cost) statement read."""
+    if limit.since is not None:
+        tokens, cost = (int(rows[0][0]), float(rows[0][1])) if rows else (0, 0.0)
+        spent = Usage(total_tokens=tokens, cost_usd=cost, priced_cost_usd=cost)
+        return check_limit(limit, spent, _holds(rows, 2), hold)
+    return check_limit(
+        limit, _total(rows[0] if rows else None), _holds(rows, len(TOTAL_COLUMNS)), hold
+    )
+
+
+def _holds(rows: list[Any], n: int) -> list[BudgetHold]:
+    """The holds a spending statement read (its columns from the ``n``-th on)."""
     held = [
         BudgetHold(session_id, int(tokens), float(cost), _utc(expires), user_id=user_id, id=hold_id)
         for hold_id, session_id, user_id, tokens, cost, expires in (row[n:] for row in rows)
         if hold_id is not None
     ]
-    return check_limit(limit, _total(rows[0] if rows else None), held, hold)
+    return held
 
 
 def _user(row: Sequence[Any]) -> tuple[User, str]:
@@ -1173,7 +1225,10 @@ class PostgresStore(HistoryStore, UserBackend):
         read: dict[str, Any] = {"scope": limit.scope, "key": limit.key}
         if limit.since is None:
             return self._sql.spending[limit.scope], read
-        read["since"] = _aware(limit.since)
+        first_day, part = period_bounds(limit.since)
+        midnight = datetime.combine(first_day, datetime.min.time(), UTC)
+        read["day"] = first_day
+        read["since"], read["until"] = (midnight, midnight) if part is None else part
         return self._sql.spending_since[limit.scope], read
 
     def hold_budget(self, hold: BudgetHold, limits: Sequence[BudgetLimit]) -> BudgetRefusal | None:

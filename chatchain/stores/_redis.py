@@ -105,7 +105,13 @@ from chatchain.stores._base import (
     user_exists,
     utcnow,
 )
-from chatchain.stores._ledger import TOTAL_COLUMNS, increments, scopes_of, total_usage
+from chatchain.stores._ledger import (
+    TOTAL_COLUMNS,
+    increments,
+    period_bounds,
+    scopes_of,
+    total_usage,
+)
 from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
 from chatchain.users import User
 
@@ -428,16 +434,14 @@ def _period(since: datetime | None) -> tuple[str, str, str]:
     little ahead), and the time range of a first day it starts within (else ``''``)."""
     if since is None:
         return "", "", ""
-    start = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
-    midnight = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    first, part = period_bounds(since)
     low = high = ""
-    if start != midnight:
-        midnight += timedelta(days=1)
-        low, high = str(_micros(start)), f"({_micros(midnight)}"
+    if part is not None:
+        low, high = str(_micros(part[0])), f"({_micros(part[1])}"
     last = utcnow().date() + timedelta(days=1)
-    days = [midnight.date() + timedelta(days=i) for i in range((last - midnight.date()).days + 1)]
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
     if not days and not low:  # a period yet to come: only entries stamped in it count
-        low, high = str(_micros(start)), "+inf"
+        low, high = str(_micros(datetime.combine(first, datetime.min.time(), UTC))), "+inf"
     return ",".join(day.isoformat() for day in days), low, high
 
 

@@ -17,8 +17,9 @@ first checks that the lease still names the turn (its `Fence`); taking a lease n
 write lock too, so it cannot change hands in between. A turn paused past its lease whose
 session another process took gets only its usage recorded, and `SessionLockLostError`.
 
-A period cap (`BudgetLimit.since`) sums its scope's entries since its start, a range read of
-the ``usage`` indexes on (session or user, time), in the same transaction as the check.
+A period cap (`BudgetLimit.since`) reads its scope's sums per UTC day (``usage_days``, kept
+with the totals) since its start, plus the entries of a day it starts within (a range of the
+``usage`` index on session or user and time), in the same transaction as the check.
 
 Clocks: lease and budget-hold expiries are wall-clock times of the machine (``time.time``,
 UTC), which every process using the file shares.
@@ -61,9 +62,9 @@ from chatchain.stores._base import (
 )
 from chatchain.stores._ledger import (
     ENTRY_COLUMNS,
-    PERIOD_SUMS,
     TOTAL_COLUMNS,
     increments,
+    period_bounds,
     scopes_of,
     total_usage,
 )
@@ -133,6 +134,13 @@ _ADD_TOTAL = (
 )
 
 
+_ADD_DAY = (
+    "INSERT INTO usage_days (scope, key, day, total_tokens, cost_usd) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (scope, key, day) DO UPDATE SET"
+    " total_tokens = total_tokens + excluded.total_tokens, cost_usd = cost_usd + excluded.cost_usd"
+)
+
+
 def _stamp(moment: datetime) -> str:
     # Fixed width (always microseconds, always +00:00), so text order is time order.
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
@@ -144,23 +152,41 @@ def _read_total(conn: sqlite3.Connection, scope: Scope, key: str) -> Usage:
     return total_usage(None if row is None else dict(zip(TOTAL_COLUMNS, row, strict=True)))
 
 
-def _period_query(scope: Scope, key: str, since: datetime) -> tuple[str, tuple[str, ...]]:
-    """The statement summing a scope's entries since ``since``, and its parameters: one
-    range read of the index on (session or user, at), or on at for ``"all"``."""
-    sql = f"SELECT {PERIOD_SUMS} FROM usage WHERE at >= ?"
+_SUM_DAYS = (
+    "SELECT coalesce(sum(total_tokens), 0), coalesce(sum(cost_usd), 0) FROM usage_days"
+    " WHERE scope = ? AND key = ? AND day >= ?"
+)
+
+
+def _part_query(
+    scope: Scope, key: str, start: datetime, end: datetime
+) -> tuple[str, tuple[str, ...]]:
+    """The statement summing a scope's entries of ``start <= at < end`` (part of a day), and
+    its parameters: one range read of the index on (session or user, at), or on at."""
+    sql = (
+        "SELECT coalesce(sum(total_tokens), 0), coalesce(sum(cost_usd), 0) FROM usage"
+        " WHERE at >= ? AND at < ?"
+    )
     if scope == "all":
-        return sql, (_stamp(since),)
+        return sql, (_stamp(start), _stamp(end))
     column = "session_id" if scope == "session" else "user_id"
-    return f"{sql} AND {column} = ?", (_stamp(since), key)
+    return f"{sql} AND {column} = ?", (_stamp(start), _stamp(end), key)
 
 
 def _read_spent(conn: sqlite3.Connection, limit: BudgetLimit) -> Usage:
     """What a limit's scope spent: its running total, or for a period (`BudgetLimit.since`)
-    its entries since the start, summed."""
+    the sums of its whole days plus the entries of a day it starts within."""
     if limit.since is None:
         return _read_total(conn, limit.scope, limit.key)
-    row = conn.execute(*_period_query(limit.scope, limit.key, limit.since)).fetchone()
-    return total_usage(dict(zip(TOTAL_COLUMNS, row, strict=True)))
+    first_day, part = period_bounds(limit.since)
+    params = (limit.scope, limit.key, first_day.isoformat())
+    tokens, cost = conn.execute(_SUM_DAYS, params).fetchone()
+    if part is not None:
+        more_tokens, more_cost = conn.execute(
+            *_part_query(limit.scope, limit.key, *part)
+        ).fetchone()
+        tokens, cost = tokens + more_tokens, cost + more_cost
+    return Usage(total_tokens=int(tokens), cost_usd=float(cost), priced_cost_usd=float(cost))
 
 
 def _read_holds(conn: sqlite3.Connection, scope: Scope, key: str) -> list[BudgetHold]:
@@ -210,7 +236,10 @@ def _record(conn: sqlite3.Connection, entry: UsageEntry, release: str | None) ->
     if conn.execute(_INSERT_ENTRY, _entry_row(entry)).rowcount != 1:
         return  # recorded before (a retry): its totals already count it
     added = increments(entry)
-    conn.executemany(_ADD_TOTAL, [{"scope": s, "key": k, **added} for s, k in scopes_of(entry)])
+    scopes = scopes_of(entry)
+    conn.executemany(_ADD_TOTAL, [{"scope": s, "key": k, **added} for s, k in scopes])
+    day = (entry.day.isoformat(), added["total_tokens"], added["cost_usd"])
+    conn.executemany(_ADD_DAY, [(s, k, *day) for s, k in scopes])
 
 
 def _entry_row(entry: UsageEntry) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def wipe(url: str, prefix: str = "chatchain") -> None:
         "usage_totals",
         "budget_holds",
         "users",
+        "usage_days",
     ]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS " + ", ".join(f"{prefix}_{t}" for t in tables))

@@ -123,6 +123,7 @@ def test_a_database_of_the_previous_schema_gets_the_ledger(
             "0003_estimated_totals",
             "0004_cached_turns",
             "0005_users",
+            "0006_usage_days",
         ]
         assert [m.content for m in store.load("s")] == ["q0", "a1"]  # the data survives
         entries = _ledger_entries()
@@ -135,6 +136,36 @@ def test_a_database_of_the_previous_schema_gets_the_ledger(
 
 
 SCOPES: list[tuple[Scope, str]] = [("all", ""), ("session", "s"), ("session", "t"), ("user", "u")]
+
+
+def test_a_ledger_before_day_sums_gets_them_for_its_entries(postgres_url: str, prefix: str) -> None:
+    day = datetime(2026, 1, 31, tzinfo=UTC)
+    entries = [
+        UsageEntry("a", "m", total_tokens=3, cost_usd=0.5, user_id="u", at=day),
+        UsageEntry(
+            "a", "m", total_tokens=4, cost_usd=None, user_id="u", at=day + timedelta(hours=23)
+        ),
+        UsageEntry("b", "m", total_tokens=5, cost_usd=0.25, at=day - timedelta(microseconds=1)),
+    ]
+    old = PostgresStore(postgres_url, table_prefix=prefix)
+    for entry in entries:
+        old.record_usage(entry)
+    old.close()
+    with psycopg.connect(postgres_url) as conn:  # back to the release before 0006
+        conn.execute(f"DROP TABLE {prefix}_usage_days")
+        conn.execute(f"DELETE FROM {prefix}_migrations WHERE name = '0006_usage_days'")
+    PostgresStore(postgres_url, table_prefix=prefix).close()
+    with psycopg.connect(postgres_url) as conn:
+        found = conn.execute(
+            f"SELECT scope, key, day::text, total_tokens, cost_usd FROM {prefix}_usage_days"
+        ).fetchall()
+    assert sorted(found) == [
+        ("all", "", "2026-01-30", 5, 0.25),
+        ("all", "", "2026-01-31", 7, 0.5),
+        ("session", "a", "2026-01-31", 7, 0.5),
+        ("session", "b", "2026-01-30", 5, 0.25),
+        ("user", "u", "2026-01-31", 7, 0.5),
+    ]
 
 
 def test_totals_of_a_ledger_before_estimated_totals_count_its_estimates(

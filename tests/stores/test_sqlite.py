@@ -32,6 +32,7 @@ SHIPPED = [
     "m003_estimated_totals",
     "m004_cached_turns",
     "m005_users",
+    "m006_usage_days",
 ]
 
 
@@ -237,6 +238,35 @@ def test_a_file_of_the_schema_before_the_ledger_is_migrated(
     store.close()
     names = rows(path, "SELECT name FROM _chatchain_migrations ORDER BY rowid")
     assert names == [(name,) for name in SHIPPED]
+
+
+def test_a_ledger_before_day_sums_gets_them_for_its_entries(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    day = datetime(2026, 1, 31, tzinfo=UTC)
+    entries = [
+        UsageEntry("a", "m", total_tokens=3, cost_usd=0.5, user_id="u", at=day),
+        UsageEntry(
+            "a", "m", total_tokens=4, cost_usd=None, user_id="u", at=day + timedelta(hours=23)
+        ),
+        UsageEntry("b", "m", total_tokens=5, cost_usd=0.25, at=day - timedelta(microseconds=1)),
+    ]
+    old = SQLiteStore(path)
+    for entry in entries:
+        old.record_usage(entry)
+    old.close()
+    conn = sqlite3.connect(path)  # back to the file the release before m006 wrote
+    with conn:
+        conn.execute("DROP TABLE usage_days")
+        conn.execute("DELETE FROM _chatchain_migrations WHERE name = 'm006_usage_days'")
+    conn.close()
+    SQLiteStore(path).close()
+    assert sorted(rows(path, "SELECT * FROM usage_days")) == [
+        ("all", "", "2026-01-30", 5, 0.25),
+        ("all", "", "2026-01-31", 7, 0.5),
+        ("session", "a", "2026-01-31", 7, 0.5),
+        ("session", "b", "2026-01-30", 5, 0.25),
+        ("user", "u", "2026-01-31", 7, 0.5),
+    ]
 
 
 def test_totals_of_a_ledger_before_estimated_totals_count_its_estimates(tmp_path: Path) -> None:
@@ -611,9 +641,10 @@ def test_holds_from_several_processes_cannot_overspend(tmp_path: Path) -> None:
     ("scope", "index"),
     [("user", "usage_by_user"), ("session", "usage_by_session"), ("all", "usage_by_at")],
 )
-def test_a_period_cap_reads_a_range_of_an_index(tmp_path: Path, scope: Scope, index: str) -> None:
+def test_part_of_a_day_reads_a_range_of_an_index(tmp_path: Path, scope: Scope, index: str) -> None:
     SQLiteStore(tmp_path / "chat.db").close()
-    sql, params = _sqlite._period_query(scope, "u", datetime(2026, 1, 1, tzinfo=UTC))
+    start = datetime(2026, 1, 1, 6, tzinfo=UTC)
+    sql, params = _sqlite._part_query(scope, "u", start, start + timedelta(hours=18))
     conn = sqlite3.connect(tmp_path / "chat.db")
     try:
         plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
