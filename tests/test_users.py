@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from langchain_core.messages.utils import count_tokens_approximately
 
 from chatchain import (
     BudgetExceeded,
@@ -26,7 +27,7 @@ from chatchain import (
     UserExistsError,
 )
 from chatchain.stores import HistoryStore, SQLiteStore, as_store
-from chatchain.testing import FakeChatModel
+from chatchain.testing import FakeChatModel, tool_call_reply
 from chatchain.usage import BudgetLimit, UsageEntry
 from chatchain.users import User, Users, hash_token
 from tests.stores.example_store import TinyStore
@@ -363,3 +364,27 @@ def test_a_call_s_limits_size_the_reply_without_a_budget(settings: Settings) -> 
     assert 0 < len(reply.text) < 4 * 60  # sent with max_tokens cut to what the cap had left
     assert any("that is all the demo's cap (60 tokens) had left" in n for n in reply.notices)
     assert bot.store.usage_total("session", "s").total_tokens <= 60
+
+
+def _add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def test_a_call_s_cap_holds_each_call_of_a_tool_turn(settings: Settings) -> None:
+    values = {**settings.model_dump(), "max_tokens": 60}
+    probe = FakeChatModel(
+        model_name="gpt-4o-mini", replies=[tool_call_reply(("_add", {"a": 1, "b": 2})), "3"]
+    )
+    Chatbot(Settings(**values), llm=probe, tools=[_add]).chat("1+2?", session_id="s")
+    first = count_tokens_approximately(probe.calls[0], tools=probe.tools_of_calls[0])
+    cap = BudgetLimit("session", "s", max_tokens=first + 60, label="the demo's cap")
+    fake = FakeChatModel(
+        model_name="gpt-4o-mini", replies=[tool_call_reply(("_add", {"a": 1, "b": 2})), "3"]
+    )
+    bot = Chatbot(Settings(**values), llm=fake, tools=[_add])  # no budget of its own
+    with pytest.raises(BudgetExceeded, match="the demo's cap of"):
+        bot.chat("1+2?", session_id="s", limits=[cap])
+    assert len(fake.calls) == 1  # the second call was never sent
+    assert bot.history("s") == []
+    assert bot.ledger.total().total_tokens <= first + 60
