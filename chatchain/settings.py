@@ -17,13 +17,14 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_serializer, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -219,6 +220,31 @@ class Settings(BaseSettings):
     )
     """``CHATCHAIN_BUDGET_TOTAL_TOKENS``: most tokens everything in the store may spend."""
 
+    server_max_body_bytes: int = Field(
+        default=1_048_576, gt=0, validation_alias="CHATCHAIN_SERVER_MAX_BODY_BYTES"
+    )
+    """``CHATCHAIN_SERVER_MAX_BODY_BYTES``: the largest request body ``chatchain serve``
+    accepts (1 MiB by default); a larger one is refused with 413 before it is read."""
+
+    server_cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), validation_alias="CHATCHAIN_SERVER_CORS_ORIGINS"
+    )
+    """``CHATCHAIN_SERVER_CORS_ORIGINS``: comma-separated origins (e.g.
+    ``https://chat.example.com``) whose pages may call ``chatchain serve`` from a browser;
+    none by default (CORS off)."""
+
+    server_requests_per_minute: int = Field(
+        default=120, ge=0, validation_alias="CHATCHAIN_SERVER_REQUESTS_PER_MINUTE"
+    )
+    """``CHATCHAIN_SERVER_REQUESTS_PER_MINUTE``: API requests one user may make per minute
+    (per worker process), then 429 with ``Retry-After``; 0 for no limit."""
+
+    server_streams_per_user: int = Field(
+        default=4, ge=0, validation_alias="CHATCHAIN_SERVER_STREAMS_PER_USER"
+    )
+    """``CHATCHAIN_SERVER_STREAMS_PER_USER``: streamed replies one user may have open at once
+    (per worker process), then 429 with ``Retry-After``; 0 for no limit."""
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -247,6 +273,13 @@ class Settings(BaseSettings):
     @field_serializer("store", "cache")
     def _url_without_password(self, url: str | None) -> str | None:
         return None if url is None else _redacted_url(url)
+
+    @field_validator("server_cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():

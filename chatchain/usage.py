@@ -127,6 +127,35 @@ class Usage:
             return "cost unknown"
         return f"{'~' if self.estimated else ''}${self.cost_usd:.6f}"
 
+    @property
+    def line(self) -> str:
+        """One turn's usage as the terminal chat shows it after a reply: tokens, cost (never
+        a silent $0), latency and first token; ``~N tokens (...), estimated`` when the
+        endpoint did not report the tokens.
+
+        Example:
+            >>> Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23, cost_usd=None,
+            ...       latency_s=0.412, first_token_s=0.1).line
+            '23 tokens (15 prompt + 8 completion), cost unknown, 0.41 s, first token 0.10 s'
+            >>> Usage(prompt_tokens=15, completion_tokens=8, total_tokens=23,
+            ...       cost_usd=0.00002, estimated=1).line
+            '~23 tokens (15 prompt + 8 completion), estimated, ~$0.000020, 0.00 s'
+        """
+        mark = "~" if self.estimated else ""
+        parts = [
+            f"{mark}{self.total_tokens} tokens ({self.prompt_tokens} prompt + "
+            f"{self.completion_tokens} completion)",
+            self.cost_text,
+            f"{self.latency_s:.2f} s",
+        ]
+        if self.estimated:
+            parts.insert(1, "estimated")
+        if self.cached_turns:
+            parts.insert(0, self.cached_text)
+        if self.first_token_s is not None:
+            parts.append(f"first token {self.first_token_s:.2f} s")
+        return ", ".join(parts)
+
     def __str__(self) -> str:
         """The usage for people, marked ``(estimated)`` when the endpoint did not report it.
 

@@ -34,6 +34,7 @@ from chatchain.cli._render import (
     usage_table,
     users_table,
 )
+from chatchain.cli._serve import serve
 from chatchain.cli._setup import (
     DATA_DIR_ENV,
     data_dir,
@@ -646,3 +647,6 @@ def demo() -> None:
     it runs offline against chatchain's own echo server, and says so.
     """
     raise click.exceptions.Exit(_demo.main())
+
+
+cli.add_command(serve)

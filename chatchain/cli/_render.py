@@ -56,22 +56,8 @@ def usage_line(usage: Usage, session_id: str | None = None) -> Text:
         >>> usage_line(Usage(turns=1, cached_turns=1, saved_usd=0.00002, latency_s=0.01)).plain
         'cached, saved $0.000020, 0 tokens (0 prompt + 0 completion), $0.000000, 0.01 s'
     """
-    mark = "~" if usage.estimated else ""
-    parts = [
-        f"{mark}{usage.total_tokens} tokens ({usage.prompt_tokens} prompt + "
-        f"{usage.completion_tokens} completion)",
-        usage.cost_text,
-        f"{usage.latency_s:.2f} s",
-    ]
-    if usage.estimated:
-        parts.insert(1, "estimated")
-    if usage.cached_turns:
-        parts.insert(0, usage.cached_text)
-    if usage.first_token_s is not None:
-        parts.append(f"first token {usage.first_token_s:.2f} s")
-    if session_id is not None:
-        parts.insert(0, f"session {session_id}")
-    return Text(", ".join(parts), style="dim")
+    line = usage.line if session_id is None else f"session {session_id}, {usage.line}"
+    return Text(line, style="dim")
 
 
 def notices(console: Console, texts: Sequence[str]) -> None:

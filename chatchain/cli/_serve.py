@@ -1,0 +1,118 @@
+"""``chatchain serve``: the chat service (``chatchain.server``) under uvicorn."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import closing, contextmanager
+
+import click
+from rich.console import Console
+
+from chatchain.cli._setup import errors_reported, load_settings, open_settings_store, use_endpoint
+from chatchain.errors import ConfigurationError
+
+__all__ = ["serve"]
+
+APP = "chatchain.server:create_app"  # each worker builds its own app from the environment
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@click.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (0.0.0.0 for every one: put a TLS proxy in front).",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker processes, sharing the store.",
+)
+@click.option(
+    "--store",
+    metavar="URL",
+    help="Where sessions and users live: sqlite:///path, redis://..., postgresql://... "
+    "(default: CHATCHAIN_STORE, else chat.db in the user's data folder).",
+)
+@click.option("--offline", is_flag=True, help="Answer with chatchain's echo server, not a model.")
+@click.option("--debug", is_flag=True, help="Show tracebacks, not one error line.")
+def serve(
+    host: str, port: int, workers: int, store: str | None, offline: bool, debug: bool
+) -> None:
+    """Serve the chat API (and /docs, /healthz, /metrics) over HTTP.
+
+    Users sign in with the tokens of `chatchain users add NAME`, kept in the same store.
+    Settings come from the environment and .env, as for the other commands.
+    """
+    status = Console(stderr=True, highlight=False)
+    with errors_reported(debug) as report:
+        try:
+            import uvicorn
+
+            import chatchain.server  # noqa: F401  (its missing packages, named now)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"chatchain serve needs {exc.name}: install it with pip install "
+                "'chatchain[server]'."
+            ) from None
+        settings = load_settings(None, {"store": store})
+        report.remember_key(settings)
+        if workers > 1 and settings.store.startswith("memory:"):
+            raise ConfigurationError(
+                "--workers above 1 need a store the workers share: pass --store "
+                "sqlite:///path (one machine), redis://... or postgresql://..."
+            )
+        _check_store(settings.store)
+        with use_endpoint(settings, offline, status) as served:
+            env = {"CHATCHAIN_STORE": served.store}
+            if offline:
+                assert served.base_url is not None
+                # The worker's key is a placeholder: the real one (in .env, say) stays home.
+                env |= {"OPENAI_BASE_URL": served.base_url, "OPENAI_API_KEY": "offline"}
+            with _environment(env), _metrics_folder(workers):
+                uvicorn.run(APP, factory=True, host=host, port=port, workers=workers)
+
+
+def _check_store(url: str) -> None:
+    """Open the store once before the workers do: a bad URL or a store that keeps no users
+    fails here, with one clear line (and migrations run once)."""
+    from chatchain.settings import Settings
+    from chatchain.users import Users
+
+    with closing(open_settings_store(Settings(store=url))) as store:
+        Users(store)
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` (which the workers inherit) while the block runs."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _metrics_folder(workers: int) -> Iterator[None]:
+    """With several workers, a fresh folder for prometheus-client's multiprocess files (so
+    /metrics adds up all workers), removed afterwards; kept if the operator set one."""
+    if workers == 1 or os.environ.get(_MULTIPROC_ENV):
+        yield
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="chatchain-metrics-") as folder,
+        _environment({_MULTIPROC_ENV: folder}),
+    ):
+        yield

@@ -1,0 +1,146 @@
+"""`create_app`: the FastAPI app of ``chatchain serve`` over one Chatbot."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatchain import __version__
+from chatchain.chatbot import Chatbot
+from chatchain.server import _metrics, _native, _ops
+from chatchain.server._errors import error_body, install_error_handlers
+from chatchain.server._limits import UserLimits
+from chatchain.server._service import Service
+from chatchain.settings import Settings
+from chatchain.users import Users
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    bot: Chatbot | None = None, *, settings: Settings | None = None, users: Users | None = None
+) -> FastAPI:
+    """The chat service as an ASGI app: the native API, ``/healthz``, ``/metrics``, ``/docs``.
+
+    With no arguments (as ``uvicorn --factory chatchain.server:create_app`` and each worker
+    of ``chatchain serve`` call it) the settings come from the environment and ``.env``, and
+    the app builds its Chatbot over the store they name and closes it at shutdown.
+
+    Args:
+        bot: The Chatbot to serve (yours stays yours: the app does not close it).
+        settings: The ``CHATCHAIN_SERVER_*`` settings (and the bot's, when it builds one);
+            ``bot.settings`` when a bot is given.
+        users: The users and tokens; by default those kept in the bot's store.
+
+    Returns:
+        The app; add routers to it with ``app.include_router``.
+
+    Raises:
+        ConfigurationError: A setting cannot work, or the store keeps no users.
+
+    Example:
+        >>> from chatchain.testing import FakeChatModel
+        >>> app = create_app(Chatbot(llm=FakeChatModel()))
+        >>> sorted(app.openapi()["paths"])[:3]
+        ['/healthz', '/metrics', '/v1/sessions']
+    """
+    owned = bot is None
+    if bot is None:
+        bot = Chatbot(settings or Settings.load())
+    settings = settings or bot.settings
+    service = Service(
+        bot=bot,
+        users=users or Users(bot.store),
+        settings=settings,
+        limits=UserLimits(
+            requests_per_minute=settings.server_requests_per_minute,
+            streams=settings.server_streams_per_user,
+        ),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            _metrics.process_exited()
+            if owned:
+                service.bot.close()
+
+    app = FastAPI(
+        title="chatchain",
+        version=__version__,
+        summary="A chat service over chatchain: sessions per user, streamed replies, usage.",
+        lifespan=lifespan,
+    )
+    app.state.chatchain = service
+    install_error_handlers(app)
+    app.include_router(_native.router)
+    app.include_router(_ops.router)
+    if settings.server_cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.server_cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "X-Session-Id"],
+        )
+    app.add_middleware(BodyLimit, max_bytes=settings.server_max_body_bytes)
+    return app
+
+
+class BodyLimit:
+    """Refuses a request body over ``max_bytes`` with 413 before the app sees any of it.
+
+    The body is read here (up to the limit) and handed on whole: a ``Content-Length`` over
+    the limit is refused at once, and a chunked body as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                await self.app(scope, _replay([message], receive), send)
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        whole: Message = {"type": "http.request", "body": bytes(body), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        _metrics.ERRORS.labels("PayloadTooLarge").inc()
+        message = (
+            f"The request body is over {self.max_bytes} bytes "
+            "(CHATCHAIN_SERVER_MAX_BODY_BYTES): send less."
+        )
+        response = JSONResponse(error_body("PayloadTooLarge", message), status_code=413)
+        await response(scope, receive, send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed

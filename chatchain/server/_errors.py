@@ -1,0 +1,147 @@
+"""chatchain's errors as HTTP answers: one status per error class, one JSON shape.
+
+Every error answer is ``{"error": {"type": ..., "message": ...}}``: the class name and
+chatchain's own message (which says what to do next). Never a traceback, never the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatchain.errors import (
+    BudgetExceeded,
+    ChatChainError,
+    ConfigurationError,
+    EndpointError,
+    EndpointTimeoutError,
+    InvalidInputError,
+    SessionBusyError,
+    SessionLockLostError,
+    StoreError,
+)
+from chatchain.server import _metrics
+
+__all__ = ["HTTPProblem", "error_body", "install_error_handlers", "status_of"]
+
+# Most specific first: the first class an error is an instance of gives its status.
+_STATUS: tuple[tuple[type[ChatChainError], int], ...] = (
+    (InvalidInputError, 422),
+    (BudgetExceeded, 402),
+    (SessionBusyError, 409),
+    (SessionLockLostError, 409),
+    (StoreError, 503),
+    (EndpointTimeoutError, 504),
+    (EndpointError, 502),
+    (ConfigurationError, 500),
+)
+
+_HTTP_TYPES: Mapping[int, str] = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLarge",
+    415: "UnsupportedMediaType",
+    429: "TooManyRequests",
+}
+
+
+class HTTPProblem(Exception):
+    """An answer of the service itself (not of a turn): 401, 404, 413, 429.
+
+    Attributes:
+        status: The HTTP status.
+        type: The ``error.type`` of the body, e.g. ``"Unauthorized"``.
+        message: What happened and what to do next.
+        headers: Extra headers, e.g. ``Retry-After`` or ``WWW-Authenticate``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type or _HTTP_TYPES.get(status, "Error")
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def status_of(exc: ChatChainError) -> int:
+    """The HTTP status of a chatchain error (500 for one the table does not name).
+
+    Example:
+        >>> from chatchain.errors import EndpointConnectionError, TurnDeadlineError
+        >>> status_of(TurnDeadlineError("late")), status_of(EndpointConnectionError("down"))
+        (504, 502)
+    """
+    return next((status for kind, status in _STATUS if isinstance(exc, kind)), 500)
+
+
+def error_body(type: str, message: str) -> dict[str, dict[str, str]]:
+    """The JSON body of every error answer."""
+    return {"error": {"type": type, "message": message}}
+
+
+def _answer(
+    status: int, type: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    _metrics.ERRORS.labels(type).inc()
+    return JSONResponse(error_body(type, message), status_code=status, headers=headers)
+
+
+async def _chatchain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ChatChainError)
+    return _answer(status_of(exc), type(exc).__name__, str(exc))
+
+
+async def _problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPProblem)
+    return _answer(exc.status, exc.type, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else "The request was refused."
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"There is no {request.url.path}: the API is described at /docs."
+    type = _HTTP_TYPES.get(exc.status_code, "Error")
+    return _answer(exc.status_code, type, message, exc.headers)
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # pydantic's own text may echo the input: rebuild it from the locations and messages.
+    problems = [
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+    ]
+    message = "Invalid request: " + "; ".join(problems) + ". See /docs for the request's shape."
+    return _answer(422, "InvalidInputError", message)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # uvicorn logs the traceback (Starlette re-raises after this answer); the client sees none.
+    return _answer(
+        500,
+        "InternalError",
+        "The server failed unexpectedly; nothing more is shown here. Try again, and see the "
+        "server's log if it persists.",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error with the one JSON shape and the status of its class."""
+    app.add_exception_handler(ChatChainError, _chatchain_error)
+    app.add_exception_handler(HTTPProblem, _problem)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,287 @@
+"""The native API: a user's sessions, their turns (JSON or server-sent events) and usage.
+
+Every route takes the caller from the bearer token and only ever sees the caller's sessions:
+the store keys them ``"name:session_id"`` and the API shows the ``session_id`` part. Another
+user's session id is simply absent, so it answers 404 like one that never existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request, Response
+from langchain_core.messages import BaseMessage
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from chatchain.chatbot import AsyncReplyStream, Reply
+from chatchain.errors import ChatChainError, InvalidInputError
+from chatchain.server import _metrics
+from chatchain.server._errors import HTTPProblem, error_body, status_of
+from chatchain.server._schemas import (
+    MessageIn,
+    MessageOut,
+    Messages,
+    ReplyOut,
+    SessionOut,
+    Sessions,
+    UsageReportOut,
+    usage_out,
+)
+from chatchain.server._service import Caller, Service, ServiceDep, own_id, store_id
+from chatchain.users import User
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["sessions"])
+
+ROUTE = "native"  # the `route` label of this API's turns in the metrics
+
+# Keyword arguments of Chatbot.achat/astream: a prompt variable of that name would clash.
+_RESERVED_VARS = frozenset({"text", "input", "session_id", "user_id", "limits"})
+
+_ROLES = {
+    "human": "user",
+    "ai": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+}
+
+_EVENTS = {
+    200: {
+        "description": "The reply as JSON; with `Accept: text/event-stream`, server-sent "
+        "events: `text` {text} ..., then `usage` (as the JSON's usage), then `done` "
+        "{interrupted, notices}; a failure after the first text is an `error` event "
+        "{type, message, status} that ends the stream.",
+        "content": {"text/event-stream": {}},
+    }
+}
+
+
+def _not_found(session_id: str) -> HTTPProblem:
+    return HTTPProblem(404, f"There is no session {session_id!r}: see GET /v1/sessions for yours.")
+
+
+def _turn_args(service: Service, user: User, session_id: str, body: MessageIn) -> dict[str, Any]:
+    reserved = sorted(set(body.vars) & _RESERVED_VARS)
+    if reserved:
+        raise InvalidInputError(
+            f"The prompt variable(s) {', '.join(reserved)} cannot be set through vars: "
+            "rename the variable in the system prompt."
+        )
+    return {
+        "session_id": store_id(user, session_id),
+        "user_id": user.name,
+        "limits": service.users.limits(user),
+        **body.vars,
+    }
+
+
+def _reply_out(session_id: str, reply: Reply) -> ReplyOut:
+    return ReplyOut(
+        session_id=session_id,
+        text=reply.text,
+        interrupted=reply.interrupted,
+        notices=list(reply.notices),
+        usage=usage_out(reply.usage),
+    )
+
+
+def _wants_events(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+@router.post(
+    "/sessions/{session_id}/messages",
+    response_model=ReplyOut,
+    responses=_EVENTS,  # type: ignore[arg-type]
+)
+async def post_message(
+    session_id: str, body: MessageIn, request: Request, user: Caller, service: ServiceDep
+) -> Any:
+    """Send one message in one of your sessions (created by its first message)."""
+    args = _turn_args(service, user, session_id, body)
+    if _wants_events(request):
+        return await _stream(service, user, session_id, body.text, args)
+    try:
+        reply = await service.bot.achat(body.text, **args)
+    except ChatChainError:
+        _metrics.record_failed_turn(ROUTE)
+        raise
+    _metrics.record_turn(ROUTE, reply.usage, interrupted=reply.interrupted)
+    return _reply_out(session_id, reply)
+
+
+class _Pump:
+    """Runs a reply stream in a task of its own, handing its pieces over through a queue.
+
+    The response's task is cancelled when the client leaves (anyio cancels it, and keeps
+    cancelling every await under it); the turn's own task is then cancelled once, as
+    asyncio cancels, so the stream saves the partial reply, marked interrupted, exactly as
+    `AsyncReplyStream.aclose` does.
+    """
+
+    def __init__(self, stream: AsyncReplyStream) -> None:
+        self.stream = stream
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for piece in self.stream:
+                self._queue.put_nowait(("text", piece))
+        except Exception as exc:
+            self._queue.put_nowait(("error", exc))
+        else:
+            self._queue.put_nowait(("end", None))
+
+    async def next(self) -> tuple[str, Any]:
+        """The next ``("text", piece)``, ``("error", exception)`` or ``("end", None)``."""
+        return await self._queue.get()
+
+    async def stop(self) -> bool:
+        """Stop the turn if it still runs, and wait until it is saved; whether it was stopped."""
+        stopped = not self._task.done()
+        if stopped:
+            self._task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait({self._task})
+        return stopped
+
+
+async def _stream(
+    service: Service, user: User, session_id: str, text: str, args: dict[str, Any]
+) -> EventSourceResponse:
+    """The reply as server-sent events, once its first piece (or its error) is known.
+
+    Waiting for the first piece lets a turn refused before any text (bad input, budget,
+    busy session, endpoint down) answer with its own HTTP status, as the JSON route does.
+    """
+    service.limits.open_stream(user.name)
+    _metrics.OPEN_STREAMS.inc()
+    pump: _Pump | None = None
+    try:
+        pump = _Pump(service.bot.astream(text, **args))
+        first = await pump.next()
+        if first[0] == "error":
+            raise first[1]
+    except BaseException as exc:
+        if pump is not None:
+            await pump.stop()
+        _closed(service, user)
+        if isinstance(exc, ChatChainError):
+            _metrics.record_failed_turn(ROUTE)
+        raise
+    return EventSourceResponse(_events(service, user, pump, first))
+
+
+def _closed(service: Service, user: User) -> None:
+    _metrics.OPEN_STREAMS.dec()
+    service.limits.close_stream(user.name)
+
+
+def _event(event: str, data: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=event)
+
+
+async def _events(
+    service: Service, user: User, pump: _Pump, first: tuple[str, Any]
+) -> AsyncIterator[ServerSentEvent]:
+    kind, value = first
+    try:
+        while kind == "text":
+            yield _event("text", {"text": value})
+            kind, value = await pump.next()
+        if kind == "error":
+            assert isinstance(value, Exception)
+            _metrics.record_failed_turn(ROUTE)
+            yield _error_event(value)
+            return
+        stream = pump.stream
+        assert stream.usage is not None  # set when the stream ended
+        _metrics.record_turn(ROUTE, stream.usage)
+        yield _event("usage", usage_out(stream.usage).model_dump())
+        yield _event("done", {"interrupted": False, "notices": list(stream.notices)})
+    finally:
+        if await pump.stop():  # the client left mid-stream: the partial reply is kept
+            _metrics.record_turn(ROUTE, pump.stream.usage, interrupted=True)
+        _closed(service, user)
+
+
+def _error_event(exc: Exception) -> ServerSentEvent:
+    if isinstance(exc, ChatChainError):
+        kind, status, message = type(exc).__name__, status_of(exc), str(exc)
+    else:
+        kind, status = "InternalError", 500
+        message = "The server failed unexpectedly; see the server's log."
+    _metrics.ERRORS.labels(kind).inc()
+    return _event("error", {**error_body(kind, message)["error"], "status": status})
+
+
+@router.get("/sessions", response_model=Sessions)
+def list_sessions(user: Caller, service: ServiceDep) -> Sessions:
+    """Your sessions, the one written most recently first."""
+    sessions = []
+    for full_id in service.bot.sessions():
+        own = own_id(user, full_id)
+        info = None if own is None else service.bot.session_info(full_id)
+        if own is not None and info is not None:
+            sessions.append(
+                SessionOut(
+                    session_id=own,
+                    message_count=info.message_count,
+                    created_at=info.created_at,
+                    updated_at=info.updated_at,
+                )
+            )
+    sessions.sort(key=lambda session: session.updated_at, reverse=True)
+    return Sessions(sessions=sessions)
+
+
+def _existing(service: Service, user: User, session_id: str) -> str:
+    full_id = store_id(user, session_id)
+    if service.bot.session_info(full_id) is None:
+        raise _not_found(session_id)
+    return full_id
+
+
+def _message_out(message: BaseMessage) -> MessageOut:
+    return MessageOut(
+        role=_ROLES.get(message.type, "system"),  # type: ignore[arg-type]
+        text=message.text,
+        interrupted=bool(message.response_metadata.get("interrupted")),
+    )
+
+
+@router.get("/sessions/{session_id}/messages", response_model=Messages)
+def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages:
+    """The whole transcript of one of your sessions, oldest first."""
+    full_id = _existing(service, user, session_id)
+    history = service.bot.history(full_id)
+    return Messages(session_id=session_id, messages=[_message_out(m) for m in history])
+
+
+@router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
+def delete_session(session_id: str, user: Caller, service: ServiceDep) -> Response:
+    """Delete one of your sessions (its usage stays in the ledger)."""
+    service.bot.reset(_existing(service, user, session_id))
+    return Response(status_code=204)
+
+
+@router.get("/sessions/{session_id}/export")
+def export_session(session_id: str, user: Caller, service: ServiceDep) -> dict[str, Any]:
+    """One of your sessions as chatchain's export JSON (``chatchain sessions import`` reads it)."""
+    data = service.bot.export_session(_existing(service, user, session_id))
+    return {**data, "session_id": session_id}
+
+
+@router.get("/usage", response_model=UsageReportOut)
+def usage(user: Caller, service: ServiceDep) -> UsageReportOut:
+    """Your usage: the total and rows by session, model and day."""
+    report = service.bot.usage_report(by=("session", "model", "day"), user_id=user.name)
+    rows = [{**row, "session": own_id(user, row["session"]) or "-"} for row in report.rows]
+    return UsageReportOut(total=usage_out(report.total), rows=rows)

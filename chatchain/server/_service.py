@@ -1,0 +1,131 @@
+"""What every route shares: the service's state, the caller (bearer token), session ids.
+
+Routers (the native API, the OpenAI-compatible one, the page) take these as FastAPI
+dependencies: ``user: Caller`` authenticates the request (401 otherwise) and counts it
+against the user's requests per minute (429); ``service: ServiceDep`` is the `Service`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from chatchain._turn import MAX_SESSION_ID_LENGTH, validate_session_id
+from chatchain.chatbot import Chatbot
+from chatchain.errors import InvalidInputError
+from chatchain.server._errors import HTTPProblem
+from chatchain.server._limits import UserLimits
+from chatchain.settings import Settings
+from chatchain.users import User, Users
+
+__all__ = ["Caller", "Service", "ServiceDep", "caller", "get_service", "own_id", "store_id"]
+
+_SEPARATOR = ":"  # user names cannot hold it, so "ann:x" is always ann's session "x"
+
+
+@dataclass(frozen=True)
+class Service:
+    """One app's Chatbot, users and per-user limits (one per worker process).
+
+    Attributes:
+        bot: The Chatbot every turn runs on (its store is shared by the workers).
+        users: The users and their tokens, kept in the same store.
+        settings: The bot's settings (``CHATCHAIN_SERVER_*`` included).
+        limits: Each user's requests per minute and open streams, in this process.
+    """
+
+    bot: Chatbot
+    users: Users
+    settings: Settings
+    limits: UserLimits
+
+
+def get_service(request: Request) -> Service:
+    """The `Service` of the app that received ``request``."""
+    service: Service = request.app.state.chatchain
+    return service
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    bearerFormat="cc_...",
+    description="A token from `chatchain users add NAME` (or `users rotate NAME`).",
+)
+
+_UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
+
+
+async def caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> User:
+    """The user whose bearer token the request carries; the request is counted for them.
+
+    Raises:
+        HTTPProblem: 401 for a missing, malformed, unknown, revoked or replaced token; 429
+            when the user is over their requests per minute.
+    """
+    if credentials is None:
+        raise HTTPProblem(
+            401,
+            "Missing bearer token: send the header 'Authorization: Bearer <token>' with the "
+            "token that `chatchain users add NAME` printed.",
+            headers=_UNAUTHORIZED,
+        )
+    service = get_service(request)
+    user = await service.users.aauthenticate(credentials.credentials)
+    if user is None:
+        raise HTTPProblem(
+            401,
+            "The bearer token is not valid (wrong, revoked or replaced by `users rotate`): "
+            "ask the operator for a current token.",
+            headers=_UNAUTHORIZED,
+        )
+    service.limits.request(user.name)
+    return user
+
+
+Caller = Annotated[User, Depends(caller)]
+"""The authenticated user of a request, as a route parameter's type."""
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+"""The app's `Service`, as a route parameter's type."""
+
+
+def store_id(user: User, session_id: str) -> str:
+    """The store's id of ``user``'s session ``session_id``: ``"name:session_id"``.
+
+    Raises:
+        InvalidInputError: ``session_id`` cannot key a session (empty, control characters,
+            or too long once prefixed with the user's name).
+
+    Example:
+        >>> from datetime import UTC, datetime
+        >>> store_id(User("ann", datetime.now(UTC)), "trip")
+        'ann:trip'
+    """
+    validate_session_id(session_id)
+    full = f"{user.name}{_SEPARATOR}{session_id}"
+    if len(full) > MAX_SESSION_ID_LENGTH:
+        room = MAX_SESSION_ID_LENGTH - len(user.name) - len(_SEPARATOR)
+        raise InvalidInputError(
+            f"The session id is {len(session_id)} characters long; yours may have up to "
+            f"{room}. Use a shorter id (a UUID or a hash of yours)."
+        )
+    return full
+
+
+def own_id(user: User, full_id: str) -> str | None:
+    """The caller's own part of a store id, or ``None`` when it is another user's session.
+
+    Example:
+        >>> from datetime import UTC, datetime
+        >>> ann = User("ann", datetime.now(UTC))
+        >>> own_id(ann, "ann:trip"), own_id(ann, "annie:trip"), own_id(ann, "trip")
+        ('trip', None, None)
+    """
+    prefix = f"{user.name}{_SEPARATOR}"
+    return full_id[len(prefix) :] if full_id.startswith(prefix) else None
