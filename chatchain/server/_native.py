@@ -123,16 +123,24 @@ class _Pump:
     cancelling every await under it); the turn's own task is then cancelled once, as
     asyncio cancels, so the stream saves the partial reply, marked interrupted, exactly as
     `AsyncReplyStream.aclose` does.
+
+    A cancellation can be lost on Python 3.11: ``asyncio.wait_for`` (langchain-openai wraps
+    each streamed chunk in it) returns the chunk instead when both happen at once. The next
+    piece then finds `stop` asked for and closes the stream itself, with the same effect.
     """
 
     def __init__(self, stream: AsyncReplyStream) -> None:
         self.stream = stream
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._stopping = False
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         try:
             async for piece in self.stream:
+                if self._stopping:  # the cancellation was lost: stop here instead
+                    await self.stream.aclose()
+                    return
                 self._queue.put_nowait(("text", piece))
         except Exception as exc:
             self._queue.put_nowait(("error", exc))
@@ -147,6 +155,7 @@ class _Pump:
         """Stop the turn if it still runs, and wait until it is saved; whether it was stopped."""
         stopped = not self._task.done()
         if stopped:
+            self._stopping = True
             self._task.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.wait({self._task})

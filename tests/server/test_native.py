@@ -3,9 +3,17 @@ sessions, export, usage, and refusals that store nothing."""
 
 from __future__ import annotations
 
-import httpx
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from chatchain.testing import OpenAITestServer
+import httpx
+import pytest
+
+from chatchain import Chatbot, Settings
+from chatchain.testing import Fault, OpenAITestServer
 from tests.server.conftest import Service, events
 
 
@@ -81,3 +89,156 @@ def test_a_streamed_reply_comes_as_text_events_then_usage_then_done(
     )
     assert received[-1][1] == {"interrupted": False, "notices": []}
     assert received[-2][1]["total_tokens"] > 0
+
+
+def _stream(client: httpx.Client, session_id: str, text: str) -> Any:
+    return client.stream(
+        "POST",
+        f"/v1/sessions/{session_id}/messages",
+        json={"text": text},
+        headers={"Accept": "text/event-stream"},
+    )
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    """Poll ``condition`` until it returns something truthy (a wait, not a pass/fail timing)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return result
+
+
+def test_a_client_leaving_mid_stream_keeps_the_partial_reply_marked_interrupted(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    client = service.client(user[1])
+    # Several times: the server must stop the turn whatever it is waiting for when the
+    # client leaves (a lost cancellation once kept a turn running, the partial reply unsaved).
+    for attempt in range(5):
+        session_id = f"s{attempt}"
+        # Two pieces, then the endpoint keeps the stream open (keep-alive comments) for 60 s.
+        endpoint.add_fault(Fault(keep_alive=60, stall_after=2, interval=0.05))
+        with _stream(client, session_id, "one two three four") as response:
+            assert response.status_code == 200
+            name, data = next(events(response))
+            assert name == "text"
+        # Leaving the block closed the connection mid-stream.
+
+        def stored(session_id: str = session_id) -> list[dict[str, Any]]:
+            answer = client.get(f"/v1/sessions/{session_id}/messages")  # 404 until saved
+            return answer.json()["messages"] if answer.status_code == 200 else []
+
+        messages = wait_for(stored, "the partial reply")
+        assert messages[0] == {"role": "user", "text": "one two three four", "interrupted": False}
+        assert messages[1]["role"] == "assistant" and messages[1]["interrupted"] is True
+        assert messages[1]["text"].startswith(data["text"])
+        assert "Echo: one two three four".startswith(messages[1]["text"])
+        assert messages[1]["text"] != "Echo: one two three four"
+
+
+def test_a_stream_refused_before_its_first_text_answers_with_the_errors_status(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    endpoint.add_fault(Fault(status=500))
+    client = service.client(user[1])
+
+    with _stream(client, "s", "hello") as response:
+        response.read()
+
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "ServerError"
+    assert client.get("/v1/sessions").json() == {"sessions": []}
+
+
+def test_a_stream_that_fails_after_some_text_ends_with_an_error_event_and_keeps_it(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    endpoint.add_fault(Fault(cut_after=2))  # the endpoint drops the connection mid-reply
+    client = service.client(user[1])
+
+    with _stream(client, "s", "one two three four") as response:
+        received = list(events(response))
+
+    assert [name for name, _ in received[:-1]] == ["text"] * (len(received) - 1)
+    name, error = received[-1]
+    assert name == "error"
+    assert error["status"] in (502, 504) and error["type"].endswith("Error")
+    assert error["message"]
+    messages = client.get("/v1/sessions/s/messages").json()["messages"]
+    assert messages[-1]["interrupted"] is True
+    assert messages[-1]["text"] == "".join(d["text"] for n, d in received if n == "text")
+
+
+def test_sessions_are_listed_newest_first_and_deleted_for_good(
+    service: Service, user: tuple[str, str]
+) -> None:
+    client = service.client(user[1])
+    for session_id in ("older", "newer"):
+        assert client.post(f"/v1/sessions/{session_id}/messages", json={"text": "hi"}).is_success
+
+    listed = client.get("/v1/sessions").json()["sessions"]
+
+    assert [s["session_id"] for s in listed] == ["newer", "older"]
+    assert listed[0]["message_count"] == 2
+    assert client.delete("/v1/sessions/older").status_code == 204
+    assert [s["session_id"] for s in client.get("/v1/sessions").json()["sessions"]] == ["newer"]
+    assert client.get("/v1/sessions/older/messages").status_code == 404
+    assert client.delete("/v1/sessions/older").status_code == 404
+
+
+def test_an_export_names_the_callers_own_session_id_and_imports_back(
+    service: Service, user: tuple[str, str], tmp_path: Path
+) -> None:
+    client = service.client(user[1])
+    client.post("/v1/sessions/trip/messages", json={"text": "pack the tent"})
+
+    exported = client.get("/v1/sessions/trip/export").json()
+
+    assert exported["session_id"] == "trip"
+    assert user[0] not in json.dumps(exported)
+    bot = Chatbot(Settings(store="memory://"))
+    assert bot.import_session(exported) == "trip"
+    assert [m.text for m in bot.history("trip")] == ["pack the tent", "Echo: pack the tent"]
+
+
+def test_usage_shows_the_callers_totals_and_rows_by_their_own_session_ids(
+    service: Service, user: tuple[str, str]
+) -> None:
+    client = service.client(user[1])
+    turns = [client.post(f"/v1/sessions/{s}/messages", json={"text": "hi"}) for s in "ab"]
+
+    usage = client.get("/v1/usage").json()
+
+    assert usage["total"]["total_tokens"] == sum(t.json()["usage"]["total_tokens"] for t in turns)
+    assert sorted(row["session"] for row in usage["rows"]) == ["a", "b"]
+    assert all(row["turns"] == 1 for row in usage["rows"])
+
+
+@pytest.mark.parametrize(
+    ("session_id", "body", "what"),
+    [
+        ("s", {"text": "  "}, "empty"),
+        ("s", {"text": "hi", "vars": {"session_id": "x"}}, "session_id"),
+        ("s", {"text": "hi", "vars": {"tone": 3}}, "vars.tone"),
+        ("x" * 250, {"text": "hi"}, "characters long"),
+        ("s", {"vars": {}}, "text"),
+    ],
+    ids=["blank text", "reserved var", "non-string var", "long session id", "no text"],
+)
+def test_bad_input_is_refused_with_422_saying_what_and_nothing_is_stored(
+    service: Service,
+    user: tuple[str, str],
+    endpoint: OpenAITestServer,
+    session_id: str,
+    body: dict[str, Any],
+    what: str,
+) -> None:
+    client = service.client(user[1])
+
+    answer = client.post(f"/v1/sessions/{session_id}/messages", json=body)
+
+    assert answer.status_code == 422
+    assert what in answer.json()["error"]["message"]
+    assert endpoint.requests == []
+    assert client.get("/v1/sessions").json() == {"sessions": []}
