@@ -1,0 +1,89 @@
+"""``/healthz`` and ``/metrics`` over a real ``chatchain serve``, with one worker and with
+two (prometheus-client's multiprocess mode adds up both workers' counts)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from chatchain.testing import Fault, OpenAITestServer
+from tests.server.conftest import Service, start_service
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample of the exposition ``text`` (0 when absent)."""
+    pattern = rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} (\S+)$"
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_healthz_needs_no_token_and_says_ok(service: Service) -> None:
+    answer = httpx.get(f"{service.url}/healthz")
+
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ok"}
+
+
+def test_metrics_count_turns_tokens_cost_latency_and_errors_by_class(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    before = httpx.get(f"{service.url}/metrics").text
+    client = service.client(user[1])
+    replies = [client.post("/v1/sessions/m/messages", json={"text": f"q{i}"}) for i in range(3)]
+    endpoint.add_fault(Fault(status=500))
+    client.post("/v1/sessions/m/messages", json={"text": "fails"})
+    with client.stream(
+        "POST",
+        "/v1/sessions/m/messages",
+        json={"text": "a b c"},
+        headers={"Accept": "text/event-stream"},
+    ) as streamed:
+        streamed.read()
+
+    after = httpx.get(f"{service.url}/metrics").text
+
+    def grew(name: str, labels: str = "") -> float:
+        return sample(after, name, labels) - sample(before, name, labels)
+
+    assert grew("chatchain_turns_total", 'outcome="ok",route="native"') == 4
+    assert grew("chatchain_turns_total", 'outcome="error",route="native"') == 1
+    assert grew("chatchain_errors_total", 'type="ServerError"') == 1
+    prompt = sum(r.json()["usage"]["prompt_tokens"] for r in replies)
+    assert grew("chatchain_tokens_total", 'kind="prompt"') > prompt  # and the streamed turn's
+    assert grew("chatchain_cost_usd_total") > 0
+    assert grew("chatchain_turn_seconds_count") == 4
+    assert grew("chatchain_first_token_seconds_count") == 1
+    assert sample(after, "chatchain_open_streams") == 0
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    endpoint: OpenAITestServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    folder = tmp_path_factory.mktemp("two")
+    running = start_service(f"sqlite:///{folder / 'chat.db'}", endpoint, folder, workers=2)
+    yield running
+    running.stop()
+
+
+@pytest.mark.slow
+def test_with_two_workers_every_metrics_answer_counts_the_turns_of_both(
+    two_workers: Service,
+) -> None:
+    _, token = two_workers.add_user()
+    turns = 12
+    for i in range(turns):
+        # A new connection each time, so that both workers take turns.
+        with two_workers.client(token) as client:
+            assert client.post(f"/v1/sessions/s{i}/messages", json={"text": "hi"}).is_success
+
+    counts = set()
+    for _ in range(6):  # new connections: whichever worker answers
+        with httpx.Client(base_url=two_workers.url) as client:
+            text = client.get("/metrics").text
+        counts.add(sample(text, "chatchain_turns_total", 'outcome="ok",route="native"'))
+
+    assert counts == {turns}
