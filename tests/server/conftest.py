@@ -89,20 +89,26 @@ class Service:
 
 def start_service(
     store_url: str,
-    endpoint: OpenAITestServer,
+    endpoint: OpenAITestServer | None,
     cwd: Path,
     *,
     workers: int = 1,
     env: Mapping[str, str] | None = None,
 ) -> Service:
-    """Start ``chatchain serve`` over ``store_url`` and wait until ``/healthz`` answers 200."""
+    """Start ``chatchain serve`` over ``store_url`` and wait until ``/healthz`` answers 200.
+
+    Without an ``endpoint``, the service runs ``--offline`` (and no ``OPENAI_*`` is set).
+    """
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHATCHAIN_"))}
     clean.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    full_env = {**clean, **BASE_ENV, "OPENAI_BASE_URL": endpoint.base_url, **(env or {})}
+    model = {} if endpoint is None else {**BASE_ENV, "OPENAI_BASE_URL": endpoint.base_url}
+    full_env = {**clean, **model, **(env or {})}
     port = free_port()
     log = cwd / f"serve-{port}.log"
     argv = [sys.executable, "-m", "chatchain", "serve", "--port", str(port)]
     argv += ["--store", store_url, "--workers", str(workers)]
+    if endpoint is None:
+        argv.append("--offline")
     with log.open("wb") as out:
         process = subprocess.Popen(argv, env=full_env, cwd=cwd, stdout=out, stderr=out)
     service = Service(f"http://127.0.0.1:{port}", store_url, process, log)
