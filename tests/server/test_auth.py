@@ -107,3 +107,14 @@ def test_another_users_session_id_answers_404_on_every_route(
     assert (
         intruder.get("/v1/usage").json()["total"]["total_tokens"] == reply["usage"]["total_tokens"]
     )
+
+
+def test_tokens_never_reach_the_servers_log(service: Service, user: tuple[str, str]) -> None:
+    client = service.client(user[1])
+    client.post("/v1/sessions/s/messages", json={"text": "hi"})
+    httpx.get(f"{service.url}/v1/sessions", headers={"Authorization": "Bearer cc_wrong_token"})
+
+    log = service.log.read_text()
+
+    assert "POST /v1/sessions/s/messages" in log  # the log is there, without the tokens
+    assert user[1] not in log and "cc_wrong_token" not in log

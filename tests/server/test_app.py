@@ -1,0 +1,177 @@
+"""`create_app` in this process (FastAPI's TestClient over a FakeChatModel): the mapping of
+every chatchain error class, the event stream's shape, and ``chatchain serve``'s hand-over
+to uvicorn. The same behaviour over real uvicorn processes is in the other test modules."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from chatchain import Chatbot, Settings, errors
+from chatchain.cli._commands import cli
+from chatchain.server import create_app
+from chatchain.server._errors import status_of
+from chatchain.stores import MemoryStore
+from chatchain.testing import FakeChatModel
+from chatchain.users import Users
+
+STATUS = {
+    "InvalidInputError": 422,
+    "MissingPromptVariableError": 422,
+    "SessionExistsError": 422,
+    "UnknownUserError": 422,
+    "UserExistsError": 422,
+    "BudgetExceeded": 402,
+    "SessionBusyError": 409,
+    "SessionLockLostError": 409,
+    "StoreError": 503,
+    "EndpointTimeoutError": 504,
+    "TurnDeadlineError": 504,
+    "EndpointError": 502,
+    "AuthenticationError": 502,
+    "RateLimitError": 502,
+    "EndpointConnectionError": 502,
+    "ContextTooLongError": 502,
+    "BadRequestError": 502,
+    "ServerError": 502,
+    "ChatChainError": 500,
+    "ConfigurationError": 500,
+    "MissingAPIKeyError": 500,
+}
+
+
+def test_every_error_class_has_its_status() -> None:
+    assert sorted(STATUS) == sorted(errors.__all__)
+    for name, status in STATUS.items():
+        kind = getattr(errors, name)
+        error = kind.__new__(kind)  # the status depends on the class only
+        assert status_of(error) == status, name
+
+
+@pytest.fixture
+def fake() -> FakeChatModel:
+    return FakeChatModel(model_name="gpt-4o-mini")
+
+
+@pytest.fixture
+def app_client(fake: FakeChatModel) -> Iterator[tuple[TestClient, str]]:
+    store = MemoryStore()
+    settings = Settings(api_key="sk-test", server_requests_per_minute=0)
+    bot = Chatbot(
+        settings, llm=fake, store=store, system="Be {tone}.", prompt_vars={"tone": "kind"}
+    )
+    token = Users(store).add("ann")
+    with TestClient(create_app(bot), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {token}"
+        yield client, token
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (errors.EndpointTimeoutError("slow"), 504),
+        (errors.ServerError("broken"), 502),
+        (errors.StoreError("down"), 503),
+        (errors.SessionBusyError("busy"), 409),
+        (RuntimeError("a bug with a secret sk-test"), 500),
+    ],
+    ids=["timeout", "server", "store", "busy", "unexpected"],
+)
+def test_a_failing_turn_answers_with_its_status_and_stores_nothing(
+    app_client: tuple[TestClient, str], fake: FakeChatModel, error: Exception, status: int
+) -> None:
+    client, _ = app_client
+    fake.errors.append(error)
+    fake.model_post_init(None)
+
+    answer = client.post("/v1/sessions/s/messages", json={"text": "hi"})
+
+    assert answer.status_code == status
+    assert set(answer.json()["error"]) == {"type", "message"}
+    assert "sk-test" not in answer.text and "Traceback" not in answer.text
+    assert client.get("/v1/sessions").json() == {"sessions": []}
+
+
+def test_prompt_variables_reach_the_system_message(
+    app_client: tuple[TestClient, str], fake: FakeChatModel
+) -> None:
+    client, _ = app_client
+
+    answer = client.post("/v1/sessions/s/messages", json={"text": "hi", "vars": {"tone": "brief"}})
+
+    assert answer.status_code == 200
+    assert fake.calls[-1][0].text == "Be brief."
+
+
+def _events(text: str) -> list[tuple[str, str]]:
+    found = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in lines:
+            found.append((lines["event"], lines["data"]))
+    return found
+
+
+def test_a_stream_cut_by_the_endpoint_ends_with_an_error_event(
+    app_client: tuple[TestClient, str], fake: FakeChatModel
+) -> None:
+    client, _ = app_client
+    fake.fail_after_chunks = 2
+
+    answer = client.post(
+        "/v1/sessions/s/messages",
+        json={"text": "one two three"},
+        headers={"Accept": "text/event-stream"},
+    )
+
+    received = _events(answer.text)
+    assert [name for name, _ in received] == ["text", "text", "error"]
+    assert '"status": 502' in received[-1][1]
+    history = client.get("/v1/sessions/s/messages").json()["messages"]
+    assert history[-1]["interrupted"] is True
+
+
+def test_the_openapi_docs_describe_the_api(app_client: tuple[TestClient, str]) -> None:
+    client, _ = app_client
+
+    paths = client.get("/openapi.json").json()["paths"]
+
+    assert {"/v1/sessions/{session_id}/messages", "/v1/usage", "/healthz"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+def test_an_unknown_path_is_a_json_404(app_client: tuple[TestClient, str]) -> None:
+    client, _ = app_client
+
+    answer = client.get("/v1/nothing")
+
+    assert answer.status_code == 404
+    assert answer.json()["error"]["type"] == "NotFound"
+
+
+def test_serve_hands_the_store_and_a_metrics_folder_to_the_workers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def run(app: str, **options: Any) -> None:
+        seen.update(options, app=app, env=dict(os.environ))
+
+    monkeypatch.setattr("uvicorn.run", run)
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+
+    result = CliRunner().invoke(cli, ["serve", "--workers", "3", "--store", store, "--offline"])
+
+    assert result.exit_code == 0, result.output
+    assert seen["app"] == "chatchain.server:create_app" and seen["factory"] is True
+    assert (seen["host"], seen["port"], seen["workers"]) == ("127.0.0.1", 8000, 3)
+    assert seen["env"]["CHATCHAIN_STORE"] == store
+    assert seen["env"]["OPENAI_BASE_URL"].startswith("http://127.0.0.1:")
+    assert seen["env"]["OPENAI_API_KEY"] == "offline"
+    assert os.path.isdir(seen["env"]["PROMETHEUS_MULTIPROC_DIR"]) is False  # removed after
+    assert "CHATCHAIN_STORE" not in os.environ and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
