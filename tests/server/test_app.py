@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from chatchain import Chatbot, Settings, errors
 from chatchain.cli._commands import cli
 from chatchain.server import create_app
-from chatchain.server._errors import status_of
+from chatchain.server._errors import HTTPProblem, status_of
+from chatchain.server._limits import UserLimits
 from chatchain.stores import MemoryStore
 from chatchain.testing import FakeChatModel
 from chatchain.users import Users
@@ -175,3 +176,81 @@ def test_serve_hands_the_store_and_a_metrics_folder_to_the_workers(
     assert seen["env"]["OPENAI_API_KEY"] == "offline"
     assert os.path.isdir(seen["env"]["PROMETHEUS_MULTIPROC_DIR"]) is False  # removed after
     assert "CHATCHAIN_STORE" not in os.environ and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+def test_the_native_routes_in_process(app_client: tuple[TestClient, str]) -> None:
+    client, _ = app_client
+    assert client.post("/v1/sessions/a/messages", json={"text": "hi"}).status_code == 200
+    streamed = client.post(
+        "/v1/sessions/b/messages", json={"text": "yo"}, headers={"Accept": "text/event-stream"}
+    )
+
+    assert [name for name, _ in _events(streamed.text)][-2:] == ["usage", "done"]
+    listed = client.get("/v1/sessions").json()["sessions"]
+    assert [s["session_id"] for s in listed] == ["b", "a"]
+    assert client.get("/v1/sessions/a/export").json()["session_id"] == "a"
+    assert len(client.get("/v1/usage").json()["rows"]) == 2
+    assert client.delete("/v1/sessions/a").status_code == 204
+    assert client.get("/v1/sessions/a/messages").status_code == 404
+    assert client.post("/v1/sessions/a/messages", json={"txt": "hi"}).status_code == 422
+    assert (
+        client.post("/v1/sessions/" + "x" * 256 + "/messages", json={"text": "hi"}).json()["error"][
+            "type"
+        ]
+        == "InvalidInputError"
+    )
+    assert client.get("/v1/sessions", headers={"Authorization": "Bearer x"}).status_code == 401
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert "chatchain_turns_total" in client.get("/metrics").text
+
+
+def test_limits_body_size_and_cors_in_process(fake: FakeChatModel) -> None:
+    store = MemoryStore()
+    settings = Settings(
+        api_key="sk-test",
+        server_requests_per_minute=3,
+        server_streams_per_user=1,
+        server_max_body_bytes=100,
+        server_cors_origins="https://a.example",  # type: ignore[arg-type]  (as from the env)
+    )
+    token = Users(store).add("ann")
+    app = create_app(Chatbot(settings, llm=fake, store=store))
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+        too_big = client.post("/v1/sessions/s/messages", json={"text": "x" * 200})
+        allowed = client.options(
+            "/v1/usage",
+            headers={"Origin": "https://a.example", "Access-Control-Request-Method": "GET"},
+        )
+        answers = [client.get("/v1/sessions") for _ in range(4)]
+
+    assert settings.server_cors_origins == ("https://a.example",)
+    assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "PayloadTooLarge"
+    assert allowed.headers["access-control-allow-origin"] == "https://a.example"
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert int(answers[-1].headers["retry-after"]) >= 1
+
+
+def test_a_users_stream_slots_are_counted_and_given_back() -> None:
+    limits = UserLimits(requests_per_minute=0, streams=2)
+    limits.open_stream("ann")
+    limits.open_stream("ann")
+    limits.open_stream("bob")
+    with pytest.raises(HTTPProblem) as refused:
+        limits.open_stream("ann")
+    limits.close_stream("ann")
+    limits.open_stream("ann")
+
+    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+
+
+def test_healthz_answers_503_when_the_store_fails(fake: FakeChatModel) -> None:
+    class Broken(MemoryStore):
+        def count(self, session_id: str) -> int:
+            raise errors.StoreError("down")
+
+    store = Broken()
+    Users(store)
+    with TestClient(create_app(Chatbot(Settings(api_key="sk-test"), llm=fake, store=store))) as c:
+        answer = c.get("/healthz")
+
+    assert answer.status_code == 503 and answer.json()["error"]["type"] == "StoreError"
