@@ -106,7 +106,7 @@ async def post_message(
     """Send one message in one of your sessions (created by its first message)."""
     args = _turn_args(service, user, session_id, body)
     if _wants_events(request):
-        return await _stream(service, user, session_id, body.text, args)
+        return await _stream(request, service, user, body.text, args)
     try:
         reply = await service.bot.achat(body.text, **args)
     except ChatChainError:
@@ -163,19 +163,25 @@ class _Pump:
 
 
 async def _stream(
-    service: Service, user: User, session_id: str, text: str, args: dict[str, Any]
-) -> EventSourceResponse:
+    request: Request, service: Service, user: User, text: str, args: dict[str, Any]
+) -> Response:
     """The reply as server-sent events, once its first piece (or its error) is known.
 
     Waiting for the first piece lets a turn refused before any text (bad input, budget,
-    busy session, endpoint down) answer with its own HTTP status, as the JSON route does.
+    busy session, endpoint down) answer with its own HTTP status, as the JSON route does. A
+    client that leaves before it stops the turn as one that leaves later does.
     """
     service.limits.open_stream(user.name)
     _metrics.OPEN_STREAMS.inc()
     pump: _Pump | None = None
     try:
         pump = _Pump(service.bot.astream(text, **args))
-        first = await pump.next()
+        first = await _first(request, pump)
+        if first is None:  # the client left: the turn was stopped, nobody to answer
+            if await pump.stop():
+                _metrics.record_turn(ROUTE, pump.stream.usage, interrupted=True)
+            _closed(service, user)
+            return Response(status_code=204)
         if first[0] == "error":
             raise first[1]
     except BaseException as exc:
@@ -186,6 +192,25 @@ async def _stream(
             _metrics.record_failed_turn(ROUTE)
         raise
     return EventSourceResponse(_events(service, user, pump, first))
+
+
+async def _first(request: Request, pump: _Pump) -> tuple[str, Any] | None:
+    """The stream's first item, or ``None`` if the client disconnects before it comes."""
+    first = asyncio.ensure_future(pump.next())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not first.done():
+            first.cancel()
+    return first.result() if first.done() and not first.cancelled() else None
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read: what comes next from the client can only be its leaving.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _closed(service: Service, user: User) -> None:

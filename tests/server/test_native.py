@@ -137,6 +137,32 @@ def test_a_client_leaving_mid_stream_keeps_the_partial_reply_marked_interrupted(
         assert messages[1]["text"] != "Echo: one two three four"
 
 
+def test_a_client_leaving_before_the_first_text_stops_the_turn_too(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    # The endpoint sends keep-alive comments only, for 60 s; the client gives up after 1 s.
+    endpoint.add_fault(Fault(keep_alive=60, interval=0.05))
+    client = service.client(user[1])
+
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(
+            "/v1/sessions/s/messages",
+            json={"text": "anyone there?"},
+            headers={"Accept": "text/event-stream"},
+            timeout=httpx.Timeout(60, read=1),
+        )
+
+    def stored() -> list[dict[str, Any]]:
+        answer = client.get("/v1/sessions/s/messages")  # 404 until the turn is saved
+        return answer.json()["messages"] if answer.status_code == 200 else []
+
+    messages = wait_for(stored, "the stopped turn", timeout=20)  # not the endpoint's 60 s
+    assert messages == [
+        {"role": "user", "text": "anyone there?", "interrupted": False},
+        {"role": "assistant", "text": "", "interrupted": True},
+    ]
+
+
 def test_a_stream_refused_before_its_first_text_answers_with_the_errors_status(
     service: Service, user: tuple[str, str], endpoint: OpenAITestServer
 ) -> None:
