@@ -40,6 +40,7 @@ STATUS = {
     "ContextTooLongError": 502,
     "BadRequestError": 502,
     "ServerError": 502,
+    "StructuredReplyError": 502,
     "ChatChainError": 500,
     "ConfigurationError": 500,
     "MissingAPIKeyError": 500,
