@@ -27,8 +27,8 @@ from typing import Any, NoReturn, cast
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage
-from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSequence
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, PrivateAttr
 
@@ -478,6 +478,52 @@ class ChatChain(HistoryRunnable):
             finally:
                 await turn.aend()
 
+    def without_memory(self, *, lock_timeout: float = 120.0) -> ChatChain:
+        """A twin of this chain that sends each call's messages as they are, and stores none.
+
+        The input is the whole conversation, ``{"messages": [...]}``: no system prompt is
+        added, no history is loaded, no window or summary applies and nothing is written to
+        the history store. Each call is still a turn of this chain's: metered into the same
+        ledger (under the call's session and user ids), held against the same budget (and the
+        call's own limits), bounded by the same deadline, with the same errors. The
+        OpenAI-compatible endpoint answers requests without ``X-Session-Id`` with it.
+
+        Args:
+            lock_timeout: How long a call waits for another on the same session id (give each
+                call an id of its own, and none waits).
+
+        Example:
+            >>> from langchain_core.messages import HumanMessage, SystemMessage
+            >>> from chatchain.testing import FakeChatModel
+            >>> chain = create_chat_chain(FakeChatModel(), system="Be brief.")
+            >>> bare = chain.without_memory()
+            >>> config = {"configurable": {"session_id": "call-1"}}
+            >>> messages = [SystemMessage("Talk like a pirate."), HumanMessage("hi")]
+            >>> bare.invoke({"messages": messages}, config).content
+            'Echo: hi'
+            >>> bare.ledger.total("call-1").turns, chain.get_session_history("call-1").messages
+            (1, [])
+        """
+        key = "messages"
+        inner = self._inner
+        model = inner.last if isinstance(inner, RunnableSequence) else inner
+        spec = replace(
+            self._spec,
+            input_key=key,
+            required_vars=frozenset(),
+            get_history=_forget,
+            recall=Recall(None, self._spec.recall.counter, self._spec.recall.model),
+            store=None,
+        )
+        return ChatChain(
+            ChatPromptTemplate.from_messages([MessagesPlaceholder(key)]) | model,
+            _forget,
+            spec=spec,
+            input_key=key,
+            history_key=None,
+            locks=SessionLocks(lock_timeout),
+        )
+
     # `RunnableBindingBase` hands these straight to the inner runnable, which would skip the
     # turn bookkeeping; `Runnable`'s own versions go through invoke/ainvoke/stream/astream.
     batch = Runnable.batch
@@ -487,6 +533,24 @@ class ChatChain(HistoryRunnable):
     transform = Runnable.transform
     atransform = Runnable.atransform
     astream_events = Runnable.astream_events
+
+
+class _Forgotten(BaseChatMessageHistory):
+    """A history that is always empty: what `ChatChain.without_memory` turns save goes nowhere."""
+
+    @property  # type: ignore[override]
+    def messages(self) -> list[BaseMessage]:
+        return []
+
+    def add_messages(self, messages: Sequence[BaseMessage]) -> None:
+        return None
+
+    def clear(self) -> None:
+        return None
+
+
+def _forget(session_id: str) -> BaseChatMessageHistory:
+    return _Forgotten()
 
 
 def _raise(error: Exception | None, exc: BaseException) -> NoReturn:
