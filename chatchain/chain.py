@@ -538,8 +538,8 @@ class ChatChain(HistoryRunnable):
 class _Forgotten(BaseChatMessageHistory):
     """A history that is always empty: what `ChatChain.without_memory` turns save goes nowhere."""
 
-    @property  # type: ignore[override]
-    def messages(self) -> list[BaseMessage]:
+    @property
+    def messages(self) -> list[BaseMessage]:  # type: ignore[override]
         return []
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:

@@ -111,6 +111,15 @@ class _StreamBase:
         return tuple(self._turn.notices)
 
     @property
+    def finish_reason(self) -> str | None:
+        """Why the reply ended, as the endpoint said (``"stop"``, ``"length"``, ...), once
+        the stream has ended; ``None`` before, or when the endpoint did not say."""
+        if self.usage is None:
+            return None
+        reason = self._turn.streamed_reply().response_metadata.get("finish_reason")
+        return reason if isinstance(reason, str) else None
+
+    @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
         """The tool calls made so far (see `Reply.tool_calls`)."""
         return tuple(self._turn.tool_calls)

@@ -12,8 +12,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatchain import __version__
 from chatchain.chatbot import Chatbot
-from chatchain.server import _metrics, _native, _ops
-from chatchain.server._errors import error_body, install_error_handlers
+from chatchain.server import _metrics, _native, _openai, _ops
+from chatchain.server._errors import (
+    error_body,
+    install_error_handlers,
+    is_openai_path,
+    openai_error,
+)
 from chatchain.server._limits import UserLimits
 from chatchain.server._service import Service
 from chatchain.settings import Settings
@@ -81,6 +86,7 @@ def create_app(
     app.state.chatchain = service
     install_error_handlers(app)
     app.include_router(_native.router)
+    app.include_router(_openai.router)
     app.include_router(_ops.router)
     if settings.server_cors_origins:
         app.add_middleware(
@@ -133,7 +139,11 @@ class BodyLimit:
             f"The request body is over {self.max_bytes} bytes "
             "(CHATCHAIN_SERVER_MAX_BODY_BYTES): send less."
         )
-        response = JSONResponse(error_body("PayloadTooLarge", message), status_code=413)
+        if is_openai_path(scope["path"]):
+            status, body, headers = openai_error(413, "PayloadTooLarge", message)
+            response = JSONResponse(body, status_code=status, headers=headers)
+        else:
+            response = JSONResponse(error_body("PayloadTooLarge", message), status_code=413)
         await response(scope, receive, send)
 
 

@@ -6,6 +6,7 @@ chatchain's own message (which says what to do next). Never a traceback, never t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
@@ -26,7 +27,14 @@ from chatchain.errors import (
 )
 from chatchain.server import _metrics
 
-__all__ = ["HTTPProblem", "error_body", "install_error_handlers", "status_of"]
+__all__ = [
+    "HTTPProblem",
+    "error_body",
+    "install_error_handlers",
+    "is_openai_path",
+    "openai_error",
+    "status_of",
+]
 
 # Most specific first: the first class an error is an instance of gives its status.
 _STATUS: tuple[tuple[type[ChatChainError], int], ...] = (
@@ -92,21 +100,87 @@ def error_body(type: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"type": type, "message": message}}
 
 
+# The OpenAI-compatible routes (`chatchain.server._openai`) answer errors in OpenAI's shape.
+_OPENAI_PATH = re.compile(r"/v1/(chat/completions|models)(/|$)")
+
+# OpenAI's own codes, where it has one for what happened; else the code is chatchain's class.
+_OPENAI_CODES: Mapping[str, str] = {
+    "Unauthorized": "invalid_api_key",
+    "TooManyRequests": "rate_limit_exceeded",
+    "BudgetExceeded": "insufficient_quota",
+    "ContextTooLongError": "context_length_exceeded",
+}
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is one of the OpenAI-compatible routes.
+
+    Example:
+        >>> is_openai_path("/v1/chat/completions"), is_openai_path("/v1/sessions")
+        (True, False)
+    """
+    return _OPENAI_PATH.search(path) is not None
+
+
+def openai_error(
+    status: int, type: str, message: str
+) -> tuple[int, dict[str, dict[str, str | None]], dict[str, str]]:
+    """An error answer as OpenAI gives it: the status, body and headers its SDK expects.
+
+    ``type`` is chatchain's (the error class, or e.g. ``"Unauthorized"``). Bad input is 400
+    (OpenAI has no 422); a budget is 429 with code ``insufficient_quota`` and
+    ``x-should-retry: false``, as OpenAI answers an exhausted quota, so the SDK raises
+    ``RateLimitError`` without retrying in vain. ``code`` is OpenAI's where it has one for
+    what happened, else chatchain's error class.
+
+    Example:
+        >>> status, body, headers = openai_error(402, "BudgetExceeded", "Budget exceeded: ...")
+        >>> status, body["error"]["type"], body["error"]["code"], headers
+        (429, 'insufficient_quota', 'insufficient_quota', {'x-should-retry': 'false'})
+    """
+    headers: dict[str, str] = {}
+    if status == 422:
+        status = 400
+    if type == "BudgetExceeded":
+        status, kind = 429, "insufficient_quota"
+        headers["x-should-retry"] = "false"
+    elif status == 429:
+        kind = "requests"
+    elif status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    code = _OPENAI_CODES.get(type, type)
+    return (
+        status,
+        {"error": {"message": message, "type": kind, "param": None, "code": code}},
+        headers,
+    )
+
+
 def _answer(
-    status: int, type: str, message: str, headers: Mapping[str, str] | None = None
+    status: int,
+    type: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    path: str = "",
 ) -> JSONResponse:
     _metrics.ERRORS.labels(type).inc()
+    if is_openai_path(path):
+        status, body, extra = openai_error(status, type, message)
+        return JSONResponse(body, status_code=status, headers={**(headers or {}), **extra})
     return JSONResponse(error_body(type, message), status_code=status, headers=headers)
 
 
 async def _chatchain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ChatChainError)
-    return _answer(status_of(exc), type(exc).__name__, str(exc))
+    return _answer(status_of(exc), type(exc).__name__, str(exc), path=request.url.path)
 
 
 async def _problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPProblem)
-    return _answer(exc.status, exc.type, exc.message, exc.headers)
+    return _answer(exc.status, exc.type, exc.message, exc.headers, path=request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -115,7 +189,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404 and message == "Not Found":
         message = f"There is no {request.url.path}: the API is described at /docs."
     type = _HTTP_TYPES.get(exc.status_code, "Error")
-    return _answer(exc.status_code, type, message, exc.headers)
+    return _answer(exc.status_code, type, message, exc.headers, path=request.url.path)
 
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
@@ -125,7 +199,7 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
         f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
     ]
     message = "Invalid request: " + "; ".join(problems) + ". See /docs for the request's shape."
-    return _answer(422, "InvalidInputError", message)
+    return _answer(422, "InvalidInputError", message, path=request.url.path)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -135,6 +209,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         "InternalError",
         "The server failed unexpectedly; nothing more is shown here. Try again, and see the "
         "server's log if it persists.",
+        path=request.url.path,
     )
 
 
