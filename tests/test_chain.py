@@ -13,6 +13,8 @@ from langchain_core.runnables.history import RunnableWithMessageHistory
 from langchain_openai import ChatOpenAI
 
 from chatchain import (
+    Budget,
+    BudgetExceeded,
     ConfigurationError,
     MemoryStore,
     MissingPromptVariableError,
@@ -249,3 +251,37 @@ def test_a_users_chat_openai_is_used_through_a_copy(settings: Settings) -> None:
     assert model.root_async_client is not llm.root_async_client
     off = llm.model_copy(update={"stream_usage": False})  # the user's explicit choice stands
     assert create_chat_chain(off, settings=settings).model.stream_usage is False  # type: ignore[attr-defined]
+
+
+def test_without_memory_sends_the_messages_as_they_are_and_stores_nothing(
+    settings: Settings, fake: FakeChatModel
+) -> None:
+    store = MemoryStore()
+    chain = create_chat_chain(
+        fake, settings=settings, system="Answer in {language}.", get_session_history=store
+    )
+    bare = chain.without_memory()
+    messages = [SystemMessage("Talk like a pirate."), HumanMessage("hi"), AIMessage("ahoy")]
+    messages.append(HumanMessage("again"))
+
+    reply = bare.invoke({"messages": messages}, config=cfg("c1"))
+    chunks = list(bare.stream({"messages": messages}, config=cfg("c2")))
+
+    assert reply.content == "Echo: again" and "".join(c.content for c in chunks) == "Echo: again"
+    for sent in fake.calls:  # no system prompt of the chain's, no history
+        assert [(m.type, m.content) for m in sent] == [(m.type, m.content) for m in messages]
+    assert store.sessions() == []
+    assert chain.ledger.total("c1").turns == chain.ledger.total("c2").turns == 1
+
+
+def test_without_memory_turns_are_held_against_the_chains_budget(
+    settings: Settings, fake: FakeChatModel
+) -> None:
+    chain = create_chat_chain(fake, settings=settings, budget=Budget(user_tokens=5))
+    bare = chain.without_memory()
+    config = {"configurable": {"session_id": "c1", "user_id": "ann"}}
+
+    with pytest.raises(BudgetExceeded):
+        bare.invoke({"messages": [HumanMessage("a long enough question")]}, config=config)
+
+    assert fake.calls == []
