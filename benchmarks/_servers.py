@@ -91,7 +91,9 @@ class ServerProcess(NamedTuple):
 
 
 @contextmanager
-def openai_test_server(timeout: float = 30.0) -> Iterator[ServerProcess]:
+def openai_test_server(
+    timeout: float = 30.0, chunk_interval: float = 0.0
+) -> Iterator[ServerProcess]:
     """chatchain's `OpenAITestServer` in a process of its own.
 
     A benchmark whose client should not share the GIL with the server uses this instead of an
@@ -100,10 +102,11 @@ def openai_test_server(timeout: float = 30.0) -> Iterator[ServerProcess]:
     addition it empties its request log every second (a long benchmark makes tens of thousands
     of requests) and stops when its stdin closes, so it cannot outlive this process even if
     this one is killed. On the way out the pipe is closed and the child waited for; it is
-    terminated, then killed, if it does not stop in time.
+    terminated, then killed, if it does not stop in time. ``chunk_interval`` spaces its
+    streamed chunks (`OpenAITestServer`'s, a model writing).
     """
     process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), _SERVE_FLAG],
+        [sys.executable, str(Path(__file__).resolve()), _SERVE_FLAG, str(chunk_interval)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -134,7 +137,7 @@ def openai_test_server(timeout: float = 30.0) -> Iterator[ServerProcess]:
             process.stdout.close()
 
 
-def _serve_openai_test_server() -> None:
+def _serve_openai_test_server(chunk_interval: float) -> None:
     """The child of `openai_test_server`: serve until stdin closes or SIGTERM."""
     import signal
     import threading
@@ -149,12 +152,12 @@ def _serve_openai_test_server() -> None:
         sys.stdin.read()  # returns at end of file: the parent closed the pipe, or died
         stop.set()
 
-    with OpenAITestServer(host="127.0.0.1") as server:
+    with OpenAITestServer(host="127.0.0.1", chunk_interval=chunk_interval) as server:
         threading.Thread(target=watch_stdin, daemon=True).start()
         print(f"base_url={server.base_url}", flush=True)
         while not stop.wait(1.0):
             server.clear()
 
 
-if __name__ == "__main__" and sys.argv[1:] == [_SERVE_FLAG]:
-    _serve_openai_test_server()
+if __name__ == "__main__" and sys.argv[1:2] == [_SERVE_FLAG]:
+    _serve_openai_test_server(float(sys.argv[2]) if sys.argv[2:] else 0.0)

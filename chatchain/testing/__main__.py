@@ -75,6 +75,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--chunk-words", type=int, default=1, help="words per streamed chunk (default: %(default)s)"
     )
     parser.add_argument(
+        "--chunk-interval",
+        type=float,
+        default=0.0,
+        help="seconds before each streamed chunk, like a model writing (default: %(default)s)",
+    )
+    parser.add_argument(
         "--hostile",
         action="append",
         default=[],
@@ -114,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model=args.model,
         context_window=args.context_window,
         chunk_words=args.chunk_words,
+        chunk_interval=args.chunk_interval,
     )
     fault = hostile_fault(args.hostile, args.model)
     if fault is not None:

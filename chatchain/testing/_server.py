@@ -596,6 +596,9 @@ class OpenAITestServer:
         json_schema: ``False`` refuses ``response_format`` of type ``json_schema`` with a
             400 ``invalid_request_error`` (param ``response_format``), as OpenAI does for
             models without structured outputs and many compatible servers do.
+        chunk_interval: Seconds to wait before each streamed content (or tool-call) chunk,
+            as a model generating text does (0: all at once). Each waiting stream holds a
+            thread.
 
     Example:
         >>> import openai
@@ -642,7 +645,10 @@ class OpenAITestServer:
         model: str = "gpt-4o-mini",
         stream_usage: bool = True,
         json_schema: bool = True,
+        chunk_interval: float = 0.0,
     ) -> None:
+        if chunk_interval < 0:
+            raise ValueError(f"chunk_interval must be >= 0: {chunk_interval}")
         if chunk_words < 1:
             raise ValueError(f"chunk_words must be >= 1: {chunk_words}")
         if context_window is not None and context_window < 1:
@@ -655,6 +661,7 @@ class OpenAITestServer:
         self._model = model
         self._stream_usage = stream_usage
         self._json_schema = json_schema
+        self._chunk_interval = chunk_interval
         self._created = int(time.time())
         self._lock = threading.Lock()
         self._faults: deque[list[Any]] = deque()  # [Fault, remaining uses]
@@ -1193,6 +1200,9 @@ class OpenAITestServer:
             self._drop(handler)
             return
         for delta in deltas:
+            if self._chunk_interval and self._stopping.wait(self._chunk_interval):
+                self._drop(handler)
+                return
             write(event(delta))
 
         tail = [event({}, finish_reason)]

@@ -1055,3 +1055,22 @@ def test_server_can_refuse_json_schema_like_servers_without_it() -> None:
         assert reply.choices[0].message.content == "kept for the next request"
         structured = chat_openai(server).with_structured_output(Forecast, method="function_calling")
         assert structured.invoke("forecast?") == Forecast(city="text", days=1, unit="C")
+
+
+def test_chunk_interval_spaces_the_streamed_chunks_like_a_model_writing() -> None:
+    with pytest.raises(ValueError, match="chunk_interval"):
+        OpenAITestServer(chunk_interval=-1)
+    with OpenAITestServer(chunk_interval=0.05) as server:
+        server.queue_replies("one two three four")
+        body = {"model": "m1", "messages": user("hi"), "stream": True}
+        started = time.monotonic()
+        status, _, payload = raw_request(
+            server, "POST", "/v1/chat/completions", json.dumps(body).encode()
+        )
+        elapsed = time.monotonic() - started
+    assert status == 200
+    chunks = [json.loads(e) for e in sse_events(payload)[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == (
+        "one two three four"
+    )
+    assert elapsed >= 4 * 0.05  # a wait before each of the four content chunks (a lower bound)
