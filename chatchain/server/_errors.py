@@ -130,8 +130,9 @@ def openai_error(
     ``type`` is chatchain's (the error class, or e.g. ``"Unauthorized"``). Bad input is 400
     (OpenAI has no 422); a budget is 429 with code ``insufficient_quota`` and
     ``x-should-retry: false``, as OpenAI answers an exhausted quota, so the SDK raises
-    ``RateLimitError`` without retrying in vain. ``code`` is OpenAI's where it has one for
-    what happened, else chatchain's error class.
+    ``RateLimitError`` without retrying in vain; a prompt over the model's context window is
+    400 ``context_length_exceeded``, as OpenAI answers it. ``code`` is OpenAI's where it has
+    one for what happened, else chatchain's error class.
 
     Example:
         >>> status, body, headers = openai_error(402, "BudgetExceeded", "Budget exceeded: ...")
@@ -139,7 +140,7 @@ def openai_error(
         (429, 'insufficient_quota', 'insufficient_quota', {'x-should-retry': 'false'})
     """
     headers: dict[str, str] = {}
-    if status == 422:
+    if status == 422 or type == "ContextTooLongError":  # OpenAI: the request's fault, 400
         status = 400
     if type == "BudgetExceeded":
         status, kind = 429, "insufficient_quota"

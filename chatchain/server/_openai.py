@@ -55,6 +55,7 @@ from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from chatchain._turn import LIMITS_KEY
 from chatchain.chain import ChatChain
 from chatchain.chatbot import AsyncReplyStream, Reply
 from chatchain.errors import ChatChainError
@@ -247,7 +248,7 @@ def _stateless_config(user: User, completion_id: str, service: Service) -> Runna
     configurable: dict[str, Any] = {
         "session_id": store_id(user, completion_id),
         "user_id": user.name,
-        "limits": service.users.limits(user),
+        LIMITS_KEY: service.users.limits(user),
     }
     return {"configurable": configurable}
 
