@@ -200,10 +200,11 @@ def test_a_missing_wrong_or_revoked_token_raises_authentication_error(
     assert endpoint.requests == []
 
 
+@pytest.mark.parametrize("caps", [{"budget_usd": 1e-9}, {"daily_usd": 1e-9}])
 def test_a_budget_refusal_raises_rate_limit_error_before_anything_is_sent(
-    service: Service, endpoint: OpenAITestServer, sdk: Any
+    service: Service, endpoint: OpenAITestServer, sdk: Any, caps: dict[str, float]
 ) -> None:
-    name, token = service.add_user(budget_usd=1e-9)
+    name, token = service.add_user(**caps)
 
     for session_id in ("s", None):
         client = sdk(token, session_id=session_id)
