@@ -96,8 +96,9 @@ def add_user(store_url: str, name: str) -> str:
 
 
 @contextmanager
-def serve(store_url: str, endpoint: str, workers: int = 1) -> Iterator[str]:
-    """``chatchain serve`` over ``store_url``; yields its URL once ``/healthz`` answers."""
+def serve(store_url: str, endpoint: str, workers: int = 1) -> Iterator[_servers.ServerProcess]:
+    """``chatchain serve`` over ``store_url``, once ``/healthz`` answers (with one worker, its
+    process is the worker)."""
     port = free_port()
     env = {**os.environ, **service_env(endpoint)}
     argv = [sys.executable, "-m", "chatchain", "serve", "--port", str(port)]
@@ -119,7 +120,7 @@ def serve(store_url: str, endpoint: str, workers: int = 1) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError("chatchain serve did not start within 60 s")
             time.sleep(0.1)
-        yield url
+        yield _servers.ServerProcess(url, process.pid)
     finally:
         process.terminate()  # our own child, by its handle
         try:
@@ -207,9 +208,11 @@ async def overhead(
     bot = chatchain.Chatbot(settings, store=open_store(local_store))
     served_store = f"sqlite:///{folder / 'served.db'}"
     token = add_user(served_store, "bench")
-    results: dict[str, dict[str, list[float]]] = {str(c): {n: [] for n in CONTENDERS} for c in levels}
-    with serve(served_store, endpoint) as url:
-        http = client(url, token, max(levels))
+    results: dict[str, dict[str, list[float]]] = {
+        str(c): {n: [] for n in CONTENDERS} for c in levels
+    }
+    with serve(served_store, endpoint) as server:
+        http = client(server.base_url, token, max(levels))
         contenders = {
             "in-process": in_process_turn(bot),
             "native API": native_turn(http),
@@ -314,8 +317,9 @@ async def streams(count: int, interval: float, chunks: int, ramp: float) -> dict
     ):
         store = f"sqlite:///{Path(folder) / 'streams.db'}"
         token = add_user(store, "bench")
-        with serve(store, endpoint.base_url) as url:
-            http = client(url, token, count + 10)
+        with serve(store, endpoint.base_url) as server:
+            http = client(server.base_url, token, count + 10)
+            cpu = server.cpu_seconds()
             started = time.monotonic()
             tasks = []
             for number in range(count):
@@ -323,6 +327,7 @@ async def streams(count: int, interval: float, chunks: int, ramp: float) -> dict
                 await asyncio.sleep(ramp / count)
             logs = await asyncio.gather(*tasks)
             wall = time.monotonic() - started
+            cpu = server.cpu_seconds() - cpu
             await http.aclose()
     gaps = [b - a for log in logs for a, b in zip(log.texts, log.texts[1:], strict=False)]
     errors: dict[str, int] = {}
@@ -336,6 +341,8 @@ async def streams(count: int, interval: float, chunks: int, ramp: float) -> dict
         "ramp_s": ramp,
         "wall_s": wall,
         "most_open": most_open(logs),
+        "server_cpu_s": cpu,
+        "server_cpu_ms_per_event": 1000 * cpu / max(1, sum(len(log.texts) for log in logs)),
         "errors": errors,
         "gap_p50_s": percentile(gaps, 50) if gaps else None,
         "gap_p99_s": percentile(gaps, 99) if gaps else None,
@@ -355,8 +362,8 @@ async def workers(
     for count in counts:
         store = f"sqlite:///{folder / f'workers-{count}.db'}"
         token = add_user(store, "bench")
-        with serve(store, endpoint, workers=count) as url:
-            http = client(url, token, concurrency)
+        with serve(store, endpoint, workers=count) as server:
+            http = client(server.base_url, token, concurrency)
             await run(native_turn(http), concurrency, concurrency, f"warm-{count}")
             found[str(count)] = []
             for number in range(rounds):
@@ -480,28 +487,34 @@ def section(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(text: str, page: Path = DOCS) -> None:
-    """Put ``text`` in place of the page's section, or before "## Running it"."""
-    old = page.read_text()
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        page.write_text(head + text + "\n" + tail)
-        return
+def insert_section(page: str, text: str) -> str:
+    """``page`` with ``text`` in place of its "chat service" section, or before "## Running it".
+
+    `report.py` (which rewrites the page without running this script) keeps the section so.
+    """
+    if BEGIN in page and END in page:
+        head, rest = page.split(BEGIN, 1)
+        return head + text + "\n" + rest.split(END, 1)[1].lstrip("\n")
     marker = "## Running it"
-    if marker in old:
-        head, tail = old.split(marker, 1)
-        page.write_text(head + text + "\n" + marker + tail)
-    else:
-        page.write_text(old.rstrip("\n") + "\n\n" + text)
+    if marker in page:
+        head, tail = page.split(marker, 1)
+        return head + text + "\n" + marker + tail
+    return page.rstrip("\n") + "\n\n" + text
+
+
+def section_of(page: str) -> str | None:
+    """The page's "chat service" section, if it has one."""
+    if BEGIN not in page or END not in page:
+        return None
+    return BEGIN + page.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer turns and streams (~1 min)")
     parser.add_argument("--streams", type=int, default=None, help="streams of part 2 (1000)")
-    parser.add_argument("--chunk-interval", type=float, default=1.0, help="seconds (1.0)")
-    parser.add_argument("--ramp", type=float, default=None, help="seconds to start them (10)")
+    parser.add_argument("--chunk-interval", type=float, default=3.0, help="seconds (3.0)")
+    parser.add_argument("--ramp", type=float, default=None, help="seconds to start them (30)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
     parser.add_argument("--parts", default="1,2,3", help="which parts to run (1,2,3)")
@@ -512,8 +525,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     parts = {int(p) for p in args.parts.split(",")}
     rounds, turns = (2, 64) if args.quick else (3, 128)
     count = args.streams or (200 if args.quick else 1000)
-    ramp = args.ramp if args.ramp is not None else (5.0 if args.quick else 15.0)
-    chunks = 15 if args.quick else 30
+    ramp = args.ramp if args.ramp is not None else (10.0 if args.quick else 30.0)
+    chunks = 6 if args.quick else 14  # each stream outlasts the ramp: all are open at once
     data: dict[str, Any] = {}
     with (
         _servers.openai_test_server() as endpoint,
@@ -548,13 +561,15 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "minutes": (time.monotonic() - started) / 60,
-        "command": " ".join([".venv/bin/python", "benchmarks/bench_server.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            [".venv/bin/python", "benchmarks/bench_server.py", *(argv or sys.argv[1:])]
+        ),
     }
     if args.json is not None:
         args.json.write_text(json.dumps(data, indent=2) + "\n")
     if not args.no_docs and {"overhead", "streams", "workers"} <= set(data):
         plot(data, PLOT)
-        write_docs(section(data))
+        DOCS.write_text(insert_section(DOCS.read_text(), section(data)))
         print(f"wrote {DOCS.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
     return 0
 

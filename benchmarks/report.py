@@ -44,6 +44,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 from bench_memory import HISTORY_TARGET, TOKENS_TARGET  # noqa: E402
+from bench_server import insert_section, section_of  # noqa: E402
 from bench_turn import TARGET as TURN_TARGET  # noqa: E402
 from bench_turn import machine  # noqa: E402
 
@@ -901,7 +902,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(page)
+    kept = section_of(args.out.read_text()) if args.out.exists() else None
+    args.out.write_text(page if kept is None else insert_section(page, kept))
     failed = [key for key, found in results.items() if "error" in found]
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_absolute() else args.out}")
     if failed:
