@@ -276,15 +276,18 @@ def test_models_lists_the_configured_model(user: tuple[str, str], sdk: Any) -> N
         client.models.retrieve("gpt-5")
 
 
+@pytest.mark.parametrize("stream", [False, True])
 def test_endpoint_failures_raise_the_sdks_server_errors(
-    user: tuple[str, str], endpoint: OpenAITestServer, sdk: Any
+    user: tuple[str, str], endpoint: OpenAITestServer, sdk: Any, stream: bool
 ) -> None:
     endpoint.add_fault(Fault(status=500))
 
     with pytest.raises(openai.InternalServerError) as caught:
-        sdk(user[1], session_id="s").chat.completions.create(model=MODEL, messages=_user("hi"))
+        sdk(user[1], session_id="s").chat.completions.create(
+            model=MODEL, messages=_user("hi"), stream=stream
+        )
 
-    assert caught.value.status_code == 502
+    assert caught.value.status_code == 502  # before the first chunk: the status, as without
     assert caught.value.body["type"] == "server_error"  # type: ignore[index]
 
 
