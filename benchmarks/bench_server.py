@@ -511,9 +511,9 @@ def section_of(page: str) -> str | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="fewer turns and streams (~1 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer turns and streams (~1.5 min)")
     parser.add_argument("--streams", type=int, default=None, help="streams of part 2 (1000)")
-    parser.add_argument("--chunk-interval", type=float, default=3.0, help="seconds (3.0)")
+    parser.add_argument("--chunk-interval", type=float, default=5.0, help="seconds (5.0)")
     parser.add_argument("--ramp", type=float, default=None, help="seconds to start them (30)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
@@ -526,7 +526,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     rounds, turns = (2, 64) if args.quick else (3, 128)
     count = args.streams or (200 if args.quick else 1000)
     ramp = args.ramp if args.ramp is not None else (10.0 if args.quick else 30.0)
-    chunks = 6 if args.quick else 14  # each stream outlasts the ramp: all are open at once
+    chunks = 6 if args.quick else 12  # each stream outlasts the ramp: all are open at once
     data: dict[str, Any] = {}
     with (
         _servers.openai_test_server() as endpoint,
