@@ -303,7 +303,7 @@ class _Call:
         return AsyncReplyStream(chunks, turn)
 
 
-def usage_json(usage: Usage) -> dict[str, Any]:
+def _usage_json(usage: Usage) -> dict[str, Any]:
     """A turn's usage as OpenAI writes it, plus ``cost_usd`` (``None``: price unknown)."""
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -356,7 +356,7 @@ async def chat_completions(
                 "finish_reason": reply.message.response_metadata.get("finish_reason") or "stop",
             }
         ],
-        "usage": usage_json(reply.usage),
+        "usage": _usage_json(reply.usage),
         "system_fingerprint": None,
     }
 
@@ -408,7 +408,7 @@ class _Chunks:
         return _data(chunk)
 
     def usage(self, usage: Usage) -> ServerSentEvent:
-        return _data({**self.head, "choices": [], "usage": usage_json(usage)})
+        return _data({**self.head, "choices": [], "usage": _usage_json(usage)})
 
 
 def _data(data: dict[str, Any]) -> ServerSentEvent:
