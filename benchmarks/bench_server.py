@@ -424,7 +424,10 @@ def section(data: dict[str, Any]) -> str:
         BEGIN,
         "## 7. The chat service (`chatchain serve`)",
         "",
-        f"Written by `{data['command']}` ({data['date']}, {data['minutes']:.1f} min); not run "
+        f"Written by `{data['command']}` ({data['date']}, {data['minutes']:.1f} min, "
+        f"5-minute load average {data.get('load_average', float('nan')):.1f} on "
+        f"{data['machine'].get('cores', '?')} cores: the machine was shared, so read the "
+        "ratios, and the absolute times as a busy machine's); not run "
         "by `report.py` (which keeps this section). One `OpenAITestServer` process, SQLite "
         "stores, `chatchain serve` (uvicorn, the real CLI) with the per-user request and "
         "stream limits off, httpx clients on one event loop. See "
@@ -464,7 +467,11 @@ def section(data: dict[str, Any]) -> str:
         f"once**, errors: {errors}. Gap between a stream's text events: median "
         f"{part2['gap_p50_s']:.3f} s, **p99 {part2['gap_p99_s']:.3f} s**, max "
         f"{part2['gap_max_s']:.3f} s (the endpoint's own: {part2['interval_s']:g} s); all "
-        f"done in {part2['wall_s']:.1f} s.",
+        f"done in {part2['wall_s']:.1f} s. The worker used {part2['server_cpu_s']:.1f} s of "
+        f"CPU, {part2['server_cpu_ms_per_event']:.1f} ms per text event with the turns' "
+        "starts and ends (LangChain's streaming path is most of it: `Chatbot.astream` "
+        "in-process costs about 1 ms per chunk): how many streams a worker holds depends on "
+        "how fast they stream.",
         "",
         f"**3. Workers.** {part3['concurrency']} concurrent sessions of native JSON turns, "
         f"{part3['turns']} turns a run, median of {len(part3['runs']['1'])} runs:",
@@ -518,6 +525,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
     parser.add_argument("--parts", default="1,2,3", help="which parts to run (1,2,3)")
+    parser.add_argument(
+        "--render-only", type=Path, default=None, help="write the docs from this --json file"
+    )
     return parser.parse_args(argv)
 
 
@@ -553,10 +563,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_only is not None:
+        data = json.loads(args.render_only.read_text())
+        plot(data, PLOT)
+        DOCS.write_text(insert_section(DOCS.read_text(), section(data)))
+        return 0
     clean_environment()
     started = time.monotonic()
     data = asyncio.run(measure(args))
     data |= {
+        "load_average": os.getloadavg()[1],  # the last 5 minutes: about the run
         "machine": machine(),
         "versions": versions(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
