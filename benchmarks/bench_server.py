@@ -393,7 +393,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             marker="o",
             label=name,
         )
-    left.set(xscale="log", xlabel="concurrent sessions", ylabel="median ms per turn")
+    left.set(xscale="log", yscale="log", xlabel="concurrent sessions", ylabel="median ms per turn")
     left.set_xticks([int(c) for c in levels], labels=levels)
     left.set_title("1. Per-turn time: service vs in-process")
     left.legend()
