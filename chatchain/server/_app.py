@@ -51,8 +51,8 @@ def create_app(
     Example:
         >>> from chatchain.testing import FakeChatModel
         >>> app = create_app(Chatbot(llm=FakeChatModel()))
-        >>> sorted(app.openapi()["paths"])[:3]
-        ['/healthz', '/metrics', '/v1/sessions']
+        >>> sorted(app.openapi()["paths"])[:4]
+        ['/healthz', '/metrics', '/v1/chat/completions', '/v1/models']
     """
     owned = bot is None
     if bot is None:
