@@ -34,7 +34,8 @@ unit: $(VENV)/.installed services
 test-fast: $(VENV)/.installed
 	$(BIN)/pytest -q -m "not slow and not services"
 
-# Debian's redis-server and postgresql, which the store tests start on free ports.
+# Debian's redis-server and postgresql, which the store tests start on free ports, and
+# chromium + chromium-driver, the headless browser the page tests drive.
 services:
 	bash .ci/services
 
