@@ -20,6 +20,7 @@ from chatchain.server._errors import (
     openai_error,
 )
 from chatchain.server._limits import UserLimits
+from chatchain.server._page import install_page
 from chatchain.server._service import Service
 from chatchain.settings import Settings
 from chatchain.users import Users
@@ -88,6 +89,7 @@ def create_app(
     app.include_router(_native.router)
     app.include_router(_openai.router)
     app.include_router(_ops.router)
+    install_page(app)  # the chat page at /
     if settings.server_cors_origins:
         app.add_middleware(
             CORSMiddleware,
