@@ -1,0 +1,378 @@
+"""The chat page in a real browser: headless Debian Chromium driven by Playwright, against a
+real ``chatchain serve`` (uvicorn) over loopback and the package's OpenAI-compatible test
+server.
+
+Chromium comes from Debian (``bash .ci/services`` installs it, as ``make test`` does); the
+tests fail, not skip, when it is missing. Playwright never downloads a browser here.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Dialog, Page, Playwright, expect, sync_playwright
+
+from chatchain.stores import open_store
+from chatchain.testing import Fault, OpenAITestServer
+from chatchain.users import Users
+from tests.server.conftest import Service, start_service
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+# What Chromium needs here: no sandbox as root in CI, and none of its background connections
+# to Google's hosts, which this closed network refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+USAGE_LINE = re.compile(r"^\d+ tokens \(\d+ prompt \+ \d+ completion\), ")
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    """Debian's headless Chromium, with a fresh profile (Playwright makes one per launch)."""
+    if not CHROMIUM.exists() or shutil.which("chromedriver") is None:
+        pytest.fail(
+            f"{CHROMIUM} (or chromedriver) is missing: the page tests need Debian's chromium "
+            "and chromium-driver. Install them with `bash .ci/services` (as `make test` does) "
+            "or `apt-get install -y chromium chromium-driver`."
+        )
+    browser = playwright.chromium.launch(
+        executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+    )
+    yield browser
+    browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, service: Service) -> Iterator[Page]:
+    """A page in a browser context of its own (its own sessionStorage), at the service."""
+    context = browser.new_context(base_url=service.url)
+    context.set_default_timeout(30_000)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def sign_in(page: Page, token: str, path: str = "/") -> None:
+    page.goto(path)
+    page.get_by_label("Access token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_label("Message")).to_be_visible()
+
+
+def send(page: Page, text: str) -> None:
+    box = page.get_by_label("Message")
+    box.fill(text)
+    box.press("Enter")
+
+
+def last_reply(page: Page) -> str:
+    return page.locator(".message.assistant .body").last.inner_text()
+
+
+def wait_for_reply(page: Page) -> None:
+    """Until the last reply has its usage line (the stream's `usage` event came)."""
+    expect(page.locator(".message.assistant").last.locator(".usage")).to_be_visible()
+
+
+def wait_for_stored(service: Service, token: str, session_id: str, count: int) -> list[dict]:
+    """The session's messages once the service holds ``count`` of them (a stopped stream's
+    partial reply is saved as the service notices the client left)."""
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}) as api:
+        deadline = time.monotonic() + 30
+        while True:
+            response = api.get(f"/v1/sessions/{session_id}/messages")
+            if response.status_code == 200 and len(response.json()["messages"]) >= count:
+                return response.json()["messages"]
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.1)
+
+
+def current_session(page: Page) -> str:
+    return page.locator("#session-title").inner_text()
+
+
+def test_the_page_is_served_with_a_strict_content_security_policy(service: Service) -> None:
+    response = httpx.get(f"{service.url}/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert "Access token" in response.text
+    for asset in ("app.js", "style.css", "vendor/dompurify/purify.es.js"):
+        assert httpx.get(f"{service.url}/static/{asset}").status_code == 200
+
+
+def test_sign_in_send_and_watch_the_reply_stream(
+    page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    # Two words, then a pause of a second (keep-alive comments), then the rest: the page
+    # must show the first words before the rest exists.
+    endpoint.add_fault(Fault(keep_alive=1.0, stall_after=2, interval=0.1))
+    sign_in(page, user[1])
+    page.evaluate(
+        """() => {
+          window.seen = [];
+          new MutationObserver(() => {
+            const bodies = document.querySelectorAll('.message.assistant .body');
+            const text = bodies.length ? bodies[bodies.length - 1].textContent : '';
+            if (text && text !== window.seen.at(-1)) window.seen.push(text);
+          }).observe(document.getElementById('transcript'),
+                     {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+    box = page.get_by_label("Message")
+    box.fill("streaming to the page")
+    box.press("Shift+Enter")  # a new line, not a send
+    box.press_sequentially("word by word")
+    expect(page.locator(".message")).to_have_count(0)
+    box.press("Enter")
+
+    wait_for_reply(page)
+    assert page.locator(".message.user .body").inner_text() == (
+        "streaming to the page\nword by word"
+    )
+    final = "Echo: streaming to the page\nword by word"
+    assert last_reply(page) == final
+    # Every text the reply showed, in order (textContent: the rendered <br> adds nothing).
+    seen = [text.strip() for text in page.evaluate("window.seen")]
+    flat = final.replace("\n", "")
+    assert seen[-1] == flat
+    assert len(seen) >= 3, seen  # at least the two words before the pause, then more
+    assert all(flat.startswith(text) for text in seen), seen
+    usage = page.locator(".message.assistant .usage").inner_text()
+    assert USAGE_LINE.match(usage), usage
+    expect(page.get_by_role("button", name="Stop")).to_be_disabled()
+    expect(page.locator("#session-list li")).to_have_count(1)
+
+
+def test_stop_keeps_the_partial_reply_which_shows_interrupted_after_a_reload(
+    page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    # Three words, then nothing but keep-alive comments for a minute: stopped long before.
+    endpoint.add_fault(Fault(keep_alive=60.0, stall_after=3, interval=0.2))
+    sign_in(page, user[1])
+    send(page, "one two three four five")
+    reply = page.locator(".message.assistant").last
+    expect(reply.locator(".body")).to_have_text("Echo: one two")
+    stop = page.get_by_role("button", name="Stop")
+    expect(stop).to_be_enabled()
+    stop.click()
+    expect(reply.locator(".badge")).to_have_text("interrupted: stopped")
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+
+    session_id = current_session(page)
+    stored = wait_for_stored(service, user[1], session_id, 2)
+    assert stored[1] == {"role": "assistant", "text": "Echo: one two", "interrupted": True}
+    page.reload()
+    reply = page.locator(".message.assistant")
+    expect(reply).to_have_count(1)
+    expect(reply.locator(".body")).to_have_text("Echo: one two")
+    expect(reply.locator(".badge")).to_have_text("interrupted")
+    expect(page.locator(".message.user .body")).to_have_text("one two three four five")
+
+
+def test_reload_shows_the_history_and_sessions_switch_and_delete(
+    page: Page, service: Service, user: tuple[str, str]
+) -> None:
+    sign_in(page, user[1])
+    send(page, "the first session")
+    wait_for_reply(page)
+    first = current_session(page)
+    page.get_by_role("button", name="New session").click()
+    expect(page.locator(".message")).to_have_count(0)
+    send(page, "the second session")
+    wait_for_reply(page)
+    second = current_session(page)
+    assert first != second
+
+    page.reload()  # still signed in (the tab's sessionStorage), in the same session
+    expect(page.locator("#session-title")).to_have_text(second)
+    expect(page.locator(".message .body")).to_have_text(
+        ["the second session", "Echo: the second session"]
+    )
+    sessions = page.locator("#session-list .open .name")
+    expect(sessions).to_have_text([second, first])  # newest first
+
+    page.locator("#session-list .open", has_text=first).click()
+    expect(page.locator(".message .body")).to_have_text(
+        ["the first session", "Echo: the first session"]
+    )
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name=f"Delete session {first}").click()
+    expect(sessions).to_have_text([second])
+    expect(page.locator("#session-title")).to_have_text(second)
+    with service.client(user[1]) as api:
+        assert api.get(f"/v1/sessions/{first}/messages").status_code == 404
+
+
+def test_declining_the_delete_keeps_the_session(
+    page: Page, service: Service, user: tuple[str, str]
+) -> None:
+    sign_in(page, user[1])
+    send(page, "keep me")
+    wait_for_reply(page)
+    asked: list[str] = []
+
+    def decline(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", decline)
+    page.get_by_role("button", name=f"Delete session {current_session(page)}").click()
+    expect(page.locator("#session-list li")).to_have_count(1)
+    assert asked == [f"Delete session {current_session(page)} and its messages?"]
+
+
+def test_another_users_session_is_refused(
+    page: Page, service: Service, user: tuple[str, str], other: tuple[str, str]
+) -> None:
+    with service.client(user[1]) as api:
+        answer = api.post("/v1/sessions/secret-plans/messages", json={"text": "my secret"})
+        assert answer.status_code == 200
+
+    sign_in(page, other[1], "/#secret-plans")
+    error = page.get_by_role("alert")
+    expect(error).to_contain_text("There is no session 'secret-plans'")
+    expect(error).to_contain_text("HTTP 404")
+    expect(page.locator("#session-list .open .name")).not_to_have_text(["secret-plans"])
+    assert current_session(page) != "secret-plans"
+    assert "my secret" not in page.content()
+
+    # Writing to that id makes the other user's own session, not a way into the first's.
+    send(page, "mine now")
+    wait_for_reply(page)
+    with service.client(user[1]) as api:
+        messages = api.get("/v1/sessions/secret-plans/messages").json()["messages"]
+    assert [m["text"] for m in messages] == ["my secret", "Echo: my secret"]
+
+
+def test_markup_in_a_reply_is_shown_as_text_and_never_run(
+    page: Page, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    attack = (
+        '<img src=x onerror="window.pwned=1"> <script>window.pwned=2</script>\n\n'
+        "**bold** and [a link](javascript:window.pwned=3) and ![pic](/static/style.css?leak)"
+    )
+    endpoint.queue_replies(attack)
+    sign_in(page, user[1])
+    send(page, '<img src=y onerror="window.pwned=4">')
+    wait_for_reply(page)
+
+    transcript = page.locator("#transcript")
+    for tag in ("img", "script", "iframe", "[onerror]", "a[href^='javascript']"):
+        expect(transcript.locator(tag)).to_have_count(0)
+    assert page.evaluate("window.pwned") is None
+    reply = last_reply(page)
+    assert '<img src=x onerror="window.pwned=1">' in reply
+    assert "<script>window.pwned=2</script>" in reply
+    expect(transcript.locator(".message.assistant strong")).to_have_text("bold")
+    links = transcript.locator(".message.assistant a")
+    expect(links).to_have_text(["a link", "pic"])
+    expect(links.last).to_have_attribute("rel", "noopener noreferrer nofollow")
+    expect(page.locator(".message.user .body")).to_have_text('<img src=y onerror="window.pwned=4">')
+
+
+def test_a_bad_token_shows_the_sign_in_error(page: Page, user: tuple[str, str]) -> None:
+    page.goto("/")
+    page.get_by_label("Access token").fill("cc_not-a-token")
+    page.get_by_role("button", name="Sign in").click()
+    error = page.locator("#signin-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("That token was refused")
+    expect(page.get_by_label("Message")).to_be_hidden()
+    assert page.evaluate("sessionStorage.length") == 0
+
+    sign_in(page, user[1])  # the right token then works
+    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+
+
+def test_a_revoked_token_returns_to_sign_in_and_sign_out_forgets_it(
+    page: Page, service: Service, user: tuple[str, str], other: tuple[str, str]
+) -> None:
+    sign_in(page, user[1])
+    with closing(open_store(service.store_url)) as store:
+        Users(store).revoke(user[0])
+    send(page, "anyone there?")
+    error = page.locator("#signin-error")
+    expect(error).to_contain_text("Your token was refused")
+    expect(page.get_by_label("Access token")).to_be_visible()
+    assert page.evaluate("sessionStorage.length") == 0
+
+    sign_in(page, other[1])
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("Access token")).to_be_visible()
+    page.reload()
+    expect(page.get_by_label("Access token")).to_be_visible()  # the token is gone
+    expect(page.locator("#signin-error")).to_be_hidden()
+
+
+@pytest.fixture(scope="module")
+def strict_service(
+    endpoint: OpenAITestServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """A service whose users may spend 1 token each and make 3 requests a minute."""
+    folder = tmp_path_factory.mktemp("strict")
+    env = {
+        "CHATCHAIN_MAX_RETRIES": "0",
+        "CHATCHAIN_BUDGET_USER_TOKENS": "1",
+        "CHATCHAIN_SERVER_REQUESTS_PER_MINUTE": "3",
+    }
+    running = start_service(f"sqlite:///{folder / 'chat.db'}", endpoint, folder, env=env)
+    yield running
+    running.stop()
+
+
+def test_refusals_show_the_servers_message_and_keep_the_text(
+    browser: Browser, strict_service: Service
+) -> None:
+    _, token = strict_service.add_user()
+    context = browser.new_context(base_url=strict_service.url)
+    page = context.new_page()
+    sign_in(page, token)  # request 1 of the minute
+    send(page, "over budget")  # 2
+    error = page.get_by_role("alert")
+    expect(error).to_contain_text("HTTP 402 BudgetExceeded")
+    expect(error).to_contain_text("Budget exceeded: the cap for user")
+    expect(page.get_by_label("Message")).to_have_value("over budget")
+    expect(page.locator(".message")).to_have_count(0)  # nothing was stored, nothing shows
+    page.get_by_role("button", name="Dismiss the error").click()
+    expect(error).to_be_hidden()
+
+    page.get_by_label("Message").press("Enter")  # 3
+    expect(error).to_contain_text("HTTP 402")
+    page.get_by_label("Message").press("Enter")  # 4: over the requests per minute
+    expect(error).to_contain_text(re.compile(r"Try again in \d+ s\. \(HTTP 429 \w+\)"))
+    context.close()
+
+
+def test_an_endpoint_failure_shows_the_servers_message(
+    page: Page, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    sign_in(page, user[1])
+    endpoint.add_fault(Fault(status=500))
+    send(page, "endpoint down")
+    error = page.get_by_role("alert")
+    expect(error).to_contain_text(re.compile(r"\(HTTP 50\d \w+\)"))
+    expect(page.get_by_label("Message")).to_have_value("endpoint down")
+    expect(page.locator(".message")).to_have_count(0)
