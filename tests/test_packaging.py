@@ -106,7 +106,10 @@ def test_the_wheel_carries_the_types_the_license_and_the_version(tmp_path: Path)
     # The chat page of `chatchain serve`, with its vendored libraries and their licences.
     static = ROOT / "chatchain" / "server" / "static"
     page = {path.relative_to(ROOT).as_posix() for path in static.rglob("*") if path.is_file()}
-    assert {"chatchain/server/static/index.html", "chatchain/server/static/vendor/marked/LICENSE"} <= page
+    assert {
+        "chatchain/server/static/index.html",
+        "chatchain/server/static/vendor/marked/LICENSE",
+    } <= page
     assert page <= names, sorted(page - names)
     assert metadata["Version"] == chatchain.__version__
     assert metadata["License-Expression"] == "MIT"
