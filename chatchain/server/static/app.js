@@ -245,6 +245,8 @@ async function refreshSessions() {
   }
 }
 
+const WHEN = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "short" });
+
 function renderSessions() {
   const items = [];
   const known = new Set(state.sessions.map((s) => s.session_id));
@@ -258,13 +260,14 @@ function renderSessions() {
     open.type = "button";
     open.className = "open";
     open.dataset.session = session.session_id;
+    open.title = session.session_id;
     if (session.session_id === state.current) open.setAttribute("aria-current", "true");
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = session.session_id;
     const meta = document.createElement("small");
     meta.textContent = session.updated_at
-      ? `${session.message_count} messages · ${new Date(session.updated_at).toLocaleString()}`
+      ? `${session.message_count} messages · ${WHEN.format(new Date(session.updated_at))}`
       : "new";
     open.append(name, meta);
     open.addEventListener("click", () => openSession(session.session_id));
