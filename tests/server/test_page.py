@@ -123,9 +123,9 @@ def test_the_page_is_served_with_a_strict_content_security_policy(service: Servi
 def test_sign_in_send_and_watch_the_reply_stream(
     page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
 ) -> None:
-    # Two words, then a pause of a second (keep-alive comments), then the rest: the page
+    # Two words, then a pause of two seconds (keep-alive comments), then the rest: the page
     # must show the first words before the rest exists.
-    endpoint.add_fault(Fault(keep_alive=1.0, stall_after=2, interval=0.1))
+    endpoint.add_fault(Fault(keep_alive=2.0, stall_after=2, interval=0.1))
     sign_in(page, user[1])
     page.evaluate(
         """() => {
