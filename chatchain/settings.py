@@ -45,6 +45,7 @@ _OTHER_VARIABLES: Mapping[str, str] = {
     "CHATCHAIN_DATA_DIR": "the CLI's data folder (default store and input history)",
     "CHATCHAIN_REDIS_URL": "a Redis server for the notebooks and the store tests",
     "CHATCHAIN_POSTGRES_URL": "a PostgreSQL server for the notebooks and the store tests",
+    "CHATCHAIN_SERVE_TOOLS": "the tools module of `chatchain serve --tools`, for its workers",
 }
 
 _PREFIX = "CHATCHAIN_"

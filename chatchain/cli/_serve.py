@@ -6,11 +6,13 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
+from pathlib import Path
 
 import click
 from rich.console import Console
 
 from chatchain.cli._setup import errors_reported, load_settings, open_settings_store, use_endpoint
+from chatchain.cli._tools import TOOLS_HELP, load_tools
 from chatchain.errors import ConfigurationError
 
 __all__ = ["serve"]
@@ -41,9 +43,16 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
     "(default: CHATCHAIN_STORE, else chat.db in the user's data folder).",
 )
 @click.option("--offline", is_flag=True, help="Answer with chatchain's echo server, not a model.")
+@click.option("--tools", "tools", metavar="MODULE", help=TOOLS_HELP)
 @click.option("--debug", is_flag=True, help="Show tracebacks, not one error line.")
 def serve(
-    host: str, port: int, workers: int, store: str | None, offline: bool, debug: bool
+    host: str,
+    port: int,
+    workers: int,
+    store: str | None,
+    offline: bool,
+    tools: str | None,
+    debug: bool,
 ) -> None:
     """Serve the chat API (and /docs, /healthz, /metrics) over HTTP.
 
@@ -56,6 +65,7 @@ def serve(
             import uvicorn
 
             import chatchain.server  # noqa: F401  (its missing packages, named now)
+            from chatchain.server._app import TOOLS_ENV
         except ImportError as exc:
             raise ConfigurationError(
                 f"chatchain serve needs {exc.name}: install it with pip install "
@@ -69,8 +79,9 @@ def serve(
                 "sqlite:///path (one machine), redis://... or postgresql://..."
             )
         _check_store(settings.store)
+        tools = _check_tools(tools)
         with use_endpoint(settings, offline, status) as served:
-            env = {"CHATCHAIN_STORE": served.store}
+            env = {"CHATCHAIN_STORE": served.store, TOOLS_ENV: tools or ""}
             if offline:
                 assert served.base_url is not None
                 # The worker's key is a placeholder: the real one (in .env, say) stays home.
@@ -87,6 +98,16 @@ def _check_store(url: str) -> None:
 
     with closing(open_settings_store(Settings(store=url))) as store:
         Users(store)
+
+
+def _check_tools(spec: str | None) -> str | None:
+    """Load ``--tools`` once before the workers do (a module that fails, fails here), and
+    name a file by its absolute path, which every worker finds."""
+    if spec is None:
+        return None
+    load_tools(spec)
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec.endswith(".py") or path.is_file() else spec
 
 
 @contextmanager

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -25,7 +27,11 @@ from chatchain.server._service import Service
 from chatchain.settings import Settings
 from chatchain.users import Users
 
-__all__ = ["create_app"]
+__all__ = ["TOOLS_ENV", "create_app"]
+
+TOOLS_ENV = "CHATCHAIN_SERVE_TOOLS"
+"""The ``--tools MODULE`` of ``chatchain serve``, for its workers: ``chatchain serve`` always
+sets it (empty without the option), and `create_app` loads the tools of what it names."""
 
 
 def create_app(
@@ -35,7 +41,9 @@ def create_app(
 
     With no arguments (as ``uvicorn --factory chatchain.server:create_app`` and each worker
     of ``chatchain serve`` call it) the settings come from the environment and ``.env``, and
-    the app builds its Chatbot over the store they name and closes it at shutdown.
+    the app builds its Chatbot over the store they name and closes it at shutdown; its tools
+    are those of the module that ``CHATCHAIN_SERVE_TOOLS`` names (``chatchain serve --tools
+    MODULE`` sets it), none when it is unset or empty.
 
     Args:
         bot: The Chatbot to serve (yours stays yours: the app does not close it).
@@ -57,7 +65,7 @@ def create_app(
     """
     owned = bot is None
     if bot is None:
-        bot = Chatbot(settings or Settings.load())
+        bot = Chatbot(settings or Settings.load(), tools=_tools_from_environment())
     settings = settings or bot.settings
     service = Service(
         bot=bot,
@@ -99,6 +107,15 @@ def create_app(
         )
     app.add_middleware(BodyLimit, max_bytes=settings.server_max_body_bytes)
     return app
+
+
+def _tools_from_environment() -> list[Any]:
+    spec = os.environ.get(TOOLS_ENV, "")
+    if not spec:
+        return []
+    from chatchain.cli._tools import load_tools  # rich, of the cli extra that serve needs
+
+    return load_tools(spec)
 
 
 class BodyLimit:

@@ -14,9 +14,10 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request, Response
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from chatchain._tools import ToolEvent, ToolStarted
 from chatchain.chatbot import AsyncReplyStream, Reply
 from chatchain.errors import ChatChainError, InvalidInputError
 from chatchain.server import _metrics
@@ -28,7 +29,9 @@ from chatchain.server._schemas import (
     ReplyOut,
     SessionOut,
     Sessions,
+    ToolRequestOut,
     UsageReportOut,
+    tool_call_out,
     usage_out,
 )
 from chatchain.server._service import Caller, Service, ServiceDep, own_id, store_id
@@ -56,7 +59,10 @@ _EVENTS = {
         "description": "The reply as JSON; with `Accept: text/event-stream`, server-sent "
         "events: `text` {text} ..., then `usage` (as the JSON's usage), then `done` "
         "{interrupted, notices}; a failure after the first text is an `error` event "
-        "{type, message, status} that ends the stream.",
+        "{type, message, status} that ends the stream. With the server's tools (`chatchain "
+        "serve --tools MODULE`), each call is a `tool` event {phase: started, id, name, args} "
+        "and later {phase: finished, ...the call as in the JSON's tool_calls}, in order "
+        "among the text events.",
         "content": {"text/event-stream": {}},
     }
 }
@@ -88,6 +94,7 @@ def _reply_out(session_id: str, reply: Reply) -> ReplyOut:
         interrupted=reply.interrupted,
         notices=list(reply.notices),
         usage=usage_out(reply.usage),
+        tool_calls=[tool_call_out(call) for call in reply.tool_calls],
     )
 
 
@@ -129,26 +136,31 @@ class _Pump:
     piece then finds `stop` asked for and closes the stream itself, with the same effect.
     """
 
-    def __init__(self, stream: AsyncReplyStream) -> None:
+    def __init__(self, stream: AsyncReplyStream, *, tools: bool = False) -> None:
         self.stream = stream
+        self._tools = tools
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._stopping = False
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        pieces = self.stream.events() if self._tools else self.stream
         try:
-            async for piece in self.stream:
+            async for piece in pieces:
                 if self._stopping:  # the cancellation was lost: stop here instead
                     await self.stream.aclose()
                     return
-                self._queue.put_nowait(("text", piece))
+                self._queue.put_nowait(
+                    ("text", piece) if isinstance(piece, str) else ("tool", piece)
+                )
         except Exception as exc:
             self._queue.put_nowait(("error", exc))
         else:
             self._queue.put_nowait(("end", None))
 
     async def next(self) -> tuple[str, Any]:
-        """The next ``("text", piece)``, ``("error", exception)`` or ``("end", None)``."""
+        """The next ``("text", piece)``, ``("tool", event)`` (with ``tools=True``),
+        ``("error", exception)`` or ``("end", None)``."""
         return await self._queue.get()
 
     async def stop(self) -> bool:
@@ -175,7 +187,7 @@ async def _stream(
     _metrics.OPEN_STREAMS.inc()
     pump: _Pump | None = None
     try:
-        pump = _Pump(service.bot.astream(text, **args))
+        pump = _Pump(service.bot.astream(text, **args), tools=True)
         first = await _first(request, pump)
         if first is None:  # the client left: the turn was stopped, nobody to answer
             if await pump.stop():
@@ -227,8 +239,8 @@ async def _events(
 ) -> AsyncIterator[ServerSentEvent]:
     kind, value = first
     try:
-        while kind == "text":
-            yield _event("text", {"text": value})
+        while kind in ("text", "tool"):
+            yield _event("text", {"text": value}) if kind == "text" else _tool_event(value)
             kind, value = await pump.next()
         if kind == "error":
             assert isinstance(value, Exception)
@@ -244,6 +256,13 @@ async def _events(
         if await pump.stop():  # the client left mid-stream: the partial reply is kept
             _metrics.record_turn(ROUTE, pump.stream.usage, interrupted=True)
         _closed(service, user)
+
+
+def _tool_event(event: ToolEvent) -> ServerSentEvent:
+    if isinstance(event, ToolStarted):
+        started = {"id": event.id, "name": event.name, "args": event.args}
+        return _event("tool", {"phase": "started", **started})
+    return _event("tool", {"phase": "finished", **tool_call_out(event.call).model_dump()})
 
 
 def _error_event(exc: Exception) -> ServerSentEvent:
@@ -284,14 +303,24 @@ def _existing(service: Service, user: User, session_id: str) -> str:
 
 
 def _message_out(message: BaseMessage) -> MessageOut:
-    return MessageOut(
+    out = MessageOut(
         role=_ROLES.get(message.type, "system"),  # type: ignore[arg-type]
         text=message.text,
         interrupted=bool(message.response_metadata.get("interrupted")),
     )
+    if isinstance(message, AIMessage) and message.tool_calls:
+        out.tool_calls = [
+            ToolRequestOut(id=call["id"] or "", name=call["name"], args=call["args"])
+            for call in message.tool_calls
+        ]
+    elif isinstance(message, ToolMessage):
+        out.name, out.tool_call_id, out.status = message.name, message.tool_call_id, message.status
+    return out
 
 
-@router.get("/sessions/{session_id}/messages", response_model=Messages)
+@router.get(
+    "/sessions/{session_id}/messages", response_model=Messages, response_model_exclude_none=True
+)
 def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages:
     """The whole transcript of one of your sessions, oldest first."""
     full_id = _existing(service, user, session_id)

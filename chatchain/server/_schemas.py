@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from chatchain._tools import ToolCall
 from chatchain.usage import Usage
 
 __all__ = [
@@ -16,8 +17,11 @@ __all__ = [
     "ReplyOut",
     "SessionOut",
     "Sessions",
+    "ToolCallOut",
+    "ToolRequestOut",
     "UsageOut",
     "UsageReportOut",
+    "tool_call_out",
     "usage_out",
 ]
 
@@ -56,6 +60,31 @@ def usage_out(usage: Usage) -> UsageOut:
     )
 
 
+class ToolCallOut(BaseModel):
+    """One tool call of a turn, and how it went (chatchain's `ToolCall`)."""
+
+    id: str = Field(description="The call's id.")
+    name: str = Field(description="The tool the model asked for.")
+    args: dict[str, Any] = Field(description="The arguments it gave.")
+    result: str = Field(description="What was sent back to the model (the error text if failed).")
+    status: Literal["success", "error"]
+    error: str | None = Field(description="What went wrong, or None.")
+    seconds: float = Field(description="How long the tool ran.")
+
+
+def tool_call_out(call: ToolCall) -> ToolCallOut:
+    """The JSON of ``call``."""
+    return ToolCallOut(
+        id=call.id,
+        name=call.name,
+        args=call.args,
+        result=call.result,
+        status=call.status,
+        error=call.error,
+        seconds=call.seconds,
+    )
+
+
 class ReplyOut(BaseModel):
     """The reply to a turn."""
 
@@ -64,6 +93,10 @@ class ReplyOut(BaseModel):
     interrupted: bool
     notices: list[str]
     usage: UsageOut
+    tool_calls: list[ToolCallOut] = Field(
+        default_factory=list,
+        description="The tools the server ran in the turn, in order (none without --tools).",
+    )
 
 
 class SessionOut(BaseModel):
@@ -77,10 +110,30 @@ class Sessions(BaseModel):
     sessions: list[SessionOut] = Field(description="The caller's sessions, newest first.")
 
 
+class ToolRequestOut(BaseModel):
+    """A tool call an assistant message asked for (its result is the tool message after it)."""
+
+    id: str
+    name: str
+    args: dict[str, Any]
+
+
 class MessageOut(BaseModel):
+    """One message of a transcript; the tool fields are left out of messages without them."""
+
     role: Literal["user", "assistant", "system", "tool"]
     text: str
     interrupted: bool
+    tool_calls: list[ToolRequestOut] | None = Field(
+        default=None, description="An assistant message's tool calls (left out when none)."
+    )
+    name: str | None = Field(default=None, description="A tool message's tool.")
+    tool_call_id: str | None = Field(
+        default=None, description="The call a tool message answers (an id of tool_calls)."
+    )
+    status: Literal["success", "error"] | None = Field(
+        default=None, description="How a tool message's call went."
+    )
 
 
 class Messages(BaseModel):

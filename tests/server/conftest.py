@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +94,12 @@ def start_service(
     *,
     workers: int = 1,
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> Service:
     """Start ``chatchain serve`` over ``store_url`` and wait until ``/healthz`` answers 200.
 
-    Without an ``endpoint``, the service runs ``--offline`` (and no ``OPENAI_*`` is set).
+    Without an ``endpoint``, the service runs ``--offline`` (and no ``OPENAI_*`` is set);
+    ``args`` are more options of ``chatchain serve`` (``--tools MODULE``, say).
     """
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHATCHAIN_"))}
     clean.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -106,7 +108,7 @@ def start_service(
     port = free_port()
     log = cwd / f"serve-{port}.log"
     argv = [sys.executable, "-m", "chatchain", "serve", "--port", str(port)]
-    argv += ["--store", store_url, "--workers", str(workers)]
+    argv += ["--store", store_url, "--workers", str(workers), *args]
     if endpoint is None:
         argv.append("--offline")
     with log.open("wb") as out:

@@ -29,6 +29,19 @@ def test_several_workers_over_a_memory_store_are_refused_with_what_to_do(
     assert "sqlite:///" in result.output
 
 
+def test_a_tools_module_that_fails_to_import_stops_serve_with_one_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise ValueError('not today')\n")
+
+    result = CliRunner().invoke(
+        cli, ["serve", "--store", f"sqlite:///{tmp_path / 'chat.db'}", "--tools", str(broken)]
+    )
+
+    assert result.exit_code == 1
+    assert result.output.startswith("error: --tools ")
+    assert "not today" in result.output and "Traceback" not in result.output
+
+
 def test_a_store_it_cannot_open_is_one_error_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["serve", "--store", "nosuch://x"])
 
