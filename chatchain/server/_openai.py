@@ -18,6 +18,14 @@ Two modes, chosen per request:
   completion's id (``chatcmpl-...``) as its session, and capped by the user's limits and the
   deployment's budgets (a per-session cap applies to each call on its own).
 
+**Tools.** A client's own tools (``tools``, ``functions``, ``tool_choice``, tool messages) are
+refused with 400: running tools that live in the client is another feature. The server's own
+tools (``chatchain serve --tools MODULE``) run inside the turn in both modes, as in the
+native API: the model may call them, the server runs them and sends the results back, and
+the answer (streamed or not) is the final text only; the calls never reach the client. With
+``X-Session-Id`` the whole exchange (the calls and their results) is stored with the turn,
+and ``GET /v1/sessions/{id}/messages`` shows it.
+
 ``model`` is required, as OpenAI requires it, but the configured model answers: the reply's
 ``model`` says which (the model the endpoint named, or the configured one while streaming).
 Sampling fields (``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ...) are

@@ -4,6 +4,7 @@ OpenAI-compatible route, and nothing loaded without the option."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,46 @@ def test_without_the_option_no_tools_are_loaded_even_if_the_variable_is_set(
 
     assert body["tool_calls"] == []
     assert offered(endpoint.requests[-1]) == []
+
+
+def test_the_openai_route_without_a_session_runs_the_tools_too_and_stores_nothing(
+    tool_service: Service, endpoint: OpenAITestServer
+) -> None:
+    endpoint.add_tool_rule("get_weather", {"city": "Oslo"})
+    _, token = tool_service.add_user()
+    client = tool_service.client(token)
+
+    answer = client.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Oslo?"}]},
+    )
+
+    assert answer.status_code == 200, answer.text
+    message = answer.json()["choices"][0]["message"]
+    assert message["content"] == "Echo: Oslo? [tool results: Sunny in Oslo]"
+    assert client.get("/v1/sessions").json() == {"sessions": []}
+
+
+def test_the_openai_stream_in_a_session_is_the_final_text_only(
+    tool_service: Service, endpoint: OpenAITestServer
+) -> None:
+    endpoint.queue_tool_calls(ScriptedCall("get_weather", {"city": "Oslo"}))
+    endpoint.queue_replies("Sunny in Oslo.")
+    _, token = tool_service.add_user()
+
+    with tool_service.client(token).stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "Oslo?"}],
+            "stream": True,
+        },
+        headers={"X-Session-Id": "s"},
+    ) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+
+    deltas = [json.loads(line[len("data: ") :])["choices"][0]["delta"] for line in lines]
+    assert "".join(delta.get("content") or "" for delta in deltas) == "Sunny in Oslo."
+    assert all("tool_calls" not in delta for delta in deltas)
