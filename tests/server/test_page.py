@@ -19,7 +19,7 @@ import pytest
 from playwright.sync_api import Browser, Dialog, Page, Playwright, expect, sync_playwright
 
 from chatchain.stores import open_store
-from chatchain.testing import Fault, OpenAITestServer
+from chatchain.testing import Fault, OpenAITestServer, ScriptedCall
 from chatchain.users import Users
 from tests.server.conftest import Service, start_service
 
@@ -374,3 +374,86 @@ def test_an_endpoint_failure_shows_the_servers_message(
     expect(error).to_contain_text(re.compile(r"\(HTTP 50\d \w+\)"))
     expect(page.get_by_label("Message")).to_have_value("endpoint down")
     expect(page.locator(".message")).to_have_count(0)
+
+
+GATED_TOOLS = '''
+import time
+from pathlib import Path
+
+GATE = Path({gate!r})
+
+
+def slow_weather(city: str) -> str:
+    """The weather in a city today (waits until the test opens the gate)."""
+    deadline = time.monotonic() + 60
+    while not GATE.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return f"Sunny in {{city}}"
+
+
+def broken_weather(city: str) -> str:
+    """Fails, on purpose."""
+    raise RuntimeError("<b>no</b> weather today")
+
+
+TOOLS = [slow_weather, broken_weather]
+'''
+
+
+@pytest.fixture(scope="module")
+def tool_service(
+    endpoint: OpenAITestServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Service, Path]]:
+    """``chatchain serve --tools`` whose ``slow_weather`` runs until the gate file exists."""
+    folder = tmp_path_factory.mktemp("page-tools")
+    gate = folder / "gate"
+    module = folder / "gated_tools.py"
+    module.write_text(GATED_TOOLS.format(gate=str(gate)))
+    running = start_service(
+        f"sqlite:///{folder / 'chat.db'}", endpoint, folder, args=["--tools", str(module)]
+    )
+    yield running, gate
+    running.stop()
+
+
+def test_tool_calls_show_as_lines_while_streaming_and_after_a_reload(
+    browser: Browser, tool_service: tuple[Service, Path], endpoint: OpenAITestServer
+) -> None:
+    service, gate = tool_service
+    endpoint.queue_tool_calls(
+        ScriptedCall("slow_weather", {"city": "Oslo"}, id="call_1"),
+        ScriptedCall("broken_weather", {"city": "<i>Bergen</i>"}, id="call_2"),
+    )
+    endpoint.queue_replies("Sunny in Oslo; no news from Bergen.")
+    _, token = service.add_user()
+    context = browser.new_context(base_url=service.url)
+    context.set_default_timeout(30_000)
+    page = context.new_page()
+    try:
+        sign_in(page, token)
+        send(page, "Weather?")
+        reply = page.locator(".message.assistant").last
+        running = reply.locator(".tools p", has_text="slow_weather")
+        # The call has started and not finished (the tool waits for the gate): the line is
+        # there while the reply is still streaming.
+        expect(running).to_have_text('tool slow_weather(city="Oslo") …')
+        expect(reply).to_have_attribute("aria-busy", "true")
+        gate.touch()
+        wait_for_reply(page)
+        lines = [
+            'tool slow_weather(city="Oslo") ok',
+            'tool broken_weather(city="<i>Bergen</i>") error: '
+            "RuntimeError: <b>no</b> weather today",
+        ]
+        expect(reply.locator(".tools p")).to_have_text(lines)
+        assert last_reply(page) == "Sunny in Oslo; no news from Bergen."
+        expect(reply.locator(".tools i, .tools b")).to_have_count(0)  # text, never markup
+
+        page.reload()
+        reply = page.locator(".message.assistant")
+        expect(reply).to_have_count(1)
+        expect(reply.locator(".tools p")).to_have_text(lines)
+        expect(reply.locator(".body")).to_have_text("Sunny in Oslo; no news from Bergen.")
+        expect(reply.locator(".tools i, .tools b")).to_have_count(0)
+    finally:
+        context.close()

@@ -301,7 +301,7 @@ async function openSession(sessionId) {
     const response = await api(`v1/sessions/${encodeURIComponent(sessionId)}/messages`);
     const data = await response.json();
     if (state.current !== sessionId) return; // another session was opened meanwhile
-    for (const message of data.messages) addMessage(message);
+    addHistory(data.messages);
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
       // Not one of yours (or deleted): say so, and start a new session instead.
@@ -343,12 +343,74 @@ function addMessage({ role, text, interrupted = false }) {
   if (role === "assistant") renderMarkdown(body, text);
   else body.textContent = text;
   article.append(who, body);
+  if (role === "assistant") {
+    const tools = document.createElement("div");
+    tools.className = "tools";
+    article.append(tools);
+  }
   const footer = document.createElement("footer");
   article.append(footer);
   if (interrupted) markInterrupted(article, "interrupted");
   $("transcript").append(article);
   article.scrollIntoView({ block: "end" });
   return article;
+}
+
+// A transcript: a turn with tools is stored as the user's message, an assistant message with
+// the calls (usually no text), one tool message per result, then the answer. The page shows
+// the user's message and the answer, with one dim line per call under the answer.
+function addHistory(messages) {
+  const calls = new Map(); // id -> {name, args}, from the assistant messages that made them
+  let lines = [];
+  for (const message of messages) {
+    if (message.role === "assistant" && message.tool_calls?.length) {
+      for (const call of message.tool_calls) calls.set(call.id, call);
+      if (!message.text) continue;
+    }
+    if (message.role === "tool") {
+      const call = calls.get(message.tool_call_id) ?? { name: message.name, args: {} };
+      // A failed call's result is "Error: " and the error, as the model was sent it.
+      const error = message.status === "error" ? message.text.replace(/^Error: /, "") : null;
+      lines.push({ ...call, status: message.status, error });
+      continue;
+    }
+    const article = addMessage(message);
+    if (message.role === "assistant") {
+      for (const line of lines) toolLine(article, line);
+      lines = [];
+    }
+  }
+  if (lines.length) {
+    // A turn stopped after its tools ran and before the answer: show the calls anyway.
+    const article = addMessage({ role: "assistant", text: "", interrupted: true });
+    for (const line of lines) toolLine(article, line);
+  }
+}
+
+function shorten(text, most) {
+  return text.length <= most ? text : `${text.slice(0, most - 1)}…`;
+}
+
+// One dim line per tool call, as the terminal chat prints it: "tool name(args) ok" or
+// "... error: why"; "..." while it runs. Set as text: names, arguments and errors may hold
+// anything the model or the tool wrote.
+function toolLine(article, { id, name, args, status, error }) {
+  const tools = article.querySelector(".tools");
+  let line = id ? tools.querySelector(`p[data-call="${CSS.escape(id)}"]`) : null;
+  if (!line) {
+    line = document.createElement("p");
+    line.className = "tool";
+    if (id) line.dataset.call = id;
+    tools.append(line);
+  }
+  const shown = Object.entries(args ?? {})
+    .map(([key, value]) => `${key}=${JSON.stringify(value)}`)
+    .join(", ");
+  let outcome = "…";
+  if (status === "success") outcome = "ok";
+  else if (status === "error") outcome = `error: ${shorten(error ?? "", 100)}`;
+  line.classList.toggle("failed", status === "error");
+  line.textContent = `tool ${name}(${shorten(shown, 60)}) ${outcome}`;
 }
 
 function note(article, className, text) {
@@ -441,6 +503,8 @@ async function readReply(response, reply) {
         pending = true;
         requestAnimationFrame(paint);
       }
+    } else if (event.event === "tool") {
+      toolLine(reply, data);
     } else if (event.event === "usage") {
       note(reply, "usage", data.line);
     } else if (event.event === "done") {
