@@ -58,11 +58,11 @@ _EVENTS = {
     200: {
         "description": "The reply as JSON; with `Accept: text/event-stream`, server-sent "
         "events: `text` {text} ..., then `usage` (as the JSON's usage), then `done` "
-        "{interrupted, notices}; a failure after the first text is an `error` event "
-        "{type, message, status} that ends the stream. With the server's tools (`chatchain "
-        "serve --tools MODULE`), each call is a `tool` event {phase: started, id, name, args} "
-        "and later {phase: finished, ...the call as in the JSON's tool_calls}, in order "
-        "among the text events.",
+        "{interrupted, notices}; a failure after the first text (or tool) event is an "
+        "`error` event {type, message, status} that ends the stream. With the server's "
+        "tools (`chatchain serve --tools MODULE`), each call is a `tool` event {phase: "
+        "started, id, name, args} and later {phase: finished, ...the call as in the JSON's "
+        "tool_calls}, in order among the text events.",
         "content": {"text/event-stream": {}},
     }
 }
