@@ -11,11 +11,14 @@ from typing import Any
 
 import pytest
 
+from chatchain._tools import INTERRUPTED
 from chatchain.testing import OpenAITestServer, ScriptedCall
 from tests.server.conftest import Service, events, start_service
+from tests.server.test_native import wait_for
 
 TOOLS_MODULE = '''
-from langchain_core.tools import tool
+import time
+from pathlib import Path
 
 
 def get_weather(city: str) -> str:
@@ -28,7 +31,15 @@ def explode(reason: str) -> str:
     raise RuntimeError(f"boom: {reason}")
 
 
-TOOLS = [get_weather, explode]
+def wait_for_gate() -> str:
+    """Waits until the test opens the gate (the file "gate" beside this module)."""
+    gate, deadline = Path(__file__).with_name("gate"), time.monotonic() + 60
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "open"
+
+
+TOOLS = [get_weather, explode, wait_for_gate]
 '''
 
 
@@ -55,6 +66,7 @@ def tool_service(
         args=["--tools", str(tools)],
     )
     yield running
+    (folder / "gate").touch()  # a tool still waiting (it should not be) ends
     running.stop()
 
 
@@ -87,7 +99,7 @@ def test_a_reply_lists_the_tool_calls_the_server_ran(
         "status": "success",
         "error": None,
     }
-    assert sorted(offered(endpoint.requests[0])) == ["explode", "get_weather"]
+    assert sorted(offered(endpoint.requests[0])) == ["explode", "get_weather", "wait_for_gate"]
 
 
 def test_a_tool_that_fails_is_reported_and_the_turn_goes_on(
@@ -286,3 +298,44 @@ def test_the_openai_stream_in_a_session_is_the_final_text_only(
     deltas = [json.loads(line[len("data: ") :])["choices"][0]["delta"] for line in lines]
     assert "".join(delta.get("content") or "" for delta in deltas) == "Sunny in Oslo."
     assert all("tool_calls" not in delta for delta in deltas)
+
+
+def test_a_client_leaving_while_a_tool_runs_keeps_the_call_answered_as_interrupted(
+    tool_service: Service, endpoint: OpenAITestServer
+) -> None:
+    endpoint.queue_tool_calls(ScriptedCall("wait_for_gate", {}, id="call_w"))
+    _, token = tool_service.add_user()
+    client = tool_service.client(token)
+    with client.stream(
+        "POST",
+        "/v1/sessions/s/messages",
+        json={"text": "wait"},
+        headers={"Accept": "text/event-stream"},
+    ) as response:
+        name, data = next(events(response))
+        assert (name, data["phase"]) == ("tool", "started")
+    # Leaving the block closed the connection while the tool waits for its gate.
+
+    def stored() -> list[dict[str, Any]]:
+        answer = client.get("/v1/sessions/s/messages")  # 404 until the turn is saved
+        return answer.json()["messages"] if answer.status_code == 200 else []
+
+    messages = wait_for(stored, "the stopped turn")
+    assert messages == [
+        {"role": "user", "text": "wait", "interrupted": False},
+        {
+            "role": "assistant",
+            "text": "",
+            "interrupted": False,
+            "tool_calls": [{"id": "call_w", "name": "wait_for_gate", "args": {}}],
+        },
+        {
+            "role": "tool",
+            "text": INTERRUPTED,
+            "interrupted": False,
+            "name": "wait_for_gate",
+            "tool_call_id": "call_w",
+            "status": "error",
+        },
+        {"role": "assistant", "text": "", "interrupted": True},
+    ]
