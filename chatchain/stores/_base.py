@@ -408,6 +408,30 @@ class HistoryStore(HistoryBackend, SummaryBackend, LockBackend, LedgerBackend):
     def prune(self, before: datetime) -> list[str]:
         """Delete the sessions last written before ``before``; return their ids."""
 
+    def session_infos(self, prefix: str = "", limit: int | None = None) -> list[SessionInfo]:
+        """The sessions whose ids start with ``prefix``, the one written last first (then by
+        id), at most ``limit`` of them.
+
+        The built-in stores read only the ids in that range (an index range), so listing one
+        user's sessions (``"name:"``) costs the same in a store of ten sessions as in one of
+        a million. This default, for other stores, filters `sessions` and reads `info` for
+        each match: it reads every id.
+
+        Example:
+            >>> from chatchain.stores import MemoryStore
+            >>> store = MemoryStore()
+            >>> for sid in ("ann:trip", "annie:x", "ann:work"):
+            ...     store(sid).add_user_message("hi")
+            >>> sorted(info.session_id for info in store.session_infos("ann:"))
+            ['ann:trip', 'ann:work']
+        """
+        infos = [
+            info
+            for session_id in self.sessions()
+            if session_id.startswith(prefix) and (info := self.info(session_id)) is not None
+        ]
+        return newest_first(infos, limit)
+
     def commit_turn(
         self,
         session_id: str,
@@ -564,6 +588,34 @@ def session_times(
     updated = utcnow() if updated_at is None else utc(updated_at)
     created = updated if created_at is None else utc(created_at)
     return created, max(created, updated)
+
+
+def newest_first(infos: Sequence[SessionInfo], limit: int | None) -> list[SessionInfo]:
+    """``infos`` in the order of `HistoryStore.session_infos`, the first ``limit`` of them."""
+    ordered = sorted(infos, key=lambda info: info.session_id)
+    ordered.sort(key=lambda info: info.updated_at, reverse=True)  # stable: ties by id
+    return ordered if limit is None else ordered[: max(0, limit)]
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``, in code point order
+    (that of SQLite's BINARY collation and PostgreSQL's ``"C"`` on UTF-8), or ``None`` when
+    there is none (an empty prefix, or one of U+10FFFF only).
+
+    So ``prefix <= id < prefix_end(prefix)`` is ``id.startswith(prefix)``, as an index range
+    (no LIKE, whose ``%`` and ``_`` an id may hold).
+
+    Example:
+        >>> prefix_end("ann:"), prefix_end("")
+        ('ann;', None)
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop()) + 1
+        if last <= 0x10FFFF:
+            # Surrogates are not characters of UTF-8 text: the next one is U+E000.
+            return "".join(chars) + chr(0xE000 if 0xD800 <= last <= 0xDFFF else last)
+    return None
 
 
 class StoreHistory(BaseChatMessageHistory):

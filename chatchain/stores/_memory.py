@@ -21,6 +21,7 @@ from chatchain.stores._base import (
     Summary,
     UserBackend,
     check_user_changes,
+    newest_first,
     session_times,
     user_exists,
     utcnow,
@@ -237,6 +238,13 @@ class MemoryStore(MemoryLedger, MemoryUsers, HistoryStore):
             now = utcnow()
             created = self._created.get(session_id, now)
             return SessionInfo(session_id, count, created, self._updated.get(session_id, created))
+
+    def session_infos(self, prefix: str = "", limit: int | None = None) -> list[SessionInfo]:
+        # A pass over the ids in memory, without a lookup per session of other users.
+        with self._guard:
+            matches = [sid for sid in self._histories if sid.startswith(prefix)]
+            infos = [info for sid in matches if (info := self.info(sid)) is not None]
+        return newest_first(infos, limit)
 
     def delete(self, session_id: str) -> None:
         with self._guard:

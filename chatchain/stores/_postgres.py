@@ -112,6 +112,7 @@ from chatchain.stores._base import (
     dump_message,
     load_message,
     lock_lost,
+    prefix_end,
     session_times,
     user_exists,
     utcnow,
@@ -301,6 +302,12 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
             FROM {usage} WHERE user_id IS NOT NULL GROUP BY 2, 3""",
         ],
     ),
+    (
+        # `session_infos` reads an id range in code point order ("C"), whatever the
+        # database's collation (under most others "al:x" sorts between "al" and "alice").
+        "0007_sessions_by_id",
+        ['CREATE INDEX IF NOT EXISTS {sessions_id} ON {sessions} (session_id COLLATE "C")'],
+    ),
 ]
 
 
@@ -332,6 +339,7 @@ class _Sql:
             "migrations",
             "sessions_created",
             "sessions_updated",
+            "sessions_id",
             "usage",
             "usage_session_at",
             "usage_user_at",
@@ -387,6 +395,14 @@ class _Sql:
             "SELECT message_count, created_at, updated_at FROM {sessions}"
             " WHERE session_id = %s AND message_count > 0"
         )
+        # An index range of `0007_sessions_by_id`; the sort reads only the rows in it.
+        infos = (
+            "SELECT session_id, message_count, created_at, updated_at FROM {sessions}"
+            ' WHERE session_id COLLATE "C" >= %(low)s{below} AND message_count > 0'
+            ' ORDER BY updated_at DESC, session_id COLLATE "C" LIMIT %(limit)s'
+        )
+        self.session_infos = q(infos.replace("{below}", ' AND session_id COLLATE "C" < %(high)s'))
+        self.session_infos_from = q(infos.replace("{below}", ""))
         self.delete = q("DELETE FROM {sessions} WHERE session_id = %s")  # messages cascade
         self.prune = q(
             "WITH gone AS (DELETE FROM {sessions} WHERE updated_at < %s"
@@ -1000,6 +1016,18 @@ class PostgresStore(HistoryStore, UserBackend):
         for count, created, updated in self._fetch(self._sql.info, (session_id,)):
             return SessionInfo(session_id, int(count), _utc(created), _utc(updated))
         return None
+
+    def session_infos(self, prefix: str = "", limit: int | None = None) -> list[SessionInfo]:
+        high = prefix_end(prefix)
+        params: dict[str, Any] = {"low": prefix, "limit": None if limit is None else max(0, limit)}
+        if high is None:
+            rows = self._fetch(self._sql.session_infos_from, params)
+        else:
+            rows = self._fetch(self._sql.session_infos, params | {"high": high})
+        return [
+            SessionInfo(sid, int(count), _utc(created), _utc(updated))
+            for sid, count, created, updated in rows
+        ]
 
     def delete(self, session_id: str) -> None:
         self._fetch(self._sql.delete, (session_id,))

@@ -14,6 +14,9 @@ match a SCAN pattern meant for another; the raw id is kept in the sorted sets:
   by the writer's clock) and the running summary (``summary``, ``covers``).
 - ``<prefix>:created`` and ``<prefix>:updated``: ZSETs of raw session ids scored by creation
   and by last write, for `sessions` and `prune`.
+- ``<prefix>:ids``: ZSET of the same ids, all scored 0, so that they sort by their bytes and
+  `session_infos` reads the ids of a prefix with one ZRANGEBYLEX (a store written before it
+  existed is indexed from ``created`` on its first listing).
 - ``<prefix>:lock:<id>``: the session's cross-process lock, a `redis.lock.Lock`, whose value
   is its holder's token (the turn's `Fence`).
 
@@ -101,6 +104,8 @@ from chatchain.stores._base import (
     dump_message,
     load_message,
     lock_lost,
+    newest_first,
+    prefix_end,
     session_times,
     user_exists,
     utcnow,
@@ -196,7 +201,7 @@ end
 _RECORD = _DROP_HOLD + _RECORD_ENTRY + "return record_entry(KEYS, ARGV)"
 
 # A whole turn: its messages, its entry and the end of its hold, fenced by the session lock.
-# KEYS: lock, msgs, meta, created, updated, then `record_entry`'s keys (if there is an entry)
+# KEYS: lock, msgs, meta, created, updated, ids, then `record_entry`'s keys (if there is an entry)
 #       or holds and holds expiry (if not).
 # ARGV: lock token ('' for no fence), time (us), raw session id, hold to drop ('' for none),
 #       number of messages n, the n messages, then `record_entry`'s arguments (if any).
@@ -220,7 +225,7 @@ if held and n > 0 then
   end
 end
 local rest_keys, rest_args = {}, {}
-for k = 6, #KEYS do rest_keys[#rest_keys + 1] = KEYS[k] end
+for k = 7, #KEYS do rest_keys[#rest_keys + 1] = KEYS[k] end
 for a = 6 + n, #ARGV do rest_args[#rest_args + 1] = ARGV[a] end
 if #rest_args > 0 then
   record_entry(rest_keys, rest_args)
@@ -239,10 +244,20 @@ if n > 0 then
   redis.call('HSET', KEYS[3], 'updated', stamp)
   redis.call('ZADD', KEYS[4], 'NX', stamp, sid)
   redis.call('ZADD', KEYS[5], stamp, sid)
+  redis.call('ZADD', KEYS[6], 0, sid)
 end
 return 1
 """
 )
+
+# Index the ids of a store written before ``ids`` existed (or by such a process since): ids
+# only ever holds at least the ids of created, so fewer means some are missing.
+# KEYS: ids, created.
+_INDEX_IDS = """
+if redis.call('ZCARD', KEYS[1]) < redis.call('ZCARD', KEYS[2]) then
+  redis.call('ZUNIONSTORE', KEYS[1], 2, KEYS[1], KEYS[2], 'WEIGHTS', 0, 0)
+end
+"""
 
 # `chatchain.usage.check_limit` for each limit, then keep the hold if all of them pass.
 # KEYS: holds, holds expiry, entries, then (totals, hold index, days, time index) per limit,
@@ -544,6 +559,7 @@ class RedisStore(HistoryStore, UserBackend):
             ) from None
         self._created = f"{prefix}:created"
         self._updated = f"{prefix}:updated"
+        self._ids = f"{prefix}:ids"
         self._entries = f"{prefix}:usage:entries"
         self._seq = f"{prefix}:usage:seq"
         self._holds = f"{prefix}:holds"
@@ -551,6 +567,7 @@ class RedisStore(HistoryStore, UserBackend):
         # Script objects send EVALSHA, and the script itself once if the server lacks it.
         self._record_script = self._client.register_script(_RECORD)
         self._commit_script = self._client.register_script(_COMMIT)
+        self._index_script = self._client.register_script(_INDEX_IDS)
         self._hold_script = self._client.register_script(_HOLD)
         self._release_script = self._client.register_script(_RELEASE)
         self._add_user_script = self._client.register_script(_ADD_USER)
@@ -593,11 +610,13 @@ class RedisStore(HistoryStore, UserBackend):
         pipe.hset(meta, "updated", stamp)
         pipe.zadd(self._created, {session_id: stamp}, nx=True)
         pipe.zadd(self._updated, {session_id: stamp})
+        pipe.zadd(self._ids, {session_id: 0})
 
     def _queue_delete(self, pipe: _Pipeline, session_id: str) -> None:
         pipe.delete(self._key("msgs", session_id), self._key("meta", session_id))
         pipe.zrem(self._created, session_id)
         pipe.zrem(self._updated, session_id)
+        pipe.zrem(self._ids, session_id)
 
     def _corrupt(self, session_id: str, exc: Exception) -> StoreError:
         return StoreError(
@@ -768,6 +787,37 @@ class RedisStore(HistoryStore, UserBackend):
         except (TypeError, ValueError) as exc:
             raise self._corrupt(session_id, exc) from exc
 
+    def session_infos(self, prefix: str = "", limit: int | None = None) -> list[SessionInfo]:
+        # Byte order is code point order in UTF-8, so `prefix_end` bounds the range here too.
+        end = prefix_end(prefix)
+        self._eval(self._index_script, [self._ids, self._created], [])
+        [ids] = self._run(
+            lambda pipe: pipe.zrangebylex(
+                self._ids, f"[{prefix}", "+" if end is None else f"({end}"
+            ),
+            transaction=False,
+        )
+
+        def queue(pipe: _Pipeline) -> None:
+            for session_id in ids:
+                pipe.llen(self._key("msgs", session_id))
+                pipe.hmget(self._key("meta", session_id), ["created", "updated"])
+
+        replies = self._run(queue) if ids else []
+        infos = []
+        for session_id, count, (created, updated) in zip(
+            ids, replies[::2], replies[1::2], strict=True
+        ):
+            if not count:
+                continue  # deleted since the range was read
+            try:
+                infos.append(
+                    SessionInfo(session_id, int(count), _moment(created), _moment(updated))
+                )
+            except (TypeError, ValueError) as exc:
+                raise self._corrupt(session_id, exc) from exc
+        return newest_first(infos, limit)
+
     def delete(self, session_id: str) -> None:
         self._run(lambda pipe: self._queue_delete(pipe, session_id))
 
@@ -823,6 +873,7 @@ class RedisStore(HistoryStore, UserBackend):
                 pipe.rpush(self._key("msgs", session_id), *payloads)
                 pipe.zadd(self._created, {session_id: created})
                 pipe.zadd(self._updated, {session_id: updated})
+                pipe.zadd(self._ids, {session_id: 0})
 
         self._run(queue)
 
@@ -911,6 +962,7 @@ class RedisStore(HistoryStore, UserBackend):
             self._key("meta", session_id),
             self._created,
             self._updated,
+            self._ids,
         ]
         args = [
             "" if fence is None else fence.token,

@@ -56,6 +56,7 @@ from chatchain.stores._base import (
     dump_message,
     load_message,
     lock_lost,
+    prefix_end,
     session_times,
     user_exists,
     utcnow,
@@ -307,6 +308,19 @@ def _user(row: Sequence[Any]) -> tuple[User, str]:
     name, created, budget, daily, monthly, revoked, token_hash = row
     user = User(name, datetime.fromisoformat(created), budget, daily, monthly, bool(revoked))
     return user, token_hash
+
+
+def _session_infos_sql(*, bounded: bool) -> str:
+    """The statement of `SQLiteStore.session_infos`: parameters low, (high,) and limit.
+
+    A range of the primary key's index (BINARY collation: code point order), not LIKE, whose
+    wildcards an id may hold; SQLite then sorts only the rows in the range.
+    """
+    return (
+        "SELECT session_id, message_count, created_at, updated_at FROM sessions "
+        f"WHERE session_id >= ? {'AND session_id < ? ' if bounded else ''}"
+        "AND message_count > 0 ORDER BY updated_at DESC, session_id LIMIT ?"
+    )
 
 
 class SQLiteStore(HistoryStore, UserBackend):
@@ -575,6 +589,21 @@ class SQLiteStore(HistoryStore, UserBackend):
         return SessionInfo(
             session_id, count, datetime.fromisoformat(created), datetime.fromisoformat(updated)
         )
+
+    def session_infos(self, prefix: str = "", limit: int | None = None) -> list[SessionInfo]:
+        end = prefix_end(prefix)
+        bounds = (prefix,) if end is None else (prefix, end)
+        with self._connection("list sessions") as conn:
+            rows = conn.execute(
+                _session_infos_sql(bounded=end is not None),
+                (*bounds, -1 if limit is None else max(0, limit)),
+            ).fetchall()
+        return [
+            SessionInfo(
+                sid, count, datetime.fromisoformat(created), datetime.fromisoformat(updated)
+            )
+            for sid, count, created, updated in rows
+        ]
 
     def delete(self, session_id: str) -> None:
         with self._write("delete a session") as conn:

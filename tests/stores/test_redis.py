@@ -57,8 +57,8 @@ def test_tricky_ids_get_keys_of_their_own(redis_store: RedisStore, redis_url: st
         redis_store.append(sid, [HumanMessage(sid)])
     with raw(redis_url) as client:
         keys = set(client.scan_iter())
-        assert len(keys) == 2 * len(ids) + 2  # msgs and meta per session, two sorted sets
-        session_keys = keys - {"chatchain:created", "chatchain:updated"}
+        assert len(keys) == 2 * len(ids) + 3  # msgs and meta per session, three sorted sets
+        session_keys = keys - {"chatchain:created", "chatchain:updated", "chatchain:ids"}
         # No glob metacharacter nor extra ':' can reach a key: the id is percent-encoded.
         assert all(
             re.fullmatch(r"chatchain:(msgs|meta):[\w%.~-]*", k, re.ASCII) for k in session_keys
@@ -68,6 +68,15 @@ def test_tricky_ids_get_keys_of_their_own(redis_store: RedisStore, redis_url: st
     for sid in ids:
         assert contents(redis_store, sid) == ([] if sid == "a*" else [sid])
     assert sorted(redis_store.sessions()) == sorted(set(ids) - {"a*"})
+    listed = [info.session_id for info in redis_store.session_infos()]
+    assert sorted(listed) == sorted(set(ids) - {"a*"})
+    assert {info.session_id for info in redis_store.session_infos("a")} == {
+        "a",
+        "a?",
+        "a:b",
+        "a%3Ab",
+        "a b",
+    }
 
 
 def test_prune_and_delete_leave_no_keys_behind(redis_store: RedisStore, redis_url: str) -> None:
@@ -85,6 +94,7 @@ def test_prune_and_delete_leave_no_keys_behind(redis_store: RedisStore, redis_ur
             "chatchain:meta:new",
             "chatchain:created",
             "chatchain:updated",
+            "chatchain:ids",
         }
 
 
