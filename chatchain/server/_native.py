@@ -34,7 +34,14 @@ from chatchain.server._schemas import (
     tool_call_out,
     usage_out,
 )
-from chatchain.server._service import Caller, Service, ServiceDep, own_id, store_id
+from chatchain.server._service import (
+    Caller,
+    Service,
+    ServiceDep,
+    own_id,
+    store_id,
+    store_id_prefix,
+)
 from chatchain.users import User
 
 __all__ = ["router"]
@@ -42,6 +49,8 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
 ROUTE = "native"  # the `route` label of this API's turns in the metrics
+
+MAX_LISTED = 500  # GET /v1/sessions lists a user's newest sessions, at most this many
 
 # Keyword arguments of Chatbot.achat/astream: a prompt variable of that name would clash.
 _RESERVED_VARS = frozenset({"text", "input", "session_id", "user_id", "limits"})
@@ -277,22 +286,21 @@ def _error_event(exc: Exception) -> ServerSentEvent:
 
 @router.get("/sessions", response_model=Sessions)
 def list_sessions(user: Caller, service: ServiceDep) -> Sessions:
-    """Your sessions, the one written most recently first."""
-    sessions = []
-    for full_id in service.bot.sessions():
-        own = own_id(user, full_id)
-        info = None if own is None else service.bot.session_info(full_id)
-        if own is not None and info is not None:
-            sessions.append(
-                SessionOut(
-                    session_id=own,
-                    message_count=info.message_count,
-                    created_at=info.created_at,
-                    updated_at=info.updated_at,
-                )
+    """Your sessions, the one written most recently first: the newest 500 (`MAX_LISTED`)."""
+    # Only the caller's range of store ids is read, not every user's sessions.
+    infos = service.bot.store.session_infos(store_id_prefix(user), limit=MAX_LISTED)
+    return Sessions(
+        sessions=[
+            SessionOut(
+                session_id=own,
+                message_count=info.message_count,
+                created_at=info.created_at,
+                updated_at=info.updated_at,
             )
-    sessions.sort(key=lambda session: session.updated_at, reverse=True)
-    return Sessions(sessions=sessions)
+            for info in infos
+            if (own := own_id(user, info.session_id)) is not None
+        ]
+    )
 
 
 def _existing(service: Service, user: User, session_id: str) -> str:

@@ -107,7 +107,9 @@ class SessionOut(BaseModel):
 
 
 class Sessions(BaseModel):
-    sessions: list[SessionOut] = Field(description="The caller's sessions, newest first.")
+    sessions: list[SessionOut] = Field(
+        description="The caller's sessions, newest first: at most the newest 500."
+    )
 
 
 class ToolRequestOut(BaseModel):

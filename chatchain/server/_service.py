@@ -21,7 +21,16 @@ from chatchain.server._limits import UserLimits
 from chatchain.settings import Settings
 from chatchain.users import User, Users
 
-__all__ = ["Caller", "Service", "ServiceDep", "caller", "get_service", "own_id", "store_id"]
+__all__ = [
+    "Caller",
+    "Service",
+    "ServiceDep",
+    "caller",
+    "get_service",
+    "own_id",
+    "store_id",
+    "store_id_prefix",
+]
 
 _SEPARATOR = ":"  # user names cannot hold it, so "ann:x" is always ann's session "x"
 
@@ -118,6 +127,17 @@ def store_id(user: User, session_id: str) -> str:
     return full
 
 
+def store_id_prefix(user: User) -> str:
+    """What every store id of ``user``'s sessions starts with (and no other user's).
+
+    Example:
+        >>> from datetime import UTC, datetime
+        >>> store_id_prefix(User("ann", datetime.now(UTC)))
+        'ann:'
+    """
+    return f"{user.name}{_SEPARATOR}"
+
+
 def own_id(user: User, full_id: str) -> str | None:
     """The caller's own part of a store id, or ``None`` when it is another user's session.
 
@@ -127,5 +147,5 @@ def own_id(user: User, full_id: str) -> str | None:
         >>> own_id(ann, "ann:trip"), own_id(ann, "annie:trip"), own_id(ann, "trip")
         ('trip', None, None)
     """
-    prefix = f"{user.name}{_SEPARATOR}"
+    prefix = store_id_prefix(user)
     return full_id[len(prefix) :] if full_id.startswith(prefix) else None

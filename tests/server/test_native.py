@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from langchain_core.messages import HumanMessage
 
 from chatchain import Chatbot, Settings
+from chatchain.stores import open_store
 from chatchain.testing import Fault, OpenAITestServer
 from tests.server.conftest import Service, events
 
@@ -211,6 +215,24 @@ def test_sessions_are_listed_newest_first_and_deleted_for_good(
     assert [s["session_id"] for s in client.get("/v1/sessions").json()["sessions"]] == ["newer"]
     assert client.get("/v1/sessions/older/messages").status_code == 404
     assert client.delete("/v1/sessions/older").status_code == 404
+
+
+def test_the_listing_is_the_callers_newest_500_sessions(
+    service: Service, user: tuple[str, str]
+) -> None:
+    name, token = user
+    t0 = datetime(2026, 1, 2, tzinfo=UTC)
+    with closing(open_store(service.store_url)) as store:
+        for i in range(501):  # s000 is the oldest
+            store.replace_session(
+                f"{name}:s{i:03}", [HumanMessage("hi")], updated_at=t0 + timedelta(seconds=i)
+            )
+        # Another user whose name starts with the caller's, written last.
+        store.replace_session(f"{name}x:s999", [HumanMessage("hi")], updated_at=t0 + timedelta(1))
+
+    listed = service.client(token).get("/v1/sessions").json()["sessions"]
+
+    assert [s["session_id"] for s in listed] == [f"s{i:03}" for i in range(500, 0, -1)]
 
 
 def test_an_export_names_the_callers_own_session_id_and_imports_back(
