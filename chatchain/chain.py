@@ -449,13 +449,16 @@ class ChatChain(HistoryRunnable):
                 await turn.asummarize()
                 turn.start_clock()
                 inner = cast("AsyncGenerator[Any, None]", self._aattempts(turn, value, kwargs))
+                stopped = _cancel_watch()
                 try:
                     while True:
                         try:  # only the wait for a chunk is cancelled: never the caller's code
                             async with turn.abounded():
                                 chunk = await anext(inner)
                         except StopAsyncIteration:
+                            stopped()
                             break
+                        stopped()
                         if isinstance(chunk, (ToolStarted, ToolFinished)):
                             if not turn.stream_events:
                                 continue
@@ -551,6 +554,23 @@ class _Forgotten(BaseChatMessageHistory):
 
 def _forget(session_id: str) -> BaseChatMessageHistory:
     return _Forgotten()
+
+
+def _cancel_watch() -> Callable[[], None]:
+    """A check that raises `asyncio.CancelledError` if the running task was cancelled since.
+
+    On Python 3.11 ``asyncio.wait_for`` (a model's client may wrap its reads in it) can
+    return its result and drop a cancellation that comes at the same moment; the task still
+    counts the request (`asyncio.Task.cancelling`), so the stream can stop on it itself.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+
+    def check() -> None:
+        if task is not None and task is asyncio.current_task() and task.cancelling() > before:
+            raise asyncio.CancelledError
+
+    return check
 
 
 def _raise(error: Exception | None, exc: BaseException) -> NoReturn:
