@@ -674,7 +674,8 @@ def create_chat_chain(
             with ``llm`` to it, with ``max_tokens=CHATCHAIN_SUMMARY_MAX_TOKENS`` per call.
         settings: Settings; read from the environment and ``.env`` when not given.
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
-        prompt_vars: Default values of the system message's variables; a call may override.
+        prompt_vars: Default values of the system message's variables (over the settings'
+            ``prompt_vars`` when the system message is theirs); a call may override.
         get_session_history: Returns the history of a session id. A `HistoryStore` also
             serialises turns per session across every chain that shares it; the default is
             `get_message_history`, a process-wide dict of `ChatMessageHistory`. A store
@@ -717,7 +718,9 @@ def create_chat_chain(
         'Echo: hi'
     """
     settings = settings or Settings.load()
-    system = system if system is not None else settings.system_prompt
+    if system is None:  # the settings' prompt, with the settings' defaults of its variables
+        system = settings.system_prompt
+        prompt_vars = {**settings.prompt_vars, **(prompt_vars or {})}
     prompt = create_prompt(
         system, input_key=input_key, history_key=history_key, prompt_vars=prompt_vars
     )
