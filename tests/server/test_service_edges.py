@@ -194,17 +194,25 @@ def test_serve_refuses_a_var_the_prompt_does_not_have(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("route", ["native", "openai"])
+LEAVING = {
+    "native": {"url": "/v1/sessions/gone/messages", "json": {"text": "hi"}, "headers": SSE},
+    "openai-session": {
+        "url": OPENAI,
+        "json": _openai("hi", stream=True),
+        "headers": {"X-Session-Id": "gone"},
+    },
+    "openai-stateless": {"url": OPENAI, "json": _openai("hi", stream=True)},
+}
+
+
+@pytest.mark.parametrize("way", list(LEAVING))
 def test_a_client_that_leaves_before_the_reply_began_is_abandoned_not_interrupted(
-    service: Service, user: tuple[str, str], endpoint: OpenAITestServer, route: str
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer, way: str
 ) -> None:
     endpoint.add_fault(Fault(delay=1.5))  # the endpoint answers after the client gave up
     before = httpx.get(f"{service.url}/metrics").text
-    request: dict[str, Any] = (
-        {"url": "/v1/sessions/gone/messages", "json": {"text": "hi"}, "headers": SSE}
-        if route == "native"
-        else {"url": OPENAI, "json": _openai("hi", stream=True), "headers": {"X-Session-Id": "g"}}
-    )
+    request = LEAVING[way]
+    route = way.split("-")[0]
     auth = {"Authorization": f"Bearer {user[1]}"}
     with (
         httpx.Client(base_url=service.url, headers=auth, timeout=0.5) as client,
