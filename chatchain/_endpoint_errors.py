@@ -16,7 +16,7 @@ try:  # newer langchain-core; langchain-openai raises its subclasses for context
 except ImportError:  # pragma: no cover - older langchain-core: the message patterns still work
     _ContextOverflowError = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_context_overflow", "redact", "translate"]
+__all__ = ["is_context_overflow", "overflow_without_history", "redact", "translate"]
 
 # OpenAI-style secret keys, in case an endpoint echoes one back in an error message.
 _KEY_PATTERN = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*]{6,}")
@@ -110,6 +110,23 @@ def is_context_overflow(exc: BaseException) -> bool:
         if codes & _CONTEXT_CODES or any(_CONTEXT_PATTERN.search(text) for text in words):
             return True
     return False
+
+
+def overflow_without_history(
+    exc: BaseException, error: errors.ContextTooLongError
+) -> errors.ContextTooLongError:
+    """The error for an overflow that was sent with no stored history: none is left to drop.
+
+    ``exc`` is what the model call raised, already scrubbed of the key by `translate` (which
+    made ``error``); only the system message and the input are left to shorten.
+    """
+    return errors.ContextTooLongError(
+        "The request does not fit the model's context window even with no earlier messages of "
+        f"the session: {_detail(exc, None)}. Shorten the message (or the system prompt, or "
+        "the messages the request sends), lower CHATCHAIN_MAX_TOKENS, or use a model with a "
+        "larger context.",
+        status_code=error.status_code,
+    )
 
 
 def _url_of(exc: BaseException) -> str | None:

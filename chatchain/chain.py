@@ -21,7 +21,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NoReturn, cast
 
@@ -45,18 +45,26 @@ from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import Fence, HistoryBackend, HistoryStore, MemoryStore, as_store
 from chatchain.usage import Budget, UsageLedger
-from chatchain.window import HistoryWindow, Recall
+from chatchain.window import HistoryWindow, Recall, halved
 
 __all__ = ["ChatChain", "create_chat_chain", "get_message_history"]
 
 logger = logging.getLogger("chatchain")
 
-# Marks a turn's retry with half the window, in the run's configurable.
-_TIGHT = "chatchain_tight_window"
+# A turn's `_Sent`, in the run's configurable.
+_SENT = "chatchain_sent_history"
 
 
-def _tight(config: RunnableConfig) -> RunnableConfig:
-    return {**config, "configurable": {**config.get("configurable", {}), _TIGHT: True}}
+@dataclass
+class _Sent:
+    """The history a turn's last attempt sent, and what its retry after an overflow sends.
+
+    A retry must send less than the request that overflowed, whatever the window chose (the
+    window's own limits can select the same messages again): `halved` of what was sent.
+    """
+
+    history: list[BaseMessage] = field(default_factory=list)
+    retry: list[BaseMessage] | None = None
 
 
 # The design's default store: one ChatMessageHistory per session id, for the whole process.
@@ -179,7 +187,10 @@ class ChatChain(HistoryRunnable):
         return None
 
     def _begin(self, value: Any, config: RunnableConfig | None) -> Turn:
-        return self._spec.begin(value, config, self._get_input_messages)
+        turn = self._spec.begin(value, config, self._get_input_messages)
+        configurable = {**turn.config.get("configurable", {}), _SENT: _Sent()}
+        turn.config = {**turn.config, "configurable": configurable}
+        return turn
 
     # -- the history sent with a turn -----------------------------------------------------
 
@@ -187,12 +198,15 @@ class ChatChain(HistoryRunnable):
         configurable = config["configurable"]
         inputs = self._get_input_messages(value)
         store = self._spec.store
-        if store is not None:
-            history = self._spec.recall.load(
-                store, configurable["session_id"], inputs, bool(configurable.get(_TIGHT))
-            )
+        sent: _Sent | None = configurable.get(_SENT)
+        if sent is not None and sent.retry is not None:
+            history = sent.retry
+        elif store is not None:
+            history = self._spec.recall.load(store, configurable["session_id"], inputs)
         else:
-            history = self._window(configurable["message_history"].messages, inputs, configurable)
+            history = self._window(configurable["message_history"].messages, inputs)
+        if sent is not None:
+            sent.history = history
         history = history if self.history_messages_key else history + inputs
         turn = configurable.get(TURN_KEY)
         if turn is not None:  # the budget check, with what is about to be sent
@@ -215,42 +229,58 @@ class ChatChain(HistoryRunnable):
         configurable = config["configurable"]
         inputs = self._get_input_messages(value)
         store = self._spec.store
-        if store is not None:
-            history = await self._spec.recall.aload(
-                store, configurable["session_id"], inputs, bool(configurable.get(_TIGHT))
-            )
+        sent: _Sent | None = configurable.get(_SENT)
+        if sent is not None and sent.retry is not None:
+            history = sent.retry
+        elif store is not None:
+            history = await self._spec.recall.aload(store, configurable["session_id"], inputs)
         else:
             messages = await configurable["message_history"].aget_messages()
-            history = self._window(messages, inputs, configurable)
+            history = self._window(messages, inputs)
+        if sent is not None:
+            sent.history = history
         history = history if self.history_messages_key else history + inputs
         turn = configurable.get(TURN_KEY)
         if turn is not None:
             await turn.asending(partial(self._count_prompt, value, history, schema_of(config)))
         return history
 
-    def _window(
-        self, messages: list[BaseMessage], inputs: list[BaseMessage], configurable: dict[str, Any]
-    ) -> list[BaseMessage]:
+    def _window(self, messages: list[BaseMessage], inputs: list[BaseMessage]) -> list[BaseMessage]:
         # A plain get_session_history callable: no windowed reads and no summary to keep.
         recall = self._spec.recall
-        window = recall._effective(bool(configurable.get(_TIGHT)))
-        if window is None:
+        if recall.window is None:
             return list(messages)
-        return recall.select(list(messages), None, inputs, replace(window, summarize=False))
+        return recall.select(list(messages), None, inputs, replace(recall.window, summarize=False))
 
-    def _can_tighten(self, error: Exception | None, turn: Turn, attempt: int) -> bool:
-        if attempt > 0 or not isinstance(error, ContextTooLongError):
+    def _retry_smaller(self, error: Exception | None, turn: Turn) -> bool:
+        """Whether to retry a failed call with less history (after a context overflow).
+
+        The retry sends `halved` of the history that overflowed, until one fits or there is
+        no history left to drop (see `_final_error`).
+        """
+        if not isinstance(error, ContextTooLongError):
             return False
         if turn.steps or turn.tool_calls:  # tools ran: running them again could act twice
             return False
-        if self._spec.recall.window is None:
+        sent: _Sent = turn.config["configurable"][_SENT]
+        smaller = halved(sent.history)
+        if smaller is None:
             return False
         turn.notice(
-            "The conversation did not fit the model's context window; retried once with half "
-            "the history window (CHATCHAIN_WINDOW_TURNS / CHATCHAIN_WINDOW_TOKENS)."
+            "The conversation did not fit the model's context window; retried with the newest "
+            f"{len(smaller)} of the {len(sent.history)} earlier messages sent (lower "
+            "CHATCHAIN_WINDOW_TURNS or CHATCHAIN_WINDOW_TOKENS to avoid the retry)."
         )
-        turn.config = _tight(turn.config)
+        sent.retry = smaller
         return True
+
+    @staticmethod
+    def _final_error(error: Exception | None, turn: Turn, exc: BaseException) -> Exception | None:
+        """``error``, or for an overflow that was sent with no history, an error that says so."""
+        sent = turn.config["configurable"][_SENT]
+        if isinstance(error, ContextTooLongError) and not sent.history and not turn.steps:
+            return _endpoint_errors.overflow_without_history(exc, error)
+        return error
 
     # -- turns -----------------------------------------------------------------------------
 
@@ -281,15 +311,15 @@ class ChatChain(HistoryRunnable):
                 turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
-                for attempt in range(2):
+                while True:  # a retry after a context overflow sends less history each time
                     try:
                         reply = turn.bounded(partial(super().invoke, value, turn.config, **kwargs))
                         break
                     except Exception as exc:
                         error = turn.failure(exc)
-                        if not self._can_tighten(error, turn, attempt):
+                        if not self._retry_smaller(error, turn):
                             turn.record_billed()
-                            _raise(error, exc)
+                            _raise(self._final_error(error, turn, exc), exc)
                 reply = turn.storable(reply)
                 turn.save(reply)
             finally:
@@ -312,16 +342,16 @@ class ChatChain(HistoryRunnable):
                 turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
-                for attempt in range(2):
+                while True:  # a retry after a context overflow sends less history each time
                     try:
                         async with turn.abounded():
                             reply = await super().ainvoke(value, turn.config, **kwargs)
                         break
                     except Exception as exc:
                         error = turn.failure(exc)
-                        if not self._can_tighten(error, turn, attempt):
+                        if not self._retry_smaller(error, turn):
                             await turn.arecord_billed()
-                            _raise(error, exc)
+                            _raise(self._final_error(error, turn, exc), exc)
                 reply = turn.storable(reply)
                 await turn.asave(reply)
             finally:
@@ -360,10 +390,11 @@ class ChatChain(HistoryRunnable):
     def _attempts(
         self, turn: Turn, value: Any, kwargs: dict[str, Any]
     ) -> Generator[Any, None, None]:
-        # The model's chunks; "context length exceeded" before the first one retries once.
-        # (A worker thread runs it, with a deadline: it counts its own chunks, not the turn's.)
+        # The model's chunks; "context length exceeded" before the first one retries with
+        # less history. (A worker thread runs it, with a deadline: it counts its own chunks,
+        # not the turn's.)
         started = False
-        for attempt in range(2):
+        while True:
             inner = cast("Generator[Any, None, None]", super().stream(value, turn.config, **kwargs))
             try:
                 for chunk in inner:
@@ -371,8 +402,11 @@ class ChatChain(HistoryRunnable):
                     yield chunk
                 return
             except Exception as exc:
-                if started or not self._can_tighten(turn.failure(exc), turn, attempt):
+                if started:
                     raise
+                error = turn.failure(exc)
+                if not self._retry_smaller(error, turn):
+                    _raise(self._final_error(error, turn, exc), exc)
             finally:
                 inner.close()
 
@@ -430,15 +464,18 @@ class ChatChain(HistoryRunnable):
     async def _aattempts(
         self, turn: Turn, value: Any, kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
-        for attempt in range(2):
+        while True:  # a retry after a context overflow sends less history each time
             inner = cast("AsyncGenerator[Any, None]", super().astream(value, turn.config, **kwargs))
             try:
                 async for chunk in inner:
                     yield chunk
                 return
             except Exception as exc:
-                if turn.has_reply or not self._can_tighten(turn.failure(exc), turn, attempt):
+                if turn.has_reply:
                     raise
+                error = turn.failure(exc)
+                if not self._retry_smaller(error, turn):
+                    _raise(self._final_error(error, turn, exc), exc)
             finally:
                 await inner.aclose()
 
@@ -637,7 +674,8 @@ def create_chat_chain(
             with ``llm`` to it, with ``max_tokens=CHATCHAIN_SUMMARY_MAX_TOKENS`` per call.
         settings: Settings; read from the environment and ``.env`` when not given.
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
-        prompt_vars: Default values of the system message's variables; a call may override.
+        prompt_vars: Default values of the system message's variables (over the settings'
+            ``prompt_vars`` when the system message is theirs); a call may override.
         get_session_history: Returns the history of a session id. A `HistoryStore` also
             serialises turns per session across every chain that shares it; the default is
             `get_message_history`, a process-wide dict of `ChatMessageHistory`. A store
@@ -680,7 +718,9 @@ def create_chat_chain(
         'Echo: hi'
     """
     settings = settings or Settings.load()
-    system = system if system is not None else settings.system_prompt
+    if system is None:  # the settings' prompt, with the settings' defaults of its variables
+        system = settings.system_prompt
+        prompt_vars = {**settings.prompt_vars, **(prompt_vars or {})}
     prompt = create_prompt(
         system, input_key=input_key, history_key=history_key, prompt_vars=prompt_vars
     )

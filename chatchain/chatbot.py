@@ -246,7 +246,8 @@ class Chatbot:
             in-memory one unless ``CHATCHAIN_STORE`` says otherwise). A store that
             implements only `HistoryBackend` is completed by `as_store`.
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
-        prompt_vars: Default values of the system message's variables.
+        prompt_vars: Default values of the system message's variables (over
+            ``settings.prompt_vars`` when the system message is the settings').
         env_file: The ``.env`` file to read when ``settings`` is not given.
         budget: Spending caps; the settings' ``CHATCHAIN_BUDGET_*`` by default.
         tools: Tools the model may call in each turn (LangChain tools, or functions with
@@ -286,6 +287,8 @@ class Chatbot:
         self._ledger = UsageLedger(self.store)
         self._llm = llm
         self._system = system if system is not None else self.settings.system_prompt
+        if system is None:  # the settings' prompt, with the settings' defaults of its variables
+            prompt_vars = {**self.settings.prompt_vars, **(prompt_vars or {})}
         self._prompt_vars = prompt_vars
         self._budget = budget
         self._tools = list(tools or [])

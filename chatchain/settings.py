@@ -138,6 +138,14 @@ class Settings(BaseSettings):
     )
     """``CHATCHAIN_SYSTEM_PROMPT``: the system message; may hold variables like ``{language}``."""
 
+    prompt_vars: dict[str, str] = Field(
+        default_factory=dict, validation_alias="CHATCHAIN_PROMPT_VARS"
+    )
+    """``CHATCHAIN_PROMPT_VARS``: default values of ``CHATCHAIN_SYSTEM_PROMPT``'s variables, as
+    JSON (e.g. ``{"language": "French"}``); a call's own values win. ``chatchain serve --var
+    NAME=VALUE`` sets them too, so that clients that cannot pass variables (the
+    OpenAI-compatible route) can use a prompt that has some."""
+
     lock_timeout: float = Field(default=120.0, gt=0, validation_alias="CHATCHAIN_LOCK_TIMEOUT")
     """``CHATCHAIN_LOCK_TIMEOUT``: seconds a turn waits for another turn on its session."""
 

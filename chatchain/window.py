@@ -52,7 +52,7 @@ from chatchain._tokens import TokenCounter
 from chatchain.errors import ConfigurationError, InvalidInputError
 from chatchain.stores import HistoryStore, Summary
 
-__all__ = ["HistoryWindow", "whole_exchanges"]
+__all__ = ["HistoryWindow", "halved", "whole_exchanges"]
 
 logger = logging.getLogger("chatchain")
 
@@ -147,19 +147,6 @@ class HistoryWindow:
         if self.summary_tokens is None:
             return None
         return system_tokens + self.summary_tokens + self.max_tokens
-
-    def tightened(self) -> HistoryWindow:
-        """Half the window, for a retry after 'context length exceeded'."""
-        return HistoryWindow(
-            max_turns=_half(self.max_turns),
-            max_tokens=_half(self.max_tokens),
-            summarize=self.summarize,
-            summary_tokens=_half(self.summary_tokens),
-        )
-
-
-def _half(value: int | None) -> int | None:
-    return None if value is None else max(1, value // 2)
 
 
 def _summary_request(
@@ -300,6 +287,31 @@ def whole_exchanges(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
         elif message.text.strip():
             kept.append(AIMessage(content=message.content, id=message.id))
     return kept
+
+
+def halved(history: Sequence[BaseMessage]) -> list[BaseMessage] | None:
+    """Less of the ``history`` a prompt sent, for a retry after the context overflowed.
+
+    The newest half of its messages, as whole exchanges (`whole_exchanges`), after the
+    running summary if it led the history; once no message is left, the summary goes too.
+    ``None``: nothing is left to drop. Each call strictly shortens the history, so retries
+    end, whatever the window (none, by turns or by tokens) that chose it.
+
+    Example:
+        >>> from langchain_core.messages import AIMessage, HumanMessage
+        >>> sent = [HumanMessage("q1"), AIMessage("a1"), HumanMessage("q2"), AIMessage("a2")]
+        >>> [m.text for m in halved(sent)], halved([HumanMessage("q1")]), halved([])
+        (['q2', 'a2'], [], None)
+    """
+    head = list(history[:1]) if history and _is_summary(history[0]) else []
+    rest = history[len(head) :]
+    if rest:
+        return head + whole_exchanges(rest[len(rest) - len(rest) // 2 :])
+    return [] if head else None
+
+
+def _is_summary(message: BaseMessage) -> bool:
+    return isinstance(message, SystemMessage) and message.text.startswith(SUMMARY_HEADER)
 
 
 def _turn_starts(messages: Sequence[BaseMessage], offset: int) -> list[int]:
@@ -514,10 +526,10 @@ class Recall:
         return head + messages
 
     def load(
-        self, store: HistoryStore, session_id: str, inputs: Sequence[BaseMessage], tight: bool
+        self, store: HistoryStore, session_id: str, inputs: Sequence[BaseMessage]
     ) -> list[BaseMessage]:
         """Read the window from the store (only what it needs) and select the history."""
-        window = self._effective(tight)
+        window = self.window
         if window is None:
             return store.load(session_id)
         summary = store.get_summary(session_id) if window.summarize else None
@@ -525,20 +537,15 @@ class Recall:
         return self.select(store.load(session_id, start), summary, inputs, window)
 
     async def aload(
-        self, store: HistoryStore, session_id: str, inputs: Sequence[BaseMessage], tight: bool
+        self, store: HistoryStore, session_id: str, inputs: Sequence[BaseMessage]
     ) -> list[BaseMessage]:
         """`load` for async callers."""
-        window = self._effective(tight)
+        window = self.window
         if window is None:
             return await store.aload(session_id)
         summary = await store.aget_summary(session_id) if window.summarize else None
         start = self._start(await store.acount(session_id), summary, window)
         return self.select(await store.aload(session_id, start), summary, inputs, window)
-
-    def _effective(self, tight: bool) -> HistoryWindow | None:
-        if self.window is None:
-            return None
-        return self.window.tightened() if tight else self.window
 
 
 @dataclass(frozen=True)

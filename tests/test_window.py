@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
 from chatchain import (
     Chatbot,
@@ -21,7 +21,13 @@ from chatchain import (
 from chatchain._tokens import choose_counter
 from chatchain.stores import Summary
 from chatchain.testing import FakeChatModel
-from chatchain.window import SUMMARY_HEADER, SUMMARY_REQUEST_MARK, HistoryWindow, summary_message
+from chatchain.window import (
+    SUMMARY_HEADER,
+    SUMMARY_REQUEST_MARK,
+    HistoryWindow,
+    halved,
+    summary_message,
+)
 
 
 def make_settings(**values: Any) -> Settings:
@@ -229,7 +235,7 @@ def context_error() -> openai.BadRequestError:
 
 
 @pytest.mark.parametrize("mode", ["chat", "stream", "achat", "astream"])
-def test_context_exceeded_is_retried_once_with_half_the_window(mode: str) -> None:
+def test_context_exceeded_is_retried_with_half_of_what_was_sent(mode: str) -> None:
     fake = FakeChatModel()
     bot = Chatbot(
         make_settings(window_turns=4, window_tokens=None, summarize=False), llm=fake, system="S"
@@ -255,7 +261,7 @@ def test_context_exceeded_is_retried_once_with_half_the_window(mode: str) -> Non
         text, notices = asyncio.run(consume())
     assert text == "Echo: last"
     assert len(notices) == 1
-    assert "retried once with half the history window" in notices[0]
+    assert "retried with the newest 4 of the 8 earlier messages sent" in notices[0]
     first_try, retry = fake.calls[-2], fake.calls[-1]
     assert len(first_try) == 1 + 8 + 1
     assert len(retry) == 1 + 4 + 1
@@ -395,9 +401,22 @@ def test_a_stored_summary_over_budget_is_cut_at_a_sentence_where_it_is_sent() ->
     assert "at most 40 words" in request[0].text
 
 
-def test_the_summary_budget_halves_on_a_context_retry() -> None:
-    window = HistoryWindow(max_turns=6, max_tokens=3000, summary_tokens=500)
-    assert window.tightened().summary_tokens == 250
+def test_a_context_retry_halves_what_was_sent_and_drops_the_summary_last() -> None:
+    call = {"name": "weather", "args": {}, "id": "c1"}
+    summary = summary_message("Ann lives in Oslo.")
+    turns = [
+        HumanMessage("q1"),
+        AIMessage("a1"),
+        HumanMessage("q2"),
+        AIMessage("", tool_calls=[call]),
+    ]
+    turns += [ToolMessage("sunny", tool_call_id="c1"), AIMessage("a2"), HumanMessage("q3")]
+    turns += [AIMessage("a3")]
+    # 8 messages: the newest 4 start inside the tool exchange, which goes whole or not at all.
+    assert [m.text for m in halved([summary, *turns])] == [summary.text, "q3", "a3"]
+    assert halved([summary, HumanMessage("q3")]) == [summary]
+    assert halved([summary]) == []
+    assert halved([]) is None
     assert HistoryWindow(summary_tokens=None).prompt_limit(10) is None
     assert HistoryWindow(summarize=False, summary_tokens=None).prompt_limit(10) == 3010
     with pytest.raises(ConfigurationError, match="summary_tokens"):

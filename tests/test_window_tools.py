@@ -154,7 +154,7 @@ def test_the_summary_covers_whole_turns(
     assert all(call[-1].text.startswith(SUMMARY_REQUEST_MARK) for call in model.calls)
     summary = store.get_summary("s")
     covered = summary.covers if summary else 0
-    window = memory.load(store, "s", [HumanMessage("q")], tight=False)
+    window = memory.load(store, "s", [HumanMessage("q")])
     sendable([m for m in window if m.type != "system"])
     # Nothing between the summary and the window is lost: the window starts where it ends,
     # or later only by whole turns the window's limit left out.

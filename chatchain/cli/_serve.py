@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -14,6 +15,7 @@ from rich.console import Console
 from chatchain.cli._setup import errors_reported, load_settings, open_settings_store, use_endpoint
 from chatchain.cli._tools import TOOLS_HELP, load_tools
 from chatchain.errors import ConfigurationError
+from chatchain.settings import Settings
 
 __all__ = ["serve"]
 
@@ -44,6 +46,15 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 )
 @click.option("--offline", is_flag=True, help="Answer with chatchain's echo server, not a model.")
 @click.option("--tools", "tools", metavar="MODULE", help=TOOLS_HELP)
+@click.option(
+    "--var",
+    "variables",
+    metavar="NAME=VALUE",
+    multiple=True,
+    help="Default value of a variable of the system prompt (CHATCHAIN_SYSTEM_PROMPT), e.g. "
+    "--var language=French; repeat for more. Over CHATCHAIN_PROMPT_VARS; a native request's "
+    "vars win. Needed for OpenAI-route clients with X-Session-Id, which cannot send vars.",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks, not one error line.")
 def serve(
     host: str,
@@ -52,6 +63,7 @@ def serve(
     store: str | None,
     offline: bool,
     tools: str | None,
+    variables: tuple[str, ...],
     debug: bool,
 ) -> None:
     """Serve the chat API (and /docs, /healthz, /metrics) over HTTP.
@@ -72,6 +84,7 @@ def serve(
                 "'chatchain[server]'."
             ) from None
         settings = load_settings(None, {"store": store})
+        settings = _with_variables(settings, variables, status)
         report.remember_key(settings)
         if workers > 1 and settings.store.startswith("memory:"):
             raise ConfigurationError(
@@ -82,6 +95,7 @@ def serve(
         tools = _check_tools(tools)
         with use_endpoint(settings, offline, status) as served:
             env = {"CHATCHAIN_STORE": served.store, TOOLS_ENV: tools or ""}
+            env["CHATCHAIN_PROMPT_VARS"] = json.dumps(settings.prompt_vars)
             if offline:
                 assert served.base_url is not None
                 # The worker's key is a placeholder: the real one (in .env, say) stays home.
@@ -90,10 +104,41 @@ def serve(
                 uvicorn.run(APP, factory=True, host=host, port=port, workers=workers)
 
 
+def _with_variables(settings: Settings, variables: tuple[str, ...], status: Console) -> Settings:
+    """``settings`` with the ``--var NAME=VALUE`` defaults of the system prompt's variables.
+
+    Raises:
+        ConfigurationError: A ``--var`` is not ``NAME=VALUE``, or names no variable of the
+            system prompt.
+    """
+    from chatchain.prompt import prompt_variables
+
+    given = dict(settings.prompt_vars)
+    names = prompt_variables(settings.system_prompt)
+    for variable in variables:
+        name, equals, value = variable.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise ConfigurationError(f"--var {variable!r}: write NAME=VALUE, e.g. language=French.")
+        if name not in names:
+            raise ConfigurationError(
+                f"--var {name}: the system prompt (CHATCHAIN_SYSTEM_PROMPT) has no {{{name}}}; "
+                f"its variables are {', '.join(sorted(names)) or 'none'}."
+            )
+        given[name] = value
+    missing = sorted(names - set(given))
+    if missing:
+        status.print(
+            f"The system prompt's {', '.join('{' + n + '}' for n in missing)} has no default: "
+            "requests must send it (native vars); OpenAI-route requests with X-Session-Id "
+            f"cannot, and are refused. Give one with --var {missing[0]}=VALUE."
+        )
+    return settings.model_copy(update={"prompt_vars": given})
+
+
 def _check_store(url: str) -> None:
     """Open the store once before the workers do: a bad URL or a store that keeps no users
     fails here, with one clear line (and migrations run once)."""
-    from chatchain.settings import Settings
     from chatchain.users import Users
 
     with closing(open_settings_store(Settings(store=url))) as store:

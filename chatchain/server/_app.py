@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chatchain import __version__
 from chatchain.chatbot import Chatbot
 from chatchain.server import _metrics, _native, _openai, _ops
+from chatchain.server._docs import install_docs
 from chatchain.server._errors import (
     error_body,
     install_error_handlers,
@@ -91,6 +92,8 @@ def create_app(
         version=__version__,
         summary="A chat service over chatchain: sessions per user, streamed replies, usage.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load from a CDN: /docs is served from the package
+        redoc_url=None,
     )
     app.state.chatchain = service
     install_error_handlers(app)
@@ -98,6 +101,7 @@ def create_app(
     app.include_router(_openai.router)
     app.include_router(_ops.router)
     install_page(app)  # the chat page at /
+    install_docs(app)  # the API's docs at /docs
     if settings.server_cors_origins:
         app.add_middleware(
             CORSMiddleware,

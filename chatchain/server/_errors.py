@@ -6,6 +6,7 @@ chatchain's own message (which says what to do next). Never a traceback, never t
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 
@@ -33,8 +34,11 @@ __all__ = [
     "install_error_handlers",
     "is_openai_path",
     "openai_error",
+    "public_message",
     "status_of",
 ]
+
+logger = logging.getLogger("chatchain.server")
 
 # Most specific first: the first class an error is an instance of gives its status.
 _STATUS: tuple[tuple[type[ChatChainError], int], ...] = (
@@ -93,6 +97,27 @@ def status_of(exc: ChatChainError) -> int:
         (504, 502)
     """
     return next((status for kind, status in _STATUS if isinstance(exc, kind)), 500)
+
+
+# What a client is told when the store fails: where the store is (user@host:port/db, a file's
+# path) and why are for the operator's log, not for every API client.
+STORE_DOWN = (
+    "The history store is not available right now. Try again in a moment; if it persists, "
+    "tell the operator (the server's log names the store and the cause)."
+)
+
+
+def public_message(exc: ChatChainError) -> str:
+    """The message of ``exc`` that a client may read: a store failure is logged, not sent.
+
+    Example:
+        >>> public_message(StoreError("The PostgreSQL store app@db:5432/chat failed"))[:29]
+        'The history store is not avai'
+    """
+    if isinstance(exc, StoreError):
+        logger.error("Store failure answered with 503: %s", exc)
+        return STORE_DOWN
+    return str(exc)
 
 
 def error_body(type: str, message: str) -> dict[str, dict[str, str]]:
@@ -176,7 +201,7 @@ def _answer(
 
 async def _chatchain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ChatChainError)
-    return _answer(status_of(exc), type(exc).__name__, str(exc), path=request.url.path)
+    return _answer(status_of(exc), type(exc).__name__, public_message(exc), path=request.url.path)
 
 
 async def _problem(request: Request, exc: Exception) -> JSONResponse:

@@ -7,8 +7,9 @@ multiprocess mode. The variable must be set before the workers start.
 
 Metric names (counters end in ``_total`` on the wire):
 
-- ``chatchain_turns_total{route, outcome}``: turns, ``outcome`` ``ok``, ``interrupted`` or
-  ``error``;
+- ``chatchain_turns_total{route, outcome}``: turns, ``outcome`` ``ok``, ``interrupted`` (the
+  client left, or the stream broke, after part of the reply was sent), ``abandoned`` (the
+  client left before the reply began: nothing was sent) or ``error``;
 - ``chatchain_tokens_total{kind}``: ``prompt`` and ``completion`` tokens of answered turns;
 - ``chatchain_cost_usd_total``: their list-price cost (priced models only);
 - ``chatchain_turn_seconds``: histogram of a turn's wall-clock time;
@@ -39,6 +40,8 @@ __all__ = [
     "OPEN_STREAMS",
     "exposition",
     "process_exited",
+    "record_abandoned",
+    "record_failed_turn",
     "record_turn",
 ]
 
@@ -61,7 +64,16 @@ OPEN_STREAMS = Gauge(
 
 def record_turn(route: str, usage: Usage | None, *, interrupted: bool = False) -> None:
     """Count one turn that ended with a reply (whole or ``interrupted``)."""
-    TURNS.labels(route, "interrupted" if interrupted else "ok").inc()
+    _record(route, "interrupted" if interrupted else "ok", usage)
+
+
+def record_abandoned(route: str, usage: Usage | None) -> None:
+    """Count one turn whose client left before any of the reply was sent (what it used too)."""
+    _record(route, "abandoned", usage)
+
+
+def _record(route: str, outcome: str, usage: Usage | None) -> None:
+    TURNS.labels(route, outcome).inc()
     if usage is None:
         return
     TOKENS.labels("prompt").inc(usage.prompt_tokens)

@@ -21,7 +21,7 @@ from chatchain._tools import ToolEvent, ToolStarted
 from chatchain.chatbot import AsyncReplyStream, Reply
 from chatchain.errors import ChatChainError, InvalidInputError
 from chatchain.server import _metrics
-from chatchain.server._errors import HTTPProblem, error_body, status_of
+from chatchain.server._errors import HTTPProblem, error_body, public_message, status_of
 from chatchain.server._schemas import (
     MessageIn,
     MessageOut,
@@ -44,7 +44,7 @@ from chatchain.server._service import (
 )
 from chatchain.users import User
 
-__all__ = ["router"]
+__all__ = ["first_piece", "router"]
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -197,10 +197,8 @@ async def _stream(
     pump: _Pump | None = None
     try:
         pump = _Pump(service.bot.astream(text, **args), tools=True)
-        first = await _first(request, pump)
+        first = await first_piece(request, pump, ROUTE)
         if first is None:  # the client left: the turn was stopped, nobody to answer
-            if await pump.stop():
-                _metrics.record_turn(ROUTE, pump.stream.usage, interrupted=True)
             _closed(service, user)
             return Response(status_code=204)
         if first[0] == "error":
@@ -213,6 +211,19 @@ async def _stream(
             _metrics.record_failed_turn(ROUTE)
         raise
     return EventSourceResponse(_events(service, user, pump, first))
+
+
+async def first_piece(request: Request, pump: _Pump, route: str) -> tuple[str, Any] | None:
+    """The stream's first item, or ``None`` if the client left before it came.
+
+    The turn is then stopped (its user message is kept, the reply marked interrupted) and
+    counted as ``abandoned``, not ``interrupted``: none of the reply was sent.
+    """
+    first = await _first(request, pump)
+    if first is None:
+        await pump.stop()
+        _metrics.record_abandoned(route, pump.stream.usage)
+    return first
 
 
 async def _first(request: Request, pump: _Pump) -> tuple[str, Any] | None:
@@ -276,7 +287,7 @@ def _tool_event(event: ToolEvent) -> ServerSentEvent:
 
 def _error_event(exc: Exception) -> ServerSentEvent:
     if isinstance(exc, ChatChainError):
-        kind, status, message = type(exc).__name__, status_of(exc), str(exc)
+        kind, status, message = type(exc).__name__, status_of(exc), public_message(exc)
     else:
         kind, status = "InternalError", 500
         message = "The server failed unexpectedly; see the server's log."

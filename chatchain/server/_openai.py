@@ -57,7 +57,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
 from uuid import uuid4
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,9 +68,9 @@ from chatchain.chain import ChatChain
 from chatchain.chatbot import AsyncReplyStream, Reply
 from chatchain.errors import ChatChainError
 from chatchain.server import _metrics
-from chatchain.server._errors import HTTPProblem, openai_error, status_of
-from chatchain.server._native import _Pump
-from chatchain.server._service import Caller, Service, ServiceDep, store_id
+from chatchain.server._errors import HTTPProblem, openai_error, public_message, status_of
+from chatchain.server._native import _Pump, first_piece
+from chatchain.server._service import Caller, Service, ServiceDep, session_header, store_id
 from chatchain.usage import Usage
 from chatchain.users import User
 
@@ -341,10 +341,10 @@ async def chat_completions(
     """OpenAI's chat completions (JSON, or ``chat.completion.chunk`` events with
     ``"stream": true``), over chatchain: authenticated, metered and capped."""
     _refuse_unsupported(body)
-    call = _Call(request, service, user, body, x_session_id)
+    call = _Call(request, service, user, body, session_header(x_session_id))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(call, include_usage)
+        return await _stream(request, call, include_usage)
     try:
         reply = await call.reply()
     except ChatChainError:
@@ -369,7 +369,7 @@ async def chat_completions(
     }
 
 
-async def _stream(call: _Call, include_usage: bool) -> EventSourceResponse:
+async def _stream(request: Request, call: _Call, include_usage: bool) -> Response:
     """The reply as chunks, once its first piece (or its error) is known (see `_native`)."""
     service, user = call.service, call.user
     service.limits.open_stream(user.name)
@@ -377,7 +377,10 @@ async def _stream(call: _Call, include_usage: bool) -> EventSourceResponse:
     pump: _Pump | None = None
     try:
         pump = _Pump(call.stream())
-        first = await pump.next()
+        first = await first_piece(request, pump, ROUTE)
+        if first is None:  # the client left: the turn was stopped, nobody to answer
+            _closed(service, user)
+            return Response(status_code=204)
         if first[0] == "error":
             raise first[1]
     except BaseException as exc:
@@ -457,7 +460,7 @@ async def _chunks(
 
 def _error_event(exc: Exception) -> ServerSentEvent:
     if isinstance(exc, ChatChainError):
-        status, kind, message = status_of(exc), type(exc).__name__, str(exc)
+        status, kind, message = status_of(exc), type(exc).__name__, public_message(exc)
     else:
         status, kind = 500, "InternalError"
         message = "The server failed unexpectedly; see the server's log."

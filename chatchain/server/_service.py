@@ -28,6 +28,7 @@ __all__ = [
     "caller",
     "get_service",
     "own_id",
+    "session_header",
     "store_id",
     "store_id_prefix",
 ]
@@ -125,6 +126,33 @@ def store_id(user: User, session_id: str) -> str:
             f"{room}. Use a shorter id (a UUID or a hash of yours)."
         )
     return full
+
+
+def session_header(value: str | None, name: str = "X-Session-Id") -> str | None:
+    """The session id a header names, read as UTF-8 (as a session id in a URL path is).
+
+    HTTP carries header values as bytes, which Starlette hands over decoded as latin-1: a
+    client's UTF-8 ``café`` would be ``cafÃ©``, another session than the one the native
+    API's ``/v1/sessions/caf%C3%A9/...`` names. The bytes are decoded as UTF-8 here, and
+    bytes that are not UTF-8 (``café`` sent as latin-1) are refused rather than guessed.
+
+    Raises:
+        HTTPProblem: 400 when the value is not UTF-8.
+
+    Example:
+        >>> session_header("café".encode().decode("latin-1")), session_header(None)
+        ('café', None)
+    """
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # latin-1 bytes (or any other encoding): not guessed
+        raise HTTPProblem(
+            400,
+            f"The {name} header is not UTF-8: send the session id's UTF-8 bytes, as the "
+            "session's URL path does (percent-decoded), or use an ASCII id.",
+        ) from None
 
 
 def store_id_prefix(user: User) -> str:

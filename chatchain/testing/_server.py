@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from chatchain.testing._scripts import (
     ScriptedCall,
@@ -588,6 +588,9 @@ class OpenAITestServer:
         port: Port to bind; 0 picks a free one.
         reply: Makes the reply text from the request's messages.
         context_window: Maximum prompt size in tokens, or ``None`` for no limit.
+        overflow_wording: How a prompt over ``context_window`` is refused: ``"openai"``
+            (code ``context_length_exceeded``) or ``"litellm"`` (LiteLLM's proxy: a 400
+            ``litellm.ContextWindowExceededError`` with code ``"400"``).
         chunk_words: Words per content chunk when streaming.
         model: The model listed by ``GET /v1/models``, and used in replies when a request
             names none.
@@ -646,6 +649,7 @@ class OpenAITestServer:
         stream_usage: bool = True,
         json_schema: bool = True,
         chunk_interval: float = 0.0,
+        overflow_wording: Literal["openai", "litellm"] = "openai",
     ) -> None:
         if chunk_interval < 0:
             raise ValueError(f"chunk_interval must be >= 0: {chunk_interval}")
@@ -657,6 +661,7 @@ class OpenAITestServer:
         self._port = port
         self._reply = reply
         self._context_window = context_window
+        self._overflow_wording = overflow_wording
         self._chunk_words = chunk_words
         self._model = model
         self._stream_usage = stream_usage
@@ -942,6 +947,24 @@ class OpenAITestServer:
             tokens += self.count_tokens(json.dumps(tools))
         return tokens
 
+    def _overflow(self, prompt_tokens: int) -> _ReplyError:
+        if self._overflow_wording == "litellm":
+            return _ReplyError(
+                400,
+                "litellm.ContextWindowExceededError: litellm.BadRequestError: "
+                "ContextWindowExceededError: Input is too long for requested model. "
+                f"({prompt_tokens} tokens > {self._context_window})",
+                code="400",
+            )
+        return _ReplyError(
+            400,
+            f"This model's maximum context length is {self._context_window} tokens. "
+            f"However, your messages resulted in {prompt_tokens} tokens. "
+            "Please reduce the length of the messages.",
+            code="context_length_exceeded",
+            param="messages",
+        )
+
     def _refuse_json_schema(self, body: dict[str, Any]) -> None:
         if self._json_schema or json_schema_format(body) is None:
             return
@@ -1011,14 +1034,7 @@ class OpenAITestServer:
         self._refuse_json_schema(body)
         prompt_tokens = self._prompt_tokens(body, messages)
         if self._context_window is not None and prompt_tokens > self._context_window:
-            raise _ReplyError(
-                400,
-                f"This model's maximum context length is {self._context_window} tokens. "
-                f"However, your messages resulted in {prompt_tokens} tokens. "
-                "Please reduce the length of the messages.",
-                code="context_length_exceeded",
-                param="messages",
-            )
+            raise self._overflow(prompt_tokens)
 
         if fault is not None and fault.malformed:
             if stream:

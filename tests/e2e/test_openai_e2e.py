@@ -145,7 +145,7 @@ def test_an_outage_gives_a_clear_error_and_an_unchanged_history(
     [
         (Fault(status=401), AuthenticationError, "OPENAI_API_KEY"),
         (Fault(status=429, retry_after=0), RateLimitError, "CHATCHAIN_MAX_RETRIES"),
-        (Fault(status=400, code="context_length_exceeded", times=2), ContextTooLongError, "Reset"),
+        (Fault(status=400, code="context_length_exceeded"), ContextTooLongError, "Shorten"),
         (Fault(delay=1.0), EndpointTimeoutError, "CHATCHAIN_TIMEOUT"),
         (Fault(malformed=True), ServerError, "could not be read"),
     ],

@@ -8,7 +8,7 @@ user sees (tests/e2e covers that for ``chat``), each test checks the store after
 - a turn retried by the client and then answered is one entry with ``requests == 1``, billed
   exactly as the server billed the request that succeeded, however many the server logged;
 - a stream cut midway keeps the partial reply, marked interrupted, and one ``estimated`` entry;
-- "context length exceeded" is retried once with half the window, and billed once.
+- "context length exceeded" is retried with half the history sent, and billed once.
 
 Every bot has a (huge) token budget, so that each turn takes a budget hold before it is sent:
 `assert_no_hold_left` then proves none outlives its turn.
@@ -274,7 +274,7 @@ FAILURES = [
     pytest.param(
         Fault(status=400, code="context_length_exceeded", times=2),
         ContextTooLongError,
-        2,  # the first try, and the retry with half the window
+        2,  # the first try, and the retry with half the history sent (none of the seed turn)
         {},
         id="context-length-exceeded",
     ),
@@ -425,7 +425,7 @@ def seed_long_turns(bot: Chatbot, turns: int) -> list[BaseMessage]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_context_length_exceeded_is_retried_once_with_half_the_window(
+def test_context_length_exceeded_is_retried_with_half_the_history_sent(
     make_bot: BotFactory, loop: asyncio.AbstractEventLoop, mode: str
 ) -> None:
     # A real context window: the 4-turn window (~470 tokens) does not fit, 2 turns do.
@@ -437,7 +437,7 @@ def test_context_length_exceeded_is_retried_once_with_half_the_window(
         done = take_turn(bot, mode, "what was fact 3?", loop)
 
         assert done.text == "Echo: what was fact 3?"
-        assert any("half the history window" in notice for notice in done.notices)
+        assert any("retried with the newest 4 of the 8" in notice for notice in done.notices)
         first, retry = server.requests
         # system + 4 turns + input, then system + 2 turns + input
         assert [len(r["body"]["messages"]) for r in (first, retry)] == [10, 6]
@@ -456,7 +456,7 @@ def test_context_length_exceeded_is_retried_once_with_half_the_window(
         pytest.param(Fault(status=400, message=LLAMA_CPP_OVERFLOW), id="llama.cpp"),
     ],
 )
-def test_other_servers_context_overflow_is_retried_once_with_half_the_window(
+def test_other_servers_context_overflow_is_retried_with_half_the_history_sent(
     server: OpenAITestServer,
     make_bot: BotFactory,
     loop: asyncio.AbstractEventLoop,
@@ -471,7 +471,7 @@ def test_other_servers_context_overflow_is_retried_once_with_half_the_window(
     done = take_turn(bot, mode, "what was fact 3?", loop)
 
     assert done.text == "Echo: what was fact 3?"
-    assert any("half the history window" in notice for notice in done.notices)
+    assert any("retried with the newest 4 of the 8" in notice for notice in done.notices)
     first, retry = server.requests
     assert [len(r["body"]["messages"]) for r in (first, retry)] == [10, 6]
     assert bot.store.load(SID)[:8] == seeded and len(bot.store.load(SID)) == 10

@@ -121,6 +121,7 @@ def test_a_store_that_is_down_answers_503_and_healthz_says_so(
     finally:
         cluster.destroy()
 
-    assert_error(answer, 503, "StoreError")
+    error = assert_error(answer, 503, "StoreError")
+    assert "@" not in error["message"] and "5432" not in error["message"]  # in the log only
     assert health.status_code == 503
     assert health.json()["error"]["type"] == "StoreError"

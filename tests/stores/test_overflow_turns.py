@@ -1,0 +1,67 @@
+"""A context overflow on every store: the retry sends half of what overflowed (the window's
+reads and the running summary come from the store), through the real `ChatOpenAI` against a
+test server that refuses in LiteLLM's words. Sync, streamed and async turns alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+
+from chatchain import Chatbot, Settings
+from chatchain.stores import HistoryStore, Summary
+from chatchain.testing import OpenAITestServer
+from chatchain.window import summary_message
+
+SYSTEM = "Be brief."
+
+
+def _chat(bot: Chatbot, text: str) -> tuple[str, tuple[str, ...]]:
+    reply = bot.chat(text, session_id="s")
+    return reply.text, reply.notices
+
+
+def _astream(bot: Chatbot, text: str) -> tuple[str, tuple[str, ...]]:
+    async def turn() -> tuple[str, tuple[str, ...]]:
+        stream = bot.astream(text, session_id="s")
+        return "".join([piece async for piece in stream]), stream.notices
+
+    return asyncio.run(turn())
+
+
+WAYS: dict[str, Callable[[Chatbot, str], tuple[str, tuple[str, ...]]]] = {
+    "chat": _chat,
+    "astream": _astream,
+}
+
+
+def _tokens(server: OpenAITestServer, texts: list[str]) -> int:
+    return 3 + sum(server.count_tokens(text) + 4 for text in texts)
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_the_retry_sends_half_of_the_history_that_overflowed(store: HistoryStore, way: str) -> None:
+    turns = [m for i in range(4) for m in (HumanMessage(f"q{i}"), AIMessage(f"Echo: q{i}"))]
+    store.append("s", turns)
+    # A running summary that covers nothing yet: it leads the history, and stays on the retry.
+    store.set_summary("s", Summary("Ann likes tea.", covers=0))
+    summary = summary_message("Ann likes tea.").text
+    # The window fits the summary and the newest 2 turns with the input, not all 4 turns.
+    window = _tokens(OpenAITestServer(), [SYSTEM, summary, *[m.text for m in turns[4:]], "q4"])
+    with OpenAITestServer(context_window=window, overflow_wording="litellm") as server:
+        settings = Settings(api_key="sk-test", base_url=server.base_url, max_retries=0)
+        bot = Chatbot(settings, store=store, system=SYSTEM)
+
+        text, notices = WAYS[way](bot, "q4")
+
+        sent = [[m["content"] for m in r["body"]["messages"]] for r in server.requests]
+    assert text == "Echo: q4"
+    assert sent == [
+        [SYSTEM, summary, *[m.text for m in turns], "q4"],
+        [SYSTEM, summary, *[m.text for m in turns[4:]], "q4"],
+    ]
+    assert len(notices) == 1 and "newest 5 of the 9 earlier messages" in notices[0]
+    assert [m.text for m in store.load("s")] == [*[m.text for m in turns], "q4", "Echo: q4"]
