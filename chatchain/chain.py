@@ -599,7 +599,7 @@ def _recall(
     cap = settings.summary_max_tokens or window.summary_tokens
     if own_model:
         capped = settings.model_copy(update={"summary_max_tokens": cap})
-        summarizer: Runnable[Any, Any] = create_summary_model(capped)
+        summarizer = _cache.without_global_cache(create_summary_model(capped))
     else:  # the caller's model, capped per call rather than by its own max_tokens
         summarizer = model if cap is None else model.bind(max_tokens=cap)
     return Recall(window, counter, model, summarizer, cap)
@@ -694,6 +694,7 @@ def create_chat_chain(
         history = get_session_history
     if window is True:
         window = settings.history_window()
+    plain = _cache.without_global_cache(model)  # never set_llm_cache's: it knows no users
     counter = choose_counter(model, settings.token_counter)
     logger.info("Counting tokens with the %s counter.", counter.name)
     store = history if isinstance(history, HistoryStore) else None
@@ -708,7 +709,7 @@ def create_chat_chain(
         required_vars=prompt_variables(system) - set(prompt_vars or {}),
         get_history=history,
         ledger=ledger or UsageLedger(store),
-        recall=_recall(window or None, counter, model, settings, own_model=llm is None),
+        recall=_recall(window or None, counter, plain, settings, own_model=llm is None),
         pricer=settings.pricer(),
         budget=budget if budget is not None else settings.budget(),
         max_tokens=_reply_cap(model, settings),
@@ -725,7 +726,10 @@ def create_chat_chain(
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
     if settings.cache is not None:  # the turns' model only: summaries are never cached
-        model = _cache.with_cache(model, _cache.open_cache(settings.cache))
+        shared = settings.cache_scope == "shared"
+        model = _cache.with_cache(model, _cache.open_cache(settings.cache, shared=shared))
+    else:
+        model = plain
     # Under a budget (the chain's, or a call's own limits) each call is sent with the
     # max_tokens its hold could pay for; without one the model is called as it is.
     step: Runnable[Any, Any] = BudgetedModel(model)
