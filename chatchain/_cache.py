@@ -72,6 +72,7 @@ __all__ = [
     "MEMORY_CACHE_SIZE",
     "SCOPES",
     "ResponseCache",
+    "Uncached",
     "check_url",
     "open_cache",
     "result_is_hit",
@@ -579,26 +580,67 @@ def with_cache(model: Runnable[Any, Any], cache: ResponseCache) -> Runnable[Any,
 
 
 def without_global_cache(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
-    """``model`` with ``cache=False`` on each chat model whose ``cache`` is unset.
+    """``model``, calling each chat model in it whose ``cache`` is unset with ``cache=False``.
 
     A chat model whose ``cache`` is ``None`` reads LangChain's global cache
     (``set_llm_cache``), which knows no users and whose hits LangChain reports with the
     tokens of the reply they repeat: chatchain would record them as paid calls. chatchain's
-    model uses the cache it is given (``CHATCHAIN_CACHE``) or none. A chat model whose own
-    ``cache`` is set keeps it; ``model`` itself is not changed.
+    model uses the cache it is given (``CHATCHAIN_CACHE``) or none. ``model`` is wrapped
+    (`Uncached`), not copied, so that later changes to it still count; a chat model whose
+    own ``cache`` is set keeps it.
     """
+    return Uncached(bound=model) if _reads_global_cache(model) else model
+
+
+def _reads_global_cache(model: Runnable[Any, Any]) -> bool:
+    if isinstance(model, RunnableWithFallbacks):
+        return any(_reads_global_cache(m) for m in [model.runnable, *model.fallbacks])
+    if isinstance(model, BaseChatModel):
+        return model.cache is None
+    if isinstance(model, RunnableBindingBase):
+        return _reads_global_cache(model.bound)
+    return False
+
+
+def _cache_off(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
+    """A copy of ``model`` with ``cache=False`` on each chat model whose ``cache`` is unset."""
     if isinstance(model, RunnableWithFallbacks):
         return model.model_copy(
             update={
-                "runnable": without_global_cache(model.runnable),
-                "fallbacks": [without_global_cache(fallback) for fallback in model.fallbacks],
+                "runnable": _cache_off(model.runnable),
+                "fallbacks": [_cache_off(fallback) for fallback in model.fallbacks],
             }
         )
     if isinstance(model, BaseChatModel):
         return model if model.cache is not None else model.model_copy(update={"cache": False})
     if isinstance(model, RunnableBindingBase):
-        return model.model_copy(update={"bound": without_global_cache(model.bound)})
+        return model.model_copy(update={"bound": _cache_off(model.bound)})
     return model
+
+
+class Uncached(RunnableBinding[Any, Any]):
+    """A model whose calls never read LangChain's global cache (see `without_global_cache`).
+
+    Each call goes to a copy of the model made then, with ``cache=False``. Streams need no
+    copy: `BaseChatModel.stream` reads no cache.
+    """
+
+    batch = Runnable.batch  # through `invoke`, not straight to the model
+    abatch = Runnable.abatch
+
+    def _now(self) -> Runnable[Any, Any]:
+        return RunnableBinding(
+            bound=_cache_off(self.bound),
+            kwargs=self.kwargs,
+            config=self.config,
+            config_factories=self.config_factories,
+        )
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._now().invoke(input, config, **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._now().ainvoke(input, config, **kwargs)
 
 
 def _key(model: BaseChatModel, input: Any, kwargs: dict[str, Any]) -> tuple[str, str]:

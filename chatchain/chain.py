@@ -122,7 +122,8 @@ class ChatChain(HistoryRunnable):
         model = getattr(self._inner, "last", self._inner)
         model = model.step if isinstance(model, StructuredModel) else model
         model = model.model if isinstance(model, ToolLoop) else model
-        return model.model if isinstance(model, BudgetedModel) else model
+        model = model.model if isinstance(model, BudgetedModel) else model
+        return model.bound if isinstance(model, _cache.Uncached) else model
 
     @property
     def tools(self) -> list[Any]:
@@ -728,13 +729,12 @@ def create_chat_chain(
     if settings.cache is not None:  # the turns' model only: summaries are never cached
         shared = settings.cache_scope == "shared"
         model = _cache.with_cache(model, _cache.open_cache(settings.cache, shared=shared))
-    else:
-        model = plain
+    turns = model if settings.cache is not None else plain
     # Under a budget (the chain's, or a call's own limits) each call is sent with the
     # max_tokens its hold could pay for; without one the model is called as it is.
-    step: Runnable[Any, Any] = BudgetedModel(model)
+    step: Runnable[Any, Any] = BudgetedModel(turns)
     if toolbox is not None:
-        with_tools = bind_tools(model, list(toolbox.tools.values()))
+        with_tools = bind_tools(turns, list(toolbox.tools.values()))
         step = ToolLoop(BudgetedModel(with_tools), step, toolbox)
     return ChatChain(
         prompt | StructuredModel(step, model),
