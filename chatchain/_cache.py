@@ -4,20 +4,29 @@ The cache is set on a copy of the chain's chat model (its ``cache`` field), neve
 ``set_llm_cache``, so the user's other models are untouched. The classes are the maintained
 ones: langchain-core's `InMemoryCache` for ``memory://``, langchain-community's `SQLiteCache`
 for ``sqlite:///path`` and `RedisCache` for ``redis://``. A hit is an exact match of
-LangChain's key: the model and its parameters (``llm_string``, ``max_tokens`` included) and
-every message sent (system message, history window, new message), as the endpoint gets them:
-the key leaves out the metadata LangChain keeps on earlier replies (``response_metadata``,
+chatchain's key (`_Call`): the scope (the call's ``user_id``, unless the operator shares the
+cache with ``CHATCHAIN_CACHE_SCOPE=shared``: a cached reply tells what was asked), the model
+and its parameters (LangChain's ``llm_string``, without the ``max_tokens`` of the call, which a
+budget hold changes from call to call) and every message sent (system message with its
+variables filled in, history window, new message), as the endpoint gets them: the key leaves
+out the metadata LangChain keeps on earlier replies (``response_metadata``,
 ``usage_metadata``), which is never sent. That metadata differs between two runs of the same
 conversation (completion ids, and the ``total_cost`` of 0 LangChain writes on every hit), so
 with it in the key a conversation replayed turn for turn, or a tool loop after a hit, would
-miss from its second call on.
+miss from its second call on. The call's ``max_tokens`` then decides which reply may answer
+it: a whole one that fits, or one cut at that same cap (see `_Call`).
+
+Without ``CHATCHAIN_CACHE``, chatchain's model reads no cache (`without_global_cache`), not
+even LangChain's global one, which knows no users and whose hits would be billed as calls.
 
 What chatchain adds around them:
 
-- `BaseChatModel.stream` never reads nor writes the cache (only ``invoke`` does), so the model
-  is wrapped (`_CachedModel`): a stream looks the key up first; a hit is answered by
-  ``invoke``, which LangChain serves from the cache, as one chunk; a miss streams, and its
-  whole reply is then cached, as ``invoke`` would have.
+- Each call reads and writes under its own key: the model is wrapped (`_CachedModel`), and
+  each call goes to a copy of it whose ``cache`` is that call's view (`_CallCache`); the
+  cache set on the model itself (`ResponseCache`) answers LangChain's own, unscoped key with
+  a miss. `BaseChatModel.stream` never reads nor writes a cache, so a stream looks its key up
+  first; a hit is answered by ``invoke`` as one chunk; a miss streams, and its whole reply is
+  then cached, as ``invoke`` would have.
 - Each hit is marked in its generation's ``generation_info`` (`MARK`), which the callbacks'
   ``on_llm_end`` sees and the reply does not carry, so that the turn's usage handler
   (`chatchain._metering.new_handler`) keeps its tokens apart: the turn records what it

@@ -169,7 +169,7 @@ def test_the_system_prompt_and_its_variables_are_part_of_the_key() -> None:
     bot.chat("hi", session_id="b", user_id="ann", language="French")  # another variable
     french.chat("hi", session_id="c", user_id="ann", language="English")  # another prompt
     assert len(fake.calls) == 3
-    assert [m.text for m in fake.calls[1]][0] == "Answer in French."
+    assert fake.calls[1][0].text == "Answer in French."
     reply = bot.chat("hi", session_id="d", user_id="ann", language="French")
     assert len(fake.calls) == 3 and reply.usage.cached_turns == 1
 
