@@ -82,6 +82,7 @@ __all__ = [
     "SCOPES",
     "ResponseCache",
     "Uncached",
+    "cache_off",
     "check_url",
     "open_cache",
     "result_is_hit",
@@ -611,19 +612,20 @@ def _reads_global_cache(model: Runnable[Any, Any]) -> bool:
     return False
 
 
-def _cache_off(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
-    """A copy of ``model`` with ``cache=False`` on each chat model whose ``cache`` is unset."""
+def cache_off(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
+    """A copy of ``model`` with ``cache=False`` on each chat model whose ``cache`` is unset
+    (made for one call, as `Uncached` does, where a wrapper cannot be used)."""
     if isinstance(model, RunnableWithFallbacks):
         return model.model_copy(
             update={
-                "runnable": _cache_off(model.runnable),
-                "fallbacks": [_cache_off(fallback) for fallback in model.fallbacks],
+                "runnable": cache_off(model.runnable),
+                "fallbacks": [cache_off(fallback) for fallback in model.fallbacks],
             }
         )
     if isinstance(model, BaseChatModel):
         return model if model.cache is not None else model.model_copy(update={"cache": False})
     if isinstance(model, RunnableBindingBase):
-        return model.model_copy(update={"bound": _cache_off(model.bound)})
+        return model.model_copy(update={"bound": cache_off(model.bound)})
     return model
 
 
@@ -639,7 +641,7 @@ class Uncached(RunnableBinding[Any, Any]):
 
     def _now(self) -> Runnable[Any, Any]:
         return RunnableBinding(
-            bound=_cache_off(self.bound),
+            bound=cache_off(self.bound),
             kwargs=self.kwargs,
             config=self.config,
             config_factories=self.config_factories,

@@ -32,6 +32,7 @@ from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.utils.function_calling import convert_to_openai_function
 from pydantic import BaseModel, ValidationError
 
+from chatchain import _cache
 from chatchain.errors import InvalidInputError, StructuredReplyError
 
 __all__ = [
@@ -233,6 +234,7 @@ class StructuredModel(Runnable[Any, Any]):
         self, schema: type[BaseModel], method: str | None, turn: Any
     ) -> Runnable[Any, Any]:
         model: Any = _with_max_tokens(self.model, getattr(turn, "reply_limit", None))
+        model = _cache.cache_off(model)  # never LangChain's global cache (see chatchain._cache)
         options: dict[str, Any] = {"include_raw": True}
         target: Any = schema
         if method is not None:

@@ -20,6 +20,7 @@ from langchain_core.load import dumps
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import Runnable
+from pydantic import BaseModel
 
 from chatchain import Budget, Chatbot, ConfigurationError, Settings, UsageEntry
 from chatchain._cache import MARK, _revive, open_cache, with_cache
@@ -317,3 +318,22 @@ def test_a_callers_own_cache_on_the_model_is_kept() -> None:
     bot = Chatbot(Settings.load(env_file=None, api_key="sk-test"), llm=fake)
     bot.chat("hi", session_id="a")
     assert own._cache != {}  # their explicit choice (see the settings' docstring)
+
+
+class City(BaseModel):
+    name: str
+
+
+@pytest.mark.parametrize("cache", [None, "memory://"], ids=["global-cache", "chatchain-cache"])
+def test_a_structured_turn_is_never_answered_with_another_users_reply(
+    global_cache: InMemoryCache, cache: str | None
+) -> None:
+    # Structured turns call LangChain's `with_structured_output`, not chatchain's wrapper.
+    replies = ['{"name": "Oslo"}', '{"name": "Bergen"}']
+    fake = FakeChatModel(model_name="gpt-4o-mini", replies=replies)
+    bot = Chatbot(Settings.load(env_file=None, api_key="sk-test", cache=cache), llm=fake)
+    ann = bot.chat("Which city?", session_id="a", user_id="ann", schema=City)
+    bob = bot.chat("Which city?", session_id="b", user_id="bob", schema=City)
+    assert (ann.parsed, bob.parsed) == (City(name="Oslo"), City(name="Bergen"))
+    assert len(fake.calls) == 2 and global_cache._cache == {}
+    assert [(e.requests, e.cached) for e in bot.usage_entries()] == [(1, False), (1, False)]
