@@ -28,6 +28,7 @@ import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.utils.function_calling import convert_to_openai_function
 from pydantic import BaseModel, ValidationError
@@ -141,6 +142,8 @@ def _with_max_tokens(model: Runnable[Any, Any], limit: int | None) -> Runnable[A
         )
     if isinstance(model, BaseChatModel) and "max_tokens" in type(model).model_fields:
         return model.model_copy(update={"max_tokens": limit})
+    if isinstance(model, RunnableBindingBase):  # the response cache's wrapper, say
+        return model.model_copy(update={"bound": _with_max_tokens(model.bound, limit)})
     return model  # pragma: no cover - a model without max_tokens cannot be capped per call
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.globals import set_llm_cache
+from pydantic import BaseModel
 
 from chatchain import Budget, Chatbot, Settings
 from chatchain.testing import OpenAITestServer
@@ -209,3 +210,19 @@ def test_under_a_budget_each_hold_sends_another_max_tokens_and_still_hits(
     replies = {ask(bot, "Tell me about caches", session) for session in ("a", "b", "c")}
     assert len(replies) == 1 and len(server.requests) == 1
     assert bot.usage().cached_turns == 2
+
+
+class City(BaseModel):
+    name: str
+
+
+def test_a_structured_turn_under_a_budget_is_sent_with_its_holds_max_tokens(
+    server: OpenAITestServer,
+) -> None:
+    # Through the cache's wrapper too: before, it was sent with no max_tokens at all.
+    server.clear()
+    server.queue_json({"name": "Oslo"})
+    bot = Chatbot(make_settings(server, "memory://"), budget=Budget(total_tokens=2_000))
+    assert bot.chat("Which city?", session_id="a", schema=City).parsed == City(name="Oslo")
+    body = server.requests[-1]["body"]
+    assert body.get("max_completion_tokens", body.get("max_tokens")) == 1_000
