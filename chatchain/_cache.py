@@ -4,20 +4,29 @@ The cache is set on a copy of the chain's chat model (its ``cache`` field), neve
 ``set_llm_cache``, so the user's other models are untouched. The classes are the maintained
 ones: langchain-core's `InMemoryCache` for ``memory://``, langchain-community's `SQLiteCache`
 for ``sqlite:///path`` and `RedisCache` for ``redis://``. A hit is an exact match of
-LangChain's key: the model and its parameters (``llm_string``, ``max_tokens`` included) and
-every message sent (system message, history window, new message), as the endpoint gets them:
-the key leaves out the metadata LangChain keeps on earlier replies (``response_metadata``,
+chatchain's key (`_Call`): the scope (the call's ``user_id``, unless the operator shares the
+cache with ``CHATCHAIN_CACHE_SCOPE=shared``: a cached reply tells what was asked), the model
+and its parameters (LangChain's ``llm_string``, without the ``max_tokens`` of the call, which a
+budget hold changes from call to call) and every message sent (system message with its
+variables filled in, history window, new message), as the endpoint gets them: the key leaves
+out the metadata LangChain keeps on earlier replies (``response_metadata``,
 ``usage_metadata``), which is never sent. That metadata differs between two runs of the same
 conversation (completion ids, and the ``total_cost`` of 0 LangChain writes on every hit), so
 with it in the key a conversation replayed turn for turn, or a tool loop after a hit, would
-miss from its second call on.
+miss from its second call on. The call's ``max_tokens`` then decides which reply may answer
+it: a whole one that fits, or one cut at that same cap (see `_Call`).
+
+Without ``CHATCHAIN_CACHE``, chatchain's model reads no cache (`without_global_cache`), not
+even LangChain's global one, which knows no users and whose hits would be billed as calls.
 
 What chatchain adds around them:
 
-- `BaseChatModel.stream` never reads nor writes the cache (only ``invoke`` does), so the model
-  is wrapped (`_CachedModel`): a stream looks the key up first; a hit is answered by
-  ``invoke``, which LangChain serves from the cache, as one chunk; a miss streams, and its
-  whole reply is then cached, as ``invoke`` would have.
+- Each call reads and writes under its own key: the model is wrapped (`_CachedModel`), and
+  each call goes to a copy of it whose ``cache`` is that call's view (`_CallCache`); the
+  cache set on the model itself (`ResponseCache`) answers LangChain's own, unscoped key with
+  a miss. `BaseChatModel.stream` never reads nor writes a cache, so a stream looks its key up
+  first; a hit is answered by ``invoke`` as one chunk; a miss streams, and its whole reply is
+  then cached, as ``invoke`` would have.
 - Each hit is marked in its generation's ``generation_info`` (`MARK`), which the callbacks'
   ``on_llm_end`` sees and the reply does not carry, so that the turn's usage handler
   (`chatchain._metering.new_handler`) keeps its tokens apart: the turn records what it
@@ -44,6 +53,7 @@ import logging
 import os
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -61,6 +71,7 @@ from langchain_core.runnables import (
     RunnableWithFallbacks,
 )
 from langchain_core.runnables.base import RunnableBindingBase
+from langchain_core.runnables.config import merge_configs
 
 from chatchain.errors import ConfigurationError
 
@@ -68,10 +79,15 @@ __all__ = [
     "FORMS",
     "MARK",
     "MEMORY_CACHE_SIZE",
+    "SCOPES",
+    "ResponseCache",
+    "Uncached",
+    "cache_off",
     "check_url",
     "open_cache",
     "result_is_hit",
     "with_cache",
+    "without_global_cache",
 ]
 
 logger = logging.getLogger("chatchain")
@@ -135,8 +151,13 @@ def _sqlite_path(url: str) -> Path:
     return Path(path).expanduser()
 
 
-def open_cache(url: str) -> BaseCache:
+def open_cache(url: str, *, shared: bool = False) -> ResponseCache:
     """The cache ``url`` names (see `check_url`), ready to set on a chat model.
+
+    Args:
+        url: The cache's URL (``CHATCHAIN_CACHE``).
+        shared: Serve any user's cached reply to every user (``CHATCHAIN_CACHE_SCOPE=shared``);
+            by default a reply is served only to the user it was made for.
 
     Raises:
         ConfigurationError: The URL is not a cache's, Redis's driver is missing (the message
@@ -150,7 +171,7 @@ def open_cache(url: str) -> BaseCache:
         inner = _sqlite_cache(_sqlite_path(url))
     else:
         inner = InMemoryCache(maxsize=MEMORY_CACHE_SIZE)
-    return _Marked(inner)
+    return ResponseCache(inner, shared=shared)
 
 
 def _sqlite_cache(path: Path) -> BaseCache:
@@ -365,14 +386,192 @@ def result_is_hit(result: LLMResult) -> bool:
     return bool(generations) and all((g.generation_info or {}).get(MARK) for g in generations)
 
 
+# -- keys: scope, prompt, model, reply cap ----------------------------------------------------
+
+SCOPES = ("user", "shared")
+"""The values of ``CHATCHAIN_CACHE_SCOPE``: who may be answered with a cached reply."""
+
+_SENT_CAP = "chatchain_max_tokens"
+"""The ``generation_info`` key of a cached reply: the ``max_tokens`` its call was sent with."""
+
+
+class ResponseCache(_Marked):
+    """The response cache as set on chatchain's model: read and written only per call.
+
+    LangChain's own key names no user and holds the ``max_tokens`` of the call (a budget
+    hold's), so LangChain's calls of `lookup` and `update` are a miss and do nothing: each
+    call of `_CachedModel` reads and writes through its own key (`_Call`) with `get` and
+    `put`. Any path that bypasses the wrapper (``batch``, say) is uncached, never shared.
+
+    Args:
+        inner: The backend (memory, SQLite or Redis).
+        shared: ``CHATCHAIN_CACHE_SCOPE=shared``: every user may be answered with any user's
+            cached reply. By default a reply is only ever served to the user it was made for.
+    """
+
+    def __init__(self, inner: BaseCache, *, shared: bool = False) -> None:
+        super().__init__(inner)
+        self.shared = shared
+
+    def lookup(self, prompt: str, llm_string: str) -> None:
+        return None
+
+    async def alookup(self, prompt: str, llm_string: str) -> None:
+        return None
+
+    def update(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
+        return None
+
+    async def aupdate(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
+        return None
+
+    def get(self, prompt: str, llm: str) -> list[Generation] | None:
+        """The marked generations kept under (``prompt``, ``llm``), or ``None``."""
+        return super().lookup(prompt, llm)
+
+    async def aget(self, prompt: str, llm: str) -> list[Generation] | None:
+        """`get` for async callers."""
+        return await super().alookup(prompt, llm)
+
+    def put(self, prompt: str, llm: str, generations: Sequence[Generation]) -> None:
+        """Keep ``generations`` under (``prompt``, ``llm``)."""
+        super().update(prompt, llm, generations)
+
+    async def aput(self, prompt: str, llm: str, generations: Sequence[Generation]) -> None:
+        """`put` for async callers."""
+        await super().aupdate(prompt, llm, generations)
+
+    def scope(self, config: RunnableConfig | None) -> list[str | None]:
+        """Who a call's cached reply may be served to: its user (``None``: calls without a
+        user id, which share one scope of their own), or everyone when shared."""
+        if self.shared:
+            return ["shared", None]
+        user = ((config or {}).get("configurable") or {}).get("user_id")
+        return ["user", None if user is None else str(user)]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One model call's place in the cache.
+
+    Its key is the scope (`ResponseCache.scope`), the messages as sent, and the model and
+    its parameters *without* the call's ``max_tokens`` (the configured cap stays in, being
+    part of the model). The ``max_tokens`` the call is sent with (``cap``: a budget hold's,
+    or the configured one) decides which reply may answer it:
+
+    - A reply that ended by itself (any finish reason but ``length``) is what the endpoint
+      writes under any cap it fits in: it answers a call whose cap is at least its
+      completion tokens (or, when those are unknown, at least the cap it was made under).
+    - A reply cut by its cap (``length``) is kept apart, under that cap, and answers a call
+      with the same cap only: a smaller cap would get more than it held for, a larger one a
+      reply cut shorter than it paid for. It never replaces a whole reply.
+    """
+
+    cache: ResponseCache
+    prompt: str
+    model: str
+    scope: list[str | None]
+    cap: int | None
+
+    def _llm(self, cut: bool) -> str:
+        key: dict[str, Any] = {"scope": self.scope, "model": self.model}
+        if cut:
+            key["cut_at"] = self.cap
+        return json.dumps(key, sort_keys=True)
+
+    def _whole(self, found: list[Generation] | None) -> list[Generation] | None:
+        return found if found is not None and _fits(found, self.cap) else None
+
+    def lookup(self) -> list[Generation] | None:
+        """The cached reply that may answer this call, marked (`MARK`), or ``None``."""
+        found = self._whole(self.cache.get(self.prompt, self._llm(cut=False)))
+        return found if found is not None else self.cache.get(self.prompt, self._llm(cut=True))
+
+    async def alookup(self) -> list[Generation] | None:
+        """`lookup` for async callers."""
+        found = self._whole(await self.cache.aget(self.prompt, self._llm(cut=False)))
+        if found is not None:
+            return found
+        return await self.cache.aget(self.prompt, self._llm(cut=True))
+
+    def update(self, generations: Sequence[Generation]) -> None:
+        """Keep the call's reply, whole or cut (see the class docstring)."""
+        self.cache.put(self.prompt, self._llm(_cut(generations)), self._tagged(generations))
+
+    async def aupdate(self, generations: Sequence[Generation]) -> None:
+        """`update` for async callers."""
+        await self.cache.aput(self.prompt, self._llm(_cut(generations)), self._tagged(generations))
+
+    def _tagged(self, generations: Sequence[Generation]) -> list[Generation]:
+        return [
+            g.model_copy(
+                update={"generation_info": {**(g.generation_info or {}), _SENT_CAP: self.cap}}
+            )
+            for g in generations
+        ]
+
+
+def _finish_reason(generation: Generation) -> Any:
+    reason = (generation.generation_info or {}).get("finish_reason")
+    if reason is None and isinstance(generation, ChatGeneration):
+        reason = generation.message.response_metadata.get("finish_reason")
+    return reason
+
+
+def _cut(generations: Sequence[Generation]) -> bool:
+    return any(_finish_reason(g) == "length" for g in generations)
+
+
+def _fits(generations: Sequence[Generation], cap: int | None) -> bool:
+    """Whether whole replies would have come back the same under ``cap`` (``None``: none)."""
+    if cap is None:
+        return True
+    for generation in generations:
+        message = generation.message if isinstance(generation, ChatGeneration) else None
+        usage = message.usage_metadata if isinstance(message, AIMessage) else None
+        tokens = usage.get("output_tokens") if usage else None
+        if tokens is None:  # an endpoint that sent no usage: the cap it was made under
+            made_under = (generation.generation_info or {}).get(_SENT_CAP)
+            if made_under is None or made_under > cap:
+                return False
+        elif tokens > cap:
+            return False
+    return True
+
+
+class _CallCache(BaseCache):
+    """The cache a chat model sees during one call: that call's `_Call`, whatever key
+    LangChain computes (``found``: a reply already looked up, which a stream replays)."""
+
+    def __init__(self, call: _Call, found: list[Generation] | None = None) -> None:
+        self.call = call
+        self.found = found
+
+    def lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+        return self.found if self.found is not None else self.call.lookup()
+
+    async def alookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+        return self.found if self.found is not None else await self.call.alookup()
+
+    def update(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
+        self.call.update(return_val)
+
+    async def aupdate(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
+        await self.call.aupdate(return_val)
+
+    def clear(self, **kwargs: Any) -> None:
+        self.call.cache.clear(**kwargs)
+
+
 # -- the model --------------------------------------------------------------------------------
 
 
-def with_cache(model: Runnable[Any, Any], cache: BaseCache) -> Runnable[Any, Any]:
+def with_cache(model: Runnable[Any, Any], cache: ResponseCache) -> Runnable[Any, Any]:
     """``model`` with ``cache`` on each chat model in it (also in fallbacks and bindings).
 
     Each chat model is copied with ``cache=cache`` (one whose own ``cache`` is set keeps
-    it) and wrapped so that its streams use the cache too; ``model`` itself is not changed.
+    it) and wrapped (`_CachedModel`) so that each call, streamed or not, uses its own key;
+    ``model`` itself is not changed.
     """
     if isinstance(model, RunnableWithFallbacks):
         return model.model_copy(
@@ -390,9 +589,74 @@ def with_cache(model: Runnable[Any, Any], cache: BaseCache) -> Runnable[Any, Any
     return model
 
 
+def without_global_cache(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
+    """``model``, calling each chat model in it whose ``cache`` is unset with ``cache=False``.
+
+    A chat model whose ``cache`` is ``None`` reads LangChain's global cache
+    (``set_llm_cache``), which knows no users and whose hits LangChain reports with the
+    tokens of the reply they repeat: chatchain would record them as paid calls. chatchain's
+    model uses the cache it is given (``CHATCHAIN_CACHE``) or none. ``model`` is wrapped
+    (`Uncached`), not copied, so that later changes to it still count; a chat model whose
+    own ``cache`` is set keeps it.
+    """
+    return Uncached(bound=model) if _reads_global_cache(model) else model
+
+
+def _reads_global_cache(model: Runnable[Any, Any]) -> bool:
+    if isinstance(model, RunnableWithFallbacks):
+        return any(_reads_global_cache(m) for m in [model.runnable, *model.fallbacks])
+    if isinstance(model, BaseChatModel):
+        return model.cache is None
+    if isinstance(model, RunnableBindingBase):
+        return _reads_global_cache(model.bound)
+    return False
+
+
+def cache_off(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
+    """A copy of ``model`` with ``cache=False`` on each chat model whose ``cache`` is unset
+    (made for one call, as `Uncached` does, where a wrapper cannot be used)."""
+    if isinstance(model, RunnableWithFallbacks):
+        return model.model_copy(
+            update={
+                "runnable": cache_off(model.runnable),
+                "fallbacks": [cache_off(fallback) for fallback in model.fallbacks],
+            }
+        )
+    if isinstance(model, BaseChatModel):
+        return model if model.cache is not None else model.model_copy(update={"cache": False})
+    if isinstance(model, RunnableBindingBase):
+        return model.model_copy(update={"bound": cache_off(model.bound)})
+    return model
+
+
+class Uncached(RunnableBinding[Any, Any]):
+    """A model whose calls never read LangChain's global cache (see `without_global_cache`).
+
+    Each call goes to a copy of the model made then, with ``cache=False``. Streams need no
+    copy: `BaseChatModel.stream` reads no cache.
+    """
+
+    batch = Runnable.batch  # through `invoke`, not straight to the model
+    abatch = Runnable.abatch
+
+    def _now(self) -> Runnable[Any, Any]:
+        return RunnableBinding(
+            bound=cache_off(self.bound),
+            kwargs=self.kwargs,
+            config=self.config,
+            config_factories=self.config_factories,
+        )
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._now().invoke(input, config, **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._now().ainvoke(input, config, **kwargs)
+
+
 def _key(model: BaseChatModel, input: Any, kwargs: dict[str, Any]) -> tuple[str, str]:
-    """The cache key ``model.invoke(input, **kwargs)`` looks up: (prompt, llm_string), as
-    `BaseChatModel._generate_with_cache` computes it."""
+    """The messages and model string ``model.invoke(input, **kwargs)`` has in LangChain's
+    key, as `BaseChatModel._generate_with_cache` computes them."""
     kwargs = dict(kwargs)
     stop = kwargs.pop("stop", None)
     kwargs.pop("ls_structured_output_format", None)
@@ -400,6 +664,13 @@ def _key(model: BaseChatModel, input: Any, kwargs: dict[str, Any]) -> tuple[str,
     messages = _normalize_messages(model._convert_input(input).to_messages())
     normalized = [m.model_copy(update={"id": None}) if m.id is not None else m for m in messages]
     return dumps(normalized), model._get_llm_string(stop=stop, **kwargs)
+
+
+def _with_cache_on(model: Runnable[Any, Any], cache: BaseCache) -> Runnable[Any, Any]:
+    """A copy of ``model`` (a chat model in bindings) with ``cache`` on its chat model."""
+    if isinstance(model, RunnableBindingBase):
+        return model.model_copy(update={"bound": _with_cache_on(model.bound, cache)})
+    return cast(BaseChatModel, model).model_copy(update={"cache": cache})
 
 
 def _as_chunk(reply: BaseMessage) -> AIMessageChunk:
@@ -415,9 +686,12 @@ def _generation(chunks: list[AIMessageChunk]) -> list[Generation]:
 
 
 class _CachedModel(RunnableBinding[Any, Any]):
-    """A chat model with the cache on, whose streams use it too (see the module docstring).
+    """A chat model with the cache on, each call under its own key (see `_Call`).
 
     Its attributes are the model's (``model_name``, ``max_tokens``...), as with any binding.
+    `BaseChatModel.stream` never reads nor writes a cache, so a stream looks its key up
+    first: a hit is answered by ``invoke`` (which fires the callbacks a call does) as one
+    chunk; a miss streams, and its whole reply is then cached, as ``invoke`` would have.
     """
 
     # `RunnableBinding` hands these to the model, whose streams skip the cache; `Runnable`'s
@@ -425,22 +699,46 @@ class _CachedModel(RunnableBinding[Any, Any]):
     transform = Runnable.transform
     atransform = Runnable.atransform
 
-    def _key(self, input: Any, kwargs: dict[str, Any]) -> tuple[BaseCache, tuple[str, str]]:
-        """The model's cache, and the key a call with ``kwargs`` has in it: the model may sit
-        in bindings (``.bind(...)``, ``bind_tools``), whose arguments the call gets too."""
-        model, merged = self.bound, dict(kwargs)
+    def _call(self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> _Call:
+        """Where a call with ``kwargs`` sits in the cache: the model may sit in bindings
+        (``.bind(...)``, ``bind_tools``), whose arguments the call gets too."""
+        model, merged = self.bound, {**self.kwargs, **kwargs}
         while isinstance(model, RunnableBindingBase):
             merged = {**model.kwargs, **merged}  # an outer binding's arguments win
             model = model.bound
         chat = cast(BaseChatModel, model)
-        return cast(BaseCache, chat.cache), _key(chat, input, merged)
+        cache = cast(ResponseCache, chat.cache)
+        cap = merged.pop("max_tokens", None)
+        if cap is None:
+            cap = getattr(chat, "max_tokens", None)
+        prompt, llm = _key(chat, input, merged)
+        scope = cache.scope(merge_configs(self.config, config))
+        return _Call(cache, _sent(prompt), llm, scope, cap)
+
+    def _on(self, cache: BaseCache) -> Runnable[Any, Any]:
+        """This binding with ``cache`` on a copy of its chat model, for one call."""
+        return RunnableBinding(
+            bound=_with_cache_on(self.bound, cache),
+            kwargs=self.kwargs,
+            config=self.config,
+            config_factories=self.config_factories,
+        )
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        view = _CallCache(self._call(input, config, kwargs))
+        return self._on(view).invoke(input, config, **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        view = _CallCache(self._call(input, config, kwargs))
+        return await self._on(view).ainvoke(input, config, **kwargs)
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
-        cache, key = self._key(input, kwargs)
-        if cache.lookup(*key) is not None:
-            yield _as_chunk(self.invoke(input, config, **kwargs))
+        call = self._call(input, config, kwargs)
+        found = call.lookup()
+        if found is not None:
+            yield _as_chunk(self._on(_CallCache(call, found)).invoke(input, config, **kwargs))
             return
         chunks = []
         for chunk in super().stream(input, config, **kwargs):
@@ -448,14 +746,16 @@ class _CachedModel(RunnableBinding[Any, Any]):
                 chunks.append(chunk)
             yield chunk
         if chunks:  # the stream ran to its end: cache the whole reply
-            cache.update(*key, _generation(chunks))
+            call.update(_generation(chunks))
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
-        cache, key = self._key(input, kwargs)
-        if await cache.alookup(*key) is not None:
-            yield _as_chunk(await self.ainvoke(input, config, **kwargs))
+        call = self._call(input, config, kwargs)
+        found = await call.alookup()
+        if found is not None:
+            view = _CallCache(call, found)
+            yield _as_chunk(await self._on(view).ainvoke(input, config, **kwargs))
             return
         chunks = []
         async for chunk in super().astream(input, config, **kwargs):
@@ -463,4 +763,4 @@ class _CachedModel(RunnableBinding[Any, Any]):
                 chunks.append(chunk)
             yield chunk
         if chunks:
-            await cache.aupdate(*key, _generation(chunks))
+            await call.aupdate(_generation(chunks))

@@ -28,10 +28,12 @@ import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.utils.function_calling import convert_to_openai_function
 from pydantic import BaseModel, ValidationError
 
+from chatchain import _cache
 from chatchain.errors import InvalidInputError, StructuredReplyError
 
 __all__ = [
@@ -140,6 +142,8 @@ def _with_max_tokens(model: Runnable[Any, Any], limit: int | None) -> Runnable[A
         )
     if isinstance(model, BaseChatModel) and "max_tokens" in type(model).model_fields:
         return model.model_copy(update={"max_tokens": limit})
+    if isinstance(model, RunnableBindingBase):  # the response cache's wrapper, say
+        return model.model_copy(update={"bound": _with_max_tokens(model.bound, limit)})
     return model  # pragma: no cover - a model without max_tokens cannot be capped per call
 
 
@@ -233,6 +237,7 @@ class StructuredModel(Runnable[Any, Any]):
         self, schema: type[BaseModel], method: str | None, turn: Any
     ) -> Runnable[Any, Any]:
         model: Any = _with_max_tokens(self.model, getattr(turn, "reply_limit", None))
+        model = _cache.cache_off(model)  # never LangChain's global cache (see chatchain._cache)
         options: dict[str, Any] = {"include_raw": True}
         target: Any = schema
         if method is not None:

@@ -130,7 +130,8 @@ class ChatChain(HistoryRunnable):
         model = getattr(self._inner, "last", self._inner)
         model = model.step if isinstance(model, StructuredModel) else model
         model = model.model if isinstance(model, ToolLoop) else model
-        return model.model if isinstance(model, BudgetedModel) else model
+        model = model.model if isinstance(model, BudgetedModel) else model
+        return model.bound if isinstance(model, _cache.Uncached) else model
 
     @property
     def tools(self) -> list[Any]:
@@ -636,7 +637,7 @@ def _recall(
     cap = settings.summary_max_tokens or window.summary_tokens
     if own_model:
         capped = settings.model_copy(update={"summary_max_tokens": cap})
-        summarizer: Runnable[Any, Any] = create_summary_model(capped)
+        summarizer = _cache.without_global_cache(create_summary_model(capped))
     else:  # the caller's model, capped per call rather than by its own max_tokens
         summarizer = model if cap is None else model.bind(max_tokens=cap)
     return Recall(window, counter, model, summarizer, cap)
@@ -734,6 +735,7 @@ def create_chat_chain(
         history = get_session_history
     if window is True:
         window = settings.history_window()
+    plain = _cache.without_global_cache(model)  # never set_llm_cache's: it knows no users
     counter = choose_counter(model, settings.token_counter)
     logger.info("Counting tokens with the %s counter.", counter.name)
     store = history if isinstance(history, HistoryStore) else None
@@ -748,7 +750,7 @@ def create_chat_chain(
         required_vars=prompt_variables(system) - set(prompt_vars or {}),
         get_history=history,
         ledger=ledger or UsageLedger(store),
-        recall=_recall(window or None, counter, model, settings, own_model=llm is None),
+        recall=_recall(window or None, counter, plain, settings, own_model=llm is None),
         pricer=settings.pricer(),
         budget=budget if budget is not None else settings.budget(),
         max_tokens=_reply_cap(model, settings),
@@ -765,12 +767,14 @@ def create_chat_chain(
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
     if settings.cache is not None:  # the turns' model only: summaries are never cached
-        model = _cache.with_cache(model, _cache.open_cache(settings.cache))
+        shared = settings.cache_scope == "shared"
+        model = _cache.with_cache(model, _cache.open_cache(settings.cache, shared=shared))
+    turns = model if settings.cache is not None else plain
     # Under a budget (the chain's, or a call's own limits) each call is sent with the
     # max_tokens its hold could pay for; without one the model is called as it is.
-    step: Runnable[Any, Any] = BudgetedModel(model)
+    step: Runnable[Any, Any] = BudgetedModel(turns)
     if toolbox is not None:
-        with_tools = bind_tools(model, list(toolbox.tools.values()))
+        with_tools = bind_tools(turns, list(toolbox.tools.values()))
         step = ToolLoop(BudgetedModel(with_tools), step, toolbox)
     return ChatChain(
         prompt | StructuredModel(step, model),

@@ -197,7 +197,18 @@ class Settings(BaseSettings):
     (the chain's memory, the newest 1,000 replies), ``sqlite:///path/to/cache.db`` (a file that
     survives restarts) or ``redis://host:6379/0`` (shared by processes and machines). A turn
     whose model, parameters and messages all match a cached call is answered from the cache:
-    no request, cost 0, recorded as cached with what it saved. Shown without its password."""
+    no request, cost 0, recorded as cached with what it saved. Shown without its password.
+    Unset, chatchain's model reads no cache at all (not LangChain's global ``set_llm_cache``
+    either, which knows no users and whose hits would be recorded as paid calls)."""
+
+    cache_scope: Literal["user", "shared"] = Field(
+        default="user", validation_alias="CHATCHAIN_CACHE_SCOPE"
+    )
+    """``CHATCHAIN_CACHE_SCOPE``: who may be answered with a cached reply. ``user`` (the
+    default): only the user it was made for (``user_id``); calls without a user id share one
+    scope of their own, never a user's. ``shared``: every user, so that one user's reply
+    (and so what they asked) may be served to another: an operator's explicit choice, for a
+    service whose users may see each other's questions."""
 
     budget_session_usd: float | None = Field(
         default=None, ge=0, validation_alias="CHATCHAIN_BUDGET_SESSION_USD"

@@ -6,20 +6,27 @@ end to end with `ChatOpenAI` in tests/e2e/test_cache_e2e.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.caches import InMemoryCache
+from langchain_core.globals import set_llm_cache
 from langchain_core.load import dumps
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.runnables import Runnable
+from pydantic import BaseModel
 
-from chatchain import Chatbot, ConfigurationError, Settings, UsageEntry
+from chatchain import Budget, Chatbot, ConfigurationError, Settings, UsageEntry
 from chatchain._cache import MARK, _revive, open_cache, with_cache
 from chatchain._metering import entry_from, new_handler
 from chatchain.pricing import Pricer
+from chatchain.stores import MemoryStore
 from chatchain.testing import FakeChatModel
 
 
@@ -154,3 +161,179 @@ def test_a_stream_keys_the_cache_with_the_arguments_of_bindings_inside_the_wrapp
     assert len(fake.calls) == 1
     assert cached.invoke(messages).text == "Echo: hi"  # other arguments: a miss
     assert len(fake.calls) == 2
+
+
+# -- the reply cap (max_tokens) and the cache --------------------------------------------------
+
+ASKED = [HumanMessage("Tell me everything about response caches")]
+WHOLE = "Echo: Tell me everything about response caches"
+
+
+def _ask(model: Runnable[Any, Any], cap: int | None, streamed: bool) -> str:
+    capped = model if cap is None else model.bind(max_tokens=cap)  # as a budget hold sends it
+    if streamed:
+        return "".join(chunk.text for chunk in capped.stream(ASKED))
+    return str(capped.invoke(ASKED).text)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["invoke", "stream"])
+def test_a_reply_cut_by_its_cap_answers_that_cap_only(streamed: bool) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    model = with_cache(fake, open_cache("memory://"))
+    assert _ask(model, 2, streamed) == "Echo: Te"  # cut: finish_reason "length"
+    assert _ask(model, 2, streamed) == "Echo: Te" and len(fake.calls) == 1  # the same cap: a hit
+    assert _ask(model, 3, streamed) == "Echo: Tell m" and len(fake.calls) == 2  # not cut shorter
+    assert _ask(model, 1, streamed) == "Echo" and len(fake.calls) == 3  # not more than held
+    assert _ask(model, None, streamed) == WHOLE and len(fake.calls) == 4  # uncut: sent
+    assert _ask(model, 2, streamed) == "Echo: Te"  # the cut reply is still there for its cap,
+    assert _ask(model, 1000, streamed) == WHOLE and len(fake.calls) == 4  # the whole one too
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["invoke", "stream"])
+def test_a_whole_reply_answers_any_cap_it_fits_in(streamed: bool) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    model = with_cache(fake, open_cache("memory://"))
+    reply = model.bind(max_tokens=500).invoke(ASKED)
+    tokens = reply.usage_metadata["output_tokens"]
+    assert reply.response_metadata["finish_reason"] == "stop"
+    for cap in (None, 1000, tokens):  # no cap, a larger one, the smallest it fits in
+        assert _ask(model, cap, streamed) == WHOLE
+    assert len(fake.calls) == 1
+    _ask(model, tokens - 1, streamed)  # the reply would not fit: sent
+    assert len(fake.calls) == 2
+
+
+def test_a_whole_reply_without_usage_answers_caps_from_the_one_it_was_made_under() -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    cache = open_cache("memory://")
+    model = with_cache(fake, cache)
+    reply = ChatGeneration(message=AIMessage(WHOLE, response_metadata={"finish_reason": "stop"}))
+    cached = model.bind(max_tokens=50)
+    call = cached._call(ASKED, None, {})  # type: ignore[attr-defined]
+    call.update([reply])  # as an endpoint that sends no usage leaves it
+    for cap in (50, 60, None):  # the cap it was made under, a larger one, none
+        assert _ask(model, cap, False) == WHOLE
+    assert fake.calls == []
+    _ask(model, 49, False)  # it might not have fitted: sent
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("way", ["chat", "stream", "achat", "astream"])
+def test_under_a_budget_a_repeated_question_is_answered_from_the_cache(way: str) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    settings = Settings.load(env_file=None, api_key="sk-test", cache="memory://")
+    bot = Chatbot(settings, llm=fake, budget=Budget(total_tokens=400))
+    ask = getattr(bot, way)
+    for session in ("a", "b", "c"):  # each hold leaves less for the reply: another max_tokens
+        text = WHOLE.removeprefix("Echo: ")
+        if way == "chat":
+            ask(text, session_id=session)
+        elif way == "stream":
+            "".join(ask(text, session_id=session))
+        else:
+            asyncio.run(_async_turn(ask, text, session, streamed=way == "astream"))
+    assert len(fake.calls) == 1
+    assert bot.usage().cached_turns == 2
+    assert [m.text for m in bot.history("c")] == [WHOLE.removeprefix("Echo: "), WHOLE]
+
+
+async def _async_turn(ask: Any, text: str, session: str, *, streamed: bool) -> None:
+    if streamed:
+        async for _ in ask(text, session_id=session):
+            pass
+    else:
+        await ask(text, session_id=session)
+
+
+def test_under_a_tight_budget_a_cut_reply_is_served_to_the_same_cap_only(tmp_path: Path) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    settings = Settings.load(env_file=None, api_key="sk-test", cache=f"sqlite:///{tmp_path}/c.db")
+    text = WHOLE.removeprefix("Echo: ")
+    tight = Chatbot(settings, llm=fake, budget=Budget(session_tokens=34))
+    cut = tight.chat(text, session_id="a")
+    assert cut.message.response_metadata["finish_reason"] == "length"
+    again = tight.chat(text, session_id="b")  # a new session: the same prompt and hold
+    assert again.text == cut.text and len(fake.calls) == 1 and again.usage.cached_turns == 1
+    uncut = Chatbot(settings, llm=fake)  # no budget, over the same cache
+    assert uncut.chat(text, session_id="c").text == WHOLE  # asked, not served the cut reply
+    assert len(fake.calls) == 2
+    assert uncut.chat(text, session_id="d").usage.cached_turns == 1  # now the whole reply
+    assert tight.chat(text, session_id="e").text == cut.text  # and the cut one for its cap
+    assert len(fake.calls) == 2
+
+
+# -- LangChain's global cache (set_llm_cache) --------------------------------------------------
+
+
+@pytest.fixture
+def global_cache() -> Iterator[InMemoryCache]:
+    cache = InMemoryCache()
+    set_llm_cache(cache)
+    try:
+        yield cache
+    finally:
+        set_llm_cache(None)
+
+
+@pytest.mark.parametrize("way", ["chat", "achat"])
+def test_langchains_global_cache_is_never_read_nor_written(
+    global_cache: InMemoryCache, way: str
+) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(Settings.load(env_file=None, api_key="sk-test"), llm=fake)  # no CHATCHAIN_CACHE
+    for session in ("a", "b"):
+        if way == "chat":
+            bot.chat("What is a cache?", session_id=session)
+        else:
+            asyncio.run(bot.achat("What is a cache?", session_id=session))
+    assert len(fake.calls) == 2  # each turn sent: its ledger entry is a paid call
+    first, second = bot.usage_entries()
+    assert (second.requests, second.cached) == (1, False) and second.total_tokens > 0
+    assert second.cost_usd == pytest.approx(first.cost_usd)
+    assert global_cache._cache == {}  # a cache that knows no users learns nothing either
+    assert fake.cache is None  # the caller's model is not changed
+
+
+def test_summary_calls_do_not_read_the_global_cache_either(global_cache: InMemoryCache) -> None:
+    settings = Settings.load(
+        env_file=None, api_key="sk-test", window_turns=1, window_tokens=None, summarize=True
+    )
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=fake, store=MemoryStore())
+    calls = []
+    for session in ("a", "b"):  # the same six turns: the same summary calls
+        for n in range(6):
+            bot.chat(f"turn {n}", session_id=session)
+        calls.append(len(fake.calls))
+    assert calls[0] > 6  # six turns and their summaries
+    assert calls[1] == 2 * calls[0]  # all of them sent again
+    summaries = [e for e in bot.usage_entries() if e.summary]
+    assert summaries and all(e.requests == 1 and not e.cached for e in summaries)
+    assert global_cache._cache == {}
+
+
+def test_a_callers_own_cache_on_the_model_is_kept() -> None:
+    own = InMemoryCache()
+    fake = FakeChatModel(model_name="gpt-4o-mini", cache=own)
+    bot = Chatbot(Settings.load(env_file=None, api_key="sk-test"), llm=fake)
+    bot.chat("hi", session_id="a")
+    assert own._cache != {}  # their explicit choice (see the settings' docstring)
+
+
+class City(BaseModel):
+    name: str
+
+
+@pytest.mark.parametrize("cache", [None, "memory://"], ids=["global-cache", "chatchain-cache"])
+def test_a_structured_turn_is_never_answered_with_another_users_reply(
+    global_cache: InMemoryCache, cache: str | None
+) -> None:
+    # Structured turns call LangChain's `with_structured_output`, not chatchain's wrapper.
+    replies = ['{"name": "Oslo"}', '{"name": "Bergen"}']
+    fake = FakeChatModel(model_name="gpt-4o-mini", replies=replies)
+    bot = Chatbot(Settings.load(env_file=None, api_key="sk-test", cache=cache), llm=fake)
+    ann = bot.chat("Which city?", session_id="a", user_id="ann", schema=City)
+    bob = bot.chat("Which city?", session_id="b", user_id="bob", schema=City)
+    assert (ann.parsed, bob.parsed) == (City(name="Oslo"), City(name="Bergen"))
+    assert len(fake.calls) == 2 and global_cache._cache == {}
+    assert [(e.requests, e.cached) for e in bot.usage_entries()] == [(1, False), (1, False)]

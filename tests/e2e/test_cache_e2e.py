@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.caches import InMemoryCache
+from langchain_core.globals import set_llm_cache
+from pydantic import BaseModel
 
-from chatchain import Chatbot, Settings
+from chatchain import Budget, Chatbot, Settings
 from chatchain.testing import OpenAITestServer
 
 KEY = "sk-e2e-secret-0123456789abcdef"
@@ -28,7 +31,7 @@ def server() -> Iterator[OpenAITestServer]:
         yield server
 
 
-def make_settings(server: OpenAITestServer, cache: str, **overrides: Any) -> Settings:
+def make_settings(server: OpenAITestServer, cache: str | None, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "api_key": KEY,
         "base_url": server.base_url,
@@ -175,3 +178,51 @@ def test_replies_that_differ_only_in_metadata_never_sent_still_match(
     bot.chat("and then?", session_id="a")
     assert bot.chat("and then?", session_id="b").usage.cached_turns == 1
     assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("way", ["chat", "achat"])
+def test_langchains_global_cache_is_not_read_without_the_setting(
+    server: OpenAITestServer, way: str
+) -> None:
+    # Each turn reaches the server and is billed; before, the second was a global-cache hit
+    # recorded as a paid call (18 tokens, $0.0000059) that sent nothing.
+    server.clear()
+    bot = Chatbot(make_settings(server, None))  # CHATCHAIN_CACHE unset
+    set_llm_cache(InMemoryCache())
+    try:
+        for session in ("a", "b"):
+            WAYS[way](bot, "Tell me about caches", session)
+    finally:
+        set_llm_cache(None)
+    entries = bot.usage_entries()
+    assert len(server.requests) == len(entries) == 2
+    assert [(e.requests, e.cached) for e in entries] == [(1, False), (1, False)]
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_under_a_budget_each_hold_sends_another_max_tokens_and_still_hits(
+    server: OpenAITestServer, way: str
+) -> None:
+    # 1,000 tokens in all: each hold's max_tokens is what is left, less each time.
+    server.clear()
+    bot = Chatbot(make_settings(server, "memory://"), budget=Budget(total_tokens=1_000))
+    ask = WAYS[way]
+    replies = {ask(bot, "Tell me about caches", session) for session in ("a", "b", "c")}
+    assert len(replies) == 1 and len(server.requests) == 1
+    assert bot.usage().cached_turns == 2
+
+
+class City(BaseModel):
+    name: str
+
+
+def test_a_structured_turn_under_a_budget_is_sent_with_its_holds_max_tokens(
+    server: OpenAITestServer,
+) -> None:
+    # Through the cache's wrapper too: before, it was sent with no max_tokens at all.
+    server.clear()
+    server.queue_json({"name": "Oslo"})
+    bot = Chatbot(make_settings(server, "memory://"), budget=Budget(total_tokens=2_000))
+    assert bot.chat("Which city?", session_id="a", schema=City).parsed == City(name="Oslo")
+    body = server.requests[-1]["body"]
+    assert body.get("max_completion_tokens", body.get("max_tokens")) == 1_000

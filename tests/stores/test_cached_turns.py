@@ -17,32 +17,33 @@ import pytest
 import redis
 from langchain_core.messages import AIMessage, BaseMessage
 
-from chatchain import Budget, Chatbot, Settings
+from chatchain import Budget, Chatbot, ConfigurationError, Settings
 from chatchain.stores import HistoryStore, MemoryStore
 from chatchain.testing import FakeChatModel, tool_call_reply
 from chatchain.usage import BudgetHold, BudgetLimit
 
-Ask = Callable[[Chatbot, str, str], str]
+Ask = Callable[..., str]
 
 
-def _chat(bot: Chatbot, text: str, session: str) -> str:
-    return bot.chat(text, session_id=session).text
+def _chat(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
+    return bot.chat(text, session_id=session, user_id=user).text
 
 
-def _stream(bot: Chatbot, text: str, session: str) -> str:
-    return "".join(bot.stream(text, session_id=session))
+def _stream(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
+    return "".join(bot.stream(text, session_id=session, user_id=user))
 
 
-def _achat(bot: Chatbot, text: str, session: str) -> str:
+def _achat(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
     async def turn() -> str:
-        return (await bot.achat(text, session_id=session)).text
+        return (await bot.achat(text, session_id=session, user_id=user)).text
 
     return asyncio.run(turn())
 
 
-def _astream(bot: Chatbot, text: str, session: str) -> str:
+def _astream(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
     async def turn() -> str:
-        return "".join([piece async for piece in bot.astream(text, session_id=session)])
+        pieces = bot.astream(text, session_id=session, user_id=user)
+        return "".join([piece async for piece in pieces])
 
     return asyncio.run(turn())
 
@@ -122,6 +123,66 @@ def cache_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.mark.parametrize("way", list(WAYS))
 def test_every_cache_backend(cache_url: str, way: str) -> None:
     _hit_and_miss(MemoryStore(), cache_url, WAYS[way])
+
+
+SECRET = "Ann, your test results are back: positive."  # a sampled reply that tells a lot
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_a_users_cached_reply_is_never_served_to_another_user(cache_url: str, way: str) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini", replies=[SECRET])
+    store = MemoryStore()
+    bot = Chatbot(settings(cache_url), llm=fake, store=store)
+    ask = WAYS[way]
+    assert ask(bot, "What did the lab say?", "a1", "ann") == SECRET
+    # Bob sends Ann's exact first message: he is answered by the model, not with her reply.
+    assert ask(bot, "What did the lab say?", "b1", "bob") == "Echo: What did the lab say?"
+    assert ask(bot, "What did the lab say?", "n1") == "Echo: What did the lab say?"  # no user
+    assert len(fake.calls) == 3
+    assert [e.cached for e in store.usage_entries()] == [False, False, False]
+    # Each is served their own reply from the cache, on a new session.
+    assert ask(bot, "What did the lab say?", "a2", "ann") == SECRET
+    assert ask(bot, "What did the lab say?", "b2", "bob") == "Echo: What did the lab say?"
+    assert ask(bot, "What did the lab say?", "n2") == "Echo: What did the lab say?"
+    assert len(fake.calls) == 3 and bot.usage().cached_turns == 3
+    assert bot.usage(user_id="bob").cached_turns == 1
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_with_the_shared_scope_every_user_is_served_the_same_reply(
+    cache_url: str, way: str
+) -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini", replies=[SECRET])
+    bot = Chatbot(settings(cache_url, cache_scope="shared"), llm=fake)
+    ask = WAYS[way]
+    assert ask(bot, "What did the lab say?", "a1", "ann") == SECRET
+    assert ask(bot, "What did the lab say?", "b1", "bob") == SECRET  # the operator's choice
+    assert ask(bot, "What did the lab say?", "n1") == SECRET
+    assert len(fake.calls) == 1 and bot.usage().cached_turns == 2
+
+
+def test_the_system_prompt_and_its_variables_are_part_of_the_key() -> None:
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings("memory://"), llm=fake, system="Answer in {language}.")
+    french = Chatbot(settings("memory://"), llm=fake, system="Réponds en {language}.")
+    bot.chat("hi", session_id="a", user_id="ann", language="English")
+    bot.chat("hi", session_id="b", user_id="ann", language="French")  # another variable
+    french.chat("hi", session_id="c", user_id="ann", language="English")  # another prompt
+    assert len(fake.calls) == 3
+    assert fake.calls[1][0].text == "Answer in French."
+    reply = bot.chat("hi", session_id="d", user_id="ann", language="French")
+    assert len(fake.calls) == 3 and reply.usage.cached_turns == 1
+
+
+def test_the_scope_is_read_from_the_environment_and_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings.load(env_file=None).cache_scope == "user"
+    monkeypatch.setenv("CHATCHAIN_CACHE_SCOPE", "shared")
+    assert Settings.load(env_file=None).cache_scope == "shared"
+    monkeypatch.setenv("CHATCHAIN_CACHE_SCOPE", "everyone")
+    with pytest.raises(ConfigurationError, match="CHATCHAIN_CACHE_SCOPE"):
+        Settings.load(env_file=None)
 
 
 def test_a_streamed_reply_is_cached_for_plain_turns_and_the_other_way_round() -> None:
