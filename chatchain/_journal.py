@@ -112,7 +112,7 @@ class Journal:
             with self.path.open("rb") as handle:
                 header = handle.read(28)
                 return os.fstat(handle.fileno()).st_ino, header[24:28]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no journal could be there
             return None
 
     @contextmanager
