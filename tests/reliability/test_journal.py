@@ -13,6 +13,7 @@ promises, on real SQLite, Redis and PostgreSQL stores:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -23,14 +24,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from pydantic import BaseModel
 
-from chatchain import Chatbot, Settings, StoreError, TurnJournaledError
+from chatchain import Chatbot, Settings, StoreError, StructuredReplyError, TurnJournaledError
 from chatchain._journal import Journal, JournaledTurn
 from chatchain.server import create_app
 from chatchain.stores import HistoryStore
 from chatchain.stores._sqlite import SQLiteStore
-from chatchain.testing import FakeChatModel
+from chatchain.testing import FakeChatModel, tool_call_reply
 from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry
 from chatchain.users import Users
 from tests.reliability.conftest import assert_ledger_adds_up, assert_no_hold_left
@@ -185,6 +187,71 @@ def test_a_journal_that_cannot_be_written_says_so_and_logs_the_bill(
     [logged] = [r for r in caplog.records if "neither saved" in r.getMessage()]
     entry = json.loads(logged.getMessage().rsplit("Its usage entry: ", 1)[1])
     assert entry["session_id"] == "s" and entry["requests"] == 1
+
+
+class City(BaseModel):
+    name: str
+    population: int
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_usage_of_a_call_whose_reply_is_not_kept_waits_in_the_journal_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # Two billed calls that store no messages: a structured reply that does not fit its
+    # schema, and the finished call of a tool turn that then failed. The store blinks as
+    # their usage is recorded: the caller sees the turn's own error, the usage waits.
+    def endpoint_gone(messages: list[BaseMessage]) -> str:
+        raise ConnectionError("the endpoint went away")
+
+    store = SQLiteStore(tmp_path / "chat.db")
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    tools_fake = FakeChatModel(
+        model_name="gpt-4o-mini",
+        replies=[tool_call_reply(("add", {"a": 1, "b": 2}))],
+        respond=endpoint_gone,
+    )
+    bot = Chatbot(settings(), llm=fake, store=store)
+    tool_bot = Chatbot(settings(), llm=tools_fake, store=store, tools=[add])
+    try:
+        blip = Blip(store, monkeypatch)
+        blip.on = True
+        fake.queue('{"name": "Bergen"}')
+        with pytest.raises(StructuredReplyError):
+            if mode == "sync":
+                bot.chat("Second city of Norway?", session_id="s", schema=City)
+            else:
+                asyncio.run(bot.achat("Second city of Norway?", session_id="s", schema=City))
+        with pytest.raises(ConnectionError):
+            if mode == "sync":
+                tool_bot.chat("add 1 and 2", session_id="t")
+            else:
+                asyncio.run(tool_bot.achat("add 1 and 2", session_id="t"))
+        blip.on = False
+        journal = bot.chain._spec.journal
+        assert journal is not None
+        waiting = [(t.session_id, list(t.messages)) for t in journal.pending()]
+        assert waiting == [("s", []), ("t", [])]
+        assert bot.usage_entries() == []
+
+        bot.chat("hi", session_id="s")  # the store is back: the session's next turn...
+        wait_for_empty(journal)  # ...and the other session's, after it
+        assert texts(store, "s") == ["hi", "Echo: hi"]  # neither call stored messages
+        assert texts(store, "t") == []
+        # Every billed call once: the structured one, "hi", and the tool turn's first call
+        # (its second raised before any reply: nothing billed).
+        assert len(fake.calls) == 2 and len(tools_fake.calls) == 2
+        assert [e.requests for e in bot.usage_entries(session_id="t")] == [1]
+        assert len(bot.usage_entries()) == 3
+        assert_ledger_adds_up(bot)
+    finally:
+        tool_bot.close()
+        bot.close()
 
 
 # -- the service -------------------------------------------------------------------------------
