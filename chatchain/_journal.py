@@ -9,8 +9,13 @@ which survives the process. It is replayed into the store:
 
 - at the start of the session's next turn, under its lock and before its history is read,
   so the replayed turn comes before the new one, as it happened;
-- after any turn of a chain on the store ends, for every other session (each under its own
-  lock, taken one at a time);
+- after any turn of a chain on the store ends well, for every other session, in a thread
+  (each session under its own lock, taken one at a time, none held meanwhile).
+
+Replayed turns are appended whole (messages, entry, end of hold) under the session's lock,
+so a replay never overwrites a newer turn: a journaled turn is older than any turn that
+follows it on its session, since that turn replays it first. Budget holds move with their
+turn into the journal and end when it is saved (or expire, ``HOLD_TTL``).
 
 Replaying is idempotent: a store's `commit_turn` writes nothing for an entry id it holds
 already (see its contract), and a journaled turn is removed only after its commit succeeded.
