@@ -35,6 +35,7 @@ from chatchain.errors import (
     StoreError,
     StructuredReplyError,
     TurnDeadlineError,
+    TurnJournaledError,
     UnknownUserError,
     UserExistsError,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "ToolFinished",
     "ToolStarted",
     "TurnDeadlineError",
+    "TurnJournaledError",
     "UnknownUserError",
     "Usage",
     "UsageEntry",

@@ -14,8 +14,10 @@ the summary call, the model call with the client's retries, and a stream until i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import sqlite3
 import threading
 import time
 import unicodedata
@@ -31,7 +33,7 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import (
@@ -46,7 +48,9 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
 from chatchain import _deadline, _endpoint_errors, _metering
+from chatchain._journal import Journal, JournaledTurn, replay_in_background
 from chatchain._metering import Estimate
+from chatchain._money import format_usd
 from chatchain._tools import INTERRUPTED, Toolbox, ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain.errors import (
     BudgetExceeded,
@@ -54,7 +58,9 @@ from chatchain.errors import (
     InvalidInputError,
     MissingPromptVariableError,
     SessionLockLostError,
+    StoreError,
     TurnDeadlineError,
+    TurnJournaledError,
 )
 from chatchain.pricing import Pricer
 from chatchain.stores import Fence, HistoryStore
@@ -205,6 +211,7 @@ class TurnSpec:
         describe_failure: Turns an endpoint exception into a chatchain error, or ``None``.
         deadline: Seconds one whole turn may take (``CHATCHAIN_TURN_DEADLINE``), or ``None``.
         tools: The chain's tools and their limits, or ``None``.
+        journal: Where a finished turn waits when the store cannot save it, or ``None``.
     """
 
     input_key: str | None
@@ -220,6 +227,7 @@ class TurnSpec:
     describe_failure: Callable[[BaseException], Exception | None] = _endpoint_errors.translate
     deadline: float | None = None
     tools: Toolbox | None = None
+    journal: Journal | None = None
 
     @property
     def reply_ceiling(self) -> int:
@@ -822,10 +830,17 @@ class Turn:
                 self._hold = None
                 self._lock_lost(exc)
                 raise
+            except StoreError as exc:  # the endpoint billed it: keep it for later
+                _raise_kept(self._journal(messages, entry, exc), exc)
             self._hold = None
             return
         # The ledger lives elsewhere: usage first, as the endpoint has billed the call.
-        self.spec.ledger.record(entry, release=self._hold)
+        try:
+            self.spec.ledger.record(entry, release=self._hold)
+        except StoreError as exc:
+            if store is not None:  # the messages go elsewhere: they cannot wait in the journal
+                raise
+            _raise_kept(self._journal([], entry, exc), exc)
         self._hold = None
         if store is not None:
             store.commit_turn(self.session_id, messages, fence=self.fence)
@@ -846,9 +861,16 @@ class Turn:
                 self._hold = None
                 self._lock_lost(exc)
                 raise
+            except StoreError as exc:
+                _raise_kept(await asyncio.to_thread(self._journal, messages, entry, exc), exc)
             self._hold = None
             return
-        await self.spec.ledger.arecord(entry, release=self._hold)
+        try:
+            await self.spec.ledger.arecord(entry, release=self._hold)
+        except StoreError as exc:
+            if store is not None:
+                raise
+            _raise_kept(await asyncio.to_thread(self._journal, [], entry, exc), exc)
         self._hold = None
         if store is not None:
             await store.acommit_turn(self.session_id, messages, fence=self.fence)
@@ -860,14 +882,20 @@ class Turn:
         not validate): the endpoint billed it. Nothing is stored in the history."""
         entry = self._entry(reply)
         self._recorded(entry, reply)
-        self.spec.ledger.record(entry, release=self._hold)
+        try:
+            self.spec.ledger.record(entry, release=self._hold)
+        except StoreError as exc:
+            self._journal_usage(entry, exc)
         self._hold = None
 
     async def ameter_only(self, reply: BaseMessage) -> None:
         """`meter_only` for async callers."""
         entry = self._entry(reply)
         self._recorded(entry, reply)
-        await self.spec.ledger.arecord(entry, release=self._hold)
+        try:
+            await self.spec.ledger.arecord(entry, release=self._hold)
+        except StoreError as exc:
+            await asyncio.to_thread(self._journal_usage, entry, exc)
         self._hold = None
 
     def record_billed(self) -> None:
@@ -881,7 +909,9 @@ class Turn:
         try:
             self.spec.ledger.record(entry, release=self._hold)
             self._hold = None
-        except Exception:  # the turn's own error is what the caller must see
+        except StoreError as exc:  # the turn's own error is what the caller must see
+            self._journal_usage(entry, exc, quiet=True)
+        except Exception:
             logger.exception(
                 "Session %r: the usage of a failed turn was not recorded", self.session_id
             )
@@ -894,10 +924,117 @@ class Turn:
         try:
             await self.spec.ledger.arecord(entry, release=self._hold)
             self._hold = None
+        except StoreError as exc:
+            await asyncio.to_thread(self._journal_usage, entry, exc, quiet=True)
         except Exception:
             logger.exception(
                 "Session %r: the usage of a failed turn was not recorded", self.session_id
             )
+
+    # -- the journal: a store that fails as a billed turn is saved --------------------------
+
+    def _keep(
+        self, messages: list[BaseMessage], entry: UsageEntry, exc: StoreError
+    ) -> StoreError | None:
+        """Put the turn's commit in the journal: ``None`` once it is there, else the error.
+
+        The hold goes with it (the replay ends it, else it expires): until the turn is in
+        the ledger, the hold is what counts its cost against the caps.
+        """
+        journal = self.spec.journal
+        if journal is None or self.spec.ledger.store is not journal.store:
+            return exc
+        try:
+            journal.add(JournaledTurn(self.session_id, messages, entry, self._hold))
+        except (OSError, sqlite3.Error) as failure:
+            return self._not_journaled(journal, entry, exc, failure)
+        self._hold = None
+        return None
+
+    def _journal(
+        self, messages: list[BaseMessage], entry: UsageEntry, exc: StoreError
+    ) -> StoreError:
+        """Keep the finished turn in the journal; the error that tells the user so."""
+        error = self._keep(messages, entry, exc)
+        if error is not None:
+            return error
+        assert self.spec.journal is not None
+        path = self.spec.journal.path
+        reply = next((m for m in reversed(messages) if m.type == "ai"), None)
+        cost = "" if entry.cost_usd is None else f", {format_usd(entry.cost_usd)}"
+        message = (
+            f"The reply on session {self.session_id!r} was delivered and billed "
+            f"({entry.total_tokens:,} tokens{cost}), but the store could not save the turn: "
+            f"{exc} The turn ({'its messages and ' if messages else ''}its usage) is kept "
+            f"in the journal {path} and will be saved to the store once it is reachable "
+            "again (at the session's next turn, or after any other turn): do not send the "
+            "message again. The reply is in this error's `reply` attribute."
+        )
+        logger.error("Session %r: %s", self.session_id, message)
+        return TurnJournaledError(
+            message,
+            session_id=self.session_id,
+            reply=_text_of(reply) if reply is not None else "",
+            journal=str(path),
+            entry_id=entry.id,
+        )
+
+    def _journal_usage(self, entry: UsageEntry, exc: StoreError, *, quiet: bool = False) -> None:
+        """Keep the usage of a call whose reply is not stored; raise if it cannot be kept
+        (unless ``quiet``: the turn's own error is what the caller must see)."""
+        error = self._keep([], entry, exc)
+        if error is None:
+            logger.warning(
+                "Session %r: the usage of a billed call could not be recorded (%s); it is kept "
+                "in the journal %s until the store can take it.",
+                self.session_id,
+                exc,
+                self.spec.journal.path if self.spec.journal else None,
+            )
+            return
+        if not quiet:
+            _raise_kept(error, exc)
+        logger.error("Session %r: the usage of a failed turn was not recorded", self.session_id)
+
+    def _not_journaled(
+        self, journal: Journal, entry: UsageEntry, exc: StoreError, failure: Exception
+    ) -> StoreError:
+        # The last place the bill can go: the log (the entry holds no message text).
+        logger.error(
+            "Session %r: a billed turn could be neither saved (%s) nor journaled in %s (%s). "
+            "Its usage entry: %s",
+            self.session_id,
+            exc,
+            journal.path,
+            failure,
+            entry.to_json(),
+        )
+        return StoreError(
+            f"{exc} The turn could not be kept in the journal {journal.path} either "
+            f"({failure}): its usage entry was written to the log. Make "
+            f"{journal.path.parent} writable, or set CHATCHAIN_JOURNAL to a folder that is."
+        )
+
+    def replay(self) -> None:
+        """Save the session's journaled turns first, under its lock (before its history is
+        read, so that they come before this turn).
+
+        Raises:
+            StoreError: The store still fails them (nothing was sent).
+        """
+        if self.spec.journal is not None and self.spec.store is not None:
+            self.spec.journal.replay(self.session_id, self.fence)
+
+    async def areplay(self) -> None:
+        """`replay` for async callers."""
+        if self.spec.journal is not None and self.spec.store is not None:
+            await self.spec.journal.areplay(self.session_id, self.fence)
+
+    def replay_others(self) -> None:
+        """The turn went well, so the store is up: save other sessions' journaled turns, in
+        a thread (each takes its session's lock, which a long turn may hold)."""
+        if self.spec.journal is not None:
+            replay_in_background(self.spec.journal)
 
     def _billed_entry(self) -> UsageEntry:
         model = next(
@@ -1006,6 +1143,13 @@ class Turn:
         logger.info(
             "Stream on session %r interrupted (%s); partial reply kept.", self.session_id, reason
         )
+
+
+def _raise_kept(error: StoreError, exc: StoreError) -> NoReturn:
+    """Raise what `Turn._journal` made of the store's failure ``exc``."""
+    if error is exc:  # there is no journal: the store's own error, as it was
+        raise exc
+    raise error from exc
 
 
 def _call_limits(value: object, user_id: str | None) -> tuple[BudgetLimit, ...]:

@@ -33,6 +33,7 @@ from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, PrivateAttr
 
 from chatchain import _cache, _endpoint_errors
+from chatchain._journal import journal_for
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
 from chatchain._structured import StructuredChain, StructuredModel, schema_of
@@ -309,6 +310,7 @@ class ChatChain(HistoryRunnable):
         turn.on_tool = on_tool
         with self._lock(turn.session_id) as turn.fence:
             try:
+                turn.replay()
                 turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
@@ -325,6 +327,7 @@ class ChatChain(HistoryRunnable):
                 turn.save(reply)
             finally:
                 turn.end()
+        turn.replay_others()
         return reply, turn
 
     async def arun_turn(
@@ -340,6 +343,7 @@ class ChatChain(HistoryRunnable):
         turn.on_tool = on_tool
         async with self._alock(turn.session_id) as turn.fence:
             try:
+                await turn.areplay()
                 turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
@@ -357,6 +361,7 @@ class ChatChain(HistoryRunnable):
                 await turn.asave(reply)
             finally:
                 await turn.aend()
+        turn.replay_others()
         return reply, turn
 
     def stream(
@@ -414,6 +419,7 @@ class ChatChain(HistoryRunnable):
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         with self._lock(turn.session_id) as turn.fence:
             try:
+                turn.replay()
                 turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
@@ -441,6 +447,7 @@ class ChatChain(HistoryRunnable):
                 turn.save(turn.streamed_reply())
             finally:
                 turn.end()
+        turn.replay_others()
 
     def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -483,6 +490,7 @@ class ChatChain(HistoryRunnable):
     async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         async with self._alock(turn.session_id) as turn.fence:
             try:
+                await turn.areplay()
                 turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
@@ -518,6 +526,7 @@ class ChatChain(HistoryRunnable):
                 await turn.asave(turn.streamed_reply())
             finally:
                 await turn.aend()
+        turn.replay_others()
 
     def without_memory(self, *, lock_timeout: float = 120.0) -> ChatChain:
         """A twin of this chain that sends each call's messages as they are, and stores none.
@@ -764,6 +773,7 @@ def create_chat_chain(
         ),
         deadline=settings.turn_deadline,
         tools=toolbox,
+        journal=None if store is None else journal_for(store, settings.journal),
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
     if settings.cache is not None:  # the turns' model only: summaries are never cached

@@ -16,6 +16,7 @@ ChatChainError
 ├── SessionLockLostError        the turn lost its session lock; its reply was not saved
 ├── BudgetExceeded              a cap cannot pay for the turn at all; nothing was sent or stored
 ├── StoreError                  the history store failed; nothing of the turn was saved
+│   └── TurnJournaledError      ...as a finished turn was saved: it waits in a local journal
 └── EndpointError               the chat endpoint failed; the history is unchanged
     ├── AuthenticationError     401/403: the key is wrong or lacks access
     ├── RateLimitError          429 after the client's own retries
@@ -60,6 +61,7 @@ __all__ = [
     "StoreError",
     "StructuredReplyError",
     "TurnDeadlineError",
+    "TurnJournaledError",
     "UnknownUserError",
     "UserExistsError",
 ]
@@ -177,6 +179,31 @@ class StoreError(ChatChainError):
 
     Nothing of the failed operation was stored; the message names the store and what to check.
     """
+
+
+class TurnJournaledError(StoreError):
+    """The store failed as a finished turn was being saved, after the endpoint had answered
+    (and billed) it. The turn (its messages and its usage) was kept in a local journal
+    instead, and is saved to the store when it is reachable again (the session's next turn,
+    or any turn after it, replays it): nothing is lost, and nothing is counted twice.
+
+    Do not send the message again: it was answered and billed.
+
+    Attributes:
+        session_id: The session.
+        reply: The text of the reply, delivered but not yet in the history.
+        journal: The journal file the turn waits in.
+        entry_id: The id of the turn's usage entry (the ledger's once it is saved).
+    """
+
+    def __init__(
+        self, message: str, *, session_id: str, reply: str, journal: str, entry_id: str
+    ) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+        self.reply = reply
+        self.journal = journal
+        self.entry_id = entry_id
 
 
 class EndpointError(ChatChainError):

@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     ``redis://host:port/db`` or ``postgresql://user@host/db``. Shown without its password
     (and query) in the repr and in ``model_dump()``; this attribute is the real URL."""
 
+    journal: str | None = Field(default=None, min_length=1, validation_alias="CHATCHAIN_JOURNAL")
+    """``CHATCHAIN_JOURNAL``: the folder of the journal where a finished turn waits when the
+    store cannot save it (down, locked), until it can. By default beside a SQLite store's
+    file (``chat.db.unsaved-turns``), and ``journal/`` in the user's data folder for Redis
+    and PostgreSQL (``CHATCHAIN_DATA_DIR``, else e.g. ``~/.local/share/chatchain``)."""
+
     window_turns: int | None = Field(default=6, ge=1, validation_alias="CHATCHAIN_WINDOW_TURNS")
     """``CHATCHAIN_WINDOW_TURNS``: newest exchanges sent with each turn."""
 

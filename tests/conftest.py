@@ -38,6 +38,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
         if name.startswith(("OPENAI_", "CHATCHAIN_")):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    # Journals of unsaved turns (and the CLI's files) go to a folder of the run's own.
+    monkeypatch.setenv("CHATCHAIN_DATA_DIR", str(tmp_path_factory.mktemp("data")))
 
 
 @pytest.fixture

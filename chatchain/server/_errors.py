@@ -174,6 +174,8 @@ def openai_error(
         kind = "requests"
     elif status >= 500:
         kind = "server_error"
+        if type == "TurnJournaledError":  # answered and billed: the SDK's retry would re-bill
+            headers["x-should-retry"] = "false"
     else:
         kind = "invalid_request_error"
     code = _OPENAI_CODES.get(type, type)

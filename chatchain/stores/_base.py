@@ -449,6 +449,11 @@ class HistoryStore(HistoryBackend, SummaryBackend, LockBackend, LedgerBackend):
         (the history keeps only the other turn's), the entry is recorded all the same (the
         endpoint billed it) and the hold dropped; then `SessionLockLostError` is raised.
 
+        In the built-in stores, a turn whose ``entry`` id is in the ledger already was saved
+        before: only its hold is dropped, and its messages are not written again. So a turn
+        replayed from the journal (``CHATCHAIN_JOURNAL``) after a partial success is never
+        stored twice. (This default does not check: the journal serves the built-in stores.)
+
         The SQLite, Redis and PostgreSQL stores do all of this in one transaction (one Lua
         script on Redis), so a failure or a kill leaves either the whole turn or none of it.
         This default, for stores that cannot, records the entry first and then appends the

@@ -302,6 +302,9 @@ class MemoryStore(MemoryLedger, MemoryUsers, HistoryStore):
         fence: Fence | None = None,
     ) -> None:
         with self._guard:  # the base's steps, as one step for every other writer
+            if entry is not None and entry.id in self._entry_ids:  # saved before (a replay)
+                self.record_usage(entry, release=release)
+                return
             super().commit_turn(session_id, messages, entry, release=release, fence=fence)
 
     async def acommit_turn(

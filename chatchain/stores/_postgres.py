@@ -1115,14 +1115,15 @@ class PostgresStore(HistoryStore, UserBackend):
         release: str | None,
     ) -> None:
         """The writes of `commit_turn`, in ``conn``'s transaction."""
+        fresh = True  # a turn whose entry is in the ledger was saved before (a replay)
         if entry is not None:
-            inserted = conn.execute(self._sql.record_entry, _entry_args(entry)).fetchone()
-            if inserted is not None:  # a new id: add it up
+            fresh = conn.execute(self._sql.record_entry, _entry_args(entry)).fetchone() is not None
+            if fresh:  # a new id: add it up
                 with conn.cursor() as cursor:
                     cursor.executemany(self._sql.add_total, _total_args(entry))
         if release is not None:
             conn.execute(self._sql.release_hold, (release,))
-        if texts:
+        if texts and fresh:
             row = conn.execute(self._sql.bump, {"sid": session_id, "n": len(texts)}).fetchone()
             conn.execute(self._sql.insert, _insert_args(session_id, texts, row))
 
@@ -1218,14 +1219,16 @@ class PostgresStore(HistoryStore, UserBackend):
         release: str | None,
     ) -> None:
         """`_write_turn` for async connections."""
+        fresh = True
         if entry is not None:
             cursor = await conn.execute(self._sql.record_entry, _entry_args(entry))
-            if await cursor.fetchone() is not None:
+            fresh = await cursor.fetchone() is not None
+            if fresh:
                 async with conn.cursor() as many:
                     await many.executemany(self._sql.add_total, _total_args(entry))
         if release is not None:
             await conn.execute(self._sql.release_hold, (release,))
-        if texts:
+        if texts and fresh:
             cursor = await conn.execute(self._sql.bump, {"sid": session_id, "n": len(texts)})
             row = await cursor.fetchone()
             await conn.execute(self._sql.insert, _insert_args(session_id, texts, row))

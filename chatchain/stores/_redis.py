@@ -227,13 +227,14 @@ end
 local rest_keys, rest_args = {}, {}
 for k = 7, #KEYS do rest_keys[#rest_keys + 1] = KEYS[k] end
 for a = 6 + n, #ARGV do rest_args[#rest_args + 1] = ARGV[a] end
+local fresh = 1  -- 0: the entry is in the ledger, so this turn was saved before (a replay)
 if #rest_args > 0 then
-  record_entry(rest_keys, rest_args)
+  fresh = record_entry(rest_keys, rest_args)
 elseif release ~= '' then
   drop_hold(rest_keys[1], rest_keys[2], release)
 end
 if not held then return 0 end
-if n > 0 then
+if n > 0 and fresh == 1 then
   local messages = {}
   for a = 6, 5 + n do messages[#messages + 1] = ARGV[a] end
   -- RPUSH takes at most a few thousand arguments at once from Lua (unpack's limit).

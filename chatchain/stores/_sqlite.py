@@ -230,17 +230,19 @@ def _append(conn: sqlite3.Connection, session_id: str, texts: list[str]) -> None
     )
 
 
-def _record(conn: sqlite3.Connection, entry: UsageEntry, release: str | None) -> None:
-    """`SQLiteStore.record_usage` in ``conn``'s write transaction."""
+def _record(conn: sqlite3.Connection, entry: UsageEntry, release: str | None) -> bool:
+    """`SQLiteStore.record_usage` in ``conn``'s write transaction; False when the entry was
+    recorded before."""
     if release is not None:
         conn.execute("DELETE FROM budget_holds WHERE id = ?", (release,))
     if conn.execute(_INSERT_ENTRY, _entry_row(entry)).rowcount != 1:
-        return  # recorded before (a retry): its totals already count it
+        return False  # recorded before (a retry): its totals already count it
     added = increments(entry)
     scopes = scopes_of(entry)
     conn.executemany(_ADD_TOTAL, [{"scope": s, "key": k, **added} for s, k in scopes])
     day = (entry.day.isoformat(), added["total_tokens"], added["cost_usd"])
     conn.executemany(_ADD_DAY, [(s, k, *day) for s, k in scopes])
+    return True
 
 
 def _entry_row(entry: UsageEntry) -> dict[str, Any]:
@@ -530,11 +532,12 @@ class SQLiteStore(HistoryStore, UserBackend):
                 ).fetchone()
                 is not None
             )
+            fresh = True  # a turn whose entry is in the ledger was saved before (a replay)
             if entry is not None:
-                _record(conn, entry, release)
+                fresh = _record(conn, entry, release)
             elif release is not None:
                 conn.execute("DELETE FROM budget_holds WHERE id = ?", (release,))
-            if owned and texts:
+            if owned and texts and fresh:
                 _append(conn, session_id, texts)
         if not owned:
             raise lock_lost(session_id, messages)

@@ -8,6 +8,10 @@ SQLite file. Here the fault hits a *turn*, and the checks are what the user is l
 - the ledger holds no half-recorded entry, and no entry without its messages: `Turn.save`
   writes the messages, the usage and the end of the budget hold in one transaction (one Lua
   script on Redis), so a failure at any point of it leaves the whole turn or none of it;
+- a turn the endpoint answered (and billed) but the store could not save is not lost: it
+  waits in the journal (`TurnJournaledError` says so and where) and is saved exactly once
+  when the store is back, before the session's next turn; the ledger then counts every
+  call that reached the endpoint, once;
 - service resumes with a new turn once the store is back.
 
 The model is a `FakeChatModel` held "thinking" by a `Gate`, so the fault lands at a known
@@ -32,7 +36,8 @@ import redis
 from langchain_core.messages import BaseMessage
 from pytest_redis.executor import RedisExecutor
 
-from chatchain import Chatbot, Reply, Settings, StoreError
+from chatchain import Chatbot, Reply, Settings, StoreError, TurnJournaledError
+from chatchain._journal import Journal
 from chatchain.stores import HistoryStore
 from chatchain.stores import _sqlite as sqlite_module
 from chatchain.stores._postgres import PostgresStore
@@ -44,6 +49,7 @@ from tests.stores.fixtures_postgres import wipe as wipe_postgres
 
 SID = "s"
 MODES = ["sync", "async"]
+ALL_MODES = ["chat", "achat", "stream", "astream"]
 
 
 def settings(**overrides: Any) -> Settings:
@@ -58,16 +64,28 @@ def settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
+async def astreamed(bot: Chatbot, text: str) -> str:
+    return "".join([piece async for piece in bot.astream(text, session_id=SID)])
+
+
 def turn_in_thread(bot: Chatbot, mode: str, text: str) -> Callable[[], Reply | BaseException]:
-    """Start a turn in a thread; the returned function waits for its reply or its error."""
-    outcome: list[Reply | BaseException] = []
+    """Start a turn in a thread; the returned function waits for its reply or its error.
+
+    ``mode``: ``sync`` or ``chat``, ``async`` or ``achat``, ``stream``, ``astream`` (a
+    stream's outcome is its text).
+    """
+    outcome: list[Any] = []
 
     def run() -> None:
         try:
-            if mode == "sync":
+            if mode in ("sync", "chat"):
                 outcome.append(bot.chat(text, session_id=SID))
-            else:
+            elif mode in ("async", "achat"):
                 outcome.append(asyncio.run(bot.achat(text, session_id=SID)))
+            elif mode == "stream":
+                outcome.append("".join(bot.stream(text, session_id=SID)))
+            else:
+                outcome.append(asyncio.run(astreamed(bot, text)))
         except BaseException as exc:
             outcome.append(exc)
 
@@ -98,13 +116,39 @@ def pairs(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
     return [(m.type, m.text) for m in messages]
 
 
-def assert_resumes(bot: Chatbot, before: list[BaseMessage], entries_before: int) -> None:
-    """A new turn on the session works and adds exactly one turn and one entry."""
+def assert_resumes(
+    bot: Chatbot,
+    before: list[BaseMessage],
+    entries_before: int,
+    journaled: Sequence[tuple[str, str]] = (),
+) -> None:
+    """A new turn on the session works and adds exactly one turn and one entry, after the
+    ``journaled`` turn (its messages and its entry), saved first."""
     reply = bot.chat("are you back?", session_id=SID)
     history = bot.store.load(SID)
-    assert pairs(history) == [*pairs(before), ("human", "are you back?"), ("ai", reply.text)]
-    assert len(bot.usage_entries(session_id=SID)) == entries_before + 1
+    new = [("human", "are you back?"), ("ai", reply.text)]
+    assert pairs(history) == [*pairs(before), *journaled, *new]
+    assert len(bot.usage_entries(session_id=SID)) == entries_before + 1 + bool(journaled)
     assert_ledger_adds_up(bot)
+
+
+def journal_of(bot: Chatbot) -> Journal:
+    journal = bot.chain._spec.journal
+    assert journal is not None
+    return journal
+
+
+def assert_journaled(error: object, text: str, bot: Chatbot) -> list[tuple[str, str]]:
+    """``error`` tells that the turn on ``text`` waits in the journal, which holds it; the
+    turn's messages, as the replay will save them."""
+    assert isinstance(error, TurnJournaledError), error
+    journal = journal_of(bot)
+    assert error.journal == str(journal.path) and str(journal.path) in str(error)
+    assert "delivered and billed" in str(error) and "do not send the message again" in str(error)
+    [waiting] = journal.pending()
+    assert waiting.entry.id == error.entry_id and waiting.session_id == SID
+    assert pairs(waiting.messages) == [("human", text), ("ai", error.reply)]
+    return pairs(waiting.messages)
 
 
 # -- a server going down mid-turn --------------------------------------------------------------
@@ -178,12 +222,13 @@ def outage(request: pytest.FixtureRequest) -> Iterator[Outage]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_server_down_while_the_model_thinks_loses_the_whole_turn_only(
+def test_a_server_down_while_the_model_thinks_journals_the_turn_and_saves_it_once_back(
     outage: Outage, mode: str
 ) -> None:
     gate = Gate()
     store = outage.make_store()
-    bot = Chatbot(settings(), llm=FakeChatModel(respond=gate), store=store)
+    fake = FakeChatModel(respond=gate)
+    bot = Chatbot(settings(), llm=fake, store=store)
     try:
         bot.chat("before the outage", session_id=SID)
         before, entries = bot.store.load(SID), bot.usage_entries()
@@ -195,54 +240,63 @@ def test_a_server_down_while_the_model_thinks_loses_the_whole_turn_only(
         gate.open()
         error = result()
 
-        assert isinstance(error, StoreError), error
+        # The endpoint answered: the turn waits in the journal, and the error says so.
+        journaled = assert_journaled(error, "during the outage", bot)
         assert outage.where in str(error) and "check" in str(error).lower()
         outage.start()
         wait_until_up(store)
-        # Nothing of the turn: no messages, and no entry (recording it was what failed).
-        assert bot.store.load(SID) == before
+        assert bot.store.load(SID) == before  # not yet: the next turn saves it first
         assert bot.usage_entries() == entries
-        assert_ledger_adds_up(bot)
-        assert_resumes(bot, before, len(entries))
+        assert_resumes(bot, before, len(entries), journaled)
+        assert journal_of(bot).pending() == []
+        assert len(bot.usage_entries()) == len(fake.calls)  # every billed call, once
     finally:
         bot.close()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_server_down_at_the_save_keeps_neither_the_usage_nor_the_messages(
+def stop_at_the_save(outage: Outage, store: HistoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server goes down as the turn is being saved (usage and messages, one write)."""
+    commit, acommit = store.commit_turn, store.acommit_turn
+
+    def failing_commit(*args: Any, **kwargs: Any) -> None:
+        outage.stop()
+        commit(*args, **kwargs)
+
+    async def failing_acommit(*args: Any, **kwargs: Any) -> None:
+        outage.stop()
+        await acommit(*args, **kwargs)
+
+    monkeypatch.setattr(store, "commit_turn", failing_commit)
+    monkeypatch.setattr(store, "acommit_turn", failing_acommit)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_a_server_down_at_the_save_keeps_the_billed_turn_in_the_journal_then_saves_it_once(
     outage: Outage, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = outage.make_store()
-    bot = Chatbot(settings(), llm=FakeChatModel(), store=store)
+    fake = FakeChatModel()
+    bot = Chatbot(settings(budget_session_tokens=10**9), llm=fake, store=store)
     try:
         bot.chat("before the outage", session_id=SID)
         before, entries = bot.store.load(SID), bot.usage_entries()
 
-        # The server goes down as the turn is being saved (usage and messages, one write).
-        commit, acommit = store.commit_turn, store.acommit_turn
-
-        def failing_commit(*args: Any, **kwargs: Any) -> None:
-            outage.stop()
-            commit(*args, **kwargs)
-
-        async def failing_acommit(*args: Any, **kwargs: Any) -> None:
-            outage.stop()
-            await acommit(*args, **kwargs)
-
-        monkeypatch.setattr(store, "commit_turn", failing_commit)
-        monkeypatch.setattr(store, "acommit_turn", failing_acommit)
+        stop_at_the_save(outage, store, monkeypatch)
         error = turn_in_thread(bot, mode, "during the outage")()
         monkeypatch.undo()
 
-        assert isinstance(error, StoreError), error
+        journaled = assert_journaled(error, "during the outage", bot)
         assert outage.where in str(error)
         outage.start()
         wait_until_up(store)
-        # One write, so neither half: no messages, and no entry without its messages.
+        # One write, so neither half yet: no messages, and no entry without its messages.
         assert bot.store.load(SID) == before
         assert bot.usage_entries() == entries
         assert_ledger_adds_up(bot)
-        assert_resumes(bot, before, len(entries))
+        assert_resumes(bot, before, len(entries), journaled)
+        assert journal_of(bot).pending() == []
+        assert len(bot.usage_entries()) == len(fake.calls)
+        assert_no_hold_left(bot, SID)  # the journaled turn's hold ended with its replay
     finally:
         bot.close()
 
@@ -319,6 +373,7 @@ def breakage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Breakag
 def test_a_failure_writing_the_messages_undoes_the_usage_too(breakage: Breakage, mode: str) -> None:
     # The usage and the messages are one write: when the messages cannot be written, the
     # entry is not left behind without them (it was, with usage first and messages second).
+    # Both wait in the journal instead, and are saved together once the store takes them.
     armed = [True]
 
     def respond(messages: list[BaseMessage]) -> str:
@@ -335,11 +390,11 @@ def test_a_failure_writing_the_messages_undoes_the_usage_too(breakage: Breakage,
         error = turn_in_thread(bot, mode, "lost")()
         breakage.mend()
 
-        assert isinstance(error, StoreError), error
+        journaled = assert_journaled(error, "lost", bot)
         assert bot.store.load(SID) == []
         assert bot.usage_entries() == []
+        assert_resumes(bot, [], 0, journaled)  # saved once the store takes it again
         assert_no_hold_left(bot, SID)
-        assert_resumes(bot, [], 0)
     finally:
         bot.close()
 
@@ -348,7 +403,7 @@ def test_a_failure_writing_the_messages_undoes_the_usage_too(breakage: Breakage,
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_sqlite_file_locked_mid_turn_stores_nothing_and_the_session_frees_itself(
+def test_a_sqlite_file_locked_mid_turn_journals_the_turn_and_the_session_frees_itself(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sqlite_module, "_BUSY_TIMEOUT_S", 0.2)  # before any connection opens
@@ -369,13 +424,14 @@ def test_a_sqlite_file_locked_mid_turn_stores_nothing_and_the_session_frees_itse
         other.execute("ROLLBACK")
         other.close()
 
-        assert isinstance(error, StoreError), error
+        journaled = assert_journaled(error, "while another process writes", bot)
         assert str(path) in str(error) and "check for a stuck process" in str(error)
+        assert journal_of(bot).path == path.with_name("chat.db.unsaved-turns")  # beside it
         assert bot.store.load(SID) == before
         assert bot.usage_entries() == entries
         # The failed turn could not give its lease back either: it expires within a lease.
         started = time.monotonic()
-        assert_resumes(bot, before, len(entries))
+        assert_resumes(bot, before, len(entries), journaled)
         assert time.monotonic() - started < 5
     finally:
         bot.close()
@@ -483,8 +539,17 @@ def test_a_full_disk_keeps_whole_turns_and_their_entries_then_recovers(tiny_disk
         assert len(fake.calls) <= len(entries) + 1  # at most the failed turn went unrecorded
         assert_ledger_adds_up(bot)
 
+        # The journal beside the file is on the full disk too: the turn is kept there only
+        # if it found room, and the error says which.
+        journaled: list[tuple[str, str]] = []
+        if isinstance(caught.value, TurnJournaledError):
+            [waiting] = journal_of(bot).pending()
+            journaled = pairs(waiting.messages)
+        else:  # refused before anything was sent, or the journal found no room either
+            message = str(caught.value)
+            assert "could not lock" in message or "could not be kept in the journal" in message
         filler.unlink()  # free some space
-        assert_resumes(bot, history, len(entries))
+        assert_resumes(bot, history, len(entries), journaled)
     finally:
         bot.close()
 
@@ -520,8 +585,9 @@ def test_a_turn_whose_usage_could_not_be_recorded_gives_its_budget_hold_back(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The store fails once, when the turn saves itself and its usage (a blip: a lock, a failover),
-    # and is fine again when the turn ends. The hold the turn took before sending must not
-    # outlive it: stranded, it would count against the budget for 15 minutes.
+    # and is fine again when the turn ends. The turn waits in the journal with its hold, which
+    # counts its cost until it is saved; the replay ends it. Stranded, the hold would count
+    # against the budget for 15 minutes.
     store = SQLiteStore(tmp_path / "chat.db")
     bot = Chatbot(settings(budget_session_tokens=10**9), llm=FakeChatModel(), store=store)
     try:
@@ -538,8 +604,9 @@ def test_a_turn_whose_usage_could_not_be_recorded_gives_its_budget_hold_back(
         error = turn_in_thread(bot, mode, "during the blip")()
         monkeypatch.undo()
 
-        assert isinstance(error, StoreError), error
+        journaled = assert_journaled(error, "during the blip", bot)
         assert len(bot.store.load(SID)) == 2 and len(bot.usage_entries()) == 1
+        assert_resumes(bot, bot.store.load(SID), 1, journaled)
         assert_no_hold_left(bot, SID)
     finally:
         bot.close()

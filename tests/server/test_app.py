@@ -31,6 +31,7 @@ STATUS = {
     "SessionBusyError": 409,
     "SessionLockLostError": 409,
     "StoreError": 503,
+    "TurnJournaledError": 503,
     "EndpointTimeoutError": 504,
     "TurnDeadlineError": 504,
     "EndpointError": 502,

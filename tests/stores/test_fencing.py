@@ -145,6 +145,32 @@ def test_acommit_turn_saves_the_turn_and_its_usage(store: HistoryStore) -> None:
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_turn_committed_again_is_not_stored_twice(store: HistoryStore, mode: str) -> None:
+    # A turn replayed from the journal after its first commit went through (the answer was
+    # lost, not the write): the same entry id writes neither the messages nor the usage again,
+    # and still ends the hold the replay names.
+    if type(store).commit_turn is HistoryStore.commit_turn:
+        pytest.skip("the contract's default commit_turn does not check (no journal replays it)")
+    with store.lock(SID) as fence:
+        store.commit_turn(SID, turn("a"), entry("a"), fence=fence)
+    hold = held(store, 50)
+
+    async def again() -> None:
+        async with store.alock(SID) as fence:
+            await store.acommit_turn(SID, turn("a"), entry("a"), release=hold, fence=fence)
+
+    if mode == "sync":
+        with store.lock(SID) as fence:
+            store.commit_turn(SID, turn("a"), entry("a"), release=hold, fence=fence)
+    else:
+        asyncio.run(again())
+    assert [m.text for m in store.load(SID)] == ["a asks", "a answers"]
+    assert [e.id for e in store.usage_entries(session_id=SID)] == ["a"]
+    assert store.usage_total("session", SID).total_tokens == 10
+    assert_no_hold(store)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_turn_that_lost_its_lock_keeps_its_usage_but_not_its_messages(
     backend: Backend, mode: str
 ) -> None:
