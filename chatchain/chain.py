@@ -278,6 +278,7 @@ class ChatChain(HistoryRunnable):
         turn.on_tool = on_tool
         with self._lock(turn.session_id) as turn.fence:
             try:
+                turn.recover()
                 turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
@@ -309,6 +310,7 @@ class ChatChain(HistoryRunnable):
         turn.on_tool = on_tool
         async with self._alock(turn.session_id) as turn.fence:
             try:
+                await turn.arecover()
                 turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
@@ -379,6 +381,7 @@ class ChatChain(HistoryRunnable):
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         with self._lock(turn.session_id) as turn.fence:
             try:
+                turn.recover()
                 turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
@@ -390,6 +393,7 @@ class ChatChain(HistoryRunnable):
                                 continue
                         else:
                             turn.add_chunk(chunk)
+                            turn.checkpoint()
                         yield chunk
                 except GeneratorExit:
                     inner.close()
@@ -445,6 +449,7 @@ class ChatChain(HistoryRunnable):
     async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         async with self._alock(turn.session_id) as turn.fence:
             try:
+                await turn.arecover()
                 turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
@@ -464,6 +469,7 @@ class ChatChain(HistoryRunnable):
                                 continue
                         else:
                             turn.add_chunk(chunk)
+                            await turn.acheckpoint()
                         yield chunk
                 except (GeneratorExit, asyncio.CancelledError):
                     await inner.aclose()
