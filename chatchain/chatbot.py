@@ -17,10 +17,12 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel
 
+from chatchain._pending import recover_session
 from chatchain._structured import with_schema
 from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
+from chatchain.errors import SessionBusyError
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
 from chatchain.stores import HistoryBackend, HistoryStore, SessionInfo, as_store, open_store
@@ -502,6 +504,34 @@ class Chatbot:
             self.store.delete(session_id)
 
     delete = reset
+
+    def recover_crashed_turns(self) -> list[str]:
+        """Store the turns that processes killed mid-turn left behind; return their sessions.
+
+        The next turn on such a session does this first anyway; this sweep (``chatchain
+        serve`` runs it when it starts) also closes the turns of sessions no one comes back
+        to: the user's message kept, the reply so far marked interrupted (reason
+        ``"crashed"``), the call recorded in the ledger as estimated and its budget hold
+        ended. A session whose turn is still running elsewhere waits for it (and then has
+        nothing to recover); one still busy after the lock timeout is left for later.
+
+        Example:
+            >>> from chatchain.testing import FakeChatModel
+            >>> Chatbot(llm=FakeChatModel()).recover_crashed_turns()
+            []
+        """
+        pending = self.store.pending_sessions()
+        if not pending:  # the common case: no chain (and no API key) needed
+            return []
+        spec = self.chain._spec
+        recovered = []
+        for session_id in pending:
+            try:
+                if recover_session(spec, session_id):
+                    recovered.append(session_id)
+            except SessionBusyError:
+                continue  # a live turn holds it: its own end drops its record
+        return recovered
 
     def prune(self, older_than: timedelta) -> list[str]:
         """Delete the sessions idle for longer than ``older_than``; return their ids.

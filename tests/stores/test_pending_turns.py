@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from langchain_core.messages import AIMessageChunk
 
-from chatchain import Budget, ChatChain, SessionLockLostError, create_chat_chain
+from chatchain import Budget, Chatbot, ChatChain, SessionLockLostError, create_chat_chain
 from chatchain._pending import CRASHED, RECOVERED, recover_session
 from chatchain._turn import Turn
 from chatchain.stores import HistoryStore, MemoryStore
@@ -295,3 +295,15 @@ def lose_lock(store: HistoryStore) -> None:
                 " AND objid = (hashtextextended(%(key)s, 0) & 4294967295)::oid",
                 {"key": store._lock_key(SID)},
             )
+
+
+def test_a_sweep_closes_the_crashed_turns_of_sessions_no_one_comes_back_to(
+    keeping: HistoryStore,
+) -> None:
+    crash_mid_stream(chain_on(keeping), "Anyone?", "Yes, I")
+    bot = Chatbot(llm=FakeChatModel(), store=keeping)  # e.g. a service starting up
+    assert bot.recover_crashed_turns() == [SID]
+    assert [m.text for m in keeping.load(SID)] == ["Anyone?", "Yes, I"]
+    assert len(keeping.usage_entries(session_id=SID)) == 1
+    assert held_tokens(keeping) == 0
+    assert bot.recover_crashed_turns() == []
