@@ -113,6 +113,7 @@ class WriteAhead:
 
     def text(self) -> str:
         self.due = time.monotonic() + CHECKPOINT_S
+        self.record["written"] = datetime.now(UTC).isoformat()  # the last sign of life
         return json.dumps(self.record, ensure_ascii=False, separators=(",", ":"))
 
     def checkpoint(self, reply: str) -> str | None:
@@ -167,18 +168,24 @@ def plan_recovery(spec: TurnSpec, session_id: str, token: str, text: str) -> Rec
     """
     record = json.loads(text)
     reply_text = str(record.get("reply") or "")
-    metadata = {"interrupted": True, "interrupted_reason": CRASHED}
+    metadata = {
+        "interrupted": True,
+        "interrupted_reason": CRASHED,
+        "model_name": record.get("model"),
+    }
     reply = AIMessage(content=reply_text, response_metadata=metadata)
     counted = spec.recall.counter([AIMessage(reply_text)]) if reply_text else 0
     prompt = int(record.get("prompt_tokens") or 0)
     started = datetime.fromisoformat(record["started"])
+    # What the crashed turn took until its last write, not until it was found.
+    written = datetime.fromisoformat(record.get("written") or record["started"])
     entry = _metering.entry_from(
         _metering.new_handler(),
         session_id=session_id,
         user_id=record.get("user_id"),
         model=record.get("model"),
         pricer=spec.pricer,
-        latency_s=max(0.0, (datetime.now(UTC) - started).total_seconds()),
+        latency_s=max(0.0, (written - started).total_seconds()),
         estimate=Estimate(prompt, int(record.get("reply_tokens") or 0) + counted),
         configured_model=spec.default_model,
     )

@@ -5,6 +5,9 @@ handler, then save the user's message, the reply and the usage in one atomic wri
 store refuses (but for the usage) if the turn lost the lock meanwhile.
 A failed turn saves nothing; an interrupted stream saves the user's message and the partial
 reply, marked ``interrupted`` in the reply's ``response_metadata``.
+Before its call goes out, the store keeps a write-ahead record of the turn (see `_pending`),
+so that a process killed mid-turn loses neither the user's message nor the call's bill: the
+session's next turn stores the cut-off turn first, its reply marked interrupted (``crashed``).
 
 The turn's deadline (``CHATCHAIN_TURN_DEADLINE``) counts from when the session's lock is
 taken: waiting for another turn is bounded by ``CHATCHAIN_LOCK_TIMEOUT`` instead. It bounds
