@@ -33,6 +33,7 @@ from langchain_core.messages import BaseMessage
 from pytest_redis.executor import RedisExecutor
 
 from chatchain import Chatbot, Reply, Settings, StoreError
+from chatchain._pending import CRASHED
 from chatchain.stores import HistoryStore
 from chatchain.stores import _sqlite as sqlite_module
 from chatchain.stores._postgres import PostgresStore
@@ -99,11 +100,24 @@ def pairs(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
 
 
 def assert_resumes(bot: Chatbot, before: list[BaseMessage], entries_before: int) -> None:
-    """A new turn on the session works and adds exactly one turn and one entry."""
+    """A new turn on the session works and adds exactly one turn and one entry.
+
+    Before it, the turn the fault cut off may be stored, as a crashed turn is: when the store
+    was down, that turn could not drop its write-ahead record either, so the next turn finds
+    it (see `chatchain._pending`) and stores the user's message with the reply marked
+    interrupted (``crashed``) and the call's usage as estimated (the endpoint billed it).
+    """
     reply = bot.chat("are you back?", session_id=SID)
     history = bot.store.load(SID)
-    assert pairs(history) == [*pairs(before), ("human", "are you back?"), ("ai", reply.text)]
-    assert len(bot.usage_entries(session_id=SID)) == entries_before + 1
+    cut = history[len(before) : -2]
+    assert pairs(history[: len(before)]) == pairs(before)
+    assert pairs(history[-2:]) == [("human", "are you back?"), ("ai", reply.text)]
+    assert [m.type for m in cut] in ([], ["human", "ai"])
+    if cut:
+        assert cut[1].response_metadata["interrupted_reason"] == CRASHED
+    entries = bot.usage_entries(session_id=SID)
+    assert len(entries) == entries_before + 1 + len(cut) // 2
+    assert all(entry.estimated for entry in entries[entries_before:-1])
     assert_ledger_adds_up(bot)
 
 
@@ -463,7 +477,8 @@ def test_a_full_disk_keeps_whole_turns_and_their_entries_then_recovers(tiny_disk
     bot = Chatbot(settings(window_turns=2), llm=fake, store=store)
     try:
         bot.chat("before the disk fills", session_id=SID)
-        filler = fill(tiny_disk, leave=64 * 1024)
+        # Room for a few turns (each writes its write-ahead record, the turn, and the drop).
+        filler = fill(tiny_disk, leave=256 * 1024)
         turns = 0
         with pytest.raises(StoreError, match="disk is full") as caught:
             for turns in range(1, 200):  # until the disk is full
