@@ -17,7 +17,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel
 
-from chatchain._pending import recover_session
+from chatchain._pending import recover, recover_session
 from chatchain._structured import with_schema
 from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain._turn import Turn, validate_session_id
@@ -500,7 +500,10 @@ class Chatbot:
         budgets must not be escaped by a reset.
         """
         session_id = validate_session_id(session_id)
-        with self.store.lock(session_id):
+        with self.store.lock(session_id) as fence:
+            if self.store.read_pending(session_id) is not None:
+                # A turn a crash cut off: its bill goes to the ledger before the session goes.
+                recover(self.chain._spec, session_id, fence)
             self.store.delete(session_id)
 
     delete = reset

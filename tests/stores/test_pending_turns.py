@@ -307,3 +307,15 @@ def test_a_sweep_closes_the_crashed_turns_of_sessions_no_one_comes_back_to(
     assert len(keeping.usage_entries(session_id=SID)) == 1
     assert held_tokens(keeping) == 0
     assert bot.recover_crashed_turns() == []
+
+
+def test_a_reset_keeps_the_bill_of_a_crashed_turn_and_forgets_its_messages(
+    keeping: HistoryStore,
+) -> None:
+    crashed = crash_mid_stream(chain_on(keeping), "Secret?", "Sure")
+    bot = Chatbot(llm=FakeChatModel(), store=keeping)
+    bot.reset(SID)
+    assert keeping.load(SID) == [] and keeping.read_pending(SID) is None
+    assert [e.id for e in keeping.usage_entries(session_id=SID)] == [crashed.entry_id]
+    bot.chat("Fresh start", session_id=SID)
+    assert [m.text for m in keeping.load(SID)] == ["Fresh start", "Echo: Fresh start"]
