@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,10 +23,17 @@ from chatchain._structured import with_schema
 from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
-from chatchain.errors import SessionBusyError
+from chatchain.errors import MissingAPIKeyError, SessionBusyError
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
-from chatchain.stores import HistoryBackend, HistoryStore, SessionInfo, as_store, open_store
+from chatchain.stores import (
+    Fence,
+    HistoryBackend,
+    HistoryStore,
+    SessionInfo,
+    as_store,
+    open_store,
+)
 from chatchain.stores._export import read_export
 from chatchain.usage import (
     Budget,
@@ -38,6 +46,8 @@ from chatchain.usage import (
 )
 
 __all__ = ["AsyncReplyStream", "Chatbot", "Reply", "ReplyStream"]
+
+logger = logging.getLogger("chatchain")
 
 DEFAULT_SESSION = "default"
 
@@ -502,11 +512,23 @@ class Chatbot:
         session_id = validate_session_id(session_id)
         with self.store.lock(session_id) as fence:
             if self.store.read_pending(session_id) is not None:
-                # A turn a crash cut off: its bill goes to the ledger before the session goes.
-                recover(self.chain._spec, session_id, fence)
+                self._recover_before_reset(session_id, fence)
             self.store.delete(session_id)
 
     delete = reset
+
+    def _recover_before_reset(self, session_id: str, fence: Fence | None) -> None:
+        """A turn a crash cut off: its bill goes to the ledger before the session goes."""
+        try:
+            spec = self.chain._spec
+        except MissingAPIKeyError:  # pricing it needs the model's settings: left for later
+            logger.warning(
+                "Session %r holds a turn cut off by a crash; without OPENAI_API_KEY (or "
+                "OPENAI_BASE_URL) it is left for the session's next turn to record.",
+                session_id,
+            )
+            return
+        recover(spec, session_id, fence)
 
     def recover_crashed_turns(self) -> list[str]:
         """Store the turns that processes killed mid-turn left behind; return their sessions.

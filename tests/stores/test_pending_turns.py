@@ -19,7 +19,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from langchain_core.messages import AIMessageChunk
 
-from chatchain import Budget, Chatbot, ChatChain, SessionLockLostError, create_chat_chain
+from chatchain import (
+    Budget,
+    Chatbot,
+    ChatChain,
+    SessionLockLostError,
+    Settings,
+    create_chat_chain,
+)
 from chatchain._pending import CRASHED, RECOVERED, recover_session
 from chatchain._turn import Turn
 from chatchain.stores import HistoryStore, MemoryStore
@@ -319,3 +326,17 @@ def test_a_reset_keeps_the_bill_of_a_crashed_turn_and_forgets_its_messages(
     assert [e.id for e in keeping.usage_entries(session_id=SID)] == [crashed.entry_id]
     bot.chat("Fresh start", session_id=SID)
     assert [m.text for m in keeping.load(SID)] == ["Fresh start", "Echo: Fresh start"]
+
+
+def test_a_reset_without_an_api_key_leaves_a_crashed_turn_for_later(
+    keeping: HistoryStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    crash_mid_stream(chain_on(keeping), "Hello?", "Hi")
+    keeping.append(SID, [AIMessageChunk(content="older")])  # something to forget
+    bot = Chatbot(Settings(_env_file=None), store=keeping)  # e.g. `chatchain sessions delete`
+    bot.reset(SID)
+    assert keeping.load(SID) == []
+    assert keeping.read_pending(SID) is not None  # its bill is recorded by the next turn
+    assert "without OPENAI_API_KEY" in caplog.text
