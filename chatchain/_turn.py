@@ -5,6 +5,9 @@ handler, then save the user's message, the reply and the usage in one atomic wri
 store refuses (but for the usage) if the turn lost the lock meanwhile.
 A failed turn saves nothing; an interrupted stream saves the user's message and the partial
 reply, marked ``interrupted`` in the reply's ``response_metadata``.
+Before its call goes out, the store keeps a write-ahead record of the turn (see `_pending`),
+so that a process killed mid-turn loses neither the user's message nor the call's bill: the
+session's next turn stores the cut-off turn first, its reply marked interrupted (``crashed``).
 
 The turn's deadline (``CHATCHAIN_TURN_DEADLINE``) counts from when the session's lock is
 taken: waiting for another turn is bounded by ``CHATCHAIN_LOCK_TIMEOUT`` instead. It bounds
@@ -31,9 +34,10 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
+from uuid import uuid4
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import (
@@ -47,7 +51,7 @@ from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
-from chatchain import _deadline, _endpoint_errors, _metering
+from chatchain import _deadline, _endpoint_errors, _metering, _pending
 from chatchain._journal import Journal, JournaledTurn, replay_in_background
 from chatchain._metering import Estimate
 from chatchain._money import format_usd
@@ -367,6 +371,9 @@ class Turn:
     stream_events: bool = False
     """Whether the turn's stream yields tool events besides the model's chunks."""
     _open: tuple[AIMessage, dict[str, ToolMessage]] | None = None  # a step whose tools run
+    entry_id: str = field(default_factory=lambda: uuid4().hex)
+    """The id of the turn's ledger entry, chosen before its call is sent (see `_pending`)."""
+    _ahead: _pending.WriteAhead | None = None  # the store's record of this turn in flight
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -424,11 +431,21 @@ class Turn:
         with self._ending:
             self._ended = True
         self.release()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.kept:
+            _pending.log_failure(
+                ahead, "drop", ahead.store.drop_pending, self.session_id, ahead.token
+            )
 
     async def aend(self) -> None:
         """`end` for async callers (no worker there: async calls are cancelled)."""
         self._ended = True
         await self.arelease()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.kept:
+            await _pending.alog_failure(
+                ahead, "drop", ahead.store.adrop_pending(self.session_id, ahead.token)
+            )
 
     def storable(self, reply: BaseMessage) -> BaseMessage:
         """``reply`` as a store can keep it: invalid code points replaced by U+FFFD.
@@ -572,17 +589,69 @@ class Turn:
         """
         if self._ended or self.expired:
             raise self.deadline_error()
-        self._count_prompt = count_prompt
+        self._count_prompt = count_prompt = _pending.once(count_prompt)
         self._spent = (self.handler.prompt_tokens, self.handler.completion_tokens)
         if self.budgeted:
             self._take_hold(count_prompt())
+        store = _pending.store_of(self.spec)
+        if store is not None:
+            ahead = self._ahead = self._ahead or _pending.WriteAhead.open(self, store)
+            ahead.written(store.write_pending(self.session_id, ahead.token, self._sent(ahead)))
 
     async def asending(self, count_prompt: Callable[[], int]) -> None:
         """`sending` for async callers."""
-        self._count_prompt = count_prompt
+        self._count_prompt = count_prompt = _pending.once(count_prompt)
         self._spent = (self.handler.prompt_tokens, self.handler.completion_tokens)
         if self.budgeted:
             await self._atake_hold(count_prompt())
+        store = _pending.store_of(self.spec)
+        if store is not None:
+            ahead = self._ahead = self._ahead or _pending.WriteAhead.open(self, store)
+            text = self._sent(ahead)
+            ahead.written(await store.awrite_pending(self.session_id, ahead.token, text))
+
+    # -- the write-ahead record of the turn (see `_pending`) -----------------------------------
+
+    def _sent(self, ahead: _pending.WriteAhead) -> str:
+        """The record of a call about to go out: before it does, the store keeps it."""
+        assert self._count_prompt is not None
+        prompt, reply = self._spent
+        return ahead.sending(self._count_prompt() + prompt, reply, self._hold)
+
+    def recover(self) -> None:
+        """Store first the turn a crash cut off on this session, if any (the lock is held)."""
+        if _pending.recover(self.spec, self.session_id, self.fence):
+            self.notice(_pending.RECOVERED)
+
+    async def arecover(self) -> None:
+        """`recover` for async callers."""
+        if await _pending.arecover(self.spec, self.session_id, self.fence):
+            self.notice(_pending.RECOVERED)
+
+    def checkpoint(self) -> None:
+        """Keep the reply so far in the turn's record, if a checkpoint is due (cheap if not)."""
+        ahead = self._ahead
+        if ahead is None or time.monotonic() < ahead.due:
+            return
+        text = ahead.checkpoint(self._text_so_far())
+        if text is not None:
+            _pending.log_failure(
+                ahead, "checkpoint", ahead.store.write_pending, self.session_id, ahead.token, text
+            )
+
+    async def acheckpoint(self) -> None:
+        """`checkpoint` for async callers."""
+        ahead = self._ahead
+        if ahead is None or time.monotonic() < ahead.due:
+            return
+        text = ahead.checkpoint(self._text_so_far())
+        if text is not None:
+            await _pending.alog_failure(
+                ahead, "checkpoint", ahead.store.awrite_pending(self.session_id, ahead.token, text)
+            )
+
+    def _text_so_far(self) -> str:
+        return "".join(c.content for c in self._chunks if isinstance(c.content, str))
 
     @property
     def budgeted(self) -> bool:
@@ -790,7 +859,7 @@ class Turn:
             # and what it generated: count them here rather than record 0.
             counter = self.spec.recall.counter
             estimate = Estimate(self._count_prompt(), counter([AIMessage(reply.content)]))
-        return _metering.entry_from(
+        entry = _metering.entry_from(
             self.handler,
             session_id=self.session_id,
             user_id=self.user_id,
@@ -801,6 +870,7 @@ class Turn:
             estimate=estimate,
             configured_model=self.spec.default_model,
         )
+        return replace(entry, id=self.entry_id)  # the id its write-ahead record names
 
     def _recorded(self, entry: UsageEntry, reply: BaseMessage) -> list[BaseMessage]:
         self.entry = entry
@@ -1049,6 +1119,7 @@ class Turn:
             latency_s=time.perf_counter() - self.started,
             configured_model=self.spec.default_model,
         )
+        entry = replace(entry, id=self.entry_id)
         self.entry, self.usage = entry, entry.usage()
         return entry
 

@@ -311,6 +311,7 @@ class ChatChain(HistoryRunnable):
         with self._lock(turn.session_id) as turn.fence:
             try:
                 turn.replay()
+                turn.recover()
                 turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
@@ -344,6 +345,7 @@ class ChatChain(HistoryRunnable):
         async with self._alock(turn.session_id) as turn.fence:
             try:
                 await turn.areplay()
+                await turn.arecover()
                 turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
@@ -420,6 +422,7 @@ class ChatChain(HistoryRunnable):
         with self._lock(turn.session_id) as turn.fence:
             try:
                 turn.replay()
+                turn.recover()
                 turn.start_deadline()
                 turn.summarize()
                 turn.start_clock()
@@ -431,6 +434,7 @@ class ChatChain(HistoryRunnable):
                                 continue
                         else:
                             turn.add_chunk(chunk)
+                            turn.checkpoint()
                         yield chunk
                 except GeneratorExit:
                     inner.close()
@@ -491,6 +495,7 @@ class ChatChain(HistoryRunnable):
         async with self._alock(turn.session_id) as turn.fence:
             try:
                 await turn.areplay()
+                await turn.arecover()
                 turn.start_deadline()
                 await turn.asummarize()
                 turn.start_clock()
@@ -510,6 +515,7 @@ class ChatChain(HistoryRunnable):
                                 continue
                         else:
                             turn.add_chunk(chunk)
+                            await turn.acheckpoint()
                         yield chunk
                 except (GeneratorExit, asyncio.CancelledError):
                     await inner.aclose()

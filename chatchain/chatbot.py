@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -17,13 +18,22 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel
 
+from chatchain._pending import recover, recover_session
 from chatchain._structured import with_schema
 from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain._turn import Turn, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain
+from chatchain.errors import MissingAPIKeyError, SessionBusyError
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
-from chatchain.stores import HistoryBackend, HistoryStore, SessionInfo, as_store, open_store
+from chatchain.stores import (
+    Fence,
+    HistoryBackend,
+    HistoryStore,
+    SessionInfo,
+    as_store,
+    open_store,
+)
 from chatchain.stores._export import read_export
 from chatchain.usage import (
     Budget,
@@ -36,6 +46,8 @@ from chatchain.usage import (
 )
 
 __all__ = ["AsyncReplyStream", "Chatbot", "Reply", "ReplyStream"]
+
+logger = logging.getLogger("chatchain")
 
 DEFAULT_SESSION = "default"
 
@@ -501,10 +513,53 @@ class Chatbot:
         budgets must not be escaped by a reset.
         """
         session_id = validate_session_id(session_id)
-        with self.store.lock(session_id):
+        with self.store.lock(session_id) as fence:
+            if self.store.read_pending(session_id) is not None:
+                self._recover_before_reset(session_id, fence)
             self.store.delete(session_id)
 
     delete = reset
+
+    def _recover_before_reset(self, session_id: str, fence: Fence | None) -> None:
+        """A turn a crash cut off: its bill goes to the ledger before the session goes."""
+        try:
+            spec = self.chain._spec
+        except MissingAPIKeyError:  # pricing it needs the model's settings: left for later
+            logger.warning(
+                "Session %r holds a turn cut off by a crash; without OPENAI_API_KEY (or "
+                "OPENAI_BASE_URL) it is left for the session's next turn to record.",
+                session_id,
+            )
+            return
+        recover(spec, session_id, fence)
+
+    def recover_crashed_turns(self) -> list[str]:
+        """Store the turns that processes killed mid-turn left behind; return their sessions.
+
+        The next turn on such a session does this first anyway; this sweep (``chatchain
+        serve`` runs it when it starts) also closes the turns of sessions no one comes back
+        to: the user's message kept, the reply so far marked interrupted (reason
+        ``"crashed"``), the call recorded in the ledger as estimated and its budget hold
+        ended. A session whose turn is still running elsewhere waits for it (and then has
+        nothing to recover); one still busy after the lock timeout is left for later.
+
+        Example:
+            >>> from chatchain.testing import FakeChatModel
+            >>> Chatbot(llm=FakeChatModel()).recover_crashed_turns()
+            []
+        """
+        pending = self.store.pending_sessions()
+        if not pending:  # the common case: no chain (and no API key) needed
+            return []
+        spec = self.chain._spec
+        recovered = []
+        for session_id in pending:
+            try:
+                if recover_session(spec, session_id):
+                    recovered.append(session_id)
+            except SessionBusyError:
+                continue  # a live turn holds it: its own end drops its record
+        return recovered
 
     def prune(self, older_than: timedelta) -> list[str]:
         """Delete the sessions idle for longer than ``older_than``; return their ids.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -80,6 +82,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _recover_in_background(service.bot)
         try:
             yield
         finally:
@@ -177,3 +180,26 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replayed
+
+
+def _recover_in_background(bot: Chatbot) -> None:
+    """Close the turns a killed worker or instance left in the store, without delaying the
+    start (`Chatbot.recover_crashed_turns`; a session's next turn does it too)."""
+
+    def sweep() -> None:
+        try:
+            recovered = bot.recover_crashed_turns()
+        except Exception as exc:  # the service runs without it: each session recovers its own
+            logging.getLogger("chatchain").warning(
+                "Could not store the turns of crashed processes now (%s); each is stored by "
+                "its session's next turn.",
+                exc,
+            )
+            return
+        if recovered:
+            logging.getLogger("chatchain").warning(
+                "Stored %d turn(s) cut off by a crashed process, marked interrupted.",
+                len(recovered),
+            )
+
+    threading.Thread(target=sweep, name="chatchain-recover", daemon=True).start()

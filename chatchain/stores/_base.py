@@ -39,6 +39,7 @@ from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage
 from chatchain.users import User
 
 __all__ = [
+    "DEFAULT_LEASE",
     "EXPORT_FORMAT",
     "USER_CHANGES",
     "Fence",
@@ -57,6 +58,13 @@ __all__ = [
 ]
 
 EXPORT_FORMAT = "chatchain.session/1"
+
+DEFAULT_LEASE = 10.0
+"""Seconds a session's lock outlives a process that died holding it (SQLite and Redis; a
+PostgreSQL lock goes with its connection at once). A live holder renews it every third of
+that, so it never bounds a turn; it is short so that the session of a killed process is
+usable again within seconds. A process stalled for longer loses its lock, and the fence then
+refuses its reply (`SessionLockLostError`)."""
 
 
 def dump_message(message: BaseMessage) -> str:
@@ -482,6 +490,48 @@ class HistoryStore(HistoryBackend, SummaryBackend, LockBackend, LedgerBackend):
         await asyncio.to_thread(
             partial(self.commit_turn, release=release, fence=fence), session_id, messages, entry
         )
+
+    # -- write-ahead records of turns in flight (see `chatchain._pending`) -------------------
+
+    def write_pending(self, session_id: str, token: str, record: str) -> bool:
+        """Keep ``record`` as the write-ahead record of the session's turn in flight.
+
+        A session has at most one, named by its turn's ``token``: the write stores it when
+        the session has none, replaces it when it has this token's, and changes nothing when
+        another turn's record is there (a turn that lost its lock cannot overwrite the
+        record of the one that took over). The record is opaque text (JSON) to the store.
+
+        This default keeps nothing: a store that cannot keep records does not recover the
+        turns of a crashed process.
+
+        Returns:
+            Whether the record was stored.
+        """
+        return False
+
+    def read_pending(self, session_id: str) -> tuple[str, str] | None:
+        """The session's write-ahead record as ``(token, record)``, or ``None``."""
+        return None
+
+    def drop_pending(self, session_id: str, token: str) -> bool:
+        """Delete the session's write-ahead record if it is ``token``'s; True if it was."""
+        return False
+
+    def pending_sessions(self) -> list[str]:
+        """The sessions that hold a write-ahead record (a turn in flight, or a crashed one)."""
+        return []
+
+    async def awrite_pending(self, session_id: str, token: str, record: str) -> bool:
+        """`write_pending` for async callers."""
+        return await asyncio.to_thread(self.write_pending, session_id, token, record)
+
+    async def aread_pending(self, session_id: str) -> tuple[str, str] | None:
+        """`read_pending` for async callers."""
+        return await asyncio.to_thread(self.read_pending, session_id)
+
+    async def adrop_pending(self, session_id: str, token: str) -> bool:
+        """`drop_pending` for async callers."""
+        return await asyncio.to_thread(self.drop_pending, session_id, token)
 
     def close(self) -> None:
         """Release connections and files."""

@@ -198,6 +198,7 @@ class MemoryStore(MemoryLedger, MemoryUsers, HistoryStore):
         self._created: dict[str, datetime] = {}
         self._updated: dict[str, datetime] = {}
         self._summaries: dict[str, Summary] = {}
+        self._pending: dict[str, tuple[str, str]] = {}  # session id -> (token, record)
         MemoryLedger.__init__(self)
         MemoryUsers.__init__(self)
         self._locks = SessionLocks(lock_timeout)
@@ -285,6 +286,39 @@ class MemoryStore(MemoryLedger, MemoryUsers, HistoryStore):
                 self._summaries.pop(session_id, None)
             else:
                 self._summaries[session_id] = summary
+
+    def write_pending(self, session_id: str, token: str, record: str) -> bool:
+        with self._guard:
+            held = self._pending.get(session_id)
+            if held is not None and held[0] != token:
+                return False
+            self._pending[session_id] = (token, record)
+            return True
+
+    def read_pending(self, session_id: str) -> tuple[str, str] | None:
+        with self._guard:
+            return self._pending.get(session_id)
+
+    def drop_pending(self, session_id: str, token: str) -> bool:
+        with self._guard:
+            held = self._pending.get(session_id)
+            if held is None or held[0] != token:
+                return False
+            del self._pending[session_id]
+            return True
+
+    def pending_sessions(self) -> list[str]:
+        with self._guard:
+            return sorted(self._pending)
+
+    async def awrite_pending(self, session_id: str, token: str, record: str) -> bool:
+        return self.write_pending(session_id, token, record)  # no I/O: no thread
+
+    async def aread_pending(self, session_id: str) -> tuple[str, str] | None:
+        return self.read_pending(session_id)
+
+    async def adrop_pending(self, session_id: str, token: str) -> bool:
+        return self.drop_pending(session_id, token)
 
     def lock(self, session_id: str) -> AbstractContextManager[Fence | None]:
         return self._locks.locked(session_id)  # in one process a lock cannot be lost: no fence

@@ -264,3 +264,19 @@ def m006_usage_days(conn: sqlite3.Connection) -> None:
             FROM usage WHERE {key} IS NOT NULL GROUP BY {key}, substr(at, 1, 10)
             """
         )
+
+
+@migration
+def m007_pending_turns(conn: sqlite3.Connection) -> None:
+    # The write-ahead record of each session's turn in flight (`chatchain._pending`): kept
+    # before its request goes out, dropped once the turn is stored; one a crash leaves
+    # behind is stored as an interrupted turn by the next holder of the session's lock.
+    conn.execute(
+        """
+        CREATE TABLE pending_turns (
+            session_id TEXT PRIMARY KEY,
+            token TEXT NOT NULL,
+            record TEXT NOT NULL
+        ) WITHOUT ROWID
+        """
+    )

@@ -308,6 +308,17 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
         "0007_sessions_by_id",
         ['CREATE INDEX IF NOT EXISTS {sessions_id} ON {sessions} (session_id COLLATE "C")'],
     ),
+    (
+        # The write-ahead record of each session's turn in flight (`chatchain._pending`).
+        "0008_pending_turns",
+        [
+            """CREATE TABLE IF NOT EXISTS {pending_turns} (
+                session_id text PRIMARY KEY,
+                token text NOT NULL,
+                record text NOT NULL
+            )"""
+        ],
+    ),
 ]
 
 
@@ -348,6 +359,7 @@ class _Sql:
             "budget_holds",
             "users",
             "usage_days",
+            "pending_turns",
         )
         names = {name: sql.Identifier(f"{prefix}_{name}") for name in tables}
 
@@ -454,6 +466,19 @@ class _Sql:
         self.entries = q(f"SELECT {entry_columns} FROM {{usage}}")
         self.entries_order = q(" ORDER BY at, seq")
         self.release_hold = q("DELETE FROM {budget_holds} WHERE id = %s")
+        # -- write-ahead records of turns in flight --
+        # Stored when the session has none, replaced when it is the same token's: RETURNING
+        # yields a row only then.
+        self.write_pending = q(
+            "INSERT INTO {pending_turns} AS p (session_id, token, record) VALUES (%s, %s, %s)"
+            " ON CONFLICT (session_id) DO UPDATE SET record = excluded.record"
+            " WHERE p.token = excluded.token RETURNING 1"
+        )
+        self.read_pending = q("SELECT token, record FROM {pending_turns} WHERE session_id = %s")
+        self.drop_pending = q(
+            "DELETE FROM {pending_turns} WHERE session_id = %s AND token = %s RETURNING 1"
+        )
+        self.pending_sessions = q("SELECT session_id FROM {pending_turns} ORDER BY session_id")
         # -- users --
         user_columns = "name, created_at, budget_usd, daily_usd, monthly_usd, revoked, token_hash"
         self.add_user = q(
@@ -1078,6 +1103,33 @@ class PostgresStore(HistoryStore, UserBackend):
 
     async def aset_summary(self, session_id: str, summary: Summary) -> None:
         await self._afetch(self._sql.set_summary, (session_id, summary.text, summary.covers))
+
+    # -- write-ahead records of turns in flight ----------------------------------------------
+
+    def write_pending(self, session_id: str, token: str, record: str) -> bool:
+        return bool(self._fetch(self._sql.write_pending, (session_id, token, record)))
+
+    async def awrite_pending(self, session_id: str, token: str, record: str) -> bool:
+        return bool(await self._afetch(self._sql.write_pending, (session_id, token, record)))
+
+    def read_pending(self, session_id: str) -> tuple[str, str] | None:
+        for token, record in self._fetch(self._sql.read_pending, (session_id,)):
+            return str(token), str(record)
+        return None
+
+    async def aread_pending(self, session_id: str) -> tuple[str, str] | None:
+        for token, record in await self._afetch(self._sql.read_pending, (session_id,)):
+            return str(token), str(record)
+        return None
+
+    def drop_pending(self, session_id: str, token: str) -> bool:
+        return bool(self._fetch(self._sql.drop_pending, (session_id, token)))
+
+    async def adrop_pending(self, session_id: str, token: str) -> bool:
+        return bool(await self._afetch(self._sql.drop_pending, (session_id, token)))
+
+    def pending_sessions(self) -> list[str]:
+        return [str(sid) for (sid,) in self._fetch(self._sql.pending_sessions)]
 
     # -- usage ledger ------------------------------------------------------------------------
 

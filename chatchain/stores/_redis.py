@@ -94,6 +94,7 @@ from langchain_core.messages import BaseMessage
 from chatchain._locks import SessionLocks, apoll, busy_error, poll
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
+    DEFAULT_LEASE,
     Fence,
     HistoryStore,
     SessionInfo,
@@ -356,6 +357,25 @@ return 0
 """
 )
 
+# The write-ahead record of a session's turn in flight (`chatchain._pending`). KEYS: the
+# tokens hash, the records hash (both keyed by raw session id). ARGV: session id, token,
+# record. Stored when the session has none, replaced when it is the same token's; 1 if so.
+_WRITE_PENDING = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held and held ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+# Drop it if it is the token's. KEYS and ARGV as above, without the record. 1 if dropped.
+_DROP_PENDING = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
 # Add a user unless the name is taken. KEYS: user, token, users. ARGV: name, created (us),
 # budget, daily, monthly, revoked, token hash. Returns 1 when added, 0 when the name is taken.
 _ADD_USER = """
@@ -524,7 +544,7 @@ class RedisStore(HistoryStore, UserBackend):
         *,
         lock_timeout: float = 120.0,
         prefix: str = "chatchain",
-        lease: float = 30.0,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         try:
             import redis
@@ -575,6 +595,9 @@ class RedisStore(HistoryStore, UserBackend):
         self._update_user_script = self._client.register_script(_UPDATE_USER)
         self._find_user_script = self._client.register_script(_FIND_USER)
         self._users = f"{prefix}:users"
+        self._pending = [f"{prefix}:pending", f"{prefix}:pending:records"]
+        self._write_pending_script = self._client.register_script(_WRITE_PENDING)
+        self._drop_pending_script = self._client.register_script(_DROP_PENDING)
         self._locks = SessionLocks(lock_timeout)
         self._guard = threading.Lock()
         self._aclients: dict[
@@ -589,7 +612,7 @@ class RedisStore(HistoryStore, UserBackend):
         *,
         lock_timeout: float = 120.0,
         prefix: str = "chatchain",
-        lease: float = 30.0,
+        lease: float = DEFAULT_LEASE,
     ) -> RedisStore:
         """The store at ``url`` (see `chatchain.stores.open_store`)."""
         return cls(url, lock_timeout=lock_timeout, prefix=prefix, lease=lease)
@@ -901,6 +924,37 @@ class RedisStore(HistoryStore, UserBackend):
         key = self._key("meta", session_id)
         fields = {"summary": summary.text, "covers": summary.covers}
         await self._arun(lambda pipe: pipe.hset(key, mapping=fields), transaction=False)
+
+    # -- write-ahead records of turns in flight ----------------------------------------------
+
+    def write_pending(self, session_id: str, token: str, record: str) -> bool:
+        args = [session_id, token, record]
+        return bool(self._eval(self._write_pending_script, self._pending, args))
+
+    async def awrite_pending(self, session_id: str, token: str, record: str) -> bool:
+        return bool(await self._aeval(_WRITE_PENDING, self._pending, [session_id, token, record]))
+
+    def read_pending(self, session_id: str) -> tuple[str, str] | None:
+        token, record = self._run(
+            lambda pipe: [pipe.hget(key, session_id) for key in self._pending]
+        )
+        return None if token is None or record is None else (token, record)
+
+    async def aread_pending(self, session_id: str) -> tuple[str, str] | None:
+        token, record = await self._arun(
+            lambda pipe: [pipe.hget(key, session_id) for key in self._pending]
+        )
+        return None if token is None or record is None else (token, record)
+
+    def drop_pending(self, session_id: str, token: str) -> bool:
+        return bool(self._eval(self._drop_pending_script, self._pending, [session_id, token]))
+
+    async def adrop_pending(self, session_id: str, token: str) -> bool:
+        return bool(await self._aeval(_DROP_PENDING, self._pending, [session_id, token]))
+
+    def pending_sessions(self) -> list[str]:
+        with self._failures():
+            return sorted(cast("list[str]", self._client.hkeys(self._pending[0])))
 
     # -- usage ledger ------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from langchain_core.messages import BaseMessage
 from chatchain._locks import SessionLocks, apoll, busy_error, poll
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
+    DEFAULT_LEASE,
     Fence,
     HistoryStore,
     SessionInfo,
@@ -348,7 +349,11 @@ class SQLiteStore(HistoryStore, UserBackend):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, lock_timeout: float = 120.0, lease: float = 30.0
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 120.0,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         try:
             import sqlite3
@@ -400,7 +405,9 @@ class SQLiteStore(HistoryStore, UserBackend):
             raise
 
     @classmethod
-    def from_url(cls, url: str, *, lock_timeout: float = 120.0, lease: float = 30.0) -> SQLiteStore:
+    def from_url(
+        cls, url: str, *, lock_timeout: float = 120.0, lease: float = DEFAULT_LEASE
+    ) -> SQLiteStore:
         """The store at ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (``~`` allowed).
 
         Raises:
@@ -541,6 +548,44 @@ class SQLiteStore(HistoryStore, UserBackend):
                 _append(conn, session_id, texts)
         if not owned:
             raise lock_lost(session_id, messages)
+
+    # -- write-ahead records of turns in flight ----------------------------------------------
+
+    def write_pending(self, session_id: str, token: str, record: str) -> bool:
+        with self._write("keep a turn in flight") as conn:
+            return (
+                conn.execute(
+                    """
+                    INSERT INTO pending_turns (session_id, token, record) VALUES (?, ?, ?)
+                    ON CONFLICT (session_id) DO UPDATE SET record = excluded.record
+                    WHERE pending_turns.token = excluded.token
+                    """,
+                    (session_id, token, record),
+                ).rowcount
+                == 1
+            )
+
+    def read_pending(self, session_id: str) -> tuple[str, str] | None:
+        with self._connection("read a turn in flight") as conn:
+            row = conn.execute(
+                "SELECT token, record FROM pending_turns WHERE session_id = ?", (session_id,)
+            ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def drop_pending(self, session_id: str, token: str) -> bool:
+        with self._write("end a turn in flight") as conn:
+            return (
+                conn.execute(
+                    "DELETE FROM pending_turns WHERE session_id = ? AND token = ?",
+                    (session_id, token),
+                ).rowcount
+                == 1
+            )
+
+    def pending_sessions(self) -> list[str]:
+        with self._connection("list turns in flight") as conn:
+            rows = conn.execute("SELECT session_id FROM pending_turns ORDER BY session_id")
+            return [session_id for (session_id,) in rows.fetchall()]
 
     def load(self, session_id: str, start: int = 0, stop: int | None = None) -> list[BaseMessage]:
         # One statement, so one consistent snapshot: negative bounds count back from the

@@ -20,7 +20,10 @@ import time
 
 import pytest
 
+from chatchain import Chatbot, Settings
+from chatchain._pending import CRASHED
 from chatchain.stores import open_store
+from chatchain.testing import OpenAITestServer
 
 pytestmark = pytest.mark.slow  # kills processes mid-turn, many times
 
@@ -82,6 +85,77 @@ def test_a_kill_at_any_moment_leaves_no_billed_turn_without_its_messages(
     broken, saved = kill_many(url, KILLS)
     assert saved > 0  # the kills landed among turns
     assert broken == 0
+
+
+# A streaming turn against the test server, told when it is mid-reply (with a checkpoint of
+# the reply so far behind it: they are written at most every second).
+_STREAMER = """
+import sys, time
+from chatchain import Chatbot, Settings
+
+url, base_url, session_id = sys.argv[1:4]
+settings = Settings(api_key="sk-test", base_url=base_url, store=url, summarize=False,
+                    max_retries=0, budget_session_tokens=1_000_000)
+bot = Chatbot(settings)
+started = None
+for piece in bot.stream("Tell me a long story", session_id=session_id):
+    started = started or time.monotonic()
+    if time.monotonic() - started > 1.5:
+        print("mid-reply", flush=True)
+        time.sleep(60)  # killed here
+"""
+
+STORY = " ".join(f"word{i}" for i in range(400))
+
+
+def kill_mid_stream(url: str, server: OpenAITestServer, session_id: str) -> float:
+    """Kill (SIGKILL) a process streaming a turn mid-reply; return when, by the monotonic clock."""
+    server.queue_replies(STORY)
+    with subprocess.Popen(
+        [sys.executable, "-c", _STREAMER, url, server.base_url, session_id],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "mid-reply"
+        finally:
+            child.kill()
+            child.wait(30)
+    return time.monotonic()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+def test_a_stream_killed_mid_reply_keeps_the_message_and_the_bill(
+    backend: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = request.getfixturevalue(f"{backend}_url")
+    session_id = f"streamed-{time.time_ns()}"
+    with OpenAITestServer(chunk_interval=0.02) as server:
+        killed_at = kill_mid_stream(url, server, session_id)
+        calls = len(server.requests)
+        settings = Settings(
+            api_key="sk-test", base_url=server.base_url, store=url, summarize=False, max_retries=0
+        )
+        bot = Chatbot(settings)
+        try:
+            reply = bot.chat("Are you there?", session_id=session_id)  # waits for the lock
+            usable_after = time.monotonic() - killed_at
+            messages = bot.history(session_id)
+            entries = [e for e in bot.usage_entries(session_id=session_id) if not e.summary]
+        finally:
+            bot.close()
+        calls = len(server.requests)
+    assert reply.text == "Echo: Are you there?"
+    assert [m.type for m in messages] == ["human", "ai", "human", "ai"]
+    assert messages[0].content == "Tell me a long story"
+    cut = messages[1]
+    assert cut.response_metadata["interrupted_reason"] == CRASHED
+    assert str(cut.content).startswith("word0 word1") and len(str(cut.content)) < len(STORY)
+    assert len(entries) == calls == 2  # every call the endpoint served is in the ledger
+    assert entries[0].estimated and entries[0].completion_tokens > 0
+    assert usable_after < 30  # the lease (10 s) at most, with room for a loaded machine
+    with capsys.disabled():
+        print(f"\n{backend}: the killed session's next turn succeeded {usable_after:.1f} s later")
 
 
 if __name__ == "__main__":

@@ -519,7 +519,8 @@ def test_a_full_disk_keeps_whole_turns_and_their_entries_then_recovers(tiny_disk
     bot = Chatbot(settings(window_turns=2), llm=fake, store=store)
     try:
         bot.chat("before the disk fills", session_id=SID)
-        filler = fill(tiny_disk, leave=64 * 1024)
+        # Room for a few turns (each writes its write-ahead record, the turn, and the drop).
+        filler = fill(tiny_disk, leave=256 * 1024)
         turns = 0
         with pytest.raises(StoreError, match="disk is full") as caught:
             for turns in range(1, 200):  # until the disk is full
