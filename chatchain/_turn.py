@@ -1296,10 +1296,13 @@ class BudgetedModel(Runnable[Any, Any]):
         turn = (config or {}).get("configurable", {}).get(TURN_KEY)
         return turn if isinstance(turn, Turn) and turn.reply_limit is not None else None
 
-    def _limited(self, turn: Turn | None) -> Runnable[Any, Any]:
+    @staticmethod
+    def _limited(turn: Turn | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments, with the ``max_tokens`` of its hold (an argument of the call
+        rather than a binding: the response cache's key then has it however it is called)."""
         if turn is None or turn.reply_limit is None:
-            return self.model
-        return self.model.bind(max_tokens=turn.reply_limit)
+            return kwargs
+        return {**kwargs, "max_tokens": turn.reply_limit}
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         if self._turn(config) is None:
@@ -1315,7 +1318,7 @@ class BudgetedModel(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         turn = self._turn(config)
-        inner = self._limited(turn).stream(input, config, **kwargs)
+        inner = self.model.stream(input, config, **self._limited(turn, kwargs))
         if turn is None:
             yield from inner
             return
@@ -1336,7 +1339,7 @@ class BudgetedModel(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         turn = self._turn(config)
-        inner = self._limited(turn).astream(input, config, **kwargs)
+        inner = self.model.astream(input, config, **self._limited(turn, kwargs))
         if turn is None:
             async for chunk in inner:
                 yield chunk
