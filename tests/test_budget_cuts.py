@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import BaseModel
 
 from chatchain import BudgetExceeded, Chatbot, ModelPrice, Settings
 from chatchain._money import format_usd
@@ -242,3 +243,30 @@ def test_usd_refusals_write_small_amounts_readably(settings: Settings) -> None:
     assert "$0.0000 " not in message and "$0.0000." not in message
     assert f"needs at least {format_usd(info.value.needed_usd)}" in message
     assert "the cap for session 's' is $0.0000010" in message
+
+
+class Story(BaseModel):
+    text: str
+
+
+def test_a_structured_reply_past_its_hold_is_recorded_whole_with_a_notice(
+    settings: Settings,
+) -> None:
+    # A structured reply is validated whole, so it is not streamed nor cut: what the
+    # endpoint billed past the hold is recorded, and the reply says so.
+    with OpenAITestServer() as server:
+        server.add_fault(Fault(ignore_max_tokens=True))
+        server.queue_json({"text": LONG[:2000]})
+        values = {"base_url": server.base_url, "max_tokens": 20, "max_retries": 0}
+        bot = Chatbot(priced(settings, budget_total_usd=1.0, **values))
+
+        reply = bot.chat("a story", session_id="s", schema=Story)
+        billed = server.billed
+
+    (entry,) = bot.usage_entries()
+    assert entry.completion_tokens == billed["completion_tokens"] > 400
+    assert reply.notices[0] == (
+        f"The endpoint billed {entry.completion_tokens:,} reply tokens although this call was "
+        "sent with max_tokens=20 and held that much in the budget: all "
+        f"{entry.completion_tokens:,} are recorded, so the cap may be passed by the difference."
+    )

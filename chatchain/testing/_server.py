@@ -196,7 +196,8 @@ class Fault:
     ``malformed``, else ``cut_after`` (for streamed requests; a non-streamed request is
     answered normally, but still uses up the fault).
 
-    The hostile modes (``keep_alive``, ``drip``, ``answer_model``, ``lone_surrogate``) shape
+    The hostile modes (``keep_alive``, ``drip``, ``answer_model``, ``lone_surrogate``,
+    ``ignore_max_tokens``) shape
     an otherwise normal reply; a trickle ends by itself, then the reply is completed, so that a
     client without a whole-request deadline waits it out and succeeds.
 
