@@ -197,9 +197,9 @@ class Fault:
     answered normally, but still uses up the fault).
 
     The hostile modes (``keep_alive``, ``drip``, ``answer_model``, ``lone_surrogate``,
-    ``ignore_max_tokens``) shape
-    an otherwise normal reply; a trickle ends by itself, then the reply is completed, so that a
-    client without a whole-request deadline waits it out and succeeds.
+    ``ignore_max_tokens``) shape an otherwise normal reply; a trickle ends by itself, then the
+    reply is completed, so that a client without a whole-request deadline waits it out and
+    succeeds.
 
     Attributes:
         status: Reply with this HTTP status (400-599) and an OpenAI-style error body
