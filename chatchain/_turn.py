@@ -48,6 +48,7 @@ from langchain_core.messages import (
     message_chunk_to_message,
 )
 from langchain_core.messages.ai import add_ai_message_chunks
+from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
@@ -55,6 +56,7 @@ from chatchain import _deadline, _endpoint_errors, _metering, _pending
 from chatchain._journal import Journal, JournaledTurn, replay_in_background
 from chatchain._metering import Estimate
 from chatchain._money import format_usd
+from chatchain._tokens import TokenCounter
 from chatchain._tools import INTERRUPTED, Toolbox, ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain.errors import (
     BudgetExceeded,
@@ -79,7 +81,14 @@ from chatchain.usage import (
 )
 from chatchain.window import Recall, SummaryCall
 
-__all__ = ["MAX_SESSION_ID_LENGTH", "BudgetedModel", "Turn", "TurnSpec", "validate_session_id"]
+__all__ = [
+    "CUT_AT_HOLD",
+    "MAX_SESSION_ID_LENGTH",
+    "BudgetedModel",
+    "Turn",
+    "TurnSpec",
+    "validate_session_id",
+]
 
 logger = logging.getLogger("chatchain")
 
@@ -97,6 +106,12 @@ is refused with `BudgetExceeded`; one that can is sent with ``max_tokens`` cut t
 pay for (and a notice when that cut the reply)."""
 
 _PRICE_PROBE = 1_000_000  # reply tokens priced at once to find the price of one
+
+_NO_HITS = _metering.CacheHits()
+
+CUT_AT_HOLD = "cut_at_hold"
+"""The ``response_metadata`` key (``True``) of a reply chatchain stopped reading at its budget
+hold because the endpoint went on past the ``max_tokens`` it was sent with."""
 
 TURN_KEY = "__chatchain_turn"
 """Where a run's configurable carries its `Turn` (``__``: LangChain never copies it to tracing)."""
@@ -374,6 +389,11 @@ class Turn:
     entry_id: str = field(default_factory=lambda: uuid4().hex)
     """The id of the turn's ledger entry, chosen before its call is sent (see `_pending`)."""
     _ahead: _pending.WriteAhead | None = None  # the store's record of this turn in flight
+    _metered: bool = False
+    """Whether what the endpoint billed for the turn's calls is in the ledger (see `end`)."""
+    _hold_size: tuple[int, float] = (0, 0.0)  # tokens and USD of the last hold taken
+    _cut_at_hold: int | None = None  # the reply tokens a call was stopped at (see `ReplyMeter`)
+    _estimated_calls: int = 0  # calls whose usage chatchain counted (the endpoint sent none)
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -427,12 +447,23 @@ class Turn:
             return await call
 
     def end(self) -> None:
-        """The turn is over: give back its budget hold, and shut out a worker it abandoned."""
+        """The turn is over: record what the endpoint billed if nothing else did, give back
+        its budget hold, and shut out a worker it abandoned."""
         with self._ending:
             self._ended = True
-        self.release()
+        try:
+            entry = self._unmetered()
+            if entry is not None:
+                self.spec.ledger.record(entry, release=self._hold)
+                self._unmetered_recorded()
+        except Exception:
+            logger.exception("Session %r: the usage of a turn was not recorded", self.session_id)
+        finally:
+            self.release()
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.kept:
+        # A record whose bill is not in the ledger stays: whoever takes the session next
+        # stores it as a crashed turn, with its estimated usage.
+        if ahead is not None and ahead.kept and self._metered_or_unbilled():
             _pending.log_failure(
                 ahead, "drop", ahead.store.drop_pending, self.session_id, ahead.token
             )
@@ -440,12 +471,50 @@ class Turn:
     async def aend(self) -> None:
         """`end` for async callers (no worker there: async calls are cancelled)."""
         self._ended = True
-        await self.arelease()
+        try:
+            entry = self._unmetered()
+            if entry is not None:
+                await self.spec.ledger.arecord(entry, release=self._hold)
+                self._unmetered_recorded()
+        except Exception:
+            logger.exception("Session %r: the usage of a turn was not recorded", self.session_id)
+        finally:
+            await self.arelease()
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.kept:
+        if ahead is not None and ahead.kept and self._metered_or_unbilled():
             await _pending.alog_failure(
                 ahead, "drop", ahead.store.adrop_pending(self.session_id, ahead.token)
             )
+
+    def _metered_or_unbilled(self) -> bool:
+        """Whether the ledger has all the endpoint billed for the turn (or it billed nothing)."""
+        return self._metered or not (
+            self.handler.successful_requests or self._chunks or self.steps or self._open
+        )
+
+    # Whatever fails between a call's reply and the turn's commit (a notice, a reply that
+    # cannot be merged or stored, a bug), the turn's end runs: it records the calls the
+    # endpoint billed that nothing recorded yet, so the ledger never loses a call.
+
+    def _unmetered(self) -> UsageEntry | None:
+        """The entry of the turn's billed calls when nothing recorded them, else ``None``."""
+        if self._metered:
+            return None
+        if not (self.handler.successful_requests or self._chunks or self.steps or self._open):
+            return None  # nothing was sent, or the endpoint refused it: nothing billed
+        try:
+            reply = self.streamed_reply()
+        except Exception:
+            reply = AIMessage(content="")
+        return self._entry(reply)
+
+    def _unmetered_recorded(self) -> None:
+        self._hold, self._metered = None, True
+        logger.error(
+            "Session %r: the turn failed after the endpoint billed it; its usage was recorded, "
+            "its messages were not stored.",
+            self.session_id,
+        )
 
     def storable(self, reply: BaseMessage) -> BaseMessage:
         """``reply`` as a store can keep it: invalid code points replaced by U+FFFD.
@@ -653,6 +722,29 @@ class Turn:
     def _text_so_far(self) -> str:
         return "".join(c.content for c in self._chunks if isinstance(c.content, str))
 
+    def reply_meter(self) -> ReplyMeter:
+        """A meter of this call's reply, stopping it at the reply tokens held for it."""
+        assert self.reply_limit is not None
+        return ReplyMeter(self.spec.recall.counter, self.reply_limit)
+
+    def cut_at_hold(self, meter: ReplyMeter) -> None:
+        """The endpoint went on past what was held and the call was stopped (see
+        `ReplyMeter`): it never sends its usage then, so what it billed is counted here, the
+        prompt and every reply token that arrived, and metered as the call's usage."""
+        prompt = self._count_prompt() if self._count_prompt is not None else 0
+        usage = {
+            "input_tokens": prompt,
+            "output_tokens": meter.counted,
+            "total_tokens": prompt + meter.counted,
+        }
+        model = self.spec.default_model or ""
+        message = AIMessage(
+            content="", usage_metadata=usage, response_metadata={"model_name": model}
+        )
+        self.handler.on_llm_end(LLMResult(generations=[[ChatGeneration(message=message)]]))
+        self._cut_at_hold = meter.limit
+        self._estimated_calls += 1
+
     @property
     def budgeted(self) -> bool:
         """Whether any cap applies to this turn: the budget's, or the call's own."""
@@ -750,6 +842,7 @@ class Turn:
 
     def _held(self, hold: BudgetHold, prompt_tokens: int) -> int:
         self._hold = hold.id
+        self._hold_size = (hold.tokens, hold.cost_usd)
         self.reply_limit = hold.tokens - prompt_tokens - sum(self._spent)
         return self.reply_limit
 
@@ -779,22 +872,26 @@ class Turn:
         in_usd = limit.max_usd is not None and spent_usd + hold.cost_usd > limit.max_usd
         who, cap, setting = _cap_words(limit, in_usd)
         if in_usd:
-            status = f"has spent ${spent_usd:.4f} and this turn needs at least ${hold.cost_usd:.4f}"
+            status = (
+                f"has spent {format_usd(spent_usd)} and this turn needs at least "
+                f"{format_usd(hold.cost_usd)}"
+            )
         else:
             status = (
                 f"has used {spent_tokens:,} tokens and this turn needs at least {hold.tokens:,}"
             )
         in_flight = " (including turns in flight)" if refusal.held_tokens else ""
+        sent = self._sent_so_far()
         if limit.label is None:
             message = (
                 f"Budget exceeded: the cap for {who} is {cap}; it {status}{in_flight}. "
-                f"Nothing was sent or stored. Raise {setting} to go on."
+                f"{sent} Raise {setting} to go on."
             )
         else:
             period = "" if limit.since is None else f" since {limit.since:%Y-%m-%d %H:%M} UTC"
             message = (
                 f"Budget exceeded: {limit.label} of {cap} is reached; {who}{period} {status}"
-                f"{in_flight}. Nothing was sent or stored. {setting}"
+                f"{in_flight}. {sent} {setting}"
             )
         logger.warning("Session %r: %s", self.session_id, message)
         return BudgetExceeded(
@@ -808,6 +905,47 @@ class Turn:
             needed_usd=hold.cost_usd,
             needed_tokens=hold.tokens,
         )
+
+    def _sent_so_far(self) -> str:
+        """What a refused turn had already sent (tool rounds, a summary) and what of it is
+        recorded: the refusal must not say nothing was sent when calls were billed."""
+        handler = self.handler
+        calls = handler.successful_requests - getattr(handler, "hits", _NO_HITS).calls
+        sent = []
+        if calls > 0:
+            tokens = handler.prompt_tokens + handler.completion_tokens
+            plural = "s" if calls > 1 else ""
+            sent.append(f"{calls} earlier call{plural} of this turn ({tokens:,} tokens)")
+        if self.summary_usage is not None:
+            sent.append("the running summary's call")
+        if not sent:
+            return "Nothing was sent or stored."
+        return (
+            f"Nothing more was sent; {' and '.join(sent)} had been sent and billed, and "
+            "are recorded in the usage ledger."
+        )
+
+    def _explain(self, reply: BaseMessage) -> None:
+        """The notices of a turn's reply: cut by the budget, or billed past its hold."""
+        limit = self.reply_limit
+        if limit is None:
+            return
+        if self._cut_at_hold is not None:
+            self.notice(
+                f"The endpoint went on past the {self._cut_at_hold:,} reply tokens this call "
+                "was sent with (max_tokens) and held in the budget, so chatchain stopped "
+                "reading there: the reply is kept cut short (marked cut_at_hold), and its usage "
+                "is recorded as counted here (the endpoint reported none)."
+            )
+            return
+        billed = self.handler.completion_tokens - self._spent[1]
+        if billed > limit:
+            self.notice(
+                f"The endpoint billed {billed:,} reply tokens although this call was sent with "
+                f"max_tokens={limit:,} and held that much in the budget: all {billed:,} are "
+                "recorded, so the cap may be passed by the difference."
+            )
+        self._note_cut(reply)
 
     def _note_cut(self, reply: BaseMessage) -> None:
         """Tell the user when the budget, not their own cap, cut the reply short."""
@@ -851,8 +989,27 @@ class Turn:
     # -- the end of the turn -----------------------------------------------------------------
 
     def _entry(self, reply: BaseMessage) -> UsageEntry:
-        self._note_cut(reply)
+        """The turn's ledger entry. It never raises once the endpoint billed a call: the
+        notices are written apart (a bug there costs a notice, not the entry), and should the
+        entry itself fail to build, what the turn held is recorded instead."""
+        try:
+            self._explain(reply)
+        except Exception:
+            logger.exception("Session %r: a notice of the turn failed", self.session_id)
         model = reply.response_metadata.get("model_name") or self.spec.default_model
+        try:
+            entry = self._metered_entry(reply, model)
+        except Exception:
+            logger.exception(
+                "Session %r: the turn's usage could not be counted; its hold is recorded",
+                self.session_id,
+            )
+            return replace(self._held_entry(model), id=self.entry_id)
+        if self._estimated_calls and not entry.estimated:
+            entry = replace(entry, estimated=True)
+        return entry
+
+    def _metered_entry(self, reply: BaseMessage, model: str | None) -> UsageEntry:
         estimate = None
         if self.handler.total_tokens == 0 and self.has_reply and self._count_prompt is not None:
             # The stream stopped before the endpoint's usage chunk, but it billed the prompt
@@ -871,6 +1028,22 @@ class Turn:
             configured_model=self.spec.default_model,
         )
         return replace(entry, id=self.entry_id)  # the id its write-ahead record names
+
+    def _held_entry(self, model: str | None) -> UsageEntry:
+        """What the turn's hold covered, as an estimated entry (the last resort of `_entry`)."""
+        tokens, usd = self._hold_size
+        counted = self.handler.prompt_tokens + self.handler.completion_tokens
+        return UsageEntry(
+            self.session_id,
+            model=model,
+            prompt_tokens=self.handler.prompt_tokens,
+            completion_tokens=max(0, tokens - self.handler.prompt_tokens),
+            total_tokens=max(tokens, counted),
+            requests=max(1, self.handler.successful_requests),
+            cost_usd=usd if self.budgeted else None,
+            estimated=True,
+            user_id=self.user_id,
+        )
 
     def _recorded(self, entry: UsageEntry, reply: BaseMessage) -> list[BaseMessage]:
         self.entry = entry
@@ -897,12 +1070,12 @@ class Turn:
                     self.session_id, messages, entry, release=self._hold, fence=self.fence
                 )
             except SessionLockLostError as exc:
-                self._hold = None
+                self._hold, self._metered = None, True  # the store kept the usage
                 self._lock_lost(exc)
                 raise
             except StoreError as exc:  # the endpoint billed it: keep it for later
                 _raise_kept(self._journal(messages, entry, exc), exc)
-            self._hold = None
+            self._hold, self._metered = None, True
             return
         # The ledger lives elsewhere: usage first, as the endpoint has billed the call.
         try:
@@ -911,7 +1084,7 @@ class Turn:
             if store is not None:  # the messages go elsewhere: they cannot wait in the journal
                 raise
             _raise_kept(self._journal([], entry, exc), exc)
-        self._hold = None
+        self._hold, self._metered = None, True
         if store is not None:
             store.commit_turn(self.session_id, messages, fence=self.fence)
         else:
@@ -928,12 +1101,12 @@ class Turn:
                     self.session_id, messages, entry, release=self._hold, fence=self.fence
                 )
             except SessionLockLostError as exc:
-                self._hold = None
+                self._hold, self._metered = None, True  # the store kept the usage
                 self._lock_lost(exc)
                 raise
             except StoreError as exc:
                 _raise_kept(await asyncio.to_thread(self._journal, messages, entry, exc), exc)
-            self._hold = None
+            self._hold, self._metered = None, True
             return
         try:
             await self.spec.ledger.arecord(entry, release=self._hold)
@@ -941,7 +1114,7 @@ class Turn:
             if store is not None:
                 raise
             _raise_kept(await asyncio.to_thread(self._journal, [], entry, exc), exc)
-        self._hold = None
+        self._hold, self._metered = None, True
         if store is not None:
             await store.acommit_turn(self.session_id, messages, fence=self.fence)
         else:
@@ -956,7 +1129,7 @@ class Turn:
             self.spec.ledger.record(entry, release=self._hold)
         except StoreError as exc:
             self._journal_usage(entry, exc)
-        self._hold = None
+        self._hold, self._metered = None, True
 
     async def ameter_only(self, reply: BaseMessage) -> None:
         """`meter_only` for async callers."""
@@ -966,7 +1139,7 @@ class Turn:
             await self.spec.ledger.arecord(entry, release=self._hold)
         except StoreError as exc:
             await asyncio.to_thread(self._journal_usage, entry, exc)
-        self._hold = None
+        self._hold, self._metered = None, True
 
     def record_billed(self) -> None:
         """A turn failed after tool rounds: record what its finished calls cost, store nothing.
@@ -978,7 +1151,7 @@ class Turn:
         entry = self._billed_entry()
         try:
             self.spec.ledger.record(entry, release=self._hold)
-            self._hold = None
+            self._hold, self._metered = None, True
         except StoreError as exc:  # the turn's own error is what the caller must see
             self._journal_usage(entry, exc, quiet=True)
         except Exception:
@@ -993,7 +1166,7 @@ class Turn:
         entry = self._billed_entry()
         try:
             await self.spec.ledger.arecord(entry, release=self._hold)
-            self._hold = None
+            self._hold, self._metered = None, True
         except StoreError as exc:
             await asyncio.to_thread(self._journal_usage, entry, exc, quiet=True)
         except Exception:
@@ -1018,7 +1191,7 @@ class Turn:
             journal.add(JournaledTurn(self.session_id, messages, entry, self._hold))
         except (OSError, sqlite3.Error) as failure:
             return self._not_journaled(journal, entry, exc, failure)
-        self._hold = None
+        self._hold, self._metered = None, True  # the journal keeps its bill
         return None
 
     def _journal(
@@ -1254,49 +1427,162 @@ def _cap_words(limit: BudgetLimit, in_usd: bool) -> tuple[str, str, str]:
     who = {"session": f"session {limit.key!r}", "user": f"user {limit.key!r}"}.get(
         limit.scope, "everything in this store"
     )
+    # A cap may be in USD only or in tokens only: name the part it has, whichever bound.
+    in_usd = limit.max_usd is not None and (in_usd or limit.max_tokens is None)
+    cap = format_usd(limit.max_usd or 0.0) if in_usd else f"{limit.max_tokens or 0:,} tokens"
     if limit.label is not None:
-        usd = limit.max_usd or 0.0
-        cap = (
-            (f"${usd:.2f}" if round(usd, 2) == usd else f"${usd:.4f}")
-            if in_usd
-            else f"{limit.max_tokens:,} tokens"
-        )
         wait = "" if limit.since is None else "Wait for the next period, or raise"
         return who, cap, f"{wait or 'Raise'} the cap to go on."
     variable = {"session": "SESSION", "user": "USER"}.get(limit.scope, "TOTAL")
-    if in_usd:
-        return who, f"${limit.max_usd:.4f}", f"CHATCHAIN_BUDGET_{variable}_USD"
-    return who, f"{limit.max_tokens:,} tokens", f"CHATCHAIN_BUDGET_{variable}_TOKENS"
+    return who, cap, f"CHATCHAIN_BUDGET_{variable}_{'USD' if in_usd else 'TOKENS'}"
+
+
+class ReplyMeter:
+    """Counts a streamed reply's tokens as they arrive, to stop reading at the budget hold.
+
+    An endpoint that ignores ``max_tokens`` (some proxies and local servers do) would bill a
+    reply of any length: the call's hold must bound it all the same. A chunk that brings more
+    text once the count has passed the held reply tokens is the proof: the reply is read no
+    further (at most one chunk past the hold was generated, and it is counted). Text is not
+    refused before that point, so an endpoint that honours ``max_tokens`` is not cut where
+    the counter agrees with it; its last chunks (finish reason, usage) carry no text and
+    always pass.
+
+    The count is the sum of each chunk's count plus one (cheap, and not below the count of
+    the whole: a counter rounds each piece, and a token may span two chunks); once it passes
+    the limit the whole text so far is counted again, so that this margin does not stop a
+    reply early. The count of the whole is what the call is metered with when it is cut.
+    """
+
+    def __init__(self, counter: TokenCounter, limit: int) -> None:
+        self.counter = counter
+        self.limit = limit
+        self.counted = 0
+        self._parts: list[str] = []
+        self._empty = counter([AIMessage(content="")])
+
+    def _count(self, text: str) -> int:
+        return max(0, self.counter([AIMessage(content=text)]) - self._empty)
+
+    def _bound(self, text: str) -> int:
+        """Not below what ``text`` adds to the count of the text before it."""
+        return self._count(text) + 1
+
+    def past_hold(self, chunk: Any) -> bool:
+        """Whether ``chunk`` brings text beyond the hold (then it is not read)."""
+        text = _chunk_text(chunk)
+        if not text:
+            return False
+        if self.counted > self.limit:
+            self._parts.append(text)  # it was generated, so billed: count it too
+            self.counted = self._count("".join(self._parts))
+            return True
+        self._parts.append(text)
+        self.counted += self._bound(text)
+        if self.counted > self.limit:
+            self._parts = ["".join(self._parts)]
+            self.counted = self._count(self._parts[0])
+        return False
+
+
+def _chunk_text(chunk: Any) -> str:
+    """The text a chunk adds to the reply: its content and its tool calls' arguments."""
+    if not isinstance(chunk, AIMessageChunk):
+        return ""
+    calls = "".join(str(call.get("args") or "") for call in chunk.tool_call_chunks)
+    return chunk.text + calls
+
+
+def _cut_chunk() -> AIMessageChunk:
+    """The last chunk of a reply stopped at its hold: marks it cut (``finish_reason``)."""
+    return AIMessageChunk(
+        content="", response_metadata={"finish_reason": "length", CUT_AT_HOLD: True}
+    )
 
 
 class BudgetedModel(Runnable[Any, Any]):
     """The chat model, sent with the ``max_tokens`` its turn's budget hold allows.
 
     The turn is found in the run's configurable (`TURN_KEY`); without one, or without a
-    budget, the model is called as it is.
+    budget, the model is called as it is. Under a budget the reply is read only up to what
+    was held (`ReplyMeter`), for endpoints that ignore ``max_tokens``: a budgeted call is
+    therefore always streamed, ``invoke`` included (its chunks are merged into the reply it
+    returns), since a reply sent whole cannot be stopped and would be billed whole.
     """
 
     def __init__(self, model: Runnable[Any, Any]) -> None:
         self.model = model
 
-    def _limited(self, config: RunnableConfig | None) -> Runnable[Any, Any]:
+    @staticmethod
+    def _turn(config: RunnableConfig | None) -> Turn | None:
         turn = (config or {}).get("configurable", {}).get(TURN_KEY)
-        limit = turn.reply_limit if isinstance(turn, Turn) else None
-        return self.model if limit is None else self.model.bind(max_tokens=limit)
+        return turn if isinstance(turn, Turn) and turn.reply_limit is not None else None
+
+    @staticmethod
+    def _limited(turn: Turn | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments, with the ``max_tokens`` of its hold (an argument of the call
+        rather than a binding: the response cache's key then has it however it is called)."""
+        if turn is None or turn.reply_limit is None:
+            return kwargs
+        return {**kwargs, "max_tokens": turn.reply_limit}
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return self._limited(config).invoke(input, config, **kwargs)
+        if self._turn(config) is None:
+            return self.model.invoke(input, config, **kwargs)
+        return _merged([c for c in self.stream(input, config, **kwargs)])
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return await self._limited(config).ainvoke(input, config, **kwargs)
+        if self._turn(config) is None:
+            return await self.model.ainvoke(input, config, **kwargs)
+        return _merged([c async for c in self.astream(input, config, **kwargs)])
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
-        yield from self._limited(config).stream(input, config, **kwargs)
+        turn = self._turn(config)
+        inner = self.model.stream(input, config, **self._limited(turn, kwargs))
+        if turn is None:
+            yield from inner
+            return
+        meter = turn.reply_meter()
+        try:
+            for chunk in inner:
+                if meter.past_hold(chunk):
+                    break
+                yield chunk
+            else:
+                return
+        finally:
+            inner.close()  # type: ignore[attr-defined]
+        turn.cut_at_hold(meter)
+        yield _cut_chunk()
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
-        async for chunk in self._limited(config).astream(input, config, **kwargs):
-            yield chunk
+        turn = self._turn(config)
+        inner = self.model.astream(input, config, **self._limited(turn, kwargs))
+        if turn is None:
+            async for chunk in inner:
+                yield chunk
+            return
+        meter = turn.reply_meter()
+        try:
+            async for chunk in inner:
+                if meter.past_hold(chunk):
+                    break
+                yield chunk
+            else:
+                return
+        finally:
+            await inner.aclose()  # type: ignore[attr-defined]
+        turn.cut_at_hold(meter)
+        yield _cut_chunk()
+
+
+def _merged(chunks: list[Any]) -> BaseMessage:
+    """The reply of a budgeted ``invoke``, from its chunks (as ``invoke`` would return it)."""
+    messages = [c for c in chunks if isinstance(c, AIMessageChunk)]
+    if not messages:
+        return AIMessage(content="")
+    return message_chunk_to_message(add_ai_message_chunks(*messages))

@@ -25,6 +25,7 @@ from chatchain.errors import (
     SessionBusyError,
     SessionLockLostError,
     StoreError,
+    TurnJournaledError,
 )
 from chatchain.server import _metrics
 
@@ -107,6 +108,14 @@ STORE_DOWN = (
 )
 
 
+# The journal's own message names the server's files and the store: the client reads this.
+JOURNALED = (
+    "Your message was delivered and billed, but the history store is not available right "
+    "now, so the turn is not in your history yet. The server keeps it and saves it as soon as "
+    "the store is back: do not send the message again."
+)
+
+
 def public_message(exc: ChatChainError) -> str:
     """The message of ``exc`` that a client may read: a store failure is logged, not sent.
 
@@ -114,6 +123,9 @@ def public_message(exc: ChatChainError) -> str:
         >>> public_message(StoreError("The PostgreSQL store app@db:5432/chat failed"))[:29]
         'The history store is not avai'
     """
+    if isinstance(exc, TurnJournaledError):
+        logger.error("Billed turn journaled, answered with 503: %s", exc)
+        return JOURNALED
     if isinstance(exc, StoreError):
         logger.error("Store failure answered with 503: %s", exc)
         return STORE_DOWN

@@ -29,6 +29,7 @@ HOSTILE: dict[str, dict[str, object]] = {
     "byte-a-second": {"drip": TRICKLE_S},
     "alias": {},  # answer_model: openrouter/<the model asked for>, set below
     "lone-surrogate": {"lone_surrogate": True},
+    "ignore-max-tokens": {"ignore_max_tokens": True},
 }
 
 
@@ -88,7 +89,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"answer every chat request like a hostile endpoint (repeat to combine): "
         f"keep-alive (SSE comments for {TRICKLE_S:g} s, after two chunks), byte-a-second (the "
         f"body a byte a second for {TRICKLE_S:g} s), alias (answers as openrouter/<model>), "
-        "lone-surrogate (each reply ends with half an emoji)",
+        "lone-surrogate (each reply ends with half an emoji), ignore-max-tokens (whole replies "
+        "whatever max_tokens says)",
     )
     return parser.parse_args(argv)
 

@@ -196,9 +196,10 @@ class Fault:
     ``malformed``, else ``cut_after`` (for streamed requests; a non-streamed request is
     answered normally, but still uses up the fault).
 
-    The hostile modes (``keep_alive``, ``drip``, ``answer_model``, ``lone_surrogate``) shape
-    an otherwise normal reply; a trickle ends by itself, then the reply is completed, so that a
-    client without a whole-request deadline waits it out and succeeds.
+    The hostile modes (``keep_alive``, ``drip``, ``answer_model``, ``lone_surrogate``,
+    ``ignore_max_tokens``) shape an otherwise normal reply; a trickle ends by itself, then the
+    reply is completed, so that a client without a whole-request deadline waits it out and
+    succeeds.
 
     Attributes:
         status: Reply with this HTTP status (400-599) and an OpenAI-style error body
@@ -228,6 +229,8 @@ class Fault:
             proxies do (e.g. ``"openrouter/gpt-4o-mini"`` for ``"gpt-4o-mini"``).
         lone_surrogate: End the reply with half an emoji, a lone surrogate (U+D83D, sent as
             the JSON escape ``\\ud83d``): valid JSON, but not valid Unicode.
+        ignore_max_tokens: Answer (and bill) the whole reply whatever ``max_tokens`` or
+            ``max_completion_tokens`` asked for, as some proxies and local servers do.
 
     Example:
         >>> server = OpenAITestServer()
@@ -250,6 +253,7 @@ class Fault:
     interval: float = 1.0
     answer_model: str | None = None
     lone_surrogate: bool = False
+    ignore_max_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.status is not None and not 400 <= self.status <= 599:
@@ -369,6 +373,17 @@ def _stream_deltas(
             for i in range(0, len(arguments), step)
         ]
     return {"role": "assistant", "content": None, "tool_calls": heads}, deltas
+
+
+_ALL_SENT = "\x00all"  # marks a stream whose every delta went out (billed as computed)
+
+
+def _delta_text(delta: dict[str, Any]) -> str:
+    """The text a streamed delta carries: content, or a tool call's arguments."""
+    calls = delta.get("tool_calls") or []
+    return str(delta.get("content") or "") + "".join(
+        str(call.get("function", {}).get("arguments") or "") for call in calls
+    )
 
 
 def _status_line(status: int) -> str:
@@ -673,6 +688,7 @@ class OpenAITestServer:
         self._replies: deque[str | tuple[ScriptedCall, ...]] = deque()
         self._tool_rules: dict[str, dict[str, Any]] = {}
         self._requests: list[dict[str, Any]] = []
+        self._billed = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         self._lifecycle = threading.Lock()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -842,6 +858,7 @@ class OpenAITestServer:
             self._replies.clear()
             self._tool_rules.clear()
             self._requests.clear()
+            self._billed = dict.fromkeys(self._billed, 0)
 
     @property
     def requests(self) -> list[dict[str, Any]]:
@@ -857,6 +874,25 @@ class OpenAITestServer:
         """
         with self._lock:
             return copy.deepcopy(self._requests)
+
+    @property
+    def billed(self) -> dict[str, int]:
+        """What the server billed so far, as an endpoint would: ``requests``,
+        ``prompt_tokens`` and ``completion_tokens`` of every reply it answered (a stream
+        the client left early is billed for the reply tokens sent before it left).
+
+        Example:
+            >>> OpenAITestServer().billed
+            {'requests': 0, 'prompt_tokens': 0, 'completion_tokens': 0}
+        """
+        with self._lock:
+            return dict(self._billed)
+
+    def _bill(self, prompt_tokens: int, completion_tokens: int) -> None:
+        with self._lock:
+            self._billed["requests"] += 1
+            self._billed["prompt_tokens"] += prompt_tokens
+            self._billed["completion_tokens"] += completion_tokens
 
     def count_tokens(self, text: str) -> int:
         """The server's deterministic token count: about one token per 4 characters.
@@ -1047,6 +1083,8 @@ class OpenAITestServer:
         calls = answer if isinstance(answer, list) else None
         text = answer if isinstance(answer, str) else ""
         finish_reason = "stop" if calls is None else "tool_calls"
+        if fault is not None and fault.ignore_max_tokens:
+            max_tokens = None
         if max_tokens is not None and len(text) > 4 * max_tokens:
             text, finish_reason = text[: 4 * max_tokens], "length"
         if fault is not None and fault.lone_surrogate and calls is None:
@@ -1062,6 +1100,7 @@ class OpenAITestServer:
         completion_id = "chatcmpl-" + os.urandom(12).hex()
         created = int(time.time())
         if not stream:
+            self._bill(prompt_tokens, completion_tokens)
             self._send_reply(
                 handler,
                 fault,
@@ -1097,17 +1136,25 @@ class OpenAITestServer:
             and isinstance(stream_options, dict)
             and stream_options.get("include_usage") is True
         )
-        self._stream(
-            handler,
-            text if calls is None else calls,
-            completion_id=completion_id,
-            created=created,
-            model=model,
-            finish_reason=finish_reason,
-            usage=usage if include_usage else None,
-            include_usage=include_usage,
-            fault=fault,
-        )
+        answer = text if calls is None else calls
+        sent: list[str] = []  # what went out: a client that leaves is billed for that only
+        try:
+            self._stream(
+                handler,
+                answer,
+                completion_id=completion_id,
+                created=created,
+                model=model,
+                finish_reason=finish_reason,
+                usage=usage if include_usage else None,
+                include_usage=include_usage,
+                fault=fault,
+                sent=sent,
+            )
+        finally:
+            whole = len(sent) == 1 and sent[0] is _ALL_SENT
+            billed = completion_tokens if whole else self.count_tokens("".join(sent))
+            self._bill(prompt_tokens, billed)
 
     def _send_reply(self, handler: _Handler, fault: Fault | None, reply: dict[str, Any]) -> None:
         body = json.dumps(reply).encode()
@@ -1171,6 +1218,7 @@ class OpenAITestServer:
         usage: dict[str, Any] | None,
         include_usage: bool,
         fault: Fault | None,
+        sent: list[str],
     ) -> None:
         write = handler.wfile.write
         chunked = self._start_stream(handler)
@@ -1206,6 +1254,7 @@ class OpenAITestServer:
                     f'data: {envelope}, "choices": [], "usage": {dumps(usage)}}}\n\n'.encode()
                 )
             events.append(b"data: [DONE]\n\n")
+            sent.append(_ALL_SENT)
             self._stream_slowly(handler, fault, events, chunked)
             return
         cut_after = fault.cut_after if fault is not None else None
@@ -1213,6 +1262,7 @@ class OpenAITestServer:
         if cut_after is not None:
             for delta in deltas[:cut_after]:
                 write(event(delta))
+                sent.append(_delta_text(delta))
             self._drop(handler)
             return
         for delta in deltas:
@@ -1220,6 +1270,8 @@ class OpenAITestServer:
                 self._drop(handler)
                 return
             write(event(delta))
+            sent.append(_delta_text(delta))
+        sent[:] = [_ALL_SENT]
 
         tail = [event({}, finish_reason)]
         if usage is not None:

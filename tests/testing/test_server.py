@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import select
 import signal
@@ -1074,3 +1075,57 @@ def test_chunk_interval_spaces_the_streamed_chunks_like_a_model_writing() -> Non
         "one two three four"
     )
     assert elapsed >= 4 * 0.05  # a wait before each of the four content chunks (a lower bound)
+
+
+def test_ignore_max_tokens_answers_and_bills_the_whole_reply(
+    server: OpenAITestServer, client: openai.OpenAI
+) -> None:
+    text = "a reply far longer than two tokens"
+    capped = client.chat.completions.create(model=MODEL, messages=user(text), max_tokens=2)
+    server.add_fault(Fault(ignore_max_tokens=True))
+    whole = client.chat.completions.create(model=MODEL, messages=user(text), max_tokens=2)
+
+    assert (capped.choices[0].message.content, capped.choices[0].finish_reason) == (
+        "Echo: a ",
+        "length",
+    )
+    assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == (
+        f"Echo: {text}",
+        "stop",
+    )
+    assert whole.usage is not None and capped.usage is not None
+    assert whole.usage.completion_tokens == server.count_tokens(f"Echo: {text}")
+    billed = server.billed
+    assert billed == {
+        "requests": 2,
+        "prompt_tokens": capped.usage.prompt_tokens + whole.usage.prompt_tokens,
+        "completion_tokens": capped.usage.completion_tokens + whole.usage.completion_tokens,
+    }
+
+
+def test_a_stream_left_early_is_billed_for_what_was_sent() -> None:
+    text = "word " * 400
+    with OpenAITestServer(chunk_interval=0.002) as server:
+        with openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0) as client:
+            stream = client.chat.completions.create(model=MODEL, messages=user(text), stream=True)
+            received = "".join(
+                chunk.choices[0].delta.content or ""
+                for chunk in itertools.islice(stream, 10)  # then the client leaves
+            )
+            stream.close()
+        deadline = time.monotonic() + 5
+        while not server.billed["requests"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        billed = server.billed
+    whole = server.count_tokens(f"Echo: {text}")
+    assert billed["requests"] == 1 and billed["prompt_tokens"] > 0
+    assert server.count_tokens(received) <= billed["completion_tokens"] < whole / 2
+    server.clear()
+    assert server.billed == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+
+def test_cli_hostile_ignore_max_tokens() -> None:
+    from chatchain.testing.__main__ import hostile_fault
+
+    fault = hostile_fault(["ignore-max-tokens"], "m")
+    assert fault is not None and fault.ignore_max_tokens and fault.times == sys.maxsize
