@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chatchain import Usage, UsageReport
+from chatchain._money import format_usd
 from chatchain.stores import SessionInfo
 from chatchain.usage import estimated_note
 from chatchain.users import User
@@ -119,7 +120,7 @@ def tool_result_line(message: ToolMessage, name: str | None = None) -> Text:
 
 
 def _usd(cap: float | None) -> str:
-    return "-" if cap is None else f"${cap:.2f}" if round(cap, 2) == cap else f"${cap:g}"
+    return "-" if cap is None else format_usd(cap)
 
 
 def users_table(users: Sequence[User]) -> Table:
@@ -179,7 +180,7 @@ def transcript(console: Console, messages: Sequence[BaseMessage]) -> None:
 
 
 def _cost(cost: float | None) -> str:
-    return "unknown" if cost is None else f"${cost:.6f}"
+    return "unknown" if cost is None else format_usd(cost)
 
 
 def usage_note(report: UsageReport) -> Text | None:
