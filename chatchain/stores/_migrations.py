@@ -264,3 +264,10 @@ def m006_usage_days(conn: sqlite3.Connection) -> None:
             FROM usage WHERE {key} IS NOT NULL GROUP BY {key}, substr(at, 1, 10)
             """
         )
+
+
+@migration
+def m007_session_titles(conn: sqlite3.Connection) -> None:
+    # The titles people give their sessions: a table apart from `sessions`, so that renaming
+    # never touches a session's row (its times, its count) or the turns' commit path.
+    conn.execute("CREATE TABLE session_titles (session_id TEXT PRIMARY KEY, title TEXT NOT NULL)")

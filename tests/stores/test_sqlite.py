@@ -33,6 +33,7 @@ SHIPPED = [
     "m004_cached_turns",
     "m005_users",
     "m006_usage_days",
+    "m007_session_titles",
 ]
 
 
