@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,19 +19,25 @@ from fastapi import APIRouter, Request, Response
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from chatchain._money import format_usd
 from chatchain._tools import ToolEvent, ToolStarted
 from chatchain.chatbot import AsyncReplyStream, Reply
 from chatchain.errors import ChatChainError, InvalidInputError
+from chatchain.pricing import Pricer
 from chatchain.server import _metrics
 from chatchain.server._errors import HTTPProblem, error_body, status_of
 from chatchain.server._schemas import (
+    BudgetLeftOut,
+    MeOut,
     MessageIn,
     MessageOut,
     Messages,
     ReplyOut,
     SessionOut,
     Sessions,
+    TitleIn,
     ToolRequestOut,
+    UsageOut,
     UsageReportOut,
     tool_call_out,
     usage_out,
@@ -42,11 +50,17 @@ from chatchain.server._service import (
     store_id,
     store_id_prefix,
 )
+from chatchain.stores import HistoryStore, TitleBackend
+from chatchain.usage import Usage
 from chatchain.users import User
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
+
+# The operator's side of a failed turn: the page shows its user words for people, and the
+# server's log keeps what went wrong (the settings to change, the endpoint's answer).
+_log = logging.getLogger("uvicorn.error")  # the server's log, as uvicorn configures it
 
 ROUTE = "native"  # the `route` label of this API's turns in the metrics
 
@@ -125,8 +139,9 @@ async def post_message(
         return await _stream(request, service, user, body.text, args)
     try:
         reply = await service.bot.achat(body.text, **args)
-    except ChatChainError:
+    except ChatChainError as exc:
         _metrics.record_failed_turn(ROUTE)
+        _log_failure(user, exc)
         raise
     _metrics.record_turn(ROUTE, reply.usage, interrupted=reply.interrupted)
     return _reply_out(session_id, reply)
@@ -211,6 +226,7 @@ async def _stream(
         _closed(service, user)
         if isinstance(exc, ChatChainError):
             _metrics.record_failed_turn(ROUTE)
+            _log_failure(user, exc)
         raise
     return EventSourceResponse(_events(service, user, pump, first))
 
@@ -234,6 +250,15 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _log_failure(user: User, exc: Exception) -> None:
+    """Log a failed turn's error for the operator: the endpoint's and the server's failures,
+    and refused input (its message names the settings); a refusal of the user's own, such as
+    a budget or a busy session, is the user's business and is not logged."""
+    if isinstance(exc, ChatChainError) and status_of(exc) < 500 and status_of(exc) != 422:
+        return
+    _log.warning("A turn of user %s failed: %s: %s", user.name, type(exc).__name__, exc)
+
+
 def _closed(service: Service, user: User) -> None:
     _metrics.OPEN_STREAMS.dec()
     service.limits.close_stream(user.name)
@@ -254,6 +279,7 @@ async def _events(
         if kind == "error":
             assert isinstance(value, Exception)
             _metrics.record_failed_turn(ROUTE)
+            _log_failure(user, value)
             yield _error_event(value)
             return
         stream = pump.stream
@@ -288,11 +314,14 @@ def _error_event(exc: Exception) -> ServerSentEvent:
 def list_sessions(user: Caller, service: ServiceDep) -> Sessions:
     """Your sessions, the one written most recently first: the newest 500 (`MAX_LISTED`)."""
     # Only the caller's range of store ids is read, not every user's sessions.
-    infos = service.bot.store.session_infos(store_id_prefix(user), limit=MAX_LISTED)
+    store = service.bot.store
+    infos = store.session_infos(store_id_prefix(user), limit=MAX_LISTED)
+    given = store.titles([i.session_id for i in infos]) if isinstance(store, TitleBackend) else {}
     return Sessions(
         sessions=[
             SessionOut(
                 session_id=own,
+                title=given.get(info.session_id) or _first_words(store, info.session_id) or own,
                 message_count=info.message_count,
                 created_at=info.created_at,
                 updated_at=info.updated_at,
@@ -303,6 +332,29 @@ def list_sessions(user: Caller, service: ServiceDep) -> Sessions:
     )
 
 
+TITLE_CHARS = 80  # a title from the first message: its first line, at most this long
+
+
+def _first_words(store: HistoryStore, session_id: str) -> str:
+    """The start of the session's first message: one message read, whatever its length."""
+    first = store.load(session_id, 0, 1)
+    if not first:
+        return ""
+    line = " ".join(first[0].text.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+@router.put("/sessions/{session_id}/title", status_code=204, response_class=Response)
+def set_title(session_id: str, body: TitleIn, user: Caller, service: ServiceDep) -> Response:
+    """Rename one of your sessions; an empty title gives it back its first message's."""
+    full_id = _existing(service, user, session_id)
+    store = service.bot.store
+    if not isinstance(store, TitleBackend):
+        raise HTTPProblem(501, "This server's store keeps no titles: sessions keep theirs.")
+    store.set_title(full_id, " ".join(body.title.split()) or None)
+    return Response(status_code=204)
+
+
 def _existing(service: Service, user: User, session_id: str) -> str:
     full_id = store_id(user, session_id)
     if service.bot.session_info(full_id) is None:
@@ -310,12 +362,37 @@ def _existing(service: Service, user: User, session_id: str) -> str:
     return full_id
 
 
-def _message_out(message: BaseMessage) -> MessageOut:
+def _stored_usage(message: AIMessage, pricer: Pricer) -> UsageOut | None:
+    """A stored reply's usage, from the tokens the endpoint reported with it (timings are not
+    stored with the message, so its line has none)."""
+    tokens = message.usage_metadata
+    if not tokens:
+        return None
+    model = message.response_metadata.get("model_name")
+    price = pricer.price(model, tokens["input_tokens"], tokens["output_tokens"])
+    usage = Usage(
+        prompt_tokens=tokens["input_tokens"],
+        completion_tokens=tokens["output_tokens"],
+        total_tokens=tokens["total_tokens"],
+        cost_usd=price.cost_usd,
+        model=model,
+    )
+    out = usage_out(usage)
+    out.line = (
+        f"{usage.total_tokens} tokens ({usage.prompt_tokens} prompt + "
+        f"{usage.completion_tokens} completion), {usage.cost_text}"
+    )
+    return out
+
+
+def _message_out(message: BaseMessage, pricer: Pricer) -> MessageOut:
     out = MessageOut(
         role=_ROLES.get(message.type, "system"),  # type: ignore[arg-type]
         text=message.text,
         interrupted=bool(message.response_metadata.get("interrupted")),
     )
+    if isinstance(message, AIMessage) and message.text:
+        out.usage = _stored_usage(message, pricer)
     if isinstance(message, AIMessage) and message.tool_calls:
         out.tool_calls = [
             ToolRequestOut(id=call["id"] or "", name=call["name"], args=call["args"])
@@ -333,13 +410,17 @@ def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages
     """The whole transcript of one of your sessions, oldest first."""
     full_id = _existing(service, user, session_id)
     history = service.bot.history(full_id)
-    return Messages(session_id=session_id, messages=[_message_out(m) for m in history])
+    pricer = service.bot.settings.pricer()
+    return Messages(session_id=session_id, messages=[_message_out(m, pricer) for m in history])
 
 
 @router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
 def delete_session(session_id: str, user: Caller, service: ServiceDep) -> Response:
     """Delete one of your sessions (its usage stays in the ledger)."""
-    service.bot.reset(_existing(service, user, session_id))
+    full_id = _existing(service, user, session_id)
+    service.bot.reset(full_id)
+    if isinstance(service.bot.store, TitleBackend):  # a later session of that id starts afresh
+        service.bot.store.set_title(full_id, None)
     return Response(status_code=204)
 
 
@@ -356,3 +437,32 @@ def usage(user: Caller, service: ServiceDep) -> UsageReportOut:
     report = service.bot.usage_report(by=("session", "model", "day"), user_id=user.name)
     rows = [{**row, "session": own_id(user, row["session"]) or "-"} for row in report.rows]
     return UsageReportOut(total=usage_out(report.total), rows=rows)
+
+
+@router.get("/me", response_model=MeOut)
+def me(user: Caller, service: ServiceDep) -> MeOut:
+    """Who you are, the model that answers, and what is left of your tightest USD cap."""
+    return MeOut(
+        user=user.name, model=service.bot.settings.model, budget=_budget_left(service, user)
+    )
+
+
+def _budget_left(service: Service, user: User) -> BudgetLeftOut | None:
+    tightest: BudgetLeftOut | None = None
+    for limit in service.users.limits(user):
+        if limit.max_usd is None:
+            continue
+        entries = service.bot.store.usage_entries(user_id=user.name, since=limit.since)
+        spent = sum(entry.cost_usd or 0.0 for entry in entries)
+        left = max(0.0, limit.max_usd - spent)
+        if tightest is None or left < tightest.left_usd:
+            cap = (limit.label or "budget").rsplit("'s ", 1)[-1]
+            # What is left in whole cents, rounded down (never more than is there); what
+            # was spent with the precision it needs.
+            cents = format_usd(math.floor(left * 100) / 100)
+            line = (
+                f"{cents} left of your {cap} of {format_usd(limit.max_usd)} "
+                f"({format_usd(limit.max_usd - left)} spent)"
+            )
+            tightest = BudgetLeftOut(cap=cap, max_usd=limit.max_usd, left_usd=left, line=line)
+    return tightest
