@@ -692,16 +692,20 @@ def test_the_header_shows_the_model_and_the_budget_left(
 
 
 def test_on_a_phone_the_chat_fills_the_screen_and_the_sessions_are_a_drawer(
-    browser: Browser, service: Service, user: tuple[str, str]
+    browser: Browser, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
 ) -> None:
     context = browser.new_context(
         base_url=service.url, viewport={"width": 390, "height": 844}, is_mobile=True
     )
     page = context.new_page()
     try:
+        endpoint.queue_replies("A long line of code:\n\n```\n" + "x = 1; " * 40 + "\n```")
         sign_in(page, user[1])
         send(page, "from my phone")
         wait_for_reply(page)
+        # Nothing is wider than the screen: long code scrolls inside its block.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        expect(page.get_by_role("button", name="Sign out")).to_be_in_viewport()
         sessions = page.locator("#sessions")
         expect(sessions).to_be_hidden()
         transcript = page.locator("#transcript").bounding_box()

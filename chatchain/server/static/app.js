@@ -366,8 +366,10 @@ function renderSessions() {
     item.append(open);
     if (session.updated_at) {
       item.append(
-        sessionAction("Rename", `Rename session ${session.title}`, () => renameSession(session)),
-        sessionAction("Delete", `Delete session ${session.title}`, () =>
+        sessionAction("rename", "✎", `Rename session ${session.title}`, () =>
+          renameSession(session),
+        ),
+        sessionAction("delete", "×", `Delete session ${session.title}`, () =>
           deleteSession(session.session_id, session.title),
         ),
       );
@@ -377,11 +379,13 @@ function renderSessions() {
   $("session-list").replaceChildren(...items);
 }
 
-function sessionAction(text, label, action) {
+// A small icon button beside a session; its label names the session for screen readers.
+function sessionAction(className, icon, label, action) {
   const button = document.createElement("button");
   button.type = "button";
-  button.className = text.toLowerCase();
-  button.textContent = text;
+  button.className = className;
+  button.textContent = icon;
+  button.title = label;
   button.setAttribute("aria-label", label);
   button.addEventListener("click", action);
   return button;
