@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -50,7 +51,7 @@ from chatchain.server._service import (
     store_id,
     store_id_prefix,
 )
-from chatchain.stores import HistoryStore, TitleBackend
+from chatchain.stores import HistoryStore, Summary, TitleBackend
 from chatchain.usage import Usage
 from chatchain.users import User
 
@@ -135,16 +136,76 @@ async def post_message(
 ) -> Any:
     """Send one message in one of your sessions (created by its first message)."""
     args = _turn_args(service, user, session_id, body)
-    if _wants_events(request):
-        return await _stream(request, service, user, body.text, args)
+    replaced = await _replace_last(service, user, session_id) if body.replace_last else None
     try:
-        reply = await service.bot.achat(body.text, **args)
-    except ChatChainError as exc:
-        _metrics.record_failed_turn(ROUTE)
-        _log_failure(user, exc)
+        if _wants_events(request):
+            return await _stream(request, service, user, body.text, args)
+        try:
+            reply = await service.bot.achat(body.text, **args)
+        except ChatChainError as exc:
+            _metrics.record_failed_turn(ROUTE)
+            _log_failure(user, exc)
+            raise
+    except Exception:
+        if replaced is not None:  # refused before anything was stored: the last turn is back
+            await asyncio.to_thread(replaced.put_back, service.bot.store)
         raise
     _metrics.record_turn(ROUTE, reply.usage, interrupted=reply.interrupted)
     return _reply_out(session_id, reply)
+
+
+class _Replaced:
+    """A session whose last turn was taken out of its history, to put back if need be."""
+
+    def __init__(
+        self,
+        full_id: str,
+        before: list[BaseMessage],
+        summary: Summary | None,
+        kept: int,
+        created: datetime | None,
+    ) -> None:
+        self.full_id = full_id
+        self.before = before
+        self.summary = summary
+        self.kept = kept
+        self.created = created
+
+    @classmethod
+    def take(cls, store: HistoryStore, full_id: str) -> _Replaced | None:
+        """Under the session's lock, drop its last user message and all after it from the
+        history (the ledger keeps what they cost); ``None`` if it has no user message."""
+        with store.lock(full_id):
+            before = store.load(full_id)
+            users = [i for i, message in enumerate(before) if message.type == "human"]
+            if not users:
+                return None
+            info = store.info(full_id)
+            summary = store.get_summary(full_id)
+            kept = before[: users[-1]]
+            # A summary never covers the newest turn; this one keeps it only if it still fits.
+            keep_summary = summary if summary is None or summary.covers <= len(kept) else None
+            created = info.created_at if info is not None else None
+            store.replace_session(full_id, kept, keep_summary, created_at=created)
+        return cls(full_id, before, summary, len(kept), created)
+
+    def put_back(self, store: HistoryStore) -> None:
+        """The history as it was, if nothing was written to the session since."""
+        with store.lock(self.full_id):
+            if store.count(self.full_id) == self.kept:
+                store.replace_session(
+                    self.full_id, self.before, self.summary, created_at=self.created
+                )
+
+
+async def _replace_last(service: Service, user: User, session_id: str) -> _Replaced:
+    full_id = _existing(service, user, session_id)
+    replaced = await asyncio.to_thread(_Replaced.take, service.bot.store, full_id)
+    if replaced is None:
+        raise InvalidInputError(
+            f"Session {session_id!r} has no message to replace: send one without replace_last."
+        )
+    return replaced
 
 
 class _Pump:

@@ -38,6 +38,12 @@ class MessageIn(BaseModel):
     vars: dict[str, str] = Field(
         default_factory=dict, description="Values of the system prompt's {variables}."
     )
+    replace_last: bool = Field(
+        default=False,
+        description="Replace the session's last turn (its last user message and the reply) "
+        "with this one: regenerate, or edit and resend. The replaced turn stays in the usage "
+        "ledger; if this turn is refused, the last turn is put back.",
+    )
 
 
 class UsageOut(BaseModel):

@@ -334,3 +334,49 @@ def test_bad_input_is_refused_with_422_saying_what_and_nothing_is_stored(
     assert what in answer.json()["error"]["message"]
     assert endpoint.requests == []
     assert client.get("/v1/sessions").json() == {"sessions": []}
+
+
+def test_replace_last_regenerates_the_last_turn_and_the_ledger_keeps_both(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    client = service.client(user[1])
+    for text in ("first", "second"):
+        assert client.post("/v1/sessions/r/messages", json={"text": text}).status_code == 200
+    answer = client.post(
+        "/v1/sessions/r/messages", json={"text": "second, edited", "replace_last": True}
+    )
+    assert answer.status_code == 200, answer.text
+    messages = client.get("/v1/sessions/r/messages").json()["messages"]
+    assert [m["text"] for m in messages] == [
+        "first",
+        "Echo: first",
+        "second, edited",
+        "Echo: second, edited",
+    ]
+    # The model was sent the history without the replaced turn.
+    sent = [m["content"] for m in endpoint.requests[-1]["body"]["messages"][1:]]
+    assert sent == ["first", "Echo: first", "second, edited"]
+    rows = client.get("/v1/usage").json()["rows"]
+    assert sum(row["turns"] for row in rows if row["session"] == "r") == 3  # all three billed
+
+
+def test_a_refused_replacement_puts_the_last_turn_back(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    client = service.client(user[1])
+    assert client.post("/v1/sessions/r/messages", json={"text": "keep me"}).status_code == 200
+    before = client.get("/v1/sessions/r/messages").json()
+    endpoint.add_fault(Fault(status=500))
+    refused = client.post("/v1/sessions/r/messages", json={"text": "new", "replace_last": True})
+    assert refused.status_code == 502
+    assert client.get("/v1/sessions/r/messages").json() == before
+    endpoint.add_fault(Fault(status=500))
+    streamed = client.post(
+        "/v1/sessions/r/messages",
+        json={"text": "new", "replace_last": True},
+        headers={"Accept": "text/event-stream"},
+    )
+    assert streamed.status_code == 502
+    assert client.get("/v1/sessions/r/messages").json() == before
+    empty = client.post("/v1/sessions/none/messages", json={"text": "x", "replace_last": True})
+    assert empty.status_code == 404

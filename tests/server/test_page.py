@@ -728,3 +728,63 @@ def test_on_a_phone_the_chat_fills_the_screen_and_the_sessions_are_a_drawer(
         expect(sessions).to_be_hidden()
     finally:
         context.close()
+
+
+def test_regenerate_the_last_reply_and_edit_the_last_message(
+    page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    sign_in(page, user[1])
+    send(page, "first")
+    wait_for_reply(page)
+    endpoint.queue_replies("A first try.", "A second try.")
+    send(page, "tell me something")
+    expect(page.locator(".message.assistant .body").last).to_have_text("A first try.")
+    wait_for_reply(page)
+    regenerate = page.get_by_role("button", name="Regenerate")
+    expect(regenerate).to_have_count(1)  # under the last reply only
+
+    regenerate.click()
+    bodies = page.locator(".message .body")
+    expect(bodies).to_have_text(["first", "Echo: first", "tell me something", "A second try."])
+    wait_for_reply(page)
+    session = current_session(page)
+    stored = wait_for_stored(service, user[1], session, 4)
+    assert [m["text"] for m in stored] == [
+        "first",
+        "Echo: first",
+        "tell me something",
+        "A second try.",
+    ]
+
+    page.get_by_role("button", name="Edit").click()
+    box = page.get_by_label("Message")
+    expect(box).to_have_value("tell me something")
+    expect(page.locator("#composer-help")).to_contain_text("Editing your last message")
+    box.fill("tell me something else")
+    box.press("Enter")
+    expect(bodies).to_have_text(
+        ["first", "Echo: first", "tell me something else", "Echo: tell me something else"]
+    )
+    wait_for_reply(page)
+    page.reload()
+    expect(bodies).to_have_text(
+        ["first", "Echo: first", "tell me something else", "Echo: tell me something else"]
+    )
+    with service.client(user[1]) as api:
+        rows = api.get("/v1/usage").json()["rows"]
+    assert sum(r["turns"] for r in rows if r["session"] == session) == 4  # replaced ones billed
+
+
+def test_a_refused_regeneration_keeps_the_last_turn(
+    page: Page, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    sign_in(page, user[1])
+    send(page, "keep this")
+    wait_for_reply(page)
+    endpoint.add_fault(Fault(status=500))
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.get_by_role("alert")).to_contain_text("could not answer just now")
+    bodies = page.locator(".message .body")
+    expect(bodies).to_have_text(["keep this", "Echo: keep this"])
+    page.reload()
+    expect(bodies).to_have_text(["keep this", "Echo: keep this"])

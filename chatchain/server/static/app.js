@@ -108,7 +108,10 @@ const state = {
   // its session is left; `nodes` then holds that session's transcript until it is opened
   // again or the reply ends.
   streams: new Map(),
+  editing: null, // the session whose last message is being edited in the composer
 };
+
+const HELP = "Enter sends; Shift+Enter starts a new line; Esc stops a reply.";
 
 // --- HTTP ------------------------------------------------------------------------------
 
@@ -423,6 +426,7 @@ function showEmpty() {
 async function openSession(sessionId, { push = true } = {}) {
   clearError();
   closeDrawer();
+  if (state.editing) stopEditing();
   const leaving = state.streams.get(state.current);
   if (leaving && state.current !== sessionId) leaving.nodes = [...$("transcript").children];
   state.current = sessionId;
@@ -451,6 +455,7 @@ async function openSession(sessionId, { push = true } = {}) {
     if (state.current !== sessionId) return; // another session was opened meanwhile
     addHistory(data.messages);
     showEmpty();
+    markLastTurn();
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
       // Not one of yours (or deleted): say so, and start a new session instead.
@@ -605,13 +610,65 @@ function setButtons() {
   $("stop").disabled = !busy;
 }
 
-async function send(event) {
+// Regenerate the last reply, or send an edited last message in its place: the server
+// replaces the session's last turn (the ledger keeps what it cost).
+function lastTurn() {
+  const nodes = [...$("transcript").children];
+  const start = nodes.findLastIndex((node) => node.classList.contains("user"));
+  return start < 0 ? [] : nodes.slice(start);
+}
+
+function regenerate() {
+  const [mine] = lastTurn();
+  if (mine) send(null, { text: mine.querySelector(".body").textContent, replace: true });
+}
+
+function editLast() {
+  const [mine] = lastTurn();
+  if (!mine) return;
+  state.editing = state.current;
+  $("message").value = mine.querySelector(".body").textContent;
+  $("composer-help").textContent =
+    "Editing your last message: Enter sends it in place of the last one; Esc cancels.";
+  $("message").focus();
+}
+
+function stopEditing() {
+  state.editing = null;
+  $("composer-help").textContent = HELP;
+}
+
+// Regenerate under the last reply and Edit under the last message of the open session, while
+// no reply is being written there.
+function markLastTurn() {
+  for (const old of $("transcript").querySelectorAll(".regenerate, .edit")) old.remove();
+  if (state.streams.has(state.current)) return;
+  const [mine, ...rest] = lastTurn();
+  const reply = rest.findLast((node) => node.classList.contains("assistant"));
+  if (mine) mine.querySelector("footer").append(action("edit", "Edit", editLast));
+  if (reply) reply.querySelector("footer").append(action("regenerate", "Regenerate", regenerate));
+}
+
+function action(className, text, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = `copy ${className}`;
+  button.textContent = text;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+async function send(event, { text: given, replace = false } = {}) {
   event?.preventDefault();
   const input = $("message");
-  const text = input.value;
+  const text = given ?? input.value;
   if (!text.trim() || state.streams.has(state.current)) return;
   clearError();
   const sessionId = state.current;
+  replace ||= state.editing === sessionId && given === undefined;
+  stopEditing();
+  const replaced = replace ? lastTurn() : [];
+  for (const node of replaced) node.remove();
   if (state.fresh.has(sessionId) && !state.firstWords.has(sessionId)) {
     state.firstWords.set(sessionId, text.split(/\s+/).join(" ").trim().slice(0, 80));
   }
@@ -622,12 +679,13 @@ async function send(event) {
   const controller = new AbortController();
   state.streams.set(sessionId, { controller, nodes: null });
   setButtons();
+  markLastTurn();
   renderSessions();
   let started = false;
   try {
     const response = await api(`v1/sessions/${encodeURIComponent(sessionId)}/messages`, {
       method: "POST",
-      body: { text, vars: {} },
+      body: { text, vars: {}, replace_last: replace },
       accept: "text/event-stream",
       signal: controller.signal,
     });
@@ -644,8 +702,10 @@ async function send(event) {
       state.firstWords.delete(sessionId);
       mine.remove();
       reply.remove();
+      // The server put the replaced turn back: so does the page.
+      if (state.current === sessionId) $("transcript").append(...replaced);
       if (state.current === sessionId) {
-        input.value = text;
+        input.value = given === undefined ? text : "";
         showEmpty();
       }
       handle(err);
@@ -658,6 +718,7 @@ async function send(event) {
     state.streams.delete(sessionId);
     setButtons();
     renderSessions();
+    if (state.current === sessionId) markLastTurn();
     if (started) {
       await refreshSessions();
       if (state.current === sessionId) showTitle();
@@ -738,7 +799,10 @@ async function start() {
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape") return;
     if ($("app").classList.contains("drawer-open")) closeDrawer();
-    else stop();
+    else if (state.editing && !state.streams.has(state.current)) {
+      stopEditing();
+      $("message").value = "";
+    } else stop();
   });
   // Back and Forward (and a fragment typed in the address bar).
   window.addEventListener("popstate", () => {
