@@ -123,7 +123,7 @@ class Usage:
 
     @property
     def cost_text(self) -> str:
-        """The cost for people: ``$0.000123``, ``~$0.000123`` when estimated, or
+        """The cost for people: ``$0.00012``, ``~$0.00012`` when estimated, or
         ``cost unknown`` (never a silent $0)."""
         if self.cost_usd is None:
             return "cost unknown"
@@ -163,7 +163,7 @@ class Usage:
 
         Example:
             >>> print(Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, estimated=1))
-            10 prompt + 5 completion = 15 tokens (estimated), ~$0.000000, 0.00 s
+            10 prompt + 5 completion = 15 tokens (estimated), ~$0.00, 0.00 s
         """
         mark = " (estimated)" if self.estimated else ""
         text = (
@@ -181,7 +181,7 @@ class Usage:
 
         Example:
             >>> Usage(turns=1, cached_turns=1, saved_usd=0.00012).cached_text
-            'cached, saved $0.000120'
+            'cached, saved $0.00012'
         """
         if not self.cached_turns:
             return ""

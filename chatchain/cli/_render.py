@@ -55,7 +55,7 @@ def usage_line(usage: Usage, session_id: str | None = None) -> Text:
         ...                  cost_usd=0.00002, estimated=1)).plain
         '~23 tokens (15 prompt + 8 completion), estimated, ~$0.000020, 0.00 s'
         >>> usage_line(Usage(turns=1, cached_turns=1, saved_usd=0.00002, latency_s=0.01)).plain
-        'cached, saved $0.000020, 0 tokens (0 prompt + 0 completion), $0.000000, 0.01 s'
+        'cached, saved $0.000020, 0 tokens (0 prompt + 0 completion), $0.00, 0.01 s'
     """
     line = usage.line if session_id is None else f"session {session_id}, {usage.line}"
     return Text(line, style="dim")
