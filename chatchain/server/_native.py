@@ -423,21 +423,28 @@ def _existing(service: Service, user: User, session_id: str) -> str:
     return full_id
 
 
-def _stored_usage(message: AIMessage, pricer: Pricer) -> UsageOut | None:
-    """A stored reply's usage, from the tokens the endpoint reported with it (timings are not
-    stored with the message, so its line has none)."""
+def _call_usage(message: AIMessage, pricer: Pricer) -> Usage | None:
+    """One stored model call's usage, from the tokens the endpoint reported with it."""
     tokens = message.usage_metadata
     if not tokens:
         return None
     model = message.response_metadata.get("model_name")
     price = pricer.price(model, tokens["input_tokens"], tokens["output_tokens"])
-    usage = Usage(
+    return Usage(
         prompt_tokens=tokens["input_tokens"],
         completion_tokens=tokens["output_tokens"],
         total_tokens=tokens["total_tokens"],
         cost_usd=price.cost_usd,
         model=model,
     )
+
+
+def _stored_usage(calls: list[Usage]) -> UsageOut | None:
+    """A stored reply's usage: every model call of its turn (a turn with tools makes several),
+    as the stream's usage event gave it; timings are not stored, so its line has none."""
+    if not calls:
+        return None
+    usage = sum(calls[1:], calls[0])
     out = usage_out(usage)
     out.line = (
         f"{usage.total_tokens} tokens ({usage.prompt_tokens} prompt + "
@@ -446,14 +453,30 @@ def _stored_usage(message: AIMessage, pricer: Pricer) -> UsageOut | None:
     return out
 
 
-def _message_out(message: BaseMessage, pricer: Pricer) -> MessageOut:
+def _messages_out(history: list[BaseMessage], pricer: Pricer) -> list[MessageOut]:
+    """The transcript, each reply with the usage of its turn's calls up to it."""
+    out: list[MessageOut] = []
+    calls: list[Usage] = []
+    for message in history:
+        shown = _message_out(message)
+        if message.type == "human":
+            calls = []
+        elif isinstance(message, AIMessage):
+            call = _call_usage(message, pricer)
+            calls += [call] if call is not None else []
+            if message.text:
+                shown.usage = _stored_usage(calls)
+                calls = []
+        out.append(shown)
+    return out
+
+
+def _message_out(message: BaseMessage) -> MessageOut:
     out = MessageOut(
         role=_ROLES.get(message.type, "system"),  # type: ignore[arg-type]
         text=message.text,
         interrupted=bool(message.response_metadata.get("interrupted")),
     )
-    if isinstance(message, AIMessage) and message.text:
-        out.usage = _stored_usage(message, pricer)
     if isinstance(message, AIMessage) and message.tool_calls:
         out.tool_calls = [
             ToolRequestOut(id=call["id"] or "", name=call["name"], args=call["args"])
@@ -472,7 +495,7 @@ def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages
     full_id = _existing(service, user, session_id)
     history = service.bot.history(full_id)
     pricer = service.bot.settings.pricer()
-    return Messages(session_id=session_id, messages=[_message_out(m, pricer) for m in history])
+    return Messages(session_id=session_id, messages=_messages_out(history, pricer))
 
 
 @router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
