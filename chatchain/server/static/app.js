@@ -722,7 +722,7 @@ async function send(event, { text: given, replace = false } = {}) {
     if (started) {
       await refreshSessions();
       if (state.current === sessionId) showTitle();
-      loadAccount();
+      if (!$("budget").hidden) loadAccount(); // what is left, when there is a cap to show
     }
     if (state.current === sessionId) input.focus();
   }
