@@ -255,8 +255,9 @@ def test_another_users_session_is_refused(
 
     sign_in(page, other[1], "/#secret-plans")
     error = page.get_by_role("alert")
-    expect(error).to_contain_text("There is no session 'secret-plans'")
+    expect(error).to_contain_text("There is no session 'secret-plans' among yours")
     expect(error).to_contain_text("HTTP 404")
+    expect(error).not_to_contain_text("GET /v1/sessions")  # API advice is not for people
     expect(page.locator("#session-list .open .name")).not_to_have_text(["secret-plans"])
     assert current_session(page) != "secret-plans"
     assert "my secret" not in page.content()

@@ -169,6 +169,7 @@ const FOR_PEOPLE = {
     "This message could not be sent as it is, most likely because it is too long for this " +
     "chat: shorten it, then send again.",
   TooManyRequests: "You have sent more requests than this server allows for now.",
+  NotFound: "That session is no longer there (deleted in another tab?): reload the page.",
 };
 const SERVER_TROUBLE =
   "The assistant could not answer just now. Try again in a moment; if it keeps failing, tell " +
@@ -179,7 +180,7 @@ function describe(err) {
   if (err.status === 0) return err.message;
   let text = FOR_PEOPLE[err.type];
   if (text === undefined && (err.status >= 500 || err.status === 400)) text = SERVER_TROUBLE;
-  if (text === undefined) text = err.message; // 402, 404: the server wrote them for you
+  if (text === undefined) text = err.message; // 402: the server wrote it for you
   else console.warn(`chatchain: HTTP ${err.status} ${err.type}: ${err.message}`);
   if (err.status === 429 && err.retryAfter) text += ` Try again in ${err.retryAfter} s.`;
   return `${text} (HTTP ${err.status}${err.type ? ` ${err.type}` : ""})`;
@@ -458,8 +459,11 @@ async function openSession(sessionId, { push = true } = {}) {
     markLastTurn();
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
-      // Not one of yours (or deleted): say so, and start a new session instead.
-      const message = describe(err);
+      // Not one of yours (or deleted): say so, and start a new session instead. (The
+      // server's message points API clients to GET /v1/sessions; people get the list.)
+      const message =
+        `There is no session '${sessionId}' among yours (it may have been deleted): here is ` +
+        `a new one instead. (HTTP ${err.status} ${err.type})`;
       await openSession(newSessionId(), { push: false });
       showError(message);
     } else {
