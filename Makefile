@@ -44,9 +44,12 @@ bench: $(VENV)/.installed services
 	$(BIN)/python benchmarks/report.py
 
 $(VENV)/.demo: pyproject.toml $(LOCK)
+	@echo "make demo: setting up $(VENV) with chatchain and its dependencies (once; about a minute)..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "make demo: installing chatchain (LangChain, OpenAI client, ...) at the versions of $(LOCK)..."
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e .
+	@echo "make demo: $(VENV) is ready; starting the demo."
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(LOCK)

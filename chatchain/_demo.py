@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from chatchain._money import format_usd
 from chatchain.chatbot import Chatbot
 from chatchain.errors import ChatChainError
 from chatchain.settings import Settings
@@ -58,7 +59,9 @@ def _run(bot: Chatbot) -> None:
     print(f"bot> {reply.text}\n{_usage_line(reply.usage)}")
     total = bot.usage(session)
     cost = (
-        "unknown (no price for this model)" if total.cost_usd is None else f"${total.cost_usd:.6f}"
+        "unknown (no price for this model)"
+        if total.cost_usd is None
+        else format_usd(total.cost_usd)
     )
     print(
         f"\nSession {session!r}: {len(bot.history(session))} messages stored, {total.turns} turns, "

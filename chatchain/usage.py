@@ -15,6 +15,8 @@ from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import uuid4
 
+from chatchain._money import format_usd
+
 if TYPE_CHECKING:
     from chatchain.stores import HistoryStore
 
@@ -121,11 +123,11 @@ class Usage:
 
     @property
     def cost_text(self) -> str:
-        """The cost for people: ``$0.000123``, ``~$0.000123`` when estimated, or
+        """The cost for people: ``$0.00012``, ``~$0.00012`` when estimated, or
         ``cost unknown`` (never a silent $0)."""
         if self.cost_usd is None:
             return "cost unknown"
-        return f"{'~' if self.estimated else ''}${self.cost_usd:.6f}"
+        return f"{'~' if self.estimated else ''}{format_usd(self.cost_usd)}"
 
     @property
     def line(self) -> str:
@@ -161,7 +163,7 @@ class Usage:
 
         Example:
             >>> print(Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, estimated=1))
-            10 prompt + 5 completion = 15 tokens (estimated), ~$0.000000, 0.00 s
+            10 prompt + 5 completion = 15 tokens (estimated), ~$0.00, 0.00 s
         """
         mark = " (estimated)" if self.estimated else ""
         text = (
@@ -179,12 +181,12 @@ class Usage:
 
         Example:
             >>> Usage(turns=1, cached_turns=1, saved_usd=0.00012).cached_text
-            'cached, saved $0.000120'
+            'cached, saved $0.00012'
         """
         if not self.cached_turns:
             return ""
         hits = "cached" if self.cached_turns == self.turns == 1 else f"{self.cached_turns} cached"
-        return f"{hits}, saved ${self.saved_usd:.6f}" if self.saved_usd else hits
+        return f"{hits}, saved {format_usd(self.saved_usd)}" if self.saved_usd else hits
 
 
 def _merge_model(a: Usage, b: Usage) -> str | None:
@@ -561,7 +563,7 @@ def _token_cells(numbers: dict[str, Any], estimated: int) -> list[str]:
 
 
 def _cache_cells(numbers: dict[str, Any]) -> list[str]:
-    return [str(numbers["cached_turns"]), f"${numbers['saved_usd']:.6f}"]
+    return [str(numbers["cached_turns"]), format_usd(numbers["saved_usd"])]
 
 
 def estimated_note(estimated: int) -> str:
@@ -575,7 +577,7 @@ def estimated_note(estimated: int) -> str:
 def _cost_cell(cost: float | None, unpriced: int) -> str:
     if cost is None:
         return f"unknown ({unpriced} unpriced)"
-    return f"${cost:.6f}"
+    return format_usd(cost)
 
 
 # -- the ledger ------------------------------------------------------------------------------

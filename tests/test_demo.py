@@ -71,3 +71,23 @@ def test_demo_reports_a_configuration_error_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith("error:") and "CHATCHAIN_TEMPERATURE" in err
     assert err.count("\n") == 1
+
+
+def test_make_demo_says_what_it_does_before_each_silent_install() -> None:
+    # A dry run (-n) of the setup step, forced (-B): the commands make would run, in order.
+    root = Path(__file__).resolve().parent.parent
+    steps = subprocess.run(
+        ["make", "-n", "-B", "-C", str(root), ".venv/.demo"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    installs = [i for i, step in enumerate(steps) if "pip install --quiet" in step]
+    assert installs
+    for index in installs:  # each quiet step is announced by the echo just before it
+        said = [s for s in steps[:index] if s.startswith("echo ")]
+        assert said and "make demo: " in said[-1]
+    ready = [
+        i for i, step in enumerate(steps) if step.startswith('echo "make demo: .venv is ready')
+    ]
+    assert ready and ready[0] > installs[-1]

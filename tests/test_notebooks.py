@@ -221,6 +221,10 @@ def _check_long_conversations(notebook: nbformat.NotebookNode) -> None:
     summaries = re.search(r"(\d+) summary calls", text_of(notebook))
     assert summaries is not None
     assert int(summaries.group(1)) > 0
+    # The summary reads as one: no nested echoes of the summary requests.
+    summary = text_of(notebook).split("as the next turn's prompt carries it:\n", 1)[1]
+    assert summary.startswith("  The user said: Note 1: my lucky number today is 7."), summary
+    assert "[chatchain summary request]" not in summary and "Echo:" not in summary
 
 
 def _check_shared_memory(notebook: nbformat.NotebookNode) -> None:

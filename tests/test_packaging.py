@@ -109,6 +109,8 @@ def test_the_wheel_carries_the_types_the_license_and_the_version(tmp_path: Path)
     assert {
         "chatchain/server/static/index.html",
         "chatchain/server/static/vendor/marked/LICENSE",
+        "chatchain/server/static/vendor/highlight.js/LICENSE",
+        "chatchain/server/static/favicon.svg",
     } <= page
     assert page <= names, sorted(page - names)
     assert metadata["Version"] == chatchain.__version__

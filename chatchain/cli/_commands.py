@@ -6,6 +6,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast, get_args
@@ -48,8 +49,9 @@ from chatchain.cli._setup import (
     use_endpoint,
 )
 from chatchain.cli._tools import TOOLS_HELP, load_tools, tool_line
+from chatchain.stores import SessionInfo
 from chatchain.usage import ReportKey
-from chatchain.users import Users
+from chatchain.users import Users, validate_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -323,8 +325,31 @@ def ask(
                 raise click.exceptions.Exit(130)  # interrupted, as by SIGINT
 
 
-def _no_session(session_id: str) -> InvalidInputError:
-    return InvalidInputError(f"There is no session {session_id!r}: see chatchain sessions list.")
+def _no_session(session_id: str, user: str | None = None) -> InvalidInputError:
+    if user is not None:
+        return InvalidInputError(
+            f"User {user} has no session {session_id!r}: see chatchain sessions list --user {user}."
+        )
+    hint = ""
+    if ":" not in session_id:
+        hint = " A session made through chatchain serve is USER:ID there; or pass --user USER."
+    return InvalidInputError(
+        f"There is no session {session_id!r}: see chatchain sessions list.{hint}"
+    )
+
+
+# The chat service keys each user's sessions "USER:ID" in the store it shares with the CLI.
+_user_option = click.option(
+    "--user",
+    metavar="NAME",
+    help="A user of chatchain serve: their sessions, by the ids they use (the store keeps "
+    "them as NAME:ID).",
+)
+
+
+def _store_id(session_id: str, user: str | None) -> str:
+    """The store's id of ``session_id``: ``USER:ID`` for a user of the chat service."""
+    return session_id if user is None else f"{validate_name(user)}:{session_id}"
 
 
 @contextmanager
@@ -342,39 +367,63 @@ def sessions() -> None:
 
 
 @sessions.command("list")
+@_user_option
 @_store_options
-def list_sessions(store: str | None, env_file: Path | None, debug: bool) -> None:
-    """The sessions: id, messages, created and updated (local time)."""
+def list_sessions(user: str | None, store: str | None, env_file: Path | None, debug: bool) -> None:
+    """The sessions: id, messages, created and updated (local time).
+
+    Sessions made through chatchain serve show as USER:ID; --user USER lists one user's
+    sessions alone, by their own ids.
+    """
     with _managing(store, env_file, debug) as bot:
-        infos = session_infos(bot)
+        infos = session_infos(bot) if user is None else _user_infos(bot, user)
         if not infos:
-            click.echo("No sessions yet.")
+            click.echo("No sessions yet." if user is None else f"User {user} has no sessions.")
             return
         stdout_console().print(sessions_table(infos))
 
 
+def _user_infos(bot: Chatbot, user: str) -> list[SessionInfo]:
+    """One user's sessions, oldest first, under the ids the user knows them by."""
+    prefix = f"{validate_name(user)}:"
+    infos = bot.store.session_infos(prefix)
+    own = [replace(info, session_id=info.session_id[len(prefix) :]) for info in infos]
+    return sorted(own, key=lambda info: info.created_at)
+
+
 @sessions.command()
 @click.argument("session_id", metavar="ID")
+@_user_option
 @_store_options
-def show(session_id: str, store: str | None, env_file: Path | None, debug: bool) -> None:
+def show(
+    session_id: str, user: str | None, store: str | None, env_file: Path | None, debug: bool
+) -> None:
     """The transcript of session ID; interrupted replies are marked."""
     with _managing(store, env_file, debug) as bot:
-        messages = bot.history(session_id)
+        messages = bot.history(_store_id(session_id, user))
         if not messages:
-            raise _no_session(session_id)
+            raise _no_session(session_id, user)
         transcript(stdout_console(), messages)
 
 
 @sessions.command()
 @click.argument("session_id", metavar="ID")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_user_option
 @_store_options
 def export(
-    session_id: str, file: Path, store: str | None, env_file: Path | None, debug: bool
+    session_id: str,
+    file: Path,
+    user: str | None,
+    store: str | None,
+    env_file: Path | None,
+    debug: bool,
 ) -> None:
     """Write session ID to FILE as JSON (readable by you only)."""
     with _managing(store, env_file, debug) as bot:
-        data = bot.export_session(session_id, file)
+        if user is not None and bot.session_info(_store_id(session_id, user)) is None:
+            raise _no_session(session_id, user)
+        data = bot.export_session(_store_id(session_id, user), file)
         click.echo(
             f"Exported session {session_id} ({count(len(data['messages']), 'message')}) to {file}."
         )
@@ -411,21 +460,30 @@ def import_(
 @sessions.command()
 @click.argument("session_id", metavar="ID")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_user_option
 @_store_options
 def delete(
-    session_id: str, yes: bool, store: str | None, env_file: Path | None, debug: bool
+    session_id: str,
+    yes: bool,
+    user: str | None,
+    store: str | None,
+    env_file: Path | None,
+    debug: bool,
 ) -> None:
     """Delete session ID (what it spent stays in the usage ledger)."""
     with _managing(store, env_file, debug) as bot:
-        info = bot.session_info(session_id)
+        full_id = _store_id(session_id, user)
+        info = bot.session_info(full_id)
         if info is None:
-            raise _no_session(session_id)
+            raise _no_session(session_id, user)
+        whose = "" if user is None else f" of user {user}"
         if not yes:
             click.confirm(
-                f"Delete session {session_id} ({count(info.message_count, 'message')})?", abort=True
+                f"Delete session {session_id}{whose} ({count(info.message_count, 'message')})?",
+                abort=True,
             )
-        bot.delete(session_id)
-        click.echo(f"Deleted session {session_id}.")
+        bot.delete(full_id)
+        click.echo(f"Deleted session {session_id}{whose}.")
 
 
 @sessions.command()

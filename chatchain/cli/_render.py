@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chatchain import Usage, UsageReport
+from chatchain._money import format_usd
 from chatchain.stores import SessionInfo
 from chatchain.usage import estimated_note
 from chatchain.users import User
@@ -54,7 +55,7 @@ def usage_line(usage: Usage, session_id: str | None = None) -> Text:
         ...                  cost_usd=0.00002, estimated=1)).plain
         '~23 tokens (15 prompt + 8 completion), estimated, ~$0.000020, 0.00 s'
         >>> usage_line(Usage(turns=1, cached_turns=1, saved_usd=0.00002, latency_s=0.01)).plain
-        'cached, saved $0.000020, 0 tokens (0 prompt + 0 completion), $0.000000, 0.01 s'
+        'cached, saved $0.000020, 0 tokens (0 prompt + 0 completion), $0.00, 0.01 s'
     """
     line = usage.line if session_id is None else f"session {session_id}, {usage.line}"
     return Text(line, style="dim")
@@ -119,7 +120,7 @@ def tool_result_line(message: ToolMessage, name: str | None = None) -> Text:
 
 
 def _usd(cap: float | None) -> str:
-    return "-" if cap is None else f"${cap:.2f}" if round(cap, 2) == cap else f"${cap:g}"
+    return "-" if cap is None else format_usd(cap)
 
 
 def users_table(users: Sequence[User]) -> Table:
@@ -179,7 +180,7 @@ def transcript(console: Console, messages: Sequence[BaseMessage]) -> None:
 
 
 def _cost(cost: float | None) -> str:
-    return "unknown" if cost is None else f"${cost:.6f}"
+    return "unknown" if cost is None else format_usd(cost)
 
 
 def usage_note(report: UsageReport) -> Text | None:

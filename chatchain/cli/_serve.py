@@ -66,9 +66,10 @@ def serve(
     variables: tuple[str, ...],
     debug: bool,
 ) -> None:
-    """Serve the chat API (and /docs, /healthz, /metrics) over HTTP.
+    """Serve the chat page, the chat API (and /docs, /healthz, /metrics) over HTTP.
 
-    Users sign in with the tokens of `chatchain users add NAME`, kept in the same store.
+    The chat page is at http://HOST:PORT/ (http://127.0.0.1:8000/ by default): open it in a
+    browser and sign in with a token of `chatchain users add NAME`, kept in the same store.
     Settings come from the environment and .env, as for the other commands.
     """
     status = Console(stderr=True, highlight=False)
@@ -100,6 +101,8 @@ def serve(
                 assert served.base_url is not None
                 # The worker's key is a placeholder: the real one (in .env, say) stays home.
                 env |= {"OPENAI_BASE_URL": served.base_url, "OPENAI_API_KEY": "offline"}
+            page = page_url(host, port)
+            status.print(f"Chat page: {page} (sign in with a token of `chatchain users add`)")
             with _environment(env), _metrics_folder(workers):
                 uvicorn.run(APP, factory=True, host=host, port=port, workers=workers)
 
@@ -134,6 +137,20 @@ def _with_variables(settings: Settings, variables: tuple[str, ...], status: Cons
             f"cannot, and are refused. Give one with --var {missing[0]}=VALUE."
         )
     return settings.model_copy(update={"prompt_vars": given})
+
+
+def page_url(host: str, port: int) -> str:
+    """The chat page's address for a browser on this machine.
+
+    Example:
+        >>> page_url("0.0.0.0", 8000), page_url("::1", 80)
+        ('http://127.0.0.1:8000/', 'http://[::1]:80/')
+    """
+    if host in ("0.0.0.0", "::", ""):  # every interface: this machine's own address works
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
 
 
 def _check_store(url: str) -> None:

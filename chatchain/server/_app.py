@@ -64,7 +64,7 @@ def create_app(
         >>> from chatchain.testing import FakeChatModel
         >>> app = create_app(Chatbot(llm=FakeChatModel()))
         >>> sorted(app.openapi()["paths"])[:4]
-        ['/healthz', '/metrics', '/v1/chat/completions', '/v1/models']
+        ['/healthz', '/metrics', '/v1/chat/completions', '/v1/me']
     """
     owned = bot is None
     if bot is None:

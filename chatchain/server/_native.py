@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -17,19 +20,25 @@ from fastapi import APIRouter, Request, Response
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from chatchain._money import format_usd
 from chatchain._tools import ToolEvent, ToolStarted
 from chatchain.chatbot import AsyncReplyStream, Reply
 from chatchain.errors import ChatChainError, InvalidInputError
+from chatchain.pricing import Pricer
 from chatchain.server import _metrics
 from chatchain.server._errors import HTTPProblem, error_body, public_message, status_of
 from chatchain.server._schemas import (
+    BudgetLeftOut,
+    MeOut,
     MessageIn,
     MessageOut,
     Messages,
     ReplyOut,
     SessionOut,
     Sessions,
+    TitleIn,
     ToolRequestOut,
+    UsageOut,
     UsageReportOut,
     tool_call_out,
     usage_out,
@@ -42,11 +51,17 @@ from chatchain.server._service import (
     store_id,
     store_id_prefix,
 )
+from chatchain.stores import HistoryStore, Summary, TitleBackend
+from chatchain.usage import Usage
 from chatchain.users import User
 
 __all__ = ["first_piece", "router"]
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
+
+# The operator's side of a failed turn: the page shows its user words for people, and the
+# server's log keeps what went wrong (the settings to change, the endpoint's answer).
+_log = logging.getLogger("uvicorn.error")  # the server's log, as uvicorn configures it
 
 ROUTE = "native"  # the `route` label of this API's turns in the metrics
 
@@ -121,15 +136,76 @@ async def post_message(
 ) -> Any:
     """Send one message in one of your sessions (created by its first message)."""
     args = _turn_args(service, user, session_id, body)
-    if _wants_events(request):
-        return await _stream(request, service, user, body.text, args)
+    replaced = await _replace_last(service, user, session_id) if body.replace_last else None
     try:
-        reply = await service.bot.achat(body.text, **args)
-    except ChatChainError:
-        _metrics.record_failed_turn(ROUTE)
+        if _wants_events(request):
+            return await _stream(request, service, user, body.text, args)
+        try:
+            reply = await service.bot.achat(body.text, **args)
+        except ChatChainError as exc:
+            _metrics.record_failed_turn(ROUTE)
+            _log_failure(user, exc)
+            raise
+    except Exception:
+        if replaced is not None:  # refused before anything was stored: the last turn is back
+            await asyncio.to_thread(replaced.put_back, service.bot.store)
         raise
     _metrics.record_turn(ROUTE, reply.usage, interrupted=reply.interrupted)
     return _reply_out(session_id, reply)
+
+
+class _Replaced:
+    """A session whose last turn was taken out of its history, to put back if need be."""
+
+    def __init__(
+        self,
+        full_id: str,
+        before: list[BaseMessage],
+        summary: Summary | None,
+        kept: int,
+        created: datetime | None,
+    ) -> None:
+        self.full_id = full_id
+        self.before = before
+        self.summary = summary
+        self.kept = kept
+        self.created = created
+
+    @classmethod
+    def take(cls, store: HistoryStore, full_id: str) -> _Replaced | None:
+        """Under the session's lock, drop its last user message and all after it from the
+        history (the ledger keeps what they cost); ``None`` if it has no user message."""
+        with store.lock(full_id):
+            before = store.load(full_id)
+            users = [i for i, message in enumerate(before) if message.type == "human"]
+            if not users:
+                return None
+            info = store.info(full_id)
+            summary = store.get_summary(full_id)
+            kept = before[: users[-1]]
+            # A summary never covers the newest turn; this one keeps it only if it still fits.
+            keep_summary = summary if summary is None or summary.covers <= len(kept) else None
+            created = info.created_at if info is not None else None
+            store.replace_session(full_id, kept, keep_summary, created_at=created)
+        return cls(full_id, before, summary, len(kept), created)
+
+    def put_back(self, store: HistoryStore) -> None:
+        """The history as it was, if nothing was written to the session since."""
+        with store.lock(self.full_id):
+            if store.count(self.full_id) == self.kept:
+                store.replace_session(
+                    self.full_id, self.before, self.summary, created_at=self.created
+                )
+
+
+async def _replace_last(service: Service, user: User, session_id: str) -> _Replaced:
+    full_id = _existing(service, user, session_id)
+    replaced = await asyncio.to_thread(_Replaced.take, service.bot.store, full_id)
+    if replaced is None:
+        raise InvalidInputError(
+            f"Session {session_id!r} has no message to replace: send one without replace_last."
+        )
+    return replaced
 
 
 class _Pump:
@@ -209,6 +285,7 @@ async def _stream(
         _closed(service, user)
         if isinstance(exc, ChatChainError):
             _metrics.record_failed_turn(ROUTE)
+            _log_failure(user, exc)
         raise
     return EventSourceResponse(_events(service, user, pump, first))
 
@@ -245,6 +322,15 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _log_failure(user: User, exc: Exception) -> None:
+    """Log a failed turn's error for the operator: the endpoint's and the server's failures,
+    and refused input (its message names the settings); a refusal of the user's own, such as
+    a budget or a busy session, is the user's business and is not logged."""
+    if isinstance(exc, ChatChainError) and status_of(exc) < 500 and status_of(exc) != 422:
+        return
+    _log.warning("A turn of user %s failed: %s: %s", user.name, type(exc).__name__, exc)
+
+
 def _closed(service: Service, user: User) -> None:
     _metrics.OPEN_STREAMS.dec()
     service.limits.close_stream(user.name)
@@ -265,6 +351,7 @@ async def _events(
         if kind == "error":
             assert isinstance(value, Exception)
             _metrics.record_failed_turn(ROUTE)
+            _log_failure(user, value)
             yield _error_event(value)
             return
         stream = pump.stream
@@ -299,11 +386,14 @@ def _error_event(exc: Exception) -> ServerSentEvent:
 def list_sessions(user: Caller, service: ServiceDep) -> Sessions:
     """Your sessions, the one written most recently first: the newest 500 (`MAX_LISTED`)."""
     # Only the caller's range of store ids is read, not every user's sessions.
-    infos = service.bot.store.session_infos(store_id_prefix(user), limit=MAX_LISTED)
+    store = service.bot.store
+    infos = store.session_infos(store_id_prefix(user), limit=MAX_LISTED)
+    given = store.titles([i.session_id for i in infos]) if isinstance(store, TitleBackend) else {}
     return Sessions(
         sessions=[
             SessionOut(
                 session_id=own,
+                title=given.get(info.session_id) or _first_words(store, info.session_id) or own,
                 message_count=info.message_count,
                 created_at=info.created_at,
                 updated_at=info.updated_at,
@@ -314,11 +404,82 @@ def list_sessions(user: Caller, service: ServiceDep) -> Sessions:
     )
 
 
+TITLE_CHARS = 80  # a title from the first message: its first line, at most this long
+
+
+def _first_words(store: HistoryStore, session_id: str) -> str:
+    """The start of the session's first message: one message read, whatever its length."""
+    first = store.load(session_id, 0, 1)
+    if not first:
+        return ""
+    line = " ".join(first[0].text.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+@router.put("/sessions/{session_id}/title", status_code=204, response_class=Response)
+def set_title(session_id: str, body: TitleIn, user: Caller, service: ServiceDep) -> Response:
+    """Rename one of your sessions; an empty title gives it back its first message's."""
+    full_id = _existing(service, user, session_id)
+    store = service.bot.store
+    if not isinstance(store, TitleBackend):
+        raise HTTPProblem(501, "This server's store keeps no titles: sessions keep theirs.")
+    store.set_title(full_id, " ".join(body.title.split()) or None)
+    return Response(status_code=204)
+
+
 def _existing(service: Service, user: User, session_id: str) -> str:
     full_id = store_id(user, session_id)
     if service.bot.session_info(full_id) is None:
         raise _not_found(session_id)
     return full_id
+
+
+def _call_usage(message: AIMessage, pricer: Pricer) -> Usage | None:
+    """One stored model call's usage, from the tokens the endpoint reported with it."""
+    tokens = message.usage_metadata
+    if not tokens:
+        return None
+    model = message.response_metadata.get("model_name")
+    price = pricer.price(model, tokens["input_tokens"], tokens["output_tokens"])
+    return Usage(
+        prompt_tokens=tokens["input_tokens"],
+        completion_tokens=tokens["output_tokens"],
+        total_tokens=tokens["total_tokens"],
+        cost_usd=price.cost_usd,
+        model=model,
+    )
+
+
+def _stored_usage(calls: list[Usage]) -> UsageOut | None:
+    """A stored reply's usage: every model call of its turn (a turn with tools makes several),
+    as the stream's usage event gave it; timings are not stored, so its line has none."""
+    if not calls:
+        return None
+    usage = sum(calls[1:], calls[0])
+    out = usage_out(usage)
+    out.line = (
+        f"{usage.total_tokens} tokens ({usage.prompt_tokens} prompt + "
+        f"{usage.completion_tokens} completion), {usage.cost_text}"
+    )
+    return out
+
+
+def _messages_out(history: list[BaseMessage], pricer: Pricer) -> list[MessageOut]:
+    """The transcript, each reply with the usage of its turn's calls up to it."""
+    out: list[MessageOut] = []
+    calls: list[Usage] = []
+    for message in history:
+        shown = _message_out(message)
+        if message.type == "human":
+            calls = []
+        elif isinstance(message, AIMessage):
+            call = _call_usage(message, pricer)
+            calls += [call] if call is not None else []
+            if message.text:
+                shown.usage = _stored_usage(calls)
+                calls = []
+        out.append(shown)
+    return out
 
 
 def _message_out(message: BaseMessage) -> MessageOut:
@@ -344,13 +505,17 @@ def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages
     """The whole transcript of one of your sessions, oldest first."""
     full_id = _existing(service, user, session_id)
     history = service.bot.history(full_id)
-    return Messages(session_id=session_id, messages=[_message_out(m) for m in history])
+    pricer = service.bot.settings.pricer()
+    return Messages(session_id=session_id, messages=_messages_out(history, pricer))
 
 
 @router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
 def delete_session(session_id: str, user: Caller, service: ServiceDep) -> Response:
     """Delete one of your sessions (its usage stays in the ledger)."""
-    service.bot.reset(_existing(service, user, session_id))
+    full_id = _existing(service, user, session_id)
+    service.bot.reset(full_id)
+    if isinstance(service.bot.store, TitleBackend):  # a later session of that id starts afresh
+        service.bot.store.set_title(full_id, None)
     return Response(status_code=204)
 
 
@@ -367,3 +532,32 @@ def usage(user: Caller, service: ServiceDep) -> UsageReportOut:
     report = service.bot.usage_report(by=("session", "model", "day"), user_id=user.name)
     rows = [{**row, "session": own_id(user, row["session"]) or "-"} for row in report.rows]
     return UsageReportOut(total=usage_out(report.total), rows=rows)
+
+
+@router.get("/me", response_model=MeOut)
+def me(user: Caller, service: ServiceDep) -> MeOut:
+    """Who you are, the model that answers, and what is left of your tightest USD cap."""
+    return MeOut(
+        user=user.name, model=service.bot.settings.model, budget=_budget_left(service, user)
+    )
+
+
+def _budget_left(service: Service, user: User) -> BudgetLeftOut | None:
+    tightest: BudgetLeftOut | None = None
+    for limit in service.users.limits(user):
+        if limit.max_usd is None:
+            continue
+        entries = service.bot.store.usage_entries(user_id=user.name, since=limit.since)
+        spent = sum(entry.cost_usd or 0.0 for entry in entries)
+        left = max(0.0, limit.max_usd - spent)
+        if tightest is None or left < tightest.left_usd:
+            cap = (limit.label or "budget").rsplit("'s ", 1)[-1]
+            # What is left in whole cents, rounded down (never more than is there); what
+            # was spent with the precision it needs.
+            cents = format_usd(math.floor(left * 100) / 100)
+            line = (
+                f"{cents} left of your {cap} of {format_usd(limit.max_usd)} "
+                f"({format_usd(limit.max_usd - left)} spent)"
+            )
+            tightest = BudgetLeftOut(cap=cap, max_usd=limit.max_usd, left_usd=left, line=line)
+    return tightest

@@ -11,12 +11,15 @@ from chatchain._tools import ToolCall
 from chatchain.usage import Usage
 
 __all__ = [
+    "BudgetLeftOut",
+    "MeOut",
     "MessageIn",
     "MessageOut",
     "Messages",
     "ReplyOut",
     "SessionOut",
     "Sessions",
+    "TitleIn",
     "ToolCallOut",
     "ToolRequestOut",
     "UsageOut",
@@ -34,6 +37,12 @@ class MessageIn(BaseModel):
     text: str = Field(description="The user's message.")
     vars: dict[str, str] = Field(
         default_factory=dict, description="Values of the system prompt's {variables}."
+    )
+    replace_last: bool = Field(
+        default=False,
+        description="Replace the session's last turn (its last user message and the reply) "
+        "with this one: regenerate, or edit and resend. The replaced turn stays in the usage "
+        "ledger; if this turn is refused, the last turn is put back.",
     )
 
 
@@ -101,9 +110,20 @@ class ReplyOut(BaseModel):
 
 class SessionOut(BaseModel):
     session_id: str
+    title: str = Field(
+        description="The title given to the session, else the start of its first message."
+    )
     message_count: int
     created_at: datetime
     updated_at: datetime
+
+
+class TitleIn(BaseModel):
+    """A session's new title; an empty one gives the session back its first message's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(max_length=200, description="The title (200 characters at most).")
 
 
 class Sessions(BaseModel):
@@ -136,6 +156,30 @@ class MessageOut(BaseModel):
     status: Literal["success", "error"] | None = Field(
         default=None, description="How a tool message's call went."
     )
+    usage: UsageOut | None = Field(
+        default=None,
+        description="A reply's tokens and cost, as the endpoint reported them (left out when "
+        "it did not); its line has no timings.",
+    )
+
+
+class BudgetLeftOut(BaseModel):
+    """The tightest of the caller's caps: what is left of it, in USD."""
+
+    cap: str = Field(description="Which cap: budget, daily cap or monthly cap.")
+    max_usd: float
+    left_usd: float = Field(description="What is left (never below 0).")
+    line: str = Field(
+        description="For people: `$0.79 left of your daily cap of $1.00 ($0.21 spent)`."
+    )
+
+
+class MeOut(BaseModel):
+    """Who the caller is, the model that answers and the budget left (the page's header)."""
+
+    user: str
+    model: str
+    budget: BudgetLeftOut | None = Field(description="None when the caller has no USD cap.")
 
 
 class Messages(BaseModel):

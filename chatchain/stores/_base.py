@@ -9,7 +9,8 @@ The contract is four small ones that a store combines: `HistoryBackend` (transcr
 times, and is what the built-in stores implement. Everything else (the
 `BaseChatMessageHistory` view, export and import, async twins) is built on the primitives
 here, so behaviour cannot drift between backends. The built-in stores also keep the users of
-a chat service (`UserBackend`). Messages are stored as JSON
+a chat service (`UserBackend`) and the titles people give their sessions (`TitleBackend`).
+Messages are stored as JSON
 (``langchain_core.messages.message_to_dict``), never pickled.
 """
 
@@ -51,6 +52,7 @@ __all__ = [
     "StoreHistory",
     "Summary",
     "SummaryBackend",
+    "TitleBackend",
     "UserBackend",
     "driver_missing",
     "dump_message",
@@ -396,6 +398,20 @@ class UserBackend(ABC):
         return await asyncio.to_thread(
             partial(self.update_user, token_hash=token_hash), name, changes
         )
+
+
+class TitleBackend(ABC):
+    """The titles people give their sessions (the chat page's rename), apart from the
+    transcript: a title is not a message, and setting one never touches the session's
+    messages, times or lock. A session without one is shown by its first message."""
+
+    @abstractmethod
+    def titles(self, session_ids: Sequence[str]) -> dict[str, str]:
+        """The titles of those of ``session_ids`` that have one."""
+
+    @abstractmethod
+    def set_title(self, session_id: str, title: str | None) -> None:
+        """Give ``session_id`` the title ``title``; ``None`` removes its title."""
 
 
 class HistoryStore(HistoryBackend, SummaryBackend, LockBackend, LedgerBackend):

@@ -19,6 +19,7 @@ from chatchain.stores._base import (
     LedgerBackend,
     SessionInfo,
     Summary,
+    TitleBackend,
     UserBackend,
     check_user_changes,
     newest_first,
@@ -183,7 +184,24 @@ class MemoryUsers(UserBackend):
         return self.find_user(token_hash)
 
 
-class MemoryStore(MemoryLedger, MemoryUsers, HistoryStore):
+class MemoryTitles(TitleBackend):
+    """Session titles in a dict of this process."""
+
+    def __init__(self) -> None:
+        self._titles: dict[str, str] = {}
+
+    def titles(self, session_ids: Sequence[str]) -> dict[str, str]:
+        found = {sid: self._titles.get(sid) for sid in session_ids}
+        return {sid: title for sid, title in found.items() if title is not None}
+
+    def set_title(self, session_id: str, title: str | None) -> None:
+        if title is None:
+            self._titles.pop(session_id, None)
+        else:
+            self._titles[session_id] = title
+
+
+class MemoryStore(MemoryLedger, MemoryUsers, MemoryTitles, HistoryStore):
     """Sessions in this process's memory; gone when it exits. The design's default.
 
     Example:
@@ -201,6 +219,7 @@ class MemoryStore(MemoryLedger, MemoryUsers, HistoryStore):
         self._pending: dict[str, tuple[str, str]] = {}  # session id -> (token, record)
         MemoryLedger.__init__(self)
         MemoryUsers.__init__(self)
+        MemoryTitles.__init__(self)
         self._locks = SessionLocks(lock_timeout)
 
     def __call__(self, session_id: str) -> SessionHistory:

@@ -280,3 +280,10 @@ def m007_pending_turns(conn: sqlite3.Connection) -> None:
         ) WITHOUT ROWID
         """
     )
+
+
+@migration
+def m008_session_titles(conn: sqlite3.Connection) -> None:
+    # The titles people give their sessions: a table apart from `sessions`, so that renaming
+    # never touches a session's row (its times, its count) or the turns' commit path.
+    conn.execute("CREATE TABLE session_titles (session_id TEXT PRIMARY KEY, title TEXT NOT NULL)")

@@ -106,6 +106,7 @@ from chatchain.stores._base import (
     HistoryStore,
     SessionInfo,
     Summary,
+    TitleBackend,
     UserBackend,
     check_user_changes,
     driver_missing,
@@ -319,6 +320,17 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
             )"""
         ],
     ),
+    (
+        # The titles people give their sessions, apart from {sessions}: renaming never
+        # touches a session's row or the turns' commit path.
+        "0009_session_titles",
+        [
+            """CREATE TABLE IF NOT EXISTS {session_titles} (
+                session_id text PRIMARY KEY,
+                title text NOT NULL
+            )"""
+        ],
+    ),
 ]
 
 
@@ -360,6 +372,7 @@ class _Sql:
             "users",
             "usage_days",
             "pending_turns",
+            "session_titles",
         )
         names = {name: sql.Identifier(f"{prefix}_{name}") for name in tables}
 
@@ -373,6 +386,12 @@ class _Sql:
         self.applied = q("SELECT name FROM {migrations}")
         self.record = q("INSERT INTO {migrations} (name) VALUES (%s)")
         self.migrations = [(name, [q(step) for step in steps]) for name, steps in _MIGRATIONS]
+        self.titles = q("SELECT session_id, title FROM {session_titles} WHERE session_id = ANY(%s)")
+        self.set_title = q(
+            "INSERT INTO {session_titles} (session_id, title) VALUES (%s, %s)"
+            " ON CONFLICT (session_id) DO UPDATE SET title = excluded.title"
+        )
+        self.drop_title = q("DELETE FROM {session_titles} WHERE session_id = %s")
         # Locks the session row until the commit: appends to one session queue here.
         self.bump = q(
             "INSERT INTO {sessions} AS s (session_id, created_at, updated_at, message_count)"
@@ -750,7 +769,7 @@ def _connect_timeout(value: Any) -> float:
     return float(seconds)
 
 
-class PostgresStore(HistoryStore, UserBackend):
+class PostgresStore(HistoryStore, UserBackend, TitleBackend):
     """Sessions in PostgreSQL, shared by every process and machine that opens the same URL.
 
     Args:
@@ -1368,6 +1387,15 @@ class PostgresStore(HistoryStore, UserBackend):
         )
         if not self._fetch(self._sql.add_user, row):
             raise user_exists(user.name)
+
+    def titles(self, session_ids: Sequence[str]) -> dict[str, str]:
+        return dict(self._fetch(self._sql.titles, (list(session_ids),)))
+
+    def set_title(self, session_id: str, title: str | None) -> None:
+        if title is None:
+            self._fetch(self._sql.drop_title, (session_id,))
+        else:
+            self._fetch(self._sql.set_title, (session_id, title))
 
     def get_user(self, name: str) -> User | None:
         rows = self._fetch(self._sql.get_user, (name,))

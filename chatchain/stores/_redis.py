@@ -99,6 +99,7 @@ from chatchain.stores._base import (
     HistoryStore,
     SessionInfo,
     Summary,
+    TitleBackend,
     UserBackend,
     check_user_changes,
     driver_missing,
@@ -506,7 +507,7 @@ def _window(start: int, stop: int | None) -> tuple[int, int] | None:
     return start, -1 if stop is None else stop - 1
 
 
-class RedisStore(HistoryStore, UserBackend):
+class RedisStore(HistoryStore, UserBackend, TitleBackend):
     """Sessions in Redis, shared by every process and machine that uses the server.
 
     Needs ``pip install 'chatchain[redis]'`` and any stock Redis server (no modules). The
@@ -1205,6 +1206,23 @@ class RedisStore(HistoryStore, UserBackend):
         ]
         if not int(self._eval(self._add_user_script, keys, args)):
             raise user_exists(user.name)
+
+    def titles(self, session_ids: Sequence[str]) -> dict[str, str]:
+        ids = list(session_ids)
+        if not ids:
+            return {}
+        # One string per session, apart from its transcript's keys: renaming never touches them.
+        [values] = self._run(
+            lambda pipe: pipe.mget([self._key("title", sid) for sid in ids]), transaction=False
+        )
+        return {sid: title for sid, title in zip(ids, values, strict=True) if title is not None}
+
+    def set_title(self, session_id: str, title: str | None) -> None:
+        key = self._key("title", session_id)
+        if title is None:
+            self._run(lambda pipe: pipe.delete(key), transaction=False)
+        else:
+            self._run(lambda pipe: pipe.set(key, title), transaction=False)
 
     def get_user(self, name: str) -> User | None:
         key = self._key("user", name)

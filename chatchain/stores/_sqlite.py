@@ -52,6 +52,7 @@ from chatchain.stores._base import (
     HistoryStore,
     SessionInfo,
     Summary,
+    TitleBackend,
     UserBackend,
     check_user_changes,
     dump_message,
@@ -326,7 +327,7 @@ def _session_infos_sql(*, bounded: bool) -> str:
     )
 
 
-class SQLiteStore(HistoryStore, UserBackend):
+class SQLiteStore(HistoryStore, UserBackend, TitleBackend):
     """Sessions in one SQLite file: persistent, for the threads and processes of one machine.
 
     Args:
@@ -806,6 +807,34 @@ class SQLiteStore(HistoryStore, UserBackend):
     def release_budget(self, hold_id: str) -> None:
         with self._write("release a budget hold") as conn:
             conn.execute("DELETE FROM budget_holds WHERE id = ?", (hold_id,))
+
+    # -- titles ----------------------------------------------------------------------------
+
+    def titles(self, session_ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        ids = list(session_ids)
+        with self._connection("read session titles") as conn:
+            # In slices: SQLite caps the parameters of one statement.
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                marks = ", ".join("?" * len(part))
+                rows = conn.execute(
+                    f"SELECT session_id, title FROM session_titles WHERE session_id IN ({marks})",
+                    part,
+                )
+                found.update(rows.fetchall())
+        return found
+
+    def set_title(self, session_id: str, title: str | None) -> None:
+        with self._write("set a session title") as conn:
+            if title is None:
+                conn.execute("DELETE FROM session_titles WHERE session_id = ?", (session_id,))
+            else:
+                conn.execute(
+                    "INSERT INTO session_titles (session_id, title) VALUES (?, ?) "
+                    "ON CONFLICT (session_id) DO UPDATE SET title = excluded.title",
+                    (session_id, title),
+                )
 
     # -- users -----------------------------------------------------------------------------
 

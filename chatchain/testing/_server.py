@@ -130,7 +130,8 @@ def echo_reply(messages: list[dict[str, Any]]) -> str:
     The text is the message's string content, or the text parts of a list content joined
     with no separator (as LangChain's ``message.text`` does). With no user message, the reply
     is just ``"Echo: "``. Tool results sent after the last user message are echoed too:
-    ``"Echo: <text> [tool results: <result>; <result>]"``.
+    ``"Echo: <text> [tool results: <result>; <result>]"``. A chatchain summary request is
+    answered with a summary: the existing one, then what the user said in the new lines.
 
     Args:
         messages: The ``messages`` of an OpenAI chat-completions request.
@@ -156,9 +157,44 @@ def echo_reply(messages: list[dict[str, Any]]) -> str:
         if role == "tool":
             results.insert(0, _content_text(message.get("content")))
         if role == "user":
-            text = "Echo: " + _content_text(message.get("content"))
+            asked = _content_text(message.get("content"))
+            if asked.startswith(_SUMMARY_REQUEST_MARK):
+                return _echo_summary(asked)
+            text = "Echo: " + asked
             return f"{text} [tool results: {'; '.join(results)}]" if results else text
     return "Echo: "
+
+
+# chatchain's running-summary request (chatchain.window), answered as a reader would want it.
+_SUMMARY_REQUEST_MARK = "[chatchain summary request]"
+_SUMMARY_PARTS = re.compile(
+    r"Existing summary:\n(?P<previous>.*?)\n\nNew lines of conversation:\n(?P<lines>.*)"
+    r"\n\nThe extended summary:",
+    re.S,
+)
+
+
+def _echo_summary(request: str) -> str:
+    r"""A summary request's answer without a model: the summary so far, then what the user
+    said in the new lines (not an echo of the request, which would nest in the next one).
+
+    Example:
+        >>> _echo_summary("[chatchain summary request]\nExisting summary:\n(none yet)\n\n"
+        ...     "New lines of conversation:\nHuman: I'm Bob.\nAI: Hi Bob!\n\n"
+        ...     "The extended summary:")
+        "The user said: I'm Bob."
+    """
+    parts = _SUMMARY_PARTS.search(request)
+    if parts is None:
+        return "The user said nothing yet."
+    said = [
+        line.removeprefix("Human: ").strip()
+        for line in parts["lines"].splitlines()
+        if line.startswith("Human: ")
+    ]
+    previous = parts["previous"].strip()
+    start = "The user said:" if previous == "(none yet)" else previous
+    return " ".join([start, *said])
 
 
 def memory_echo_reply(messages: list[dict[str, Any]]) -> str:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from chatchain._money import format_usd
 from chatchain.cli._setup import load_settings
 from chatchain.testing import Fault, OpenAITestServer
 from tests.cli.conftest import KEY, Chatchain
 
 USAGE_LINE = re.compile(
     r"session (\w+), (\d+) tokens \((\d+) prompt \+ (\d+) completion\), "
-    r"(\$\d+\.\d{6}|cost unknown), \d+\.\d\d s\n"
+    r"(\$\d+\.\d+|cost unknown), \d+\.\d\d s\n"
 )
 
 
@@ -42,7 +43,7 @@ def test_ask_prints_the_whole_reply_to_a_pipe_and_stores_the_turn(
         int(completion),
         int(total),
     )
-    assert entry.cost_usd is not None and cost == f"${entry.cost_usd:.6f}"
+    assert entry.cost_usd is not None and cost == format_usd(entry.cost_usd)
 
 
 def test_ask_reads_the_question_from_stdin(chatchain: Chatchain) -> None:

@@ -97,7 +97,10 @@ def test_show_prints_tool_calls_and_results_as_dim_lines(chatchain: Chatchain) -
 def test_show_of_an_unknown_session_is_an_error(chatchain: Chatchain) -> None:
     result = chatchain("sessions", "show", "nope")
     assert result.exit_code == 1
-    assert result.stderr == ("error: There is no session 'nope': see chatchain sessions list.\n")
+    assert result.stderr == (
+        "error: There is no session 'nope': see chatchain sessions list. A session made through "
+        "chatchain serve is USER:ID there; or pass --user USER.\n"
+    )
 
 
 def test_export_then_import_under_another_id(chatchain: Chatchain, tmp_path: Path) -> None:
@@ -242,3 +245,43 @@ def test_prune_refuses_what_is_not_a_duration(chatchain: Chatchain, older_than: 
     result = chatchain("sessions", "prune", "--older-than", older_than)
     assert result.exit_code == 2
     assert "is not a duration like 30d, 12h or 90m" in result.stderr
+
+
+def test_a_service_users_sessions_are_listed_and_addressed_with_user(
+    chatchain: Chatchain, tmp_path: Path
+) -> None:
+    # As chatchain serve stores them: "USER:ID".
+    with Chatbot(Settings(store=chatchain.store_url), llm=FakeChatModel()) as bot:
+        for full_id in ("ann:jokes", "ann:trip", "bob:jokes"):
+            bot.chat(f"hi from {full_id}", session_id=full_id)
+    listed = stable(chatchain("sessions", "list").output).splitlines()
+    assert [line.split()[0] for line in listed[1:]] == ["ann:jokes", "ann:trip", "bob:jokes"]
+
+    anns = chatchain("sessions", "list", "--user", "ann")
+    assert anns.exit_code == 0
+    assert [line.split()[0] for line in stable(anns.output).splitlines()[1:]] == ["jokes", "trip"]
+    assert (
+        chatchain("sessions", "list", "--user", "carol").output == "User carol has no sessions.\n"
+    )
+
+    shown = chatchain("sessions", "show", "jokes", "--user", "ann")
+    assert shown.exit_code == 0 and "hi from ann:jokes" in shown.output
+
+    unknown = chatchain("sessions", "delete", "jokes", "--yes")  # not a store id: says why
+    assert unknown.exit_code == 1
+    assert "chatchain serve is USER:ID there; or pass --user USER" in unknown.stderr
+    deleted = chatchain("sessions", "delete", "jokes", "--user", "ann", "--yes")
+    assert deleted.output == "Deleted session jokes of user ann.\n"
+    with chatchain.store() as store:
+        assert store.sessions() == ["ann:trip", "bob:jokes"]
+    gone = chatchain("sessions", "show", "jokes", "--user", "ann")
+    assert gone.stderr == (
+        "error: User ann has no session 'jokes': see chatchain sessions list --user ann.\n"
+    )
+
+    file = tmp_path / "jokes.json"
+    exported = chatchain("sessions", "export", "jokes", str(file), "--user", "bob")
+    assert exported.exit_code == 0
+    assert json.loads(file.read_text())["messages"][0]["data"]["content"] == "hi from bob:jokes"
+    bad = chatchain("sessions", "list", "--user", "no spaces")
+    assert bad.exit_code == 1 and "cannot name a user" in bad.stderr

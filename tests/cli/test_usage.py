@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from chatchain import UsageEntry, UsageLedger
+from chatchain._money import format_usd
 from chatchain.cli._commands import since_time
 from chatchain.testing import OpenAITestServer
 from tests.cli.conftest import Chatchain
@@ -23,7 +24,7 @@ def spent(chatchain: Chatchain) -> Chatchain:
 
 def numbers(turns: int, prompt: int, completion: int, total: int, cost: float | None) -> list[str]:
     """The number cells of a row, as the table prints them."""
-    price = "unknown" if cost is None else f"${cost:.6f}"
+    price = "unknown" if cost is None else format_usd(cost)
     return [str(turns), "0", f"{prompt:,}", f"{completion:,}", f"{total:,}", price]
 
 
@@ -146,7 +147,7 @@ def test_usage_marks_estimated_tokens(chatchain: Chatchain) -> None:
             UsageEntry("s", "gpt-4o-mini", 8, 2, 10, requests=1, cost_usd=0.5, estimated=True)
         )
     lines = chatchain("usage", "--by", "session").output.splitlines()
-    assert lines[1].split() == ["s", "1", "0", "~8", "~2", "~10", "$0.500000"]
+    assert lines[1].split() == ["s", "1", "0", "~8", "~2", "~10", "$0.50"]
     assert lines[-1].strip() == (
         "~ estimated: 1 call was counted here, as the endpoint did not report their usage"
     )
@@ -163,7 +164,7 @@ def test_cache_hits_show_as_cached_in_the_usage_line_and_the_table(
     with chatchain.store() as store:
         [entry] = store.usage_entries(session_id="a")
     assert entry.cost_usd is not None
-    saved = f"${entry.cost_usd:.6f}"
+    saved = format_usd(entry.cost_usd)
     assert "cached" not in paid.stderr
     assert hit.stderr.startswith(f"session b, cached, saved {saved}, 0 tokens (0 prompt + 0 ")
 
@@ -186,7 +187,7 @@ def test_cache_hits_show_as_cached_in_the_usage_line_and_the_table(
                 1, entry.prompt_tokens, entry.completion_tokens, entry.total_tokens, entry.cost_usd
             ),
             "0",
-            "$0.000000",
+            "$0.00",
         ],
         ["b", *numbers(1, 0, 0, 0, 0.0), "1", saved],
         [

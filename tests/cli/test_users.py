@@ -79,6 +79,15 @@ def test_caps_shows_sets_and_removes(chatchain: Chatchain) -> None:
     assert user is not None and (user.daily_usd, user.monthly_usd) == (None, 2.5)
 
 
+def test_small_caps_are_shown_with_the_precision_they_need(chatchain: Chatchain) -> None:
+    chatchain("users", "add", "tiny", "--budget-usd", "0.00002", "--daily-usd", "0.0265")
+    assert chatchain("users", "caps", "tiny").stdout == (
+        "tiny: budget $0.000020, daily $0.0265, monthly -\n"  # never $2e-05 or $0.0000
+    )
+    listed = chatchain("users", "list").stdout
+    assert "$0.000020" in listed and "$0.0265" in listed and "e-0" not in listed
+
+
 @pytest.mark.parametrize(
     ("args", "error"),
     [

@@ -41,8 +41,52 @@ def test_a_message_answers_with_the_reply_and_its_usage_and_is_kept(
         "session_id": "trip",
         "messages": [
             {"role": "user", "text": "Hi, I'm Bob", "interrupted": False},
-            {"role": "assistant", "text": "Echo: Hi, I'm Bob", "interrupted": False},
+            {
+                "role": "assistant",
+                "text": "Echo: Hi, I'm Bob",
+                "interrupted": False,
+                # The reply's usage is kept with it (without the timings, which are not).
+                "usage": {
+                    **usage,
+                    "estimated": False,
+                    "line": usage["line"].split(", ")[0] + ", " + usage["line"].split(", ")[1],
+                },
+            },
         ],
+    }
+
+
+def test_sessions_are_listed_with_titles_and_renamed(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    client = service.client(user[1])
+    long = "Where should we go in May?   " + "x" * 200
+    assert client.post("/v1/sessions/trip/messages", json={"text": long}).status_code == 200
+    listed = client.get("/v1/sessions").json()["sessions"]
+    assert listed[0]["title"] == ("Where should we go in May? " + "x" * 200)[:79] + "…"
+
+    assert client.put("/v1/sessions/trip/title", json={"title": " Oslo  trip "}).status_code == 204
+    assert client.get("/v1/sessions").json()["sessions"][0]["title"] == "Oslo trip"
+    missing = client.put("/v1/sessions/nope/title", json={"title": "x"})
+    assert missing.status_code == 404
+    assert client.put("/v1/sessions/trip/title", json={"title": "y" * 201}).status_code == 422
+
+    assert client.delete("/v1/sessions/trip").status_code == 204  # the title goes with it
+    assert client.post("/v1/sessions/trip/messages", json={"text": "again"}).status_code == 200
+    assert client.get("/v1/sessions").json()["sessions"][0]["title"] == "again"
+
+
+def test_me_names_the_model_and_the_budget_left(service: Service) -> None:
+    _, plain = service.add_user()
+    _, capped = service.add_user(budget_usd=5.0, daily_usd=0.5)
+    me = service.client(plain).get("/v1/me").json()
+    assert me["model"] == "gpt-4o-mini" and me["budget"] is None
+    budget = service.client(capped).get("/v1/me").json()["budget"]
+    assert budget == {
+        "cap": "daily cap",
+        "max_usd": 0.5,
+        "left_usd": 0.5,
+        "line": "$0.50 left of your daily cap of $0.50 ($0.00 spent)",
     }
 
 
@@ -290,3 +334,49 @@ def test_bad_input_is_refused_with_422_saying_what_and_nothing_is_stored(
     assert what in answer.json()["error"]["message"]
     assert endpoint.requests == []
     assert client.get("/v1/sessions").json() == {"sessions": []}
+
+
+def test_replace_last_regenerates_the_last_turn_and_the_ledger_keeps_both(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    client = service.client(user[1])
+    for text in ("first", "second"):
+        assert client.post("/v1/sessions/r/messages", json={"text": text}).status_code == 200
+    answer = client.post(
+        "/v1/sessions/r/messages", json={"text": "second, edited", "replace_last": True}
+    )
+    assert answer.status_code == 200, answer.text
+    messages = client.get("/v1/sessions/r/messages").json()["messages"]
+    assert [m["text"] for m in messages] == [
+        "first",
+        "Echo: first",
+        "second, edited",
+        "Echo: second, edited",
+    ]
+    # The model was sent the history without the replaced turn.
+    sent = [m["content"] for m in endpoint.requests[-1]["body"]["messages"][1:]]
+    assert sent == ["first", "Echo: first", "second, edited"]
+    rows = client.get("/v1/usage").json()["rows"]
+    assert sum(row["turns"] for row in rows if row["session"] == "r") == 3  # all three billed
+
+
+def test_a_refused_replacement_puts_the_last_turn_back(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    client = service.client(user[1])
+    assert client.post("/v1/sessions/r/messages", json={"text": "keep me"}).status_code == 200
+    before = client.get("/v1/sessions/r/messages").json()
+    endpoint.add_fault(Fault(status=500))
+    refused = client.post("/v1/sessions/r/messages", json={"text": "new", "replace_last": True})
+    assert refused.status_code == 502
+    assert client.get("/v1/sessions/r/messages").json() == before
+    endpoint.add_fault(Fault(status=500))
+    streamed = client.post(
+        "/v1/sessions/r/messages",
+        json={"text": "new", "replace_last": True},
+        headers={"Accept": "text/event-stream"},
+    )
+    assert streamed.status_code == 502
+    assert client.get("/v1/sessions/r/messages").json() == before
+    empty = client.post("/v1/sessions/none/messages", json={"text": "x", "replace_last": True})
+    assert empty.status_code == 404

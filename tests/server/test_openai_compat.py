@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -354,3 +355,20 @@ def test_errors_have_openais_shape_for_plain_http_clients(
     assert set(missing.json()["error"]) == {"message", "type", "param", "code"}
     assert invalid.status_code == 400
     assert "messages" in invalid.json()["error"]["message"]
+
+
+def test_the_readmes_streaming_example_prints_only_text(
+    service: Service, user: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("from openai import OpenAI\n", 1)[1].split("```", 1)[0]
+    code = "from openai import OpenAI\n" + block
+    code = code.replace("http://127.0.0.1:8000/v1", f"{service.url}/v1").replace("cc_...", user[1])
+    assert "stream=True" in code
+
+    exec(compile(code, "README.md", "exec"), {})  # the example, as a reader runs it
+
+    printed = capsys.readouterr().out
+    assert "None" not in printed
+    assert printed.endswith(" tokens\n")
+    assert "Echo: Tell me a joke\n" in printed

@@ -90,7 +90,8 @@ def last_reply(page: Page) -> str:
 
 def wait_for_reply(page: Page) -> None:
     """Until the last reply has its usage line (the stream's `usage` event came)."""
-    expect(page.locator(".message.assistant").last.locator(".usage")).to_be_visible()
+    usage = page.locator(".message.assistant").last.locator(".usage")
+    expect(usage).to_be_visible(timeout=30_000)  # a loaded machine, a reply that pauses
 
 
 def wait_for_stored(service: Service, token: str, session_id: str, count: int) -> list[dict]:
@@ -107,7 +108,8 @@ def wait_for_stored(service: Service, token: str, session_id: str, count: int) -
 
 
 def current_session(page: Page) -> str:
-    return page.locator("#session-title").inner_text()
+    """The open session's id (the URL's fragment)."""
+    return str(page.evaluate("decodeURIComponent(location.hash.slice(1))"))
 
 
 def test_the_page_is_served_with_a_strict_content_security_policy(service: Service) -> None:
@@ -204,22 +206,24 @@ def test_reload_shows_the_history_and_sessions_switch_and_delete(
     assert first != second
 
     page.reload()  # still signed in (the tab's sessionStorage), in the same session
-    expect(page.locator("#session-title")).to_have_text(second)
+    expect(page.locator("#session-title")).to_have_text("the second session")
+    assert current_session(page) == second
     expect(page.locator(".message .body")).to_have_text(
         ["the second session", "Echo: the second session"]
     )
     sessions = page.locator("#session-list .open .name")
-    expect(sessions).to_have_text([second, first])  # newest first
+    expect(sessions).to_have_text(["the second session", "the first session"])  # newest first
 
-    page.locator("#session-list .open", has_text=first).click()
+    page.locator("#session-list .open", has_text="the first session").click()
     expect(page.locator(".message .body")).to_have_text(
         ["the first session", "Echo: the first session"]
     )
 
     page.once("dialog", lambda dialog: dialog.accept())
-    page.get_by_role("button", name=f"Delete session {first}").click()
-    expect(sessions).to_have_text([second])
-    expect(page.locator("#session-title")).to_have_text(second)
+    page.get_by_role("button", name="Delete session the first session").click()
+    expect(sessions).to_have_text(["the second session"])
+    expect(page.locator("#session-title")).to_have_text("the second session")
+    assert current_session(page) == second
     with service.client(user[1]) as api:
         assert api.get(f"/v1/sessions/{first}/messages").status_code == 404
 
@@ -237,9 +241,9 @@ def test_declining_the_delete_keeps_the_session(
         dialog.dismiss()
 
     page.once("dialog", decline)
-    page.get_by_role("button", name=f"Delete session {current_session(page)}").click()
+    page.get_by_role("button", name="Delete session keep me").click()
     expect(page.locator("#session-list li")).to_have_count(1)
-    assert asked == [f"Delete session {current_session(page)} and its messages?"]
+    assert asked == ["Delete session keep me and its messages?"]
 
 
 def test_another_users_session_is_refused(
@@ -251,8 +255,9 @@ def test_another_users_session_is_refused(
 
     sign_in(page, other[1], "/#secret-plans")
     error = page.get_by_role("alert")
-    expect(error).to_contain_text("There is no session 'secret-plans'")
+    expect(error).to_contain_text("There is no session 'secret-plans' among yours")
     expect(error).to_contain_text("HTTP 404")
+    expect(error).not_to_contain_text("GET /v1/sessions")  # API advice is not for people
     expect(page.locator("#session-list .open .name")).not_to_have_text(["secret-plans"])
     assert current_session(page) != "secret-plans"
     assert "my secret" not in page.content()
@@ -329,12 +334,12 @@ def test_a_revoked_token_returns_to_sign_in_and_sign_out_forgets_it(
 def strict_service(
     endpoint: OpenAITestServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    """A service whose users may spend 1 token each and make 3 requests a minute."""
+    """A service whose users may spend 1 token each and make 4 requests a minute."""
     folder = tmp_path_factory.mktemp("strict")
     env = {
         "CHATCHAIN_MAX_RETRIES": "0",
         "CHATCHAIN_BUDGET_USER_TOKENS": "1",
-        "CHATCHAIN_SERVER_REQUESTS_PER_MINUTE": "3",
+        "CHATCHAIN_SERVER_REQUESTS_PER_MINUTE": "4",
     }
     running = start_service(f"sqlite:///{folder / 'chat.db'}", endpoint, folder, env=env)
     yield running
@@ -347,8 +352,8 @@ def test_refusals_show_the_servers_message_and_keep_the_text(
     _, token = strict_service.add_user()
     context = browser.new_context(base_url=strict_service.url)
     page = context.new_page()
-    sign_in(page, token)  # request 1 of the minute
-    send(page, "over budget")  # 2
+    sign_in(page, token)  # requests 1 and 2 of the minute (the sessions, the header)
+    send(page, "over budget")  # 3
     error = page.get_by_role("alert")
     expect(error).to_contain_text("HTTP 402 BudgetExceeded")
     expect(error).to_contain_text("Budget exceeded: the cap for user")
@@ -357,23 +362,33 @@ def test_refusals_show_the_servers_message_and_keep_the_text(
     page.get_by_role("button", name="Dismiss the error").click()
     expect(error).to_be_hidden()
 
-    page.get_by_label("Message").press("Enter")  # 3
+    page.get_by_label("Message").press("Enter")  # 4
     expect(error).to_contain_text("HTTP 402")
-    page.get_by_label("Message").press("Enter")  # 4: over the requests per minute
-    expect(error).to_contain_text(re.compile(r"Try again in \d+ s\. \(HTTP 429 \w+\)"))
+    page.get_by_label("Message").press("Enter")  # 5: over the requests per minute
+    expect(error).to_contain_text(
+        re.compile(
+            r"You have sent more requests than this server allows for now\. "
+            r"Try again in \d+ s\. \(HTTP 429 TooManyRequests\)"
+        )
+    )
+    expect(error).not_to_contain_text("CHATCHAIN_")
     context.close()
 
 
-def test_an_endpoint_failure_shows_the_servers_message(
-    page: Page, user: tuple[str, str], endpoint: OpenAITestServer
+def test_an_endpoint_failure_is_worded_for_the_person_and_logged_for_the_operator(
+    page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
 ) -> None:
     sign_in(page, user[1])
     endpoint.add_fault(Fault(status=500))
     send(page, "endpoint down")
     error = page.get_by_role("alert")
+    expect(error).to_contain_text("The assistant could not answer just now. Try again")
     expect(error).to_contain_text(re.compile(r"\(HTTP 50\d \w+\)"))
+    expect(error).not_to_contain_text("CHATCHAIN_")  # the operator's settings stay in the log
     expect(page.get_by_label("Message")).to_have_value("endpoint down")
     expect(page.locator(".message")).to_have_count(0)
+    log = service.log.read_text()
+    assert f"A turn of user {user[0]} failed: ServerError: " in log
 
 
 GATED_TOOLS = '''
@@ -457,3 +472,320 @@ def test_tool_calls_show_as_lines_while_streaming_and_after_a_reload(
         expect(reply.locator(".tools i, .tools b")).to_have_count(0)
     finally:
         context.close()
+
+
+# --- The page people choose to use (issue 22) -------------------------------------------
+
+
+def test_a_favicon_and_no_missing_file(page: Page, user: tuple[str, str]) -> None:
+    missing: list[str] = []
+    page.on("response", lambda r: missing.append(r.url) if r.status >= 400 else None)
+    sign_in(page, user[1])
+    icon = page.locator("link[rel=icon]").get_attribute("href")
+    assert icon is not None
+    answer = page.request.get(icon)
+    assert answer.status == 200 and answer.headers["content-type"].startswith("image/svg")
+    page.wait_for_load_state("networkidle")
+    assert missing == []
+
+
+def test_a_new_user_is_invited_and_the_session_is_titled_by_its_first_message(
+    page: Page, service: Service, user: tuple[str, str]
+) -> None:
+    sign_in(page, user[1])
+    empty = page.locator("#empty")
+    expect(empty).to_be_visible()
+    expect(empty).to_contain_text("What would you like to talk about?")
+    expect(page.locator("#session-title")).to_have_text("New chat")
+    send(page, "Plan a trip to Oslo in May\nwith two children")
+    expect(empty).to_be_hidden()
+    wait_for_reply(page)
+
+    title = "Plan a trip to Oslo in May with two children"
+    names = page.locator("#session-list .open .name")
+    expect(names).to_have_text([title])
+    expect(page.locator("#session-title")).to_have_text(title)
+    # The list shows a short date; hovering shows it whole, with the year and the seconds.
+    meta = page.locator("#session-list .open small")
+    full = meta.get_attribute("title") or ""
+    assert full.startswith("Last message ") and str(time.gmtime().tm_year) in full, full
+    assert re.search(r"\d:\d\d:\d\d", full), full
+
+
+def test_a_session_is_renamed_and_keeps_its_title_after_a_reload(
+    page: Page, service: Service, user: tuple[str, str]
+) -> None:
+    sign_in(page, user[1])
+    send(page, "What should I pack for Oslo?")
+    wait_for_reply(page)
+    page.once("dialog", lambda dialog: dialog.accept("  Packing   list "))
+    page.get_by_role("button", name="Rename session What should I pack for Oslo?").click()
+    names = page.locator("#session-list .open .name")
+    expect(names).to_have_text(["Packing list"])
+    expect(page.locator("#session-title")).to_have_text("Packing list")
+
+    page.reload()
+    expect(names).to_have_text(["Packing list"])  # kept in the store, not in the page
+    with service.client(user[1]) as api:
+        listed = api.get("/v1/sessions").json()["sessions"]
+    assert [s["title"] for s in listed] == ["Packing list"]
+
+    page.once("dialog", lambda dialog: dialog.accept(""))  # empty: the first message again
+    page.get_by_role("button", name="Rename session Packing list").click()
+    expect(names).to_have_text(["What should I pack for Oslo?"])
+
+
+def test_each_replys_usage_is_still_shown_after_a_reload(page: Page, user: tuple[str, str]) -> None:
+    sign_in(page, user[1])
+    send(page, "first")
+    wait_for_reply(page)
+    send(page, "second")
+    expect(page.locator(".message.assistant .usage")).to_have_count(2)
+
+    page.reload()
+    usage = page.locator(".message.assistant .usage")
+    expect(usage).to_have_count(2)
+    for line in usage.all_inner_texts():
+        assert re.match(r"^\d+ tokens \(\d+ prompt \+ \d+ completion\), \$\d", line), line
+
+
+def test_a_reply_keeps_streaming_while_another_session_is_open(
+    page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    # Two words, then four seconds of keep-alive comments, then the rest.
+    endpoint.add_fault(Fault(keep_alive=4.0, stall_after=2, interval=0.1))
+    sign_in(page, user[1])
+    send(page, "alpha beta gamma delta")
+    first = current_session(page)
+    expect(page.locator(".message.assistant .body")).to_have_text("Echo: alpha")
+
+    page.get_by_role("button", name="New session").click()
+    expect(page.locator(".message")).to_have_count(0)
+    writing = page.locator("#session-list .open", has_text="alpha beta").locator(".writing")
+    expect(writing).to_have_text("writing…")
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()  # this session is free
+
+    page.go_back()  # Back: to the session still writing, whose reply goes on
+    assert current_session(page) == first
+    wait_for_reply(page)
+    expect(page.locator(".message.assistant .body")).to_have_text("Echo: alpha beta gamma delta")
+    expect(page.locator(".message.assistant .badge")).to_have_count(0)
+    expect(writing).to_have_count(0)
+    stored = wait_for_stored(service, user[1], first, 2)
+    assert stored[1]["interrupted"] is False
+
+
+def test_a_reply_finishes_while_its_session_is_away(
+    page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    endpoint.add_fault(Fault(keep_alive=1.0, stall_after=2, interval=0.1))
+    sign_in(page, user[1])
+    send(page, "one two three")
+    first = current_session(page)
+    expect(page.locator(".message.assistant .body")).to_have_text("Echo: one")
+    page.get_by_role("button", name="New session").click()
+    writing = page.locator("#session-list .writing")
+    expect(writing).to_have_count(1)
+    expect(writing).to_have_count(0, timeout=30_000)  # it ended while away
+    page.locator("#session-list .open", has_text="one two three").click()
+    assert current_session(page) == first
+    expect(page.locator(".message.assistant .body")).to_have_text("Echo: one two three")
+    expect(page.locator(".message.assistant .badge")).to_have_count(0)
+    expect(page.locator(".message.assistant .usage")).to_have_count(1)
+
+
+def test_back_and_forward_move_between_sessions(page: Page, user: tuple[str, str]) -> None:
+    sign_in(page, user[1])
+    send(page, "in the first")
+    wait_for_reply(page)
+    first = current_session(page)
+    page.get_by_role("button", name="New session").click()
+    send(page, "in the second")
+    wait_for_reply(page)
+    second = current_session(page)
+    bodies = page.locator(".message .body")
+
+    page.go_back()
+    expect(page.locator("#session-title")).to_have_text("in the first")
+    expect(bodies).to_have_text(["in the first", "Echo: in the first"])
+    assert current_session(page) == first
+    page.go_forward()
+    expect(page.locator("#session-title")).to_have_text("in the second")
+    expect(bodies).to_have_text(["in the second", "Echo: in the second"])
+    assert current_session(page) == second
+    expect(page.get_by_label("Message")).to_be_visible()  # still in the app
+
+
+def test_escape_stops_a_reply(
+    page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    endpoint.add_fault(Fault(keep_alive=60.0, stall_after=3, interval=0.2))
+    sign_in(page, user[1])
+    send(page, "one two three four five")
+    reply = page.locator(".message.assistant").last
+    expect(reply.locator(".body")).to_have_text("Echo: one two")
+    page.keyboard.press("Escape")
+    expect(reply.locator(".badge")).to_have_text("interrupted: stopped")
+    stored = wait_for_stored(service, user[1], current_session(page), 2)
+    assert stored[1]["interrupted"] is True
+
+
+CODE_REPLY = """Here you are:
+
+```python
+def greet(name):
+    return f"Hello {name}"
+```
+
+| city | weather |
+| --- | --- |
+| Oslo | sunny |
+"""
+
+
+def test_copy_buttons_highlighted_code_and_bordered_tables(
+    browser: Browser, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    context = browser.new_context(base_url=service.url)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=service.url)
+    page = context.new_page()
+    try:
+        endpoint.queue_replies(CODE_REPLY)
+        sign_in(page, user[1])
+        send(page, "a greeting in Python, and the weather")
+        wait_for_reply(page)
+        reply = page.locator(".message.assistant").last
+        code = reply.locator("pre code")
+        expect(code).to_have_class(re.compile(r"\bhljs\b"))
+        expect(code.locator(".hljs-keyword").first).to_have_text("def")
+        cell = reply.locator("td").first
+        assert cell.evaluate("c => getComputedStyle(c).borderTopStyle") == "solid"
+
+        reply.get_by_role("button", name="Copy code").click()
+        expect(reply.get_by_role("button", name="Copied")).to_be_visible()
+        clipboard = page.evaluate("navigator.clipboard.readText()")
+        assert clipboard == 'def greet(name):\n    return f"Hello {name}"\n'
+        reply.get_by_role("button", name="Copy", exact=True).click()
+        expect(reply.locator("footer").get_by_role("button", name="Copied")).to_be_visible()
+        assert page.evaluate("navigator.clipboard.readText()") == CODE_REPLY
+    finally:
+        context.close()
+
+
+def test_the_header_shows_the_model_and_the_budget_left(
+    page: Page, service: Service, user: tuple[str, str]
+) -> None:
+    _, capped = service.add_user(daily_usd=1.0)
+    sign_in(page, capped)
+    expect(page.locator("#model")).to_have_text("gpt-4o-mini")
+    budget = page.locator("#budget")
+    expect(budget).to_have_text("$1.00 left of your daily cap of $1.00 ($0.00 spent)")
+    send(page, "spend a little")
+    wait_for_reply(page)
+    # A few millionths of a dollar spent: shown as they are, never as $0.0000 or 2e-06.
+    expect(budget).to_have_text(
+        re.compile(r"^\$0\.99 left of your daily cap of \$1\.00 \(\$0\.00000\d{2} spent\)$")
+    )
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, user[1])  # no cap: no budget shown
+    expect(page.locator("#model")).to_have_text("gpt-4o-mini")
+    expect(page.locator("#budget")).to_be_hidden()
+
+
+def test_on_a_phone_the_chat_fills_the_screen_and_the_sessions_are_a_drawer(
+    browser: Browser, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    context = browser.new_context(
+        base_url=service.url, viewport={"width": 390, "height": 844}, is_mobile=True
+    )
+    page = context.new_page()
+    try:
+        endpoint.queue_replies("A long line of code:\n\n```\n" + "x = 1; " * 40 + "\n```")
+        sign_in(page, user[1])
+        send(page, "from my phone")
+        wait_for_reply(page)
+        # Nothing is wider than the screen: long code scrolls inside its block.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        expect(page.get_by_role("button", name="Sign out")).to_be_in_viewport()
+        sessions = page.locator("#sessions")
+        expect(sessions).to_be_hidden()
+        transcript = page.locator("#transcript").bounding_box()
+        assert transcript is not None and transcript["y"] < 844 * 0.25, transcript
+        box = page.get_by_label("Message").bounding_box()
+        assert box is not None and box["y"] + box["height"] <= 844, box
+
+        menu = page.get_by_role("button", name="Sessions")
+        menu.click()
+        expect(sessions).to_be_visible()
+        expect(menu).to_have_attribute("aria-expanded", "true")
+        page.get_by_role("button", name="New session").click()
+        expect(sessions).to_be_hidden()  # choosing closes the drawer
+        menu.click()
+        page.locator("#session-list .open", has_text="from my phone").click()
+        expect(sessions).to_be_hidden()
+        expect(page.locator(".message.user .body")).to_have_text("from my phone")
+        menu.click()
+        page.keyboard.press("Escape")
+        expect(sessions).to_be_hidden()
+    finally:
+        context.close()
+
+
+def test_regenerate_the_last_reply_and_edit_the_last_message(
+    page: Page, service: Service, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    sign_in(page, user[1])
+    send(page, "first")
+    wait_for_reply(page)
+    endpoint.queue_replies("A first try.", "A second try.")
+    send(page, "tell me something")
+    expect(page.locator(".message.assistant .body").last).to_have_text("A first try.")
+    wait_for_reply(page)
+    regenerate = page.get_by_role("button", name="Regenerate")
+    expect(regenerate).to_have_count(1)  # under the last reply only
+
+    regenerate.click()
+    bodies = page.locator(".message .body")
+    expect(bodies).to_have_text(["first", "Echo: first", "tell me something", "A second try."])
+    wait_for_reply(page)
+    session = current_session(page)
+    stored = wait_for_stored(service, user[1], session, 4)
+    assert [m["text"] for m in stored] == [
+        "first",
+        "Echo: first",
+        "tell me something",
+        "A second try.",
+    ]
+
+    page.get_by_role("button", name="Edit").click()
+    box = page.get_by_label("Message")
+    expect(box).to_have_value("tell me something")
+    expect(page.locator("#composer-help")).to_contain_text("Editing your last message")
+    box.fill("tell me something else")
+    box.press("Enter")
+    expect(bodies).to_have_text(
+        ["first", "Echo: first", "tell me something else", "Echo: tell me something else"]
+    )
+    wait_for_reply(page)
+    page.reload()
+    expect(bodies).to_have_text(
+        ["first", "Echo: first", "tell me something else", "Echo: tell me something else"]
+    )
+    with service.client(user[1]) as api:
+        rows = api.get("/v1/usage").json()["rows"]
+    assert sum(r["turns"] for r in rows if r["session"] == session) == 4  # replaced ones billed
+
+
+def test_a_refused_regeneration_keeps_the_last_turn(
+    page: Page, user: tuple[str, str], endpoint: OpenAITestServer
+) -> None:
+    sign_in(page, user[1])
+    send(page, "keep this")
+    wait_for_reply(page)
+    endpoint.add_fault(Fault(status=500))
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.get_by_role("alert")).to_contain_text("could not answer just now")
+    bodies = page.locator(".message .body")
+    expect(bodies).to_have_text(["keep this", "Echo: keep this"])
+    page.reload()
+    expect(bodies).to_have_text(["keep this", "Echo: keep this"])

@@ -19,6 +19,13 @@ def test_it_binds_loopback_port_8000_and_one_worker_by_default() -> None:
     assert "[default: 8000;" in result.output and "[default: 1;" in result.output
 
 
+def test_help_names_the_chat_page_and_its_address() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--help"])
+
+    assert "Serve the chat page" in result.output
+    assert "http://127.0.0.1:8000/" in result.output
+
+
 def test_several_workers_over_a_memory_store_are_refused_with_what_to_do(
     tmp_path: Path,
 ) -> None:
@@ -63,3 +70,5 @@ def test_offline_it_answers_with_the_echo_server_and_needs_no_key(tmp_path: Path
     assert "I'm Bob" in first["text"]
     assert second["text"] == "(echo; I was sent 2 earlier messages) Who am I?"  # the memory
     assert "OFFLINE" in service.log.read_text()
+    port = service.url.rsplit(":", 1)[1]
+    assert f"Chat page: http://127.0.0.1:{port}/" in service.log.read_text()

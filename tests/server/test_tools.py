@@ -173,9 +173,15 @@ def test_the_transcript_shows_the_calls_and_their_results(
     endpoint.queue_replies("Sunny.")
     _, token = tool_service.add_user()
     client = tool_service.client(token)
-    client.post("/v1/sessions/s/messages", json={"text": "Weather?"}).raise_for_status()
+    answer = client.post("/v1/sessions/s/messages", json={"text": "Weather?"})
+    answer.raise_for_status()
 
     messages = client.get("/v1/sessions/s/messages").json()["messages"]
+    # The answer carries its turn's usage, both calls (the tool request's and the answer's),
+    # as the reply itself reported it.
+    usage, live = messages[-1].pop("usage"), answer.json()["usage"]
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
+    assert {k: usage[k] for k in keys} == {k: live[k] for k in keys}
 
     assert messages == [
         {"role": "user", "text": "Weather?", "interrupted": False},

@@ -36,6 +36,8 @@ def wipe(url: str, prefix: str = "chatchain") -> None:
         "budget_holds",
         "users",
         "usage_days",
+        "pending_turns",
+        "session_titles",
     ]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS " + ", ".join(f"{prefix}_{t}" for t in tables))

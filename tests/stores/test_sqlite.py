@@ -34,6 +34,7 @@ SHIPPED = [
     "m005_users",
     "m006_usage_days",
     "m007_pending_turns",
+    "m008_session_titles",
 ]
 
 

@@ -9,6 +9,11 @@
 import { Marked } from "./vendor/marked/marked.esm.js";
 import DOMPurify from "./vendor/dompurify/purify.es.js";
 import { EventSourceParserStream } from "./vendor/eventsource-parser/stream.js";
+import hljs from "./vendor/highlight.js/highlight.min.js";
+
+// Code in replies is highlighted in place: highlight.js only adds classes to the text nodes
+// DOMPurify let through, so nothing the model wrote becomes markup.
+hljs.configure({ ignoreUnescapedHTML: true });
 
 // sessionStorage, not localStorage: the token is a long-lived bearer credential, so it stays
 // in this tab only (a reload keeps it) and is gone when the tab closes, leaving nothing behind
@@ -67,6 +72,28 @@ const PURIFY = {
 
 function renderMarkdown(element, text) {
   element.replaceChildren(DOMPurify.sanitize(markdown.parse(text), PURIFY));
+  for (const code of element.querySelectorAll("pre > code")) {
+    hljs.highlightElement(code);
+    code.parentElement.append(copyButton("Copy code", () => code.textContent));
+  }
+}
+
+// A button that puts text on the clipboard and says so for a moment.
+function copyButton(label, text) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "copy";
+  button.textContent = label;
+  button.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(text());
+      button.textContent = "Copied";
+    } catch {
+      button.textContent = "Copy failed: select the text instead";
+    }
+    setTimeout(() => (button.textContent = label), 1500);
+  });
+  return button;
 }
 
 // --- State -----------------------------------------------------------------------------
@@ -75,9 +102,16 @@ const state = {
   token: sessionStorage.getItem(TOKEN_KEY),
   sessions: [], // from GET v1/sessions
   fresh: new Set(), // ids made here that have no message on the server yet
+  firstWords: new Map(), // of those, the first message sent (their title until they are listed)
   current: null,
-  streaming: null, // the AbortController of the reply being streamed
+  // Replies being written, by session id: {controller, nodes}. A reply keeps streaming when
+  // its session is left; `nodes` then holds that session's transcript until it is opened
+  // again or the reply ends.
+  streams: new Map(),
+  editing: null, // the session whose last message is being edited in the composer
 };
+
+const HELP = "Enter sends; Shift+Enter starts a new line; Esc stops a reply.";
 
 // --- HTTP ------------------------------------------------------------------------------
 
@@ -123,10 +157,31 @@ async function apiError(response) {
   );
 }
 
+// What the person at the page can do about each kind of failure. The server's own message
+// is meant for whoever runs it (it may name settings such as CHATCHAIN_WINDOW_TOKENS): it
+// goes to the browser's console, and the server logs the details; the page shows its
+// status and type so that the operator can find them.
+const FOR_PEOPLE = {
+  SessionBusyError: "This session is still answering another message: wait for that reply, then send again.",
+  ContextTooLongError: "This conversation has grown too long for the model: start a new session to go on.",
+  PayloadTooLarge: "That message is too long for this server: shorten it, then send again.",
+  InvalidInputError:
+    "This message could not be sent as it is, most likely because it is too long for this " +
+    "chat: shorten it, then send again.",
+  TooManyRequests: "You have sent more requests than this server allows for now.",
+  NotFound: "That session is no longer there (deleted in another tab?): reload the page.",
+};
+const SERVER_TROUBLE =
+  "The assistant could not answer just now. Try again in a moment; if it keeps failing, tell " +
+  "whoever runs this chat (their server log has the details).";
+
 function describe(err) {
   if (!(err instanceof ApiError)) return `Something went wrong: ${err.message || err}`;
   if (err.status === 0) return err.message;
-  let text = err.message;
+  let text = FOR_PEOPLE[err.type];
+  if (text === undefined && (err.status >= 500 || err.status === 400)) text = SERVER_TROUBLE;
+  if (text === undefined) text = err.message; // 402: the server wrote it for you
+  else console.warn(`chatchain: HTTP ${err.status} ${err.type}: ${err.message}`);
   if (err.status === 429 && err.retryAfter) text += ` Try again in ${err.retryAfter} s.`;
   return `${text} (HTTP ${err.status}${err.type ? ` ${err.type}` : ""})`;
 }
@@ -165,7 +220,8 @@ function showSignIn(message) {
 }
 
 function signOut(message) {
-  state.streaming?.abort();
+  for (const stream of state.streams.values()) stream.controller.abort();
+  state.streams.clear();
   state.token = null;
   state.sessions = [];
   state.fresh.clear();
@@ -204,8 +260,23 @@ async function enterApp() {
   $("signin").hidden = true;
   $("app").hidden = false;
   clearError();
-  await openSession(sessionFromHash() ?? state.sessions[0]?.session_id ?? newSessionId());
+  loadAccount();
+  const first = sessionFromHash() ?? state.sessions[0]?.session_id ?? newSessionId();
+  await openSession(first, { push: false });
   $("message").focus();
+}
+
+// The header: the model that answers, and what is left of the user's tightest cap.
+async function loadAccount() {
+  try {
+    const me = await (await api("v1/me")).json();
+    $("model").textContent = me.model;
+    $("budget").textContent = me.budget ? me.budget.line : "";
+    $("budget").hidden = !me.budget;
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) handle(err);
+    // Otherwise the header stays as it was: the chat works without it.
+  }
 }
 
 // --- Sessions --------------------------------------------------------------------------
@@ -245,14 +316,32 @@ async function refreshSessions() {
   }
 }
 
-const WHEN = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "short" });
+const WHEN_TODAY = new Intl.DateTimeFormat(undefined, { timeStyle: "short" });
+const WHEN = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric" });
+const WHEN_FULL = new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "long" });
+
+// Short in the list (a time today, else a day), whole on hover.
+function when(moment) {
+  const today = moment.toDateString() === new Date().toDateString();
+  return (today ? WHEN_TODAY : WHEN).format(moment);
+}
+
+function titleOf(sessionId) {
+  const session = state.sessions.find((s) => s.session_id === sessionId);
+  return session?.title ?? state.firstWords.get(sessionId) ?? "New chat";
+}
 
 function renderSessions() {
   const items = [];
   const known = new Set(state.sessions.map((s) => s.session_id));
   const rows = [...state.fresh]
     .filter((id) => !known.has(id))
-    .map((id) => ({ session_id: id, message_count: 0, updated_at: null }))
+    .map((id) => ({
+      session_id: id,
+      title: state.firstWords.get(id) ?? "New chat",
+      message_count: 0,
+      updated_at: null,
+    }))
     .concat(state.sessions);
   for (const session of rows) {
     const item = document.createElement("li");
@@ -260,53 +349,122 @@ function renderSessions() {
     open.type = "button";
     open.className = "open";
     open.dataset.session = session.session_id;
-    open.title = session.session_id;
     if (session.session_id === state.current) open.setAttribute("aria-current", "true");
     const name = document.createElement("span");
     name.className = "name";
-    name.textContent = session.session_id;
+    name.textContent = session.title;
+    name.title = session.title;
     const meta = document.createElement("small");
-    meta.textContent = session.updated_at
-      ? `${session.message_count} messages · ${WHEN.format(new Date(session.updated_at))}`
-      : "new";
+    if (state.streams.has(session.session_id)) {
+      meta.className = "writing";
+      meta.textContent = "writing…";
+    } else if (session.updated_at) {
+      const moment = new Date(session.updated_at);
+      meta.textContent = `${session.message_count} messages · ${when(moment)}`;
+      meta.title = `Last message ${WHEN_FULL.format(moment)}`;
+    } else {
+      meta.textContent = "new";
+    }
     open.append(name, meta);
     open.addEventListener("click", () => openSession(session.session_id));
     item.append(open);
     if (session.updated_at) {
-      const remove = document.createElement("button");
-      remove.type = "button";
-      remove.className = "delete";
-      remove.textContent = "Delete";
-      remove.setAttribute("aria-label", `Delete session ${session.session_id}`);
-      remove.addEventListener("click", () => deleteSession(session.session_id));
-      item.append(remove);
+      item.append(
+        sessionAction("rename", "✎", `Rename session ${session.title}`, () =>
+          renameSession(session),
+        ),
+        sessionAction("delete", "×", `Delete session ${session.title}`, () =>
+          deleteSession(session.session_id, session.title),
+        ),
+      );
     }
     items.push(item);
   }
   $("session-list").replaceChildren(...items);
 }
 
-async function openSession(sessionId) {
-  state.streaming?.abort();
+// A small icon button beside a session; its label names the session for screen readers.
+function sessionAction(className, icon, label, action) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = className;
+  button.textContent = icon;
+  button.title = label;
+  button.setAttribute("aria-label", label);
+  button.addEventListener("click", action);
+  return button;
+}
+
+async function renameSession(session) {
+  const title = prompt("A new title for this session (empty: its first message):", session.title);
+  if (title === null) return;
+  try {
+    await api(`v1/sessions/${encodeURIComponent(session.session_id)}/title`, {
+      method: "PUT",
+      body: { title },
+    });
+  } catch (err) {
+    handle(err);
+    return;
+  }
+  await refreshSessions();
+  if (state.current === session.session_id) showTitle();
+}
+
+function showTitle() {
+  const title = titleOf(state.current);
+  $("session-title").textContent = title;
+  document.title = `${title} · chatchain`;
+}
+
+// The invitation to write shows while the open session has no message.
+function showEmpty() {
+  $("empty").hidden = $("transcript").childElementCount > 0;
+}
+
+// Each session opened is a step of the browser's history (its id in the URL's fragment), so
+// Back and Forward move between sessions; `push: false` when following them, or on entry.
+async function openSession(sessionId, { push = true } = {}) {
   clearError();
+  closeDrawer();
+  if (state.editing) stopEditing();
+  const leaving = state.streams.get(state.current);
+  if (leaving && state.current !== sessionId) leaving.nodes = [...$("transcript").children];
   state.current = sessionId;
   if (sessionFromHash() !== sessionId) {
-    history.replaceState(null, "", `#${encodeURIComponent(sessionId)}`);
+    const url = `#${encodeURIComponent(sessionId)}`;
+    if (push) history.pushState(null, "", url);
+    else history.replaceState(null, "", url);
   }
-  $("session-title").textContent = sessionId;
+  showTitle();
   $("transcript").replaceChildren();
   renderSessions();
+  setButtons();
+  const live = state.streams.get(sessionId);
+  if (live?.nodes) {
+    // Its reply is still being written: show it as it goes on.
+    $("transcript").replaceChildren(...live.nodes);
+    live.nodes = null;
+    showEmpty();
+    return;
+  }
+  showEmpty();
   if (state.fresh.has(sessionId)) return;
   try {
     const response = await api(`v1/sessions/${encodeURIComponent(sessionId)}/messages`);
     const data = await response.json();
     if (state.current !== sessionId) return; // another session was opened meanwhile
     addHistory(data.messages);
+    showEmpty();
+    markLastTurn();
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) {
-      // Not one of yours (or deleted): say so, and start a new session instead.
-      const message = describe(err);
-      await openSession(newSessionId());
+      // Not one of yours (or deleted): say so, and start a new session instead. (The
+      // server's message points API clients to GET /v1/sessions; people get the list.)
+      const message =
+        `There is no session '${sessionId}' among yours (it may have been deleted): here is ` +
+        `a new one instead. (HTTP ${err.status} ${err.type})`;
+      await openSession(newSessionId(), { push: false });
       showError(message);
     } else {
       handle(err);
@@ -314,8 +472,9 @@ async function openSession(sessionId) {
   }
 }
 
-async function deleteSession(sessionId) {
-  if (!confirm(`Delete session ${sessionId} and its messages?`)) return;
+async function deleteSession(sessionId, title) {
+  if (!confirm(`Delete session ${title} and its messages?`)) return;
+  state.streams.get(sessionId)?.controller.abort();
   try {
     await api(`v1/sessions/${encodeURIComponent(sessionId)}`, { method: "DELETE" });
   } catch (err) {
@@ -325,15 +484,30 @@ async function deleteSession(sessionId) {
   state.fresh.delete(sessionId);
   await refreshSessions();
   if (state.current === sessionId) {
-    await openSession(state.sessions[0]?.session_id ?? newSessionId());
+    await openSession(state.sessions[0]?.session_id ?? newSessionId(), { push: false });
   }
+}
+
+// --- The session list as a drawer on narrow screens -----------------------------------
+
+function openDrawer() {
+  $("app").classList.add("drawer-open");
+  $("menu").setAttribute("aria-expanded", "true");
+  $("scrim").hidden = false;
+  $("session-list").querySelector("[aria-current]")?.focus();
+}
+
+function closeDrawer() {
+  $("app").classList.remove("drawer-open");
+  $("menu").setAttribute("aria-expanded", "false");
+  $("scrim").hidden = true;
 }
 
 // --- Messages --------------------------------------------------------------------------
 
 const ROLE_NAMES = { user: "You", assistant: "Assistant", system: "System", tool: "Tool" };
 
-function addMessage({ role, text, interrupted = false }) {
+function addMessage({ role, text, interrupted = false, usage = null }) {
   const article = document.createElement("article");
   article.className = `message ${role}`;
   const who = document.createElement("h3");
@@ -350,8 +524,14 @@ function addMessage({ role, text, interrupted = false }) {
   }
   const footer = document.createElement("footer");
   article.append(footer);
+  if (role === "assistant") {
+    article.text = text; // what Copy copies: the reply's Markdown as written
+    footer.append(copyButton("Copy", () => article.text));
+  }
   if (interrupted) markInterrupted(article, "interrupted");
+  if (usage) note(article, "usage", usage.line);
   $("transcript").append(article);
+  showEmpty();
   article.scrollIntoView({ block: "end" });
   return article;
 }
@@ -427,35 +607,94 @@ function markInterrupted(article, why) {
 
 // --- Sending and streaming -------------------------------------------------------------
 
-function setStreaming(controller) {
-  state.streaming = controller;
-  $("send").disabled = controller !== null;
-  $("stop").disabled = controller === null;
+// Send and Stop for the open session: another session's reply may be streaming meanwhile.
+function setButtons() {
+  const busy = state.streams.has(state.current);
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
 }
 
-async function send(event) {
+// Regenerate the last reply, or send an edited last message in its place: the server
+// replaces the session's last turn (the ledger keeps what it cost).
+function lastTurn() {
+  const nodes = [...$("transcript").children];
+  const start = nodes.findLastIndex((node) => node.classList.contains("user"));
+  return start < 0 ? [] : nodes.slice(start);
+}
+
+function regenerate() {
+  const [mine] = lastTurn();
+  if (mine) send(null, { text: mine.querySelector(".body").textContent, replace: true });
+}
+
+function editLast() {
+  const [mine] = lastTurn();
+  if (!mine) return;
+  state.editing = state.current;
+  $("message").value = mine.querySelector(".body").textContent;
+  $("composer-help").textContent =
+    "Editing your last message: Enter sends it in place of the last one; Esc cancels.";
+  $("message").focus();
+}
+
+function stopEditing() {
+  state.editing = null;
+  $("composer-help").textContent = HELP;
+}
+
+// Regenerate under the last reply and Edit under the last message of the open session, while
+// no reply is being written there.
+function markLastTurn() {
+  for (const old of $("transcript").querySelectorAll(".regenerate, .edit")) old.remove();
+  if (state.streams.has(state.current)) return;
+  const [mine, ...rest] = lastTurn();
+  const reply = rest.findLast((node) => node.classList.contains("assistant"));
+  if (mine) mine.querySelector("footer").append(action("edit", "Edit", editLast));
+  if (reply) reply.querySelector("footer").append(action("regenerate", "Regenerate", regenerate));
+}
+
+function action(className, text, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = `copy ${className}`;
+  button.textContent = text;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+async function send(event, { text: given, replace = false } = {}) {
   event?.preventDefault();
   const input = $("message");
-  const text = input.value;
-  if (!text.trim() || state.streaming) return;
+  const text = given ?? input.value;
+  if (!text.trim() || state.streams.has(state.current)) return;
   clearError();
   const sessionId = state.current;
+  replace ||= state.editing === sessionId && given === undefined;
+  stopEditing();
+  const replaced = replace ? lastTurn() : [];
+  for (const node of replaced) node.remove();
+  if (state.fresh.has(sessionId) && !state.firstWords.has(sessionId)) {
+    state.firstWords.set(sessionId, text.split(/\s+/).join(" ").trim().slice(0, 80));
+  }
   const mine = addMessage({ role: "user", text });
   const reply = addMessage({ role: "assistant", text: "" });
   reply.setAttribute("aria-busy", "true");
   input.value = "";
   const controller = new AbortController();
-  setStreaming(controller);
+  state.streams.set(sessionId, { controller, nodes: null });
+  setButtons();
+  markLastTurn();
+  renderSessions();
   let started = false;
   try {
     const response = await api(`v1/sessions/${encodeURIComponent(sessionId)}/messages`, {
       method: "POST",
-      body: { text, vars: {} },
+      body: { text, vars: {}, replace_last: replace },
       accept: "text/event-stream",
       signal: controller.signal,
     });
     started = true;
-    state.fresh.delete(sessionId);
+    showTitle();
     await readReply(response, reply);
   } catch (err) {
     if (err.name === "AbortError") {
@@ -464,9 +703,15 @@ async function send(event) {
       markInterrupted(reply, "interrupted: stopped");
     } else if (!started) {
       // Refused before anything was stored: take the message back for another try.
+      state.firstWords.delete(sessionId);
       mine.remove();
       reply.remove();
-      input.value = text;
+      // The server put the replaced turn back: so does the page.
+      if (state.current === sessionId) $("transcript").append(...replaced);
+      if (state.current === sessionId) {
+        input.value = given === undefined ? text : "";
+        showEmpty();
+      }
       handle(err);
     } else {
       markInterrupted(reply, "interrupted: the connection was lost");
@@ -474,8 +719,15 @@ async function send(event) {
     }
   } finally {
     reply.removeAttribute("aria-busy");
-    setStreaming(null);
-    if (started) await refreshSessions();
+    state.streams.delete(sessionId);
+    setButtons();
+    renderSessions();
+    if (state.current === sessionId) markLastTurn();
+    if (started) {
+      await refreshSessions();
+      if (state.current === sessionId) showTitle();
+      if (!$("budget").hidden) loadAccount(); // what is left, when there is a cap to show
+    }
     if (state.current === sessionId) input.focus();
   }
 }
@@ -499,6 +751,7 @@ async function readReply(response, reply) {
     const data = JSON.parse(event.data);
     if (event.event === "text") {
       text += data.text;
+      reply.text = text;
       if (!pending) {
         pending = true;
         requestAnimationFrame(paint);
@@ -523,7 +776,7 @@ async function readReply(response, reply) {
 }
 
 function stop() {
-  state.streaming?.abort();
+  state.streams.get(state.current)?.controller.abort();
 }
 
 // --- Wiring ----------------------------------------------------------------------------
@@ -543,9 +796,22 @@ async function start() {
   $("message").addEventListener("keydown", onKey);
   $("stop").addEventListener("click", stop);
   $("error-close").addEventListener("click", clearError);
-  window.addEventListener("hashchange", () => {
+  $("menu").addEventListener("click", () =>
+    $("app").classList.contains("drawer-open") ? closeDrawer() : openDrawer(),
+  );
+  $("scrim").addEventListener("click", closeDrawer);
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape") return;
+    if ($("app").classList.contains("drawer-open")) closeDrawer();
+    else if (state.editing && !state.streams.has(state.current)) {
+      stopEditing();
+      $("message").value = "";
+    } else stop();
+  });
+  // Back and Forward (and a fragment typed in the address bar).
+  window.addEventListener("popstate", () => {
     const id = sessionFromHash();
-    if (state.token && id && id !== state.current) openSession(id);
+    if (state.token && id && id !== state.current) openSession(id, { push: false });
   });
   if (!state.token) {
     showSignIn("");
