@@ -22,16 +22,17 @@ def format_usd(amount: float) -> str:
     Example:
         >>> [format_usd(x) for x in (0, 2, 1.5, 0.5, 12.3456, 0.0265, 0.00002, 5.9e-06)]
         ['$0.00', '$2.00', '$1.50', '$0.50', '$12.35', '$0.0265', '$0.000020', '$0.0000059']
-        >>> format_usd(-0.25), format_usd(1234.5)
-        ('-$0.25', '$1,234.50')
+        >>> format_usd(-0.25), format_usd(1234.5), format_usd(0.9999955), format_usd(0.1234567)
+        ('-$0.25', '$1,234.50', '$1.00', '$0.12')
     """
     if amount < 0:
         return "-" + format_usd(-amount)
     if amount == 0 or round(amount, 2) == amount or amount >= 1:
         return f"${amount:,.2f}"
-    # Two significant digits, and more (up to four decimals) where the amount has them, so
-    # that a cap set as $0.0265 reads back as written.
+    # Two significant digits, or more (up to four decimals) where that writes the amount
+    # exactly, so that a cap set as $0.0265 reads back as written.
     decimals = max(2, -math.floor(math.log10(amount)) + _SIGNIFICANT - 1)
-    while decimals < 4 and round(amount, decimals) != amount:
-        decimals += 1
+    for exact in range(decimals, 5):
+        if round(amount, exact) == amount:
+            return f"${amount:,.{exact}f}"
     return f"${amount:,.{decimals}f}"
