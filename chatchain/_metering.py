@@ -139,10 +139,13 @@ def community_price_known(model_name: str) -> bool:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Tokens counted here when the endpoint never reported them (a stream cut short)."""
+    """Tokens of a turn's calls that the endpoint never reported (a stream cut before its
+    usage chunk, an endpoint that sends none), counted here, call by call."""
 
     prompt_tokens: int
     completion_tokens: int
+    requests: int = 0
+    """Those calls that the handler did not see end (a cut stream): not yet counted."""
 
 
 def entry_from(
@@ -158,7 +161,7 @@ def entry_from(
     estimate: Estimate | None = None,
     configured_model: str | None = None,
 ) -> UsageEntry:
-    """The ledger entry of one call, from its handler's counts (or ``estimate``).
+    """The ledger entry of one turn, from its handler's counts plus ``estimate``.
 
     The cost comes from `chatchain.pricing` (settings, genai-prices, langchain-community's
     table, in that order); a model no source knows is priced as ``configured_model`` (source
@@ -174,11 +177,11 @@ def entry_from(
     completion = handler.completion_tokens - hits.completion_tokens
     cached_prompt = handler.prompt_tokens_cached - hits.prompt_tokens_cached
     requests = handler.successful_requests - hits.successful_requests
-    estimated = handler.total_tokens == 0 and estimate is not None
-    if estimated:
-        assert estimate is not None
-        prompt, completion = estimate.prompt_tokens, estimate.completion_tokens
-        requests = max(requests, 1)
+    estimated = estimate is not None
+    if estimate is not None:  # calls whose usage never came, added to those that reported it
+        prompt += estimate.prompt_tokens
+        completion += estimate.completion_tokens
+        requests += estimate.requests
     community = saved_community = None
     if model and not estimated and community_price_known(model):
         community = float(handler.total_cost) - hits.total_cost
