@@ -29,6 +29,7 @@ from chatchain.usage import UsageEntry
 if TYPE_CHECKING:
     from langchain_community.callbacks.openai_info import OpenAICallbackHandler
     from langchain_core.outputs import LLMResult
+    from langchain_core.runnables import RunnableConfig
 
 __all__ = [
     "CacheHits",
@@ -37,6 +38,7 @@ __all__ = [
     "entry_from",
     "get_openai_callback",
     "new_handler",
+    "report_estimate",
 ]
 
 
@@ -224,3 +226,47 @@ def entry_from(
         saved_usd=None if saved is None else saved.cost_usd,
         user_id=user_id,
     )
+
+
+def _callback_handlers(config: RunnableConfig) -> list[Any]:
+    """The handlers of a run: ``get_openai_callback``'s (a context variable), then the
+    config's own (a list, or a callback manager's handlers)."""
+    _openai_info()
+    from langchain_community.callbacks.manager import openai_callback_var
+
+    callbacks: Any = config.get("callbacks")
+    given = callbacks if isinstance(callbacks, list) else getattr(callbacks, "handlers", [])
+    return [openai_callback_var.get(), *given]
+
+
+def report_estimate(
+    config: RunnableConfig, own: Any, estimate: Estimate, model: str | None
+) -> None:
+    """Tell the user's `get_openai_callback` handlers what a turn's calls whose usage never
+    came were counted here, as the ledger records them.
+
+    The handlers (langchain-community's `OpenAICallbackHandler`, in a ``with
+    get_openai_callback()`` around the call or in the run's callbacks; not the turn's own
+    ``own``) saw those calls end with no usage, or not end at all (a cut stream). Each is
+    given a result per such call through its public `on_llm_end`, with the tokens and the
+    model, so it adds them and prices them with its own table, as it does every call. The
+    handler has no field to mark a count as estimated: the result's ``llm_output`` says
+    ``"estimated": True`` to any handler that reads it, and the turn's ledger entry and
+    `Usage` carry ``estimated``. A non-streamed call that ended without usage was already
+    counted as a request by the handler, which then counts it twice.
+    """
+    base = _openai_info().OpenAICallbackHandler
+    from langchain_core.outputs import LLMResult
+
+    seen = {id(own)}
+    for handler in _callback_handlers(config):
+        if not isinstance(handler, base) or id(handler) in seen:
+            continue
+        seen.add(id(handler))
+        tokens = (estimate.prompt_tokens, estimate.completion_tokens)
+        for _ in range(max(estimate.requests, 1)):  # one result per request, tokens once
+            usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1]}
+            usage["total_tokens"] = sum(tokens)
+            output = {"token_usage": usage, "model_name": model or "", "estimated": True}
+            handler.on_llm_end(LLMResult(generations=[], llm_output=output))
+            tokens = (0, 0)

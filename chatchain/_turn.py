@@ -371,6 +371,7 @@ class Turn:
     _call: _Call | None = None  # the turn's latest call, until its usage is settled
     _estimated: Estimate | None = None
     """What the turn's calls whose usage the endpoint never reported were counted here."""
+    _estimate_reported: bool = False
     steps: list[BaseMessage] = field(default_factory=list)
     """The tool exchange so far: AI messages with tool calls, each followed by its results."""
     tool_calls: list[ToolCall] = field(default_factory=list)
@@ -617,6 +618,13 @@ class Turn:
             handler.completion_tokens + extra.completion_tokens,
         )
 
+    def _report_estimate(self, model: str | None) -> None:
+        """Let the user's `get_openai_callback` see what the ledger will: once a turn."""
+        if self._estimated is None or self._estimate_reported:
+            return
+        self._estimate_reported = True
+        _metering.report_estimate(self.config, self.handler, self._estimated, model)
+
     def _call_output(self, reply: BaseMessage | None) -> BaseMessage | None:
         """What the latest call produced: a tool step's message, or ``reply`` if any."""
         if self._open is not None:
@@ -846,6 +854,7 @@ class Turn:
         self._note_cut(reply)
         model = reply.response_metadata.get("model_name") or self.spec.default_model
         self._settle_call(self._call_output(reply))
+        self._report_estimate(model)
         return _metering.entry_from(
             self.handler,
             session_id=self.session_id,
@@ -968,6 +977,7 @@ class Turn:
             (m.response_metadata.get("model_name") for m in self.steps if m.type == "ai"), None
         )
         self._settle_call(self._call_output(None))
+        self._report_estimate(model or self.spec.default_model)
         entry = _metering.entry_from(
             self.handler,
             session_id=self.session_id,

@@ -209,3 +209,61 @@ def test_tool_rounds_without_usage_are_each_estimated(mute_server: OpenAITestSer
     assert entry.estimated and entry.requests == len(requests) == 3
     assert entry.prompt_tokens >= sum(billed_with_tools(mute_server, r) for r in requests)
     bot.close()
+
+
+@pytest.mark.parametrize("path", ["stream", "astream"])
+def test_the_users_get_openai_callback_sees_the_estimate(
+    mute_server: OpenAITestServer, path: str
+) -> None:
+    """The endpoint sends no usage: the seeds' own callback sees what the ledger records."""
+    bot = Chatbot(make_settings(mute_server))
+    session = f"cb-{path}"
+    with get_openai_callback() as cb:
+        if path == "stream":
+            assert "".join(bot.stream("count me here", session_id=session))
+        else:
+
+            async def drain() -> str:
+                return "".join([p async for p in bot.astream("count me", session_id=session)])
+
+            assert asyncio.run(drain())
+    (entry,) = bot.usage_entries(session_id=session)
+    assert entry.estimated and entry.total_tokens > 0
+    assert (cb.prompt_tokens, cb.completion_tokens) == (
+        entry.prompt_tokens,
+        entry.completion_tokens,
+    )
+    assert cb.total_tokens == entry.total_tokens
+    assert cb.successful_requests == entry.requests == 1
+    assert cb.total_cost > 0  # priced by its own table, as every call it counts
+    bot.close()
+
+
+def test_the_callback_sees_a_cut_stream_after_a_tool_round(server: OpenAITestServer) -> None:
+    server.clear()
+    bot = Chatbot(make_settings(server), tools=[add])
+    server.queue_tool_calls(ScriptedCall("add", {"a": 2, "b": 3}))
+    server.queue_replies("The sum of two and three is five, as the tool said.")
+    server.add_fault(Fault())
+    server.add_fault(Fault(cut_after=3))
+    with get_openai_callback() as cb:
+        tool_turn(bot, "stream", "cb-cut")
+    (entry,) = bot.usage_entries(session_id="cb-cut")
+    assert cb.total_tokens == entry.total_tokens
+    assert cb.successful_requests == entry.requests == 2
+    bot.close()
+
+
+def test_a_callback_in_the_runs_config_sees_the_estimate_once(
+    mute_server: OpenAITestServer,
+) -> None:
+    bot = Chatbot(make_settings(mute_server))
+    config: Any = {"configurable": {"session_id": "cb-config"}}
+    with get_openai_callback() as cb:
+        config["callbacks"] = [cb]  # also the context's handler: counted once all the same
+        assert "".join(
+            str(chunk.content) for chunk in bot.chain.stream({"input": "hi there"}, config=config)
+        )
+    (entry,) = bot.usage_entries(session_id="cb-config")
+    assert cb.total_tokens == entry.total_tokens > 0
+    bot.close()
