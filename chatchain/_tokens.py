@@ -154,6 +154,12 @@ EXACT = {name: _openai_counter(name) for name in _ENCODINGS}
 _OPENAI_NAMES = re.compile(r"(gpt-[45]|chatgpt-|o[1-9](-|$)|gpt-5)")
 
 
+def _load(encoding: str) -> None:
+    """Load ``encoding`` now (about a second, once a process) rather than in a first turn,
+    where it would count against the turn's deadline."""
+    toktok.batch_count([""], encoding, threads=1)
+
+
 def encoding_of(model_name: str) -> str | None:
     """OpenAI's encoding for ``model_name`` (``"o200k_base"`` or ``"cl100k_base"``), or
     ``None`` when the model's tokenizer is not one of them (or not known).
@@ -210,6 +216,7 @@ def choose_counter(model: Any, setting: CounterSetting = "auto") -> TokenCounter
     model_name = getattr(model, "model_name", None)
     encoding = encoding_of(model_name) if isinstance(model_name, str) else None
     if encoding is not None:
+        _load(encoding)
         return EXACT[encoding]
     if setting == "exact":
         raise ConfigurationError(

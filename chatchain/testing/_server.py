@@ -710,6 +710,7 @@ class OpenAITestServer:
         Raises:
             RuntimeError: If the server is already running.
         """
+        self.count_tokens("warm")  # loads the tokenizer now, not in a request a client times
         with self._lifecycle:
             if self._httpd is not None:
                 raise RuntimeError("OpenAITestServer is already running")
