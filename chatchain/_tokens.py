@@ -41,7 +41,7 @@ __all__ = ["TokenCounter", "choose_counter"]
 
 logger = logging.getLogger("chatchain")
 
-CounterSetting = Literal["auto", "exact", "utf8-bytes", "approximate"]
+CounterSetting = Literal["auto", "exact", "utf8-bytes", "approximate", "tiktoken"]
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 
@@ -218,9 +218,9 @@ def choose_counter(model: Any, setting: CounterSetting = "auto") -> TokenCounter
     if encoding is not None:
         _load(encoding)
         return EXACT[encoding]
-    if setting == "exact":
+    if setting in ("exact", "tiktoken"):  # "tiktoken": 0.1.0's name for it
         raise ConfigurationError(
-            f"CHATCHAIN_TOKEN_COUNTER=exact, but the tokenizer of model {model_name!r} is not "
+            f"CHATCHAIN_TOKEN_COUNTER={setting}, but the tokenizer of model {model_name!r} is not "
             "one of OpenAI's encodings (o200k_base, cl100k_base). Set "
             "CHATCHAIN_TOKEN_COUNTER=auto to count it with the UTF-8 bytes bound."
         )

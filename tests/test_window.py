@@ -269,8 +269,9 @@ def test_token_counter_choice_is_visible_and_offline() -> None:
     assert create_chat_chain(settings=local).token_counter == "utf8-bytes"
     bound = make_settings(token_counter="utf8-bytes")
     assert create_chat_chain(settings=bound).token_counter == "utf8-bytes"
-    with pytest.raises(ConfigurationError, match="CHATCHAIN_TOKEN_COUNTER=auto"):
-        create_chat_chain(settings=local.model_copy(update={"token_counter": "exact"}))
+    for exact in ("exact", "tiktoken"):  # tiktoken: 0.1.0's name
+        with pytest.raises(ConfigurationError, match="CHATCHAIN_TOKEN_COUNTER=auto"):
+            create_chat_chain(settings=local.model_copy(update={"token_counter": exact}))
 
 
 def test_defaults_keep_a_long_conversation_bounded() -> None:
