@@ -29,6 +29,7 @@ from chatchain.usage import UsageEntry
 if TYPE_CHECKING:
     from langchain_community.callbacks.openai_info import OpenAICallbackHandler
     from langchain_core.outputs import LLMResult
+    from langchain_core.runnables import RunnableConfig
 
 __all__ = [
     "CacheHits",
@@ -37,6 +38,7 @@ __all__ = [
     "entry_from",
     "get_openai_callback",
     "new_handler",
+    "report_estimate",
 ]
 
 
@@ -139,10 +141,13 @@ def community_price_known(model_name: str) -> bool:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Tokens counted here when the endpoint never reported them (a stream cut short)."""
+    """Tokens of a turn's calls that the endpoint never reported (a stream cut before its
+    usage chunk, an endpoint that sends none), counted here, call by call."""
 
     prompt_tokens: int
     completion_tokens: int
+    requests: int = 0
+    """Those calls that the handler did not see end (a cut stream): not yet counted."""
 
 
 def entry_from(
@@ -158,7 +163,7 @@ def entry_from(
     estimate: Estimate | None = None,
     configured_model: str | None = None,
 ) -> UsageEntry:
-    """The ledger entry of one call, from its handler's counts (or ``estimate``).
+    """The ledger entry of one turn, from its handler's counts plus ``estimate``.
 
     The cost comes from `chatchain.pricing` (settings, genai-prices, langchain-community's
     table, in that order); a model no source knows is priced as ``configured_model`` (source
@@ -174,11 +179,11 @@ def entry_from(
     completion = handler.completion_tokens - hits.completion_tokens
     cached_prompt = handler.prompt_tokens_cached - hits.prompt_tokens_cached
     requests = handler.successful_requests - hits.successful_requests
-    estimated = handler.total_tokens == 0 and estimate is not None
-    if estimated:
-        assert estimate is not None
-        prompt, completion = estimate.prompt_tokens, estimate.completion_tokens
-        requests = max(requests, 1)
+    estimated = estimate is not None
+    if estimate is not None:  # calls whose usage never came, added to those that reported it
+        prompt += estimate.prompt_tokens
+        completion += estimate.completion_tokens
+        requests += estimate.requests
     community = saved_community = None
     if model and not estimated and community_price_known(model):
         community = float(handler.total_cost) - hits.total_cost
@@ -221,3 +226,47 @@ def entry_from(
         saved_usd=None if saved is None else saved.cost_usd,
         user_id=user_id,
     )
+
+
+def _callback_handlers(config: RunnableConfig) -> list[Any]:
+    """The handlers of a run: ``get_openai_callback``'s (a context variable), then the
+    config's own (a list, or a callback manager's handlers)."""
+    _openai_info()
+    from langchain_community.callbacks.manager import openai_callback_var
+
+    callbacks: Any = config.get("callbacks")
+    given = callbacks if isinstance(callbacks, list) else getattr(callbacks, "handlers", [])
+    return [openai_callback_var.get(), *given]
+
+
+def report_estimate(
+    config: RunnableConfig, own: Any, estimate: Estimate, model: str | None
+) -> None:
+    """Tell the user's `get_openai_callback` handlers what a turn's calls whose usage never
+    came were counted here, as the ledger records them.
+
+    The handlers (langchain-community's `OpenAICallbackHandler`, in a ``with
+    get_openai_callback()`` around the call or in the run's callbacks; not the turn's own
+    ``own``) saw those calls end with no usage, or not end at all (a cut stream). Each is
+    given a result per such call through its public `on_llm_end`, with the tokens and the
+    model, so it adds them and prices them with its own table, as it does every call. The
+    handler has no field to mark a count as estimated: the result's ``llm_output`` says
+    ``"estimated": True`` to any handler that reads it, and the turn's ledger entry and
+    `Usage` carry ``estimated``. A non-streamed call that ended without usage was already
+    counted as a request by the handler, which then counts it twice.
+    """
+    base = _openai_info().OpenAICallbackHandler
+    from langchain_core.outputs import LLMResult
+
+    seen = {id(own)}
+    for handler in _callback_handlers(config):
+        if not isinstance(handler, base) or id(handler) in seen:
+            continue
+        seen.add(id(handler))
+        tokens = (estimate.prompt_tokens, estimate.completion_tokens)
+        for _ in range(max(estimate.requests, 1)):  # one result per request, tokens once
+            usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1]}
+            usage["total_tokens"] = sum(tokens)
+            output = {"token_usage": usage, "model_name": model or "", "estimated": True}
+            handler.on_llm_end(LLMResult(generations=[], llm_output=output))
+            tokens = (0, 0)

@@ -1,24 +1,37 @@
-"""Token counting that works offline: exact where tiktoken's encoding is at hand, else approximate.
+"""Token counting, offline, that never counts a prompt below what the endpoint can bill.
 
-tiktoken downloads its encodings on first use, and this may run with no network: asking for a
-missing encoding would hang or fail mid-turn. So the exact counter is used only when the
-encoding file is already in tiktoken's cache (``TIKTOKEN_CACHE_DIR``, or the default cache
-folder); otherwise LangChain's `count_tokens_approximately` counts. The choice is visible as
-`TokenCounter.name` (and logged once per chain).
+A budget holds a prompt's tokens before it is sent, so the count must never be low, for any
+script (a CJK character is about one token, while a 4-characters-a-token estimate counts a
+quarter of that). Three counters, chosen by `choose_counter` from the model's name and
+``CHATCHAIN_TOKEN_COUNTER``:
+
+- ``o200k_base`` / ``cl100k_base``: OpenAI's models, counted exactly with their own encoding
+  by toktok (whose wheels carry the encodings: nothing is downloaded), plus the chat format's
+  tokens that OpenAI bills: 3 a message (and its role), 1 more for a name, 3 a request.
+- ``utf8-bytes``: a model whose tokenizer is unknown (a local server's Llama, Qwen, Mistral
+  ...). Every byte-level BPE token stands for at least one byte of text, and SentencePiece
+  pieces for at least one character (or one byte, with byte fallback), so a text's UTF-8
+  bytes are never fewer than its tokens; chat templates add their own tokens, allowed for
+  generously per message and per request. About 4x an English count, never low.
+- ``approximate``: LangChain's `count_tokens_approximately`, only when asked for; it counts
+  CJK text at a quarter of what endpoints bill, so holds can be passed.
+
+Whatever a hold counted, the ledger records what the endpoint reported (the hold is replaced
+by the billed entry); a count made here is recorded only when the endpoint reported nothing,
+and then marked as an estimate.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import tempfile
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from langchain_core.messages import BaseMessage, SystemMessage
+import toktok  # type: ignore[import-untyped]  # ships no type hints
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
 from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
@@ -28,17 +41,28 @@ __all__ = ["TokenCounter", "choose_counter"]
 
 logger = logging.getLogger("chatchain")
 
-_ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+CounterSetting = Literal["auto", "exact", "utf8-bytes", "approximate", "tiktoken"]
 
-CounterSetting = Literal["auto", "approximate", "tiktoken"]
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+
+# OpenAI's chat format: each message is wrapped in 3 tokens (with its role counted as text),
+# a name costs 1 more, and every reply is primed with 3 (OpenAI's cookbook, "How to count
+# tokens with tiktoken").
+_OPENAI_PER_MESSAGE, _OPENAI_PER_NAME, _OPENAI_PER_REQUEST = 3, 1, 3
+
+# Chat templates of open models wrap a message in up to ~6 special tokens (Llama 3's header
+# and end-of-turn ids, Qwen's <|im_start|>/<|im_end|>), and some add a default system text;
+# the allowance is above both, and small beside the bytes bound's own margin on real text.
+_BYTES_PER_MESSAGE, _BYTES_PER_REQUEST = 8, 32
 
 
 @dataclass(frozen=True)
 class TokenCounter:
-    """Counts the tokens of messages as the endpoint would bill them.
+    """Counts the tokens of messages as the endpoint would bill them, or more.
 
     Attributes:
-        name: ``"tiktoken:<encoding>"`` when exact, ``"approximate"`` otherwise.
+        name: ``"o200k_base"`` or ``"cl100k_base"`` when exact for OpenAI's models,
+            ``"utf8-bytes"`` for a bound that no tokenizer exceeds, ``"approximate"``.
         count: The counting function.
     """
 
@@ -47,7 +71,7 @@ class TokenCounter:
 
     @property
     def exact(self) -> bool:
-        return self.name.startswith("tiktoken")
+        return self.name in _ENCODINGS
 
     def __call__(self, messages: Sequence[BaseMessage]) -> int:
         return self.count(messages)
@@ -74,53 +98,130 @@ class TokenCounter:
         return max(0, self.count([SystemMessage(schemas)]) - empty)
 
 
+def _texts(message: BaseMessage) -> list[str]:
+    """The texts of ``message`` that the endpoint reads: role, content, name, tool calls."""
+    content = message.content
+    texts = [
+        _ROLES.get(message.type, message.type),
+        content if isinstance(content, str) else json.dumps(content, ensure_ascii=False),
+    ]
+    if message.name:
+        texts.append(message.name)
+    if isinstance(message, ToolMessage):
+        texts.append(message.tool_call_id)
+    if isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls):
+        # As ChatOpenAI sends them; ASCII-escaped JSON, which counts more than the raw text.
+        calls: list[dict[str, Any]] = [
+            {"type": "function", "id": c["id"], "function": {"name": c["name"], "arguments": a}}
+            for c, a in [
+                *((c, json.dumps(c["args"], ensure_ascii=False)) for c in message.tool_calls),
+                *((c, c.get("args") or "") for c in message.invalid_tool_calls),
+            ]
+        ]
+        texts.append(json.dumps(calls))
+    return texts
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _openai_counter(encoding: str) -> TokenCounter:
+    def count(messages: Sequence[BaseMessage]) -> int:
+        texts = [text for message in messages for text in _texts(message)]
+        names = sum(1 for message in messages if message.name)
+        try:
+            tokens = sum(toktok.batch_count(texts, encoding, threads=1))
+        except UnicodeEncodeError:  # a lone surrogate (half an emoji): as U+FFFD, like a store
+            tokens = sum(toktok.batch_count([_encodable(t) for t in texts], encoding, threads=1))
+        overhead = _OPENAI_PER_MESSAGE * len(messages) + _OPENAI_PER_NAME * names
+        return int(tokens) + overhead + _OPENAI_PER_REQUEST
+
+    return TokenCounter(encoding, count)
+
+
+def _count_bytes(messages: Sequence[BaseMessage]) -> int:
+    text = sum(len(t.encode("utf-8", "surrogatepass")) for m in messages for t in _texts(m))
+    return text + _BYTES_PER_MESSAGE * len(messages) + _BYTES_PER_REQUEST
+
+
+_ENCODINGS = ("o200k_base", "cl100k_base")
 APPROXIMATE = TokenCounter("approximate", count_tokens_approximately)
+UTF8_BYTES = TokenCounter("utf8-bytes", _count_bytes)
+EXACT = {name: _openai_counter(name) for name in _ENCODINGS}
+
+# Names of OpenAI's models tiktoken's table may not list yet: the newest encoding.
+_OPENAI_NAMES = re.compile(r"(gpt-[45]|chatgpt-|o[1-9](-|$)|gpt-5)")
 
 
-def _encoding_is_cached(name: str) -> bool:
-    # Mirrors tiktoken.load.read_file_cached: the cache file is the SHA-1 of the blob URL.
-    cache_dir = os.environ.get(
-        "TIKTOKEN_CACHE_DIR",
-        os.environ.get("DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")),
-    )
-    if not cache_dir:
-        return False
-    key = hashlib.sha1(_ENCODING_URL.format(name=name).encode()).hexdigest()
-    return os.path.exists(os.path.join(cache_dir, key))
+def _load(encoding: str) -> None:
+    """Load ``encoding`` now (about a second, once a process) rather than in a first turn,
+    where it would count against the turn's deadline."""
+    toktok.batch_count([""], encoding, threads=1)
 
 
-def _tiktoken_counter(model: Any) -> TokenCounter | None:
-    count = getattr(model, "get_num_tokens_from_messages", None)
-    model_name = getattr(model, "model_name", None)
-    if count is None or not isinstance(model_name, str):
-        return None
+def encoding_of(model_name: str) -> str | None:
+    """OpenAI's encoding for ``model_name`` (``"o200k_base"`` or ``"cl100k_base"``), or
+    ``None`` when the model's tokenizer is not one of them (or not known).
+
+    A provider prefix (``openrouter/gpt-4o-mini``) is ignored; tiktoken's table of model
+    names (pure data, nothing is downloaded) decides, and OpenAI's models it does not list
+    yet (``gpt-5.1``) get OpenAI's newest encoding.
+
+    Example:
+        >>> encoding_of("gpt-4o-mini"), encoding_of("gpt-4"), encoding_of("llama3.1:8b")
+        ('o200k_base', 'cl100k_base', None)
+    """
+    name = model_name.rsplit("/", 1)[-1].strip().lower()
     try:
-        import tiktoken
+        from tiktoken.model import encoding_name_for_model
 
-        encoding = tiktoken.encoding_name_for_model(model_name)
+        encoding: str | None = encoding_name_for_model(name)
     except (ImportError, KeyError):
-        encoding = "o200k_base"  # what langchain-openai falls back to for unknown models
-    if not _encoding_is_cached(encoding):
-        return None
-    return TokenCounter(f"tiktoken:{encoding}", lambda messages: int(count(list(messages))))
+        encoding = "o200k_base" if _OPENAI_NAMES.match(name) else None
+    return encoding if encoding in _ENCODINGS else None
 
 
 def choose_counter(model: Any, setting: CounterSetting = "auto") -> TokenCounter:
-    """The counter for ``model``: exact if its tiktoken encoding is cached, else approximate.
+    """The counter for ``model``: exact for OpenAI's models, else the UTF-8 bytes bound.
+
+    Args:
+        model: The chat model (its ``model_name`` says which tokenizer bills it).
+        setting: ``CHATCHAIN_TOKEN_COUNTER``: ``auto``; ``exact`` (refuse a model whose
+            encoding is unknown); ``utf8-bytes`` (for a server that names its model like
+            OpenAI's but runs another); ``approximate`` (LangChain's estimate, can be low).
 
     Raises:
-        ConfigurationError: ``setting`` is ``"tiktoken"`` but the encoding is not cached.
+        ConfigurationError: ``setting`` is ``"exact"`` but the model's encoding is unknown.
+
+    Example:
+        >>> from langchain_openai import ChatOpenAI
+        >>> choose_counter(ChatOpenAI(model="gpt-4o-mini", api_key="k")).name
+        'o200k_base'
+        >>> choose_counter(ChatOpenAI(model="qwen2.5:7b", api_key="k")).name
+        'utf8-bytes'
     """
     model = getattr(model, "runnable", model)  # the main model of a RunnableWithFallbacks
+    model = getattr(model, "bound", model)  # a model with .bind(...)
     if setting == "approximate":
         return APPROXIMATE
-    counter = _tiktoken_counter(model)
-    if counter is not None:
-        return counter
-    if setting == "tiktoken":
+    if setting == "utf8-bytes":
+        return UTF8_BYTES
+    # A model that says how it bills (chatchain.testing's FakeChatModel bills approximately).
+    own = {c.name: c for c in (APPROXIMATE, UTF8_BYTES, *EXACT.values())}.get(
+        str(getattr(model, "chatchain_token_counter", ""))
+    )
+    if own is not None and setting == "auto":
+        return own
+    model_name = getattr(model, "model_name", None)
+    encoding = encoding_of(model_name) if isinstance(model_name, str) else None
+    if encoding is not None:
+        _load(encoding)
+        return EXACT[encoding]
+    if setting in ("exact", "tiktoken"):  # "tiktoken": 0.1.0's name for it
         raise ConfigurationError(
-            "CHATCHAIN_TOKEN_COUNTER=tiktoken, but tiktoken's encoding for this model is not "
-            "cached and cannot be downloaded here. Put the encoding file in TIKTOKEN_CACHE_DIR, "
-            "or set CHATCHAIN_TOKEN_COUNTER=auto to count approximately."
+            f"CHATCHAIN_TOKEN_COUNTER={setting}, but the tokenizer of model {model_name!r} is not "
+            "one of OpenAI's encodings (o200k_base, cl100k_base). Set "
+            "CHATCHAIN_TOKEN_COUNTER=auto to count it with the UTF-8 bytes bound."
         )
-    return APPROXIMATE
+    return UTF8_BYTES

@@ -337,6 +337,24 @@ class TurnSpec:
             )
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One call of a turn: how to count its prompt, and its handler's counts before it."""
+
+    count_prompt: Callable[[], int]
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    steps: int
+    hits: int
+
+    def unreported(self, handler: Any) -> bool:
+        """Whether the endpoint reported no usage for this call (and no cache answered it)."""
+        tokens = (handler.prompt_tokens, handler.completion_tokens)
+        hits = getattr(getattr(handler, "hits", None), "calls", 0)
+        return tokens == (self.prompt_tokens, self.completion_tokens) and hits == self.hits
+
+
 @dataclass
 class Turn:
     """One open turn: its session, config (with its usage handler) and what it produced."""
@@ -377,6 +395,10 @@ class Turn:
     _cut_by: tuple[BudgetLimit, bool] | None = None  # the cap (and whether in USD) sizing the hold
     _spent: tuple[int, int] = (0, 0)
     """Prompt and reply tokens of the turn's calls so far, which its next hold covers too."""
+    _call: _Call | None = None  # the turn's latest call, until its usage is settled
+    _estimated: Estimate | None = None
+    """What the turn's calls whose usage the endpoint never reported were counted here."""
+    _estimate_reported: bool = False
     steps: list[BaseMessage] = field(default_factory=list)
     """The tool exchange so far: AI messages with tool calls, each followed by its results."""
     tool_calls: list[ToolCall] = field(default_factory=list)
@@ -658,8 +680,8 @@ class Turn:
         """
         if self._ended or self.expired:
             raise self.deadline_error()
-        self._count_prompt = count_prompt = _pending.once(count_prompt)
-        self._spent = (self.handler.prompt_tokens, self.handler.completion_tokens)
+        count_prompt = _pending.once(count_prompt)
+        self._next_call(count_prompt)
         if self.budgeted:
             self._take_hold(count_prompt())
         store = _pending.store_of(self.spec)
@@ -669,8 +691,8 @@ class Turn:
 
     async def asending(self, count_prompt: Callable[[], int]) -> None:
         """`sending` for async callers."""
-        self._count_prompt = count_prompt = _pending.once(count_prompt)
-        self._spent = (self.handler.prompt_tokens, self.handler.completion_tokens)
+        count_prompt = _pending.once(count_prompt)
+        self._next_call(count_prompt)
         if self.budgeted:
             await self._atake_hold(count_prompt())
         store = _pending.store_of(self.spec)
@@ -744,6 +766,63 @@ class Turn:
         self.handler.on_llm_end(LLMResult(generations=[[ChatGeneration(message=message)]]))
         self._cut_at_hold = meter.limit
         self._estimated_calls += 1
+
+    # -- usage the endpoint did not report ------------------------------------------------
+
+    def _next_call(self, count_prompt: Callable[[], int]) -> None:
+        """A call is about to be sent: settle the one before it (a tool round's), start this."""
+        if self._call is not None and len(self.steps) > self._call.steps:
+            self._settle_call(self.steps[self._call.steps])
+        handler = self.handler
+        self._call = _Call(
+            count_prompt,
+            handler.prompt_tokens,
+            handler.completion_tokens,
+            handler.successful_requests,
+            len(self.steps),
+            getattr(getattr(handler, "hits", None), "calls", 0),
+        )
+        self._count_prompt = count_prompt
+        extra = self._estimated or Estimate(0, 0, 0)
+        self._spent = (
+            handler.prompt_tokens + extra.prompt_tokens,
+            handler.completion_tokens + extra.completion_tokens,
+        )
+
+    def _report_estimate(self, model: str | None) -> None:
+        """Let the user's `get_openai_callback` see what the ledger will: once a turn."""
+        if self._estimated is None or self._estimate_reported:
+            return
+        self._estimate_reported = True
+        _metering.report_estimate(self.config, self.handler, self._estimated, model)
+
+    def _call_output(self, reply: BaseMessage | None) -> BaseMessage | None:
+        """What the latest call produced: a tool step's message, or ``reply`` if any."""
+        if self._open is not None:
+            return self._open[0]
+        call = self._call
+        if call is not None and len(self.steps) > call.steps:
+            return self.steps[call.steps]
+        if reply is not None and (self._chunks or reply.content):
+            return reply
+        return None
+
+    def _settle_call(self, output: BaseMessage | None) -> None:
+        """The latest call is over, with ``output`` (``None``: it produced nothing). If the
+        endpoint reported no usage for it (a stream cut before its usage chunk, or an
+        endpoint that never sends one), count its prompt and output here: it was billed."""
+        call, self._call = self._call, None
+        if call is None or output is None or not call.unreported(self.handler):
+            return
+        counter = self.spec.recall.counter
+        ended = self.handler.successful_requests > call.requests  # else counted as a request here
+        this = Estimate(call.count_prompt(), counter([output]), 0 if ended else 1)
+        was = self._estimated or Estimate(0, 0, 0)
+        self._estimated = Estimate(
+            was.prompt_tokens + this.prompt_tokens,
+            was.completion_tokens + this.completion_tokens,
+            was.requests + this.requests,
+        )
 
     @property
     def budgeted(self) -> bool:
@@ -1010,12 +1089,8 @@ class Turn:
         return entry
 
     def _metered_entry(self, reply: BaseMessage, model: str | None) -> UsageEntry:
-        estimate = None
-        if self.handler.total_tokens == 0 and self.has_reply and self._count_prompt is not None:
-            # The stream stopped before the endpoint's usage chunk, but it billed the prompt
-            # and what it generated: count them here rather than record 0.
-            counter = self.spec.recall.counter
-            estimate = Estimate(self._count_prompt(), counter([AIMessage(reply.content)]))
+        self._settle_call(self._call_output(reply))
+        self._report_estimate(model)
         entry = _metering.entry_from(
             self.handler,
             session_id=self.session_id,
@@ -1024,7 +1099,7 @@ class Turn:
             pricer=self.spec.pricer,
             latency_s=time.perf_counter() - self.started,
             first_token_s=self.first_token_s,
-            estimate=estimate,
+            estimate=self._estimated,
             configured_model=self.spec.default_model,
         )
         return replace(entry, id=self.entry_id)  # the id its write-ahead record names
@@ -1283,6 +1358,8 @@ class Turn:
         model = next(
             (m.response_metadata.get("model_name") for m in self.steps if m.type == "ai"), None
         )
+        self._settle_call(self._call_output(None))
+        self._report_estimate(model or self.spec.default_model)
         entry = _metering.entry_from(
             self.handler,
             session_id=self.session_id,
@@ -1290,6 +1367,7 @@ class Turn:
             model=model or self.spec.default_model,
             pricer=self.spec.pricer,
             latency_s=time.perf_counter() - self.started,
+            estimate=self._estimated,
             configured_model=self.spec.default_model,
         )
         entry = replace(entry, id=self.entry_id)

@@ -142,7 +142,8 @@ class ChatChain(HistoryRunnable):
 
     @property
     def token_counter(self) -> str:
-        """Which token counter the window uses: ``"tiktoken:<encoding>"`` or ``"approximate"``."""
+        """Which token counter the holds and the window use: ``"o200k_base"`` or
+        ``"cl100k_base"`` (exact), ``"utf8-bytes"`` (a bound) or ``"approximate"``."""
         return self._spec.recall.counter.name
 
     @property

@@ -188,11 +188,16 @@ class Settings(BaseSettings):
     """``CHATCHAIN_SUMMARY_MAX_TOKENS``: cap on the reply of a summary call;
     ``CHATCHAIN_SUMMARY_TOKENS`` by default (``CHATCHAIN_MAX_TOKENS`` caps turns only)."""
 
-    token_counter: Literal["auto", "approximate", "tiktoken"] = Field(
+    token_counter: Literal["auto", "exact", "utf8-bytes", "approximate", "tiktoken"] = Field(
         default="auto", validation_alias="CHATCHAIN_TOKEN_COUNTER"
     )
-    """``CHATCHAIN_TOKEN_COUNTER``: ``auto`` (exact with a cached tiktoken encoding, else
-    approximate), ``approximate`` or ``tiktoken``."""
+    """``CHATCHAIN_TOKEN_COUNTER``: how prompts are counted for holds and the window, offline.
+    ``auto``: exactly with OpenAI's encoding for OpenAI's models (o200k_base, cl100k_base),
+    else a bound that is never low for any tokenizer (UTF-8 bytes plus chat-format tokens);
+    ``exact``: refuse a model whose encoding is unknown; ``utf8-bytes``: always the bound
+    (a server that names its model like OpenAI's but runs another); ``approximate``:
+    LangChain's estimate, which counts CJK text at about a quarter of what is billed;
+    ``tiktoken``: 0.1.0's name for ``exact``."""
 
     prices: dict[str, ModelPrice] = Field(default_factory=dict, validation_alias="CHATCHAIN_PRICES")
     """``CHATCHAIN_PRICES``: your prices in USD per million tokens, which win over the price

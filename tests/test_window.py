@@ -270,9 +270,14 @@ def test_context_exceeded_is_retried_with_half_of_what_was_sent(mode: str) -> No
 
 def test_token_counter_choice_is_visible_and_offline() -> None:
     chain = create_chat_chain(settings=make_settings(), get_session_history=MemoryStore())
-    assert chain.token_counter == "approximate"  # no tiktoken encoding cached here, no network
-    with pytest.raises(ConfigurationError, match="TIKTOKEN_CACHE_DIR"):
-        create_chat_chain(settings=make_settings(token_counter="tiktoken"))
+    assert chain.token_counter == "o200k_base"  # gpt-4o-mini's encoding, with no network
+    local = make_settings().model_copy(update={"model": "qwen2.5:7b"})  # tokenizer unknown
+    assert create_chat_chain(settings=local).token_counter == "utf8-bytes"
+    bound = make_settings(token_counter="utf8-bytes")
+    assert create_chat_chain(settings=bound).token_counter == "utf8-bytes"
+    for exact in ("exact", "tiktoken"):  # tiktoken: 0.1.0's name
+        with pytest.raises(ConfigurationError, match="CHATCHAIN_TOKEN_COUNTER=auto"):
+            create_chat_chain(settings=local.model_copy(update={"token_counter": exact}))
 
 
 def test_defaults_keep_a_long_conversation_bounded() -> None:

@@ -11,7 +11,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -134,6 +134,10 @@ class FakeChatModel(BaseChatModel):
     """Computes the reply from the messages when no scripted reply is left (else: echo)."""
     max_tokens: int | None = None
     """Cut replies to ``4 * max_tokens`` characters (a call's own ``max_tokens`` wins)."""
+
+    chatchain_token_counter: ClassVar[str] = "approximate"
+    """How this model bills tokens (LangChain's `count_tokens_approximately`), so that
+    chatchain counts prompts the same way (see `chatchain._tokens.choose_counter`)."""
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _replies: deque[Scripted] = PrivateAttr()

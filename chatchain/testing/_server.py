@@ -40,6 +40,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal
 
+import toktok  # type: ignore[import-untyped]  # ships no type hints
+
 from chatchain.testing._scripts import (
     ScriptedCall,
     fit_schema,
@@ -105,6 +107,11 @@ _DEFAULT_MESSAGES_BY_STATUS: dict[int, str] = {
     503: "The engine is currently overloaded, please try again later.",
     504: "The server timed out while processing your request.",
 }
+
+
+def _encodable(text: str) -> str:
+    """``text`` with any lone surrogate (which no tokenizer takes) as U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _content_text(content: Any) -> str:
@@ -598,10 +605,12 @@ class OpenAITestServer:
     """An OpenAI-compatible chat-completions server running in a background thread.
 
     Replies come from :meth:`queue_replies` first, then from ``reply(messages)``. Usage is
-    computed with :meth:`count_tokens`: ``prompt_tokens`` is the sum over messages of
-    ``count_tokens(content text) + 4``, plus 3; ``completion_tokens`` is
-    ``count_tokens(reply)``. ``max_tokens`` / ``max_completion_tokens`` truncate the reply to
-    ``4 * max_tokens`` characters (``finish_reason="length"``). With ``context_window``, a
+    computed with :meth:`count_tokens`, a real tokenizer (``encoding``, o200k_base by
+    default: a CJK character is about a token, as real endpoints bill it): ``prompt_tokens``
+    is the sum over messages of ``count_tokens(content text) + 4``, plus 3;
+    ``completion_tokens`` is ``count_tokens(reply)``. ``max_tokens`` /
+    ``max_completion_tokens`` truncate the reply to that many tokens
+    (``finish_reason="length"``). With ``context_window``, a
     prompt longer than that many tokens gets a 400 ``context_length_exceeded`` error.
 
     Every chat request is recorded in :attr:`requests` (``Authorization`` and ``api-key``
@@ -653,6 +662,9 @@ class OpenAITestServer:
         chunk_interval: Seconds to wait before each streamed content (or tool-call) chunk,
             as a model generating text does (0: all at once). Each waiting stream holds a
             thread.
+        encoding: The tokenizer that bills: ``"o200k_base"`` or ``"cl100k_base"``; ``None``
+            for about one token per 4 characters (and replies cut at ``4 * max_tokens``
+            characters), which bills CJK text at a quarter of what real endpoints do.
 
     Example:
         >>> import openai
@@ -665,7 +677,7 @@ class OpenAITestServer:
         ...     len(server.requests)
         1
         >>> reply.choices[0].message.content, reply.usage.total_tokens
-        ('first', 10)
+        ('first', 9)
 
         A tool call, then the answer once the result is sent:
 
@@ -701,6 +713,7 @@ class OpenAITestServer:
         json_schema: bool = True,
         chunk_interval: float = 0.0,
         overflow_wording: Literal["openai", "litellm"] = "openai",
+        encoding: str | None = "o200k_base",
     ) -> None:
         if chunk_interval < 0:
             raise ValueError(f"chunk_interval must be >= 0: {chunk_interval}")
@@ -718,6 +731,7 @@ class OpenAITestServer:
         self._stream_usage = stream_usage
         self._json_schema = json_schema
         self._chunk_interval = chunk_interval
+        self._encoding = encoding
         self._created = int(time.time())
         self._lock = threading.Lock()
         self._faults: deque[list[Any]] = deque()  # [Fault, remaining uses]
@@ -753,6 +767,7 @@ class OpenAITestServer:
         Raises:
             RuntimeError: If the server is already running.
         """
+        self.count_tokens("warm")  # loads the tokenizer now, not in a request a client times
         with self._lifecycle:
             if self._httpd is not None:
                 raise RuntimeError("OpenAITestServer is already running")
@@ -931,21 +946,32 @@ class OpenAITestServer:
             self._billed["completion_tokens"] += completion_tokens
 
     def count_tokens(self, text: str) -> int:
-        """The server's deterministic token count: about one token per 4 characters.
+        """The server's token count of ``text``: its tokens in ``encoding``.
 
         Args:
             text: Any text.
 
         Returns:
-            0 for empty text, else ``max(1, (len(text) + 3) // 4)``.
+            The number of tokens; with ``encoding=None``, 0 for empty text, else
+            ``max(1, (len(text) + 3) // 4)``.
 
         Example:
-            >>> OpenAITestServer().count_tokens("Hello world")
+            >>> server = OpenAITestServer()
+            >>> server.count_tokens("Hello world"), server.count_tokens("你好世界")
+            (2, 2)
+            >>> OpenAITestServer(encoding=None).count_tokens("Hello world")
             3
         """
-        if not text:
-            return 0
-        return max(1, (len(text) + 3) // 4)
+        if self._encoding is None:
+            return max(1, (len(text) + 3) // 4) if text else 0
+        return int(toktok.batch_count([_encodable(text)], self._encoding, threads=1)[0])
+
+    def _cut(self, text: str, max_tokens: int) -> str | None:
+        """``text`` cut to ``max_tokens`` tokens, or ``None`` when it fits."""
+        if self._encoding is None:
+            return text[: 4 * max_tokens] if len(text) > 4 * max_tokens else None
+        cut, tokens = toktok.truncate(_encodable(text), max_tokens, self._encoding)
+        return str(cut) if tokens > max_tokens else None
 
     # --- request handling ---------------------------------------------------------------
 
@@ -1121,8 +1147,9 @@ class OpenAITestServer:
         finish_reason = "stop" if calls is None else "tool_calls"
         if fault is not None and fault.ignore_max_tokens:
             max_tokens = None
-        if max_tokens is not None and len(text) > 4 * max_tokens:
-            text, finish_reason = text[: 4 * max_tokens], "length"
+        cut = None if max_tokens is None else self._cut(text, max_tokens)
+        if cut is not None:
+            text, finish_reason = cut, "length"
         if fault is not None and fault.lone_surrogate and calls is None:
             text += _LONE_SURROGATE
         completion_tokens = self.count_tokens(text if calls is None else json.dumps(calls))

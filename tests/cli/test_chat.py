@@ -48,18 +48,18 @@ def test_a_chat_with_every_slash_command(
             "chatchain, model gpt-4o-mini, session first (new)",
             "/help lists the commands; Ctrl-C stops a reply; Ctrl-D leaves.",
             "Echo: Hi! I'm Bob",
-            "26 tokens (21 prompt + 5 completion), $0.0000062, T s, first token T s",
+            "27 tokens (21 prompt + 6 completion), $0.0000067, T s, first token T s",
             "you: Hi! I'm Bob",
             "assistant: Echo: Hi! I'm Bob",
-            "session first, 1 turn: 26 tokens (21 prompt + 5 completion), $0.0000062, T s",
+            "session first, 1 turn: 27 tokens (21 prompt + 6 completion), $0.0000067, T s",
             "session  messages  created           updated",
             "first *         2  DATE  DATE",
             "Now on session other (new).",
             "Echo: hello other",
-            "26 tokens (21 prompt + 5 completion), $0.0000062, T s, first token T s",
+            "23 tokens (19 prompt + 4 completion), $0.0000052, T s, first token T s",
             "The system prompt is changed for the rest of this chat.",
             "Echo: again",
-            "35 tokens (32 prompt + 3 completion), $0.0000066, T s, first token T s",
+            "32 tokens (29 prompt + 3 completion), $0.0000062, T s, first token T s",
             f"Saved session other to {saved}.",
             "Session other is cleared; what it spent stays in the ledger.",
             "Session other has no messages yet.",
@@ -142,7 +142,7 @@ def test_the_end_of_input_leaves_like_ctrl_d(chatchain: Chatchain) -> None:
     assert result.exit_code == 0
     assert stable(result.output).splitlines()[2:] == [
         "Echo: hi",
-        "21 tokens (19 prompt + 2 completion), $0.0000041, T s, first token T s",
+        "21 tokens (18 prompt + 3 completion), $0.0000045, T s, first token T s",
     ]
 
 

@@ -9,6 +9,7 @@ same (through a copy: the user's object is not changed).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,8 @@ from langchain_openai import ChatOpenAI
 
 from chatchain import Chatbot, Settings, get_openai_callback
 from chatchain.cli._render import usage_line
-from chatchain.testing import OpenAITestServer, echo_reply
+from chatchain.errors import EndpointConnectionError
+from chatchain.testing import Fault, OpenAITestServer, ScriptedCall, echo_reply
 
 KEY = "sk-e2e-secret-0123456789abcdef"
 
@@ -134,4 +136,134 @@ def test_the_users_get_openai_callback_counts_a_streamed_turn(
     assert stream.usage is not None
     assert cb.total_tokens == stream.usage.total_tokens == sum(billed(server, server.requests[0]))
     assert cb.successful_requests == 1
+    bot.close()
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+def tool_turn(bot: Chatbot, path: str, session_id: str) -> None:
+    """A turn that calls ``add`` once, then answers, streamed on ``path``; its cut ends it."""
+    text = "What is 2 + 3?"
+    with pytest.raises(EndpointConnectionError):
+        if path == "stream":
+            "".join(bot.stream(text, session_id=session_id))
+        else:
+
+            async def drain() -> str:
+                return "".join([p async for p in bot.astream(text, session_id=session_id)])
+
+            asyncio.run(drain())
+
+
+def billed_with_tools(server: OpenAITestServer, request: dict[str, Any]) -> int:
+    """The prompt tokens the server bills for a request with tools and tool messages."""
+    body = request["body"]
+    messages = body["messages"]
+    prompt = 3 + sum(server.count_tokens(m.get("content") or "") + 4 for m in messages)
+    prompt += sum(
+        server.count_tokens(json.dumps(m["tool_calls"])) for m in messages if m.get("tool_calls")
+    )
+    return prompt + server.count_tokens(json.dumps(body["tools"]))
+
+
+@pytest.mark.parametrize("path", ["stream", "astream"])
+def test_a_stream_cut_after_a_tool_round_records_every_call(
+    server: OpenAITestServer, path: str
+) -> None:
+    """The tool round reported its usage; the answer's stream was cut before its usage chunk:
+    both calls are in the ledger, the second one estimated (not left out)."""
+    server.clear()
+    bot = Chatbot(make_settings(server), tools=[add])
+    server.queue_tool_calls(ScriptedCall("add", {"a": 2, "b": 3}))
+    server.queue_replies("The sum of two and three is five, as the tool said.")
+    server.add_fault(Fault())  # the tool round: answered in full, usage included
+    server.add_fault(Fault(cut_after=3))  # the answer: cut before its usage chunk
+    tool_turn(bot, path, f"cut-{path}")
+
+    first, second = server.requests
+    (entry,) = bot.usage_entries(session_id=f"cut-{path}")
+    assert entry.estimated
+    assert entry.requests == 2  # two requests reached the endpoint
+    # At least what the server billed the two prompts: the second was counted here.
+    assert entry.prompt_tokens >= billed_with_tools(server, first) + billed_with_tools(
+        server, second
+    )
+    assert entry.completion_tokens > 0
+    bot.close()
+
+
+def test_tool_rounds_without_usage_are_each_estimated(mute_server: OpenAITestServer) -> None:
+    """An endpoint that never reports usage when streaming: every call of the turn counted."""
+    mute_server.clear()
+    bot = Chatbot(make_settings(mute_server), tools=[add])
+    mute_server.queue_tool_calls(ScriptedCall("add", {"a": 2, "b": 3}))
+    mute_server.queue_tool_calls(ScriptedCall("add", {"a": 5, "b": 5}))
+    mute_server.queue_replies("Ten.")
+    with bot.stream("What is 2 + 3 + 5?", session_id="mute-tools") as stream:
+        assert "".join(stream) == "Ten."
+    requests = mute_server.requests
+    (entry,) = bot.usage_entries(session_id="mute-tools")
+    assert entry.estimated and entry.requests == len(requests) == 3
+    assert entry.prompt_tokens >= sum(billed_with_tools(mute_server, r) for r in requests)
+    bot.close()
+
+
+@pytest.mark.parametrize("path", ["stream", "astream"])
+def test_the_users_get_openai_callback_sees_the_estimate(
+    mute_server: OpenAITestServer, path: str
+) -> None:
+    """The endpoint sends no usage: the seeds' own callback sees what the ledger records."""
+    bot = Chatbot(make_settings(mute_server))
+    session = f"cb-{path}"
+    with get_openai_callback() as cb:
+        if path == "stream":
+            assert "".join(bot.stream("count me here", session_id=session))
+        else:
+
+            async def drain() -> str:
+                return "".join([p async for p in bot.astream("count me", session_id=session)])
+
+            assert asyncio.run(drain())
+    (entry,) = bot.usage_entries(session_id=session)
+    assert entry.estimated and entry.total_tokens > 0
+    assert (cb.prompt_tokens, cb.completion_tokens) == (
+        entry.prompt_tokens,
+        entry.completion_tokens,
+    )
+    assert cb.total_tokens == entry.total_tokens
+    assert cb.successful_requests == entry.requests == 1
+    assert cb.total_cost > 0  # priced by its own table, as every call it counts
+    bot.close()
+
+
+def test_the_callback_sees_a_cut_stream_after_a_tool_round(server: OpenAITestServer) -> None:
+    server.clear()
+    bot = Chatbot(make_settings(server), tools=[add])
+    server.queue_tool_calls(ScriptedCall("add", {"a": 2, "b": 3}))
+    server.queue_replies("The sum of two and three is five, as the tool said.")
+    server.add_fault(Fault())
+    server.add_fault(Fault(cut_after=3))
+    with get_openai_callback() as cb:
+        tool_turn(bot, "stream", "cb-cut")
+    (entry,) = bot.usage_entries(session_id="cb-cut")
+    assert cb.total_tokens == entry.total_tokens
+    assert cb.successful_requests == entry.requests == 2
+    bot.close()
+
+
+def test_a_callback_in_the_runs_config_sees_the_estimate_once(
+    mute_server: OpenAITestServer,
+) -> None:
+    bot = Chatbot(make_settings(mute_server))
+    config: Any = {"configurable": {"session_id": "cb-config"}}
+    with get_openai_callback() as cb:
+        config["callbacks"] = [cb]  # also the context's handler: counted once all the same
+        assert "".join(
+            str(chunk.content) for chunk in bot.chain.stream({"input": "hi there"}, config=config)
+        )
+    (entry,) = bot.usage_entries(session_id="cb-config")
+    assert cb.total_tokens == entry.total_tokens > 0
     bot.close()

@@ -133,8 +133,18 @@ def test_queued_replies_are_used_in_order_then_fallback(
     assert contents == ["first", "second", "third", "Echo: q3"]
 
 
-def test_count_tokens() -> None:
-    server = OpenAITestServer()
+def test_count_tokens_with_a_real_tokenizer() -> None:
+    server = OpenAITestServer()  # o200k_base, as OpenAI's gpt-4o family bills
+    assert server.count_tokens("") == 0
+    assert server.count_tokens("Hello world") == 2
+    assert server.count_tokens("x" * 40) == 5
+    # CJK text costs about a token a character, not a quarter of one.
+    assert server.count_tokens("北京的天气怎么样明天会下雨吗") >= 10
+    assert OpenAITestServer(encoding="cl100k_base").count_tokens("Hello world") == 2
+
+
+def test_count_tokens_by_characters() -> None:
+    server = OpenAITestServer(encoding=None)
     assert server.count_tokens("") == 0
     assert server.count_tokens("a") == 1
     assert server.count_tokens("abcd") == 1
@@ -177,7 +187,7 @@ def test_max_tokens_truncates_with_finish_reason_length(
     server.queue_replies("one two three four five six", "short")
     reply = client.chat.completions.create(model=MODEL, messages=user("x"), **{param: 2})
     assert reply.choices[0].finish_reason == "length"
-    assert reply.choices[0].message.content == "one two "
+    assert reply.choices[0].message.content == "one two"
     assert reply.usage is not None
     assert reply.usage.completion_tokens == 2
     reply = client.chat.completions.create(model=MODEL, messages=user("x"), **{param: 2})
@@ -250,7 +260,7 @@ def test_stream_wire_format(include_usage: bool) -> None:
     if include_usage:
         *choice_chunks, usage_chunk = chunks
         assert usage_chunk["choices"] == []
-        assert usage_chunk["usage"]["completion_tokens"] == (len(text) + 3) // 4
+        assert usage_chunk["usage"]["completion_tokens"] == server.count_tokens(text)
         assert all("usage" in c and c["usage"] is None for c in choice_chunks)
     else:
         choice_chunks = chunks
@@ -270,7 +280,7 @@ def test_streaming_with_max_tokens_finishes_with_length(
     chunks = list(
         client.chat.completions.create(model=MODEL, messages=user("x"), stream=True, max_tokens=2)
     )
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "one two "
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "one two"
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
@@ -446,7 +456,7 @@ def test_malformed_json_reply_raises(server: OpenAITestServer, client: openai.Op
 
 def test_context_window_exceeded_is_bad_request() -> None:
     with (
-        OpenAITestServer(context_window=30) as server,
+        OpenAITestServer(context_window=30, encoding=None) as server,
         openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0) as client,
     ):
         fits = "x" * (4 * (30 - 7))  # 23 tokens + 4 + 3 == 30
