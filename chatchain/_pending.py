@@ -186,7 +186,7 @@ def plan_recovery(spec: TurnSpec, session_id: str, token: str, text: str) -> Rec
         model=record.get("model"),
         pricer=spec.pricer,
         latency_s=max(0.0, (written - started).total_seconds()),
-        estimate=Estimate(prompt, int(record.get("reply_tokens") or 0) + counted),
+        estimate=Estimate(prompt, int(record.get("reply_tokens") or 0) + counted, requests=1),
         configured_model=spec.default_model,
     )
     return Recovery(

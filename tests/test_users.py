@@ -264,7 +264,7 @@ def test_a_daily_cap_refuses_before_sending(
     error = info.value
     assert (error.scope, error.key, error.limit_usd) == ("user", "alice", 0.0002)
     message = str(error)
-    assert message.startswith("Budget exceeded: user alice's daily cap of $0.0002 is reached;")
+    assert message.startswith("Budget exceeded: user alice's daily cap of $0.00020 is reached;")
     assert "Nothing was sent or stored. Wait for the next period, or raise the cap" in message
     # Nothing sent, stored or counted; other users and calls without limits go on.
     with pytest.raises(BudgetExceeded):
