@@ -97,7 +97,7 @@ EXPECTED_OUTPUT = {
         "BudgetExceeded: Budget exceeded: the cap for session 'capped' is 400 tokens",
         "the refused question was stored: False",
         "same reply: True",
-        "again: 0 prompt + 0 completion = 0 tokens, $0.000000",
+        "again: 0 prompt + 0 completion = 0 tokens, $0.00,",
         ", cached, saved $",
     ],
     "04_long_conversations": ["60 messages stored, 30 turns"],
@@ -110,7 +110,7 @@ EXPECTED_OUTPUT = {
         "Trip: Trip(city=",
         "stored as: {",
         "same reply: True",
-        "again: 0 prompt + 0 completion = 0 tokens, $0.000000",
+        "again: 0 prompt + 0 completion = 0 tokens, $0.00,",
         ", cached, saved $",
     ],
     "05_persistent_and_shared_memory": [
