@@ -4,16 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Exact versions CI installs, written by `make lock` (uv pip compile) from pyproject.toml's bounds.
 LOCK := requirements/constraints.txt
+# The Pythons chatchain is tested on besides $(PYTHON), the lowest supported (3.11), on which
+# `make unit` runs every test: the fast tier runs on each of these too. Keep pyproject.toml's
+# classifiers and the README's list the same.
+NEWER_PYTHONS := 3.12 3.13
 
-.PHONY: demo test check lint types unit services bench lock test-latest test-lowest clean
+.PHONY: demo test check lint types unit newer test-pythons services bench lock test-latest test-lowest clean
 
 # Set up (once, and again when pyproject.toml or the lock changes) and run the demo chat session.
 # It needs only the package itself, not the test tools and database drivers.
 demo: $(VENV)/.demo
 	$(BIN)/python -m chatchain._demo
 
-# Set up and run everything CI runs: format, lint, types, all tests.
-test: check
+# Set up and run everything CI runs: format, lint, types, all tests on the lowest Python, and
+# the fast tier on the newer ones.
+test: check newer
 
 check: $(VENV)/.installed lint types unit
 
@@ -33,6 +38,15 @@ unit: $(VENV)/.installed services
 .PHONY: test-fast
 test-fast: $(VENV)/.installed
 	$(BIN)/pytest -q -m "not slow and not services"
+
+# The fast tier on each of NEWER_PYTHONS, in .venv-3.12, .venv-3.13...; each must be on the
+# machine (pythonX.Y on PATH, or pyenv's).
+newer:
+	bash .ci/pythons --require $(NEWER_PYTHONS)
+
+# The fast tier on every tested Python this machine has (those it lacks are skipped).
+test-pythons: test-fast
+	bash .ci/pythons $(NEWER_PYTHONS)
 
 # Debian's redis-server and postgresql, which the store tests start on free ports, and
 # chromium + chromium-driver, the headless browser the page tests drive.
@@ -58,6 +72,13 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[test]"
 	touch $@
 
+# A newer Python's environment, from the same lock; .ci/pythons passes the interpreter.
+.venv-3.%/.installed: pyproject.toml $(LOCK)
+	$${PYTHON_NEWER:?run it through .ci/pythons, which finds the interpreter} -m venv $(@D)
+	$(@D)/bin/python -m pip install --quiet --upgrade pip
+	$(@D)/bin/python -m pip install --quiet -c $(LOCK) -e ".[test]"
+	touch $@
+
 # Re-pin every dependency to the newest versions pyproject.toml allows (needs uv: pip install uv).
 lock:
 	uv pip compile pyproject.toml --all-extras --python-version 3.11 --upgrade --quiet -o $(LOCK)
@@ -72,4 +93,4 @@ test-lowest: services
 	bash .ci/drift lowest
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lowest .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .venv-3.* .venv-latest .venv-lowest .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

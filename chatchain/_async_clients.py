@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import openai
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
-__all__ = ["with_loop_clients"]
+__all__ = ["aclose_loop_client", "with_loop_clients"]
 
 Model = TypeVar("Model", bound=BaseChatOpenAI)
 
@@ -55,6 +55,18 @@ async def _close_at_shutdown(client: openai.DefaultAsyncHttpxClient) -> AsyncGen
         with _guard:  # a later call on this loop (if any) opens a new client
             _http_clients.pop(asyncio.get_running_loop(), None)
         await client.aclose()
+
+
+async def aclose_loop_client() -> None:
+    """Close the running loop's HTTP client now, rather than when the loop shuts down.
+
+    For an owner of the loop's work that ends before the loop does (the service at its
+    shutdown); a later call on this loop opens a new client.
+    """
+    with _guard:
+        found = _http_clients.get(asyncio.get_running_loop())
+    if found is not None:
+        await found[1].aclose()  # runs `_close_at_shutdown`'s finally: forgets and closes
 
 
 class _LoopClients:

@@ -370,6 +370,16 @@ class _Marked(BaseCache):
     async def aclear(self, **kwargs: Any) -> None:
         await self.inner.aclear(**kwargs)
 
+    def close(self) -> None:
+        """Close the connections `open_cache` opened: the SQLite file's (its SQLAlchemy engine,
+        which nothing else disposes) or the Redis client's. Idempotent."""
+        engine = getattr(self.inner, "engine", None)  # SQLiteCache
+        if engine is not None:
+            engine.dispose()
+        client = getattr(self.inner, "redis", None)  # RedisCache
+        if client is not None:
+            client.close()
+
     def _failed(self, what: str, exc: Exception) -> None:
         logger.warning(
             "The response cache (CHATCHAIN_CACHE) could not %s a reply (%s: %s); the turn "

@@ -79,11 +79,13 @@ def main() -> int:
             print(OFFLINE_NOTE)
             with OpenAITestServer(reply=memory_echo_reply, model=settings.model) as server:
                 offline = settings.model_copy(update={"base_url": server.base_url})
-                _run(Chatbot(offline, system=SYSTEM, prompt_vars={"language": "English"}))
+                with Chatbot(offline, system=SYSTEM, prompt_vars={"language": "English"}) as bot:
+                    _run(bot)
         else:
             where = settings.base_url or "api.openai.com"
             print(f"Talking to {settings.model} at {where}.\n")
-            _run(Chatbot(settings, system=SYSTEM, prompt_vars={"language": "English"}))
+            with Chatbot(settings, system=SYSTEM, prompt_vars={"language": "English"}) as bot:
+                _run(bot)
     except ChatChainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -94,6 +94,7 @@ class ChatChain(HistoryRunnable):
     _inner: Runnable[Any, Any] = PrivateAttr()
     _lock: Callable[[str], AbstractContextManager[Fence | None]] = PrivateAttr()
     _alock: Callable[[str], AbstractAsyncContextManager[Fence | None]] = PrivateAttr()
+    _closers: list[Callable[[], None]] = PrivateAttr(default_factory=list)
 
     def __init__(
         self,
@@ -180,6 +181,23 @@ class ChatChain(HistoryRunnable):
             City(name='Oslo')
         """
         return StructuredChain(self, schema)
+
+    def close(self) -> None:
+        """Close what `create_chat_chain` opened for this chain: the response cache's file or
+        connections (``CHATCHAIN_CACHE``). Idempotent; also ``with create_chat_chain(...)``.
+
+        The history store is not the chain's: whoever opened it closes it (`Chatbot.close`
+        closes its own). HTTP connections to the endpoint are pooled for the process (and
+        for each event loop) and shared by every chain; they close with the loop, or at exit.
+        """
+        for close in self._closers:
+            close()
+
+    def __enter__(self) -> ChatChain:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # LangChain's save-on-success listeners are not attached (see `_runnable_history`); should
     # a future version call them anyway, they must not save a second time.
@@ -783,9 +801,12 @@ def create_chat_chain(
         journal=None if store is None else journal_for(store, settings.journal),
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
+    closers: list[Callable[[], None]] = []
     if settings.cache is not None:  # the turns' model only: summaries are never cached
         shared = settings.cache_scope == "shared"
-        model = _cache.with_cache(model, _cache.open_cache(settings.cache, shared=shared))
+        cache = _cache.open_cache(settings.cache, shared=shared)
+        closers.append(cache.close)
+        model = _cache.with_cache(model, cache)
     turns = model if settings.cache is not None else plain
     # Under a budget (the chain's, or a call's own limits) each call is sent with the
     # max_tokens its hold could pay for; without one the model is called as it is.
@@ -793,7 +814,7 @@ def create_chat_chain(
     if toolbox is not None:
         with_tools = bind_tools(turns, list(toolbox.tools.values()))
         step = ToolLoop(BudgetedModel(with_tools), step, toolbox)
-    return ChatChain(
+    chain = ChatChain(
         prompt | StructuredModel(step, model),
         history,
         spec=spec,
@@ -801,3 +822,5 @@ def create_chat_chain(
         history_key=history_key,
         locks=locks,
     )
+    chain._closers = closers
+    return chain

@@ -296,6 +296,21 @@ class Chatbot:
             if store is None
             else as_store(store, lock_timeout=self.settings.lock_timeout)
         )
+        try:
+            self._setup(llm, system, prompt_vars, budget, tools)
+        except BaseException:
+            if store is None:  # the store it opened; a given one is the caller's
+                self.store.close()
+            raise
+
+    def _setup(
+        self,
+        llm: Runnable[Any, Any] | None,
+        system: str | None,
+        prompt_vars: Mapping[str, str] | None,
+        budget: Budget | None,
+        tools: Sequence[Any] | None,
+    ) -> None:
         self._ledger = UsageLedger(self.store)
         self._llm = llm
         self._system = system if system is not None else self.settings.system_prompt
@@ -308,7 +323,7 @@ class Chatbot:
         self._building = threading.Lock()
         # A given model is checked at once; ChatOpenAI from the settings waits for the first
         # turn, so that managing sessions and reading usage need no API key.
-        self._chain = None if llm is None else self._build_chain()
+        self._chain: ChatChain | None = None if llm is None else self._build_chain()
 
     @property
     def chain(self) -> ChatChain:
@@ -659,8 +674,31 @@ class Chatbot:
         )
 
     def close(self) -> None:
-        """Release the store's connections and files."""
-        self.store.close()
+        """Release what the bot opened: its chain's response cache (``CHATCHAIN_CACHE``) and
+        the store's connections and files. Idempotent; also ``with Chatbot(...) as bot``.
+
+        HTTP connections to the endpoint are pooled for the process (and for each event
+        loop) and shared by every bot; they close with the loop, or at exit.
+        """
+        with self._building:
+            chain = self._chain
+        try:
+            if chain is not None:
+                chain.close()
+        finally:
+            self.store.close()
+
+    async def aclose(self) -> None:
+        """`close`, and first the store's connections of the running event loop (Redis keeps
+        async connections per loop, which would otherwise stay open until the loop ends: in a
+        notebook or a service, never). Also ``async with Chatbot(...) as bot``.
+        """
+        aclose = getattr(self.store, "aclose", None)
+        try:
+            if callable(aclose):
+                await aclose()
+        finally:
+            await asyncio.to_thread(self.close)
 
     def __enter__(self) -> Chatbot:
         return self
@@ -669,6 +707,14 @@ class Chatbot:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    async def __aenter__(self) -> Chatbot:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.parser
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -117,3 +118,24 @@ def test_the_wheel_carries_the_types_the_license_and_the_version(tmp_path: Path)
     assert metadata["License-Expression"] == "MIT"
     assert license_text.startswith("MIT License\n")
     assert license_text == (ROOT / "LICENSE").read_text(encoding="utf-8")
+
+
+def _tested_pythons() -> list[str]:
+    """The versions `make test` runs on: requires-python's lowest, then NEWER_PYTHONS."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lowest = re.fullmatch(r">=(3\.\d+)", project["requires-python"])
+    newer = re.search(r"^NEWER_PYTHONS := (.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert lowest is not None and newer is not None
+    return [lowest[1], *newer[1].split()]
+
+
+def test_the_classifiers_and_the_readme_name_exactly_the_tested_pythons() -> None:
+    tested = _tested_pythons()
+    classifiers = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["classifiers"]
+    named = [c.rpartition(" :: ")[2] for c in classifiers if re.search(r":: 3\.\d+$", c)]
+    assert named == tested
+    assert sys.version.startswith(tuple(f"{version}." for version in tested))  # this one too
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"Tested on Python ([\d., and]+?)[:.]\s", readme)
+    assert listed is not None, "the README says which Pythons are tested"
+    assert re.findall(r"3\.\d+", listed[1]) == tested

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from chatchain import Chatbot
 from chatchain.testing import OpenAITestServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -134,17 +135,23 @@ def test_the_readme_examples_run(
 ) -> None:
     namespace: dict[str, Any] = {"__name__": "__main__"}
     checked = set()
-    for block in readme_blocks(README.read_text(encoding="utf-8")):
-        if block.skip_reason is not None:
-            continue
-        # Compiled as a script is (no top-level await), named after its place in the README.
-        code = compile(block.code, f"README.md, block at line {block.line}", "exec")
-        exec(code, namespace)
-        out = capsys.readouterr().out
-        for key, check in CHECKS.items():
-            if key in block.code:
-                check(namespace, out)
-                checked.add(key)
+    bots: list[Chatbot] = []  # the examples' bots, closed at the end (their stores, caches)
+    try:
+        for block in readme_blocks(README.read_text(encoding="utf-8")):
+            if block.skip_reason is not None:
+                continue
+            # Compiled as a script is (no top-level await), named after its place in the README.
+            code = compile(block.code, f"README.md, block at line {block.line}", "exec")
+            exec(code, namespace)
+            bots += [v for v in namespace.values() if isinstance(v, Chatbot) and v not in bots]
+            out = capsys.readouterr().out
+            for key, check in CHECKS.items():
+                if key in block.code:
+                    check(namespace, out)
+                    checked.add(key)
+    finally:
+        for bot in bots:
+            bot.close()
     assert checked == set(CHECKS)
     assert endpoint.requests  # the examples talked to the server, not to a real endpoint
 

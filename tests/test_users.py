@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -183,8 +184,11 @@ def test_memory_store_keeps_only_the_token_s_hash() -> None:
 
 
 def test_a_store_without_users_is_refused() -> None:
-    with pytest.raises(ConfigurationError, match="keeps no users: use memory://"):
-        Users(as_store(TinyStore()))
+    with (
+        closing(as_store(TinyStore())) as store,
+        pytest.raises(ConfigurationError, match="keeps no users: use memory://"),
+    ):
+        Users(store)
 
 
 def test_limits_are_lifetime_day_and_month_in_utc() -> None:

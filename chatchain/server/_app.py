@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatchain import __version__
+from chatchain._async_clients import aclose_loop_client
 from chatchain.chatbot import Chatbot
 from chatchain.server import _metrics, _native, _openai, _ops
 from chatchain.server._docs import install_docs
@@ -88,7 +89,8 @@ def create_app(
         finally:
             _metrics.process_exited()
             if owned:
-                service.bot.close()
+                await service.bot.aclose()
+                await aclose_loop_client()  # the endpoint's connections, opened on this loop
 
     app = FastAPI(
         title="chatchain",

@@ -74,11 +74,12 @@ WAYS = {"chat": _chat, "stream": _stream, "achat": _achat, "astream": _astream}
 
 @pytest.mark.parametrize("way", list(WAYS))
 def test_two_identical_turns_on_fresh_sessions_send_one_request(
-    server: OpenAITestServer, tmp_path: Path, way: str
+    server: OpenAITestServer, tmp_path: Path, way: str, request: pytest.FixtureRequest
 ) -> None:
     server.clear()
     ask = WAYS[way]
     bot = Chatbot(make_settings(server, f"sqlite:///{tmp_path}/cache.db"))
+    request.addfinalizer(bot.close)
     first = ask(bot, "Tell me about caches", "a")
     again = ask(bot, "Tell me about caches", "b")
     assert again == first and len(server.requests) == 1
@@ -100,13 +101,17 @@ def test_a_different_model_temperature_or_message_misses(
 ) -> None:
     server.clear()
     cache = f"sqlite:///{tmp_path}/cache.db"
-    Chatbot(make_settings(server, cache)).chat("hi", session_id="a")
-    Chatbot(make_settings(server, cache, temperature=0.2)).chat("hi", session_id="a")
-    Chatbot(make_settings(server, cache, model="gpt-4.1-nano")).chat("hi", session_id="a")
-    Chatbot(make_settings(server, cache)).chat("hello", session_id="b")
+    for settings, text in [
+        (make_settings(server, cache), "hi"),
+        (make_settings(server, cache, temperature=0.2), "hi"),
+        (make_settings(server, cache, model="gpt-4.1-nano"), "hi"),
+        (make_settings(server, cache), "hello"),
+    ]:
+        with Chatbot(settings) as bot:
+            bot.chat(text, session_id="a" if text == "hi" else "b")
     assert len(server.requests) == 4
-    bot = Chatbot(make_settings(server, cache, temperature=0.2))
-    assert bot.chat("hi", session_id="c").usage.cached_turns == 1
+    with Chatbot(make_settings(server, cache, temperature=0.2)) as bot:
+        assert bot.chat("hi", session_id="c").usage.cached_turns == 1
     assert len(server.requests) == 4
 
 
@@ -115,11 +120,12 @@ def test_the_sqlite_cache_survives_a_restart(server: OpenAITestServer, tmp_path:
     settings = make_settings(
         server, f"sqlite:///{tmp_path}/cache.db", store=f"sqlite:///{tmp_path}/chat.db"
     )
-    Chatbot(settings).chat("Remember me", session_id="a")
-    restarted = Chatbot(settings.model_copy())  # a new model, cache engine and store
-    reply = restarted.chat("Remember me", session_id="b")
-    assert len(server.requests) == 1 and reply.usage.cached_turns == 1
-    assert restarted.usage().cached_turns == 1
+    with Chatbot(settings) as bot:
+        bot.chat("Remember me", session_id="a")
+    with Chatbot(settings.model_copy()) as restarted:  # a new model, cache engine and store
+        reply = restarted.chat("Remember me", session_id="b")
+        assert len(server.requests) == 1 and reply.usage.cached_turns == 1
+        assert restarted.usage().cached_turns == 1
 
 
 CHILD = """
@@ -148,8 +154,8 @@ def test_a_reply_cached_by_a_process_that_ended_is_a_hit(
     )
     assert (child.returncode, child.stderr) == (0, "")
     assert len(server.requests) == 1
-    bot = Chatbot(make_settings(server, cache, store=store))
-    reply = bot.chat("Asked in another process", session_id="b")
+    with Chatbot(make_settings(server, cache, store=store)) as bot:
+        reply = bot.chat("Asked in another process", session_id="b")
     assert reply.text == child.stdout.strip() and reply.usage.cached_turns == 1
     assert len(server.requests) == 1
 

@@ -99,6 +99,7 @@ def _hit_and_miss(store: HistoryStore, cache: str, ask: Ask) -> None:
     ask(bot, "Something else", "b")  # another message: a miss
     assert len(fake.calls) == 3
     assert bot.usage().cached_turns == 2
+    bot.chain.close()  # the cache's file or client; the store is the caller's
 
 
 @pytest.mark.parametrize("way", list(WAYS))
@@ -206,29 +207,31 @@ def test_a_stream_stopped_early_is_not_cached() -> None:
 def test_different_parameters_or_models_miss(tmp_path: Path) -> None:
     cache = f"sqlite:///{tmp_path}/cache.db"
     fake = FakeChatModel(model_name="gpt-4o-mini")
-    cool = Chatbot(settings(cache), llm=fake.bind(temperature=0.0))
-    warm = Chatbot(settings(cache), llm=fake.bind(temperature=1.0))
     other = FakeChatModel(model_name="gpt-4.1-nano")
-    cool.chat("hi", session_id="a")
-    warm.chat("hi", session_id="a")
-    Chatbot(settings(cache), llm=other).chat("hi", session_id="a")
+    for llm, session in [
+        (fake.bind(temperature=0.0), "a"),
+        (fake.bind(temperature=1.0), "a"),
+        (other, "a"),
+        (fake.bind(temperature=1.0), "b"),  # the same model and parameters: a hit
+    ]:
+        with Chatbot(settings(cache), llm=llm) as bot:
+            bot.chat("hi", session_id=session)
     assert (len(fake.calls), len(other.calls)) == (2, 1)
-    Chatbot(settings(cache), llm=fake.bind(temperature=1.0)).chat("hi", session_id="b")
-    assert len(fake.calls) == 2  # the same model and parameters: a hit
 
 
 def test_the_sqlite_cache_survives_a_restart(tmp_path: Path) -> None:
     cache = f"sqlite:///{tmp_path}/cache.db"
     store = f"sqlite:///{tmp_path}/chat.db"
     first = FakeChatModel(model_name="gpt-4o-mini")
-    Chatbot(settings(cache, store=store), llm=first).chat("hi", session_id="a")
+    with Chatbot(settings(cache, store=store), llm=first) as bot:
+        bot.chat("hi", session_id="a")
     assert (tmp_path / "cache.db").stat().st_mode & 0o077 == 0  # conversations: owner only
 
     fresh = FakeChatModel(model_name="gpt-4o-mini")  # a new process would build all anew
-    bot = Chatbot(settings(cache, store=store), llm=fresh)
-    assert bot.chat("hi", session_id="b").usage.cached_turns == 1
-    assert fresh.calls == []
-    assert bot.usage().cached_turns == 1 and bot.usage().turns == 2
+    with Chatbot(settings(cache, store=store), llm=fresh) as bot:
+        assert bot.chat("hi", session_id="b").usage.cached_turns == 1
+        assert fresh.calls == []
+        assert bot.usage().cached_turns == 1 and bot.usage().turns == 2
 
 
 def test_without_the_setting_nothing_is_cached() -> None:

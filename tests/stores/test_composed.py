@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,14 @@ from tests.stores.example_store import TinyStore
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture
+def tiny() -> Iterator[TinyStore]:
+    """The example store on its own in-memory database, closed after the test."""
+    backend = TinyStore()
+    yield backend
+    backend.close()
+
+
 def test_the_docs_show_the_example_store_word_for_word_in_under_60_lines() -> None:
     page = (ROOT / "docs" / "writing-a-store.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
@@ -47,8 +57,8 @@ def test_a_full_store_is_returned_as_it_is() -> None:
     assert as_store(store) is store
 
 
-def test_a_history_only_store_is_completed_in_this_process() -> None:
-    store = as_store(TinyStore(), lock_timeout=1.0)
+def test_a_history_only_store_is_completed_in_this_process(tiny: TinyStore) -> None:
+    store = as_store(tiny, lock_timeout=1.0)
     assert isinstance(store, ComposedStore)
     store.append("s", [HumanMessage("hi"), AIMessage("hello")])
     store.set_summary("s", Summary("greetings", 2))
@@ -60,9 +70,9 @@ def test_a_history_only_store_is_completed_in_this_process() -> None:
 
 
 def test_a_chain_runs_on_a_history_only_store_with_a_window_and_a_summary(
-    settings: Settings,
+    settings: Settings, tiny: TinyStore
 ) -> None:
-    backend = TinyStore()
+    backend = tiny
     chain = create_chat_chain(
         FakeChatModel(),
         settings=settings,
@@ -83,8 +93,8 @@ def test_a_chain_runs_on_a_history_only_store_with_a_window_and_a_summary(
     assert store.usage_total("session", "s1").turns == 5
 
 
-def test_a_chatbot_runs_on_a_history_only_store(settings: Settings) -> None:
-    backend = TinyStore()
+def test_a_chatbot_runs_on_a_history_only_store(settings: Settings, tiny: TinyStore) -> None:
+    backend = tiny
     bot = Chatbot(settings, llm=FakeChatModel(), store=backend)
     assert bot.chat("hi", session_id="s1").text == "Echo: hi"
     assert backend.count("s1") == 2
@@ -110,10 +120,10 @@ class _WithSummary(TinyStore, SummaryBackend):
 
 def test_a_backends_own_parts_are_used_when_it_has_them() -> None:
     backend = _WithSummary()
-    store = as_store(backend)
-    store.set_summary("s", Summary("kept by the backend", 4))
-    assert backend.summaries == {"s": Summary("kept by the backend", 4)}
-    assert store.get_summary("s") == Summary("kept by the backend", 4)
+    with closing(as_store(backend)) as store:  # closes the backend's database too
+        store.set_summary("s", Summary("kept by the backend", 4))
+        assert backend.summaries == {"s": Summary("kept by the backend", 4)}
+        assert store.get_summary("s") == Summary("kept by the backend", 4)
 
 
 def test_the_concrete_stores_are_exported_lazily() -> None:

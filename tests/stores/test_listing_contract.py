@@ -5,6 +5,7 @@ range, not every session."""
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def test_sqlite_session_infos_reads_a_range_of_the_primary_key(tmp_path: Path) -
         # Realistic statistics too: the planner must still take the id range, not the
         # updated_at index (which would read every session to fill the LIMIT).
         for analyzed in (False, True):
-            with sqlite3.connect(path) as conn:
+            with closing(sqlite3.connect(path)) as conn:  # sqlite3's own `with` does not close
                 if analyzed:
                     conn.execute("ANALYZE")
                 plan = " | ".join(
