@@ -10,7 +10,8 @@ some seconds (most of it starting the service).
 
 Scenarios (issue 18):
 
-- ``cut``: item 1, a cap of $0.0265 and ``CHATCHAIN_MAX_TOKENS=10``, prompts lengthened a
+- ``cut``: item 1, a cap 9.5 reply tokens above a short prompt (the issue's $0.0265 with the
+  counting of then) and ``CHATCHAIN_MAX_TOKENS=10``, prompts lengthened a
   character at a time (against a user whose cap pays for nothing, reading the refusals) until
   a turn cannot hold 10 reply tokens but exactly 9.
 - ``english``: item 2, English prompts, ``CHATCHAIN_MAX_TOKENS=50``, a $0.50 cap.
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -174,20 +174,32 @@ def held_prompt(client: httpx.Client, route: str, text: str) -> int:
     return round(float(needed.group(1)) * 1e6 / PRICE) - 1
 
 
-def fit_nine(url: str, probe_token: str, cap: float) -> dict[str, str]:
-    """Per route, a prompt whose turn cannot hold 10 reply tokens under ``cap`` but exactly 9,
-    found as the attacker did: by lengthening the prompt a character at a time."""
-    target = math.floor(cap * 1e6 / PRICE) - 9  # prompt + 9 fits, prompt + 10 does not
-    prompts = {}
+def fit_nine(url: str, probe_token: str, store_url: str) -> tuple[dict[str, str], float]:
+    """Per route, a prompt whose turn cannot hold 10 reply tokens under the cap but exactly 9,
+    found as the attacker did: by lengthening the prompt a token at a time; and that cap.
+
+    The issue's cap ($0.0265) left 17 prompt tokens, fewer than an exact count of the
+    shortest prompt: the cap is set from the probe instead, 3 tokens above it (and then set as
+    the attacker's daily cap), so that the same cut happens whatever the counter."""
+    prompts: dict[str, str] = {}
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {probe_token}"}) as c:
+        target = max(held_prompt(c, route, "hi") for route in ("native", "openai")) + 3
+        cap = (target + 9.5) * PRICE / 1e6  # prompt + 9 fits, prompt + 10 does not
         for route in ("native", "openai"):
             text = "hi"
-            while (held := held_prompt(c, route, text)) < target:
-                text += " x" if target - held > 1 else "x"
-            if held != target:
+            while held_prompt(c, route, text) < target - 1:
+                text += " x"
+            # The last token: an exact tokenizer merges some characters into the token
+            # before them, so try a few endings until one adds exactly one token.
+            for extra in ("", "x", " y", "!", " 1", " the", " z"):
+                if held_prompt(c, route, text + extra) == target:
+                    prompts[route] = text + extra
+                    break
+            else:
                 raise RuntimeError(f"{route}: no prompt holds exactly {target} tokens")
-            prompts[route] = text
-    return prompts
+    with closing(open_store(store_url)) as store:
+        Users(store).set_caps("attacker", daily_usd=cap)
+    return prompts, cap
 
 
 def attack(url: str, token: str, prompts: Callable[[int], str]) -> dict[str, int]:
@@ -237,10 +249,11 @@ def run(python: str, scenario: Scenario) -> dict[str, Any]:
         store_url = f"sqlite:///{folder / 'chat.db'}"
         env = _env(endpoint, scenario)
         token = add_user(store_url, "attacker", scenario.cap_usd)
+        cap = scenario.cap_usd
         with service(python, store_url, env, folder) as url:
             prompts = scenario.prompts
             if scenario.name == "cut":
-                sized = fit_nine(url, add_user(store_url, "probe", 1e-6), scenario.cap_usd)
+                sized, cap = fit_nine(url, add_user(store_url, "probe", 1e-6), store_url)
                 prompts = lambda i: sized["native" if i % 2 == 0 else "openai"]  # noqa: E731
             statuses = attack(url, token, prompts)
             billed = settled(endpoint)
@@ -248,7 +261,7 @@ def run(python: str, scenario: Scenario) -> dict[str, Any]:
     billed_usd = (billed["prompt_tokens"] + billed["completion_tokens"]) * PRICE / 1e6
     return {
         "scenario": scenario.name,
-        "cap_usd": scenario.cap_usd,
+        "cap_usd": cap,
         "statuses": statuses,
         "recorded": spent,
         "billed": {**billed, "usd": billed_usd},
