@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
 from chatchain import Chatbot, Settings
+from chatchain.chain import ChatChain
 from chatchain.testing import FakeChatModel
 
 # Fixtures (and parameters naming a backend) that need a Redis or PostgreSQL server started by
@@ -29,6 +31,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             for value in params
         ):
             item.add_marker(pytest.mark.services)
+
+
+@pytest.fixture(autouse=True)
+def _close_chains(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close the response cache of every chain a test built (its SQLite engine or Redis
+    client), after the test: tests that build a bot with ``CHATCHAIN_CACHE`` and drop it would
+    otherwise leave the cache's connection to the garbage collector, and Python 3.13 turns
+    that into a ResourceWarning, an error here, raised in whichever test runs then. The
+    history store is not closed: it is the test's (or a wider fixture's)."""
+    built: list[ChatChain] = []
+    init = ChatChain.__init__
+
+    def recording(self: ChatChain, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        built.append(self)
+
+    monkeypatch.setattr(ChatChain, "__init__", recording)
+    yield
+    for chain in built:
+        chain.close()
 
 
 @pytest.fixture(autouse=True)
