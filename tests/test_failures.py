@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import httpx
 import openai
@@ -36,21 +37,28 @@ def status_error(
     return cls(message, response=httpx.Response(status, request=_REQUEST), body=body)
 
 
-ENDPOINT_FAILURES = [
+# Each case makes its error anew: one instance raised by every mode would grow one traceback
+# across the whole run (each raise appends to it), holding langchain-core's stream frames until
+# the interpreter exits, where Python 3.12.0-3.12.2 crash freeing them (CPython gh-115874).
+ENDPOINT_FAILURES: list[tuple[Callable[[], Exception], type[EndpointError], str]] = [
     (
-        status_error(openai.AuthenticationError, 401, f"Incorrect API key provided: {KEY}"),
+        lambda: status_error(openai.AuthenticationError, 401, f"Incorrect API key provided: {KEY}"),
         AuthenticationError,
         "OPENAI_API_KEY",
     ),
     (
-        status_error(openai.RateLimitError, 429, "Rate limit reached"),
+        lambda: status_error(openai.RateLimitError, 429, "Rate limit reached"),
         RateLimitError,
         "CHATCHAIN_MAX_RETRIES",
     ),
-    (openai.APITimeoutError(request=_REQUEST), EndpointTimeoutError, "CHATCHAIN_TIMEOUT"),
-    (openai.APIConnectionError(request=_REQUEST), EndpointConnectionError, "OPENAI_BASE_URL"),
+    (lambda: openai.APITimeoutError(request=_REQUEST), EndpointTimeoutError, "CHATCHAIN_TIMEOUT"),
     (
-        status_error(
+        lambda: openai.APIConnectionError(request=_REQUEST),
+        EndpointConnectionError,
+        "OPENAI_BASE_URL",
+    ),
+    (
+        lambda: status_error(
             openai.BadRequestError,
             400,
             "maximum context length is 8 tokens",
@@ -59,8 +67,16 @@ ENDPOINT_FAILURES = [
         ContextTooLongError,
         "Shorten the message",  # after the retry with less history overflowed too
     ),
-    (status_error(openai.NotFoundError, 404, "model not found"), BadRequestError, "OPENAI_MODEL"),
-    (status_error(openai.InternalServerError, 500, "boom"), ServerError, "try again later"),
+    (
+        lambda: status_error(openai.NotFoundError, 404, "model not found"),
+        BadRequestError,
+        "OPENAI_MODEL",
+    ),
+    (
+        lambda: status_error(openai.InternalServerError, 500, "boom"),
+        ServerError,
+        "try again later",
+    ),
 ]
 
 
@@ -76,17 +92,22 @@ def snapshot(bot: Chatbot, session_id: str = "s") -> list[tuple[str, str]]:
     return [(m.type, m.text) for m in bot.history(session_id)]
 
 
-@pytest.mark.parametrize(("raised", "expected", "advice"), ENDPOINT_FAILURES)
+@pytest.mark.parametrize(
+    ("make_error", "expected", "advice"),
+    ENDPOINT_FAILURES,
+    ids=[expected.__name__ for _, expected, _ in ENDPOINT_FAILURES],
+)
 @pytest.mark.parametrize("mode", ["chat", "stream", "achat", "astream"])
 def test_endpoint_failure_gives_clear_error_and_changes_nothing(
     seeded: tuple[Chatbot, FakeChatModel],
-    raised: Exception,
+    make_error: Callable[[], Exception],
     expected: type[EndpointError],
     advice: str,
     mode: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     bot, fake = seeded
+    raised = make_error()
     before = snapshot(bot)
     usage_before = bot.usage("s")
     fake.errors.clear()
