@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import closing
@@ -24,7 +25,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 
 from chatchain import Chatbot, Settings
 from chatchain.cli._commands import cli
-from chatchain.errors import ConfigurationError, StoreError
+from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores import SQLiteStore, _schemes, open_store
 from chatchain.stores._composed import ComposedStore
 from chatchain.testing import FakeChatModel
@@ -143,6 +144,31 @@ def test_an_installed_store_takes_its_options_like_a_built_in(
         open_store(f"mystore://{tmp_path / 'chat.db'}", prefix="x")
     with pytest.raises(ConfigurationError, match=r"tiny:// store has no option lease .*: none\)"):
         open_store("tiny://", lease=1.0)
+
+
+@pytest.mark.parametrize("scheme", ["mystore", "tiny"])
+def test_the_lock_timeout_reaches_an_installed_store_whether_its_opener_takes_it_or_not(
+    installed: Path, tmp_path: Path, scheme: str
+) -> None:
+    # mystore's opener takes lock_timeout; tiny's does not, and as_store's lock gets it.
+    store = open_store(f"{scheme}://{tmp_path / 'chat.db'}", lock_timeout=0.2)
+    release, inside = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with store.lock("s"):
+            inside.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    inside.wait(2)
+    try:
+        with pytest.raises(SessionBusyError, match=r"for more than 0\.2 s"), store.lock("s"):
+            pass
+    finally:
+        release.set()
+        thread.join()
+        store.close()
 
 
 def test_chatchain_store_names_an_installed_store_for_the_library(
