@@ -210,9 +210,11 @@ def test_a_store_installed_while_the_process_runs_is_found(
     )
     install(tmp_path, "late_store", source, {"late": "late_store:late"})
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "late_store", raising=False)
-    with closing(open_store("late://")) as store:
-        assert type(store).__name__ == "MemoryStore"
+    try:
+        with closing(open_store("late://")) as store:
+            assert type(store).__name__ == "MemoryStore"
+    finally:
+        sys.modules.pop("late_store", None)
 
 
 @pytest.mark.parametrize(
