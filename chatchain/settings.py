@@ -151,7 +151,8 @@ class Settings(BaseSettings):
 
     store: str = Field(default="memory://", min_length=1, validation_alias="CHATCHAIN_STORE")
     """``CHATCHAIN_STORE``: where sessions live: ``memory://``, ``sqlite:///path``,
-    ``redis://host:port/db`` or ``postgresql://user@host/db``. Shown without its password
+    ``redis://host:port/db``, ``postgresql://user@host/db``, or the scheme of a store an
+    installed package adds (entry-point group ``chatchain.stores``). Shown without its password
     (and query) in the repr and in ``model_dump()``; this attribute is the real URL."""
 
     journal: str | None = Field(default=None, min_length=1, validation_alias="CHATCHAIN_JOURNAL")

@@ -119,7 +119,8 @@ class Users:
         if not isinstance(store, UserBackend):
             raise ConfigurationError(
                 f"The store {type(store).__name__} keeps no users: use memory://, "
-                "sqlite:///path, redis://... or postgresql://... (CHATCHAIN_STORE)."
+                "sqlite:///path, redis://... or postgresql://... (CHATCHAIN_STORE), or a "
+                "store that implements UserBackend."
             )
         self.store: UserBackend = store
 

@@ -151,8 +151,9 @@ _store_options = _options(
     click.option(
         "--store",
         metavar="URL",
-        help="Where sessions live: sqlite:///path, redis://..., postgresql://..., memory:// "
-        "(default: CHATCHAIN_STORE, else chat.db in the user's data folder).",
+        help="Where sessions live: sqlite:///path, redis://..., postgresql://..., memory://, "
+        "or an installed store's scheme (default: CHATCHAIN_STORE, else chat.db in the user's "
+        "data folder).",
     ),
     click.option(
         "--env-file",

@@ -41,8 +41,9 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 @click.option(
     "--store",
     metavar="URL",
-    help="Where sessions and users live: sqlite:///path, redis://..., postgresql://... "
-    "(default: CHATCHAIN_STORE, else chat.db in the user's data folder).",
+    help="Where sessions and users live: sqlite:///path, redis://..., postgresql://..., or an "
+    "installed store's scheme (default: CHATCHAIN_STORE, else chat.db in the user's data "
+    "folder).",
 )
 @click.option("--offline", is_flag=True, help="Answer with chatchain's echo server, not a model.")
 @click.option("--tools", "tools", metavar="MODULE", help=TOOLS_HELP)

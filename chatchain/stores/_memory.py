@@ -222,6 +222,11 @@ class MemoryStore(MemoryLedger, MemoryUsers, MemoryTitles, HistoryStore):
         MemoryTitles.__init__(self)
         self._locks = SessionLocks(lock_timeout)
 
+    @classmethod
+    def from_url(cls, url: str = "memory://", *, lock_timeout: float = 120.0) -> MemoryStore:
+        """A new, empty store for ``memory://`` (what `open_store` calls; the URL says no more)."""
+        return cls(lock_timeout=lock_timeout)
+
     def __call__(self, session_id: str) -> SessionHistory:
         """The session's `ChatMessageHistory` (the same object on every call)."""
         history = self._histories.get(session_id)
