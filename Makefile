@@ -34,7 +34,8 @@ unit: $(VENV)/.installed services
 	$(BIN)/pytest --cov=chatchain --cov-report=term:skip-covered
 
 # The developer's loop: unit, end-to-end and doctests without the slow tests (soak, load,
-# processes, notebooks, builds) and without those that need Redis or PostgreSQL.
+# processes, notebooks, builds) and without those that need Redis or PostgreSQL. A real
+# `chatchain serve` runs in a few smoke tests only: the routes are tested in-process.
 .PHONY: test-fast
 test-fast: $(VENV)/.installed
 	$(BIN)/pytest -q -m "not slow and not services"

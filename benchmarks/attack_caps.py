@@ -10,8 +10,8 @@ some seconds (most of it starting the service).
 
 Scenarios (issue 18):
 
-- ``cut``: item 1, a cap 9.5 reply tokens above a short prompt (the issue's $0.0265 with the
-  counting of then) and ``CHATCHAIN_MAX_TOKENS=10``, prompts lengthened a
+- ``cut``: item 1, a cap 9.5 reply tokens above a short prompt ($0.0265 in the reported
+  attack, with the token counting of then) and ``CHATCHAIN_MAX_TOKENS=10``, prompts lengthened a
   character at a time (against a user whose cap pays for nothing, reading the refusals) until
   a turn cannot hold 10 reply tokens but exactly 9.
 - ``english``: item 2, English prompts, ``CHATCHAIN_MAX_TOKENS=50``, a $0.50 cap.
@@ -178,7 +178,7 @@ def fit_nine(url: str, probe_token: str, store_url: str) -> tuple[dict[str, str]
     """Per route, a prompt whose turn cannot hold 10 reply tokens under the cap but exactly 9,
     found as the attacker did: by lengthening the prompt a token at a time; and that cap.
 
-    The issue's cap ($0.0265) left 17 prompt tokens, fewer than an exact count of the
+    The reported attack's cap ($0.0265) left 17 prompt tokens, fewer than an exact count of the
     shortest prompt: the cap is set from the probe instead, 3 tokens above it (and then set as
     the attacker's daily cap), so that the same cut happens whatever the counter."""
     prompts: dict[str, str] = {}

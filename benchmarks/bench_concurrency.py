@@ -12,7 +12,7 @@ What runs
     ``bench_turn.py`` with their async calls:
 
     ``raw client``     ``openai.AsyncOpenAI(max_retries=0)``, the history kept by hand;
-    ``plain chain``    the seeds' prompt | ``ChatOpenAI`` in ``RunnableWithMessageHistory``,
+    ``plain chain``    a bare LangChain prompt | ``ChatOpenAI`` in ``RunnableWithMessageHistory``,
                        ``ainvoke`` inside ``get_openai_callback()``;
     ``chatchain bot``  ``Chatbot.achat``, default settings (``memory://`` store).
 

@@ -31,7 +31,7 @@ What runs
     answer from both contenders). The same 200 user messages (~30 words each) go to
 
     ``chatchain bot``  ``Chatbot`` with the DEFAULT settings (window + running summary);
-    ``plain chain``    the seeds' ``ChatPromptTemplate([system, MessagesPlaceholder("history"),
+    ``plain chain``    a bare ``ChatPromptTemplate([system, MessagesPlaceholder("history"),
                        human]) | ChatOpenAI(base_url=..., stream_usage=True)`` in
                        ``RunnableWithMessageHistory`` over a dict of ``InMemoryChatMessageHistory``
                        (its deprecation warnings are silenced while it is built).
@@ -440,10 +440,10 @@ def _parts(server: OpenAITestServer, body: dict[str, Any]) -> dict[str, int]:
 
 
 class PlainChain:
-    """The seeds' chain over one session, metered with ``get_openai_callback`` per turn."""
+    """The bare LangChain chain over one session, metered with ``get_openai_callback`` per turn."""
 
     def __init__(self, base_url: str, settings: chatchain.Settings, session_id: str) -> None:
-        # The seeds' deprecation and sunset notices fire while the chain is built (its
+        # LangChain's deprecation and sunset notices fire while the chain is built (its
         # histories are created up front, too), so they are silenced here only.
         with quiet_seeds():
             from langchain_community.callbacks import get_openai_callback

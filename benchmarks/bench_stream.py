@@ -10,7 +10,7 @@ What runs
     `chatchain.testing.OpenAITestServer` in a process of its own (`_servers.openai_test_server`,
     so its thread does not share this process's GIL), echoing a user message of ``--chunks``
     words back one word per SSE chunk, with a usage chunk at the end. Contenders, from
-    `bench_turn.py`: the raw ``openai`` client (sync and async), the seeds' plain chain
+    `bench_turn.py`: the raw ``openai`` client (sync and async), a bare LangChain chain
     (``.stream`` and ``.astream`` inside ``get_openai_callback()``), and ``Chatbot.stream`` /
     ``Chatbot.astream`` (default settings, in-memory store).
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-chunks", type=int, default=20000, help="chunks, memory turn")
     args = parser.parse_args(argv)
     bt.clean_environment()
-    warnings.simplefilter("ignore", DeprecationWarning)  # the seeds' classes, in the plain chain
+    warnings.simplefilter("ignore", DeprecationWarning)  # the plain chain's LangChain classes
     print(
         f"chatchain {chatchain.__version__} from {Path(chatchain.__file__).parent.parent}, "
         f"langchain-core {metadata.version('langchain-core')}, Python {sys.version.split()[0]}"

@@ -13,7 +13,7 @@ What runs
         ``chat.completions.create`` non-streamed, and with ``stream=True,
         stream_options={"include_usage": True}``.
     ``plain chain``
-        The seeds' chain: prompt | ``ChatOpenAI`` in ``RunnableWithMessageHistory`` over a
+        A bare LangChain chain: prompt | ``ChatOpenAI`` in ``RunnableWithMessageHistory`` over a
         dict of community ``ChatMessageHistory``, each call inside ``get_openai_callback()``.
         ``ChatOpenAI`` gets the parameters chatchain's settings give its own model
         (temperature, max_tokens, timeout, max_retries, ``stream_usage=True``).
@@ -99,8 +99,9 @@ PAIRS = {
     "chatchain bot / raw client": ("chatchain bot", "raw client"),
 }
 
-# The deprecation and sunset notices of the seeds' classes; filtered for the whole run, not
-# per call, so that no contender pays for entering and leaving `catch_warnings` on each turn.
+# The deprecation and sunset notices of the plain chain's LangChain classes; filtered for the
+# whole run, not per call, so that no contender pays for entering and leaving `catch_warnings`
+# on each turn.
 SEEDS_WARNINGS = (
     r".langchain-community. is being sunset",
     r"RunnableWithMessageHistory is deprecated",
@@ -219,7 +220,7 @@ class RawClient:
 
 
 class PlainChain:
-    """The seeds' chain, metered per call with ``get_openai_callback`` as the seeds do."""
+    """The bare LangChain chain, metered per call with ``get_openai_callback`` as users do."""
 
     name = "plain chain"
 

@@ -512,7 +512,7 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
         "- **Which way is better.** A ratio of *times* above 1 means the first contender is "
         "slower; a ratio of *turns per second* below 1 means it completes fewer turns.",
         "- **Contenders.** *raw client* is `openai.OpenAI`/`AsyncOpenAI` with the history kept "
-        "by hand; *plain chain* is the seeds' `prompt | ChatOpenAI` in "
+        "by hand; *plain chain* is a bare LangChain `prompt | ChatOpenAI` in "
         "`RunnableWithMessageHistory`, metered with `get_openai_callback()`; *chatchain bot* is "
         "`Chatbot.chat`/`achat`/`stream`; *chatchain chain* is `create_chat_chain()` called "
         "like any runnable. chatchain does more per turn (validation, the session lock, the "

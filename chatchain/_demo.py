@@ -1,4 +1,4 @@
-"""The demo: a short chat session from the seeds' scenario, with tokens and cost.
+"""The demo: a short chat (Bob gives his name and asks it back), with tokens and cost.
 
 Runs against the endpoint in the settings; with neither ``OPENAI_API_KEY`` nor
 ``OPENAI_BASE_URL`` set, it runs offline against chatchain's own test server, which echoes.

@@ -1,4 +1,4 @@
-"""The design's in-memory history, kept behind this one module.
+"""One session's messages in memory (LangChain's `ChatMessageHistory`), behind this module only.
 
 `InMemoryChatMessageHistory` (community's `ChatMessageHistory` is the same class) is
 deprecated in langchain-core 1.x. langchain-core warns only when that exact class is

@@ -1,4 +1,4 @@
-"""The design's prompt: a system message, the history and the user's turn."""
+"""The chat prompt: a system message, the history and the user's turn."""
 
 from __future__ import annotations
 

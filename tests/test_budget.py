@@ -286,7 +286,7 @@ def test_concurrent_threads_without_max_tokens_stay_within_a_usd_cap(settings: S
     # Before: each turn held a 1,000-token reply but sent no max_tokens; long replies took
     # the spend to several times the cap.
     values = {**settings.model_dump(), "budget_total_usd": 0.01}
-    fake = FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG * 2, delay=0.01)
+    fake = FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG * 2, delay=0.0005)
     bot = Chatbot(Settings(**values), llm=fake)
     refused: list[BudgetExceeded] = []
 

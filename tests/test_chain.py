@@ -1,4 +1,4 @@
-"""The chain factory: the design's shape, memory, prompt variables and metering."""
+"""The chain factory: prompt, model and history in one runnable, prompt variables, metering."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_default_store_is_a_dict_of_chat_message_history(settings: Settings) -> 
 
 
 def test_message_list_input_form(settings: Settings) -> None:
-    # The seeds' second form: one placeholder `my_msg` that the history is prepended to.
+    # The message-list form: one placeholder `my_msg` that the history is prepended to.
     fake = FakeChatModel()
     store = MemoryStore()
     chain = create_chat_chain(
@@ -222,7 +222,7 @@ def test_cost_of_a_known_model_follows_its_price(chain) -> None:  # type: ignore
 
 
 def test_a_prompt_and_model_chain_is_refused_as_llm(settings: Settings) -> None:
-    # The seeds' own chain passed whole: ChatPromptTemplate would get chatchain's prompt value.
+    # A plain `prompt | model` chain passed whole: its prompt would get chatchain's prompt value.
     prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{input}")])
     for llm in (prompt | FakeChatModel(), (prompt | FakeChatModel()).with_fallbacks([prompt])):
         with pytest.raises(ConfigurationError, match=r"ChatOpenAI\(\.\.\.\).*system='\.\.\.'"):

@@ -1,4 +1,4 @@
-"""The Chatbot facade: the seeds' scenario through every entry point."""
+"""The Chatbot facade: Bob's two-turn chat (his name, then asking it back) on every entry point."""
 
 from __future__ import annotations
 

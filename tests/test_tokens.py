@@ -83,6 +83,7 @@ def test_the_exact_count_is_never_below_the_billed_prompt(
     assert UTF8_BYTES(messages) >= reply.usage.prompt_tokens
 
 
+@pytest.mark.slow  # 300 examples x 4 tokenizers; the test above checks the bound too (60)
 @settings(max_examples=300, deadline=None)
 @given(text=TEXT)
 def test_the_bytes_bound_is_never_below_any_real_tokenizer(text: str) -> None:

@@ -202,7 +202,7 @@ class MemoryTitles(TitleBackend):
 
 
 class MemoryStore(MemoryLedger, MemoryUsers, MemoryTitles, HistoryStore):
-    """Sessions in this process's memory; gone when it exits. The design's default.
+    """Sessions in this process's memory; gone when it exits. The library's default store.
 
     Example:
         >>> store = MemoryStore()

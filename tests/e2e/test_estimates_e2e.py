@@ -215,7 +215,7 @@ def test_tool_rounds_without_usage_are_each_estimated(mute_server: OpenAITestSer
 def test_the_users_get_openai_callback_sees_the_estimate(
     mute_server: OpenAITestServer, path: str
 ) -> None:
-    """The endpoint sends no usage: the seeds' own callback sees what the ledger records."""
+    """The endpoint sends no usage: the caller's get_openai_callback sees what the ledger has."""
     bot = Chatbot(make_settings(mute_server))
     session = f"cb-{path}"
     with get_openai_callback() as cb:

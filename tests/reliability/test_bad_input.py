@@ -148,6 +148,7 @@ def test_any_text_is_stored_exactly_or_refused(
     assert bot.usage(session_id).turns == 1
 
 
+@pytest.mark.slow  # a megabyte streamed back as ~400,000 chunks; small inputs: tests/test_window.py
 @pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
 def test_a_megabyte_is_refused_under_a_token_window_and_kept_exactly_without(
     store_kind: str, tmp_path: Path

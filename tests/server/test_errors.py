@@ -15,6 +15,11 @@ from chatchain.testing import Fault, OpenAITestServer, PostgresCluster
 from tests.server.conftest import BASE_ENV, Service, start_service
 from tests.server.test_native import wait_for
 
+# Slow: a real `chatchain serve` process (uvicorn) per module. The same behaviour in this
+# process, in the fast tier: test_app.py (every error class's status, a failing turn stores nothing,
+# /healthz 503) and test_openai_app.py (errors in OpenAI's shape).
+pytestmark = pytest.mark.slow
+
 KEY = BASE_ENV["OPENAI_API_KEY"]
 
 

@@ -13,6 +13,11 @@ from chatchain.testing import Fault, OpenAITestServer
 from tests.server.conftest import Service, events, start_service
 from tests.server.test_native import wait_for
 
+# Slow: a real `chatchain serve` process (uvicorn) per module. The same behaviour in this
+# process, in the fast tier: test_app.py::test_limits_body_size_and_cors_in_process and
+# test_a_users_stream_slots_are_counted_and_given_back.
+pytestmark = pytest.mark.slow
+
 ORIGIN = "https://chat.example.com"
 
 

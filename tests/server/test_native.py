@@ -20,6 +20,11 @@ from chatchain.stores import open_store
 from chatchain.testing import Fault, OpenAITestServer
 from tests.server.conftest import Service, events
 
+# Slow: a real `chatchain serve` process (uvicorn) per module. The same behaviour in this
+# process, in the fast tier: test_app.py (the native routes, prompt variables, a cut stream's error
+# event).
+pytestmark = pytest.mark.slow
+
 
 def test_a_message_answers_with_the_reply_and_its_usage_and_is_kept(
     service: Service, user: tuple[str, str], endpoint: OpenAITestServer

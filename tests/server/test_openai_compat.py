@@ -18,6 +18,11 @@ from chatchain.testing import Fault, OpenAITestServer
 from chatchain.users import Users
 from tests.server.conftest import Service
 
+# Slow: a real `chatchain serve` process (uvicorn) per module. The same behaviour in this
+# process, in the fast tier: test_openai_app.py (both modes, streamed and not, refused fields,
+# errors) and test_openai_errors.py (the SDK's own exceptions).
+pytestmark = pytest.mark.slow
+
 MODEL = "gpt-4o-mini"  # the service's OPENAI_MODEL (conftest's BASE_ENV)
 
 

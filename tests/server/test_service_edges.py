@@ -165,6 +165,8 @@ def test_the_setting_is_json_in_the_environment(monkeypatch: pytest.MonkeyPatch)
 # -- over a real `chatchain serve` -------------------------------------------------------------
 
 
+# Slow: two `chatchain serve` workers; in this process: the tests above, on every route.
+@pytest.mark.slow
 def test_serve_var_gives_the_defaults_to_every_worker(
     endpoint: OpenAITestServer, tmp_path: Path
 ) -> None:

@@ -32,11 +32,14 @@ def settings() -> Settings:
     )
 
 
+# Slow: six threads of long replies per store; in the fast tier, the same on the memory store is
+# tests/test_budget.py::test_concurrent_threads_without_max_tokens_stay_within_a_usd_cap.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "budget", [Budget(total_usd=0.01), Budget(total_tokens=12_000)], ids=["usd", "tokens"]
 )
 def test_threads_without_max_tokens_end_within_the_cap(store: HistoryStore, budget: Budget) -> None:
-    fake = FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG, delay=0.005)
+    fake = FakeChatModel(model_name="gpt-4o-mini", respond=lambda m: LONG, delay=0.0005)
     bot = Chatbot(settings(), llm=fake, store=store, budget=budget)
     refused: list[BudgetExceeded] = []
 
