@@ -101,11 +101,18 @@ def turn_in_thread(bot: Chatbot, mode: str, text: str) -> Callable[[], Reply | B
 
 
 def wait_until_up(store: HistoryStore, timeout: float = 30.0) -> None:
-    """Poll until the store answers again (its clients reconnect on their own)."""
+    """Poll until the store can serve a turn again (its clients reconnect on their own).
+
+    A turn holds the session's lock while it reads and writes: PostgreSQL's pool must give it
+    two connections at once. One answered query is not enough: the pool adds its second
+    connection with the back-off its failed attempts during the outage left, which can
+    outlast a turn's 2 s wait for a connection.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
-            store.count(SID)
+            with store.lock(SID):
+                store.count(SID)
             return
         except StoreError:
             assert time.monotonic() < deadline, "the store never came back"
