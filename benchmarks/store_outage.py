@@ -10,9 +10,9 @@ recorded), with the errors the callers saw.
 
 Run (about 20 s per store; bounded by ``--duration``):
 ``.venv/bin/python benchmarks/store_outage.py --store redis`` (or ``--store postgres``).
-The same file runs against another checkout's package (e.g. the code before the journal):
-``/work/wt/base/.venv/bin/python benchmarks/store_outage.py``. Settings come from the script;
-the journal goes to a temporary folder (``CHATCHAIN_DATA_DIR``).
+The same file runs against another checkout's package (e.g. the code before the journal), with
+that checkout's interpreter: ``OLD/.venv/bin/python benchmarks/store_outage.py``. Settings come
+from the script; the journal goes to a temporary folder (``CHATCHAIN_DATA_DIR``).
 """
 
 from __future__ import annotations
