@@ -3,8 +3,8 @@
 Every turn (and every summary call) leaves one `UsageEntry` in the ledger of the chain's
 history store, so totals survive restarts and add up across the processes that share a store.
 `Usage` is a total of entries. The budgets that cap spending (`Budget`, `BudgetLimit`, the
-holds and their rules) live in `chatchain.budgets`; ``chatchain.usage`` still exports the
-four classes it shipped with in 0.1.0.
+holds and their rules) live in `chatchain.budgets`; ``chatchain.usage`` still exports what
+of them it shipped with in 0.1.0.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from uuid import uuid4
 
 from chatchain._money import format_usd
 
-# Exported here as in 0.1.0, where they were defined (their home is chatchain.budgets).
-from chatchain.budgets import Budget, BudgetHold, BudgetLimit, BudgetRefusal
+# Exported here as in 0.1.0, where they were defined (their home is chatchain.budgets):
+# check_limit too, which 0.1.0's `HistoryStore.hold_budget` told store writers to call.
+from chatchain.budgets import Budget, BudgetHold, BudgetLimit, BudgetRefusal, check_limit
 
 if TYPE_CHECKING:
     from chatchain.stores import HistoryStore
@@ -35,6 +36,7 @@ __all__ = [
     "UsageEntry",
     "UsageLedger",
     "UsageReport",
+    "check_limit",
     "estimated_note",
     "total_of",
 ]

@@ -255,3 +255,13 @@ def test_a_cut_is_told_only_when_the_budget_made_it() -> None:
         "The reply was cut at 42 tokens: that is all the cap for session 's' (2,000 tokens) "
         "had left. Raise CHATCHAIN_BUDGET_SESSION_TOKENS for longer replies."
     )
+
+
+def test_the_names_chatchain_usage_shipped_with_are_the_budgets_own() -> None:
+    # 0.1.0 exported these from chatchain.usage (and told store writers to call check_limit).
+    import chatchain.budgets
+    import chatchain.usage
+
+    for name in ("Budget", "BudgetHold", "BudgetLimit", "BudgetRefusal", "check_limit"):
+        assert getattr(chatchain.usage, name) is getattr(chatchain.budgets, name), name
+    assert chatchain.Budget is chatchain.budgets.Budget
