@@ -40,9 +40,9 @@ from typing import IO, Any
 import _servers
 import httpx
 
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import HistoryStore, open_store
 from chatchain.testing import OpenAITestServer
-from chatchain.usage import BudgetHold, BudgetLimit
 from chatchain.users import Users
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -185,8 +185,8 @@ def clock(urls: dict[str, str]) -> None:
     import redis
 
     from chatchain import stores
+    from chatchain.budgets import BudgetHold
     from chatchain.stores import _base, _postgres, _redis
-    from chatchain.usage import BudgetHold
 
     for hours in (1, -1):
         skew = timedelta(hours=hours)

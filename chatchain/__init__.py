@@ -12,6 +12,7 @@ import logging as _logging
 
 from chatchain._metering import get_openai_callback
 from chatchain._tools import ToolCall, ToolFinished, ToolStarted
+from chatchain.budgets import Budget
 from chatchain.chain import ChatChain, create_chat_chain, get_message_history
 from chatchain.chatbot import AsyncReplyStream, Chatbot, Reply, ReplyStream
 from chatchain.errors import (
@@ -44,7 +45,7 @@ from chatchain.pricing import ModelPrice
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
 from chatchain.stores import HistoryStore, MemoryStore, open_store
-from chatchain.usage import Budget, Usage, UsageEntry, UsageLedger, UsageReport
+from chatchain.usage import Usage, UsageEntry, UsageLedger, UsageReport
 from chatchain.window import HistoryWindow
 
 __all__ = [

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sqlite3
 import threading
 import time
@@ -35,7 +34,7 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, NoReturn
 from uuid import uuid4
 
@@ -52,12 +51,21 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
-from chatchain import _deadline, _endpoint_errors, _metering, _pending
+from chatchain import _deadline, _endpoint_errors, _metering, _pending, budgets
 from chatchain._journal import Journal, JournaledTurn, replay_in_background
 from chatchain._metering import Estimate
 from chatchain._money import format_usd
 from chatchain._tokens import TokenCounter
 from chatchain._tools import INTERRUPTED, Toolbox, ToolCall, ToolEvent, ToolFinished, ToolStarted
+from chatchain.budgets import (
+    DEFAULT_REPLY_LIMIT,
+    MIN_REPLY_TOKENS,
+    Budget,
+    BudgetHold,
+    BudgetLimit,
+    BudgetRefusal,
+    HoldSizing,
+)
 from chatchain.errors import (
     BudgetExceeded,
     ConfigurationError,
@@ -70,15 +78,7 @@ from chatchain.errors import (
 )
 from chatchain.pricing import Pricer
 from chatchain.stores import Fence, HistoryStore
-from chatchain.usage import (
-    Budget,
-    BudgetHold,
-    BudgetLimit,
-    BudgetRefusal,
-    Usage,
-    UsageEntry,
-    UsageLedger,
-)
+from chatchain.usage import Usage, UsageEntry, UsageLedger
 from chatchain.window import Recall, SummaryCall
 
 __all__ = [
@@ -93,19 +93,6 @@ __all__ = [
 logger = logging.getLogger("chatchain")
 
 MAX_SESSION_ID_LENGTH = 256
-
-DEFAULT_REPLY_LIMIT = 1000
-"""The most reply tokens a call is sent with under a budget when no ``CHATCHAIN_MAX_TOKENS``
-caps replies: each turn in flight holds that much of every cap (the whole remaining budget
-would leave nothing to concurrent turns, and endpoints refuse a ``max_tokens`` above the
-model's own limit)."""
-
-MIN_REPLY_TOKENS = 1
-"""The fewest reply tokens a budgeted call is sent with: a turn that cannot pay for even these
-is refused with `BudgetExceeded`; one that can is sent with ``max_tokens`` cut to what it can
-pay for (and a notice when that cut the reply)."""
-
-_PRICE_PROBE = 1_000_000  # reply tokens priced at once to find the price of one
 
 _NO_HITS = _metering.CacheHits()
 
@@ -282,7 +269,7 @@ class TurnSpec:
         user_id = configurable.get("user_id")
         if user_id is not None:
             user_id = validate_session_id(user_id, "user")
-        limits = _call_limits(configurable.get(LIMITS_KEY, ()), user_id)
+        limits = budgets.call_limits(configurable.get(LIMITS_KEY, ()), user_id)
         self._check_input(value)
         messages = input_messages(value)
         for message in messages:
@@ -829,36 +816,28 @@ class Turn:
         """Whether any cap applies to this turn: the budget's, or the call's own."""
         return bool(self.spec.budget) or bool(self.limits)
 
-    def _new_hold(self, prompt_tokens: int, reply_tokens: int, summary: bool = False) -> BudgetHold:
+    def _sizing(self, summary: bool = False) -> HoldSizing:
+        """How this call's hold is sized (see `chatchain.budgets`). A call after tool calls
+        holds what the turn's earlier calls used too; a summary call, made before them, is
+        priced as the summary model."""
         spec = self.spec
         model = spec.default_model
         if summary:  # the summary model
             model = spec.recall.summary_model_name or model
-        # A call after tool calls holds what the turn's earlier calls used too: they are
-        # recorded only when the turn ends, and its one hold must cover them till then.
-        spent_prompt, spent_reply = (0, 0) if summary else self._spent
-        prompt_tokens += spent_prompt
-        reply_tokens += spent_reply
-        cost = spec.pricer.price(model, prompt_tokens, reply_tokens).cost_usd
         needs_price = spec.budget.needs_price or any(x.max_usd is not None for x in self.limits)
-        if cost is None and needs_price:
-            raise ConfigurationError(
-                f"A budget in USD is set (CHATCHAIN_BUDGET_*_USD, or the call's limits) but "
-                f"the price of model "
-                f"{model!r} is unknown, so the turn cannot be checked and was not sent. Set its "
-                'price in CHATCHAIN_PRICES (e.g. {"' + str(model) + '": {"input": 0.15, '
-                '"output": 0.6}} in USD per million tokens), or cap tokens instead '
-                "(CHATCHAIN_BUDGET_*_TOKENS)."
-            )
-        expires = datetime.now(UTC) + spec.hold_ttl
-        tokens = prompt_tokens + reply_tokens
-        return BudgetHold(self.session_id, tokens, cost or 0.0, expires, user_id=self.user_id)
+        return HoldSizing(
+            self.session_id,
+            self.user_id,
+            (*spec.budget.limits(self.session_id, self.user_id), *self.limits),
+            spec.pricer,
+            model,
+            needs_price,
+            spec.hold_ttl,
+            (0, 0) if summary else self._spent,
+        )
 
-    # A hold is sized to the reply cap first. When a cap refuses it, the refusal says what
-    # that cap has left, and the hold is tried again with the reply cut to fit; the store's
-    # atomic check decides each try, so turns racing for the same budget cannot both take it
-    # (the loser's next try sees the winner's hold). Each try asks for fewer tokens. A summary
-    # call is never cut: a summary cut short would be kept as the conversation's memory.
+    def _new_hold(self, prompt_tokens: int, reply_tokens: int, summary: bool = False) -> BudgetHold:
+        return self._sizing(summary).hold(prompt_tokens, reply_tokens)
 
     def _first_hold(
         self, prompt_tokens: int, summary: bool
@@ -867,62 +846,25 @@ class Turn:
         reply = self.spec.reply_ceiling
         if summary:  # capped at the summary call's own max_tokens
             reply = self.spec.recall.summary_reply_tokens or reply
-        hold = self._new_hold(prompt_tokens, reply, summary)
-        return hold, [*self.spec.budget.limits(self.session_id, self.user_id), *self.limits]
+        sizing = self._sizing(summary)
+        return sizing.hold(prompt_tokens, reply), list(sizing.limits)
 
     def _smaller_hold(
         self, prompt_tokens: int, hold: BudgetHold, refusal: BudgetRefusal, summary: bool
     ) -> BudgetHold:
-        if summary:
+        if summary:  # never cut: a summary cut short would be kept as the memory
             raise self._exceeded(refusal, hold)
-        tried = hold.tokens - prompt_tokens - sum(self._spent)
-        fits, in_usd = self._affordable(prompt_tokens, refusal, tried - 1)
-        if fits < MIN_REPLY_TOKENS:
-            raise self._exceeded(refusal, self._new_hold(prompt_tokens, MIN_REPLY_TOKENS))
-        self._cut_by = (refusal.limit, in_usd)
-        return self._new_hold(prompt_tokens, fits)
-
-    def _affordable(
-        self, prompt_tokens: int, refusal: BudgetRefusal, most: int
-    ) -> tuple[int, bool]:
-        """The most reply tokens (up to ``most``) the refusing cap has left, and whether
-        its USD part is what binds."""
-        limit, fits, in_usd = refusal.limit, most, False
-        if limit.max_tokens is not None:
-            used = refusal.spent_tokens + refusal.held_tokens + prompt_tokens + sum(self._spent)
-            fits = min(fits, limit.max_tokens - used)
-        if limit.max_usd is not None:
-            left = limit.max_usd - refusal.spent_usd - refusal.held_usd
-            usd_fits = self._affordable_usd(prompt_tokens, left, fits)
-            if usd_fits < fits:
-                fits, in_usd = usd_fits, True
-        return fits, in_usd
-
-    def _affordable_usd(self, prompt_tokens: int, left: float, most: int) -> int:
-        """The most reply tokens (up to ``most``) that ``left`` USD pays for on top of the
-        prompt; -1 when not even the prompt fits."""
-        pricer, model = self.spec.pricer, self.spec.default_model
-        prompt_tokens += self._spent[0]
-        spent = self._spent[1]  # reply tokens of the turn's earlier calls
-
-        def cost(reply: int) -> float:
-            return pricer.price(model, prompt_tokens, spent + reply).cost_usd or 0.0
-
-        base = cost(0)
-        per_token = (cost(_PRICE_PROBE) - base) / _PRICE_PROBE
-        if base > left:
-            return -1
-        if per_token <= 0:
-            return most
-        fits = min(most, math.floor((left - base) / per_token))
-        while fits >= 0 and cost(fits) > left:
-            fits -= 1  # float rounding (or a tiered price) put it one over
-        return fits
+        sizing = self._sizing()
+        cut = sizing.smaller(prompt_tokens, hold, refusal)
+        if cut is None:
+            raise self._exceeded(refusal, sizing.hold(prompt_tokens, MIN_REPLY_TOKENS))
+        self._cut_by = (cut.limit, cut.in_usd)
+        return cut.hold
 
     def _held(self, hold: BudgetHold, prompt_tokens: int) -> int:
         self._hold = hold.id
         self._hold_size = (hold.tokens, hold.cost_usd)
-        self.reply_limit = hold.tokens - prompt_tokens - sum(self._spent)
+        self.reply_limit = self._sizing().reply_tokens(hold, prompt_tokens)
         return self.reply_limit
 
     def _take_hold(self, prompt_tokens: int, summary: bool = False) -> int:
@@ -945,64 +887,16 @@ class Turn:
         return self._held(hold, prompt_tokens)
 
     def _exceeded(self, refusal: BudgetRefusal, hold: BudgetHold) -> BudgetExceeded:
-        limit = refusal.limit
-        spent_usd = refusal.spent_usd + refusal.held_usd
-        spent_tokens = refusal.spent_tokens + refusal.held_tokens
-        in_usd = limit.max_usd is not None and spent_usd + hold.cost_usd > limit.max_usd
-        who, cap, setting = _cap_words(limit, in_usd)
-        if in_usd:
-            status = (
-                f"has spent {format_usd(spent_usd)} and this turn needs at least "
-                f"{format_usd(hold.cost_usd)}"
-            )
-        else:
-            status = (
-                f"has used {spent_tokens:,} tokens and this turn needs at least {hold.tokens:,}"
-            )
-        in_flight = " (including turns in flight)" if refusal.held_tokens else ""
-        sent = self._sent_so_far()
-        if limit.label is None:
-            message = (
-                f"Budget exceeded: the cap for {who} is {cap}; it {status}{in_flight}. "
-                f"{sent} Raise {setting} to go on."
-            )
-        else:
-            period = "" if limit.since is None else f" since {limit.since:%Y-%m-%d %H:%M} UTC"
-            message = (
-                f"Budget exceeded: {limit.label} of {cap} is reached; {who}{period} {status}"
-                f"{in_flight}. {sent} {setting}"
-            )
-        logger.warning("Session %r: %s", self.session_id, message)
-        return BudgetExceeded(
-            message,
-            scope=limit.scope,
-            key=limit.key,
-            limit_usd=limit.max_usd,
-            limit_tokens=limit.max_tokens,
-            spent_usd=spent_usd,
-            spent_tokens=spent_tokens,
-            needed_usd=hold.cost_usd,
-            needed_tokens=hold.tokens,
-        )
+        error = budgets.exceeded(refusal, hold, self._sent_so_far())
+        logger.warning("Session %r: %s", self.session_id, error)
+        return error
 
     def _sent_so_far(self) -> str:
-        """What a refused turn had already sent (tool rounds, a summary) and what of it is
-        recorded: the refusal must not say nothing was sent when calls were billed."""
+        """What a refused turn had already sent (tool rounds, a summary)."""
         handler = self.handler
         calls = handler.successful_requests - getattr(handler, "hits", _NO_HITS).calls
-        sent = []
-        if calls > 0:
-            tokens = handler.prompt_tokens + handler.completion_tokens
-            plural = "s" if calls > 1 else ""
-            sent.append(f"{calls} earlier call{plural} of this turn ({tokens:,} tokens)")
-        if self.summary_usage is not None:
-            sent.append("the running summary's call")
-        if not sent:
-            return "Nothing was sent or stored."
-        return (
-            f"Nothing more was sent; {' and '.join(sent)} had been sent and billed, and "
-            "are recorded in the usage ledger."
-        )
+        tokens = handler.prompt_tokens + handler.completion_tokens
+        return budgets.sent_so_far(calls, tokens, self.summary_usage is not None)
 
     def _explain(self, reply: BaseMessage) -> None:
         """The notices of a turn's reply: cut by the budget, or billed past its hold."""
@@ -1010,20 +904,11 @@ class Turn:
         if limit is None:
             return
         if self._cut_at_hold is not None:
-            self.notice(
-                f"The endpoint went on past the {self._cut_at_hold:,} reply tokens this call "
-                "was sent with (max_tokens) and held in the budget, so chatchain stopped "
-                "reading there: the reply is kept cut short (marked cut_at_hold), and its usage "
-                "is recorded as counted here (the endpoint reported none)."
-            )
+            self.notice(budgets.past_hold_notice(self._cut_at_hold))
             return
         billed = self.handler.completion_tokens - self._spent[1]
         if billed > limit:
-            self.notice(
-                f"The endpoint billed {billed:,} reply tokens although this call was sent with "
-                f"max_tokens={limit:,} and held that much in the budget: all {billed:,} are "
-                "recorded, so the cap may be passed by the difference."
-            )
+            self.notice(budgets.billed_past_notice(billed, limit))
         self._note_cut(reply)
 
     def _note_cut(self, reply: BaseMessage) -> None:
@@ -1031,27 +916,9 @@ class Turn:
         limit = self.reply_limit
         if limit is None or reply.response_metadata.get("finish_reason") != "length":
             return
-        if self.spec.max_tokens is not None and limit >= self.spec.max_tokens:
-            return  # their CHATCHAIN_MAX_TOKENS did
-        if self._cut_by is None:
-            self.notice(
-                f"The reply was cut at {limit:,} tokens: under a budget, a reply takes at most "
-                f"{DEFAULT_REPLY_LIMIT:,} tokens unless CHATCHAIN_MAX_TOKENS says otherwise. "
-                "Set CHATCHAIN_MAX_TOKENS for longer replies."
-            )
-            return
-        cap_limit = self._cut_by[0]
-        who, cap, setting = _cap_words(*self._cut_by)
-        if cap_limit.label is not None:
-            self.notice(
-                f"The reply was cut at {limit:,} tokens: that is all {cap_limit.label} ({cap}) "
-                "had left."
-            )
-            return
-        self.notice(
-            f"The reply was cut at {limit:,} tokens: that is all the cap for {who} ({cap}) "
-            f"had left. Raise {setting} for longer replies."
-        )
+        text = budgets.cut_notice(limit, self._cut_by, self.spec.max_tokens)
+        if text is not None:
+            self.notice(text)
 
     def release(self) -> None:
         """Give back the turn's budget hold, if it still has one (the turn failed)."""
@@ -1472,47 +1339,6 @@ def _raise_kept(error: StoreError, exc: StoreError) -> NoReturn:
     if error is exc:  # there is no journal: the store's own error, as it was
         raise exc
     raise error from exc
-
-
-def _call_limits(value: object, user_id: str | None) -> tuple[BudgetLimit, ...]:
-    """A call's own caps (``configurable["limits"]``), checked.
-
-    Raises:
-        InvalidInputError: Not a sequence of `BudgetLimit`, or a user's cap on a turn that
-            is not filed under that user (their spending could not be counted).
-    """
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise InvalidInputError(
-            f"limits must be a list of BudgetLimit, not {type(value).__name__}."
-        )
-    for limit in value:
-        if not isinstance(limit, BudgetLimit):
-            raise InvalidInputError(
-                f"limits must be a list of BudgetLimit, not of {type(limit).__name__}: "
-                "build them with Budget(...).limits(...) or Users(store).limits(user)."
-            )
-        if limit.scope == "user" and limit.key != user_id:
-            raise InvalidInputError(
-                f"A cap for user {limit.key!r} applies only to turns filed under that user: "
-                f"pass user_id={limit.key!r} with it."
-            )
-    return tuple(value)
-
-
-def _cap_words(limit: BudgetLimit, in_usd: bool) -> tuple[str, str, str]:
-    """Whose cap ``limit`` is, the cap, and the setting that raises it (USD or tokens); for a
-    call's own (labelled) cap, what to do instead of a setting."""
-    who = {"session": f"session {limit.key!r}", "user": f"user {limit.key!r}"}.get(
-        limit.scope, "everything in this store"
-    )
-    # A cap may be in USD only or in tokens only: name the part it has, whichever bound.
-    in_usd = limit.max_usd is not None and (in_usd or limit.max_tokens is None)
-    cap = format_usd(limit.max_usd or 0.0) if in_usd else f"{limit.max_tokens or 0:,} tokens"
-    if limit.label is not None:
-        wait = "" if limit.since is None else "Wait for the next period, or raise"
-        return who, cap, f"{wait or 'Raise'} the cap to go on."
-    variable = {"session": "SESSION", "user": "USER"}.get(limit.scope, "TOTAL")
-    return who, cap, f"CHATCHAIN_BUDGET_{variable}_{'USD' if in_usd else 'TOKENS'}"
 
 
 class ReplyMeter:

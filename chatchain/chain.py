@@ -40,12 +40,13 @@ from chatchain._structured import StructuredChain, StructuredModel, schema_of
 from chatchain._tokens import TokenCounter, choose_counter
 from chatchain._tools import Toolbox, ToolEvent, ToolFinished, ToolLoop, ToolStarted, bind_tools
 from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
+from chatchain.budgets import Budget
 from chatchain.errors import ContextTooLongError
 from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import Fence, HistoryBackend, HistoryStore, MemoryStore, as_store
-from chatchain.usage import Budget, UsageLedger
+from chatchain.usage import UsageLedger
 from chatchain.window import HistoryWindow, Recall, halved
 
 __all__ = ["ChatChain", "create_chat_chain", "get_message_history"]

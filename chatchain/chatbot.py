@@ -22,6 +22,7 @@ from chatchain._pending import recover, recover_session
 from chatchain._structured import with_schema
 from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain._turn import Turn, validate_session_id
+from chatchain.budgets import Budget, BudgetLimit
 from chatchain.chain import ChatChain, create_chat_chain
 from chatchain.errors import MissingAPIKeyError, SessionBusyError
 from chatchain.prompt import create_prompt
@@ -36,8 +37,6 @@ from chatchain.stores import (
 )
 from chatchain.stores._export import read_export
 from chatchain.usage import (
-    Budget,
-    BudgetLimit,
     ReportKey,
     Usage,
     UsageEntry,

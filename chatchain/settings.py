@@ -34,7 +34,7 @@ from chatchain.errors import ConfigurationError, MissingAPIKeyError
 from chatchain.pricing import ModelPrice, Pricer
 
 if TYPE_CHECKING:
-    from chatchain.usage import Budget
+    from chatchain.budgets import Budget
     from chatchain.window import HistoryWindow
 
 __all__ = ["Settings"]
@@ -369,7 +369,7 @@ class Settings(BaseSettings):
 
     def budget(self) -> Budget:
         """The spending caps these settings set (falsy when there are none)."""
-        from chatchain.usage import Budget
+        from chatchain.budgets import Budget
 
         return Budget(
             session_usd=self.budget_session_usd,

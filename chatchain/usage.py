@@ -1,9 +1,10 @@
-"""What turns cost: usage entries, totals, budgets and the ledger that keeps them.
+"""What turns cost: usage entries, totals and the ledger that keeps them.
 
 Every turn (and every summary call) leaves one `UsageEntry` in the ledger of the chain's
 history store, so totals survive restarts and add up across the processes that share a store.
-`Usage` is a total of entries. A `Budget` caps spending per session, per user and overall; a
-turn that could pass a cap raises `BudgetExceeded` before anything is sent.
+`Usage` is a total of entries. The budgets that cap spending (`Budget`, `BudgetLimit`, the
+holds and their rules) live in `chatchain.budgets`; ``chatchain.usage`` still exports what
+of them it shipped with in 0.1.0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from uuid import uuid4
 
 from chatchain._money import format_usd
+
+# Exported here as in 0.1.0, where they were defined (their home is chatchain.budgets):
+# check_limit too, which 0.1.0's `HistoryStore.hold_budget` told store writers to call.
+from chatchain.budgets import Budget, BudgetHold, BudgetLimit, BudgetRefusal, check_limit
 
 if TYPE_CHECKING:
     from chatchain.stores import HistoryStore
@@ -289,140 +294,6 @@ def total_of(entries: Iterable[UsageEntry]) -> Usage:
     for entry in entries:
         total = total + entry.usage()
     return total
-
-
-# -- budgets ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BudgetLimit:
-    """A cap on one scope's spending: USD, tokens, or both.
-
-    Attributes:
-        scope: ``"session"``, ``"user"`` or ``"all"``.
-        key: The session or user id (``""`` for ``"all"``).
-        max_usd: Most USD the scope may spend, or ``None``.
-        max_tokens: Most tokens (prompt + completion) the scope may spend, or ``None``.
-        since: Count only the spending recorded at or after this moment (a period cap: a
-            day's or a month's), or ``None`` for all of it. Turns in flight (their holds)
-            count either way.
-        label: How a refusal names the cap (``"user alice's daily cap"``), or ``None``
-            for the default wording.
-
-    Example:
-        >>> day = datetime(2026, 1, 31, tzinfo=UTC)
-        >>> BudgetLimit("user", "alice", max_usd=1.0, since=day).since.isoformat()
-        '2026-01-31T00:00:00+00:00'
-    """
-
-    scope: Scope
-    key: str
-    max_usd: float | None = None
-    max_tokens: int | None = None
-    since: datetime | None = None
-    label: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.since is not None and self.since.tzinfo is None:  # naive times are UTC
-            object.__setattr__(self, "since", self.since.replace(tzinfo=UTC))
-
-
-@dataclass(frozen=True)
-class BudgetHold:
-    """Spending set aside for a turn in flight, so that concurrent turns cannot overspend.
-
-    A hold is replaced by the turn's entry when the turn is recorded, released when the turn
-    fails, and ignored after ``expires_at`` (its process died).
-    """
-
-    session_id: str
-    tokens: int
-    cost_usd: float
-    expires_at: datetime
-    user_id: str | None = None
-    id: str = field(default_factory=lambda: uuid4().hex)
-
-    def counts_for(self, scope: Scope, key: str) -> bool:
-        """Whether this hold is part of a scope's spending."""
-        if scope == "session":
-            return self.session_id == key
-        if scope == "user":
-            return self.user_id == key
-        return True
-
-
-@dataclass(frozen=True)
-class BudgetRefusal:
-    """Why a hold was refused: the limit it would pass and the scope's spending so far."""
-
-    limit: BudgetLimit
-    spent_tokens: int
-    spent_usd: float
-    held_tokens: int
-    held_usd: float
-
-
-def check_limit(
-    limit: BudgetLimit,
-    spent: Usage,
-    held: Sequence[BudgetHold],
-    hold: BudgetHold,
-) -> BudgetRefusal | None:
-    """The refusal if ``hold`` on top of ``spent`` and ``held`` would pass ``limit``.
-
-    Stores call this under their own atomicity (a lock, a transaction or a script's logic).
-    """
-    held_tokens = sum(h.tokens for h in held)
-    held_usd = sum(h.cost_usd for h in held)
-    spent_usd = spent.priced_cost_usd or 0.0  # entries of unknown price cannot be counted
-    over_tokens = (
-        limit.max_tokens is not None
-        and spent.total_tokens + held_tokens + hold.tokens > limit.max_tokens
-    )
-    over_usd = limit.max_usd is not None and spent_usd + held_usd + hold.cost_usd > limit.max_usd
-    if over_tokens or over_usd:
-        return BudgetRefusal(limit, spent.total_tokens, spent_usd, held_tokens, held_usd)
-    return None
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Spending caps: per session, per user and overall, in USD and/or tokens.
-
-    Each turn is checked before it is sent against every cap that applies to it, using an
-    estimate of its prompt tokens plus the most tokens the reply may take.
-
-    Example:
-        >>> Budget(session_usd=0.50).limits("s1", None)  # doctest: +NORMALIZE_WHITESPACE
-        [BudgetLimit(scope='session', key='s1', max_usd=0.5, max_tokens=None,
-                     since=None, label=None)]
-    """
-
-    session_usd: float | None = None
-    session_tokens: int | None = None
-    user_usd: float | None = None
-    user_tokens: int | None = None
-    total_usd: float | None = None
-    total_tokens: int | None = None
-
-    def __bool__(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in fields(self))
-
-    @property
-    def needs_price(self) -> bool:
-        """Whether any cap is in USD (so a turn needs a known price to be checked)."""
-        return any(x is not None for x in (self.session_usd, self.user_usd, self.total_usd))
-
-    def limits(self, session_id: str, user_id: str | None) -> list[BudgetLimit]:
-        """The caps that apply to a turn of ``session_id`` by ``user_id``."""
-        limits = []
-        if self.session_usd is not None or self.session_tokens is not None:
-            limits.append(BudgetLimit("session", session_id, self.session_usd, self.session_tokens))
-        if user_id is not None and (self.user_usd is not None or self.user_tokens is not None):
-            limits.append(BudgetLimit("user", user_id, self.user_usd, self.user_tokens))
-        if self.total_usd is not None or self.total_tokens is not None:
-            limits.append(BudgetLimit("all", "", self.total_usd, self.total_tokens))
-        return limits
 
 
 # -- reports ---------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
+from chatchain.budgets import BudgetLimit
 from chatchain.errors import ConfigurationError, InvalidInputError, UnknownUserError
-from chatchain.usage import BudgetLimit
 
 if TYPE_CHECKING:
     from chatchain.stores import HistoryStore, UserBackend

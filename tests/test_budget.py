@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from chatchain import Budget, BudgetExceeded, Chatbot, ConfigurationError, ModelPrice, Settings
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.errors import ServerError
 from chatchain.testing import FakeChatModel
-from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry
+from chatchain.usage import UsageEntry
 
 
 def make_bot(settings: Settings, fake: FakeChatModel, **overrides: object) -> Chatbot:

@@ -19,8 +19,8 @@ from pydantic import BaseModel
 from chatchain import BudgetExceeded, Chatbot, ModelPrice, Settings
 from chatchain._money import format_usd
 from chatchain._turn import CUT_AT_HOLD, Turn
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.testing import FakeChatModel, Fault, OpenAITestServer, tool_call_reply
-from chatchain.usage import BudgetHold, BudgetLimit
 
 PRICE = 1000.0  # USD per million tokens both ways: $0.001 a token
 LONG = "lorem ipsum " * 2000  # far more than any call here may take

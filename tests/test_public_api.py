@@ -8,6 +8,7 @@ from types import ModuleType
 import pytest
 
 import chatchain
+import chatchain.budgets
 import chatchain.errors
 import chatchain.pricing
 import chatchain.prompt
@@ -18,6 +19,7 @@ import chatchain.users
 
 MODULES = [
     chatchain,
+    chatchain.budgets,
     chatchain.errors,
     chatchain.pricing,
     chatchain.prompt,

@@ -164,7 +164,7 @@ def test_the_json_schema_refusal_is_detected_specifically() -> None:
 
 
 def test_a_structured_turn_is_sent_with_the_budget_holds_reply_limit(settings: Settings) -> None:
-    from chatchain.usage import Budget
+    from chatchain.budgets import Budget
 
     # The prompt takes 18 tokens and the schema sent with it 58: a cap of 80 leaves a few
     # reply tokens, and the structured call is sent with max_tokens cut to them, so the JSON

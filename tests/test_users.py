@@ -27,9 +27,10 @@ from chatchain import (
     UnknownUserError,
     UserExistsError,
 )
+from chatchain.budgets import BudgetLimit
 from chatchain.stores import HistoryStore, SQLiteStore, as_store
 from chatchain.testing import FakeChatModel, tool_call_reply
-from chatchain.usage import BudgetLimit, UsageEntry
+from chatchain.usage import UsageEntry
 from chatchain.users import User, Users, hash_token
 from tests.stores.example_store import TinyStore
 

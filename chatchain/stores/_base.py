@@ -29,6 +29,7 @@ from typing import Any
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
+from chatchain.budgets import BudgetHold, BudgetLimit, BudgetRefusal
 from chatchain.errors import (
     ConfigurationError,
     InvalidInputError,
@@ -36,7 +37,7 @@ from chatchain.errors import (
     SessionLockLostError,
     UserExistsError,
 )
-from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
+from chatchain.usage import Scope, Usage, UsageEntry
 from chatchain.users import User
 
 __all__ = [
@@ -291,7 +292,8 @@ class LedgerBackend(ABC):
         """Keep ``hold`` unless it would pass one of ``limits``, atomically.
 
         For each limit, the scope's spending is its `usage_total` plus the unexpired holds
-        that count for it (`BudgetHold.counts_for`); `chatchain.usage.check_limit` decides.
+        that count for it (`BudgetHold.counts_for`); `chatchain.budgets.first_refusal`
+        decides (call it inside the atomic step).
         The check of every limit and the keeping of the hold are one atomic step across
         threads and processes, so concurrent turns cannot overspend together. Returns
         ``None`` when the hold is kept, else the first refusal (and keeps nothing).

@@ -13,6 +13,7 @@ from langchain_core.messages import BaseMessage
 
 from chatchain._locks import SessionLocks
 from chatchain._session_history import SessionHistory
+from chatchain.budgets import BudgetHold, BudgetLimit, BudgetRefusal, first_refusal
 from chatchain.stores._base import (
     Fence,
     HistoryStore,
@@ -28,15 +29,7 @@ from chatchain.stores._base import (
     utcnow,
 )
 from chatchain.stores._ledger import in_scope, scopes_of
-from chatchain.usage import (
-    BudgetHold,
-    BudgetLimit,
-    BudgetRefusal,
-    Scope,
-    Usage,
-    UsageEntry,
-    check_limit,
-)
+from chatchain.usage import Scope, Usage, UsageEntry
 from chatchain.users import User
 
 __all__ = ["MemoryLedger", "MemoryStore", "MemoryUsers"]
@@ -99,17 +92,18 @@ class MemoryLedger(LedgerBackend):
             now = utcnow()
             for expired in [h.id for h in self._holds.values() if h.expires_at <= now]:
                 del self._holds[expired]
-            for limit in limits:
-                held = [h for h in self._holds.values() if h.counts_for(limit.scope, limit.key)]
-                refusal = check_limit(limit, self._spent(limit), held, hold)
-                if refusal is not None:
-                    return refusal
-            self._holds[hold.id] = hold
-            return None
+            refusal = first_refusal(hold, limits, self._spending)
+            if refusal is None:
+                self._holds[hold.id] = hold
+            return refusal
+
+    def _spending(self, limit: BudgetLimit) -> tuple[Usage, list[BudgetHold]]:
+        held = [h for h in self._holds.values() if h.counts_for(limit.scope, limit.key)]
+        return self._spent(limit), held
 
     def _spent(self, limit: BudgetLimit) -> Usage:
         """A limit's spending: the running total, or a period's entries summed (only what
-        `check_limit` reads: tokens and the priced entries' cost)."""
+        `chatchain.budgets.check_limit` reads: tokens and the priced entries' cost)."""
         if limit.since is None:
             return self.usage_total(limit.scope, limit.key)
         since = limit.since

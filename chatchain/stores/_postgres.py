@@ -99,6 +99,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from langchain_core.messages import BaseMessage
 
 from chatchain._locks import SessionLocks, busy_error
+from chatchain.budgets import BudgetHold, BudgetLimit, BudgetRefusal, first_refusal
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores._base import (
     USER_CHANGES,
@@ -126,15 +127,7 @@ from chatchain.stores._ledger import (
     scopes_of,
     total_usage,
 )
-from chatchain.usage import (
-    BudgetHold,
-    BudgetLimit,
-    BudgetRefusal,
-    Scope,
-    Usage,
-    UsageEntry,
-    check_limit,
-)
+from chatchain.usage import Scope, Usage, UsageEntry
 from chatchain.users import User
 
 if TYPE_CHECKING:
@@ -640,16 +633,14 @@ def _hold_args(hold: BudgetHold) -> dict[str, Any]:
     return args
 
 
-def _check(limit: BudgetLimit, rows: list[Any], hold: BudgetHold) -> BudgetRefusal | None:
-    """`check_limit` on what a `_Sql.spending` (or for a period, `_Sql.spending_since`:
-    tokens and cost) statement read."""
+def _spending_read(limit: BudgetLimit, rows: list[Any]) -> tuple[Usage, list[BudgetHold]]:
+    """What a `_Sql.spending` (or for a period, `_Sql.spending_since`: tokens and cost)
+    statement read, as `chatchain.budgets.first_refusal` takes it."""
     if limit.since is not None:
         tokens, cost = (int(rows[0][0]), float(rows[0][1])) if rows else (0, 0.0)
         spent = Usage(total_tokens=tokens, cost_usd=cost, priced_cost_usd=cost)
-        return check_limit(limit, spent, _holds(rows, 2), hold)
-    return check_limit(
-        limit, _total(rows[0] if rows else None), _holds(rows, len(TOTAL_COLUMNS)), hold
-    )
+        return spent, _holds(rows, 2)
+    return _total(rows[0] if rows else None), _holds(rows, len(TOTAL_COLUMNS))
 
 
 def _holds(rows: list[Any], n: int) -> list[BudgetHold]:
@@ -1339,11 +1330,13 @@ class PostgresStore(HistoryStore, UserBackend, TitleBackend):
             # lock is ours, so it sees every hold kept before.
             conn.execute(self._sql.budget_lock, (self._budget_key(),))
             conn.execute(self._sql.expire_holds)
-            for limit in limits:
-                rows = conn.execute(*self._spending(limit)).fetchall()
-                refusal = _check(limit, rows, hold)
-                if refusal is not None:
-                    return refusal
+
+            def spending(limit: BudgetLimit) -> tuple[Usage, list[BudgetHold]]:
+                return _spending_read(limit, conn.execute(*self._spending(limit)).fetchall())
+
+            refusal = first_refusal(hold, limits, spending)
+            if refusal is not None:
+                return refusal
             conn.execute(self._sql.keep_hold, _hold_args(hold))
         return None
 
@@ -1359,11 +1352,14 @@ class PostgresStore(HistoryStore, UserBackend, TitleBackend):
         async with self._aconnection(side) as conn, conn.transaction():
             await conn.execute(self._sql.budget_lock, (self._budget_key(),))
             await conn.execute(self._sql.expire_holds)
+            # Every limit's spending first: the rule is a plain function, not a coroutine.
+            read: dict[BudgetLimit, tuple[Usage, list[BudgetHold]]] = {}
             for limit in limits:
                 cursor = await conn.execute(*self._spending(limit))
-                refusal = _check(limit, await cursor.fetchall(), hold)
-                if refusal is not None:
-                    return refusal
+                read[limit] = _spending_read(limit, await cursor.fetchall())
+            refusal = first_refusal(hold, limits, read.__getitem__)
+            if refusal is not None:
+                return refusal
             await conn.execute(self._sql.keep_hold, _hold_args(hold))
         return None
 

@@ -92,6 +92,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from langchain_core.messages import BaseMessage
 
 from chatchain._locks import SessionLocks, apoll, busy_error, poll
+from chatchain.budgets import BudgetHold, BudgetLimit, BudgetRefusal
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
     DEFAULT_LEASE,
@@ -119,7 +120,7 @@ from chatchain.stores._ledger import (
     scopes_of,
     total_usage,
 )
-from chatchain.usage import BudgetHold, BudgetLimit, BudgetRefusal, Scope, Usage, UsageEntry
+from chatchain.usage import Scope, Usage, UsageEntry
 from chatchain.users import User
 
 if TYPE_CHECKING:
@@ -262,7 +263,9 @@ if redis.call('ZCARD', KEYS[1]) < redis.call('ZCARD', KEYS[2]) then
 end
 """
 
-# `chatchain.usage.check_limit` for each limit, then keep the hold if all of them pass.
+# `chatchain.budgets.first_refusal` (`check_limit` for each limit, in order), then keep the
+# hold if all of them pass. The script's copy of the rule is held to the Python one by
+# tests/stores/test_budget_rule_contract.py.
 # KEYS: holds, holds expiry, entries, then (totals, hold index, days, time index) per limit,
 #       then the new hold's indexes.
 # ARGV: '' (unused), hold id, hold record, time to live (us), tokens, usd, number of limits,

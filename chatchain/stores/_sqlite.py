@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.messages import BaseMessage
 
 from chatchain._locks import SessionLocks, apoll, busy_error, poll
+from chatchain.budgets import BudgetHold, BudgetLimit, BudgetRefusal, first_refusal
 from chatchain.errors import ConfigurationError, StoreError
 from chatchain.stores._base import (
     DEFAULT_LEASE,
@@ -72,15 +73,7 @@ from chatchain.stores._ledger import (
     total_usage,
 )
 from chatchain.stores._migrations import migrate
-from chatchain.usage import (
-    BudgetHold,
-    BudgetLimit,
-    BudgetRefusal,
-    Scope,
-    Usage,
-    UsageEntry,
-    check_limit,
-)
+from chatchain.usage import Scope, Usage, UsageEntry
 from chatchain.users import User
 
 if TYPE_CHECKING:
@@ -778,12 +771,13 @@ class SQLiteStore(HistoryStore, UserBackend, TitleBackend):
         with self._write("hold a budget") as conn:
             now = _stamp(utcnow())  # once we may write: a wait for the lock must not age it
             conn.execute("DELETE FROM budget_holds WHERE expires_at <= ?", (now,))
-            for limit in limits:
-                spent = _read_spent(conn, limit)
-                held = _read_holds(conn, limit.scope, limit.key)
-                refusal = check_limit(limit, spent, held, hold)
-                if refusal is not None:
-                    return refusal
+            refusal = first_refusal(
+                hold,
+                limits,
+                lambda limit: (_read_spent(conn, limit), _read_holds(conn, limit.scope, limit.key)),
+            )
+            if refusal is not None:
+                return refusal
             conn.execute(
                 """
                 INSERT INTO budget_holds (id, session_id, user_id, tokens, cost_usd, expires_at)

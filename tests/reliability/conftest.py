@@ -16,7 +16,8 @@ import pytest
 from langchain_core.messages import BaseMessage
 
 from chatchain import Chatbot
-from chatchain.usage import BudgetHold, BudgetLimit, total_of
+from chatchain.budgets import BudgetHold, BudgetLimit
+from chatchain.usage import total_of
 from tests.stores.fixtures_postgres import postgres_store, postgres_url
 from tests.stores.fixtures_redis import redis_store, redis_url
 from tests.stores.fixtures_sqlite import sqlite_store, sqlite_url

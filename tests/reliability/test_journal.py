@@ -29,11 +29,12 @@ from pydantic import BaseModel
 
 from chatchain import Chatbot, Settings, StoreError, StructuredReplyError, TurnJournaledError
 from chatchain._journal import Journal, JournaledTurn
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.server import create_app
 from chatchain.stores import HistoryStore
 from chatchain.stores._sqlite import SQLiteStore
 from chatchain.testing import FakeChatModel, tool_call_reply
-from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry
+from chatchain.usage import UsageEntry
 from chatchain.users import Users
 from tests.reliability.conftest import assert_ledger_adds_up, assert_no_hold_left
 

@@ -14,9 +14,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from chatchain import Budget, BudgetExceeded, Chatbot, ModelPrice, Settings
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import HistoryStore
 from chatchain.testing import FakeChatModel, Fault, OpenAITestServer
-from chatchain.usage import BudgetHold, BudgetLimit, UsageLedger
+from chatchain.usage import UsageLedger
 
 LONG = "lorem ipsum " * 4000  # about 12,000 tokens: far beyond what one call may take
 

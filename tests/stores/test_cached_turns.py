@@ -18,9 +18,9 @@ import redis
 from langchain_core.messages import AIMessage, BaseMessage
 
 from chatchain import Budget, Chatbot, ConfigurationError, Settings
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import HistoryStore, MemoryStore
 from chatchain.testing import FakeChatModel, tool_call_reply
-from chatchain.usage import BudgetHold, BudgetLimit
 
 Ask = Callable[..., str]
 

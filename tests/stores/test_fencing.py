@@ -25,12 +25,13 @@ import redis
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from chatchain import Chatbot, SessionLockLostError, Settings
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import Fence, HistoryStore
 from chatchain.stores._postgres import PostgresStore
 from chatchain.stores._redis import RedisStore
 from chatchain.stores._sqlite import SQLiteStore
 from chatchain.testing import FakeChatModel
-from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry
+from chatchain.usage import UsageEntry
 
 SID = "fenced ünï:*"
 SHARED = ["sqlite", "redis", "postgres"]

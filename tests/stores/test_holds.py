@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from chatchain import BudgetExceeded, Chatbot, Settings
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import HistoryStore
 from chatchain.stores import _base as base_module
 from chatchain.stores._memory import MemoryLedger
@@ -26,7 +27,6 @@ from chatchain.stores._postgres import PostgresStore
 from chatchain.stores._redis import RedisStore
 from chatchain.stores._sqlite import SQLiteStore
 from chatchain.testing import FakeChatModel
-from chatchain.usage import BudgetHold, BudgetLimit
 
 CAP = BudgetLimit("all", "", max_tokens=5000)
 

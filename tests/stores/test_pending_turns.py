@@ -29,12 +29,12 @@ from chatchain import (
 )
 from chatchain._pending import CRASHED, RECOVERED, recover_session
 from chatchain._turn import Turn
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import HistoryStore, MemoryStore
 from chatchain.stores._postgres import PostgresStore
 from chatchain.stores._redis import RedisStore
 from chatchain.stores._sqlite import SQLiteStore
 from chatchain.testing import FakeChatModel
-from chatchain.usage import BudgetHold, BudgetLimit
 
 SID = "crash ünï:*"
 KEEPING = ["memory", "sqlite", "redis", "postgres"]  # the stores that keep records

@@ -17,12 +17,13 @@ import psycopg
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores import Summary, _postgres, open_store
 from chatchain.stores._postgres import _MIGRATIONS, PostgresStore
 from chatchain.testing import PostgresCluster
 from chatchain.testing._stores import free_port
-from chatchain.usage import BudgetHold, BudgetLimit, Scope, UsageEntry, total_of
+from chatchain.usage import Scope, UsageEntry, total_of
 
 spawn = multiprocessing.get_context("spawn")
 

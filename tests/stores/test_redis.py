@@ -23,11 +23,12 @@ import pytest
 import redis
 from langchain_core.messages import AIMessage, HumanMessage
 
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.errors import ConfigurationError, SessionBusyError, StoreError
 from chatchain.stores import Summary, open_store
 from chatchain.stores._redis import RedisStore
 from chatchain.testing import redis_server, redis_url_of
-from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry, total_of
+from chatchain.usage import UsageEntry, total_of
 from tests.stores.test_contract import conversation
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,9 +19,10 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from chatchain import ConfigurationError, SessionBusyError, StoreError
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import Summary, _migrations, _sqlite, open_store
 from chatchain.stores._sqlite import SQLiteStore, _path_from_url
-from chatchain.usage import BudgetHold, BudgetLimit, Scope, Usage, UsageEntry, total_of
+from chatchain.usage import Scope, Usage, UsageEntry, total_of
 
 spawn = multiprocessing.get_context("spawn")
 

@@ -13,8 +13,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import HistoryStore
-from chatchain.usage import BudgetHold, BudgetLimit, UsageEntry, total_of
+from chatchain.usage import UsageEntry, total_of
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
