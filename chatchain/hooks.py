@@ -33,11 +33,11 @@ Example:
     ...     def __init__(self) -> None:
     ...         self.seen: list[str] = []
     ...     def on_turn_end(self, event: TurnEnded) -> None:
-    ...         self.seen.append(f"{event.outcome} {event.usage.total_tokens} tokens")
+    ...         self.seen.append(f"{event.outcome} on {event.turn.session_id}")
     >>> outcomes = Outcomes()
-    >>> _ = Chatbot(llm=FakeChatModel(), hooks=outcomes).chat("hi")
+    >>> _ = Chatbot(llm=FakeChatModel(), hooks=outcomes).chat("hi", session_id="s1")
     >>> outcomes.seen
-    ['ok 9 tokens']
+    ['ok on s1']
 """
 
 from __future__ import annotations
