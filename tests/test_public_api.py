@@ -9,6 +9,8 @@ import pytest
 
 import chatchain
 import chatchain.errors
+import chatchain.hooks
+import chatchain.otel
 import chatchain.pricing
 import chatchain.prompt
 import chatchain.stores
@@ -19,6 +21,8 @@ import chatchain.users
 MODULES = [
     chatchain,
     chatchain.errors,
+    chatchain.hooks,
+    chatchain.otel,
     chatchain.pricing,
     chatchain.prompt,
     chatchain.stores,
