@@ -279,13 +279,17 @@ def test_hooks_given_to_the_chain_are_all_told_and_added_ones_from_the_next_turn
     one, two, later = Recorder(), Recorder(), Recorder()
     chain = create_chat_chain(FakeChatModel(), settings=settings, hooks=[one, two])
     chain.invoke({"input": "hi"}, config={"configurable": {"session_id": "c"}})
-    assert one.kinds() == two.kinds() == [
-        "TurnStarted",
-        "ModelCallStarted",
-        "ModelCallEnded",
-        "StoreCommitted",
-        "TurnEnded",
-    ]
+    assert (
+        one.kinds()
+        == two.kinds()
+        == [
+            "TurnStarted",
+            "ModelCallStarted",
+            "ModelCallEnded",
+            "StoreCommitted",
+            "TurnEnded",
+        ]
+    )
 
     bot = Chatbot(settings, llm=FakeChatModel())
     bot.chat("before")
@@ -296,7 +300,7 @@ def test_hooks_given_to_the_chain_are_all_told_and_added_ones_from_the_next_turn
 
 
 def test_something_other_than_turn_hooks_is_refused_with_what_to_do(settings: Settings) -> None:
-    with pytest.raises(ConfigurationError, match="subclass chatchain.hooks.TurnHooks"):
+    with pytest.raises(ConfigurationError, match=r"subclass chatchain\.hooks\.TurnHooks"):
         Chatbot(settings, llm=FakeChatModel(), hooks=[print])  # type: ignore[list-item]
 
 
