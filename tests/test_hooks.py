@@ -18,6 +18,7 @@ from chatchain import (
     ConfigurationError,
     ServerError,
     Settings,
+    TurnDeadlineError,
     create_chat_chain,
 )
 from chatchain.hooks import (
@@ -34,6 +35,7 @@ from chatchain.hooks import (
 from chatchain.stores import MemoryStore
 from chatchain.testing import FakeChatModel, tool_call_reply
 from chatchain.usage import Budget
+from tests.test_deadline import _join_workers
 
 MODES = ["chat", "stream", "achat", "astream"]
 
@@ -312,3 +314,34 @@ def test_the_turn_without_memory_tells_the_same_hooks(settings: Settings) -> Non
     )
     assert hooks.ended().outcome == "ok"
     assert hooks.ended().turn.session_id == "bare"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_turn_past_its_deadline_ends_with_outcome_deadline(settings: Settings, mode: str) -> None:
+    hooks = Recorder()
+    slow = FakeChatModel(delay=1.0)
+    bot = Chatbot(settings.model_copy(update={"turn_deadline": 0.2}), llm=slow, hooks=hooks)
+
+    with pytest.raises(TurnDeadlineError) as caught:
+        _turn(bot, mode)
+
+    ended = hooks.ended()
+    assert (ended.outcome, ended.error) == ("deadline", caught.value)
+    [call] = [e for e in hooks.events if isinstance(e, ModelCallEnded)]
+    assert call.error is not None
+    _join_workers()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_turn_run_while_the_caller_handles_an_exception_still_ends_ok(
+    settings: Settings, mode: str
+) -> None:
+    hooks = Recorder()
+    bot = Chatbot(settings, llm=FakeChatModel(), hooks=hooks)
+
+    try:
+        raise KeyError("the caller's own")
+    except KeyError:
+        assert _turn(bot, mode) == "Echo: hello"
+
+    assert (hooks.ended().outcome, hooks.ended().error) == ("ok", None)
