@@ -20,8 +20,9 @@ method              event                 when
                                           usage, cost, error and duration
 ==================  ====================  ==================================================
 
-Every turn that starts ends, exactly once. Hooks are plain methods called on the turn's own
-thread or event loop: keep them quick (hand slow work to a queue). A hook that raises is
+Every turn that starts ends, exactly once. Hooks are plain methods, called on the thread or
+event loop that runs that step of the turn (a sync stream's model calls and tools run in a
+worker thread): keep them quick and thread-safe (hand slow work to a queue). A hook that raises is
 logged (``logger.exception`` on the ``chatchain`` logger) and the turn goes on as if it had
 not: it cannot break the turn, nor what the turn records in the usage ledger.
 
