@@ -51,7 +51,8 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
-from chatchain import _deadline, _endpoint_errors, _metering, _pending, budgets
+from chatchain import _deadline, _endpoint_errors, _hooking, _metering, _pending, budgets
+from chatchain._hooking import HookList
 from chatchain._journal import Journal, JournaledTurn, replay_in_background
 from chatchain._metering import Estimate
 from chatchain._money import format_usd
@@ -218,6 +219,7 @@ class TurnSpec:
         deadline: Seconds one whole turn may take (``CHATCHAIN_TURN_DEADLINE``), or ``None``.
         tools: The chain's tools and their limits, or ``None``.
         journal: Where a finished turn waits when the store cannot save it, or ``None``.
+        hooks: What is told of each turn's events (see `chatchain.hooks`).
     """
 
     input_key: str | None
@@ -234,6 +236,7 @@ class TurnSpec:
     deadline: float | None = None
     tools: Toolbox | None = None
     journal: Journal | None = None
+    hooks: HookList = field(default_factory=HookList)
 
     @property
     def reply_ceiling(self) -> int:
@@ -403,6 +406,7 @@ class Turn:
     _hold_size: tuple[int, float] = (0, 0.0)  # tokens and USD of the last hold taken
     _cut_at_hold: int | None = None  # the reply tokens a call was stopped at (see `ReplyMeter`)
     _estimated_calls: int = 0  # calls whose usage chatchain counted (the endpoint sent none)
+    _events: _hooking.Events = field(default_factory=_hooking.Events, repr=False)
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -455,6 +459,7 @@ class Turn:
         async with self.abounded():
             return await call
 
+    @_hooking.ends_turn
     def end(self) -> None:
         """The turn is over: record what the endpoint billed if nothing else did, give back
         its budget hold, and shut out a worker it abandoned."""
@@ -477,6 +482,7 @@ class Turn:
                 ahead, "drop", ahead.store.drop_pending, self.session_id, ahead.token
             )
 
+    @_hooking.aends_turn
     async def aend(self) -> None:
         """`end` for async callers (no worker there: async calls are cancelled)."""
         self._ended = True
@@ -556,6 +562,7 @@ class Turn:
             return
         if self.first_token_s is None and chunk.content:
             self.first_token_s = time.perf_counter() - self.started
+            _hooking.first_token(self)
         self._chunks.append(chunk)  # merged once at the end: merging per chunk is quadratic
 
     @property
@@ -569,6 +576,7 @@ class Turn:
         """The model asked for tools in ``reply``: its results are collected until `close_step`."""
         message = self.storable(reply)
         assert isinstance(message, AIMessage)
+        _hooking.model_ended(self, message)
         self._open = (message, {})
         self._chunks = []  # the next call's chunks make the next reply
         return message
@@ -618,6 +626,7 @@ class Turn:
         return event
 
     def _tell(self, event: ToolEvent) -> None:
+        _hooking.tool_event(self, event)
         if self.on_tool is not None:
             self.on_tool(event)
 
@@ -675,6 +684,7 @@ class Turn:
         if store is not None:
             ahead = self._ahead = self._ahead or _pending.WriteAhead.open(self, store)
             ahead.written(store.write_pending(self.session_id, ahead.token, self._sent(ahead)))
+        _hooking.model_started(self)
 
     async def asending(self, count_prompt: Callable[[], int]) -> None:
         """`sending` for async callers."""
@@ -687,6 +697,7 @@ class Turn:
             ahead = self._ahead = self._ahead or _pending.WriteAhead.open(self, store)
             text = self._sent(ahead)
             ahead.written(await store.awrite_pending(self.session_id, ahead.token, text))
+        _hooking.model_started(self)
 
     # -- the write-ahead record of the turn (see `_pending`) -----------------------------------
 
@@ -938,6 +949,7 @@ class Turn:
         """The turn's ledger entry. It never raises once the endpoint billed a call: the
         notices are written apart (a bug there costs a notice, not the entry), and should the
         entry itself fail to build, what the turn held is recorded instead."""
+        _hooking.model_ended(self, reply)
         try:
             self._explain(reply)
         except Exception:
@@ -992,6 +1004,7 @@ class Turn:
         self.usage = entry.usage()
         return [*self.input_messages, *self.steps, *self._exchange(), reply]
 
+    @_hooking.commits
     def save(self, reply: BaseMessage) -> None:
         """Store the turn, record its usage and end its budget hold, in one atomic write.
 
@@ -1032,6 +1045,7 @@ class Turn:
         else:
             self.spec.get_history(self.session_id).add_messages(messages)
 
+    @_hooking.acommits
     async def asave(self, reply: BaseMessage) -> None:
         """`save` for async callers."""
         entry = self._entry(reply)
@@ -1207,11 +1221,13 @@ class Turn:
         Raises:
             StoreError: The store still fails them (nothing was sent).
         """
+        _hooking.turn_started(self)  # the first step under the lock, on every entry point
         if self.spec.journal is not None and self.spec.store is not None:
             self.spec.journal.replay(self.session_id, self.fence)
 
     async def areplay(self) -> None:
         """`replay` for async callers."""
+        _hooking.turn_started(self)
         if self.spec.journal is not None and self.spec.store is not None:
             await self.spec.journal.areplay(self.session_id, self.fence)
 
@@ -1323,6 +1339,7 @@ class Turn:
 
     def failure(self, exc: BaseException) -> Exception | None:
         """The chatchain error for a failure of the endpoint, or ``None`` to re-raise as is."""
+        _hooking.model_failed(self, exc)
         error = self.spec.describe_failure(exc)
         if error is not None and not isinstance(error, BudgetExceeded):  # logged when refused
             logger.warning("Turn on session %r failed: %s", self.session_id, error)

@@ -33,6 +33,7 @@ from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, PrivateAttr
 
 from chatchain import _cache, _endpoint_errors
+from chatchain._hooking import HookList, as_hooks
 from chatchain._journal import journal_for
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
@@ -42,6 +43,7 @@ from chatchain._tools import Toolbox, ToolEvent, ToolFinished, ToolLoop, ToolSta
 from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
 from chatchain.budgets import Budget
 from chatchain.errors import ContextTooLongError
+from chatchain.hooks import TurnHooks
 from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
@@ -698,6 +700,7 @@ def create_chat_chain(
     window: HistoryWindow | bool | None = True,
     budget: Budget | None = None,
     tools: Sequence[Any] | None = None,
+    hooks: TurnHooks | Sequence[TurnHooks] | HookList | None = None,
 ) -> ChatChain:
     """Build the conversational chain.
 
@@ -735,13 +738,16 @@ def create_chat_chain(
             (``CHATCHAIN_TOOL_ROUNDS``, ``CHATCHAIN_TOOL_TIMEOUT``,
             ``CHATCHAIN_TOOL_RESULT_TOKENS``) and saves the whole exchange at once. Tools
             get the session and user ids in their config, never the settings or the key.
+        hooks: What is told of each turn's events (turn, model calls, tools, commit, end):
+            a `TurnHooks` object or a list of them (see `chatchain.hooks`).
 
     Returns:
         The chain.
 
     Raises:
         ConfigurationError: The settings or the system template cannot work, ``llm`` is
-            a chain rather than a chat model, or a tool cannot be used.
+            a chain rather than a chat model, a tool cannot be used, or a hook is not a
+            `TurnHooks`.
 
     Example:
         >>> from chatchain.testing import FakeChatModel
@@ -800,6 +806,7 @@ def create_chat_chain(
         deadline=settings.turn_deadline,
         tools=toolbox,
         journal=None if store is None else journal_for(store, settings.journal),
+        hooks=as_hooks(hooks),
     )
     locks = history if isinstance(history, HistoryStore) else SessionLocks(settings.lock_timeout)
     closers: list[Callable[[], None]] = []

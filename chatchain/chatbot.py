@@ -18,6 +18,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel
 
+from chatchain._hooking import as_hooks
 from chatchain._pending import recover, recover_session
 from chatchain._structured import with_schema
 from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
@@ -25,6 +26,7 @@ from chatchain._turn import Turn, validate_session_id
 from chatchain.budgets import Budget, BudgetLimit
 from chatchain.chain import ChatChain, create_chat_chain
 from chatchain.errors import MissingAPIKeyError, SessionBusyError
+from chatchain.hooks import TurnHooks
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
 from chatchain.stores import (
@@ -263,10 +265,12 @@ class Chatbot:
         budget: Spending caps; the settings' ``CHATCHAIN_BUDGET_*`` by default.
         tools: Tools the model may call in each turn (LangChain tools, or functions with
             type hints and a docstring, sync or async); see `create_chat_chain`.
+        hooks: What is told of each turn's events: a `TurnHooks` object or a list of them
+            (see `chatchain.hooks`); more can be added later with `add_hooks`.
 
     Raises:
-        ConfigurationError: A setting or the system template cannot work, or ``llm`` is a
-            chain rather than a chat model.
+        ConfigurationError: A setting or the system template cannot work, ``llm`` is a
+            chain rather than a chat model, or a hook is not a `TurnHooks`.
 
     Example:
         >>> from chatchain.testing import FakeChatModel
@@ -288,7 +292,9 @@ class Chatbot:
         env_file: str | Path | None = ".env",
         budget: Budget | None = None,
         tools: Sequence[Any] | None = None,
+        hooks: TurnHooks | Sequence[TurnHooks] | None = None,
     ) -> None:
+        self._hooks = as_hooks(hooks)  # shared with the chain: `add_hooks` reaches its turns
         self.settings = settings or Settings.load(env_file)
         self.store: HistoryStore = (
             open_store(self.settings.store, lock_timeout=self.settings.lock_timeout)
@@ -347,7 +353,17 @@ class Chatbot:
             ledger=self._ledger,
             budget=self._budget,
             tools=self._tools,
+            hooks=self._hooks,
         )
+
+    def add_hooks(self, hooks: TurnHooks) -> None:
+        """Tell ``hooks`` of the events of every turn from now on (once: adding the same
+        object again changes nothing).
+
+        Raises:
+            ConfigurationError: ``hooks`` is not a `TurnHooks`.
+        """
+        self._hooks.add(hooks)
 
     def __repr__(self) -> str:
         return f"Chatbot(model={self.settings.model!r}, store={type(self.store).__name__})"

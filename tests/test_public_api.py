@@ -10,6 +10,8 @@ import pytest
 import chatchain
 import chatchain.budgets
 import chatchain.errors
+import chatchain.hooks
+import chatchain.otel
 import chatchain.pricing
 import chatchain.prompt
 import chatchain.stores
@@ -21,6 +23,8 @@ MODULES = [
     chatchain,
     chatchain.budgets,
     chatchain.errors,
+    chatchain.hooks,
+    chatchain.otel,
     chatchain.pricing,
     chatchain.prompt,
     chatchain.stores,

@@ -71,6 +71,7 @@ def create_app(
     if bot is None:
         bot = Chatbot(settings or Settings.load(), tools=_tools_from_environment())
     settings = settings or bot.settings
+    bot.add_hooks(_metrics.HOOKS)  # the turns' metrics, from the turns' own events
     service = Service(
         bot=bot,
         users=users or Users(bot.store),

@@ -5,12 +5,19 @@ to files in ``PROMETHEUS_MULTIPROC_DIR`` (the command sets it to a fresh folder)
 ``/metrics``, whichever worker answers, adds up all of them: prometheus-client's
 multiprocess mode. The variable must be set before the workers start.
 
+What is about turns is counted by `TurnMetrics`, the turn hooks (`chatchain.hooks`) the app
+adds to its Chatbot, from the turn's own events; each route names itself first (`serving`).
+What is about HTTP (error answers, open streams) is counted where it is answered.
+
 Metric names (counters end in ``_total`` on the wire):
 
-- ``chatchain_turns_total{route, outcome}``: turns, ``outcome`` ``ok``, ``interrupted`` (the
-  client left, or the stream broke, after part of the reply was sent), ``abandoned`` (the
-  client left before the reply began: nothing was sent) or ``error``;
-- ``chatchain_tokens_total{kind}``: ``prompt`` and ``completion`` tokens of answered turns;
+- ``chatchain_turns_total{route, outcome}``: turns that ran (took their session's lock; a
+  request refused before, e.g. bad input or a busy session, is in ``chatchain_errors_total``
+  only), ``outcome`` ``ok``, ``interrupted`` (the client left after part of the reply came),
+  ``abandoned`` (the client left before any of it came) or ``error`` (a failure, a budget
+  refusal or the deadline);
+- ``chatchain_tokens_total{kind}``: ``prompt`` and ``completion`` tokens of turns that did
+  not fail;
 - ``chatchain_cost_usd_total``: their list-price cost (priced models only);
 - ``chatchain_turn_seconds``: histogram of a turn's wall-clock time;
 - ``chatchain_first_token_seconds``: histogram of the time to a streamed reply's first text;
@@ -21,6 +28,8 @@ Metric names (counters end in ``_total`` on the wire):
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,16 +42,17 @@ from prometheus_client import (
     multiprocess,
 )
 
-from chatchain.usage import Usage
+from chatchain.hooks import TurnEnded, TurnHooks
 
 __all__ = [
     "ERRORS",
+    "HOOKS",
     "OPEN_STREAMS",
+    "TurnMetrics",
     "exposition",
+    "left_before_turn",
     "process_exited",
-    "record_abandoned",
-    "record_failed_turn",
-    "record_turn",
+    "serving",
 ]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -62,31 +72,65 @@ OPEN_STREAMS = Gauge(
 )
 
 
-def record_turn(route: str, usage: Usage | None, *, interrupted: bool = False) -> None:
-    """Count one turn that ended with a reply (whole or ``interrupted``)."""
-    _record(route, "interrupted" if interrupted else "ok", usage)
+@dataclass
+class _Request:
+    route: str
+    counted: bool = False  # whether its turn was counted (a request runs one turn at most)
 
 
-def record_abandoned(route: str, usage: Usage | None) -> None:
-    """Count one turn whose client left before any of the reply was sent (what it used too)."""
-    _record(route, "abandoned", usage)
+_REQUEST: ContextVar[_Request | None] = ContextVar("chatchain_metrics_request", default=None)
 
 
-def _record(route: str, outcome: str, usage: Usage | None) -> None:
-    TURNS.labels(route, outcome).inc()
-    if usage is None:
-        return
-    TOKENS.labels("prompt").inc(usage.prompt_tokens)
-    TOKENS.labels("completion").inc(usage.completion_tokens)
-    COST.inc(usage.priced_cost_usd or 0.0)
-    LATENCY.observe(usage.latency_s)
-    if usage.first_token_s is not None:
-        FIRST_TOKEN.observe(usage.first_token_s)
+def serving(route: str) -> None:
+    """Count the turns the current request runs under ``route`` (``native``, ``openai``).
+
+    A context variable: the tasks the request starts (a streamed turn's) inherit it.
+    """
+    _REQUEST.set(_Request(route))
 
 
-def record_failed_turn(route: str) -> None:
-    """Count one turn that ended in an error (the error itself is counted by its answer)."""
-    TURNS.labels(route, "error").inc()
+def left_before_turn() -> None:
+    """The client left before the reply began, and its turn was stopped: count the request
+    ``abandoned`` if the turn had not even started (e.g. it waited for the session's lock),
+    which its own end would have counted."""
+    request = _REQUEST.get()
+    if request is not None and not request.counted:
+        request.counted = True
+        TURNS.labels(request.route, "abandoned").inc()
+
+
+def _outcome(event: TurnEnded) -> str:
+    if event.outcome == "ok":
+        return "ok"
+    if event.outcome != "interrupted":
+        return "error"
+    began = event.first_token_s is not None or event.tool_calls
+    return "interrupted" if began else "abandoned"
+
+
+class TurnMetrics(TurnHooks):
+    """Counts each turn a route ran (see `serving`), from its `TurnEnded` event."""
+
+    def on_turn_end(self, event: TurnEnded) -> None:
+        request = _REQUEST.get()
+        if request is None:  # a turn the service did not run for a request
+            return
+        request.counted = True
+        outcome = _outcome(event)
+        TURNS.labels(request.route, outcome).inc()
+        usage = event.usage
+        if usage is None or outcome == "error":
+            return
+        TOKENS.labels("prompt").inc(usage.prompt_tokens)
+        TOKENS.labels("completion").inc(usage.completion_tokens)
+        COST.inc(usage.priced_cost_usd or 0.0)
+        LATENCY.observe(usage.latency_s)
+        if usage.first_token_s is not None:
+            FIRST_TOKEN.observe(usage.first_token_s)
+
+
+HOOKS = TurnMetrics()
+"""The hooks every app adds to its Chatbot (one object: adding it twice counts once)."""
 
 
 def exposition() -> tuple[bytes, str]:

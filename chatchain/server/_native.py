@@ -135,6 +135,7 @@ async def post_message(
     session_id: str, body: MessageIn, request: Request, user: Caller, service: ServiceDep
 ) -> Any:
     """Send one message in one of your sessions (created by its first message)."""
+    _metrics.serving(ROUTE)
     args = _turn_args(service, user, session_id, body)
     replaced = await _replace_last(service, user, session_id) if body.replace_last else None
     try:
@@ -143,14 +144,12 @@ async def post_message(
         try:
             reply = await service.bot.achat(body.text, **args)
         except ChatChainError as exc:
-            _metrics.record_failed_turn(ROUTE)
             _log_failure(user, exc)
             raise
     except Exception:
         if replaced is not None:  # refused before anything was stored: the last turn is back
             await asyncio.to_thread(replaced.put_back, service.bot.store)
         raise
-    _metrics.record_turn(ROUTE, reply.usage, interrupted=reply.interrupted)
     return _reply_out(session_id, reply)
 
 
@@ -273,7 +272,7 @@ async def _stream(
     pump: _Pump | None = None
     try:
         pump = _Pump(service.bot.astream(text, **args), tools=True)
-        first = await first_piece(request, pump, ROUTE)
+        first = await first_piece(request, pump)
         if first is None:  # the client left: the turn was stopped, nobody to answer
             _closed(service, user)
             return Response(status_code=204)
@@ -284,22 +283,21 @@ async def _stream(
             await pump.stop()
         _closed(service, user)
         if isinstance(exc, ChatChainError):
-            _metrics.record_failed_turn(ROUTE)
             _log_failure(user, exc)
         raise
     return EventSourceResponse(_events(service, user, pump, first))
 
 
-async def first_piece(request: Request, pump: _Pump, route: str) -> tuple[str, Any] | None:
+async def first_piece(request: Request, pump: _Pump) -> tuple[str, Any] | None:
     """The stream's first item, or ``None`` if the client left before it came.
 
-    The turn is then stopped (its user message is kept, the reply marked interrupted) and
-    counted as ``abandoned``, not ``interrupted``: none of the reply was sent.
+    The turn is then stopped (its user message is kept, the reply marked interrupted); the
+    metrics count it ``abandoned``, not ``interrupted``: none of the reply had come.
     """
     first = await _first(request, pump)
     if first is None:
         await pump.stop()
-        _metrics.record_abandoned(route, pump.stream.usage)
+        _metrics.left_before_turn()
     return first
 
 
@@ -350,18 +348,15 @@ async def _events(
             kind, value = await pump.next()
         if kind == "error":
             assert isinstance(value, Exception)
-            _metrics.record_failed_turn(ROUTE)
             _log_failure(user, value)
             yield _error_event(value)
             return
         stream = pump.stream
         assert stream.usage is not None  # set when the stream ended
-        _metrics.record_turn(ROUTE, stream.usage)
         yield _event("usage", usage_out(stream.usage).model_dump())
         yield _event("done", {"interrupted": False, "notices": list(stream.notices)})
     finally:
-        if await pump.stop():  # the client left mid-stream: the partial reply is kept
-            _metrics.record_turn(ROUTE, pump.stream.usage, interrupted=True)
+        await pump.stop()  # if the client left mid-stream: the partial reply is kept
         _closed(service, user)
 
 

@@ -340,17 +340,13 @@ async def chat_completions(
 ) -> Any:
     """OpenAI's chat completions (JSON, or ``chat.completion.chunk`` events with
     ``"stream": true``), over chatchain: authenticated, metered and capped."""
+    _metrics.serving(ROUTE)
     _refuse_unsupported(body)
     call = _Call(request, service, user, body, session_header(x_session_id))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _stream(request, call, include_usage)
-    try:
-        reply = await call.reply()
-    except ChatChainError:
-        _metrics.record_failed_turn(ROUTE)
-        raise
-    _metrics.record_turn(ROUTE, reply.usage)
+    reply = await call.reply()
     return {
         "id": call.id,
         "object": "chat.completion",
@@ -377,18 +373,16 @@ async def _stream(request: Request, call: _Call, include_usage: bool) -> Respons
     pump: _Pump | None = None
     try:
         pump = _Pump(call.stream())
-        first = await first_piece(request, pump, ROUTE)
+        first = await first_piece(request, pump)
         if first is None:  # the client left: the turn was stopped, nobody to answer
             _closed(service, user)
             return Response(status_code=204)
         if first[0] == "error":
             raise first[1]
-    except BaseException as exc:
+    except BaseException:
         if pump is not None:
             await pump.stop()
         _closed(service, user)
-        if isinstance(exc, ChatChainError):
-            _metrics.record_failed_turn(ROUTE)
         raise
     return EventSourceResponse(_chunks(call, pump, first, include_usage), ping=15)
 
@@ -442,19 +436,16 @@ async def _chunks(
             kind, value = await pump.next()
         if kind == "error":
             assert isinstance(value, Exception)
-            _metrics.record_failed_turn(ROUTE)
             yield _error_event(value)
             return
         stream = pump.stream
         assert stream.usage is not None  # set when the stream ended
-        _metrics.record_turn(ROUTE, stream.usage)
         yield chunks.delta({}, stream.finish_reason or "stop")
         if include_usage:
             yield chunks.usage(stream.usage)
         yield ServerSentEvent(data="[DONE]")
     finally:
-        if await pump.stop():  # the client left mid-stream: the partial reply is kept
-            _metrics.record_turn(ROUTE, pump.stream.usage, interrupted=True)
+        await pump.stop()  # if the client left mid-stream: the partial reply is kept
         _closed(call.service, call.user)
 
 

@@ -8,9 +8,16 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY, generate_latest
 
-from chatchain.testing import Fault, OpenAITestServer
+from chatchain import Chatbot, Settings
+from chatchain.server import create_app
+from chatchain.stores import MemoryStore
+from chatchain.testing import FakeChatModel, Fault, OpenAITestServer
+from chatchain.users import Users
 from tests.server.conftest import Service, start_service
+from tests.test_hooks import _server_error
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
@@ -87,3 +94,38 @@ def test_with_two_workers_every_metrics_answer_counts_the_turns_of_both(
         counts.add(sample(text, "chatchain_turns_total", 'outcome="ok",route="native"'))
 
     assert counts == {turns}
+
+
+# In this process (FastAPI's TestClient): the turn metrics come from the turns' own events
+# (`chatchain.server._metrics.TurnMetrics`, turn hooks the app adds to its Chatbot).
+
+
+def test_turns_are_counted_by_their_own_end_by_route_and_only_for_requests() -> None:
+    store = MemoryStore()
+    users = Users(store)
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(Settings(api_key="sk-test", server_requests_per_minute=0), llm=fake, store=store)
+    token = users.add("ann")
+    create_app(bot, users=users)  # a second app on the same bot: its turns still count once
+    before = generate_latest(REGISTRY).decode()
+    with TestClient(create_app(bot, users=users), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {token}"
+        assert client.post("/v1/sessions/s/messages", json={"text": "hi"}).status_code == 200
+        openai = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert client.post("/v1/chat/completions", json=openai).status_code == 200
+        fake.errors.append(_server_error())
+        fake.model_post_init(None)
+        assert client.post("/v1/sessions/s/messages", json={"text": "no"}).status_code == 502
+        # Refused before its turn ran: an error answer, not a turn.
+        assert client.post("/v1/sessions/s/messages", json={"text": " "}).status_code == 422
+    bot.chat("a turn of the library's, not of the service", session_id="lib")
+    after = generate_latest(REGISTRY).decode()
+
+    def grew(name: str, labels: str = "") -> float:
+        return sample(after, name, labels) - sample(before, name, labels)
+
+    assert grew("chatchain_turns_total", 'outcome="ok",route="native"') == 1
+    assert grew("chatchain_turns_total", 'outcome="ok",route="openai"') == 1
+    assert grew("chatchain_turns_total", 'outcome="error",route="native"') == 1
+    assert grew("chatchain_turn_seconds_count") == 2
+    assert grew("chatchain_errors_total", 'type="InvalidInputError"') == 1
