@@ -185,8 +185,9 @@ def clock(urls: dict[str, str]) -> None:
     import redis
 
     from chatchain import stores
-    from chatchain.stores import _base, _redis
+    from chatchain.stores import _base
     from chatchain.stores._postgres import _ledger as _postgres_ledger
+    from chatchain.stores._redis import _ledger as _redis_ledger
     from chatchain.usage import BudgetHold
 
     for hours in (1, -1):
@@ -195,7 +196,7 @@ def clock(urls: dict[str, str]) -> None:
         def skewed(skew: timedelta = skew) -> datetime:
             return datetime.now(UTC) + skew
 
-        for module in (_base, _redis, _postgres_ledger):
+        for module in (_base, _redis_ledger, _postgres_ledger):
             if hasattr(module, "utcnow"):
                 module.utcnow = skewed  # type: ignore[attr-defined]
         for name in ("redis", "postgres"):

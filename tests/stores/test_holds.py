@@ -117,8 +117,9 @@ def test_holds_expire_by_the_servers_clock_whatever_the_clients_clock_says(
     with monkeypatch.context() as patch:
         patch.setattr(base_module, "utcnow", lambda: datetime.now(UTC) + skew)
         # Where each store reads the clock for a hold's time to live.
-        clock = {"redis": "_redis", "postgres": "_postgres._ledger"}[backend]
-        patch.setattr(f"chatchain.stores.{clock}.utcnow", lambda: datetime.now(UTC) + skew)
+        patch.setattr(
+            f"chatchain.stores._{backend}._ledger.utcnow", lambda: datetime.now(UTC) + skew
+        )
         assert store.hold_budget(crashed, [CAP]) is None
 
     # Clients with the right time: the hold counts now...

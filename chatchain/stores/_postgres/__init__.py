@@ -31,6 +31,7 @@ from chatchain.stores._postgres._commit import _Commit
 from chatchain.stores._postgres._connection import _AsyncSide
 from chatchain.stores._postgres._history import _History
 from chatchain.stores._postgres._ledger import _Ledger
+from chatchain.stores._postgres._locks import _Locks
 from chatchain.stores._postgres._pending import _Pending
 from chatchain.stores._postgres._schema import _MIGRATIONS
 from chatchain.stores._postgres._sql import _Sql
@@ -48,7 +49,7 @@ _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # the longest table name stays u
 
 
 class PostgresStore(
-    _History, _Ledger, _Commit, _Pending, _Users, HistoryStore, UserBackend, TitleBackend
+    _History, _Commit, _Ledger, _Locks, _Pending, _Users, HistoryStore, UserBackend, TitleBackend
 ):
     """Sessions in PostgreSQL, shared by every process and machine that opens the same URL.
 
