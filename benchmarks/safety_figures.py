@@ -186,7 +186,9 @@ def clock(urls: dict[str, str]) -> None:
 
     from chatchain import stores
     from chatchain.budgets import BudgetHold
-    from chatchain.stores import _base, _postgres, _redis
+    from chatchain.stores import _base
+    from chatchain.stores._postgres import _ledger as _postgres_ledger
+    from chatchain.stores._redis import _ledger as _redis_ledger
 
     for hours in (1, -1):
         skew = timedelta(hours=hours)
@@ -194,7 +196,7 @@ def clock(urls: dict[str, str]) -> None:
         def skewed(skew: timedelta = skew) -> datetime:
             return datetime.now(UTC) + skew
 
-        for module in (_base, _redis, _postgres):
+        for module in (_base, _redis_ledger, _postgres_ledger):
             if hasattr(module, "utcnow"):
                 module.utcnow = skewed  # type: ignore[attr-defined]
         for name in ("redis", "postgres"):

@@ -1,4 +1,4 @@
-"""History stores: where sessions live. One module per backend; drivers are extras.
+"""History stores: where sessions live. One module or package per backend; drivers are extras.
 
 Pick one by URL with `open_store`:
 

@@ -11,7 +11,7 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
 from chatchain import Chatbot, Settings
-from chatchain.stores import _sqlite as sqlite_store
+from chatchain.stores._sqlite import _history as sqlite_history
 from chatchain.testing import FakeChatModel
 from tests.cli.conftest import Chatchain, stable
 
@@ -215,7 +215,7 @@ def seed_idle_session(
     """A session last written ``idle`` ago (the SQLite store's clock is set back for it)."""
     then = datetime.now(UTC) - idle
     with monkeypatch.context() as patch, chatchain.store() as store:
-        patch.setattr(sqlite_store, "utcnow", lambda: then)
+        patch.setattr(sqlite_history, "utcnow", lambda: then)
         store.append(session_id, [HumanMessage("hi"), AIMessage("Echo: hi")])
 
 

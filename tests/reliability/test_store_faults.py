@@ -39,10 +39,10 @@ from pytest_redis.executor import RedisExecutor
 from chatchain import Chatbot, Reply, Settings, StoreError, TurnJournaledError
 from chatchain._journal import Journal
 from chatchain.stores import HistoryStore
-from chatchain.stores import _sqlite as sqlite_module
 from chatchain.stores._postgres import PostgresStore
 from chatchain.stores._redis import RedisStore
 from chatchain.stores._sqlite import SQLiteStore
+from chatchain.stores._sqlite import _connection as sqlite_connection
 from chatchain.testing import FakeChatModel, PostgresCluster, redis_server, redis_url_of
 from tests.reliability.conftest import Gate, assert_ledger_adds_up, assert_no_hold_left
 from tests.stores.fixtures_postgres import wipe as wipe_postgres
@@ -413,7 +413,7 @@ def test_a_failure_writing_the_messages_undoes_the_usage_too(breakage: Breakage,
 def test_a_sqlite_file_locked_mid_turn_journals_the_turn_and_the_session_frees_itself(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_module, "_BUSY_TIMEOUT_S", 0.2)  # before any connection opens
+    monkeypatch.setattr(sqlite_connection, "_BUSY_TIMEOUT_S", 0.2)  # before any connection opens
     path = tmp_path / "chat.db"
     gate = Gate()
     bot = Chatbot(settings(), llm=FakeChatModel(respond=gate), store=SQLiteStore(path, lease=1.0))

@@ -116,7 +116,10 @@ def test_holds_expire_by_the_servers_clock_whatever_the_clients_clock_says(
     crashed = BudgetHold("crashed", 4000, 0.0, skewed_now + timedelta(seconds=1))
     with monkeypatch.context() as patch:
         patch.setattr(base_module, "utcnow", lambda: datetime.now(UTC) + skew)
-        patch.setattr(f"chatchain.stores._{backend}.utcnow", lambda: datetime.now(UTC) + skew)
+        # Where each store reads the clock for a hold's time to live.
+        patch.setattr(
+            f"chatchain.stores._{backend}._ledger.utcnow", lambda: datetime.now(UTC) + skew
+        )
         assert store.hold_budget(crashed, [CAP]) is None
 
     # Clients with the right time: the hold counts now...

@@ -109,7 +109,7 @@ def test_a_database_of_the_previous_schema_gets_the_ledger(
     postgres_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with monkeypatch.context() as patch:  # a store as the release before the ledger made it
-        patch.setattr(_postgres, "_MIGRATIONS", _MIGRATIONS[:1])
+        patch.setattr(_postgres._sql, "_MIGRATIONS", _MIGRATIONS[:1])
         old = PostgresStore(postgres_url, table_prefix=prefix)
         old.append("s", conversation(2))
         old.close()

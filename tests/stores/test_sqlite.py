@@ -461,7 +461,7 @@ def test_a_full_disk_stores_nothing_and_the_store_recovers(tmp_path: Path) -> No
 def test_a_file_locked_past_the_busy_timeout_gives_a_store_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_sqlite, "_BUSY_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(_sqlite._connection, "_BUSY_TIMEOUT_S", 0.1)
     store = SQLiteStore(tmp_path / "chat.db")
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another process writing, and stuck
