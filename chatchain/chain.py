@@ -41,7 +41,12 @@ from chatchain._tokens import TokenCounter, choose_counter
 from chatchain._tools import Toolbox, ToolEvent, ToolFinished, ToolLoop, ToolStarted, bind_tools
 from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
 from chatchain.errors import ContextTooLongError
-from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
+from chatchain.model import (
+    bounds_its_deadline,
+    create_chat_model,
+    create_summary_model,
+    prepare_chat_model,
+)
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import Fence, HistoryBackend, HistoryStore, MemoryStore, as_store
@@ -797,6 +802,7 @@ def create_chat_chain(
             retries=settings.max_retries if llm is None else None,
         ),
         deadline=settings.turn_deadline,
+        deadline_in_transport=bounds_its_deadline(model),
         tools=toolbox,
         journal=None if store is None else journal_for(store, settings.journal),
     )
