@@ -32,6 +32,7 @@ boundary (`call`, `iterate`, `abounded`) turns it into the turn's `TurnDeadlineE
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import functools
 import queue
@@ -293,7 +294,9 @@ class _BoundedClient(openai.DefaultHttpxClient):
 
 @functools.cache
 def _shared_http_client() -> _BoundedClient:
-    return _BoundedClient(transport=DeadlineTransport())
+    client = _BoundedClient(transport=DeadlineTransport())
+    atexit.register(client.close)  # its pooled connections, closed rather than leaked
+    return client
 
 
 def http_client() -> openai.DefaultHttpxClient | None:
