@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import openai
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
+from chatchain import _deadline
+
 __all__ = ["aclose_loop_client", "with_loop_clients"]
 
 Model = TypeVar("Model", bound=BaseChatOpenAI)
@@ -38,7 +40,7 @@ def _http_client(loop: asyncio.AbstractEventLoop) -> openai.DefaultAsyncHttpxCli
     with _guard:
         found = _http_clients.get(loop)
         if found is None:
-            client = openai.DefaultAsyncHttpxClient()
+            client = _deadline.async_http_client()
             closer = _close_at_shutdown(client)
             # Run it to its `yield` (it awaits nothing before): the loop now tracks it and
             # closes it, with the client, in `shutdown_asyncgens`.

@@ -217,6 +217,9 @@ class TurnSpec:
             (an interrupted stream never receives the chunk that does).
         describe_failure: Turns an endpoint exception into a chatchain error, or ``None``.
         deadline: Seconds one whole turn may take (``CHATCHAIN_TURN_DEADLINE``), or ``None``.
+        deadline_in_transport: Whether the chain's models end their own calls at the
+            deadline (`model.bounds_its_deadline`): blocking calls then run in the caller's
+            thread, not in a worker thread.
         tools: The chain's tools and their limits, or ``None``.
         journal: Where a finished turn waits when the store cannot save it, or ``None``.
         hooks: What is told of each turn's events (see `chatchain.hooks`).
@@ -234,6 +237,7 @@ class TurnSpec:
     default_model: str | None = None
     describe_failure: Callable[[BaseException], Exception | None] = _endpoint_errors.translate
     deadline: float | None = None
+    deadline_in_transport: bool = False
     tools: Toolbox | None = None
     journal: Journal | None = None
     hooks: HookList = field(default_factory=HookList)
@@ -440,16 +444,26 @@ class Turn:
     def bounded(self, call: Callable[[], Any]) -> Any:
         """``call()`` (a blocking model call), given up on at the deadline.
 
+        It runs in the caller's thread when the chain's models end their own calls at the
+        deadline (chatchain's HTTP transport, see `_deadline`), else in a worker thread
+        that is abandoned at the deadline (a model that may block without a byte).
+
         Raises:
             TurnDeadlineError: The deadline passed first.
         """
         if self.expired:  # not even started: nothing may be sent after the deadline
             raise self.deadline_error()
-        return _deadline.call(call, self.deadline_at, self.deadline_error)
+        in_thread = not self.spec.deadline_in_transport
+        return _deadline.call(call, self.deadline_at, self.deadline_error, in_thread=in_thread)
 
     def bounded_stream(self, chunks: Generator[Any, None, None]) -> Generator[Any, None, None]:
-        """``chunks`` (a blocking stream), given up on at the deadline."""
-        return _deadline.iterate(chunks, self.deadline_at, self.deadline_error)
+        """``chunks`` (a blocking stream), given up on at the deadline.
+
+        The caller's thread reads them when the chain's models end their own calls at the
+        deadline (see `bounded`); the deadline is also checked before each chunk.
+        """
+        in_thread = not self.spec.deadline_in_transport
+        return _deadline.iterate(chunks, self.deadline_at, self.deadline_error, in_thread=in_thread)
 
     def abounded(self) -> AbstractAsyncContextManager[None]:
         """A block cancelled at the deadline, which then raises `TurnDeadlineError`."""

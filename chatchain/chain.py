@@ -44,7 +44,12 @@ from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
 from chatchain.budgets import Budget
 from chatchain.errors import ContextTooLongError
 from chatchain.hooks import TurnHooks
-from chatchain.model import create_chat_model, create_summary_model, prepare_chat_model
+from chatchain.model import (
+    bounds_its_deadline,
+    create_chat_model,
+    create_summary_model,
+    prepare_chat_model,
+)
 from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import Fence, HistoryBackend, HistoryStore, MemoryStore, as_store
@@ -804,6 +809,7 @@ def create_chat_chain(
             retries=settings.max_retries if llm is None else None,
         ),
         deadline=settings.turn_deadline,
+        deadline_in_transport=bounds_its_deadline(model),
         tools=toolbox,
         journal=None if store is None else journal_for(store, settings.journal),
         hooks=as_hooks(hooks),

@@ -21,11 +21,17 @@ from langchain_core.runnables.history import RunnableWithMessageHistory
 from langchain_openai import ChatOpenAI
 from langchain_openai.chat_models.base import BaseChatOpenAI
 
+from chatchain import _deadline
 from chatchain._async_clients import with_loop_clients
 from chatchain.errors import ConfigurationError
 from chatchain.settings import Settings
 
-__all__ = ["create_chat_model", "create_summary_model", "prepare_chat_model"]
+__all__ = [
+    "bounds_its_deadline",
+    "create_chat_model",
+    "create_summary_model",
+    "prepare_chat_model",
+]
 
 
 def _chat_openai(settings: Settings, model: str) -> ChatOpenAI:
@@ -40,6 +46,8 @@ def _chat_openai(settings: Settings, model: str) -> ChatOpenAI:
         max_retries=settings.max_retries,
         # A custom base URL turns usage reporting off while streaming; metering needs it.
         stream_usage=True,
+        # Ends each call at the turn's deadline where its bytes arrive (see `_deadline`).
+        http_client=_deadline.http_client(),
     )
     return with_loop_clients(chat)
 
@@ -152,7 +160,9 @@ def prepare_chat_model(llm: Runnable[Any, Any]) -> Runnable[Any, Any]:
     A `ChatOpenAI` (also inside fallbacks or a ``.bind(...)``) is copied, never changed: the
     copy asks the endpoint for usage while streaming (unless ``stream_usage=False`` was
     given), so that streamed turns are counted, not estimated, and it uses an async client
-    of the running event loop, so that it works across ``asyncio.run`` calls.
+    of the running event loop, so that it works across ``asyncio.run`` calls. Unless it has an
+    ``http_client`` (or ``openai_proxy``) of its own, its sync calls go through chatchain's
+    HTTP client, which ends them at the turn's deadline (see `bounds_its_deadline`).
 
     Raises:
         ConfigurationError: ``llm`` is a prompt, a chain such as ``prompt | model``, or a
@@ -183,5 +193,42 @@ def prepare_chat_model(llm: Runnable[Any, Any]) -> Runnable[Any, Any]:
     if isinstance(llm, BaseChatOpenAI):
         if llm.stream_usage is None:
             llm = llm.model_copy(update={"stream_usage": True})
-        return with_loop_clients(llm)
+        return with_loop_clients(_with_deadline_client(llm))
     return llm
+
+
+def _with_deadline_client(model: BaseChatOpenAI) -> BaseChatOpenAI:
+    """A copy of ``model`` whose sync calls use chatchain's HTTP client (see `_deadline`).
+
+    A model with an HTTP client, a proxy or socket options of its own keeps them: that
+    client is its owner's, and its turns' deadline is kept by a worker thread instead.
+    """
+    client = _deadline.http_client()
+    root = model.root_client
+    if (
+        client is None
+        or model.http_client is not None
+        or model.openai_proxy
+        or model.http_socket_options is not None
+        or not isinstance(root, openai.OpenAI)
+    ):
+        return model
+    bounded = root.copy(http_client=client)
+    return model.model_copy(
+        update={"http_client": client, "root_client": bounded, "client": bounded.chat.completions}
+    )
+
+
+def bounds_its_deadline(llm: Runnable[Any, Any]) -> bool:
+    """Whether every chat model in ``llm`` ends its own calls at the turn's deadline.
+
+    True for `ChatOpenAI` models (fallbacks and bindings included) over chatchain's HTTP
+    client: their blocking calls then run in the caller's thread. Any other model may block
+    without a byte for chatchain to see, so its calls run in a worker thread that the turn
+    abandons at the deadline (see `_deadline`).
+    """
+    if isinstance(llm, RunnableWithFallbacks):
+        return all(map(bounds_its_deadline, [llm.runnable, *llm.fallbacks]))
+    if isinstance(llm, RunnableBindingBase):
+        return bounds_its_deadline(llm.bound)
+    return isinstance(llm, BaseChatOpenAI) and _deadline.is_bounded(llm.http_client)

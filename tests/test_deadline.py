@@ -7,15 +7,17 @@ through the real `ChatOpenAI` in tests/reliability/test_hostile_endpoint.py.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Sequence
 
+import httpx2
 import pytest
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage
 
-from chatchain import Chatbot, Settings, TurnDeadlineError, create_chat_chain
+from chatchain import Chatbot, Settings, TurnDeadlineError, _deadline, create_chat_chain
 from chatchain._turn import _valid_unicode
 from chatchain.testing import FakeChatModel
 
@@ -155,3 +157,38 @@ def test_valid_unicode_walks_nested_values_and_keeps_valid_ones_as_they_are() ->
     assert _valid_unicode(valid) == (valid, 0) and _valid_unicode(valid)[0] is valid
     fixed, count = _valid_unicode({"a": ["ok", ("\ud800", 1)], "b": "\ufffd kept"})
     assert (fixed, count) == ({"a": ["ok", ("\ufffd", 1)], "b": "\ufffd kept"}, 1)
+
+
+def test_a_read_that_blocks_late_in_a_reply_ends_at_the_deadline() -> None:
+    # httpcore takes a response body's read timeout once, when the body starts: capping it
+    # at the time left when the request went out (1 s) would let a read that starts 0.6 s
+    # later block until 1.6 s. Each read of chatchain's transport waits only the time left.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+            time.sleep(0.6)
+            conn.sendall(b"1\r\nb\r\n")
+            time.sleep(3.0)  # then silence, well within the read timeout
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    pieces: list[bytes] = []
+    with httpx2.Client(transport=_deadline.DeadlineTransport(), timeout=5.0) as client:
+        started = time.monotonic()
+        with (
+            pytest.raises(TurnDeadlineError),
+            _deadline.running(started + 1.0, lambda: TurnDeadlineError("late")),
+            client.stream("GET", f"http://127.0.0.1:{port}/") as response,
+        ):
+            for piece in response.iter_raw():
+                pieces.append(piece)
+        elapsed = time.monotonic() - started
+    assert pieces == [b"a", b"b"]
+    assert 1.0 <= elapsed < 1.3, elapsed
+    server.join(timeout=5)
+    listener.close()
