@@ -11,7 +11,7 @@ instead of keeping a list of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,11 @@ import pytest
 from langchain_core.runnables import Runnable
 
 from chatchain import Chatbot
-from chatchain._tools import ToolEvent
 
 __all__ = [
     "CHAIN",
     "LIBRARY",
+    "STREAMS",
     "SYNC_ASYNC",
     "Turned",
     "chain_turn",
@@ -37,6 +37,9 @@ LIBRARY = ("chat", "stream", "achat", "astream")
 
 CHAIN = ("invoke", "stream", "ainvoke", "astream")
 """The chain's entry points of a turn (``RunnableWithMessageHistory``'s)."""
+
+STREAMS = ("stream", "astream")
+"""The entry points of `LIBRARY` that stream the reply."""
 
 SYNC_ASYNC = ("sync", "async")
 """A turn's two drivers, for tests of what does not depend on streaming."""
@@ -67,31 +70,49 @@ def turn(
     text: str,
     *,
     session_id: str = "s",
-    on_tool: Callable[[ToolEvent], None] | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+    pieces: list[str] | None = None,
     **options: Any,
 ) -> Turned:
     """Run one turn on ``bot`` the ``way`` `LIBRARY` names, to its end.
 
-    Errors are raised as the entry point raises them; ``options`` go to the method
-    (``user_id``, ``limits``, prompt variables).
+    Errors are raised as the entry point raises them. ``loop``: run an async way on this
+    event loop rather than a new one (``asyncio.run``); ``pieces``: a streamed way appends
+    each piece of text to it as it arrives (so a test sees what came before an error);
+    ``options`` go to the method (``user_id``, ``limits``, ``on_tool``, prompt variables).
     """
+
+    def run(coroutine: Coroutine[Any, Any, Turned]) -> Turned:
+        return asyncio.run(coroutine) if loop is None else loop.run_until_complete(coroutine)
+
+    received = pieces if pieces is not None else []
     if way == "chat":
-        reply = bot.chat(text, session_id=session_id, on_tool=on_tool, **options)
+        reply = bot.chat(text, session_id=session_id, **options)
         return Turned(reply.text, reply.notices, reply.interrupted)
     if way == "achat":
-        areply = asyncio.run(bot.achat(text, session_id=session_id, on_tool=on_tool, **options))
-        return Turned(areply.text, areply.notices, areply.interrupted)
+        return run(_achat(bot, text, session_id, options))
     if way == "stream":
-        stream = bot.stream(text, session_id=session_id, on_tool=on_tool, **options)
-        return Turned("".join(stream), stream.notices)
+        stream = bot.stream(text, session_id=session_id, **options)
+        for piece in stream:
+            received.append(piece)
+        return Turned(stream.text, stream.notices)
     if way != "astream":
         raise ValueError(f"no entry point {way!r}: one of {LIBRARY}")
+    return run(_astream(bot, text, session_id, options, received))
 
-    async def consume() -> Turned:
-        astream = bot.astream(text, session_id=session_id, on_tool=on_tool, **options)
-        return Turned("".join([piece async for piece in astream]), astream.notices)
 
-    return asyncio.run(consume())
+async def _achat(bot: Chatbot, text: str, session_id: str, options: dict[str, Any]) -> Turned:
+    reply = await bot.achat(text, session_id=session_id, **options)
+    return Turned(reply.text, reply.notices, reply.interrupted)
+
+
+async def _astream(
+    bot: Chatbot, text: str, session_id: str, options: dict[str, Any], received: list[str]
+) -> Turned:
+    stream = bot.astream(text, session_id=session_id, **options)
+    async for piece in stream:
+        received.append(piece)
+    return Turned(stream.text, stream.notices)
 
 
 def chain_turn(
