@@ -11,7 +11,7 @@ instead of keeping a list of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ __all__ = [
     "STREAMS",
     "SYNC_ASYNC",
     "Turned",
+    "asker",
     "chain_turn",
     "each_chain_way",
     "each_library_way",
@@ -113,6 +114,15 @@ async def _astream(
     async for piece in stream:
         received.append(piece)
     return Turned(stream.text, stream.notices)
+
+
+def asker(way: str) -> Callable[..., str]:
+    """``ask(bot, text, session, user=None)``: the reply's text of one turn run ``way``."""
+
+    def ask(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
+        return turn(bot, way, text, session_id=session, user_id=user).text
+
+    return ask
 
 
 def chain_turn(
