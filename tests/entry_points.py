@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from langchain_core.runnables import Runnable
 
-from chatchain import Chatbot
+from chatchain import Chatbot, Usage
 
 __all__ = [
     "CHAIN",
@@ -62,6 +62,7 @@ class Turned:
 
     text: str
     notices: tuple[str, ...]
+    usage: Usage | None = None
     interrupted: bool = False
 
 
@@ -89,14 +90,14 @@ def turn(
     received = pieces if pieces is not None else []
     if way == "chat":
         reply = bot.chat(text, session_id=session_id, **options)
-        return Turned(reply.text, reply.notices, reply.interrupted)
+        return Turned(reply.text, reply.notices, reply.usage, reply.interrupted)
     if way == "achat":
         return run(_achat(bot, text, session_id, options))
     if way == "stream":
         stream = bot.stream(text, session_id=session_id, **options)
         for piece in stream:
             received.append(piece)
-        return Turned(stream.text, stream.notices)
+        return Turned(stream.text, stream.notices, stream.usage)
     if way != "astream":
         raise ValueError(f"no entry point {way!r}: one of {LIBRARY}")
     return run(_astream(bot, text, session_id, options, received))
@@ -104,7 +105,7 @@ def turn(
 
 async def _achat(bot: Chatbot, text: str, session_id: str, options: dict[str, Any]) -> Turned:
     reply = await bot.achat(text, session_id=session_id, **options)
-    return Turned(reply.text, reply.notices, reply.interrupted)
+    return Turned(reply.text, reply.notices, reply.usage, reply.interrupted)
 
 
 async def _astream(
@@ -113,7 +114,7 @@ async def _astream(
     stream = bot.astream(text, session_id=session_id, **options)
     async for piece in stream:
         received.append(piece)
-    return Turned(stream.text, stream.notices)
+    return Turned(stream.text, stream.notices, stream.usage)
 
 
 def asker(way: str) -> Callable[..., str]:
