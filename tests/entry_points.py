@@ -1,43 +1,36 @@
 """The library's ways of running one turn, shared by every test that runs a rule over them.
 
-`LIBRARY` names the `Chatbot` entry points (``chat``, ``stream``, ``achat``, ``astream``) and
-`CHAIN` the chain's (``invoke``, ``stream``, ``ainvoke``, ``astream``); `each_library_way` and
-`each_chain_way` parametrize a test over them, and `turn` / `chain_turn` run one turn the
-named way. The parity suite (tests/parity/) runs the rules of a turn over these and the
-service's HTTP routes; a test elsewhere that needs only the library imports them from here
-instead of keeping a list of its own.
+`LIBRARY` names the `Chatbot` entry points (``chat``, ``stream``, ``achat``, ``astream``);
+`each_library_way` parametrizes a test over them, `turn` runs one turn the named way and
+`asker` gives a function that does (the reply's text only). The parity suite
+(tests/parity/) runs the rules of a turn over these and the service's HTTP routes; a test
+elsewhere that needs only the library imports them from here instead of keeping a list of
+its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from langchain_core.runnables import Runnable
 
 from chatchain import Chatbot, Usage
 
 __all__ = [
-    "CHAIN",
     "LIBRARY",
     "STREAMS",
     "SYNC_ASYNC",
     "Turned",
     "asker",
-    "chain_turn",
-    "each_chain_way",
     "each_library_way",
     "turn",
 ]
 
 LIBRARY = ("chat", "stream", "achat", "astream")
 """The Chatbot's entry points of a turn."""
-
-CHAIN = ("invoke", "stream", "ainvoke", "astream")
-"""The chain's entry points of a turn (``RunnableWithMessageHistory``'s)."""
 
 STREAMS = ("stream", "astream")
 """The entry points of `LIBRARY` that stream the reply."""
@@ -49,11 +42,6 @@ SYNC_ASYNC = ("sync", "async")
 def each_library_way(argname: str = "mode") -> pytest.MarkDecorator:
     """Parametrize a test over `LIBRARY` (ids are the method names)."""
     return pytest.mark.parametrize(argname, LIBRARY)
-
-
-def each_chain_way(argname: str = "mode") -> pytest.MarkDecorator:
-    """Parametrize a test over `CHAIN` (ids are the method names)."""
-    return pytest.mark.parametrize(argname, CHAIN)
 
 
 @dataclass(frozen=True)
@@ -124,22 +112,3 @@ def asker(way: str) -> Callable[..., str]:
         return turn(bot, way, text, session_id=session, user_id=user).text
 
     return ask
-
-
-def chain_turn(
-    chain: Runnable[Any, Any], way: str, inputs: Mapping[str, Any], config: Any
-) -> list[Any]:
-    """Run one turn of ``chain`` the ``way`` `CHAIN` names: the message, or the chunks."""
-    if way == "invoke":
-        return [chain.invoke(dict(inputs), config)]
-    if way == "stream":
-        return list(chain.stream(dict(inputs), config))
-    if way == "ainvoke":
-        return [asyncio.run(chain.ainvoke(dict(inputs), config))]
-    if way != "astream":
-        raise ValueError(f"no entry point {way!r}: one of {CHAIN}")
-
-    async def consume() -> list[Any]:
-        return [chunk async for chunk in chain.astream(dict(inputs), config)]
-
-    return asyncio.run(consume())
