@@ -500,6 +500,68 @@ class OpenAIRoute(_Service):
         )
 
 
+class _WholeAnswer:
+    """A JSON answer: it comes whole, so a client cannot stop it midway, and it lists no
+    tool events in their order (the native one lists the calls, after the fact)."""
+
+    name: str
+
+    def _can(self, stop_after: int | None, events: bool) -> None:
+        if stop_after is not None:
+            pytest.skip(f"{self.name} answers with the whole reply: no stream to stop")
+        if events:
+            pytest.skip(f"{self.name} answers once, after the tools ran: no tool events")
+
+
+class NativeJSON(_WholeAnswer, NativeSSE):
+    """``POST /v1/sessions/{id}/messages`` answered as JSON."""
+
+    def run(
+        self, text: str, *, session: str = "s", stop_after: int | None = None, events: bool = False
+    ) -> Outcome:
+        self._can(stop_after, events)
+        return super().run(text, session=session)
+
+    def request(self, text: str, session: str) -> tuple[dict[str, str], dict[str, Any]]:
+        self.path = f"/v1/sessions/{session}/messages"
+        return {}, {"text": text}
+
+    def read(self, status: int, answer: str) -> Outcome:
+        reply = json.loads(answer)
+        return Outcome(
+            text=reply["text"],
+            tokens=_json_tokens(reply["usage"]),
+            cost=reply["usage"]["cost_usd"],
+            notices=tuple(reply["notices"]),
+            status=status,
+        )
+
+
+class OpenAIJSON(_WholeAnswer, OpenAIRoute):
+    """``POST /v1/chat/completions`` without streaming, with ``X-Session-Id``."""
+
+    def run(
+        self, text: str, *, session: str = "s", stop_after: int | None = None, events: bool = False
+    ) -> Outcome:
+        self._can(stop_after, events)
+        return _Service.run(self, text, session=session)
+
+    def request(self, text: str, session: str) -> tuple[dict[str, str], dict[str, Any]]:
+        headers, body = super().request(text, session)
+        return headers, {**body, "stream": False, "stream_options": None}
+
+    def read(self, status: int, answer: str) -> Outcome:
+        completion = json.loads(answer)
+        (choice,) = completion["choices"]
+        return Outcome(
+            text=choice["message"]["content"],
+            tokens=_json_tokens(completion["usage"]),
+            cost=completion["usage"]["cost_usd"],
+            notices=None,  # the route has no field for them
+            status=status,
+        )
+
+
 def _json_tokens(usage: dict[str, Any] | None) -> Tokens | None:
     if usage is None:
         return None
@@ -567,8 +629,11 @@ ENTRY_POINTS: dict[str, type[EntryPoint]] = {
     "astream": AStream,
     "native-sse": NativeSSE,
     "openai": OpenAIRoute,
+    "native-json": NativeJSON,
+    "openai-json": OpenAIJSON,
 }
-"""Every way a turn is run, by name: the Chatbot's four, and the service's two routes."""
+"""Every way a turn is run, by name: the Chatbot's four, and the service's two routes, each
+streamed and as JSON."""
 
 
 def make_entry_point(name: str, folder: Path) -> EntryPoint:
