@@ -21,3 +21,18 @@ def entry_point(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Entr
     made = make_entry_point(request.param, tmp_path)
     yield made
     made.close()
+
+
+def with_drifts(drifts: dict[str, str]) -> pytest.MarkDecorator:
+    """Run a rule over every entry point, those in ``drifts`` expected to fail (strictly):
+    ``{name: "drift: what differs"}``, for the turn engine to remove."""
+    return pytest.mark.parametrize(
+        "entry_point",
+        [
+            pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=drifts[name]))
+            if name in drifts
+            else name
+            for name in ENTRY_POINTS
+        ],
+        indirect=True,
+    )

@@ -17,6 +17,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 
 from chatchain.testing import FakeChatModel, tool_call_reply
 from tests.parity._adapters import PRICE, SYSTEM, EntryPoint
+from tests.parity.conftest import with_drifts
 
 LONG = "lorem ipsum " * 2000  # far more than any call here may take
 
@@ -222,3 +223,40 @@ def test_tool_events_come_in_order(entry_point: EntryPoint) -> None:
     assert outcome.events == ("started:add", "finished:add", "text")
     assert [m.type for m in entry_point.history()] == ["human", "ai", "tool", "ai"]
     assert entry_point.history()[2].text == "3"
+
+
+def _connection_lost(messages: object) -> str:
+    raise openai.APIConnectionError(
+        request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    )
+
+
+_DROPS_TOOL_ROUNDS = (
+    "drift: a turn that fails after a tool round stores nothing through the non-streamed "
+    "entry points (Chatbot.run_turn/arun_turn), while a streamed turn keeps the user message, "
+    "the tool call and its result, and an empty reply marked interrupted "
+    "(tests/test_tools.py pins both behaviours)"
+)
+
+
+@with_drifts({name: _DROPS_TOOL_ROUNDS for name in ("chat", "achat", "native-json", "openai-json")})
+def test_a_failure_after_a_tool_round_keeps_the_exchange_and_records_the_billed_call(
+    entry_point: EntryPoint,
+) -> None:
+    fake = FakeChatModel(
+        model_name="gpt-4o-mini",
+        replies=[tool_call_reply(("add", {"a": 1, "b": 2}))],
+        respond=_connection_lost,  # the second call, after the tool ran
+    )
+    entry_point.open(fake, tools=[add])
+
+    outcome = entry_point.run("1 + 2?")
+
+    assert outcome.error_kind == "EndpointConnectionError"
+    assert len(fake.calls) == 2
+    (entry,) = entry_point.entries()  # the first call was billed; the second never answered
+    assert entry.requests == 1 and entry.prompt_tokens > 0
+    stored = entry_point.history()
+    assert [m.type for m in stored] == ["human", "ai", "tool", "ai"]
+    assert stored[2].text == "3"
+    assert stored[-1].response_metadata.get("interrupted") is True
