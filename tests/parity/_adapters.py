@@ -35,7 +35,6 @@ from chatchain import (
     Usage,
     UsageEntry,
 )
-from chatchain._tools import ToolEvent
 from chatchain.server import create_app
 from chatchain.stores import SQLiteStore
 from chatchain.testing import FakeChatModel
@@ -50,6 +49,7 @@ SYSTEM = "Be brief."
 USER = "ann"  # the service's user: its sessions are "ann:<session>" in the store
 
 Tokens = tuple[int, int, int]
+ToolEvent = ToolStarted | ToolFinished
 """Prompt, completion and total tokens."""
 
 

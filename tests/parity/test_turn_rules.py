@@ -233,9 +233,9 @@ def _connection_lost(messages: object) -> str:
 
 _DROPS_TOOL_ROUNDS = (
     "drift: a turn that fails after a tool round stores nothing through the non-streamed "
-    "entry points (Chatbot.run_turn/arun_turn), while a streamed turn keeps the user message, "
-    "the tool call and its result, and an empty reply marked interrupted "
-    "(tests/test_tools.py pins both behaviours)"
+    "entry points (ChatChain.run_turn/arun_turn, behind chat, achat and the JSON routes), "
+    "while a streamed turn keeps the user message, the tool call and its result, and an "
+    "empty reply marked interrupted (tests/test_tools.py pins both behaviours)"
 )
 
 
