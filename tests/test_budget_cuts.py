@@ -7,7 +7,6 @@ through each entry point: ``chat``, ``stream``, ``achat`` and ``astream``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from chatchain._money import format_usd
 from chatchain._turn import CUT_AT_HOLD, Turn
 from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.testing import FakeChatModel, Fault, OpenAITestServer, tool_call_reply
+from tests.entry_points import LIBRARY, turn
 
 PRICE = 1000.0  # USD per million tokens both ways: $0.001 a token
 LONG = "lorem ipsum " * 2000  # far more than any call here may take
@@ -38,34 +38,15 @@ class Done:
 Run = Callable[[Chatbot, str, str, Sequence[BudgetLimit]], Done]
 
 
-def _chat(bot: Chatbot, text: str, session: str, limits: Sequence[BudgetLimit]) -> Done:
-    reply = bot.chat(text, session_id=session, user_id="ann", limits=limits)
-    return Done(reply.text, reply.notices, reply.usage.completion_tokens)
+def _runner(way: str) -> Run:
+    """A turn of user ann run ``way`` (see `tests.entry_points.LIBRARY`), to its end."""
 
+    def run(bot: Chatbot, text: str, session: str, limits: Sequence[BudgetLimit]) -> Done:
+        done = turn(bot, way, text, session_id=session, user_id="ann", limits=limits)
+        assert done.usage is not None
+        return Done(done.text, done.notices, done.usage.completion_tokens)
 
-def _stream(bot: Chatbot, text: str, session: str, limits: Sequence[BudgetLimit]) -> Done:
-    with bot.stream(text, session_id=session, user_id="ann", limits=limits) as stream:
-        whole = "".join(stream)
-    assert stream.usage is not None
-    return Done(whole, stream.notices, stream.usage.completion_tokens)
-
-
-def _achat(bot: Chatbot, text: str, session: str, limits: Sequence[BudgetLimit]) -> Done:
-    reply = asyncio.run(bot.achat(text, session_id=session, user_id="ann", limits=limits))
-    return Done(reply.text, reply.notices, reply.usage.completion_tokens)
-
-
-def _astream(bot: Chatbot, text: str, session: str, limits: Sequence[BudgetLimit]) -> Done:
-    async def run() -> Done:
-        stream = bot.astream(text, session_id=session, user_id="ann", limits=limits)
-        pieces = []
-        async with stream:
-            async for piece in stream:
-                pieces.append(piece)
-        assert stream.usage is not None
-        return Done("".join(pieces), stream.notices, stream.usage.completion_tokens)
-
-    return asyncio.run(run())
+    return run
 
 
 def wait_for_bill(server: OpenAITestServer) -> dict[str, int]:
@@ -84,9 +65,7 @@ def no_hold_left(bot: Chatbot, tokens: int) -> bool:
     return refusal is None
 
 
-ENTRY_POINTS = pytest.mark.parametrize(
-    "run", [_chat, _stream, _achat, _astream], ids=["chat", "stream", "achat", "astream"]
-)
+ENTRY_POINTS = pytest.mark.parametrize("run", [_runner(way) for way in LIBRARY], ids=LIBRARY)
 
 
 def daily_cap(usd: float) -> list[BudgetLimit]:

@@ -28,6 +28,7 @@ from chatchain._metering import entry_from, new_handler
 from chatchain.pricing import Pricer
 from chatchain.stores import MemoryStore
 from chatchain.testing import FakeChatModel
+from tests.entry_points import each_library_way, turn
 
 
 @pytest.mark.parametrize(
@@ -218,31 +219,16 @@ def test_a_whole_reply_without_usage_answers_caps_from_the_one_it_was_made_under
     assert len(fake.calls) == 1
 
 
-@pytest.mark.parametrize("way", ["chat", "stream", "achat", "astream"])
+@each_library_way("way")
 def test_under_a_budget_a_repeated_question_is_answered_from_the_cache(way: str) -> None:
     fake = FakeChatModel(model_name="gpt-4o-mini")
     settings = Settings.load(env_file=None, api_key="sk-test", cache="memory://")
     bot = Chatbot(settings, llm=fake, budget=Budget(total_tokens=400))
-    ask = getattr(bot, way)
     for session in ("a", "b", "c"):  # each hold leaves less for the reply: another max_tokens
-        text = WHOLE.removeprefix("Echo: ")
-        if way == "chat":
-            ask(text, session_id=session)
-        elif way == "stream":
-            "".join(ask(text, session_id=session))
-        else:
-            asyncio.run(_async_turn(ask, text, session, streamed=way == "astream"))
+        turn(bot, way, WHOLE.removeprefix("Echo: "), session_id=session)
     assert len(fake.calls) == 1
     assert bot.usage().cached_turns == 2
     assert [m.text for m in bot.history("c")] == [WHOLE.removeprefix("Echo: "), WHOLE]
-
-
-async def _async_turn(ask: Any, text: str, session: str, *, streamed: bool) -> None:
-    if streamed:
-        async for _ in ask(text, session_id=session):
-            pass
-    else:
-        await ask(text, session_id=session)
 
 
 def test_under_a_tight_budget_a_cut_reply_is_served_to_the_same_cap_only(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ through the real `ChatOpenAI` in tests/reliability/test_hostile_endpoint.py.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
@@ -20,22 +19,13 @@ from langchain_core.messages import BaseMessage
 from chatchain import Chatbot, Settings, TurnDeadlineError, _deadline, create_chat_chain
 from chatchain._turn import _valid_unicode
 from chatchain.testing import FakeChatModel
+from tests.entry_points import each_library_way, turn
 
 DEADLINE = 0.3
 
 
 def _turn(bot: Chatbot, mode: str, text: str = "hello") -> str:
-    if mode == "chat":
-        return bot.chat(text, session_id="s").text
-    if mode == "stream":
-        return "".join(bot.stream(text, session_id="s"))
-    if mode == "achat":
-        return asyncio.run(bot.achat(text, session_id="s")).text
-
-    async def consume() -> str:
-        return "".join([piece async for piece in bot.astream(text, session_id="s")])
-
-    return asyncio.run(consume())
+    return turn(bot, mode, text).text
 
 
 def _join_workers() -> None:
@@ -45,11 +35,8 @@ def _join_workers() -> None:
             thread.join(timeout=10)
 
 
-MODES = ["chat", "stream", "achat", "astream"]
-
-
 @pytest.mark.slow  # runs until its deadline
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 def test_a_slow_user_model_is_stopped_at_the_deadline(settings: Settings, mode: str) -> None:
     slow = FakeChatModel(model_name="gpt-4o-mini", delay=6.0)  # per reply, and per chunk
     bot = Chatbot(settings.model_copy(update={"turn_deadline": DEADLINE}), llm=slow)
@@ -115,7 +102,7 @@ def test_a_call_given_up_on_sends_nothing_afterwards(settings: Settings) -> None
     assert chain.ledger.entries() == []
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 def test_a_lone_surrogate_in_a_reply_is_stored_as_u_fffd_with_a_notice(
     bot: Chatbot, fake: FakeChatModel, mode: str
 ) -> None:

@@ -25,6 +25,7 @@ from chatchain import (
     Settings,
 )
 from chatchain.testing import FakeChatModel
+from tests.entry_points import each_library_way, turn
 
 KEY = "sk-test-0123456789abcdef"
 _REQUEST = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
@@ -97,7 +98,7 @@ def snapshot(bot: Chatbot, session_id: str = "s") -> list[tuple[str, str]]:
     ENDPOINT_FAILURES,
     ids=[expected.__name__ for _, expected, _ in ENDPOINT_FAILURES],
 )
-@pytest.mark.parametrize("mode", ["chat", "stream", "achat", "astream"])
+@each_library_way()
 def test_endpoint_failure_gives_clear_error_and_changes_nothing(
     seeded: tuple[Chatbot, FakeChatModel],
     make_error: Callable[[], Exception],
@@ -113,19 +114,7 @@ def test_endpoint_failure_gives_clear_error_and_changes_nothing(
     fake.errors.clear()
     fake._errors.extend([raised] * (2 if expected is ContextTooLongError else 1))
     with pytest.raises(expected) as info:
-        if mode == "chat":
-            bot.chat("second", session_id="s")
-        elif mode == "stream":
-            list(bot.stream("second", session_id="s"))
-        elif mode == "achat":
-            asyncio.run(bot.achat("second", session_id="s"))
-        else:
-
-            async def consume() -> None:
-                async for _ in bot.astream("second", session_id="s"):
-                    pass
-
-            asyncio.run(consume())
+        turn(bot, mode, "second")
     assert info.value.__cause__ is raised
     assert advice.lower() in str(info.value).lower()
     assert KEY not in str(info.value)

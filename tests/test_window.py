@@ -28,6 +28,7 @@ from chatchain.window import (
     halved,
     summary_message,
 )
+from tests.entry_points import each_library_way, turn
 
 
 def make_settings(**values: Any) -> Settings:
@@ -234,7 +235,7 @@ def context_error() -> openai.BadRequestError:
     )
 
 
-@pytest.mark.parametrize("mode", ["chat", "stream", "achat", "astream"])
+@each_library_way()
 def test_context_exceeded_is_retried_with_half_of_what_was_sent(mode: str) -> None:
     fake = FakeChatModel()
     bot = Chatbot(
@@ -243,22 +244,8 @@ def test_context_exceeded_is_retried_with_half_of_what_was_sent(mode: str) -> No
     for i in range(4):
         bot.chat(f"q{i}", session_id="s")
     fake._errors.append(context_error())
-    if mode == "chat":
-        reply = bot.chat("last", session_id="s")
-        text, notices = reply.text, reply.notices
-    elif mode == "stream":
-        stream = bot.stream("last", session_id="s")
-        text, notices = "".join(stream), stream.notices
-    elif mode == "achat":
-        reply = asyncio.run(bot.achat("last", session_id="s"))
-        text, notices = reply.text, reply.notices
-    else:
-
-        async def consume() -> tuple[str, tuple[str, ...]]:
-            stream = bot.astream("last", session_id="s")
-            return "".join([p async for p in stream]), stream.notices
-
-        text, notices = asyncio.run(consume())
+    done = turn(bot, mode, "last")
+    text, notices = done.text, done.notices
     assert text == "Echo: last"
     assert len(notices) == 1
     assert "retried with the newest 4 of the 8 earlier messages sent" in notices[0]

@@ -7,7 +7,6 @@ process's objects.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,8 +20,12 @@ from pydantic import BaseModel
 
 from chatchain import Budget, Chatbot, Settings
 from chatchain.testing import OpenAITestServer
+from tests.entry_points import LIBRARY, asker, each_library_way
 
 KEY = "sk-e2e-secret-0123456789abcdef"
+
+
+_chat, _stream, _achat, _astream = (asker(way) for way in LIBRARY)
 
 
 @pytest.fixture(scope="module")
@@ -47,37 +50,12 @@ def make_settings(server: OpenAITestServer, cache: str | None, **overrides: Any)
     return Settings(**values)
 
 
-def _chat(bot: Chatbot, text: str, session: str) -> str:
-    return bot.chat(text, session_id=session).text
-
-
-def _stream(bot: Chatbot, text: str, session: str) -> str:
-    return "".join(bot.stream(text, session_id=session))
-
-
-def _achat(bot: Chatbot, text: str, session: str) -> str:
-    async def turn() -> str:
-        return (await bot.achat(text, session_id=session)).text
-
-    return asyncio.run(turn())
-
-
-def _astream(bot: Chatbot, text: str, session: str) -> str:
-    async def turn() -> str:
-        return "".join([piece async for piece in bot.astream(text, session_id=session)])
-
-    return asyncio.run(turn())
-
-
-WAYS = {"chat": _chat, "stream": _stream, "achat": _achat, "astream": _astream}
-
-
-@pytest.mark.parametrize("way", list(WAYS))
+@each_library_way("way")
 def test_two_identical_turns_on_fresh_sessions_send_one_request(
     server: OpenAITestServer, tmp_path: Path, way: str, request: pytest.FixtureRequest
 ) -> None:
     server.clear()
-    ask = WAYS[way]
+    ask = asker(way)
     bot = Chatbot(make_settings(server, f"sqlite:///{tmp_path}/cache.db"))
     request.addfinalizer(bot.close)
     first = ask(bot, "Tell me about caches", "a")
@@ -197,7 +175,7 @@ def test_langchains_global_cache_is_not_read_without_the_setting(
     set_llm_cache(InMemoryCache())
     try:
         for session in ("a", "b"):
-            WAYS[way](bot, "Tell me about caches", session)
+            asker(way)(bot, "Tell me about caches", session)
     finally:
         set_llm_cache(None)
     entries = bot.usage_entries()
@@ -205,14 +183,14 @@ def test_langchains_global_cache_is_not_read_without_the_setting(
     assert [(e.requests, e.cached) for e in entries] == [(1, False), (1, False)]
 
 
-@pytest.mark.parametrize("way", list(WAYS))
+@each_library_way("way")
 def test_under_a_budget_each_hold_sends_another_max_tokens_and_still_hits(
     server: OpenAITestServer, way: str
 ) -> None:
     # 1,000 tokens in all: each hold's max_tokens is what is left, less each time.
     server.clear()
     bot = Chatbot(make_settings(server, "memory://"), budget=Budget(total_tokens=1_000))
-    ask = WAYS[way]
+    ask = asker(way)
     replies = {ask(bot, "Tell me about caches", session) for session in ("a", "b", "c")}
     assert len(replies) == 1 and len(server.requests) == 1
     assert bot.usage().cached_turns == 2

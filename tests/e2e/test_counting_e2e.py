@@ -11,6 +11,7 @@ import pytest
 
 from chatchain import BudgetExceeded, Chatbot, Settings
 from chatchain.testing import OpenAITestServer
+from tests.entry_points import each_library_way, turn
 
 KEY = "sk-e2e-secret-0123456789abcdef"
 CJK = "请用几句话解释为什么天空是蓝色的而日落是红色的。" * 8
@@ -38,23 +39,7 @@ def make_settings(server: OpenAITestServer, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def turn(bot: Chatbot, path: str, text: str, session_id: str) -> None:
-    """One turn through ``path``: chat, stream, achat or astream."""
-    if path == "chat":
-        bot.chat(text, session_id=session_id)
-    elif path == "stream":
-        "".join(bot.stream(text, session_id=session_id))
-    elif path == "achat":
-        asyncio.run(bot.achat(text, session_id=session_id))
-    else:
-
-        async def drain() -> str:
-            return "".join([piece async for piece in bot.astream(text, session_id=session_id)])
-
-        asyncio.run(drain())
-
-
-@pytest.mark.parametrize("path", ["chat", "stream", "achat", "astream"])
+@each_library_way("path")
 @pytest.mark.parametrize("text", [CJK, MIXED], ids=["cjk", "mixed"])
 def test_a_token_cap_is_never_passed_whatever_the_script(
     server: OpenAITestServer, path: str, text: str
@@ -64,7 +49,7 @@ def test_a_token_cap_is_never_passed_whatever_the_script(
     sent = 0
     with pytest.raises(BudgetExceeded):
         for i in range(50):  # a new session each time: the same prompt, held the same way
-            turn(bot, path, f"{text} ({i})", f"capped-{i}")
+            turn(bot, path, f"{text} ({i})", session_id=f"capped-{i}")
             sent += 1
     entries = bot.usage_entries()
     assert len(entries) == sent > 1

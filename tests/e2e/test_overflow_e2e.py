@@ -7,7 +7,6 @@ half of what overflowed, until a request fits or no history is left.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,10 +14,10 @@ import pytest
 
 from chatchain import Chatbot, ContextTooLongError, Settings
 from chatchain.testing import OpenAITestServer
+from tests.entry_points import each_library_way, turn
 
 KEY = "sk-e2e-overflow-0123456789abcdef"
 SYSTEM = "Be brief."
-MODES = ["chat", "stream", "achat", "astream"]
 # (CHATCHAIN_WINDOW_TURNS, CHATCHAIN_WINDOW_TOKENS): the default, and others.
 WINDOWS = [(6, 3000), (4, 3000), (10, None), (None, None), (None, 500)]
 
@@ -57,21 +56,8 @@ def make_bot(server: OpenAITestServer, turns: int | None, tokens: int | None) ->
 
 def run(bot: Chatbot, mode: str, text: str) -> tuple[str, tuple[str, ...]]:
     """One turn in ``mode``: the reply's text and notices."""
-    if mode == "chat":
-        reply = bot.chat(text, session_id="s")
-        return reply.text, reply.notices
-    if mode == "achat":
-        areply = asyncio.run(bot.achat(text, session_id="s"))
-        return areply.text, areply.notices
-    if mode == "stream":
-        stream = bot.stream(text, session_id="s")
-        return "".join(stream), stream.notices
-
-    async def consume() -> tuple[str, tuple[str, ...]]:
-        astream = bot.astream(text, session_id="s")
-        return "".join([piece async for piece in astream]), astream.notices
-
-    return asyncio.run(consume())
+    done = turn(bot, mode, text)
+    return done.text, done.notices
 
 
 def sent(server: OpenAITestServer) -> list[int]:
@@ -84,7 +70,7 @@ def four_turns(bot: Chatbot) -> None:
         assert bot.chat(f"q{i}", session_id="s").text == f"Echo: q{i}"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 @pytest.mark.parametrize(("turns", "tokens"), WINDOWS)
 def test_the_retry_sends_half_of_what_overflowed(
     server: OpenAITestServer, mode: str, turns: int | None, tokens: int | None
@@ -105,7 +91,7 @@ def test_the_retry_sends_half_of_what_overflowed(
     assert len(bot.history("s")) == 10  # the whole transcript, saved once
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 def test_retries_halve_again_until_a_request_fits(mode: str) -> None:
     # Only the system message and the input fit: 8 -> 4 -> 2 -> 0 earlier messages.
     probe = OpenAITestServer()
@@ -121,7 +107,7 @@ def test_retries_halve_again_until_a_request_fits(mode: str) -> None:
         assert len(bot.history("s")) == 10
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 def test_an_input_that_alone_overflows_is_a_clear_error(mode: str) -> None:
     probe = OpenAITestServer()
     window = prompt_tokens(probe, [SYSTEM, "q4"]) - 1

@@ -42,11 +42,10 @@ from chatchain import (
 )
 from chatchain.testing import Fault, OpenAITestServer
 from chatchain.usage import UsageEntry
+from tests.entry_points import STREAMS, Turned, each_library_way, turn
 from tests.reliability.conftest import assert_ledger_adds_up, assert_no_hold_left
 
 KEY = "sk-LEAKCHECK-endpoint-0123456789abcdef"
-MODES = ["invoke", "stream", "ainvoke", "astream"]
-STREAMING = ["stream", "astream"]
 SID = "s"
 TIMEOUT = 4.75
 
@@ -113,40 +112,16 @@ def make_bot(
             loop.run_until_complete(client.close())
 
 
-@dataclass(frozen=True)
-class Done:
-    text: str
-    notices: tuple[str, ...]
-
-
 def take_turn(
     bot: Chatbot,
     mode: str,
     text: str,
     loop: asyncio.AbstractEventLoop,
     pieces: list[str] | None = None,
-) -> Done:
-    """One turn on session `SID` through ``mode``; streamed pieces are appended to ``pieces``."""
-    received = pieces if pieces is not None else []
-    if mode == "invoke":
-        reply = bot.chat(text, session_id=SID)
-        return Done(reply.text, reply.notices)
-    if mode == "stream":
-        stream = bot.stream(text, session_id=SID)
-        for piece in stream:
-            received.append(piece)
-        return Done(stream.text, stream.notices)
-    if mode == "ainvoke":
-        reply = loop.run_until_complete(bot.achat(text, session_id=SID))
-        return Done(reply.text, reply.notices)
-
-    async def consume() -> Done:
-        stream = bot.astream(text, session_id=SID)
-        async for piece in stream:
-            received.append(piece)
-        return Done(stream.text, stream.notices)
-
-    return loop.run_until_complete(consume())
+) -> Turned:
+    """One turn on session `SID` through ``mode``, async ones on the module's ``loop``;
+    streamed pieces are appended to ``pieces``."""
+    return turn(bot, mode, text, session_id=SID, loop=loop, pieces=pieces)
 
 
 @dataclass(frozen=True)
@@ -218,7 +193,7 @@ RETRIED = [
 ]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 @pytest.mark.parametrize(("fault", "requests", "least", "most"), RETRIED)
 def test_a_fault_retried_away_is_one_turn_and_one_entry(
     server: OpenAITestServer,
@@ -296,7 +271,7 @@ FAILURES = [
 
 
 @pytest.mark.slow  # 159 faults x stores x entry points
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 @pytest.mark.parametrize(("fault", "error", "requests", "overrides"), FAILURES)
 def test_a_failed_turn_stores_nothing_records_nothing_and_holds_nothing(
     server: OpenAITestServer,
@@ -335,7 +310,7 @@ def test_a_failed_turn_stores_nothing_records_nothing_and_holds_nothing(
     assert_no_hold_left(bot, SID)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 def test_connection_refused_changes_nothing_and_the_bot_recovers(
     make_bot: BotFactory, loop: asyncio.AbstractEventLoop, mode: str
 ) -> None:
@@ -364,7 +339,7 @@ def test_connection_refused_changes_nothing_and_the_bot_recovers(
 # -- a stream cut midway ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", STREAMING)
+@pytest.mark.parametrize("mode", STREAMS)
 def test_a_cut_stream_keeps_the_partial_reply_and_one_estimated_entry(
     server: OpenAITestServer,
     make_bot: BotFactory,
@@ -424,7 +399,7 @@ def seed_long_turns(bot: Chatbot, turns: int) -> list[BaseMessage]:
     return messages
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 def test_context_length_exceeded_is_retried_with_half_the_history_sent(
     make_bot: BotFactory, loop: asyncio.AbstractEventLoop, mode: str
 ) -> None:
@@ -448,7 +423,7 @@ def test_context_length_exceeded_is_retried_with_half_the_history_sent(
         assert_ledger_adds_up(bot)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 @pytest.mark.parametrize(
     "fault",
     [
@@ -482,7 +457,7 @@ def test_other_servers_context_overflow_is_retried_with_half_the_history_sent(
 # -- what a gateway's status means -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 def test_a_gateways_408_makes_the_fallback_model_answer(
     server: OpenAITestServer, make_bot: BotFactory, loop: asyncio.AbstractEventLoop, mode: str
 ) -> None:

@@ -29,11 +29,11 @@ from chatchain import Chatbot, EndpointTimeoutError, TurnDeadlineError
 from chatchain.stores import HistoryStore
 from chatchain.testing import Fault, OpenAITestServer
 from chatchain.usage import UsageLedger
+from tests.entry_points import each_library_way
 from tests.reliability import test_endpoint_faults as faults
 from tests.reliability.conftest import assert_ledger_adds_up, assert_no_hold_left
 from tests.reliability.test_endpoint_faults import (
     KEY,
-    MODES,
     SID,
     BotFactory,
     assert_one_exact_entry,
@@ -68,7 +68,7 @@ def hostile_bot(make_bot: BotFactory, server: OpenAITestServer, **overrides: Any
     return make_bot(server.base_url, timeout=2.0, turn_deadline=DEADLINE, **overrides)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 @pytest.mark.parametrize("fault", HOSTILE)
 def test_a_hostile_endpoint_is_cut_at_the_turn_deadline(
     server: OpenAITestServer,
@@ -123,7 +123,7 @@ def test_a_hostile_endpoint_is_cut_at_the_turn_deadline(
     assert_no_hold_left(bot, SID)
 
 
-@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+@pytest.mark.parametrize("mode", ["chat", "achat"])
 def test_the_summary_call_counts_against_the_deadline(
     server: OpenAITestServer, make_bot: BotFactory, loop: asyncio.AbstractEventLoop, mode: str
 ) -> None:
@@ -194,7 +194,7 @@ def test_another_process_gets_the_session_once_the_deadline_passes(
     ]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 def test_a_reply_under_another_model_name_is_stored_and_billed_once(
     server: OpenAITestServer, make_bot: BotFactory, loop: asyncio.AbstractEventLoop, mode: str
 ) -> None:
@@ -211,7 +211,7 @@ def test_a_reply_under_another_model_name_is_stored_and_billed_once(
 
 
 @pytest.mark.parametrize("store_url", [OWN_STORE])
-@pytest.mark.parametrize("mode", MODES)
+@each_library_way()
 @pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
 def test_a_lone_surrogate_is_stored_as_u_fffd_with_a_notice(
     request: pytest.FixtureRequest,

@@ -44,12 +44,11 @@ from chatchain.stores._redis import RedisStore
 from chatchain.stores._sqlite import SQLiteStore
 from chatchain.stores._sqlite import _connection as sqlite_connection
 from chatchain.testing import FakeChatModel, PostgresCluster, redis_server, redis_url_of
+from tests.entry_points import SYNC_ASYNC, each_library_way
 from tests.reliability.conftest import Gate, assert_ledger_adds_up, assert_no_hold_left
 from tests.stores.fixtures_postgres import wipe as wipe_postgres
 
 SID = "s"
-MODES = ["sync", "async"]
-ALL_MODES = ["chat", "achat", "stream", "astream"]
 
 
 def settings(**overrides: Any) -> Settings:
@@ -228,7 +227,7 @@ def outage(request: pytest.FixtureRequest) -> Iterator[Outage]:
         cluster.start()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SYNC_ASYNC)
 def test_a_server_down_while_the_model_thinks_journals_the_turn_and_saves_it_once_back(
     outage: Outage, mode: str
 ) -> None:
@@ -277,7 +276,7 @@ def stop_at_the_save(outage: Outage, store: HistoryStore, monkeypatch: pytest.Mo
     monkeypatch.setattr(store, "acommit_turn", failing_acommit)
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@each_library_way()
 def test_a_server_down_at_the_save_keeps_the_billed_turn_in_the_journal_then_saves_it_once(
     outage: Outage, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -376,7 +375,7 @@ def breakage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Breakag
         )
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SYNC_ASYNC)
 def test_a_failure_writing_the_messages_undoes_the_usage_too(breakage: Breakage, mode: str) -> None:
     # The usage and the messages are one write: when the messages cannot be written, the
     # entry is not left behind without them (it was, with usage first and messages second).
@@ -409,7 +408,7 @@ def test_a_failure_writing_the_messages_undoes_the_usage_too(breakage: Breakage,
 # -- SQLite: locked, damaged, full ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SYNC_ASYNC)
 def test_a_sqlite_file_locked_mid_turn_journals_the_turn_and_the_session_frees_itself(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -588,7 +587,7 @@ def test_a_lease_given_back_while_it_is_being_renewed_is_not_reported_lost(
     assert "Could not" not in caplog.text  # nothing failed on the way
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SYNC_ASYNC)
 def test_a_turn_whose_usage_could_not_be_recorded_gives_its_budget_hold_back(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,6 @@ every store runs it with the memory cache. Sync, streamed and async turns alike.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -21,34 +20,12 @@ from chatchain import Budget, Chatbot, ConfigurationError, Settings
 from chatchain.budgets import BudgetHold, BudgetLimit
 from chatchain.stores import HistoryStore, MemoryStore
 from chatchain.testing import FakeChatModel, tool_call_reply
+from tests.entry_points import LIBRARY, asker, each_library_way
 
 Ask = Callable[..., str]
 
 
-def _chat(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
-    return bot.chat(text, session_id=session, user_id=user).text
-
-
-def _stream(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
-    return "".join(bot.stream(text, session_id=session, user_id=user))
-
-
-def _achat(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
-    async def turn() -> str:
-        return (await bot.achat(text, session_id=session, user_id=user)).text
-
-    return asyncio.run(turn())
-
-
-def _astream(bot: Chatbot, text: str, session: str, user: str | None = None) -> str:
-    async def turn() -> str:
-        pieces = bot.astream(text, session_id=session, user_id=user)
-        return "".join([piece async for piece in pieces])
-
-    return asyncio.run(turn())
-
-
-WAYS = {"chat": _chat, "stream": _stream, "achat": _achat, "astream": _astream}
+_chat, _stream, _achat, _astream = (asker(way) for way in LIBRARY)
 
 
 def settings(cache: str, **overrides: object) -> Settings:
@@ -102,11 +79,11 @@ def _hit_and_miss(store: HistoryStore, cache: str, ask: Ask) -> None:
     bot.chain.close()  # the cache's file or client; the store is the caller's
 
 
-@pytest.mark.parametrize("way", list(WAYS))
+@each_library_way("way")
 def test_a_hit_sends_nothing_and_is_recorded_as_cached_on_every_store(
     store: HistoryStore, way: str
 ) -> None:
-    _hit_and_miss(store, "memory://", WAYS[way])
+    _hit_and_miss(store, "memory://", asker(way))
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -121,20 +98,20 @@ def cache_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-@pytest.mark.parametrize("way", list(WAYS))
+@each_library_way("way")
 def test_every_cache_backend(cache_url: str, way: str) -> None:
-    _hit_and_miss(MemoryStore(), cache_url, WAYS[way])
+    _hit_and_miss(MemoryStore(), cache_url, asker(way))
 
 
 SECRET = "Ann, your test results are back: positive."  # a sampled reply that tells a lot
 
 
-@pytest.mark.parametrize("way", list(WAYS))
+@each_library_way("way")
 def test_a_users_cached_reply_is_never_served_to_another_user(cache_url: str, way: str) -> None:
     fake = FakeChatModel(model_name="gpt-4o-mini", replies=[SECRET])
     store = MemoryStore()
     bot = Chatbot(settings(cache_url), llm=fake, store=store)
-    ask = WAYS[way]
+    ask = asker(way)
     assert ask(bot, "What did the lab say?", "a1", "ann") == SECRET
     # Bob sends Ann's exact first message: he is answered by the model, not with her reply.
     assert ask(bot, "What did the lab say?", "b1", "bob") == "Echo: What did the lab say?"
@@ -149,13 +126,13 @@ def test_a_users_cached_reply_is_never_served_to_another_user(cache_url: str, wa
     assert bot.usage(user_id="bob").cached_turns == 1
 
 
-@pytest.mark.parametrize("way", list(WAYS))
+@each_library_way("way")
 def test_with_the_shared_scope_every_user_is_served_the_same_reply(
     cache_url: str, way: str
 ) -> None:
     fake = FakeChatModel(model_name="gpt-4o-mini", replies=[SECRET])
     bot = Chatbot(settings(cache_url, cache_scope="shared"), llm=fake)
-    ask = WAYS[way]
+    ask = asker(way)
     assert ask(bot, "What did the lab say?", "a1", "ann") == SECRET
     assert ask(bot, "What did the lab say?", "b1", "bob") == SECRET  # the operator's choice
     assert ask(bot, "What did the lab say?", "n1") == SECRET
@@ -302,7 +279,7 @@ def _adds(messages: list[BaseMessage]) -> str | AIMessage:
     return tool_call_reply(("add", {"a": 2, "b": 3}))
 
 
-@pytest.mark.parametrize("way", list(WAYS))
+@each_library_way("way")
 def test_a_tool_turn_replayed_is_served_whole_from_the_cache(store: HistoryStore, way: str) -> None:
     calls: list[tuple[int, int]] = []
 
@@ -313,7 +290,7 @@ def test_a_tool_turn_replayed_is_served_whole_from_the_cache(store: HistoryStore
 
     fake = FakeChatModel(model_name="gpt-4o-mini", respond=_adds)
     bot = Chatbot(settings("memory://"), llm=fake, store=store, tools=[add])
-    ask = WAYS[way]
+    ask = asker(way)
     assert ask(bot, "What is 2 + 3?", "a") == ask(bot, "What is 2 + 3?", "b") == "The sum is 5."
     assert len(fake.calls) == 2  # the tool call and the answer, asked once each
     assert calls == [(2, 3), (2, 3)]  # tools still run: their results are part of the prompt

@@ -5,9 +5,6 @@ test server that refuses in LiteLLM's words. Sync, streamed and async turns alik
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
@@ -15,34 +12,16 @@ from chatchain import Chatbot, Settings
 from chatchain.stores import HistoryStore, Summary
 from chatchain.testing import OpenAITestServer
 from chatchain.window import summary_message
+from tests.entry_points import turn
 
 SYSTEM = "Be brief."
-
-
-def _chat(bot: Chatbot, text: str) -> tuple[str, tuple[str, ...]]:
-    reply = bot.chat(text, session_id="s")
-    return reply.text, reply.notices
-
-
-def _astream(bot: Chatbot, text: str) -> tuple[str, tuple[str, ...]]:
-    async def turn() -> tuple[str, tuple[str, ...]]:
-        stream = bot.astream(text, session_id="s")
-        return "".join([piece async for piece in stream]), stream.notices
-
-    return asyncio.run(turn())
-
-
-WAYS: dict[str, Callable[[Chatbot, str], tuple[str, tuple[str, ...]]]] = {
-    "chat": _chat,
-    "astream": _astream,
-}
 
 
 def _tokens(server: OpenAITestServer, texts: list[str]) -> int:
     return 3 + sum(server.count_tokens(text) + 4 for text in texts)
 
 
-@pytest.mark.parametrize("way", list(WAYS))
+@pytest.mark.parametrize("way", ["chat", "astream"])
 def test_the_retry_sends_half_of_the_history_that_overflowed(store: HistoryStore, way: str) -> None:
     turns = [m for i in range(4) for m in (HumanMessage(f"q{i}"), AIMessage(f"Echo: q{i}"))]
     store.append("s", turns)
@@ -55,7 +34,8 @@ def test_the_retry_sends_half_of_the_history_that_overflowed(store: HistoryStore
         settings = Settings(api_key="sk-test", base_url=server.base_url, max_retries=0)
         bot = Chatbot(settings, store=store, system=SYSTEM)
 
-        text, notices = WAYS[way](bot, "q4")
+        done = turn(bot, way, "q4")
+        text, notices = done.text, done.notices
 
         sent = [[m["content"] for m in r["body"]["messages"]] for r in server.requests]
     assert text == "Echo: q4"
