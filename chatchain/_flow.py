@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -198,7 +199,7 @@ async def arun(flow: Flow[T]) -> T:
         return stop.value  # type: ignore[no-any-return]
 
 
-def stream(flow: Generator[Any, Any, None]) -> Iterator[Any]:
+def stream(flow: Generator[Any, Any, None]) -> Generator[Any, None, None]:
     """Drive a stream flow: execute its effects, yield its other items to the caller.
 
     An exception at the caller's ``yield`` (``GeneratorExit`` when it closes the stream) is
@@ -225,7 +226,7 @@ def stream(flow: Generator[Any, Any, None]) -> Iterator[Any]:
         return
 
 
-async def astream(flow: Generator[Any, Any, None]) -> AsyncIterator[Any]:
+async def astream(flow: Generator[Any, Any, None]) -> AsyncGenerator[Any, None]:
     """`stream` for async callers: effects are awaited (a cancelled wait throws
     ``asyncio.CancelledError`` into the flow)."""
     try:

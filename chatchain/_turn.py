@@ -423,6 +423,15 @@ class Turn:
         """Restart the clock once the lock is held, so that waiting is not latency."""
         self.started = time.perf_counter()
 
+    def open_flow(self) -> Flow[None]:
+        """The turn's first steps once its lock is held: the session's journaled turns, the
+        turn a crash cut off, then the deadline starts and the summary is brought up to date."""
+        yield from self._replay_flow()
+        yield from self._recover_flow()
+        self.start_deadline()
+        yield from self._summarize_flow()
+        self.start_clock()
+
     # -- the deadline -------------------------------------------------------------------------
 
     def start_deadline(self) -> None:
@@ -473,14 +482,15 @@ class Turn:
     def end(self) -> None:
         """The turn is over: record what the endpoint billed if nothing else did, give back
         its budget hold, and shut out a worker it abandoned. Every turn ends here (or in
-        `aend`): one flow, `_end_flow`."""
-        run(self._end_flow())
+        `aend`): one flow, `end_flow`."""
+        run(self.end_flow())
 
     async def aend(self) -> None:
         """`end` for async callers."""
-        await arun(self._end_flow())
+        await arun(self.end_flow())
 
-    def _end_flow(self) -> Flow[None]:
+    def end_flow(self) -> Flow[None]:
+        """`end`, as a flow (see `_flow`)."""
         yield from _holding(self._ending)
         try:
             self._ended = True
@@ -672,13 +682,14 @@ class Turn:
             BudgetExceeded: Not even `MIN_REPLY_TOKENS` of reply fit a cap; nothing is sent.
             TurnDeadlineError: The turn is over (this is a worker it abandoned); nothing is sent.
         """
-        run(self._sending_flow(count_prompt))
+        run(self.sending_flow(count_prompt))
 
     async def asending(self, count_prompt: Callable[[], int]) -> None:
         """`sending` for async callers."""
-        await arun(self._sending_flow(count_prompt))
+        await arun(self.sending_flow(count_prompt))
 
-    def _sending_flow(self, count_prompt: Callable[[], int]) -> Flow[None]:
+    def sending_flow(self, count_prompt: Callable[[], int]) -> Flow[None]:
+        """`sending`, as a flow (see `_flow`)."""
         if self._ended or self.expired:
             raise self.deadline_error()
         count_prompt = _pending.once(count_prompt)

@@ -12,9 +12,22 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
+from langchain_core.messages import ChatMessageChunk
+from langchain_core.outputs import ChatGenerationChunk
+from langchain_openai.chat_models.base import OpenAIAPIContextOverflowError
+from pydantic import Field
 
-from chatchain import Budget, TurnDeadlineError, UsageLedger, create_chat_chain
+from chatchain import (
+    Budget,
+    Chatbot,
+    ContextTooLongError,
+    Settings,
+    TurnDeadlineError,
+    UsageLedger,
+    create_chat_chain,
+)
 from chatchain._flow import END, Do, Pull, arun, astream, blocking, call, run, stream
 from chatchain._turn import Turn
 from chatchain.stores import MemoryStore
@@ -209,3 +222,93 @@ def test_a_stream_stopped_early_still_runs_the_flows_cleanup_effects() -> None:
     assert saved == ["partial:a:1", "partial:ab:2"]
     assert "".join(stream(_items(box, saved))) == "abc"
     assert saved[-1] == "whole:abc"
+
+
+# -- the retry with less history: only while the caller has seen nothing -----------------------
+
+
+class _OverflowAfterAPiece(FakeChatModel):
+    """Streams one piece under another role than "assistant" (a `ChatMessageChunk`, as
+    langchain-openai makes of a delta whose role it does not know), then reports a context
+    overflow inside the stream; its first plain call overflows at once."""
+
+    overflowed: list[str] = Field(default_factory=list)
+
+    def _overflow(self) -> Exception:
+        self.overflowed.append("yes")
+        return OpenAIAPIContextOverflowError(
+            "Your input exceeds the context window of this model.",
+            request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"),
+            body=None,
+        )
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any) -> Any:
+        if not self.overflowed:
+            raise self._overflow()
+        return super()._generate(messages, stop, run_manager, **kw)
+
+    async def _agenerate(
+        self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> Any:
+        return self._generate(messages, stop, run_manager, **kw)
+
+    def _stream(self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any) -> Any:
+        if not self.overflowed:
+            yield ChatGenerationChunk(message=ChatMessageChunk(content="Sure! ", role="model"))
+            raise self._overflow()
+        yield from super()._stream(messages, stop, run_manager, **kw)
+
+    async def _astream(
+        self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> Any:
+        for chunk in self._stream(messages, stop, run_manager, **kw):
+            yield chunk
+
+
+def _take(bot: Chatbot, mode: str) -> tuple[str, list[str]]:
+    """What the caller of ``mode`` received (text, or the error's class) and the notices."""
+    if mode in ("chat", "achat"):
+        reply = (
+            bot.chat("again", session_id=SID)
+            if mode == "chat"
+            else asyncio.run(bot.achat("again", session_id=SID))
+        )
+        return reply.text, list(reply.notices)
+    pieces: list[str] = []
+    try:
+        if mode == "stream":
+            pieces.extend(bot.stream("again", session_id=SID))
+        else:
+
+            async def consume() -> None:
+                async for piece in bot.astream("again", session_id=SID):
+                    pieces.append(piece)
+
+            asyncio.run(consume())
+    except ContextTooLongError as exc:
+        return "".join(pieces) + f"<{type(exc).__name__}>", []
+    return "".join(pieces), []
+
+
+@pytest.mark.parametrize("mode", ["chat", "stream", "achat", "astream"])
+def test_an_overflow_after_the_caller_saw_a_piece_is_not_retried(
+    settings: Settings, mode: str
+) -> None:
+    # A retry with less history repeats the reply from its start: fine while nothing of it
+    # reached the caller (a plain call), not once a piece did, whatever that piece was.
+    model = _OverflowAfterAPiece(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=model, system="Be brief.")
+    model.overflowed.append("not yet")  # the first turn goes through: a history to drop
+    bot.chat("first", session_id=SID)
+    model.overflowed.clear()
+    calls = len(model.calls)
+
+    text, notices = _take(bot, mode)
+
+    if mode in ("chat", "achat"):  # nothing was shown: retried with the newest messages
+        assert text == "Echo: again"
+        assert any("retried with the newest" in notice for notice in notices)
+        assert len(model.calls) == calls + 1  # the retry (the overflowing call raised first)
+    else:  # the caller saw "Sure! ": no second reply after it
+        assert text == "Sure! <ContextTooLongError>"
+        assert model.overflowed == ["yes"]
