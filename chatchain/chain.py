@@ -414,13 +414,14 @@ class ChatChain(HistoryRunnable):
                     yield chunk
                 return
             except Exception as exc:
+                # Closed only here: a flow closed early (GeneratorExit) may be closed by the
+                # garbage collector with no driver to run an effect; its stream goes with it.
+                yield source.close()
                 if started:
                     raise
                 error = turn.failure(exc)
                 if not self._retry_smaller(error, turn):
                     _raise(self._final_error(error, turn, exc), exc)
-            finally:
-                yield source.close()
 
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         with self._lock(turn.session_id) as turn.fence:
