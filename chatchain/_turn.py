@@ -26,7 +26,6 @@ import time
 import unicodedata
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
     Generator,
     Iterator,
@@ -54,7 +53,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
 from chatchain import _deadline, _endpoint_errors, _metering, _pending
-from chatchain._flow import Do, Flow, arun, blocking, call, run
+from chatchain._flow import Do, Effect, Flow, arun, blocking, call, run
 from chatchain._journal import Journal, JournaledTurn, replay_in_background
 from chatchain._metering import Estimate
 from chatchain._money import format_usd
@@ -475,9 +474,13 @@ class Turn:
         """A block cancelled at the deadline, which then raises `TurnDeadlineError`."""
         return _deadline.abounded(self.deadline_at, self.deadline_error)
 
-    async def _abounded_call(self, call: Awaitable[Any]) -> Any:
+    def bounded_effect(self, effect: Effect) -> Effect:
+        """``effect`` (a model call), given up on at the deadline (`bounded`, `abounded`)."""
+        return Do(lambda: self.bounded(effect.run), lambda: self._abounded_run(effect))
+
+    async def _abounded_run(self, effect: Effect) -> Any:
         async with self.abounded():
-            return await call
+            return await effect.arun()
 
     def end(self) -> None:
         """The turn is over: record what the endpoint billed if nothing else did, give back
@@ -1187,13 +1190,14 @@ class Turn:
     def meter_only(self, reply: BaseMessage) -> None:
         """Record what a call cost when its reply is not kept (a structured reply that does
         not validate): the endpoint billed it. Nothing is stored in the history."""
-        run(self._meter_only_flow(reply))
+        run(self.meter_only_flow(reply))
 
     async def ameter_only(self, reply: BaseMessage) -> None:
         """`meter_only` for async callers."""
-        await arun(self._meter_only_flow(reply))
+        await arun(self.meter_only_flow(reply))
 
-    def _meter_only_flow(self, reply: BaseMessage) -> Flow[None]:
+    def meter_only_flow(self, reply: BaseMessage) -> Flow[None]:
+        """`meter_only`, as a flow (see `_flow`)."""
         entry = self._entry(reply)
         self._recorded(entry, reply)
         try:
@@ -1374,18 +1378,10 @@ class Turn:
         store = self.spec.store
         if store is None:
             return
-        recall, session_id, budgeted = self.spec.recall, self.session_id, self.budgeted
+        check = self._summary_check if self.budgeted else None
         try:
-            summary = yield Do(
-                lambda: recall.summarize(
-                    store, session_id, self._summary_check if budgeted else None, run=self.bounded
-                ),
-                lambda: recall.asummarize(
-                    store,
-                    session_id,
-                    self._asummary_check if budgeted else None,
-                    arun=self._abounded_call,
-                ),
+            summary = yield from self.spec.recall.summary_flow(
+                store, self.session_id, check, self.bounded_effect
             )
         except (BudgetExceeded, ConfigurationError, TurnDeadlineError):
             raise
@@ -1397,12 +1393,8 @@ class Turn:
             yield call(self.spec.ledger, "record", self._summary_entry(summary), release=self._hold)
             self._hold = None
 
-    # The recall calls these back (a sync check for `summarize`, an async one for `asummarize`).
-    def _summary_check(self, request: list[BaseMessage]) -> int:
-        return run(self._take_hold_flow(self.spec.recall.counter(request), summary=True))
-
-    async def _asummary_check(self, request: list[BaseMessage]) -> int:
-        return await arun(self._take_hold_flow(self.spec.recall.counter(request), summary=True))
+    def _summary_check(self, request: list[BaseMessage]) -> Flow[int]:
+        return self._take_hold_flow(self.spec.recall.counter(request), summary=True)
 
     def _summary_entry(self, call: SummaryCall) -> UsageEntry:
         entry = _metering.entry_from(

@@ -350,9 +350,11 @@ class ChatChain(HistoryRunnable):
             yield from turn.open_flow()
             while True:  # a retry after a context overflow sends less history each time
                 try:
-                    reply = yield Do(
-                        lambda: turn.bounded(lambda: invoke(value, turn.config, **kwargs)),
-                        lambda: turn._abounded_call(ainvoke(value, turn.config, **kwargs)),
+                    reply = yield turn.bounded_effect(
+                        Do(
+                            lambda: invoke(value, turn.config, **kwargs),
+                            lambda: ainvoke(value, turn.config, **kwargs),
+                        )
                     )
                     break
                 except Exception as exc:
