@@ -22,6 +22,10 @@ A *stream flow* also yields the items its caller reads (anything that is not an 
 ``GeneratorExit`` (or, async, the ``asyncio.CancelledError`` of the cancelled wait) into the
 flow where it stands and still executes the effects the flow yields while it cleans up (saving
 the partial reply), exactly as a plain generator's ``finally`` would run its calls.
+
+A flow yields cleanup effects only where a driver runs it: one that a caller may abandon to
+the garbage collector (LangChain does so with the streams it stops reading) can be closed
+before its driver, and a generator that yields while it is closed is an error.
 """
 
 from __future__ import annotations
