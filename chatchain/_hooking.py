@@ -2,18 +2,17 @@
 
 `Turn` calls these from the one place each event happens; each builds its event only when
 the chain has hooks, and `HookList.emit` keeps anything a hook raises out of the turn.
-`ends_turn` / `aends_turn` and `commits` / `acommits` wrap `Turn.end` / `Turn.aend` and
-`Turn.save` / `Turn.asave`, so that the event fires whatever those do or raise.
+`ending` and `committing` wrap the flows of `Turn.end` and `Turn.save` (one for the sync and
+the async drivers), so that the event fires whatever those do or raise.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -36,16 +35,15 @@ from chatchain.hooks import (
 )
 
 if TYPE_CHECKING:
+    from chatchain._flow import Flow
     from chatchain._turn import Turn
 
 __all__ = [
     "Events",
     "HookList",
-    "acommits",
-    "aends_turn",
     "as_hooks",
-    "commits",
-    "ends_turn",
+    "committing",
+    "ending",
     "first_token",
     "model_ended",
     "model_failed",
@@ -252,38 +250,15 @@ def _committed(turn: Turn, reply: BaseMessage, seconds: float, error: BaseExcept
     turn.spec.hooks.emit("on_commit", lambda: StoreCommitted(_info(turn), count, seconds, error))
 
 
-def commits(save: Callable[[T, BaseMessage], None]) -> Callable[[T, BaseMessage], None]:
-    """`Turn.save`, firing `StoreCommitted` when it returns or raises."""
-
-    @functools.wraps(save)
-    def saving(turn: T, reply: BaseMessage) -> None:
-        began = time.perf_counter()
-        try:
-            save(turn, reply)
-        except BaseException as exc:
-            _committed(turn, reply, time.perf_counter() - began, exc)
-            raise
-        _committed(turn, reply, time.perf_counter() - began, None)
-
-    return saving
-
-
-def acommits(
-    save: Callable[[T, BaseMessage], Awaitable[None]],
-) -> Callable[[T, BaseMessage], Awaitable[None]]:
-    """`commits` for `Turn.asave`."""
-
-    @functools.wraps(save)
-    async def saving(turn: T, reply: BaseMessage) -> None:
-        began = time.perf_counter()
-        try:
-            await save(turn, reply)
-        except BaseException as exc:
-            _committed(turn, reply, time.perf_counter() - began, exc)
-            raise
-        _committed(turn, reply, time.perf_counter() - began, None)
-
-    return saving
+def committing(turn: Turn, reply: BaseMessage, save: Flow[None]) -> Flow[None]:
+    """``save`` (the flow of `Turn.save`), firing `StoreCommitted` when it ends or raises."""
+    began = time.perf_counter()
+    try:
+        yield from save
+    except BaseException as exc:
+        _committed(turn, reply, time.perf_counter() - began, exc)
+        raise
+    _committed(turn, reply, time.perf_counter() - began, None)
 
 
 # -- the end of the turn ----------------------------------------------------------------------
@@ -330,29 +305,10 @@ def _ended(turn: Turn, error: BaseException | None) -> None:
     )
 
 
-def ends_turn(end: Callable[[T], None]) -> Callable[[T], None]:
-    """`Turn.end`, firing `TurnEnded` after it, whatever it does."""
-
-    @functools.wraps(end)
-    def ending(turn: T) -> None:
-        error = sys.exc_info()[1]
-        try:
-            end(turn)
-        finally:
-            _ended(turn, error)
-
-    return ending
-
-
-def aends_turn(end: Callable[[T], Awaitable[None]]) -> Callable[[T], Awaitable[None]]:
-    """`ends_turn` for `Turn.aend`."""
-
-    @functools.wraps(end)
-    async def ending(turn: T) -> None:
-        error = sys.exc_info()[1]
-        try:
-            await end(turn)
-        finally:
-            _ended(turn, error)
-
-    return ending
+def ending(turn: Turn, end: Flow[None]) -> Flow[None]:
+    """``end`` (the flow of `Turn.end`), firing `TurnEnded` after it, whatever it does."""
+    error = sys.exc_info()[1]
+    try:
+        yield from end
+    finally:
+        _ended(turn, error)

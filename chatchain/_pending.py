@@ -28,11 +28,10 @@ none, as recovering needs both in one write.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from uuid import uuid4
 from langchain_core.messages import AIMessage, BaseMessage, message_to_dict, messages_from_dict
 
 from chatchain import _metering
+from chatchain._flow import Effect, Flow, blocking, call, run
 from chatchain._metering import Estimate
 from chatchain.stores import HistoryStore
 
@@ -154,10 +154,6 @@ class Recovery:
         found = store.usage_entries(session_id=self.entry.session_id, since=self.started)
         return any(entry.id == self.entry.id for entry in found)
 
-    async def astored_already(self, store: HistoryStore) -> bool:
-        """`stored_already` for async callers."""
-        return await asyncio.to_thread(self.stored_already, store)
-
 
 def plan_recovery(spec: TurnSpec, session_id: str, token: str, text: str) -> Recovery:
     """What to store for the crashed turn whose record is ``text``.
@@ -198,47 +194,42 @@ def plan_recovery(spec: TurnSpec, session_id: str, token: str, text: str) -> Rec
     )
 
 
-def recover(spec: TurnSpec, session_id: str, fence: Fence | None) -> bool:
+def recover_flow(spec: TurnSpec, session_id: str, fence: Fence | None) -> Flow[bool]:
     """Store the turn a crash cut off on this session, if there is one; True if one was.
 
     The caller holds the session's lock (``fence`` is its fence) and has written no record
-    of its own yet.
+    of its own yet. Driven by `recover` and `arecover` (see `_flow`).
 
     Raises:
         SessionLockLostError: The caller lost the lock meanwhile; nothing was stored.
     """
     store = store_of(spec)
-    found = None if store is None else store.read_pending(session_id)
-    if store is None or found is None:
+    if store is None:
+        return False
+    found = yield call(store, "read_pending", session_id)
+    if found is None:
         return False
     recovery = plan_recovery(spec, session_id, *found)
-    if recovery.stored_already(store):
-        store.drop_pending(session_id, recovery.token)
+    if (yield blocking(recovery.stored_already, store)):
+        yield call(store, "drop_pending", session_id, recovery.token)
         return False
-    store.commit_turn(
-        session_id, recovery.messages, recovery.entry, release=recovery.hold, fence=fence
+    yield call(
+        store,
+        "commit_turn",
+        session_id,
+        recovery.messages,
+        recovery.entry,
+        release=recovery.hold,
+        fence=fence,
     )
-    store.drop_pending(session_id, recovery.token)
+    yield call(store, "drop_pending", session_id, recovery.token)
     _recovered(session_id, recovery)
     return True
 
 
-async def arecover(spec: TurnSpec, session_id: str, fence: Fence | None) -> bool:
-    """`recover` for async callers."""
-    store = store_of(spec)
-    found = None if store is None else await store.aread_pending(session_id)
-    if store is None or found is None:
-        return False
-    recovery = plan_recovery(spec, session_id, *found)
-    if await recovery.astored_already(store):
-        await store.adrop_pending(session_id, recovery.token)
-        return False
-    await store.acommit_turn(
-        session_id, recovery.messages, recovery.entry, release=recovery.hold, fence=fence
-    )
-    await store.adrop_pending(session_id, recovery.token)
-    _recovered(session_id, recovery)
-    return True
+def recover(spec: TurnSpec, session_id: str, fence: Fence | None) -> bool:
+    """`recover_flow` in the caller's thread."""
+    return run(recover_flow(spec, session_id, fence))
 
 
 def recover_session(spec: TurnSpec, session_id: str) -> bool:
@@ -288,28 +279,16 @@ RECOVERED = (
 """The notice on the turn that stored a crashed one first."""
 
 
-def log_failure(ahead: WriteAhead, what: str, write: Callable[..., bool], *args: str) -> None:
-    """Run a write of the record, logging (not raising) its failure: the turn goes on.
+def logged(ahead: WriteAhead, what: str, write: Effect) -> Flow[None]:
+    """Run ``write`` (a write of the record), logging (not raising) its failure: the turn
+    goes on.
 
     A checkpoint that fails keeps the older text. A record that could not be dropped (the
     store failed just then) is dropped by the next holder of the lock if the turn was stored
     (its entry is in the ledger); that of a turn that failed is stored as a crashed one.
     """
     try:
-        kept = write(*args)
-    except Exception as exc:
-        logger.warning(
-            "Session %r: could not %s its turn's record: %s", ahead.session_id, what, exc
-        )
-        return
-    if what == "checkpoint":
-        ahead.written(kept)
-
-
-async def alog_failure(ahead: WriteAhead, what: str, write: Awaitable[bool]) -> None:
-    """`log_failure` for async callers."""
-    try:
-        kept = await write
+        kept = yield write
     except Exception as exc:
         logger.warning(
             "Session %r: could not %s its turn's record: %s", ahead.session_id, what, exc

@@ -34,6 +34,7 @@ from langchain_core.utils.function_calling import convert_to_openai_function
 from pydantic import BaseModel, ValidationError
 
 from chatchain import _cache
+from chatchain._flow import Flow, arun, call, run
 from chatchain.errors import InvalidInputError, StructuredReplyError
 
 __all__ = [
@@ -267,31 +268,24 @@ class StructuredModel(Runnable[Any, Any]):
         return _reply_message(parsed, output["raw"])
 
     def _run(self, input: Any, config: RunnableConfig | None, schema: type[BaseModel]) -> AIMessage:
-        turn = _turn_of(config)
-        for method in self._methods():
-            try:
-                with _quiet_fallback_warnings():
-                    output = self._structured(schema, method, turn).invoke(input, config)
-            except Exception as exc:
-                if self._refused(exc, method):
-                    continue
-                raise
-            try:
-                return self._answer(schema, output, turn)
-            except StructuredReplyError:
-                if turn is not None:
-                    turn.meter_only(output["raw"])
-                raise
-        raise AssertionError("unreachable: function calling is always tried")  # pragma: no cover
+        return run(self._run_flow(input, config, schema))
 
     async def _arun(
         self, input: Any, config: RunnableConfig | None, schema: type[BaseModel]
     ) -> AIMessage:
+        return await arun(self._run_flow(input, config, schema))
+
+    def _run_flow(
+        self, input: Any, config: RunnableConfig | None, schema: type[BaseModel]
+    ) -> Flow[AIMessage]:
+        """The structured call: json_schema, else function calling for an endpoint that
+        refuses it; a reply that does not fit is metered (billed), then refused."""
         turn = _turn_of(config)
         for method in self._methods():
             try:
                 with _quiet_fallback_warnings():
-                    output = await self._structured(schema, method, turn).ainvoke(input, config)
+                    structured = self._structured(schema, method, turn)
+                    output = yield call(structured, "invoke", input, config)
             except Exception as exc:
                 if self._refused(exc, method):
                     continue
@@ -300,7 +294,7 @@ class StructuredModel(Runnable[Any, Any]):
                 return self._answer(schema, output, turn)
             except StructuredReplyError:
                 if turn is not None:
-                    await turn.ameter_only(output["raw"])
+                    yield from turn.meter_only_flow(output["raw"])
                 raise
         raise AssertionError("unreachable: function calling is always tried")  # pragma: no cover
 

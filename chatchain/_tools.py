@@ -25,8 +25,9 @@ import json
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.messages import (
@@ -43,6 +44,8 @@ from langchain_core.tools import BaseTool, StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ValidationError
 
+from chatchain import _flow
+from chatchain._flow import END, Pull, call
 from chatchain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -492,65 +495,56 @@ class ToolLoop(Runnable[Any, Any]):
 
     def _steps(
         self, messages: list[BaseMessage], config: RunnableConfig | None, streaming: bool
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, Any, None]:
+        """The rounds of a turn, as a stream flow (see `_flow`): the model's chunks and the
+        tool events, then the `_Final` reply."""
         turn = self._turn(config)
         messages = list(messages)
         for round_ in range(self.toolbox.rounds + 1):
             model = self._model(turn, round_, messages)
             if round_:
-                turn.sending(self._count(turn, messages, model is self.with_tools))
+                yield from turn.sending_flow(self._count(turn, messages, model is self.with_tools))
             if streaming:
-                chunks: list[AIMessageChunk] = []
-                for chunk in model.stream(messages, config):
-                    if isinstance(chunk, AIMessageChunk):
-                        chunks.append(chunk)
-                    yield chunk
-                reply = _merged(chunks)
+                reply = yield from self._streamed(model, messages, config)
             else:
-                reply = model.invoke(messages, config)
+                reply = yield call(model, "invoke", messages, config)
             requests = requests_of(reply) if model is self.with_tools else []
             if not requests:
                 yield _Final(turn.final(reply))
                 return
             reply = turn.open_step(reply)
-            yield from self.toolbox.run_step(requests, turn)
-            messages += turn.close_step()
-
-    async def _asteps(
-        self, messages: list[BaseMessage], config: RunnableConfig | None, streaming: bool
-    ) -> AsyncIterator[Any]:
-        turn = self._turn(config)
-        messages = list(messages)
-        for round_ in range(self.toolbox.rounds + 1):
-            model = self._model(turn, round_, messages)
-            if round_:
-                await turn.asending(self._count(turn, messages, model is self.with_tools))
-            if streaming:
-                chunks: list[AIMessageChunk] = []
-                async for chunk in model.astream(messages, config):
-                    if isinstance(chunk, AIMessageChunk):
-                        chunks.append(chunk)
-                    yield chunk
-                reply = _merged(chunks)
-            else:
-                reply = await model.ainvoke(messages, config)
-            requests = requests_of(reply) if model is self.with_tools else []
-            if not requests:
-                yield _Final(turn.final(reply))
-                return
-            reply = turn.open_step(reply)
-            async for event in self.toolbox.arun_step(requests, turn):
+            events = Pull(
+                partial(self.toolbox.run_step, requests, turn),
+                partial(self.toolbox.arun_step, requests, turn),
+            )
+            while (event := (yield events)) is not END:
                 yield event
             messages += turn.close_step()
 
+    @staticmethod
+    def _streamed(
+        model: Runnable[Any, Any], messages: list[BaseMessage], config: RunnableConfig | None
+    ) -> Generator[Any, Any, AIMessage]:
+        chunks: list[AIMessageChunk] = []
+        source = Pull(
+            lambda: model.stream(messages, config), lambda: model.astream(messages, config)
+        )
+        # No cleanup effect here: LangChain leaves a stream it stops reading to the garbage
+        # collector, which may close this flow before its driver (a yield then is an error).
+        while (chunk := (yield source)) is not END:
+            if isinstance(chunk, AIMessageChunk):
+                chunks.append(chunk)
+            yield chunk
+        return _merged(chunks)
+
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        for item in self._steps(_messages(input), config, streaming=False):
+        for item in _flow.stream(self._steps(_messages(input), config, streaming=False)):
             if isinstance(item, _Final):
                 return item.message
         raise AssertionError("the tool loop ended without a reply")  # pragma: no cover
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        async for item in self._asteps(_messages(input), config, streaming=False):
+        async for item in _flow.astream(self._steps(_messages(input), config, streaming=False)):
             if isinstance(item, _Final):
                 return item.message
         raise AssertionError("the tool loop ended without a reply")  # pragma: no cover
@@ -558,14 +552,14 @@ class ToolLoop(Runnable[Any, Any]):
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
-        for item in self._steps(_messages(input), config, streaming=True):
+        for item in _flow.stream(self._steps(_messages(input), config, streaming=True)):
             if not isinstance(item, _Final):
                 yield item
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
-        async for item in self._asteps(_messages(input), config, streaming=True):
+        async for item in _flow.astream(self._steps(_messages(input), config, streaming=True)):
             if not isinstance(item, _Final):
                 yield item
 

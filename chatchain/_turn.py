@@ -25,7 +25,6 @@ import time
 import unicodedata
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
     Generator,
     Iterator,
@@ -35,6 +34,7 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from functools import partial
 from typing import Any, NoReturn
 from uuid import uuid4
 
@@ -52,6 +52,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
 from chatchain import _deadline, _endpoint_errors, _hooking, _metering, _pending, budgets
+from chatchain._flow import Do, Effect, Flow, arun, blocking, call, run
 from chatchain._hooking import HookList
 from chatchain._journal import Journal, JournaledTurn, replay_in_background
 from chatchain._metering import Estimate
@@ -416,6 +417,15 @@ class Turn:
         """Restart the clock once the lock is held, so that waiting is not latency."""
         self.started = time.perf_counter()
 
+    def open_flow(self) -> Flow[None]:
+        """The turn's first steps once its lock is held: the session's journaled turns, the
+        turn a crash cut off, then the deadline starts and the summary is brought up to date."""
+        yield from self._replay_flow()
+        yield from self._recover_flow()
+        self.start_deadline()
+        yield from self._summarize_flow()
+        self.start_clock()
+
     # -- the deadline -------------------------------------------------------------------------
 
     def start_deadline(self) -> None:
@@ -469,51 +479,49 @@ class Turn:
         """A block cancelled at the deadline, which then raises `TurnDeadlineError`."""
         return _deadline.abounded(self.deadline_at, self.deadline_error)
 
-    async def _abounded_call(self, call: Awaitable[Any]) -> Any:
-        async with self.abounded():
-            return await call
+    def bounded_effect(self, effect: Effect) -> Effect:
+        """``effect`` (a model call), given up on at the deadline (`bounded`, `abounded`)."""
+        return Do(lambda: self.bounded(effect.run), lambda: self._abounded_run(effect))
 
-    @_hooking.ends_turn
+    async def _abounded_run(self, effect: Effect) -> Any:
+        async with self.abounded():
+            return await effect.arun()
+
     def end(self) -> None:
         """The turn is over: record what the endpoint billed if nothing else did, give back
-        its budget hold, and shut out a worker it abandoned."""
-        with self._ending:
+        its budget hold, and shut out a worker it abandoned. Every turn ends here (or in
+        `aend`): one flow, `end_flow`."""
+        run(self.end_flow())
+
+    async def aend(self) -> None:
+        """`end` for async callers."""
+        await arun(self.end_flow())
+
+    def end_flow(self) -> Flow[None]:
+        """`end`, as a flow (see `_flow`); the turn's hooks are told it ended."""
+        return _hooking.ending(self, self._end_flow())
+
+    def _end_flow(self) -> Flow[None]:
+        yield from _holding(self._ending)
+        try:
             self._ended = True
+        finally:
+            self._ending.release()
         try:
             entry = self._unmetered()
             if entry is not None:
-                self.spec.ledger.record(entry, release=self._hold)
+                yield call(self.spec.ledger, "record", entry, release=self._hold)
                 self._unmetered_recorded()
         except Exception:
             logger.exception("Session %r: the usage of a turn was not recorded", self.session_id)
         finally:
-            self.release()
+            yield from self._release_flow()
         ahead, self._ahead = self._ahead, None
         # A record whose bill is not in the ledger stays: whoever takes the session next
         # stores it as a crashed turn, with its estimated usage.
         if ahead is not None and ahead.kept and self._metered_or_unbilled():
-            _pending.log_failure(
-                ahead, "drop", ahead.store.drop_pending, self.session_id, ahead.token
-            )
-
-    @_hooking.aends_turn
-    async def aend(self) -> None:
-        """`end` for async callers (no worker there: async calls are cancelled)."""
-        self._ended = True
-        try:
-            entry = self._unmetered()
-            if entry is not None:
-                await self.spec.ledger.arecord(entry, release=self._hold)
-                self._unmetered_recorded()
-        except Exception:
-            logger.exception("Session %r: the usage of a turn was not recorded", self.session_id)
-        finally:
-            await self.arelease()
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.kept and self._metered_or_unbilled():
-            await _pending.alog_failure(
-                ahead, "drop", ahead.store.adrop_pending(self.session_id, ahead.token)
-            )
+            drop = call(ahead.store, "drop_pending", self.session_id, ahead.token)
+            yield from _pending.logged(ahead, "drop", drop)
 
     def _metered_or_unbilled(self) -> bool:
         """Whether the ledger has all the endpoint billed for the turn (or it billed nothing)."""
@@ -613,10 +621,10 @@ class Turn:
             return []
         message, results = self._open
         answered: list[BaseMessage] = [message]
-        for call in [*message.tool_calls, *message.invalid_tool_calls]:
-            call_id = str(call.get("id") or "")
+        for request in [*message.tool_calls, *message.invalid_tool_calls]:
+            call_id = str(request.get("id") or "")
             result = results.get(call_id) or ToolMessage(
-                INTERRUPTED, tool_call_id=call_id, name=call.get("name"), status="error"
+                INTERRUPTED, tool_call_id=call_id, name=request.get("name"), status="error"
             )
             answered.append(result)
         return answered
@@ -688,29 +696,25 @@ class Turn:
             BudgetExceeded: Not even `MIN_REPLY_TOKENS` of reply fit a cap; nothing is sent.
             TurnDeadlineError: The turn is over (this is a worker it abandoned); nothing is sent.
         """
+        run(self.sending_flow(count_prompt))
+
+    async def asending(self, count_prompt: Callable[[], int]) -> None:
+        """`sending` for async callers."""
+        await arun(self.sending_flow(count_prompt))
+
+    def sending_flow(self, count_prompt: Callable[[], int]) -> Flow[None]:
+        """`sending`, as a flow (see `_flow`)."""
         if self._ended or self.expired:
             raise self.deadline_error()
         count_prompt = _pending.once(count_prompt)
         self._next_call(count_prompt)
         if self.budgeted:
-            self._take_hold(count_prompt())
-        store = _pending.store_of(self.spec)
-        if store is not None:
-            ahead = self._ahead = self._ahead or _pending.WriteAhead.open(self, store)
-            ahead.written(store.write_pending(self.session_id, ahead.token, self._sent(ahead)))
-        _hooking.model_started(self)
-
-    async def asending(self, count_prompt: Callable[[], int]) -> None:
-        """`sending` for async callers."""
-        count_prompt = _pending.once(count_prompt)
-        self._next_call(count_prompt)
-        if self.budgeted:
-            await self._atake_hold(count_prompt())
+            yield from self._take_hold_flow(count_prompt())
         store = _pending.store_of(self.spec)
         if store is not None:
             ahead = self._ahead = self._ahead or _pending.WriteAhead.open(self, store)
             text = self._sent(ahead)
-            ahead.written(await store.awrite_pending(self.session_id, ahead.token, text))
+            ahead.written((yield call(store, "write_pending", self.session_id, ahead.token, text)))
         _hooking.model_started(self)
 
     # -- the write-ahead record of the turn (see `_pending`) -----------------------------------
@@ -723,35 +727,41 @@ class Turn:
 
     def recover(self) -> None:
         """Store first the turn a crash cut off on this session, if any (the lock is held)."""
-        if _pending.recover(self.spec, self.session_id, self.fence):
-            self.notice(_pending.RECOVERED)
+        run(self._recover_flow())
 
     async def arecover(self) -> None:
         """`recover` for async callers."""
-        if await _pending.arecover(self.spec, self.session_id, self.fence):
+        await arun(self._recover_flow())
+
+    def _recover_flow(self) -> Flow[None]:
+        if (yield from _pending.recover_flow(self.spec, self.session_id, self.fence)):
             self.notice(_pending.RECOVERED)
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """Whether the reply so far should be kept in the turn's record now (cheap)."""
+        ahead = self._ahead
+        return ahead is not None and time.monotonic() >= ahead.due
 
     def checkpoint(self) -> None:
         """Keep the reply so far in the turn's record, if a checkpoint is due (cheap if not)."""
-        ahead = self._ahead
-        if ahead is None or time.monotonic() < ahead.due:
-            return
-        text = ahead.checkpoint(self._text_so_far())
-        if text is not None:
-            _pending.log_failure(
-                ahead, "checkpoint", ahead.store.write_pending, self.session_id, ahead.token, text
-            )
+        if self.checkpoint_due:
+            run(self.checkpoint_flow())
 
     async def acheckpoint(self) -> None:
         """`checkpoint` for async callers."""
+        if self.checkpoint_due:
+            await arun(self.checkpoint_flow())
+
+    def checkpoint_flow(self) -> Flow[None]:
+        """The checkpoint, once `checkpoint_due` said it is (a stream checks that per chunk
+        without making a flow)."""
         ahead = self._ahead
-        if ahead is None or time.monotonic() < ahead.due:
-            return
+        assert ahead is not None
         text = ahead.checkpoint(self._text_so_far())
         if text is not None:
-            await _pending.alog_failure(
-                ahead, "checkpoint", ahead.store.awrite_pending(self.session_id, ahead.token, text)
-            )
+            write = call(ahead.store, "write_pending", self.session_id, ahead.token, text)
+            yield from _pending.logged(ahead, "checkpoint", write)
 
     def _text_so_far(self) -> str:
         return "".join(c.content for c in self._chunks if isinstance(c.content, str))
@@ -892,24 +902,21 @@ class Turn:
         self.reply_limit = self._sizing().reply_tokens(hold, prompt_tokens)
         return self.reply_limit
 
-    def _take_hold(self, prompt_tokens: int, summary: bool = False) -> int:
+    def _take_hold_flow(self, prompt_tokens: int, summary: bool = False) -> Flow[int]:
         """Hold what this call may cost; returns the ``max_tokens`` to send it with."""
-        # A worker abandoned at the deadline must not hold, nor send, afterwards.
-        with self._ending:
+        # A worker abandoned at the deadline must not hold, nor send, afterwards: the turn's
+        # end waits for a hold being taken, then gives it back.
+        yield from _holding(self._ending)
+        try:
             if self._ended or self.expired:
                 raise self.deadline_error()
-            self.release()
+            yield from self._release_flow()
             hold, limits = self._first_hold(prompt_tokens, summary)
-            while (refusal := self.spec.ledger.hold(hold, limits)) is not None:
+            while (refusal := (yield call(self.spec.ledger, "hold", hold, limits))) is not None:
                 hold = self._smaller_hold(prompt_tokens, hold, refusal, summary)
             return self._held(hold, prompt_tokens)
-
-    async def _atake_hold(self, prompt_tokens: int, summary: bool = False) -> int:
-        await self.arelease()
-        hold, limits = self._first_hold(prompt_tokens, summary)
-        while (refusal := await self.spec.ledger.ahold(hold, limits)) is not None:
-            hold = self._smaller_hold(prompt_tokens, hold, refusal, summary)
-        return self._held(hold, prompt_tokens)
+        finally:
+            self._ending.release()
 
     def _exceeded(self, refusal: BudgetRefusal, hold: BudgetHold) -> BudgetExceeded:
         error = budgets.exceeded(refusal, hold, self._sent_so_far())
@@ -947,15 +954,16 @@ class Turn:
 
     def release(self) -> None:
         """Give back the turn's budget hold, if it still has one (the turn failed)."""
-        if self._hold is not None:
-            hold, self._hold = self._hold, None
-            self.spec.ledger.release(hold)
+        run(self._release_flow())
 
     async def arelease(self) -> None:
         """`release` for async callers."""
+        await arun(self._release_flow())
+
+    def _release_flow(self) -> Flow[None]:
         if self._hold is not None:
             hold, self._hold = self._hold, None
-            await self.spec.ledger.arelease(hold)
+            yield call(self.spec.ledger, "release", hold)
 
     # -- the end of the turn -----------------------------------------------------------------
 
@@ -1018,7 +1026,6 @@ class Turn:
         self.usage = entry.usage()
         return [*self.input_messages, *self.steps, *self._exchange(), reply]
 
-    @_hooking.commits
     def save(self, reply: BaseMessage) -> None:
         """Store the turn, record its usage and end its budget hold, in one atomic write.
 
@@ -1028,6 +1035,18 @@ class Turn:
         Raises:
             SessionLockLostError: Another turn took the session; the reply was not saved.
         """
+        run(self.save_flow(reply))
+
+    async def asave(self, reply: BaseMessage) -> None:
+        """`save` for async callers."""
+        await arun(self.save_flow(reply))
+
+    def save_flow(self, reply: BaseMessage) -> Flow[None]:
+        """`save`, as a flow (see `_flow`); the turn's hooks are told of the commit."""
+        return _hooking.committing(self, reply, self._save_flow(reply))
+
+    def _save_flow(self, reply: BaseMessage) -> Flow[None]:
+        """`save`, as a flow (see `_flow`)."""
         entry = self._entry(reply)
         messages = self._recorded(entry, reply)
         store = self.spec.store
@@ -1035,80 +1054,53 @@ class Turn:
         # the turn's end still gives it back (see `release`) instead of stranding it.
         if store is not None and self.spec.ledger.store is store:
             try:
-                store.commit_turn(
-                    self.session_id, messages, entry, release=self._hold, fence=self.fence
+                yield call(
+                    store,
+                    "commit_turn",
+                    self.session_id,
+                    messages,
+                    entry,
+                    release=self._hold,
+                    fence=self.fence,
                 )
             except SessionLockLostError as exc:
                 self._hold, self._metered = None, True  # the store kept the usage
                 self._lock_lost(exc)
                 raise
             except StoreError as exc:  # the endpoint billed it: keep it for later
-                _raise_kept(self._journal(messages, entry, exc), exc)
+                _raise_kept((yield blocking(self._journal, messages, entry, exc)), exc)
             self._hold, self._metered = None, True
             return
         # The ledger lives elsewhere: usage first, as the endpoint has billed the call.
         try:
-            self.spec.ledger.record(entry, release=self._hold)
+            yield call(self.spec.ledger, "record", entry, release=self._hold)
         except StoreError as exc:
             if store is not None:  # the messages go elsewhere: they cannot wait in the journal
                 raise
-            _raise_kept(self._journal([], entry, exc), exc)
+            _raise_kept((yield blocking(self._journal, [], entry, exc)), exc)
         self._hold, self._metered = None, True
         if store is not None:
-            store.commit_turn(self.session_id, messages, fence=self.fence)
+            yield call(store, "commit_turn", self.session_id, messages, fence=self.fence)
         else:
-            self.spec.get_history(self.session_id).add_messages(messages)
-
-    @_hooking.acommits
-    async def asave(self, reply: BaseMessage) -> None:
-        """`save` for async callers."""
-        entry = self._entry(reply)
-        messages = self._recorded(entry, reply)
-        store = self.spec.store
-        if store is not None and self.spec.ledger.store is store:
-            try:
-                await store.acommit_turn(
-                    self.session_id, messages, entry, release=self._hold, fence=self.fence
-                )
-            except SessionLockLostError as exc:
-                self._hold, self._metered = None, True  # the store kept the usage
-                self._lock_lost(exc)
-                raise
-            except StoreError as exc:
-                _raise_kept(await asyncio.to_thread(self._journal, messages, entry, exc), exc)
-            self._hold, self._metered = None, True
-            return
-        try:
-            await self.spec.ledger.arecord(entry, release=self._hold)
-        except StoreError as exc:
-            if store is not None:
-                raise
-            _raise_kept(await asyncio.to_thread(self._journal, [], entry, exc), exc)
-        self._hold, self._metered = None, True
-        if store is not None:
-            await store.acommit_turn(self.session_id, messages, fence=self.fence)
-        else:
-            await self.spec.get_history(self.session_id).aadd_messages(messages)
+            yield call(self.spec.get_history(self.session_id), "add_messages", messages)
 
     def meter_only(self, reply: BaseMessage) -> None:
         """Record what a call cost when its reply is not kept (a structured reply that does
         not validate): the endpoint billed it. Nothing is stored in the history."""
-        entry = self._entry(reply)
-        self._recorded(entry, reply)
-        try:
-            self.spec.ledger.record(entry, release=self._hold)
-        except StoreError as exc:
-            self._journal_usage(entry, exc)
-        self._hold, self._metered = None, True
+        run(self.meter_only_flow(reply))
 
     async def ameter_only(self, reply: BaseMessage) -> None:
         """`meter_only` for async callers."""
+        await arun(self.meter_only_flow(reply))
+
+    def meter_only_flow(self, reply: BaseMessage) -> Flow[None]:
+        """`meter_only`, as a flow (see `_flow`)."""
         entry = self._entry(reply)
         self._recorded(entry, reply)
         try:
-            await self.spec.ledger.arecord(entry, release=self._hold)
+            yield call(self.spec.ledger, "record", entry, release=self._hold)
         except StoreError as exc:
-            await asyncio.to_thread(self._journal_usage, entry, exc)
+            yield blocking(self._journal_usage, entry, exc)
         self._hold, self._metered = None, True
 
     def record_billed(self) -> None:
@@ -1116,29 +1108,22 @@ class Turn:
 
         The endpoint billed those calls; a failed turn without tool rounds made none.
         """
-        if not self.steps or self.handler.successful_requests == 0:
-            return
-        entry = self._billed_entry()
-        try:
-            self.spec.ledger.record(entry, release=self._hold)
-            self._hold, self._metered = None, True
-        except StoreError as exc:  # the turn's own error is what the caller must see
-            self._journal_usage(entry, exc, quiet=True)
-        except Exception:
-            logger.exception(
-                "Session %r: the usage of a failed turn was not recorded", self.session_id
-            )
+        run(self.record_billed_flow())
 
     async def arecord_billed(self) -> None:
         """`record_billed` for async callers."""
+        await arun(self.record_billed_flow())
+
+    def record_billed_flow(self) -> Flow[None]:
+        """`record_billed`, as a flow (see `_flow`)."""
         if not self.steps or self.handler.successful_requests == 0:
             return
         entry = self._billed_entry()
         try:
-            await self.spec.ledger.arecord(entry, release=self._hold)
+            yield call(self.spec.ledger, "record", entry, release=self._hold)
             self._hold, self._metered = None, True
-        except StoreError as exc:
-            await asyncio.to_thread(self._journal_usage, entry, exc, quiet=True)
+        except StoreError as exc:  # the turn's own error is what the caller must see
+            yield blocking(partial(self._journal_usage, quiet=True), entry, exc)
         except Exception:
             logger.exception(
                 "Session %r: the usage of a failed turn was not recorded", self.session_id
@@ -1235,15 +1220,16 @@ class Turn:
         Raises:
             StoreError: The store still fails them (nothing was sent).
         """
-        _hooking.turn_started(self)  # the first step under the lock, on every entry point
-        if self.spec.journal is not None and self.spec.store is not None:
-            self.spec.journal.replay(self.session_id, self.fence)
+        run(self._replay_flow())
 
     async def areplay(self) -> None:
         """`replay` for async callers."""
-        _hooking.turn_started(self)
+        await arun(self._replay_flow())
+
+    def _replay_flow(self) -> Flow[None]:
+        _hooking.turn_started(self)  # the first step under the lock, on every entry point
         if self.spec.journal is not None and self.spec.store is not None:
-            await self.spec.journal.areplay(self.session_id, self.fence)
+            yield call(self.spec.journal, "replay", self.session_id, self.fence)
 
     def replay_others(self) -> None:
         """The turn went well, so the store is up: save other sessions' journaled turns, in
@@ -1280,49 +1266,33 @@ class Turn:
         Raises:
             BudgetExceeded: The summary call could pass a cap (the turn would too).
         """
-        if self.spec.store is None:
+        run(self._summarize_flow())
+
+    async def asummarize(self) -> None:
+        """`summarize` for async callers."""
+        await arun(self._summarize_flow())
+
+    def _summarize_flow(self) -> Flow[None]:
+        store = self.spec.store
+        if store is None:
             return
+        check = self._summary_check if self.budgeted else None
         try:
-            call = self.spec.recall.summarize(
-                self.spec.store,
-                self.session_id,
-                self._summary_check if self.budgeted else None,
-                run=self.bounded,
+            summary = yield from self.spec.recall.summary_flow(
+                store, self.session_id, check, self.bounded_effect
             )
         except (BudgetExceeded, ConfigurationError, TurnDeadlineError):
             raise
         except Exception as exc:  # the turn can go on without a fresher summary
-            self.release()
+            yield from self._release_flow()
             self._summary_failed(exc)
             return
-        if call is not None:
-            self.spec.ledger.record(self._summary_entry(call), release=self._hold)
+        if summary is not None:
+            yield call(self.spec.ledger, "record", self._summary_entry(summary), release=self._hold)
             self._hold = None
 
-    async def asummarize(self) -> None:
-        """`summarize` for async callers."""
-        if self.spec.store is None:
-            return
-        check = self._asummary_check if self.budgeted else None
-        try:
-            call = await self.spec.recall.asummarize(
-                self.spec.store, self.session_id, check, arun=self._abounded_call
-            )
-        except (BudgetExceeded, ConfigurationError, TurnDeadlineError):
-            raise
-        except Exception as exc:
-            await self.arelease()
-            self._summary_failed(exc)
-            return
-        if call is not None:
-            await self.spec.ledger.arecord(self._summary_entry(call), release=self._hold)
-            self._hold = None
-
-    def _summary_check(self, request: list[BaseMessage]) -> int:
-        return self._take_hold(self.spec.recall.counter(request), summary=True)
-
-    async def _asummary_check(self, request: list[BaseMessage]) -> int:
-        return await self._atake_hold(self.spec.recall.counter(request), summary=True)
+    def _summary_check(self, request: list[BaseMessage]) -> Flow[int]:
+        return self._take_hold_flow(self.spec.recall.counter(request), summary=True)
 
     def _summary_entry(self, call: SummaryCall) -> UsageEntry:
         entry = _metering.entry_from(
@@ -1363,6 +1333,23 @@ class Turn:
         logger.info(
             "Stream on session %r interrupted (%s); partial reply kept.", self.session_id, reason
         )
+
+
+def _holding(lock: threading.Lock) -> Flow[None]:
+    """Take ``lock``: at once when it is free (the common case), else waiting in a thread
+    (an async caller must not block its event loop; see `_acquire`)."""
+    if not lock.acquire(blocking=False):
+        yield Do(lock.acquire, partial(_acquire, lock))
+
+
+async def _acquire(lock: threading.Lock) -> bool:
+    """Wait for ``lock`` in a thread; a cancelled wait gives it back once the thread has it."""
+    waiting = asyncio.ensure_future(asyncio.to_thread(lock.acquire))
+    try:
+        return await asyncio.shield(waiting)
+    except asyncio.CancelledError:
+        waiting.add_done_callback(lambda _: lock.release())
+        raise
 
 
 def _raise_kept(error: StoreError, exc: StoreError) -> NoReturn:

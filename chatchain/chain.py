@@ -23,7 +23,7 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage
@@ -32,7 +32,8 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableSequence
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, PrivateAttr
 
-from chatchain import _cache, _endpoint_errors
+from chatchain import _cache, _endpoint_errors, _flow
+from chatchain._flow import END, Do, Flow, Pull, arun, call, run
 from chatchain._hooking import HookList, as_hooks
 from chatchain._journal import journal_for
 from chatchain._locks import SessionLocks
@@ -224,6 +225,14 @@ class ChatChain(HistoryRunnable):
     # -- the history sent with a turn -----------------------------------------------------
 
     def _enter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
+        return run(self._enter_history_flow(value, config))
+
+    async def _aenter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
+        return await arun(self._enter_history_flow(value, config))
+
+    def _enter_history_flow(self, value: Any, config: RunnableConfig) -> Flow[list[BaseMessage]]:
+        """The history a call is sent with (LangChain's hook, sync and async), then the
+        turn's budget check with what is about to be sent."""
         configurable = config["configurable"]
         inputs = self._get_input_messages(value)
         store = self._spec.store
@@ -231,15 +240,20 @@ class ChatChain(HistoryRunnable):
         if sent is not None and sent.retry is not None:
             history = sent.retry
         elif store is not None:
-            history = self._spec.recall.load(store, configurable["session_id"], inputs)
+            loaded = call(self._spec.recall, "load", store, configurable["session_id"], inputs)
+            history = yield loaded
         else:
-            history = self._window(configurable["message_history"].messages, inputs)
+            stored = configurable["message_history"]
+            messages = yield Do(lambda: stored.messages, stored.aget_messages)
+            history = self._window(messages, inputs)
         if sent is not None:
             sent.history = history
         history = history if self.history_messages_key else history + inputs
         turn = configurable.get(TURN_KEY)
         if turn is not None:  # the budget check, with what is about to be sent
-            turn.sending(partial(self._count_prompt, value, history, schema_of(config)))
+            yield from turn.sending_flow(
+                partial(self._count_prompt, value, history, schema_of(config))
+            )
         return history
 
     def _count_prompt(
@@ -253,26 +267,6 @@ class ChatChain(HistoryRunnable):
             return counter(messages) + counter.count_tools([schema])
         tools = self._spec.tools
         return counter(messages) + (tools.schema_tokens(counter) if tools else 0)
-
-    async def _aenter_history(self, value: Any, config: RunnableConfig) -> list[BaseMessage]:
-        configurable = config["configurable"]
-        inputs = self._get_input_messages(value)
-        store = self._spec.store
-        sent: _Sent | None = configurable.get(_SENT)
-        if sent is not None and sent.retry is not None:
-            history = sent.retry
-        elif store is not None:
-            history = await self._spec.recall.aload(store, configurable["session_id"], inputs)
-        else:
-            messages = await configurable["message_history"].aget_messages()
-            history = self._window(messages, inputs)
-        if sent is not None:
-            sent.history = history
-        history = history if self.history_messages_key else history + inputs
-        turn = configurable.get(TURN_KEY)
-        if turn is not None:
-            await turn.asending(partial(self._count_prompt, value, history, schema_of(config)))
-        return history
 
     def _window(self, messages: list[BaseMessage], inputs: list[BaseMessage]) -> list[BaseMessage]:
         # A plain get_session_history callable: no windowed reads and no summary to keep.
@@ -336,25 +330,7 @@ class ChatChain(HistoryRunnable):
         turn = self._begin(value, config)
         turn.on_tool = on_tool
         with self._lock(turn.session_id) as turn.fence:
-            try:
-                turn.replay()
-                turn.recover()
-                turn.start_deadline()
-                turn.summarize()
-                turn.start_clock()
-                while True:  # a retry after a context overflow sends less history each time
-                    try:
-                        reply = turn.bounded(partial(super().invoke, value, turn.config, **kwargs))
-                        break
-                    except Exception as exc:
-                        error = turn.failure(exc)
-                        if not self._retry_smaller(error, turn):
-                            turn.record_billed()
-                            _raise(self._final_error(error, turn, exc), exc)
-                reply = turn.storable(reply)
-                turn.save(reply)
-            finally:
-                turn.end()
+            reply = run(self._turn_flow(turn, value, kwargs))
         turn.replay_others()
         return reply, turn
 
@@ -370,28 +346,35 @@ class ChatChain(HistoryRunnable):
         turn = self._begin(value, config)
         turn.on_tool = on_tool
         async with self._alock(turn.session_id) as turn.fence:
-            try:
-                await turn.areplay()
-                await turn.arecover()
-                turn.start_deadline()
-                await turn.asummarize()
-                turn.start_clock()
-                while True:  # a retry after a context overflow sends less history each time
-                    try:
-                        async with turn.abounded():
-                            reply = await super().ainvoke(value, turn.config, **kwargs)
-                        break
-                    except Exception as exc:
-                        error = turn.failure(exc)
-                        if not self._retry_smaller(error, turn):
-                            await turn.arecord_billed()
-                            _raise(self._final_error(error, turn, exc), exc)
-                reply = turn.storable(reply)
-                await turn.asave(reply)
-            finally:
-                await turn.aend()
+            reply = await arun(self._turn_flow(turn, value, kwargs))
         turn.replay_others()
         return reply, turn
+
+    def _turn_flow(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Flow[BaseMessage]:
+        """One turn, under its session's lock: its call, retried with less history after a
+        context overflow, then saved; its end whatever happens."""
+        invoke, ainvoke = super().invoke, super().ainvoke
+        try:
+            yield from turn.open_flow()
+            while True:  # a retry after a context overflow sends less history each time
+                try:
+                    reply = yield turn.bounded_effect(
+                        Do(
+                            lambda: invoke(value, turn.config, **kwargs),
+                            lambda: ainvoke(value, turn.config, **kwargs),
+                        )
+                    )
+                    break
+                except Exception as exc:
+                    error = turn.failure(exc)
+                    if not self._retry_smaller(error, turn):
+                        yield from turn.record_billed_flow()
+                        _raise(self._final_error(error, turn, exc), exc)
+            reply = turn.storable(reply)
+            yield from turn.save_flow(reply)
+        finally:
+            yield from turn.end_flow()
+        return reply
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -422,63 +405,85 @@ class ChatChain(HistoryRunnable):
         turn.on_tool, turn.stream_events = on_tool, events
         return self._stream(turn, value, kwargs), turn
 
-    def _attempts(
+    def _attempts_flow(
         self, turn: Turn, value: Any, kwargs: dict[str, Any]
-    ) -> Generator[Any, None, None]:
-        # The model's chunks; "context length exceeded" before the first one retries with
-        # less history. (A worker thread runs it, with a deadline: it counts its own chunks,
-        # not the turn's.)
+    ) -> Generator[Any, Any, None]:
+        """The model's chunks (and tool events): "context length exceeded" before the first
+        of them retries with less history. Once anything came, the caller may have shown it:
+        no retry then (it would repeat it)."""
+        stream, astream = super().stream, super().astream
         started = False
         while True:
-            inner = cast("Generator[Any, None, None]", super().stream(value, turn.config, **kwargs))
+            source = Pull(
+                lambda: stream(value, turn.config, **kwargs),
+                lambda: astream(value, turn.config, **kwargs),
+            )
             try:
-                for chunk in inner:
+                while (chunk := (yield source)) is not END:
                     started = True
                     yield chunk
                 return
             except Exception as exc:
+                # Closed only here: a flow closed early (GeneratorExit) may be closed by the
+                # garbage collector with no driver to run an effect; its stream goes with it.
+                yield source.close()
                 if started:
                     raise
                 error = turn.failure(exc)
                 if not self._retry_smaller(error, turn):
                     _raise(self._final_error(error, turn, exc), exc)
-            finally:
-                inner.close()
 
     def _stream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         with self._lock(turn.session_id) as turn.fence:
-            try:
-                turn.replay()
-                turn.recover()
-                turn.start_deadline()
-                turn.summarize()
-                turn.start_clock()
-                inner = turn.bounded_stream(self._attempts(turn, value, kwargs))
-                try:
-                    for chunk in inner:
-                        if isinstance(chunk, (ToolStarted, ToolFinished)):
-                            if not turn.stream_events:
-                                continue
-                        else:
-                            turn.add_chunk(chunk)
-                            turn.checkpoint()
-                        yield chunk
-                except GeneratorExit:
-                    inner.close()
-                    turn.log_interrupted("stopped by the caller")
-                    turn.save(turn.partial_reply("cancelled"))
-                    raise
-                except BaseException as exc:
-                    inner.close()
-                    error = turn.failure(exc) if isinstance(exc, Exception) else None
-                    if turn.has_reply or not isinstance(exc, Exception):
-                        turn.log_interrupted(type(exc).__name__)
-                        turn.save(turn.partial_reply(str(error or type(exc).__name__)))
-                    _raise(error, exc)
-                turn.save(turn.streamed_reply())
-            finally:
-                turn.end()
+            yield from _flow.stream(self._stream_flow(turn, value, kwargs))
         turn.replay_others()
+
+    async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        async with self._alock(turn.session_id) as turn.fence:
+            chunks = _flow.astream(self._stream_flow(turn, value, kwargs))
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await chunks.aclose()
+        turn.replay_others()
+
+    def _stream_flow(
+        self, turn: Turn, value: Any, kwargs: dict[str, Any]
+    ) -> Generator[Any, Any, None]:
+        """One streamed turn, under its session's lock: the chunks for the caller, the partial
+        reply saved if the caller stops early or the stream fails, its end whatever happens."""
+        try:
+            yield from turn.open_flow()
+            source = Pull(
+                lambda: turn.bounded_stream(_flow.stream(self._attempts_flow(turn, value, kwargs))),
+                lambda: _abounded(turn, _flow.astream(self._attempts_flow(turn, value, kwargs))),
+            )
+            try:
+                while (chunk := (yield source)) is not END:
+                    if isinstance(chunk, (ToolStarted, ToolFinished)):
+                        if not turn.stream_events:
+                            continue
+                    else:
+                        turn.add_chunk(chunk)
+                        if turn.checkpoint_due:  # no flow made for a chunk with none due
+                            yield from turn.checkpoint_flow()
+                    yield chunk
+            except (GeneratorExit, asyncio.CancelledError):
+                yield source.close()
+                turn.log_interrupted("stopped by the caller")
+                yield from turn.save_flow(turn.partial_reply("cancelled"))
+                raise
+            except BaseException as exc:
+                yield source.close()
+                error = turn.failure(exc) if isinstance(exc, Exception) else None
+                if turn.has_reply or not isinstance(exc, Exception):
+                    turn.log_interrupted(type(exc).__name__)
+                    yield from turn.save_flow(turn.partial_reply(str(error or type(exc).__name__)))
+                _raise(error, exc)
+            yield from turn.save_flow(turn.streamed_reply())
+        finally:
+            yield from turn.end_flow()
 
     def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -499,67 +504,6 @@ class ChatChain(HistoryRunnable):
         turn = self._begin(value, config)
         turn.on_tool, turn.stream_events = on_tool, events
         return self._astream(turn, value, kwargs), turn
-
-    async def _aattempts(
-        self, turn: Turn, value: Any, kwargs: dict[str, Any]
-    ) -> AsyncIterator[Any]:
-        while True:  # a retry after a context overflow sends less history each time
-            inner = cast("AsyncGenerator[Any, None]", super().astream(value, turn.config, **kwargs))
-            try:
-                async for chunk in inner:
-                    yield chunk
-                return
-            except Exception as exc:
-                if turn.has_reply:
-                    raise
-                error = turn.failure(exc)
-                if not self._retry_smaller(error, turn):
-                    _raise(self._final_error(error, turn, exc), exc)
-            finally:
-                await inner.aclose()
-
-    async def _astream(self, turn: Turn, value: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
-        async with self._alock(turn.session_id) as turn.fence:
-            try:
-                await turn.areplay()
-                await turn.arecover()
-                turn.start_deadline()
-                await turn.asummarize()
-                turn.start_clock()
-                inner = cast("AsyncGenerator[Any, None]", self._aattempts(turn, value, kwargs))
-                stopped = _cancel_watch()
-                try:
-                    while True:
-                        try:  # only the wait for a chunk is cancelled: never the caller's code
-                            async with turn.abounded():
-                                chunk = await anext(inner)
-                        except StopAsyncIteration:
-                            stopped()
-                            break
-                        stopped()
-                        if isinstance(chunk, (ToolStarted, ToolFinished)):
-                            if not turn.stream_events:
-                                continue
-                        else:
-                            turn.add_chunk(chunk)
-                            await turn.acheckpoint()
-                        yield chunk
-                except (GeneratorExit, asyncio.CancelledError):
-                    await inner.aclose()
-                    turn.log_interrupted("stopped by the caller")
-                    await turn.asave(turn.partial_reply("cancelled"))
-                    raise
-                except BaseException as exc:
-                    await inner.aclose()
-                    error = turn.failure(exc) if isinstance(exc, Exception) else None
-                    if turn.has_reply or not isinstance(exc, Exception):
-                        turn.log_interrupted(type(exc).__name__)
-                        await turn.asave(turn.partial_reply(str(error or type(exc).__name__)))
-                    _raise(error, exc)
-                await turn.asave(turn.streamed_reply())
-            finally:
-                await turn.aend()
-        turn.replay_others()
 
     def without_memory(self, *, lock_timeout: float = 120.0) -> ChatChain:
         """A twin of this chain that sends each call's messages as they are, and stores none.
@@ -634,6 +578,22 @@ class _Forgotten(BaseChatMessageHistory):
 
 def _forget(session_id: str) -> BaseChatMessageHistory:
     return _Forgotten()
+
+
+async def _abounded(turn: Turn, chunks: AsyncGenerator[Any, None]) -> AsyncIterator[Any]:
+    """`Turn.bounded_stream` for async callers: only the wait for a chunk is bounded by the
+    deadline (and watched for a cancellation, see `_cancel_watch`), never the caller's code."""
+    stopped = _cancel_watch()
+    try:
+        while True:
+            async with turn.abounded():
+                chunk = await anext(chunks, END)
+            stopped()
+            if chunk is END:
+                return
+            yield chunk
+    finally:
+        await chunks.aclose()
 
 
 def _cancel_watch() -> Callable[[], None]:

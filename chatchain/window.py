@@ -31,9 +31,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from langchain_core.messages import (
@@ -48,6 +47,7 @@ from langchain_core.messages import (
 from langchain_core.runnables import Runnable, RunnableConfig
 
 from chatchain import _metering
+from chatchain._flow import Effect, Flow, arun, call, run
 from chatchain._tokens import TokenCounter
 from chatchain.errors import ConfigurationError, InvalidInputError
 from chatchain.stores import HistoryStore, Summary
@@ -415,66 +415,48 @@ class Recall:
             start = next((i for i in starts if start <= i < end), start)
         return end, loaded[start - base : end - base]
 
-    def summarize(
+    def summarize(self, store: HistoryStore, session_id: str) -> SummaryCall | None:
+        """Fold the turns beyond the window into the summary if enough have piled up (no
+        budget, no deadline: see `summary_flow`)."""
+        return run(self.summary_flow(store, session_id))
+
+    async def asummarize(self, store: HistoryStore, session_id: str) -> SummaryCall | None:
+        """`summarize` for async callers."""
+        return await arun(self.summary_flow(store, session_id))
+
+    def summary_flow(
         self,
         store: HistoryStore,
         session_id: str,
-        before_send: Callable[[list[BaseMessage]], int | None] | None = None,
-        run: Callable[[Callable[[], Any]], Any] | None = None,
-    ) -> SummaryCall | None:
+        before_send: Callable[[list[BaseMessage]], Flow[int]] | None = None,
+        bounded: Callable[[Effect], Effect] | None = None,
+    ) -> Flow[SummaryCall | None]:
         """Fold the turns beyond the window into the summary if enough have piled up.
 
         ``before_send`` sees the request first (a budget check may refuse it by raising) and
-        may return the ``max_tokens`` to send it with (the reply its budget hold covers);
-        ``run`` makes the model call (the turn's deadline bounds it). Returns the call's
+        returns the ``max_tokens`` to send it with (the reply its budget hold covers);
+        ``bounded`` wraps the model call (the turn's deadline bounds it). Returns the call's
         handler and latency, or ``None`` when no summary was due.
         """
-        summary = store.get_summary(session_id)
-        plan = self._summary_plan(store.count(session_id), summary)
+        summary = yield call(store, "get_summary", session_id)
+        plan = self._summary_plan((yield call(store, "count", session_id)), summary)
         if plan is None:
             return None
         start, upto = plan
-        turns = self._whole_turns(summary, store.load(session_id, start), start, upto)
+        loaded = yield call(store, "load", session_id, start)
+        turns = self._whole_turns(summary, loaded, start, upto)
         if turns is None:
             return None
         upto, older = turns
         request = self._request(summary, older)
-        limit = before_send(request) if before_send is not None else None
+        limit = (yield from before_send(request)) if before_send is not None else None
         model = self.summarizer if limit is None else self.summarizer.bind(max_tokens=limit)
         handler, started = _metering.new_handler(), time.perf_counter()
-        call = partial(
-            model.invoke, request, RunnableConfig(callbacks=[handler], run_name="summary")
-        )
-        reply = run(call) if run is not None else call()
+        config = RunnableConfig(callbacks=[handler], run_name="summary")
+        invoke = call(model, "invoke", request, config)
+        reply = yield (invoke if bounded is None else bounded(invoke))
         latency = time.perf_counter() - started
-        store.set_summary(session_id, Summary(self._fitted(reply), covers=upto))
-        return SummaryCall(handler, latency, self.summary_model_name)
-
-    async def asummarize(
-        self,
-        store: HistoryStore,
-        session_id: str,
-        before_send: Callable[[list[BaseMessage]], Awaitable[int | None]] | None = None,
-        arun: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
-    ) -> SummaryCall | None:
-        """`summarize` for async callers."""
-        summary = await store.aget_summary(session_id)
-        plan = self._summary_plan(await store.acount(session_id), summary)
-        if plan is None:
-            return None
-        start, upto = plan
-        turns = self._whole_turns(summary, await store.aload(session_id, start), start, upto)
-        if turns is None:
-            return None
-        upto, older = turns
-        request = self._request(summary, older)
-        limit = await before_send(request) if before_send is not None else None
-        model = self.summarizer if limit is None else self.summarizer.bind(max_tokens=limit)
-        handler, started = _metering.new_handler(), time.perf_counter()
-        call = model.ainvoke(request, RunnableConfig(callbacks=[handler], run_name="summary"))
-        reply = await (arun(call) if arun is not None else call)
-        latency = time.perf_counter() - started
-        await store.aset_summary(session_id, Summary(self._fitted(reply), covers=upto))
+        yield call(store, "set_summary", session_id, Summary(self._fitted(reply), covers=upto))
         return SummaryCall(handler, latency, self.summary_model_name)
 
     def _start(self, count: int, summary: Summary | None, window: HistoryWindow) -> int:
