@@ -10,8 +10,11 @@ Example:
 
 import logging as _logging
 
+from chatchain._async_clients import aclose_loop_client
 from chatchain._metering import get_openai_callback
+from chatchain._money import format_usd
 from chatchain._tools import ToolCall, ToolFinished, ToolStarted
+from chatchain._turn import MAX_SESSION_ID_LENGTH, validate_session_id
 from chatchain.chain import ChatChain, create_chat_chain, get_message_history
 from chatchain.chatbot import AsyncReplyStream, Chatbot, Reply, ReplyStream
 from chatchain.errors import (
@@ -64,6 +67,7 @@ __all__ = [
     "HistoryStore",
     "HistoryWindow",
     "InvalidInputError",
+    "MAX_SESSION_ID_LENGTH",
     "MemoryStore",
     "MissingAPIKeyError",
     "MissingPromptVariableError",
@@ -89,13 +93,16 @@ __all__ = [
     "UsageLedger",
     "UsageReport",
     "UserExistsError",
+    "aclose_loop_client",
     "create_chat_chain",
     "create_chat_model",
     "create_prompt",
     "create_summary_model",
+    "format_usd",
     "get_message_history",
     "get_openai_callback",
     "open_store",
+    "validate_session_id",
 ]
 
 # The one place the version is written: the build reads it from here (pyproject.toml's

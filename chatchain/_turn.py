@@ -93,6 +93,7 @@ __all__ = [
 logger = logging.getLogger("chatchain")
 
 MAX_SESSION_ID_LENGTH = 256
+"""The most characters a session id (or a user id) may have (see `validate_session_id`)."""
 
 DEFAULT_REPLY_LIMIT = 1000
 """The most reply tokens a call is sent with under a budget when no ``CHATCHAIN_MAX_TOKENS``
