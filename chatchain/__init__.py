@@ -50,7 +50,8 @@ from chatchain.stores import HistoryStore, MemoryStore, open_store
 from chatchain.usage import Budget, Usage, UsageEntry, UsageLedger, UsageReport
 from chatchain.window import HistoryWindow
 
-__all__ = [
+# Plainly sorted (tests/test_public_api.py), not isort-style (constants first) as RUF022 wants.
+__all__ = [  # noqa: RUF022
     "AsyncReplyStream",
     "AuthenticationError",
     "BadRequestError",
