@@ -85,7 +85,8 @@ _ROLES = {
 _EVENTS = {
     200: {
         "description": "The reply as JSON; with `Accept: text/event-stream`, server-sent "
-        "events: `text` {text} ..., then `usage` (as the JSON's usage), then `done` "
+        "events: `text` {text} ... (the pieces that arrive together in one event), then "
+        "`usage` (as the JSON's usage), then `done` "
         "{interrupted, notices}; a failure after the first text (or tool) event is an "
         "`error` event {type, message, status} that ends the stream. With the server's "
         "tools (`chatchain serve --tools MODULE`), each call is a `tool` event {phase: "

@@ -34,7 +34,8 @@ reply (``n`` above 1, tools and function calls, a non-text ``response_format``, 
 audio, images) is refused with 400, as is a field OpenAI does not define.
 
 With ``"stream": true`` the reply comes as ``chat.completion.chunk`` events ending with
-``data: [DONE]``. The usage chunk (``"choices": []``, the turn's ``usage``) is sent only when
+``data: [DONE]`` (the pieces that arrive together in one chunk). The usage chunk
+(``"choices": []``, the turn's ``usage``) is sent only when
 ``stream_options.include_usage`` is true, as OpenAI does; every other chunk then carries
 ``"usage": null``. A turn refused before its first piece answers with its HTTP status, as
 without streaming; a failure after it is a ``data: {"error": {...}}`` event, which the SDK
