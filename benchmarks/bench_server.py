@@ -29,7 +29,14 @@ What runs (everything on 127.0.0.1, started and stopped here)
    The machine's two cores also run this client and the test server: read the ratio as
    what a second worker adds on this machine, not as a bound.
 
-The figures go to ``docs/benchmarks.md`` (its "The chat service" section, replaced in
+4. Server CPU per relayed chunk (``--parts 4``, not in the default run): the test server
+   streams a ``--relay-chunks`` reply as fast as it can; ``--relay-streams`` turns at once on
+   one route, native SSE and the OpenAI route interleaved over ``--relay-rounds`` rounds after
+   a warm-up. Kept: the worker's CPU (``/proc``) over the chunks the endpoint streamed, turn
+   start and end included; each relayed text is checked to be exactly the reply. Printed,
+   not written to the docs. Runtime: under a minute.
+
+The figures of parts 1-3 go to ``docs/benchmarks.md`` (its "The chat service" section, replaced in
 place) and ``docs/img/bench-server.png``, unless ``--no-docs``. Runtime: about 3 minutes
 (``--quick``: about 1).
 """
@@ -96,11 +103,13 @@ def add_user(store_url: str, name: str) -> str:
 
 
 @contextmanager
-def serve(store_url: str, endpoint: str, workers: int = 1) -> Iterator[_servers.ServerProcess]:
+def serve(
+    store_url: str, endpoint: str, workers: int = 1, env: dict[str, str] | None = None
+) -> Iterator[_servers.ServerProcess]:
     """``chatchain serve`` over ``store_url``, once ``/healthz`` answers (with one worker, its
-    process is the worker)."""
+    process is the worker); ``env``: more settings."""
     port = free_port()
-    env = {**os.environ, **service_env(endpoint)}
+    env = {**os.environ, **service_env(endpoint), **(env or {})}
     argv = [sys.executable, "-m", "chatchain", "serve", "--port", str(port)]
     argv += ["--store", store_url, "--workers", str(workers)]
     process = subprocess.Popen(
@@ -351,6 +360,73 @@ async def streams(count: int, interval: float, chunks: int, ramp: float) -> dict
     }
 
 
+# -- part 4: server CPU per relayed chunk ---------------------------------------------------
+
+
+RELAY_ROUTES = ("native SSE", "OpenAI stream")
+
+
+async def relay_one(http: httpx.AsyncClient, route: str, session_id: str, words: str) -> int:
+    """One streamed turn of ``route``, read to its end; the chunks the endpoint streamed
+    (one per word, and "Echo:"), once the relayed text is checked to be exactly the reply."""
+    if route == "native SSE":
+        url, body = f"/v1/sessions/{session_id}/messages", {"text": words}
+        headers = {"Accept": "text/event-stream"}
+    else:
+        url, headers = "/v1/chat/completions", {"X-Session-Id": session_id}
+        body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": words}]}
+    text = ""
+    async with http.stream("POST", url, json=body, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[5:])
+            if route == "native SSE":
+                text += data.get("text", "") if isinstance(data, dict) else ""
+            else:
+                text += "".join(c["delta"].get("content") or "" for c in data["choices"])
+    assert text == f"Echo: {words}", text[-80:]
+    return len(words.split()) + 1
+
+
+async def relay(chunks: int, rounds: int, streams: int) -> dict[str, Any]:
+    """Server CPU per relayed chunk on each streaming route: ``streams`` turns of ``chunks``
+    chunks at once per measure, the routes interleaved over ``rounds`` rounds; the median."""
+    words = " ".join(f"w{n}" for n in range(chunks - 1))
+    found: dict[str, list[float]] = {route: [] for route in RELAY_ROUTES}
+    with (
+        _servers.openai_test_server() as endpoint,
+        tempfile.TemporaryDirectory(prefix="bench-server-") as folder,
+    ):
+        store = f"sqlite:///{Path(folder) / 'relay.db'}"
+        token = add_user(store, "bench")
+        long_turns = {"CHATCHAIN_WINDOW_TOKENS": str(10 * chunks)}  # the message fits
+        with serve(store, endpoint.base_url, env=long_turns) as server:
+            http = client(server.base_url, token, streams + 2)
+            order = list(RELAY_ROUTES)
+            for number in range(rounds + 1):  # round 0 warms up
+                for route in order:
+                    cpu = server.cpu_seconds()
+                    sent = await asyncio.gather(
+                        *(
+                            relay_one(http, route, f"{number}-{route[:2]}-{n}", words)
+                            for n in range(streams)
+                        )
+                    )
+                    if number:
+                        found[route].append(1e6 * (server.cpu_seconds() - cpu) / sum(sent))
+                order.reverse()
+            await http.aclose()
+    return {
+        "chunks": chunks,
+        "streams": streams,
+        "rounds": rounds,
+        "runs_us": found,
+        "us_per_chunk": {route: statistics.median(v) for route, v in found.items()},
+    }
+
+
 # -- part 3: workers ------------------------------------------------------------------------
 
 
@@ -524,7 +600,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ramp", type=float, default=None, help="seconds to start them (30)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
-    parser.add_argument("--parts", default="1,2,3", help="which parts to run (1,2,3)")
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run (1,2,3; 4)")
+    parser.add_argument("--relay-chunks", type=int, default=2000, help="part 4 (2000)")
+    parser.add_argument("--relay-rounds", type=int, default=5, help="part 4 (5)")
+    parser.add_argument("--relay-streams", type=int, default=4, help="part 4, at once (4)")
     parser.add_argument(
         "--render-only", type=Path, default=None, help="write the docs from this --json file"
     )
@@ -553,6 +632,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 endpoint.base_url, folder, (1, 2), 2 if args.quick else 3, 2 * turns
             )
             print(json.dumps(data["workers"], indent=1), flush=True)
+    if 4 in parts:
+        print("4. server CPU per relayed chunk ...", flush=True)
+        data["relay"] = await relay(args.relay_chunks, args.relay_rounds, args.relay_streams)
+        print(json.dumps(data["relay"], indent=1), flush=True)
     if 2 in parts:
         print(f"2. {count} streams ...", flush=True)
         data["streams"] = await streams(count, args.chunk_interval, chunks, ramp)

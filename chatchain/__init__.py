@@ -10,8 +10,11 @@ Example:
 
 import logging as _logging
 
+from chatchain._async_clients import aclose_loop_client
 from chatchain._metering import get_openai_callback
+from chatchain._money import format_usd
 from chatchain._tools import ToolCall, ToolFinished, ToolStarted
+from chatchain._turn import MAX_SESSION_ID_LENGTH, validate_session_id
 from chatchain.budgets import Budget
 from chatchain.chain import ChatChain, create_chat_chain, get_message_history
 from chatchain.chatbot import AsyncReplyStream, Chatbot, Reply, ReplyStream
@@ -60,7 +63,8 @@ from chatchain.stores import HistoryStore, MemoryStore, open_store
 from chatchain.usage import Usage, UsageEntry, UsageLedger, UsageReport
 from chatchain.window import HistoryWindow
 
-__all__ = [
+# Plainly sorted (tests/test_public_api.py), not isort-style (constants first) as RUF022 wants.
+__all__ = [  # noqa: RUF022
     "AsyncReplyStream",
     "AuthenticationError",
     "BadRequestError",
@@ -78,6 +82,7 @@ __all__ = [
     "HistoryStore",
     "HistoryWindow",
     "InvalidInputError",
+    "MAX_SESSION_ID_LENGTH",
     "MemoryStore",
     "MissingAPIKeyError",
     "MissingPromptVariableError",
@@ -112,13 +117,16 @@ __all__ = [
     "UsageLedger",
     "UsageReport",
     "UserExistsError",
+    "aclose_loop_client",
     "create_chat_chain",
     "create_chat_model",
     "create_prompt",
     "create_summary_model",
+    "format_usd",
     "get_message_history",
     "get_openai_callback",
     "open_store",
+    "validate_session_id",
 ]
 
 # The one place the version is written: the build reads it from here (pyproject.toml's

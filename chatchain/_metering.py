@@ -105,6 +105,11 @@ def _handler_class() -> type[OpenAICallbackHandler]:
     class TurnHandler(base):  # type: ignore[misc, valid-type]
         """The community handler, also keeping apart what replies from the cache added."""
 
+        # Run on the event loop: LangChain would hand each of an async stream's chunks to a
+        # thread of the default executor (a thread hop per chunk, for a handler that does
+        # nothing with them); `on_llm_end` only takes an uncontended lock.
+        run_inline = True
+
         def __init__(self) -> None:
             super().__init__()
             self.hits = CacheHits()

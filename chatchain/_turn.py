@@ -95,6 +95,7 @@ __all__ = [
 logger = logging.getLogger("chatchain")
 
 MAX_SESSION_ID_LENGTH = 256
+"""The most characters a session id (or a user id) may have (see `validate_session_id`)."""
 
 _NO_HITS = _metering.CacheHits()
 

@@ -329,6 +329,7 @@ class Chatbot:
         # A given model is checked at once; ChatOpenAI from the settings waits for the first
         # turn, so that managing sessions and reading usage need no API key.
         self._chain: ChatChain | None = None if llm is None else self._build_chain()
+        self._bare: ChatChain | None = None  # the chain without memory, built on first use
 
     @property
     def chain(self) -> ChatChain:
@@ -486,6 +487,97 @@ class Chatbot:
             on_tool=on_tool,
             events=True,
         )
+        return AsyncReplyStream(chunks, turn)
+
+    def _without_memory(self) -> ChatChain:
+        chain = self.chain  # outside the lock: building it takes the lock too
+        with self._building:
+            if self._bare is None:
+                self._bare = chain.without_memory(lock_timeout=self.settings.lock_timeout)
+            return self._bare
+
+    def _messages_call(
+        self,
+        messages: Sequence[BaseMessage],
+        session_id: str,
+        user_id: str | None,
+        limits: Sequence[BudgetLimit],
+    ) -> tuple[dict[str, Any], RunnableConfig]:
+        configurable: dict[str, Any] = {"session_id": session_id}
+        if user_id is not None:
+            configurable["user_id"] = user_id
+        if limits:
+            configurable["limits"] = limits
+        return {"messages": list(messages)}, {"configurable": configurable}
+
+    def chat_messages(
+        self,
+        messages: Sequence[BaseMessage],
+        *,
+        session_id: str,
+        user_id: str | None = None,
+        limits: Sequence[BudgetLimit] = (),
+    ) -> Reply:
+        """Send a whole conversation as it is and return the reply; store no history.
+
+        No system prompt is added, no history loaded, nothing written to the session (see
+        `ChatChain.without_memory`); the call is still metered in the ledger under
+        ``session_id`` (and ``user_id``), and capped by the budget and ``limits``. Give each
+        call a ``session_id`` of its own, or calls on one id wait for each other.
+
+        Raises:
+            BudgetExceeded: The call could pass a spending cap; nothing was sent.
+            EndpointError: The endpoint failed.
+
+        Example:
+            >>> from langchain_core.messages import HumanMessage, SystemMessage
+            >>> from chatchain.testing import FakeChatModel
+            >>> bot = Chatbot(llm=FakeChatModel())
+            >>> asked = [SystemMessage("Talk like a pirate."), HumanMessage("hi")]
+            >>> bot.chat_messages(asked, session_id="call-1").text, bot.history("call-1")
+            ('Echo: hi', [])
+        """
+        call = self._messages_call(messages, session_id, user_id, limits)
+        message, turn = self._without_memory().run_turn(*call)
+        return _reply(message, turn)
+
+    async def achat_messages(
+        self,
+        messages: Sequence[BaseMessage],
+        *,
+        session_id: str,
+        user_id: str | None = None,
+        limits: Sequence[BudgetLimit] = (),
+    ) -> Reply:
+        """`chat_messages` without blocking the event loop."""
+        call = self._messages_call(messages, session_id, user_id, limits)
+        message, turn = await self._without_memory().arun_turn(*call)
+        return _reply(message, turn)
+
+    def stream_messages(
+        self,
+        messages: Sequence[BaseMessage],
+        *,
+        session_id: str,
+        user_id: str | None = None,
+        limits: Sequence[BudgetLimit] = (),
+    ) -> ReplyStream:
+        """`chat_messages`, iterating over the reply's text as it arrives (see `stream`)."""
+        call = self._messages_call(messages, session_id, user_id, limits)
+        chunks, turn = self._without_memory().stream_turn(*call, events=True)
+        return ReplyStream(chunks, turn)
+
+    def astream_messages(
+        self,
+        messages: Sequence[BaseMessage],
+        *,
+        session_id: str,
+        user_id: str | None = None,
+        limits: Sequence[BudgetLimit] = (),
+    ) -> AsyncReplyStream:
+        """`stream_messages` for ``async for``."""
+        call = self._messages_call(messages, session_id, user_id, limits)
+        chunks, turn = self._without_memory().astream_turn(*call, events=True)
         return AsyncReplyStream(chunks, turn)
 
     async def achat_many(

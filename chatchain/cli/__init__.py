@@ -9,11 +9,24 @@ the ``cli`` extra: ``pip install 'chatchain[cli]'``.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["load_tools", "main"]
 
 # What `pip install 'chatchain[cli]'` adds; without any of them the command cannot start.
 _EXTRAS = frozenset({"click", "platformdirs", "prompt_toolkit", "rich"})
+
+
+def load_tools(spec: str) -> list[Any]:
+    """The tools of the module or file ``spec`` (``--tools MODULE``): its ``TOOLS`` list, else
+    its top-level ``@tool``s. Needs the ``cli`` extra (rich), as ``chatchain serve`` does.
+
+    Raises:
+        ConfigurationError: The module cannot be imported, or holds no tools.
+    """
+    from chatchain.cli._tools import load_tools as load
+
+    return load(spec)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,9 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatchain import __version__
-from chatchain._async_clients import aclose_loop_client
-from chatchain.chatbot import Chatbot
+from chatchain import Chatbot, Settings, __version__, aclose_loop_client
 from chatchain.server import _metrics, _native, _openai, _ops
 from chatchain.server._docs import install_docs
 from chatchain.server._errors import (
@@ -27,8 +26,7 @@ from chatchain.server._errors import (
 )
 from chatchain.server._limits import UserLimits
 from chatchain.server._page import install_page
-from chatchain.server._service import Service
-from chatchain.settings import Settings
+from chatchain.server._service import AppState, Service
 from chatchain.users import Users
 
 __all__ = ["TOOLS_ENV", "create_app"]
@@ -83,10 +81,10 @@ def create_app(
     )
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         _recover_in_background(service.bot)
         try:
-            yield
+            yield {"service": service, "started": int(time.time())}
         finally:
             _metrics.process_exited()
             if owned:
@@ -101,7 +99,6 @@ def create_app(
         docs_url=None,  # FastAPI's pages load from a CDN: /docs is served from the package
         redoc_url=None,
     )
-    app.state.chatchain = service
     install_error_handlers(app)
     app.include_router(_native.router)
     app.include_router(_openai.router)
@@ -123,7 +120,7 @@ def _tools_from_environment() -> list[Any]:
     spec = os.environ.get(TOOLS_ENV, "")
     if not spec:
         return []
-    from chatchain.cli._tools import load_tools  # rich, of the cli extra that serve needs
+    from chatchain.cli import load_tools  # rich, of the cli extra that serve needs
 
     return load_tools(spec)
 

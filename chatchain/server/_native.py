@@ -11,22 +11,25 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request, Response
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from chatchain._money import format_usd
-from chatchain._tools import ToolEvent, ToolStarted
-from chatchain.chatbot import AsyncReplyStream, Reply
-from chatchain.errors import ChatChainError, InvalidInputError
+from chatchain import (
+    AsyncReplyStream,
+    ChatChainError,
+    InvalidInputError,
+    Reply,
+    ToolFinished,
+    ToolStarted,
+    format_usd,
+)
 from chatchain.pricing import Pricer
 from chatchain.server import _metrics
-from chatchain.server._errors import HTTPProblem, error_body, public_message, status_of
+from chatchain.server._errors import HTTPProblem, error_body, status_of
 from chatchain.server._schemas import (
     BudgetLeftOut,
     MeOut,
@@ -51,11 +54,12 @@ from chatchain.server._service import (
     store_id,
     store_id_prefix,
 )
+from chatchain.server._streaming import Piece, relay, texts_joined
 from chatchain.stores import HistoryStore, Summary, TitleBackend
 from chatchain.usage import Usage
 from chatchain.users import User
 
-__all__ = ["first_piece", "router"]
+__all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -81,7 +85,8 @@ _ROLES = {
 _EVENTS = {
     200: {
         "description": "The reply as JSON; with `Accept: text/event-stream`, server-sent "
-        "events: `text` {text} ..., then `usage` (as the JSON's usage), then `done` "
+        "events: `text` {text} ... (the pieces that arrive together in one event), then "
+        "`usage` (as the JSON's usage), then `done` "
         "{interrupted, notices}; a failure after the first text (or tool) event is an "
         "`error` event {type, message, status} that ends the stream. With the server's "
         "tools (`chatchain serve --tools MODULE`), each call is a `tool` event {phase: "
@@ -207,117 +212,19 @@ async def _replace_last(service: Service, user: User, session_id: str) -> _Repla
     return replaced
 
 
-class _Pump:
-    """Runs a reply stream in a task of its own, handing its pieces over through a queue.
-
-    The response's task is cancelled when the client leaves (anyio cancels it, and keeps
-    cancelling every await under it); the turn's own task is then cancelled once, as
-    asyncio cancels, so the stream saves the partial reply, marked interrupted, exactly as
-    `AsyncReplyStream.aclose` does.
-
-    A cancellation can be lost on Python 3.11: ``asyncio.wait_for`` (langchain-openai wraps
-    each streamed chunk in it) returns the chunk instead when both happen at once. The next
-    piece then finds `stop` asked for and closes the stream itself, with the same effect.
-    """
-
-    def __init__(self, stream: AsyncReplyStream, *, tools: bool = False) -> None:
-        self.stream = stream
-        self._tools = tools
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._stopping = False
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        pieces = self.stream.events() if self._tools else self.stream
-        try:
-            async for piece in pieces:
-                if self._stopping:  # the cancellation was lost: stop here instead
-                    await self.stream.aclose()
-                    return
-                self._queue.put_nowait(
-                    ("text", piece) if isinstance(piece, str) else ("tool", piece)
-                )
-        except Exception as exc:
-            self._queue.put_nowait(("error", exc))
-        else:
-            self._queue.put_nowait(("end", None))
-
-    async def next(self) -> tuple[str, Any]:
-        """The next ``("text", piece)``, ``("tool", event)`` (with ``tools=True``),
-        ``("error", exception)`` or ``("end", None)``."""
-        return await self._queue.get()
-
-    async def stop(self) -> bool:
-        """Stop the turn if it still runs, and wait until it is saved; whether it was stopped."""
-        stopped = not self._task.done()
-        if stopped:
-            self._stopping = True
-            self._task.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait({self._task})
-        return stopped
-
-
 async def _stream(
     request: Request, service: Service, user: User, text: str, args: dict[str, Any]
 ) -> Response:
-    """The reply as server-sent events, once its first piece (or its error) is known.
-
-    Waiting for the first piece lets a turn refused before any text (bad input, budget,
-    busy session, endpoint down) answer with its own HTTP status, as the JSON route does. A
-    client that leaves before it stops the turn as one that leaves later does.
-    """
-    service.limits.open_stream(user.name)
-    _metrics.OPEN_STREAMS.inc()
-    pump: _Pump | None = None
-    try:
-        pump = _Pump(service.bot.astream(text, **args), tools=True)
-        first = await first_piece(request, pump)
-        if first is None:  # the client left: the turn was stopped, nobody to answer
-            _closed(service, user)
-            return Response(status_code=204)
-        if first[0] == "error":
-            raise first[1]
-    except BaseException as exc:
-        if pump is not None:
-            await pump.stop()
-        _closed(service, user)
-        if isinstance(exc, ChatChainError):
-            _log_failure(user, exc)
-        raise
-    return EventSourceResponse(_events(service, user, pump, first))
-
-
-async def first_piece(request: Request, pump: _Pump) -> tuple[str, Any] | None:
-    """The stream's first item, or ``None`` if the client left before it came.
-
-    The turn is then stopped (its user message is kept, the reply marked interrupted); the
-    metrics count it ``abandoned``, not ``interrupted``: none of the reply had come.
-    """
-    first = await _first(request, pump)
-    if first is None:
-        await pump.stop()
-        _metrics.left_before_turn()
-    return first
-
-
-async def _first(request: Request, pump: _Pump) -> tuple[str, Any] | None:
-    """The stream's first item, or ``None`` if the client disconnects before it comes."""
-    first = asyncio.ensure_future(pump.next())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not first.done():
-            first.cancel()
-    return first.result() if first.done() and not first.cancelled() else None
-
-
-async def _disconnected(request: Request) -> None:
-    # The body has been read: what comes next from the client can only be its leaving.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """The reply as server-sent events (see `relay`), tool events included."""
+    return await relay(
+        request,
+        service,
+        user,
+        lambda: service.bot.astream(text, **args),
+        _Events(),
+        tools=True,
+        on_failure=lambda exc: _log_failure(user, exc),
+    )
 
 
 def _log_failure(user: User, exc: Exception) -> None:
@@ -329,52 +236,42 @@ def _log_failure(user: User, exc: Exception) -> None:
     _log.warning("A turn of user %s failed: %s: %s", user.name, type(exc).__name__, exc)
 
 
-def _closed(service: Service, user: User) -> None:
-    _metrics.OPEN_STREAMS.dec()
-    service.limits.close_stream(user.name)
+def _event(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\r\ndata: {json.dumps(data, ensure_ascii=False)}\r\n\r\n".encode()
 
 
-def _event(event: str, data: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=event)
+class _Events:
+    """The native API's events: ``text``, ``tool``, then ``usage`` and ``done``, or ``error``."""
 
+    def start(self) -> bytes:
+        return b""
 
-async def _events(
-    service: Service, user: User, pump: _Pump, first: tuple[str, Any]
-) -> AsyncIterator[ServerSentEvent]:
-    kind, value = first
-    try:
-        while kind in ("text", "tool"):
-            yield _event("text", {"text": value}) if kind == "text" else _tool_event(value)
-            kind, value = await pump.next()
-        if kind == "error":
-            assert isinstance(value, Exception)
-            _log_failure(user, value)
-            yield _error_event(value)
-            return
-        stream = pump.stream
+    def pieces(self, pieces: Sequence[Piece]) -> bytes:
+        return b"".join(
+            _text_event(piece) if isinstance(piece, str) else _tool_event(piece)
+            for piece in texts_joined(pieces)
+        )
+
+    def end(self, stream: AsyncReplyStream) -> bytes:
         assert stream.usage is not None  # set when the stream ended
-        yield _event("usage", usage_out(stream.usage).model_dump())
-        yield _event("done", {"interrupted": False, "notices": list(stream.notices)})
-    finally:
-        await pump.stop()  # if the client left mid-stream: the partial reply is kept
-        _closed(service, user)
+        done = {"interrupted": False, "notices": list(stream.notices)}
+        return _event("usage", usage_out(stream.usage).model_dump()) + _event("done", done)
+
+    def error(self, kind: str, status: int, message: str) -> bytes:
+        return _event("error", {**error_body(kind, message)["error"], "status": status})
 
 
-def _tool_event(event: ToolEvent) -> ServerSentEvent:
+def _text_event(text: str) -> bytes:
+    # The hot path: one event per batch of pieces, written without a dict.
+    data = json.dumps(text, ensure_ascii=False)
+    return f'event: text\r\ndata: {{"text": {data}}}\r\n\r\n'.encode()
+
+
+def _tool_event(event: ToolStarted | ToolFinished) -> bytes:
     if isinstance(event, ToolStarted):
         started = {"id": event.id, "name": event.name, "args": event.args}
         return _event("tool", {"phase": "started", **started})
     return _event("tool", {"phase": "finished", **tool_call_out(event.call).model_dump()})
-
-
-def _error_event(exc: Exception) -> ServerSentEvent:
-    if isinstance(exc, ChatChainError):
-        kind, status, message = type(exc).__name__, status_of(exc), public_message(exc)
-    else:
-        kind, status = "InternalError", 500
-        message = "The server failed unexpectedly; see the server's log."
-    _metrics.ERRORS.labels(kind).inc()
-    return _event("error", {**error_body(kind, message)["error"], "status": status})
 
 
 @router.get("/sessions", response_model=Sessions)

@@ -34,7 +34,8 @@ reply (``n`` above 1, tools and function calls, a non-text ``response_format``, 
 audio, images) is refused with 400, as is a field OpenAI does not define.
 
 With ``"stream": true`` the reply comes as ``chat.completion.chunk`` events ending with
-``data: [DONE]``. The usage chunk (``"choices": []``, the turn's ``usage``) is sent only when
+``data: [DONE]`` (the pieces that arrive together in one chunk). The usage chunk
+(``"choices": []``, the turn's ``usage``) is sent only when
 ``stream_options.include_usage`` is true, as OpenAI does; every other chunk then carries
 ``"usage": null``. A turn refused before its first piece answers with its HTTP status, as
 without streaming; a failure after it is a ``data: {"error": {...}}`` event, which the SDK
@@ -53,25 +54,26 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 from uuid import uuid4
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Request
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.runnables import RunnableConfig
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from chatchain._turn import LIMITS_KEY
-from chatchain.chain import ChatChain
-from chatchain.chatbot import AsyncReplyStream, Reply
-from chatchain.errors import ChatChainError
+from chatchain import AsyncReplyStream, Reply, Usage
 from chatchain.server import _metrics
-from chatchain.server._errors import HTTPProblem, openai_error, public_message, status_of
-from chatchain.server._native import _Pump, first_piece
-from chatchain.server._service import Caller, Service, ServiceDep, session_header, store_id
-from chatchain.usage import Usage
+from chatchain.server._errors import HTTPProblem, openai_error
+from chatchain.server._service import (
+    Caller,
+    Service,
+    ServiceDep,
+    app_state,
+    session_header,
+    store_id,
+)
+from chatchain.server._streaming import Piece, relay
 from chatchain.users import User
 
 __all__ = ["ChatCompletionRequest", "router"]
@@ -243,30 +245,11 @@ def _langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
     return converted
 
 
-def _stateless_chain(request: Request, service: Service) -> ChatChain:
-    """The bot's chain without memory, built once per app."""
-    chain: ChatChain | None = getattr(request.app.state, "chatchain_stateless", None)
-    if chain is None:
-        chain = service.bot.chain.without_memory(lock_timeout=service.settings.lock_timeout)
-        request.app.state.chatchain_stateless = chain
-    return chain
-
-
-def _stateless_config(user: User, completion_id: str, service: Service) -> RunnableConfig:
-    configurable: dict[str, Any] = {
-        "session_id": store_id(user, completion_id),
-        "user_id": user.name,
-        LIMITS_KEY: service.users.limits(user),
-    }
-    return {"configurable": configurable}
-
-
 class _Call:
     """One request's turn, in either mode, up to the point where it is run."""
 
     def __init__(
         self,
-        request: Request,
         service: Service,
         user: User,
         body: ChatCompletionRequest,
@@ -282,33 +265,29 @@ class _Call:
             self.session = store_id(user, session_id)
         else:
             self.messages = _langchain_messages(body.messages)
-            self.chain = _stateless_chain(request, service)
+            # The call is metered under an id of its own: nothing waits for another call.
+            self.session = store_id(user, self.id)
         self.stateful = session_id is not None
 
     async def reply(self) -> Reply:
+        bot, limits = self.service.bot, self.service.users.limits(self.user)
         if self.stateful:
-            return await self.service.bot.achat(
-                self.text,
-                session_id=self.session,
-                user_id=self.user.name,
-                limits=self.service.users.limits(self.user),
+            return await bot.achat(
+                self.text, session_id=self.session, user_id=self.user.name, limits=limits
             )
-        config = _stateless_config(self.user, self.id, self.service)
-        message, turn = await self.chain.arun_turn({"messages": self.messages}, config)
-        assert turn.usage is not None  # set by the turn's save
-        return Reply(message.text, turn.usage, message, turn.session_id, tuple(turn.notices))
+        return await bot.achat_messages(
+            self.messages, session_id=self.session, user_id=self.user.name, limits=limits
+        )
 
     def stream(self) -> AsyncReplyStream:
+        bot, limits = self.service.bot, self.service.users.limits(self.user)
         if self.stateful:
-            return self.service.bot.astream(
-                self.text,
-                session_id=self.session,
-                user_id=self.user.name,
-                limits=self.service.users.limits(self.user),
+            return bot.astream(
+                self.text, session_id=self.session, user_id=self.user.name, limits=limits
             )
-        config = _stateless_config(self.user, self.id, self.service)
-        chunks, turn = self.chain.astream_turn({"messages": self.messages}, config)
-        return AsyncReplyStream(chunks, turn)
+        return bot.astream_messages(
+            self.messages, session_id=self.session, user_id=self.user.name, limits=limits
+        )
 
 
 def _usage_json(usage: Usage) -> dict[str, Any]:
@@ -342,10 +321,11 @@ async def chat_completions(
     ``"stream": true``), over chatchain: authenticated, metered and capped."""
     _metrics.serving(ROUTE)
     _refuse_unsupported(body)
-    call = _Call(request, service, user, body, session_header(x_session_id))
+    call = _Call(service, user, body, session_header(x_session_id))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(request, call, include_usage)
+        chunks = _Chunks(call, include_usage)
+        return await relay(request, service, user, call.stream, chunks)
     reply = await call.reply()
     return {
         "id": call.id,
@@ -365,35 +345,8 @@ async def chat_completions(
     }
 
 
-async def _stream(request: Request, call: _Call, include_usage: bool) -> Response:
-    """The reply as chunks, once its first piece (or its error) is known (see `_native`)."""
-    service, user = call.service, call.user
-    service.limits.open_stream(user.name)
-    _metrics.OPEN_STREAMS.inc()
-    pump: _Pump | None = None
-    try:
-        pump = _Pump(call.stream())
-        first = await first_piece(request, pump)
-        if first is None:  # the client left: the turn was stopped, nobody to answer
-            _closed(service, user)
-            return Response(status_code=204)
-        if first[0] == "error":
-            raise first[1]
-    except BaseException:
-        if pump is not None:
-            await pump.stop()
-        _closed(service, user)
-        raise
-    return EventSourceResponse(_chunks(call, pump, first, include_usage), ping=15)
-
-
-def _closed(service: Service, user: User) -> None:
-    _metrics.OPEN_STREAMS.dec()
-    service.limits.close_stream(user.name)
-
-
 class _Chunks:
-    """Builds the ``chat.completion.chunk`` events of one reply."""
+    """The ``chat.completion.chunk`` events of one reply, ending with ``data: [DONE]``."""
 
     def __init__(self, call: _Call, include_usage: bool) -> None:
         self.head = {
@@ -404,60 +357,47 @@ class _Chunks:
             "system_fingerprint": None,
         }
         self.include_usage = include_usage
+        # A text chunk is written around its text (the hot path: no dict per chunk); the
+        # same JSON as `delta` writes.
+        around = _json(self.delta_chunk({"content": "\0"})).split('"\\u0000"')
+        self._before, self._after = (b"data: " + around[0].encode(), around[1].encode())
 
-    def delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> ServerSentEvent:
+    def delta_chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> Any:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         chunk: dict[str, Any] = {**self.head, "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None
-        return _data(chunk)
+        return chunk
 
-    def usage(self, usage: Usage) -> ServerSentEvent:
-        return _data({**self.head, "choices": [], "usage": _usage_json(usage)})
+    def start(self) -> bytes:
+        return _data(self.delta_chunk({"role": "assistant", "content": ""}))
+
+    def pieces(self, pieces: Sequence[Piece]) -> bytes:
+        text = "".join(piece for piece in pieces if isinstance(piece, str))
+        if not text:
+            return b""
+        content = _json(text).encode()
+        return b"".join((self._before, content, self._after, b"\r\n\r\n"))
+
+    def end(self, stream: AsyncReplyStream) -> bytes:
+        assert stream.usage is not None  # set when the stream ended
+        events = _data(self.delta_chunk({}, stream.finish_reason or "stop"))
+        if self.include_usage:
+            usage = {**self.head, "choices": [], "usage": _usage_json(stream.usage)}
+            events += _data(usage)
+        return events + b"data: [DONE]\r\n\r\n"
+
+    def error(self, kind: str, status: int, message: str) -> bytes:
+        _, body, _ = openai_error(status, kind, message)
+        return _data(body)
 
 
-def _data(data: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=_json(data))
+def _data(data: Any) -> bytes:
+    return b"data: " + _json(data).encode() + b"\r\n\r\n"
 
 
 def _json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-
-async def _chunks(
-    call: _Call, pump: _Pump, first: tuple[str, Any], include_usage: bool
-) -> AsyncIterator[ServerSentEvent]:
-    chunks = _Chunks(call, include_usage)
-    kind, value = first
-    try:
-        yield chunks.delta({"role": "assistant", "content": ""})
-        while kind == "text":
-            yield chunks.delta({"content": value})
-            kind, value = await pump.next()
-        if kind == "error":
-            assert isinstance(value, Exception)
-            yield _error_event(value)
-            return
-        stream = pump.stream
-        assert stream.usage is not None  # set when the stream ended
-        yield chunks.delta({}, stream.finish_reason or "stop")
-        if include_usage:
-            yield chunks.usage(stream.usage)
-        yield ServerSentEvent(data="[DONE]")
-    finally:
-        await pump.stop()  # if the client left mid-stream: the partial reply is kept
-        _closed(call.service, call.user)
-
-
-def _error_event(exc: Exception) -> ServerSentEvent:
-    if isinstance(exc, ChatChainError):
-        status, kind, message = status_of(exc), type(exc).__name__, public_message(exc)
-    else:
-        status, kind = 500, "InternalError"
-        message = "The server failed unexpectedly; see the server's log."
-    _metrics.ERRORS.labels(kind).inc()
-    _, body, _ = openai_error(status, kind, message)
-    return _data(body)
 
 
 def _model_object(service: Service, created: int) -> dict[str, Any]:
@@ -484,7 +424,4 @@ def get_model(model: str, request: Request, user: Caller, service: ServiceDep) -
 
 
 def _started(request: Request) -> int:
-    started: int | None = getattr(request.app.state, "chatchain_started", None)
-    if started is None:
-        started = request.app.state.chatchain_started = int(time.time())
-    return started
+    return app_state(request)["started"]

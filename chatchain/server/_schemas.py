@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatchain._tools import ToolCall
-from chatchain.usage import Usage
+from chatchain import ToolCall, Usage
 
 __all__ = [
     "BudgetLeftOut",

@@ -8,23 +8,23 @@ against the user's requests per minute (429); ``service: ServiceDep`` is the `Se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypedDict, cast
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from chatchain._turn import MAX_SESSION_ID_LENGTH, validate_session_id
-from chatchain.chatbot import Chatbot
-from chatchain.errors import InvalidInputError
+from chatchain import MAX_SESSION_ID_LENGTH, Chatbot, InvalidInputError, validate_session_id
 from chatchain.server._errors import HTTPProblem
 from chatchain.server._limits import UserLimits
 from chatchain.settings import Settings
 from chatchain.users import User, Users
 
 __all__ = [
+    "AppState",
     "Caller",
     "Service",
     "ServiceDep",
+    "app_state",
     "caller",
     "get_service",
     "own_id",
@@ -53,10 +53,26 @@ class Service:
     limits: UserLimits
 
 
+class AppState(TypedDict):
+    """What the app's lifespan hands every request (Starlette's lifespan state).
+
+    Attributes:
+        service: The app's `Service`.
+        started: When the app started (Unix seconds): the ``created`` of ``/v1/models``.
+    """
+
+    service: Service
+    started: int
+
+
+def app_state(request: Request) -> AppState:
+    """The lifespan state of the app that received ``request``."""
+    return cast(AppState, request.scope["state"])
+
+
 def get_service(request: Request) -> Service:
     """The `Service` of the app that received ``request``."""
-    service: Service = request.app.state.chatchain
-    return service
+    return app_state(request)["service"]
 
 
 _bearer = HTTPBearer(

@@ -89,6 +89,7 @@ def _service(cache: str, scope: str) -> tuple[FakeChatModel, Callable[[str], Tes
 
     def client(name: str) -> TestClient:
         client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()  # the app's lifespan, which hands the requests its state
         client.headers["Authorization"] = f"Bearer {users.add(name)}"
         return client
 
@@ -100,7 +101,7 @@ def clients() -> Iterator[list[TestClient]]:
     opened: list[TestClient] = []
     yield opened
     for client in opened:
-        client.close()
+        client.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("route", list(ROUTES))

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,7 +27,7 @@ from fastapi.testclient import TestClient
 
 from chatchain import Chatbot, Settings, errors
 from chatchain.server import create_app
-from chatchain.stores import MemoryStore
+from chatchain.stores import MemoryStore, open_store
 from chatchain.testing import FakeChatModel, Fault, OpenAITestServer
 from chatchain.users import Users
 from tests.server.conftest import Service, start_service
@@ -238,6 +239,35 @@ def test_a_client_that_leaves_before_the_reply_began_is_abandoned_not_interrupte
             before, "chatchain_turns_total", labels
         )
     assert sample(after, "chatchain_open_streams") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", list(LEAVING))
+def test_a_client_that_leaves_before_the_first_piece_ends_the_turn_on_every_route(
+    service: Service, user: tuple[str, str], endpoint: OpenAITestServer, way: str
+) -> None:
+    # The endpoint sends keep-alive comments only; the client gives up after 1 s. Each
+    # streaming route ends the turn as the native one does: the user's message kept with an
+    # empty reply marked interrupted (with a session), the call in the ledger, no hold left.
+    endpoint.add_fault(Fault(keep_alive=60, interval=0.05))
+    auth = {"Authorization": f"Bearer {user[1]}"}
+    with (
+        httpx.Client(base_url=service.url, headers=auth, timeout=httpx.Timeout(60, read=1)) as c,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        c.post(**LEAVING[way])
+    with closing(open_store(service.store_url)) as store:
+        deadline = time.monotonic() + 20  # not the endpoint's 60 s
+        while not store.usage_entries(user_id=user[0]):
+            assert time.monotonic() < deadline, "the turn was not ended"
+            time.sleep(0.05)
+        if way != "openai-stateless":
+            history = store.load(f"{user[0]}:gone")
+            assert [(m.type, m.text) for m in history] == [("human", "hi"), ("ai", "")]
+            assert history[1].response_metadata["interrupted"] is True
+    database = service.store_url.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(database)) as conn:
+        assert conn.execute("SELECT count(*) FROM budget_holds").fetchone() == (0,)
 
 
 # X-Session-Id over a real server: the header's bytes as a client sends them (TestClient's

@@ -135,13 +135,13 @@ def test_the_stream_sends_tool_events_in_order_among_the_text(
         received = list(events(response))
 
     kinds = [(kind, data.get("phase")) for kind, data in received]
-    assert kinds == [
+    # The text's pieces that arrive together come in one event: one text event or more.
+    runs = [kind for i, kind in enumerate(kinds) if i == 0 or kind != kinds[i - 1]]
+    assert runs == [
         ("tool", "started"),
         ("tool", "finished"),
         ("tool", "started"),
         ("tool", "finished"),
-        ("text", None),
-        ("text", None),
         ("text", None),
         ("usage", None),
         ("done", None),
@@ -152,7 +152,7 @@ def test_the_stream_sends_tool_events_in_order_among_the_text(
         "name": "get_weather",
         "args": {"city": "Oslo"},
     }
-    finished = received[3][1]
+    finished = received[3][1]  # the tool events each come alone
     assert finished.pop("seconds") >= 0
     assert finished == {
         "phase": "finished",
