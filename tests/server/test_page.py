@@ -157,7 +157,10 @@ def test_sign_in_send_and_watch_the_reply_stream(
     seen = [text.strip() for text in page.evaluate("window.seen")]
     flat = final.replace("\n", "")
     assert seen[-1] == flat
-    assert len(seen) >= 3, seen  # at least the two words before the pause, then more
+    # The first words before the pause, then the rest (pieces that come within a few ms of
+    # each other go out as one event, so the rest may come at once).
+    assert len(seen) >= 2, seen
+    assert "Echo: streaming" in seen, seen  # shown while the reply paused
     assert all(flat.startswith(text) for text in seen), seen
     usage = page.locator(".message.assistant .usage").inner_text()
     assert USAGE_LINE.match(usage), usage
