@@ -29,20 +29,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    ToolMessage,
-    message_chunk_to_message,
-)
-from langchain_core.messages.ai import add_ai_message_chunks
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableWithFallbacks
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.tools import BaseTool, StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ValidationError
 
+from chatchain._streaming import StreamedReply
 from chatchain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -433,14 +427,6 @@ def bind_tools(model: Runnable[Any, Any], tools: Sequence[BaseTool]) -> Runnable
     return bound
 
 
-def _merged(chunks: list[AIMessageChunk]) -> AIMessage:
-    if not chunks:
-        return AIMessage(content="")
-    message = message_chunk_to_message(add_ai_message_chunks(*chunks))
-    assert isinstance(message, AIMessage)
-    return message
-
-
 @dataclass(frozen=True)
 class _Final:
     """The loop's answer, at the end of its items (never shown to a stream's reader)."""
@@ -500,12 +486,12 @@ class ToolLoop(Runnable[Any, Any]):
             if round_:
                 turn.sending(self._count(turn, messages, model is self.with_tools))
             if streaming:
-                chunks: list[AIMessageChunk] = []
+                folded = StreamedReply()  # the reply's text, not its chunks
                 for chunk in model.stream(messages, config):
                     if isinstance(chunk, AIMessageChunk):
-                        chunks.append(chunk)
+                        folded.add(chunk)
                     yield chunk
-                reply = _merged(chunks)
+                reply = folded.message()
             else:
                 reply = model.invoke(messages, config)
             requests = requests_of(reply) if model is self.with_tools else []
@@ -526,12 +512,12 @@ class ToolLoop(Runnable[Any, Any]):
             if round_:
                 await turn.asending(self._count(turn, messages, model is self.with_tools))
             if streaming:
-                chunks: list[AIMessageChunk] = []
+                folded = StreamedReply()
                 async for chunk in model.astream(messages, config):
                     if isinstance(chunk, AIMessageChunk):
-                        chunks.append(chunk)
+                        folded.add(chunk)
                     yield chunk
-                reply = _merged(chunks)
+                reply = folded.message()
             else:
                 reply = await model.ainvoke(messages, config)
             requests = requests_of(reply) if model is self.with_tools else []

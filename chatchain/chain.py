@@ -32,7 +32,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableSequence
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, PrivateAttr
 
-from chatchain import _cache, _endpoint_errors
+from chatchain import _cache, _endpoint_errors, _streaming
 from chatchain._journal import journal_for
 from chatchain._locks import SessionLocks
 from chatchain._runnable_history import HistoryRunnable
@@ -426,7 +426,7 @@ class ChatChain(HistoryRunnable):
             try:
                 for chunk in inner:
                     started = True
-                    yield chunk
+                    yield _streaming.unwrapped(chunk)
                 return
             except Exception as exc:
                 if started:
@@ -499,7 +499,7 @@ class ChatChain(HistoryRunnable):
             inner = cast("AsyncGenerator[Any, None]", super().astream(value, turn.config, **kwargs))
             try:
                 async for chunk in inner:
-                    yield chunk
+                    yield _streaming.unwrapped(chunk)
                 return
             except Exception as exc:
                 if turn.has_reply:
