@@ -73,6 +73,7 @@ from langchain_core.runnables import (
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.config import merge_configs
 
+from chatchain import _streaming
 from chatchain.errors import ConfigurationError
 
 __all__ = [
@@ -687,14 +688,6 @@ def _as_chunk(reply: BaseMessage) -> AIMessageChunk:
     return AIMessageChunk(**reply.model_dump(exclude={"type"}))
 
 
-def _generation(chunks: list[AIMessageChunk]) -> list[Generation]:
-    from langchain_core.messages import message_chunk_to_message
-    from langchain_core.messages.ai import add_ai_message_chunks
-
-    merged = add_ai_message_chunks(chunks[0], *chunks[1:])
-    return [ChatGeneration(message=message_chunk_to_message(merged))]
-
-
 class _CachedModel(RunnableBinding[Any, Any]):
     """A chat model with the cache on, each call under its own key (see `_Call`).
 
@@ -750,13 +743,14 @@ class _CachedModel(RunnableBinding[Any, Any]):
         if found is not None:
             yield _as_chunk(self._on(_CallCache(call, found)).invoke(input, config, **kwargs))
             return
-        chunks = []
-        for chunk in super().stream(input, config, **kwargs):
+        reply = _streaming.StreamedReply()  # its text, not its chunks (see `_streaming`)
+        config, kwargs = self._merge_configs(config), {**self.kwargs, **kwargs}
+        for chunk in _streaming.stream(self.bound, input, config, **kwargs):
             if isinstance(chunk, AIMessageChunk):
-                chunks.append(chunk)
+                reply.add(chunk)
             yield chunk
-        if chunks:  # the stream ran to its end: cache the whole reply
-            call.update(_generation(chunks))
+        if reply:  # the stream ran to its end: cache the whole reply
+            call.update([ChatGeneration(message=reply.message())])
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
@@ -767,10 +761,11 @@ class _CachedModel(RunnableBinding[Any, Any]):
             view = _CallCache(call, found)
             yield _as_chunk(await self._on(view).ainvoke(input, config, **kwargs))
             return
-        chunks = []
-        async for chunk in super().astream(input, config, **kwargs):
+        reply = _streaming.StreamedReply()
+        config, kwargs = self._merge_configs(config), {**self.kwargs, **kwargs}
+        async for chunk in _streaming.astream(self.bound, input, config, **kwargs):
             if isinstance(chunk, AIMessageChunk):
-                chunks.append(chunk)
+                reply.add(chunk)
             yield chunk
-        if chunks:
-            await call.aupdate(_generation(chunks))
+        if reply:
+            await call.aupdate([ChatGeneration(message=reply.message())])

@@ -33,7 +33,7 @@ from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.utils.function_calling import convert_to_openai_function
 from pydantic import BaseModel, ValidationError
 
-from chatchain import _cache
+from chatchain import _cache, _streaming
 from chatchain._flow import Flow, arun, call, run
 from chatchain.errors import InvalidInputError, StructuredReplyError
 
@@ -315,7 +315,9 @@ class StructuredModel(Runnable[Any, Any]):
     ) -> Iterator[Any]:
         schema = schema_of(config)
         if schema is None:
-            yield from self.step.stream(input, config, **kwargs)
+            chunks = self.step.stream(input, config, **kwargs)
+            # In a turn, relayed: the chain's runnables then keep no chunk (see `Relay`).
+            yield from chunks if _turn_of(config) is None else _streaming.relayed(chunks)
             return
         yield _as_chunk(self._run(input, config, schema))  # validated whole, then sent
 
@@ -324,7 +326,10 @@ class StructuredModel(Runnable[Any, Any]):
     ) -> AsyncIterator[Any]:
         schema = schema_of(config)
         if schema is None:
-            async for chunk in self.step.astream(input, config, **kwargs):
+            chunks = self.step.astream(input, config, **kwargs)
+            if _turn_of(config) is not None:
+                chunks = _streaming.arelayed(chunks)
+            async for chunk in chunks:
                 yield chunk
             return
         yield _as_chunk(await self._arun(input, config, schema))

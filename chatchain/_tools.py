@@ -30,14 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    ToolMessage,
-    message_chunk_to_message,
-)
-from langchain_core.messages.ai import add_ai_message_chunks
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableWithFallbacks
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.tools import BaseTool, StructuredTool
@@ -46,6 +39,7 @@ from pydantic import ValidationError
 
 from chatchain import _flow
 from chatchain._flow import END, Pull, call
+from chatchain._streaming import StreamedReply
 from chatchain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -436,14 +430,6 @@ def bind_tools(model: Runnable[Any, Any], tools: Sequence[BaseTool]) -> Runnable
     return bound
 
 
-def _merged(chunks: list[AIMessageChunk]) -> AIMessage:
-    if not chunks:
-        return AIMessage(content="")
-    message = message_chunk_to_message(add_ai_message_chunks(*chunks))
-    assert isinstance(message, AIMessage)
-    return message
-
-
 @dataclass(frozen=True)
 class _Final:
     """The loop's answer, at the end of its items (never shown to a stream's reader)."""
@@ -525,7 +511,7 @@ class ToolLoop(Runnable[Any, Any]):
     def _streamed(
         model: Runnable[Any, Any], messages: list[BaseMessage], config: RunnableConfig | None
     ) -> Generator[Any, Any, AIMessage]:
-        chunks: list[AIMessageChunk] = []
+        folded = StreamedReply()  # the reply's text, not its chunks
         source = Pull(
             lambda: model.stream(messages, config), lambda: model.astream(messages, config)
         )
@@ -533,9 +519,9 @@ class ToolLoop(Runnable[Any, Any]):
         # collector, which may close this flow before its driver (a yield then is an error).
         while (chunk := (yield source)) is not END:
             if isinstance(chunk, AIMessageChunk):
-                chunks.append(chunk)
+                folded.add(chunk)
             yield chunk
-        return _merged(chunks)
+        return folded.message()
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         for item in _flow.stream(self._steps(_messages(input), config, streaming=False)):

@@ -39,19 +39,20 @@ from typing import Any, NoReturn
 from uuid import uuid4
 
 from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    ToolMessage,
-    message_chunk_to_message,
-)
-from langchain_core.messages.ai import add_ai_message_chunks
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, merge_configs
 
-from chatchain import _deadline, _endpoint_errors, _hooking, _metering, _pending, budgets
+from chatchain import (
+    _deadline,
+    _endpoint_errors,
+    _hooking,
+    _metering,
+    _pending,
+    _streaming,
+    budgets,
+)
 from chatchain._flow import Do, Effect, Flow, arun, blocking, call, run
 from chatchain._hooking import HookList
 from chatchain._journal import Journal, JournaledTurn, replay_in_background
@@ -365,7 +366,8 @@ class Turn:
     """This call's own caps (``configurable["limits"]``), checked with the budget's."""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
-    _chunks: list[AIMessageChunk] = field(default_factory=list)
+    _reply: _streaming.StreamedReply = field(default_factory=_streaming.StreamedReply)
+    """The reply streamed so far (of the latest call), as its text: no chunk is kept."""
     usage: Usage | None = None
     notices: list[str] = field(default_factory=list)
     """Things the user should know about the turn (e.g. a retry with a tighter window)."""
@@ -526,9 +528,7 @@ class Turn:
 
     def _metered_or_unbilled(self) -> bool:
         """Whether the ledger has all the endpoint billed for the turn (or it billed nothing)."""
-        return self._metered or not (
-            self.handler.successful_requests or self._chunks or self.steps or self._open
-        )
+        return self._metered or not (self.handler.successful_requests or self.has_reply)
 
     # Whatever fails between a call's reply and the turn's commit (a notice, a reply that
     # cannot be merged or stored, a bug), the turn's end runs: it records the calls the
@@ -538,7 +538,7 @@ class Turn:
         """The entry of the turn's billed calls when nothing recorded them, else ``None``."""
         if self._metered:
             return None
-        if not (self.handler.successful_requests or self._chunks or self.steps or self._open):
+        if not (self.handler.successful_requests or self.has_reply):
             return None  # nothing was sent, or the endpoint refused it: nothing billed
         try:
             reply = self.streamed_reply()
@@ -586,12 +586,12 @@ class Turn:
         if self.first_token_s is None and chunk.content:
             self.first_token_s = time.perf_counter() - self.started
             _hooking.first_token(self)
-        self._chunks.append(chunk)  # merged once at the end: merging per chunk is quadratic
+        self._reply.add(chunk)
 
     @property
     def has_reply(self) -> bool:
         """Whether the turn has something to keep if it is interrupted now."""
-        return bool(self._chunks or self.steps or self._open)
+        return bool(self._reply or self.steps or self._open)
 
     # -- the tool exchange ------------------------------------------------------------------
 
@@ -601,7 +601,7 @@ class Turn:
         assert isinstance(message, AIMessage)
         _hooking.model_ended(self, message)
         self._open = (message, {})
-        self._chunks = []  # the next call's chunks make the next reply
+        self._reply = _streaming.StreamedReply()  # the next call's chunks make the next reply
         return message
 
     def close_step(self) -> list[BaseMessage]:
@@ -667,10 +667,9 @@ class Turn:
 
     def streamed_reply(self) -> BaseMessage:
         """The reply assembled from the streamed chunks, as a store can keep it."""
-        if not self._chunks:
+        if not self._reply:
             return AIMessage(content="")
-        merged = message_chunk_to_message(add_ai_message_chunks(*self._chunks))
-        return self.storable(self.final(merged))
+        return self.storable(self.final(self._reply.message()))
 
     def partial_reply(self, reason: str) -> AIMessage:
         """What arrived before the stream stopped, marked as interrupted."""
@@ -765,7 +764,7 @@ class Turn:
             yield from _pending.logged(ahead, "checkpoint", write)
 
     def _text_so_far(self) -> str:
-        return "".join(c.content for c in self._chunks if isinstance(c.content, str))
+        return self._reply.text()
 
     def reply_meter(self) -> ReplyMeter:
         """A meter of this call's reply, stopping it at the reply tokens held for it."""
@@ -826,7 +825,7 @@ class Turn:
         call = self._call
         if call is not None and len(self.steps) > call.steps:
             return self.steps[call.steps]
-        if reply is not None and (self._chunks or reply.content):
+        if reply is not None and (self._reply or reply.content):
             return reply
         return None
 
@@ -1381,7 +1380,9 @@ class ReplyMeter:
         self.counter = counter
         self.limit = limit
         self.counted = 0
-        self._parts: list[str] = []
+        self._text = (
+            _streaming.TextBuffer()
+        )  # the reply's text, counted again whole once past the hold
         self._empty = counter([AIMessage(content="")])
 
     def _count(self, text: str) -> int:
@@ -1396,15 +1397,13 @@ class ReplyMeter:
         text = _chunk_text(chunk)
         if not text:
             return False
-        if self.counted > self.limit:
-            self._parts.append(text)  # it was generated, so billed: count it too
-            self.counted = self._count("".join(self._parts))
+        self._text.write(text)
+        if self.counted > self.limit:  # it was generated, so billed: count it too
+            self.counted = self._count(self._text.getvalue())
             return True
-        self._parts.append(text)
         self.counted += self._bound(text)
         if self.counted > self.limit:
-            self._parts = ["".join(self._parts)]
-            self.counted = self._count(self._parts[0])
+            self.counted = self._count(self._text.getvalue())
         return False
 
 
@@ -1452,18 +1451,23 @@ class BudgetedModel(Runnable[Any, Any]):
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         if self._turn(config) is None:
             return self.model.invoke(input, config, **kwargs)
-        return _merged([c for c in self.stream(input, config, **kwargs)])
+        return _streaming.merged(self.stream(input, config, **kwargs))
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         if self._turn(config) is None:
             return await self.model.ainvoke(input, config, **kwargs)
-        return _merged([c async for c in self.astream(input, config, **kwargs)])
+        reply = _streaming.StreamedReply()
+        async for chunk in self.astream(input, config, **kwargs):
+            if isinstance(chunk, AIMessageChunk):
+                reply.add(chunk)
+        return reply.message()
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         turn = self._turn(config)
-        inner = self.model.stream(input, config, **self._limited(turn, kwargs))
+        # Through `_streaming`: the model's chunks are not kept (by langchain-core) either.
+        inner = _streaming.stream(self.model, input, config, **self._limited(turn, kwargs))
         if turn is None:
             yield from inner
             return
@@ -1484,7 +1488,7 @@ class BudgetedModel(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         turn = self._turn(config)
-        inner = self.model.astream(input, config, **self._limited(turn, kwargs))
+        inner = _streaming.astream(self.model, input, config, **self._limited(turn, kwargs))
         if turn is None:
             async for chunk in inner:
                 yield chunk
@@ -1501,11 +1505,3 @@ class BudgetedModel(Runnable[Any, Any]):
             await inner.aclose()  # type: ignore[attr-defined]
         turn.cut_at_hold(meter)
         yield _cut_chunk()
-
-
-def _merged(chunks: list[Any]) -> BaseMessage:
-    """The reply of a budgeted ``invoke``, from its chunks (as ``invoke`` would return it)."""
-    messages = [c for c in chunks if isinstance(c, AIMessageChunk)]
-    if not messages:
-        return AIMessage(content="")
-    return message_chunk_to_message(add_ai_message_chunks(*messages))

@@ -32,7 +32,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableSequence
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, PrivateAttr
 
-from chatchain import _cache, _endpoint_errors, _flow
+from chatchain import _cache, _endpoint_errors, _flow, _streaming
 from chatchain._flow import END, Do, Flow, Pull, arun, call, run
 from chatchain._hooking import HookList, as_hooks
 from chatchain._journal import journal_for
@@ -421,7 +421,7 @@ class ChatChain(HistoryRunnable):
             try:
                 while (chunk := (yield source)) is not END:
                     started = True
-                    yield chunk
+                    yield _streaming.unwrapped(chunk)
                 return
             except Exception as exc:
                 # Closed only here: a flow closed early (GeneratorExit) may be closed by the

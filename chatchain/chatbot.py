@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from chatchain._hooking import as_hooks
 from chatchain._pending import recover, recover_session
+from chatchain._streaming import TextBuffer
 from chatchain._structured import with_schema
 from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
 from chatchain._turn import Turn, validate_session_id
@@ -102,7 +103,7 @@ def _reply(message: BaseMessage, turn: Turn) -> Reply:
 class _StreamBase:
     def __init__(self, turn: Turn) -> None:
         self._turn = turn
-        self._pieces: list[str] = []
+        self._text = TextBuffer()  # not a list: a piece as a str weighs ~60 bytes
 
     @property
     def session_id(self) -> str:
@@ -111,7 +112,7 @@ class _StreamBase:
     @property
     def text(self) -> str:
         """The text received so far."""
-        return "".join(self._pieces)
+        return self._text.getvalue()
 
     @property
     def usage(self) -> Usage | None:
@@ -141,7 +142,7 @@ class _StreamBase:
         if isinstance(chunk, (ToolStarted, ToolFinished)):
             return chunk
         piece = str(chunk.text) if isinstance(chunk, BaseMessage) else str(chunk)
-        self._pieces.append(piece)
+        self._text.write(piece)
         return piece
 
 
