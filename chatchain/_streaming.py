@@ -21,7 +21,13 @@ from typing import Any, cast
 
 from langchain_core.callbacks import AsyncCallbackManager, CallbackManager
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, message_chunk_to_message
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    BaseMessageChunk,
+    message_chunk_to_message,
+)
 from langchain_core.messages.base import merge_content
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGenerationChunk, Generation, LLMResult
@@ -111,14 +117,18 @@ class StreamedReply:
     def __bool__(self) -> bool:
         return self.chunks > 0
 
-    def add(self, chunk: AIMessageChunk) -> None:
-        """Fold ``chunk`` in."""
+    def add(self, chunk: BaseMessageChunk) -> None:
+        """Fold ``chunk`` in (a chunk of another kind than ``AIMessageChunk``, e.g. the
+        ``ChatMessageChunk`` langchain-openai makes of a delta whose role it does not know,
+        brings its text and metadata)."""
         self._add_content(chunk.content)
         self.chunks += 1
         if chunk.additional_kwargs:
             self._kwargs = merge_dicts(self._kwargs, chunk.additional_kwargs)
         if chunk.response_metadata:
             self._metadata = merge_dicts(self._metadata, chunk.response_metadata)
+        if not isinstance(chunk, AIMessageChunk):
+            return
         if chunk.tool_call_chunks:
             self._calls = merge_lists(self._calls, list(chunk.tool_call_chunks))
         if chunk.usage_metadata is not None:
@@ -131,7 +141,7 @@ class StreamedReply:
         """Fold a model's chunk in, its generation info too (see `generation`)."""
         if generation.generation_info:
             self._info = merge_dicts(self._info, generation.generation_info)
-        self.add(cast(AIMessageChunk, generation.message))
+        self.add(generation.message)
 
     def _add_content(self, content: str | list[str | dict[Any, Any]]) -> None:
         if self._content is None and isinstance(content, str):

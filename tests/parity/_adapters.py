@@ -325,7 +325,10 @@ class _Service(EntryPoint):
         headers, body = self.request(text, session)
         headers["Authorization"] = f"Bearer {self._token}"
         if stop_after is not None:
-            answer = leave_after(self.client.app, self.path, headers, body, stop_after, self.pieces)
+            client = self.client
+            answer = leave_after(
+                client.app, self.path, headers, body, stop_after, self.pieces, client.app_state
+            )
             return self.read(200, answer)
         response = self.client.post(self.path, json=body, headers=headers)
         if response.status_code != 200:
@@ -575,6 +578,7 @@ def leave_after(
     body: dict[str, Any],
     pieces: int,
     count: Callable[[str], int],
+    state: dict[str, Any],
 ) -> str:
     """POST ``body`` to ``app`` and leave once ``count`` says ``pieces`` were read; what the
     client had read by then.
@@ -615,6 +619,7 @@ def leave_after(
             "headers": [(k.lower().encode(), v.encode()) for k, v in all_headers.items()],
             "client": ("127.0.0.1", 50000),
             "server": ("testserver", 80),
+            "state": dict(state),  # what the app's lifespan gave (TestClient ran it)
         }
         await asyncio.wait_for(app(scope, receive, send), timeout=30)
         return b"".join(received).decode()

@@ -187,7 +187,11 @@ def test_a_context_overflow_is_retried_with_half_the_history(entry_point: EntryP
 def test_a_stream_stopped_by_the_caller_keeps_the_partial_reply_interrupted(
     entry_point: EntryPoint,
 ) -> None:
-    fake = FakeChatModel(model_name="gpt-4o-mini", replies=["one two three four five six"])
+    # Pieces 50 ms apart: the service joins pieces that come within a few ms into one event,
+    # so a reply made at once could be sent whole before the client leaves.
+    fake = FakeChatModel(
+        model_name="gpt-4o-mini", replies=["one two three four five six"], delay=0.05
+    )
     entry_point.open(fake)
 
     outcome = entry_point.run("count", stop_after=2)
