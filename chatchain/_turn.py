@@ -1329,9 +1329,26 @@ class Turn:
             logger.warning("Turn on session %r failed: %s", self.session_id, error)
         return error
 
+    def failed_flow(self, exc: BaseException, error: Exception | None) -> Flow[None]:
+        """A turn that failed, streamed or not: what it has (text, tool rounds) is kept with
+        the user's message, the reply marked interrupted (tools that ran are not run again by
+        a retry); so is the message when the failure is not an error (the process is being
+        stopped). Else nothing is stored and what the endpoint billed is recorded."""
+        if not (self.has_reply or not isinstance(exc, Exception)):
+            yield from self.record_billed_flow()
+            return
+        self.log_interrupted(type(exc).__name__)
+        try:
+            yield from self.save_flow(self.partial_reply(str(error or type(exc).__name__)))
+        except StoreError:  # the turn's own error is what the caller must see
+            logger.exception(
+                "Session %r: the interrupted turn was not stored (see the journal)",
+                self.session_id,
+            )
+
     def log_interrupted(self, reason: str) -> None:
         logger.info(
-            "Stream on session %r interrupted (%s); partial reply kept.", self.session_id, reason
+            "Turn on session %r interrupted (%s); partial reply kept.", self.session_id, reason
         )
 
 

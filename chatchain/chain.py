@@ -368,7 +368,7 @@ class ChatChain(HistoryRunnable):
                 except Exception as exc:
                     error = turn.failure(exc)
                     if not self._retry_smaller(error, turn):
-                        yield from turn.record_billed_flow()
+                        yield from turn.failed_flow(exc, error)
                         _raise(self._final_error(error, turn, exc), exc)
             reply = turn.storable(reply)
             yield from turn.save_flow(reply)
@@ -477,9 +477,7 @@ class ChatChain(HistoryRunnable):
             except BaseException as exc:
                 yield source.close()
                 error = turn.failure(exc) if isinstance(exc, Exception) else None
-                if turn.has_reply or not isinstance(exc, Exception):
-                    turn.log_interrupted(type(exc).__name__)
-                    yield from turn.save_flow(turn.partial_reply(str(error or type(exc).__name__)))
+                yield from turn.failed_flow(exc, error)
                 _raise(error, exc)
             yield from turn.save_flow(turn.streamed_reply())
         finally:

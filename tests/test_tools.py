@@ -344,7 +344,7 @@ def test_tools_never_see_the_turn_the_settings_or_the_key() -> None:
     assert TURN_KEY not in context.get("configurable", {})  # not through the context either
 
 
-def test_a_failed_turn_saves_nothing_but_records_what_was_billed() -> None:
+def test_a_turn_that_fails_after_a_tool_round_keeps_it_and_records_what_was_billed() -> None:
     def respond(messages: list[BaseMessage]) -> str:
         raise ConnectionError("the endpoint went away")
 
@@ -356,7 +356,10 @@ def test_a_failed_turn_saves_nothing_but_records_what_was_billed() -> None:
     bot = bot_with(fake, [add])
     with pytest.raises(ConnectionError):
         bot.chat("go", session_id="s")
-    assert bot.history("s") == []
+    # As a stream keeps it: the tool ran, so a retry must see that it did (not run it again).
+    history = bot.history("s")
+    assert shape(history) == ["human", "ai:add", "tool:success", "ai"]
+    assert history[-1].response_metadata["interrupted"] is True
     (entry,) = bot.usage_entries(session_id="s")  # the first call was billed
     assert entry.requests == 1 and entry.prompt_tokens > 0
 
@@ -379,7 +382,9 @@ def test_the_deadline_covers_the_tools(release: threading.Event) -> None:
     bot = bot_with(fake, [slow], turn_deadline=0.3, tool_timeout=30)
     with pytest.raises(TurnDeadlineError):
         bot.chat("go", session_id="s")
-    assert bot.history("s") == []
+    history = bot.history("s")  # the tool call is kept, its result says it did not finish
+    assert shape(history) == ["human", "ai:slow", "tool:error", "ai"], [m.content for m in history]
+    assert history[-1].response_metadata["interrupted"] is True
 
 
 async def test_the_deadline_covers_async_tools() -> None:
@@ -392,7 +397,9 @@ async def test_the_deadline_covers_async_tools() -> None:
     bot = bot_with(fake, [slow], turn_deadline=0.3, tool_timeout=30)
     with pytest.raises(TurnDeadlineError):
         await bot.achat("go", session_id="s")
-    assert bot.history("s") == []
+    history = bot.history("s")  # the tool call is kept, its result says it did not finish
+    assert shape(history) == ["human", "ai:slow", "tool:error", "ai"], [m.content for m in history]
+    assert history[-1].response_metadata["interrupted"] is True
 
 
 # -- budgets: each call held before it is sent -----------------------------------------------
@@ -439,7 +446,9 @@ def test_a_budget_that_cannot_pay_the_next_call_stops_the_turn() -> None:
     with pytest.raises(BudgetExceeded):
         bot.chat("1+2?", session_id="s")
     assert len(fake.calls) == 1  # the second call was never sent
-    assert bot.history("s") == []
+    history = bot.history("s")  # the round that ran is kept, the reply marked interrupted
+    assert shape(history) == ["human", "ai:add", "tool:success", "ai"]
+    assert history[-1].response_metadata["interrupted"] is True
     spent = bot.ledger.total()
     assert spent.successful_requests == 1  # what the first call cost is on the ledger
     assert budget.total_tokens is not None and spent.total_tokens <= budget.total_tokens

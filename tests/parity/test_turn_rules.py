@@ -17,7 +17,6 @@ from langchain_core.messages import AIMessage, HumanMessage
 
 from chatchain.testing import FakeChatModel, tool_call_reply
 from tests.parity._adapters import PRICE, SYSTEM, EntryPoint
-from tests.parity.conftest import with_drifts
 
 LONG = "lorem ipsum " * 2000  # far more than any call here may take
 
@@ -235,15 +234,6 @@ def _connection_lost(messages: object) -> str:
     )
 
 
-_DROPS_TOOL_ROUNDS = (
-    "drift: a turn that fails after a tool round stores nothing through the non-streamed "
-    "entry points (ChatChain.run_turn/arun_turn, behind chat, achat and the JSON routes), "
-    "while a streamed turn keeps the user message, the tool call and its result, and an "
-    "empty reply marked interrupted (tests/test_tools.py pins both behaviours)"
-)
-
-
-@with_drifts({name: _DROPS_TOOL_ROUNDS for name in ("chat", "achat", "native-json", "openai-json")})
 def test_a_failure_after_a_tool_round_keeps_the_exchange_and_records_the_billed_call(
     entry_point: EntryPoint,
 ) -> None:

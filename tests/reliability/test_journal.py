@@ -204,9 +204,10 @@ def add(a: int, b: int) -> int:
 def test_the_usage_of_a_call_whose_reply_is_not_kept_waits_in_the_journal_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    # Two billed calls that store no messages: a structured reply that does not fit its
-    # schema, and the finished call of a tool turn that then failed. The store blinks as
-    # their usage is recorded: the caller sees the turn's own error, the usage waits.
+    # Two billed calls: a structured reply that does not fit its schema (no messages kept),
+    # and the finished call of a tool turn that then failed (its round kept, the reply
+    # marked interrupted). The store blinks as they are recorded: the caller sees the turn's
+    # own error, and what it would have stored waits in the journal.
     def endpoint_gone(messages: list[BaseMessage]) -> str:
         raise ConnectionError("the endpoint went away")
 
@@ -236,14 +237,14 @@ def test_the_usage_of_a_call_whose_reply_is_not_kept_waits_in_the_journal_too(
         blip.on = False
         journal = bot.chain._spec.journal
         assert journal is not None
-        waiting = [(t.session_id, list(t.messages)) for t in journal.pending()]
-        assert waiting == [("s", []), ("t", [])]
+        waiting = [(t.session_id, [m.type for m in t.messages]) for t in journal.pending()]
+        assert waiting == [("s", []), ("t", ["human", "ai", "tool", "ai"])]
         assert bot.usage_entries() == []
 
         bot.chat("hi", session_id="s")  # the store is back: the session's next turn...
         wait_for_empty(journal)  # ...and the other session's, after it
-        assert texts(store, "s") == ["hi", "Echo: hi"]  # neither call stored messages
-        assert texts(store, "t") == []
+        assert texts(store, "s") == ["hi", "Echo: hi"]  # the structured call stored nothing
+        assert texts(store, "t") == ["add 1 and 2", "", "3", ""]  # the round, kept once
         # Every billed call once: the structured one, "hi", and the tool turn's first call
         # (its second raised before any reply: nothing billed).
         assert len(fake.calls) == 2 and len(tools_fake.calls) == 2
