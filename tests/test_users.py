@@ -391,5 +391,8 @@ def test_a_call_s_cap_holds_each_call_of_a_tool_turn(settings: Settings) -> None
     with pytest.raises(BudgetExceeded, match="the demo's cap of"):
         bot.chat("1+2?", session_id="s", limits=[cap])
     assert len(fake.calls) == 1  # the second call was never sent
-    assert bot.history("s") == []
+    # The round that ran is kept (a tool turn that fails keeps it), the reply interrupted.
+    history = bot.history("s")
+    assert [m.type for m in history] == ["human", "ai", "tool", "ai"]
+    assert history[-1].response_metadata["interrupted"] is True
     assert bot.ledger.total().total_tokens <= first + 60
