@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import statistics
 import sys
 import time
@@ -44,6 +45,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,6 +54,11 @@ from _servers import openai_test_server
 from langchain_core.runnables import RunnableConfig
 
 import chatchain
+
+# Issue 19's targets: a streamed chunk at most this many times the plain chain's (sync against
+# sync, async against async), and the turn's peak at most this many times the reply's bytes.
+CHUNK_TARGET = 1.0
+MEMORY_TARGET = 10.0
 
 Stream = Callable[[str, str], Iterator[str]]
 AStream = Callable[[str, str], AsyncIterator[str]]
@@ -236,21 +243,26 @@ def peak_memory(contenders: Contenders, chunks: int) -> dict[str, float]:
     return result
 
 
-def report_time(samples: dict[str, list[float]], chunks: int, rounds: int) -> None:
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("chatchain bot", "plain chain"),
+    ("chatchain bot async", "plain chain async"),
+    ("plain chain", "raw client"),
+    ("chatchain bot", "raw client"),
+    ("chatchain bot async", "raw client async"),
+)
+
+
+def report_time(samples: dict[str, list[float]], chunks: int, rounds: int) -> dict[str, Any]:
     medians = {name: statistics.median(values) for name, values in samples.items()}
     print(f"\nper chunk, {chunks}-chunk reply, median of {rounds} rounds:")
     for name, value in medians.items():
         print(f"  {name:22} {value * 1e6:8.1f} us")
-    pairs: list[tuple[str, str]] = [
-        ("chatchain bot", "plain chain"),
-        ("chatchain bot async", "plain chain async"),
-        ("plain chain", "raw client"),
-        ("chatchain bot", "raw client"),
-        ("chatchain bot async", "raw client async"),
-    ]
     print("\nratios of medians (target: chatchain / plain chain <= 1.0 per chunk):")
-    for top, bottom in pairs:
+    ratios = {}
+    for top, bottom in PAIRS:
+        ratios[f"{top} / {bottom}"] = medians[top] / medians[bottom]
         print(f"  {top} / {bottom}: {medians[top] / medians[bottom]:.2f}x")
+    return {"us_per_chunk": {n: v * 1e6 for n, v in medians.items()}, "ratios": ratios}
 
 
 def report_memory(memory: dict[str, float], chunks: int) -> None:
@@ -268,7 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--memory-chunks", type=int, default=20000, help="chunks of the memory turn (0: none)"
     )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
+    found: dict[str, Any] = {
+        "config": {
+            "chunks": args.chunks,
+            "rounds": args.rounds,
+            "memory_chunks": args.memory_chunks,
+        },
+        "targets": {"chunk": CHUNK_TARGET, "memory": MEMORY_TARGET},
+    }
     bt.clean_environment()
     warnings.simplefilter("ignore", DeprecationWarning)  # the plain chain's LangChain classes
     print(
@@ -278,9 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     with openai_test_server(timeout=60) as server:
         contenders = Contenders(server.base_url)
         if args.rounds > 0:
-            report_time(per_chunk(contenders, args.chunks, args.rounds), args.chunks, args.rounds)
+            samples = per_chunk(contenders, args.chunks, args.rounds)
+            found["time"] = report_time(samples, args.chunks, args.rounds)
         if args.memory_chunks > 0:
-            report_memory(peak_memory(contenders, args.memory_chunks), args.memory_chunks)
+            memory = peak_memory(contenders, args.memory_chunks)
+            report_memory(memory, args.memory_chunks)
+            found["memory"] = memory
+    if args.json is not None:
+        args.json.write_text(json.dumps(found, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
     return 0
 
 

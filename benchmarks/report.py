@@ -6,12 +6,12 @@ Usage::
     .venv/bin/python benchmarks/report.py --quick    # fewer samples, for development
 
 Each benchmark runs as a child process (``bench_memory.py``, ``bench_concurrency.py``,
-``bench_turn.py``, ``bench_ledger.py``, in that order), prints its own tables as it goes and
-writes its results as JSON; this script then draws the plots (matplotlib, Agg backend) and
-writes the page. Every server a benchmark uses runs on 127.0.0.1 and is started and stopped by
-that benchmark, even on errors. A benchmark that fails or passes its time limit is stopped
-(SIGINT, so its clean-up runs; then SIGTERM, then SIGKILL), and the page says it was not
-measured; the script then exits with status 1.
+``bench_turn.py``, ``bench_ledger.py``, ``bench_stream.py``, in that order), prints its own
+tables as it goes and writes its results as JSON; this script then draws the plots (matplotlib,
+Agg backend) and writes the page. Every server a benchmark uses runs on 127.0.0.1 and is
+started and stopped by that benchmark, even on errors. A benchmark that fails or passes its
+time limit is stopped (SIGINT, so its clean-up runs; then SIGTERM, then SIGKILL), and the page
+says it was not measured; the script then exits with status 1.
 
 ``--json-dir DIR`` keeps the JSON files (a temporary directory otherwise), and
 ``--render-only`` writes the page from the files already in that directory, without running
@@ -40,11 +40,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# The targets of the earlier issues, kept where their benchmarks define them.
+# The targets, kept where their benchmarks define them.
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 from bench_memory import HISTORY_TARGET, TOKENS_TARGET  # noqa: E402
 from bench_server import insert_section, section_of  # noqa: E402
+from bench_stream import CHUNK_TARGET, MEMORY_TARGET  # noqa: E402
 from bench_turn import TARGET as TURN_TARGET  # noqa: E402
 from bench_turn import machine  # noqa: E402
 
@@ -78,7 +79,16 @@ BENCHES = (
     Bench("concurrency", "bench_concurrency.py", (), ("--quick",), 900),
     Bench("turn", "bench_turn.py", (), ("--turns", "60", "--warmup", "5"), 600),
     Bench("ledger", "bench_ledger.py", (), ("--quick",), 900),
+    Bench(
+        "stream",
+        "bench_stream.py",
+        ("--chunks", "2000", "--rounds", "5", "--memory-chunks", "20000"),
+        ("--chunks", "1000", "--rounds", "2", "--memory-chunks", "5000"),
+        600,
+    ),
 )
+# Issue 19: a non-streamed turn of the bot at most this many times the plain chain's (invoke).
+INVOKE_TARGET = 1.0
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -425,9 +435,40 @@ def _tokens_target(memory: dict[str, Any]) -> tuple[bool | None, str]:
     return ratio <= TOKENS_TARGET, f"{ratio:.1%} over {len(memory['tokens_series'])} turns"
 
 
+def _invoke_target(turn: dict[str, Any]) -> tuple[bool | None, str]:
+    if _error(turn):
+        return None, "not measured"
+    cell = turn["ratios"]["chatchain bot / plain chain"]["invoke"]
+    raw = turn["ratios"].get("chatchain bot / raw client", {}).get("invoke")
+    text = f"{_ratio(cell, 3)}" + (f"; {raw['ratio']:.2f}x the raw client" if raw else "")
+    return cell["ratio"] <= INVOKE_TARGET, text
+
+
+def _chunk_target(stream: dict[str, Any]) -> tuple[bool | None, str]:
+    if _error(stream) or "time" not in stream:
+        return None, "not measured"
+    ratios = stream["time"]["ratios"]
+    pair = ("chatchain bot / plain chain", "chatchain bot async / plain chain async")
+    return all(ratios[p] <= CHUNK_TARGET for p in pair), (
+        f"sync {ratios[pair[0]]:.2f}x; async {ratios[pair[1]]:.2f}x"
+    )
+
+
+def _memory_target(stream: dict[str, Any]) -> tuple[bool | None, str]:
+    if _error(stream) or "memory" not in stream:
+        return None, "not measured"
+    memory = stream["memory"]
+    ours = ("chatchain bot", "chatchain bot async")
+    return all(memory[n] <= MEMORY_TARGET for n in ours), (
+        f"sync {memory[ours[0]]:.1f}x; async {memory[ours[1]]:.1f}x "
+        f"(plain chain {memory['plain chain']:.0f}x)"
+    )
+
+
 def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -> str:
-    memory, conc, turn, ledger = (results.get(b.key) for b in BENCHES)
-    memory, conc, turn, ledger = (r or {"error": "not run"} for r in (memory, conc, turn, ledger))
+    memory, conc, turn, ledger, stream = (
+        results.get(b.key) or {"error": "not run"} for b in BENCHES
+    )
     m = env["machine"]
     servers = {**ledger.get("servers", {}), **memory.get("servers", {})}
     out: list[str] = ["# Benchmarks", ""]
@@ -463,10 +504,25 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
             "over a 200-turn conversation (§2)",
             *_tokens_target(memory),
         ),
+        (
+            f"a non-streamed turn of the bot at most {INVOKE_TARGET:.2f}x the plain chain "
+            "(median invoke; §4; issue 19)",
+            *_invoke_target(turn),
+        ),
+        (
+            f"a streamed chunk at most {CHUNK_TARGET:.2f}x the plain chain's, sync and async "
+            "(2,000-chunk reply; §7; issue 19)",
+            *_chunk_target(stream),
+        ),
+        (
+            f"peak memory of a streamed turn at most {MEMORY_TARGET:.0f}x the reply's bytes "
+            "(§7; issue 19)",
+            *_memory_target(stream),
+        ),
     ]
     out += ["## Targets", ""]
     out += _table(
-        ["target (earlier issues)", "measured", "verdict"],
+        ["target", "measured", "verdict"],
         [[name, text, _verdict(met)] for name, met, text in checks],
         right=3,
     )
@@ -526,12 +582,13 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
     out += _turn_section(turn, img)
     out += _ledger_section(ledger)
     out += _processes_section(memory)
+    out += _stream_section(stream)
 
     out += [
         "## Running it",
         "",
         "```sh",
-        "make bench                                       # this page, ~12 min on 2 cores",
+        "make bench                                       # this page, ~15 min on 2 cores",
         ".venv/bin/python benchmarks/report.py --quick    # fewer samples, ~4 min",
         "```",
         "",
@@ -771,6 +828,36 @@ def _turn_section(turn: dict[str, Any], img: Path) -> list[str]:
         "",
     ]
     return out
+
+
+def _stream_section(stream: dict[str, Any]) -> list[str]:
+    out = ["## 7. A long streamed reply: per chunk and peak memory", ""]
+    if reason := _error(stream):
+        return [*out, f"Not measured: {reason}.", ""]
+    config = stream["config"]
+    out += [
+        f"`bench_stream.py`: the test server (in a process of its own) echoes a "
+        f"{config['chunks']:,}-word message back one word per SSE chunk, with a usage chunk at "
+        f"the end. Per chunk: the wall time of a whole streamed turn on a fresh session divided "
+        f"by the chunks received, median of {config['rounds']} interleaved rounds after a "
+        "warm-up round. Memory: one turn of "
+        f"{config['memory_chunks']:,} chunks per contender under `tracemalloc`, after a short "
+        "untraced turn (what a process loads once is not the turn's); the peak of traced "
+        "allocations during the turn over the reply's UTF-8 bytes.",
+        "",
+    ]
+    if "time" in stream:
+        rows = [[name, f"{us:.1f}"] for name, us in stream["time"]["us_per_chunk"].items()]
+        out += _table(["contender", "µs per chunk (median)"], rows)
+        rows = [[label, f"{ratio:.2f}x"] for label, ratio in stream["time"]["ratios"].items()]
+        out += _table(["ratio of medians", ""], rows)
+    if "memory" in stream:
+        rows = [[name, f"{value:.1f}x"] for name, value in stream["memory"].items()]
+        out += _table(["contender", "peak traced memory / reply bytes"], rows)
+    for met_text in (_chunk_target(stream), _memory_target(stream)):
+        met, text = met_text
+        out += [f"- {text}: {_verdict(met)}"]
+    return [*out, ""]
 
 
 def _ledger_section(ledger: dict[str, Any]) -> list[str]:
