@@ -173,3 +173,24 @@ def test_a_missing_postgres_driver_names_the_extra(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "psycopg_pool", None)
     with pytest.raises(ConfigurationError, match=re.escape("pip install 'chatchain[postgres]'")):
         open_store("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_the_docs_commit_watch_sees_each_write_of_the_example_store(
+    settings: Settings, tiny: TinyStore
+) -> None:
+    page = (ROOT / "docs" / "writing-a-store.md").read_text(encoding="utf-8")
+    (block,) = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+        if "class CommitWatch" in block
+    ]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "writing-a-store.md", "exec"), namespace)
+    watch = namespace["CommitWatch"]()
+    bot = Chatbot(settings, llm=FakeChatModel(), store=tiny, hooks=watch)
+    bot.chat("hi", session_id="s1")
+    bot.chat("again", session_id="s1")
+    assert len(watch.seconds) == 2
+    assert all(seconds >= 0 for seconds in watch.seconds)
+    assert watch.failures == []
+    assert tiny.count("s1") == 4
