@@ -21,10 +21,11 @@ method              event                 when
 ==================  ====================  ==================================================
 
 Every turn that starts ends, exactly once. Hooks are plain methods, called on the thread or
-event loop that runs that step of the turn (a sync stream's model calls and tools run in a
-worker thread): keep them quick and thread-safe (hand slow work to a queue). A hook that raises is
-logged (``logger.exception`` on the ``chatchain`` logger) and the turn goes on as if it had
-not: it cannot break the turn, nor what the turn records in the usage ledger.
+event loop that runs that step of the turn (a step's tools run in threads of their own, and a
+chat model that chatchain's HTTP transport cannot bound runs in a worker thread): keep them
+quick and thread-safe (hand slow work to a queue). A hook that raises is logged
+(``logger.exception`` on the ``chatchain`` logger) and the turn goes on as if it had not: it
+cannot break the turn, nor what the turn records in the usage ledger.
 
 Example:
     >>> from chatchain import Chatbot
