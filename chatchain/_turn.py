@@ -492,13 +492,9 @@ class Turn:
 
     def end(self) -> None:
         """The turn is over: record what the endpoint billed if nothing else did, give back
-        its budget hold, and shut out a worker it abandoned. Every turn ends here (or in
-        `aend`): one flow, `end_flow`."""
+        its budget hold, and shut out a worker it abandoned. Every turn ends in one flow,
+        `end_flow` (this drives it for sync callers)."""
         run(self.end_flow())
-
-    async def aend(self) -> None:
-        """`end` for async callers."""
-        await arun(self.end_flow())
 
     def end_flow(self) -> Flow[None]:
         """`end`, as a flow (see `_flow`); the turn's hooks are told it ended."""
@@ -871,9 +867,6 @@ class Turn:
             (0, 0) if summary else self._spent,
         )
 
-    def _new_hold(self, prompt_tokens: int, reply_tokens: int, summary: bool = False) -> BudgetHold:
-        return self._sizing(summary).hold(prompt_tokens, reply_tokens)
-
     def _first_hold(
         self, prompt_tokens: int, summary: bool
     ) -> tuple[BudgetHold, list[BudgetLimit]]:
@@ -952,15 +945,8 @@ class Turn:
         if text is not None:
             self.notice(text)
 
-    def release(self) -> None:
-        """Give back the turn's budget hold, if it still has one (the turn failed)."""
-        run(self._release_flow())
-
-    async def arelease(self) -> None:
-        """`release` for async callers."""
-        await arun(self._release_flow())
-
     def _release_flow(self) -> Flow[None]:
+        """Give back the turn's budget hold, if it still has one (the turn failed)."""
         if self._hold is not None:
             hold, self._hold = self._hold, None
             yield call(self.spec.ledger, "release", hold)
@@ -1037,10 +1023,6 @@ class Turn:
         """
         run(self.save_flow(reply))
 
-    async def asave(self, reply: BaseMessage) -> None:
-        """`save` for async callers."""
-        await arun(self.save_flow(reply))
-
     def save_flow(self, reply: BaseMessage) -> Flow[None]:
         """`save`, as a flow (see `_flow`); the turn's hooks are told of the commit."""
         return _hooking.committing(self, reply, self._save_flow(reply))
@@ -1051,7 +1033,7 @@ class Turn:
         messages = self._recorded(entry, reply)
         store = self.spec.store
         # The hold stays the turn's until the write that ends it succeeds: should it fail,
-        # the turn's end still gives it back (see `release`) instead of stranding it.
+        # the turn's end still gives it back (see `_release_flow`) instead of stranding it.
         if store is not None and self.spec.ledger.store is store:
             try:
                 yield call(
@@ -1084,17 +1066,9 @@ class Turn:
         else:
             yield call(self.spec.get_history(self.session_id), "add_messages", messages)
 
-    def meter_only(self, reply: BaseMessage) -> None:
+    def meter_only_flow(self, reply: BaseMessage) -> Flow[None]:
         """Record what a call cost when its reply is not kept (a structured reply that does
         not validate): the endpoint billed it. Nothing is stored in the history."""
-        run(self.meter_only_flow(reply))
-
-    async def ameter_only(self, reply: BaseMessage) -> None:
-        """`meter_only` for async callers."""
-        await arun(self.meter_only_flow(reply))
-
-    def meter_only_flow(self, reply: BaseMessage) -> Flow[None]:
-        """`meter_only`, as a flow (see `_flow`)."""
         entry = self._entry(reply)
         self._recorded(entry, reply)
         try:
@@ -1103,19 +1077,11 @@ class Turn:
             yield blocking(self._journal_usage, entry, exc)
         self._hold, self._metered = None, True
 
-    def record_billed(self) -> None:
+    def record_billed_flow(self) -> Flow[None]:
         """A turn failed after tool rounds: record what its finished calls cost, store nothing.
 
         The endpoint billed those calls; a failed turn without tool rounds made none.
         """
-        run(self.record_billed_flow())
-
-    async def arecord_billed(self) -> None:
-        """`record_billed` for async callers."""
-        await arun(self.record_billed_flow())
-
-    def record_billed_flow(self) -> Flow[None]:
-        """`record_billed`, as a flow (see `_flow`)."""
         if not self.steps or self.handler.successful_requests == 0:
             return
         entry = self._billed_entry()
@@ -1213,20 +1179,13 @@ class Turn:
             f"{journal.path.parent} writable, or set CHATCHAIN_JOURNAL to a folder that is."
         )
 
-    def replay(self) -> None:
+    def _replay_flow(self) -> Flow[None]:
         """Save the session's journaled turns first, under its lock (before its history is
         read, so that they come before this turn).
 
         Raises:
             StoreError: The store still fails them (nothing was sent).
         """
-        run(self._replay_flow())
-
-    async def areplay(self) -> None:
-        """`replay` for async callers."""
-        await arun(self._replay_flow())
-
-    def _replay_flow(self) -> Flow[None]:
         _hooking.turn_started(self)  # the first step under the lock, on every entry point
         if self.spec.journal is not None and self.spec.store is not None:
             yield call(self.spec.journal, "replay", self.session_id, self.fence)
@@ -1260,19 +1219,12 @@ class Turn:
     def _lock_lost(self, exc: SessionLockLostError) -> None:
         logger.error("Session %r: %s", self.session_id, exc)
 
-    def summarize(self) -> None:
+    def _summarize_flow(self) -> Flow[None]:
         """Fold old turns into the running summary first, if due (a separate metered call).
 
         Raises:
             BudgetExceeded: The summary call could pass a cap (the turn would too).
         """
-        run(self._summarize_flow())
-
-    async def asummarize(self) -> None:
-        """`summarize` for async callers."""
-        await arun(self._summarize_flow())
-
-    def _summarize_flow(self) -> Flow[None]:
         store = self.spec.store
         if store is None:
             return
