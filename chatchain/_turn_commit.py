@@ -350,7 +350,7 @@ class TurnCommit(TurnMoney):
         # The first step under the lock, on every entry point.
         _hooking.turn_started(cast("Turn", self))
         if self.spec.journal is not None and self.spec.store is not None:
-            yield call(self.spec.journal, "replay", self.session_id, self.fence)
+            yield from self.spec.journal.replay_flow(self.session_id, self.fence)
 
     def replay_others(self) -> None:
         """The turn went well, so the store is up: save other sessions' journaled turns, in
