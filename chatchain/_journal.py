@@ -46,6 +46,7 @@ from pathlib import Path
 
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
+from chatchain._flow import Flow, arun, blocking, call, run
 from chatchain.errors import SessionLockLostError
 from chatchain.stores import Fence, HistoryStore
 from chatchain.usage import UsageEntry
@@ -190,33 +191,30 @@ class Journal:
             SessionLockLostError: The lock was lost meanwhile: the usage was saved, the
                 messages were not (the other turn's history is kept whole).
         """
-        turns = self.pending(session_id)
-        for turn in turns:
-            try:
-                self.store.commit_turn(
-                    turn.session_id, turn.messages, turn.entry, release=turn.hold, fence=fence
-                )
-            except SessionLockLostError:
-                self.done(turn.entry.id)  # its usage is in the ledger
-                raise
-            self.done(turn.entry.id)
-            _replayed(turn, self.path)
-        return len(turns)
+        return run(self.replay_flow(session_id, fence))
 
     async def areplay(self, session_id: str, fence: Fence | None) -> int:
         """`replay` for async callers (the journal's file is read in a thread)."""
-        import asyncio
+        return await arun(self.replay_flow(session_id, fence))
 
-        turns = await asyncio.to_thread(self.pending, session_id)
+    def replay_flow(self, session_id: str, fence: Fence | None) -> Flow[int]:
+        """`replay`, as a flow (see `_flow`): the turn's own replay yields from it."""
+        turns = yield blocking(self.pending, session_id)
         for turn in turns:
             try:
-                await self.store.acommit_turn(
-                    turn.session_id, turn.messages, turn.entry, release=turn.hold, fence=fence
+                yield call(
+                    self.store,
+                    "commit_turn",
+                    turn.session_id,
+                    turn.messages,
+                    turn.entry,
+                    release=turn.hold,
+                    fence=fence,
                 )
             except SessionLockLostError:
-                await asyncio.to_thread(self.done, turn.entry.id)
+                yield blocking(self.done, turn.entry.id)  # its usage is in the ledger
                 raise
-            await asyncio.to_thread(self.done, turn.entry.id)
+            yield blocking(self.done, turn.entry.id)
             _replayed(turn, self.path)
         return len(turns)
 

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
+from chatchain._flow import Flow, arun, call, run
 from chatchain.budgets import BudgetLimit
 from chatchain.errors import ConfigurationError, InvalidInputError, UnknownUserError
 
@@ -153,17 +154,17 @@ class Users:
     def authenticate(self, token: str) -> User | None:
         """The user a bearer token belongs to; ``None`` when it is unknown, malformed or
         revoked."""
-        digest = _digest(token)
-        if digest is None:
-            return None
-        return _check(self.store.find_user(digest), digest)
+        return run(self._authenticate_flow(token))
 
     async def aauthenticate(self, token: str) -> User | None:
         """`authenticate` for async callers."""
+        return await arun(self._authenticate_flow(token))
+
+    def _authenticate_flow(self, token: str) -> Flow[User | None]:
         digest = _digest(token)
         if digest is None:
             return None
-        return _check(await self.store.afind_user(digest), digest)
+        return _check((yield call(self.store, "find_user", digest)), digest)
 
     def get(self, name: str) -> User | None:
         """The user of that name, or ``None``."""

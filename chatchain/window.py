@@ -511,23 +511,26 @@ class Recall:
         self, store: HistoryStore, session_id: str, inputs: Sequence[BaseMessage]
     ) -> list[BaseMessage]:
         """Read the window from the store (only what it needs) and select the history."""
-        window = self.window
-        if window is None:
-            return store.load(session_id)
-        summary = store.get_summary(session_id) if window.summarize else None
-        start = self._start(store.count(session_id), summary, window)
-        return self.select(store.load(session_id, start), summary, inputs, window)
+        return run(self.load_flow(store, session_id, inputs))
 
     async def aload(
         self, store: HistoryStore, session_id: str, inputs: Sequence[BaseMessage]
     ) -> list[BaseMessage]:
         """`load` for async callers."""
+        return await arun(self.load_flow(store, session_id, inputs))
+
+    def load_flow(
+        self, store: HistoryStore, session_id: str, inputs: Sequence[BaseMessage]
+    ) -> Flow[list[BaseMessage]]:
+        """`load`, as a flow (see `_flow`)."""
         window = self.window
         if window is None:
-            return await store.aload(session_id)
-        summary = await store.aget_summary(session_id) if window.summarize else None
-        start = self._start(await store.acount(session_id), summary, window)
-        return self.select(await store.aload(session_id, start), summary, inputs, window)
+            whole: list[BaseMessage] = yield call(store, "load", session_id)
+            return whole
+        summary = (yield call(store, "get_summary", session_id)) if window.summarize else None
+        start = self._start((yield call(store, "count", session_id)), summary, window)
+        loaded = yield call(store, "load", session_id, start)
+        return self.select(loaded, summary, inputs, window)
 
 
 @dataclass(frozen=True)
