@@ -59,7 +59,7 @@ from chatchain._journal import Journal, JournaledTurn, replay_in_background
 from chatchain._metering import Estimate
 from chatchain._money import format_usd
 from chatchain._tokens import TokenCounter
-from chatchain._tools import INTERRUPTED, Toolbox, ToolCall, ToolEvent, ToolFinished, ToolStarted
+from chatchain._tools import INTERRUPTED, Toolbox, ToolEvent, ToolFinished, ToolRun, ToolStarted
 from chatchain.budgets import (
     DEFAULT_REPLY_LIMIT,
     MIN_REPLY_TOKENS,
@@ -399,7 +399,7 @@ class Turn:
     _estimate_reported: bool = False
     steps: list[BaseMessage] = field(default_factory=list)
     """The tool exchange so far: AI messages with tool calls, each followed by its results."""
-    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_runs: list[ToolRun] = field(default_factory=list)
     """Every tool call of the turn (a step's in the order they ended until it is closed)."""
     on_tool: Callable[[ToolEvent], None] | None = None
     """Called with each tool event as it happens."""
@@ -613,7 +613,7 @@ class Turn:
         # The step's calls in the order the model made them, not the order they ended in.
         order = {m.tool_call_id: i for i, m in enumerate(step) if isinstance(m, ToolMessage)}
         ran = len(step) - 1
-        self.tool_calls[-ran:] = sorted(self.tool_calls[-ran:], key=lambda c: order.get(c.id, ran))
+        self.tool_runs[-ran:] = sorted(self.tool_runs[-ran:], key=lambda c: order.get(c.id, ran))
         return step
 
     def _exchange(self) -> list[BaseMessage]:
@@ -640,10 +640,10 @@ class Turn:
         self._tell(event)
         return event
 
-    def tool_finished(self, call: ToolCall, message: ToolMessage) -> ToolFinished:
+    def tool_finished(self, call: ToolRun, message: ToolMessage) -> ToolFinished:
         if self._open is not None:
             self._open[1][call.id] = message
-        self.tool_calls.append(call)
+        self.tool_runs.append(call)
         event = ToolFinished(call)
         self._tell(event)
         return event

@@ -283,7 +283,7 @@ class ChatChain(HistoryRunnable):
         """
         if not isinstance(error, ContextTooLongError):
             return False
-        if turn.steps or turn.tool_calls:  # tools ran: running them again could act twice
+        if turn.steps or turn.tool_runs:  # tools ran: running them again could act twice
             return False
         sent: _Sent = turn.config["configurable"][_SENT]
         smaller = halved(sent.history)

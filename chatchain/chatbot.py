@@ -20,9 +20,10 @@ from pydantic import BaseModel
 
 from chatchain._hooking import as_hooks
 from chatchain._pending import recover, recover_session
+from chatchain._renamed import warn_renamed
 from chatchain._streaming import TextBuffer
 from chatchain._structured import with_schema
-from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
+from chatchain._tools import ToolEvent, ToolFinished, ToolRun, ToolStarted
 from chatchain._turn import Turn, validate_session_id
 from chatchain.budgets import Budget, BudgetLimit
 from chatchain.chain import ChatChain, create_chat_chain
@@ -63,8 +64,8 @@ class Reply:
         usage: Tokens, cost and latency of the turn.
         message: The reply as a LangChain message (with its metadata).
         session_id: The session the turn belongs to.
-        tool_calls: The tool calls the model made in the turn, step by step, each step's
-            calls in the order the model made them.
+        tool_runs: The tools that ran in the turn (what the model asked for and how it
+            went), step by step, each step's in the order the model asked for them.
     """
 
     text: str
@@ -76,7 +77,13 @@ class Reply:
     parsed: BaseModel | None = None
     """With ``schema=``: the reply as a validated instance of the schema (``text`` is its
     JSON, as stored in the history); ``None`` otherwise."""
-    tool_calls: tuple[ToolCall, ...] = ()
+    tool_runs: tuple[ToolRun, ...] = ()
+
+    @property
+    def tool_calls(self) -> tuple[ToolRun, ...]:
+        """Deprecated: `tool_runs` (a LangChain ``tool_calls`` is a model's requests)."""
+        warn_renamed("Reply.tool_calls", "Reply.tool_runs")
+        return self.tool_runs
 
     @property
     def interrupted(self) -> bool:
@@ -96,7 +103,7 @@ def _reply(message: BaseMessage, turn: Turn) -> Reply:
         turn.session_id,
         tuple(turn.notices),
         turn.parsed,
-        tuple(turn.tool_calls),
+        tuple(turn.tool_runs),
     )
 
 
@@ -134,9 +141,16 @@ class _StreamBase:
         return reason if isinstance(reason, str) else None
 
     @property
-    def tool_calls(self) -> tuple[ToolCall, ...]:
-        """The tool calls made so far (see `Reply.tool_calls`)."""
-        return tuple(self._turn.tool_calls)
+    def tool_runs(self) -> tuple[ToolRun, ...]:
+        """The tools that ran so far (see `Reply.tool_runs`)."""
+        return tuple(self._turn.tool_runs)
+
+    @property
+    def tool_calls(self) -> tuple[ToolRun, ...]:
+        """Deprecated: `tool_runs`."""
+        name = type(self).__name__
+        warn_renamed(f"{name}.tool_calls", f"{name}.tool_runs")
+        return self.tool_runs
 
     def _piece(self, chunk: Any) -> str | ToolEvent:
         if isinstance(chunk, (ToolStarted, ToolFinished)):

@@ -90,7 +90,7 @@ def _cache(ns: dict[str, Any], out: str) -> None:
 
 
 def _tools(ns: dict[str, Any], out: str) -> None:
-    [call] = ns["reply"].tool_calls
+    [call] = ns["reply"].tool_runs
     assert (call.name, call.args, call.status) == ("get_weather", {"city": "Oslo"}, "success")
     assert "ToolStarted(" in out and "ToolFinished(" in out
     assert [m.type for m in ns["bot"].history("trip")][:4] == ["human", "ai", "tool", "ai"]

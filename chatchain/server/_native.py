@@ -123,7 +123,7 @@ def _reply_out(session_id: str, reply: Reply) -> ReplyOut:
         interrupted=reply.interrupted,
         notices=list(reply.notices),
         usage=usage_out(reply.usage),
-        tool_calls=[tool_call_out(call) for call in reply.tool_calls],
+        tool_calls=[tool_call_out(run) for run in reply.tool_runs],
     )
 
 
