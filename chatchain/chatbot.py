@@ -270,7 +270,7 @@ class Chatbot:
         settings: Settings; read from the environment and ``env_file`` when not given.
         llm: A chat model to use instead of `ChatOpenAI` (e.g. a fake one in tests, or
             your own `ChatOpenAI`), not a chain such as ``prompt | model``.
-        store: Where sessions live; by default the store ``settings.store`` names (a new
+        store: Where sessions live; by default the store ``settings.store_url`` names (a new
             in-memory one unless ``CHATCHAIN_STORE`` says otherwise). A store that
             implements only `HistoryBackend` is completed by `as_store`.
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
@@ -312,7 +312,7 @@ class Chatbot:
         self._hooks = as_hooks(hooks)  # shared with the chain: `add_hooks` reaches its turns
         self.settings = settings or Settings.load(env_file)
         self.store: HistoryStore = (
-            open_store(self.settings.store, lock_timeout=self.settings.lock_timeout)
+            open_store(self.settings.store_url, lock_timeout=self.settings.lock_timeout)
             if store is None
             else as_store(store, lock_timeout=self.settings.lock_timeout)
         )

@@ -86,9 +86,9 @@ def test_sessions_and_usage_need_no_key_until_the_first_turn(
     settings: Settings, fake: FakeChatModel, tmp_path: Path
 ) -> None:
     store = f"sqlite:///{tmp_path / 'chat.db'}"
-    with Chatbot(settings.model_copy(update={"store": store}), llm=fake) as writer:
+    with Chatbot(settings.model_copy(update={"store_url": store}), llm=fake) as writer:
         writer.chat("Hi! I'm Bob", session_id="dp123")
-    keyless = Settings(store=store)  # no OPENAI_API_KEY and no OPENAI_BASE_URL
+    keyless = Settings(store_url=store)  # no OPENAI_API_KEY and no OPENAI_BASE_URL
     with Chatbot(keyless) as bot:
         assert bot.sessions() == ["dp123"]
         assert [m.text for m in bot.history("dp123")] == ["Hi! I'm Bob", "Echo: Hi! I'm Bob"]

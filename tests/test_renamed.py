@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import chatchain
-from chatchain import Chatbot, ToolRun, TurnHooks
+from chatchain import Chatbot, Settings, ToolRun, TurnHooks
 from chatchain.hooks import TurnEnded
 from chatchain.testing import FakeChatModel, tool_call_reply
 
@@ -59,3 +59,21 @@ def test_turn_ended_tool_calls_is_now_tool_runs() -> None:
     assert [run.name for run in ended[0].tool_runs] == ["add"]
     with pytest.warns(DeprecationWarning, match=r"TurnEnded\.tool_calls .*TurnEnded\.tool_runs"):
         assert ended[0].tool_calls == ended[0].tool_runs
+
+
+def test_settings_store_is_now_store_url() -> None:
+    url = "sqlite:///chat.db"
+    assert Settings(store_url=url).store_url == url
+    with pytest.warns(DeprecationWarning, match=r"Settings\(store=\.\.\.\) .*store_url=\.\.\."):
+        settings = Settings(store=url)
+    assert settings.store_url == url
+    with pytest.warns(DeprecationWarning, match=r"Settings\.store .*Settings\.store_url"):
+        assert settings.store == url
+    with pytest.warns(DeprecationWarning, match=r"Settings\.load\(store=\.\.\.\) .*store_url"):
+        assert Settings.load(env_file=None, store=url).store_url == url
+
+
+def test_the_store_variable_and_option_keep_their_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What users type stays: CHATCHAIN_STORE (and `--store`, tests/cli) set `store_url`.
+    monkeypatch.setenv("CHATCHAIN_STORE", "sqlite:///env.db")
+    assert Settings.load(env_file=None).store_url == "sqlite:///env.db"

@@ -63,7 +63,7 @@ def make_bot(store: str | HistoryStore, **overrides: Any) -> tuple[Chatbot, Fake
     }
     values.update(overrides)
     if isinstance(store, str):
-        values["store"] = store
+        values["store_url"] = store
     fake = FakeChatModel()
     bot = Chatbot(
         Settings(**values),
