@@ -36,6 +36,7 @@ from chatchain.stores import (
     HistoryBackend,
     HistoryStore,
     SessionInfo,
+    TitleBackend,
     as_store,
     open_store,
 )
@@ -643,21 +644,36 @@ class Chatbot:
         """Message count and times of a session, or ``None`` if it is empty."""
         return self.store.info(validate_session_id(session_id))
 
-    def reset(self, session_id: str = DEFAULT_SESSION) -> None:
-        """Forget a session's messages and summary, waiting for a turn on it to end.
+    def delete(self, session_id: str = DEFAULT_SESSION) -> None:
+        """Forget a session entirely: its messages, summary and title, waiting for a turn on
+        it to end; a later turn on the same id starts afresh.
 
         What the session spent stays in the usage ledger: money spent is not refunded, and
-        budgets must not be escaped by a reset.
+        budgets must not be escaped by deleting a session. A turn a crash cut off is
+        recorded there first.
+
+        Example:
+            >>> from chatchain.testing import FakeChatModel
+            >>> bot = Chatbot(llm=FakeChatModel())
+            >>> _ = bot.chat("hello", session_id="s1")
+            >>> bot.delete("s1")
+            >>> bot.history("s1"), bot.usage("s1").turns
+            ([], 1)
         """
         session_id = validate_session_id(session_id)
         with self.store.lock(session_id) as fence:
             if self.store.read_pending(session_id) is not None:
-                self._recover_before_reset(session_id, fence)
+                self._recover_before_delete(session_id, fence)
             self.store.delete(session_id)
+            if isinstance(self.store, TitleBackend):
+                self.store.set_title(session_id, None)
 
-    delete = reset
+    def reset(self, session_id: str = DEFAULT_SESSION) -> None:
+        """Deprecated: `delete` (which this always was)."""
+        warn_renamed("Chatbot.reset", "Chatbot.delete")
+        self.delete(session_id)
 
-    def _recover_before_reset(self, session_id: str, fence: Fence | None) -> None:
+    def _recover_before_delete(self, session_id: str, fence: Fence | None) -> None:
         """A turn a crash cut off: its bill goes to the ledger before the session goes."""
         try:
             spec = self.chain._spec

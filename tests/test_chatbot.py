@@ -61,17 +61,17 @@ def test_async_entry_points(bot: Chatbot) -> None:
     assert bot.usage().turns == 5
 
 
-def test_sessions_reset_and_usage(bot: Chatbot) -> None:
+def test_sessions_delete_and_usage(bot: Chatbot) -> None:
     bot.chat("one", session_id="a")
     bot.chat("two", session_id="b")
     assert sorted(bot.sessions()) == ["a", "b"]
     total = bot.usage()
     assert total.turns == 2
     assert total.cost_usd is not None and total.cost_usd > 0
-    bot.reset("a")
+    bot.delete("a")
     assert bot.sessions() == ["b"]
     assert bot.history("a") == []
-    assert bot.usage("a").turns == 1  # a reset forgets the words, not the spending
+    assert bot.usage("a").turns == 1  # deleting forgets the words, not the spending
     assert bot.usage().turns == 2
 
 

@@ -77,3 +77,17 @@ def test_the_store_variable_and_option_keep_their_names(monkeypatch: pytest.Monk
     # What users type stays: CHATCHAIN_STORE (and `--store`, tests/cli) set `store_url`.
     monkeypatch.setenv("CHATCHAIN_STORE", "sqlite:///env.db")
     assert Settings.load(env_file=None).store_url == "sqlite:///env.db"
+
+
+def test_delete_forgets_the_whole_session_and_reset_is_its_old_name() -> None:
+    bot = Chatbot(llm=FakeChatModel())
+    for session in ("gone", "reset"):
+        bot.chat("hello", session_id=session)
+        bot.store.set_title(session, "A trip")
+    bot.delete("gone")
+    assert bot.history("gone") == [] and bot.summary("gone") is None
+    assert bot.store.titles(["gone"]) == {}  # a later session of that id starts afresh
+    assert bot.usage("gone").turns == 1  # what it spent stays in the ledger
+    with pytest.warns(DeprecationWarning, match=r"Chatbot\.reset .*Chatbot\.delete"):
+        bot.reset("reset")
+    assert bot.history("reset") == [] and bot.store.titles(["reset"]) == {}

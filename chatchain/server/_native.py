@@ -405,9 +405,7 @@ def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages
 def delete_session(session_id: str, user: Caller, service: ServiceDep) -> Response:
     """Delete one of your sessions (its usage stays in the ledger)."""
     full_id = _existing(service, user, session_id)
-    service.bot.reset(full_id)
-    if isinstance(service.bot.store, TitleBackend):  # a later session of that id starts afresh
-        service.bot.store.set_title(full_id, None)
+    service.bot.delete(full_id)  # its title too: a later session of that id starts afresh
     return Response(status_code=204)
 
 
