@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatchain import MAX_SESSION_ID_LENGTH, Chatbot, InvalidInputError, validate_session_id
 from chatchain.server._errors import HTTPProblem
-from chatchain.server._limits import UserLimits
+from chatchain.server._throttle import UserThrottle
 from chatchain.settings import Settings
 from chatchain.users import User, Users
 
@@ -38,19 +38,19 @@ _SEPARATOR = ":"  # user names cannot hold it, so "ann:x" is always ann's sessio
 
 @dataclass(frozen=True)
 class Service:
-    """One app's Chatbot, users and per-user limits (one per worker process).
+    """One app's Chatbot, users and per-user throttle (one per worker process).
 
     Attributes:
         bot: The Chatbot every turn runs on (its store is shared by the workers).
         users: The users and their tokens, kept in the same store.
         settings: The bot's settings (``CHATCHAIN_SERVER_*`` included).
-        limits: Each user's requests per minute and open streams, in this process.
+        throttle: Each user's requests per minute and open streams, in this process.
     """
 
     bot: Chatbot
     users: Users
     settings: Settings
-    limits: UserLimits
+    throttle: UserThrottle
 
 
 class AppState(TypedDict):
@@ -110,7 +110,7 @@ async def caller(
             "ask the operator for a current token.",
             headers=_UNAUTHORIZED,
         )
-    service.limits.request(user.name)
+    service.throttle.request(user.name)
     return user
 
 
