@@ -15,8 +15,8 @@ Two modes, chosen per request:
 - **Without it the request is stateless.** Its messages are sent as they are (with its own
   system message, if any, and without the deployment's system prompt) and nothing is written
   to the history; the call is still metered in the ledger under the caller, with the
-  completion's id (``chatcmpl-...``) as its session, and capped by the user's budget limits and the
-  deployment's budgets (a per-session cap applies to each call on its own).
+  completion's id (``chatcmpl-...``) as its session, and capped by the user's budget limits
+  and the deployment's budgets (a per-session cap applies to each call on its own).
 
 **Tools.** A client's own tools (``tools``, ``functions``, ``tool_choice``, tool messages) are
 refused with 400: running tools that live in the client is another feature. The server's own
