@@ -349,8 +349,8 @@ _user_option = click.option(
 )
 
 
-def _store_id(session_id: str, user: str | None) -> str:
-    """The store's id of ``session_id``: ``USER:ID`` for a user of the chat service."""
+def _session_key(session_id: str, user: str | None) -> str:
+    """The session key of ``session_id``: ``USER:ID`` for a user of the chat service."""
     return session_id if user is None else f"{validate_name(user)}:{session_id}"
 
 
@@ -404,7 +404,7 @@ def show(
 ) -> None:
     """The transcript of session ID; interrupted replies are marked."""
     with _managing(store_url, env_file, debug) as bot:
-        messages = bot.history(_store_id(session_id, user))
+        messages = bot.history(_session_key(session_id, user))
         if not messages:
             raise _no_session(session_id, user)
         transcript(stdout_console(), messages)
@@ -425,9 +425,9 @@ def export(
 ) -> None:
     """Write session ID to FILE as JSON (readable by you only)."""
     with _managing(store_url, env_file, debug) as bot:
-        if user is not None and bot.session_info(_store_id(session_id, user)) is None:
+        if user is not None and bot.session_info(_session_key(session_id, user)) is None:
             raise _no_session(session_id, user)
-        data = bot.export_session(_store_id(session_id, user), file)
+        data = bot.export_session(_session_key(session_id, user), file)
         click.echo(
             f"Exported session {session_id} ({count(len(data['messages']), 'message')}) to {file}."
         )
@@ -476,8 +476,8 @@ def delete(
 ) -> None:
     """Delete session ID (what it spent stays in the usage ledger)."""
     with _managing(store_url, env_file, debug) as bot:
-        full_id = _store_id(session_id, user)
-        info = bot.session_info(full_id)
+        key = _session_key(session_id, user)
+        info = bot.session_info(key)
         if info is None:
             raise _no_session(session_id, user)
         whose = "" if user is None else f" of user {user}"
@@ -486,7 +486,7 @@ def delete(
                 f"Delete session {session_id}{whose} ({count(info.message_count, 'message')})?",
                 abort=True,
             )
-        bot.delete(full_id)
+        bot.delete(key)
         click.echo(f"Deleted session {session_id}{whose}.")
 
 
