@@ -127,7 +127,7 @@ def _as_tool(tool: Any) -> BaseTool:
 
 @dataclass(frozen=True)
 class Toolbox:
-    """A turn's tools and the limits they run under.
+    """A turn's tools, with their rounds, timeout and result size.
 
     Attributes:
         tools: The tools by name.

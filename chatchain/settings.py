@@ -382,7 +382,7 @@ class Settings(BaseSettings):
             raise ConfigurationError(_explain_unparsable(cls, exc)) from None
 
     def history_window(self) -> HistoryWindow | None:
-        """The window these settings describe (``None`` when both limits are off)."""
+        """The window these settings describe (``None`` when it keeps no turn or token bound)."""
         from chatchain.window import HistoryWindow
 
         if self.window_turns is None and self.window_tokens is None:
