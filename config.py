@@ -36,7 +36,7 @@ class Config:
     def settings(cls, **overrides: Any) -> Settings:
         """Settings from the environment and ``.env``, with this file's system prompt.
 
-        ``overrides`` (e.g. ``store="sqlite:///chat.db"``, ``window_turns=4``) win, validated
+        ``overrides`` (e.g. ``store_url="sqlite:///chat.db"``, ``window_turns=4``) win, validated
         like the rest: a bad value raises `chatchain.ConfigurationError`.
         """
         return Settings.load(cls.ENV_FILE, **{"system_prompt": cls.SYSTEM_PROMPT, **overrides})

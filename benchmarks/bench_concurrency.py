@@ -60,7 +60,7 @@ from bench_turn import (
     clean_environment,
     machine,
     percentile,
-    quiet_seeds,
+    quiet_plain_chain,
     ratio_ci,
     versions,
 )
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = QUICK if args.quick else FULL
     clean_environment()
     started = time.perf_counter()
-    with quiet_seeds():
+    with quiet_plain_chain():
         asyncio.run(check_payloads())
         print(
             f"{', '.join(map(str, CONCURRENCY))} concurrent sessions; request bodies checked "

@@ -96,7 +96,7 @@ from bench_turn import (
     clean_environment,
     machine,
     percentile,
-    quiet_seeds,
+    quiet_plain_chain,
     ratio_ci,
     versions,
 )
@@ -445,7 +445,7 @@ class PlainChain:
     def __init__(self, base_url: str, settings: chatchain.Settings, session_id: str) -> None:
         # LangChain's deprecation and sunset notices fire while the chain is built (its
         # histories are created up front, too), so they are silenced here only.
-        with quiet_seeds():
+        with quiet_plain_chain():
             from langchain_community.callbacks import get_openai_callback
             from langchain_core.chat_history import (
                 BaseChatMessageHistory,

@@ -102,7 +102,7 @@ PAIRS = {
 # The deprecation and sunset notices of the plain chain's LangChain classes; filtered for the
 # whole run, not per call, so that no contender pays for entering and leaving `catch_warnings`
 # on each turn.
-SEEDS_WARNINGS = (
+PLAIN_CHAIN_WARNINGS = (
     r".langchain-community. is being sunset",
     r"RunnableWithMessageHistory is deprecated",
     r"The class `InMemoryChatMessageHistory` was deprecated",
@@ -110,10 +110,10 @@ SEEDS_WARNINGS = (
 
 
 @contextmanager
-def quiet_seeds() -> Iterator[None]:
-    """Silence `SEEDS_WARNINGS` (and nothing else) inside the block."""
+def quiet_plain_chain() -> Iterator[None]:
+    """Silence `PLAIN_CHAIN_WARNINGS` (and nothing else) inside the block."""
     with warnings.catch_warnings():
-        for message in SEEDS_WARNINGS:
+        for message in PLAIN_CHAIN_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
         yield
 
@@ -559,7 +559,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     clean_environment()
-    with quiet_seeds(), OpenAITestServer(host="127.0.0.1") as server:
+    with quiet_plain_chain(), OpenAITestServer(host="127.0.0.1") as server:
         settings = chatchain.Settings(
             _env_file=None,  # type: ignore[call-arg]
             api_key=SecretStr(API_KEY),

@@ -51,7 +51,7 @@ def main() -> None:
                     base_url=server.base_url,
                     timeout=2,
                     max_retries=0,
-                    store=f"sqlite:///{Path(tmp) / f'{name}-{mode}.db'}",
+                    store_url=f"sqlite:///{Path(tmp) / f'{name}-{mode}.db'}",
                     turn_deadline=args.deadline,
                 )
                 with Chatbot(settings) as bot:

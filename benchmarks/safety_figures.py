@@ -47,7 +47,7 @@ _KILLED_CHILD = """
 from chatchain import Chatbot, Settings
 from chatchain.testing import FakeChatModel
 url, session_id = sys.argv[1], sys.argv[2]
-bot = Chatbot(Settings(api_key="sk-test", store=url, summarize=False, window_turns=2),
+bot = Chatbot(Settings(api_key="sk-test", store_url=url, summarize=False, window_turns=2),
               llm=FakeChatModel())
 bot.chat("warm up", session_id=session_id + "-warm")
 print("ready", flush=True)

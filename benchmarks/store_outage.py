@@ -110,7 +110,7 @@ def main() -> None:
         settings = Settings(
             api_key="sk-test",
             model="gpt-4o-mini",
-            store=url,
+            store_url=url,
             summarize=False,
             window_turns=4,
             lock_timeout=10.0,  # bounded: a stuck lock fails the turn rather than the run

@@ -9,11 +9,13 @@ Example:
 """
 
 import logging as _logging
+from typing import Any as _Any
 
 from chatchain._async_clients import aclose_loop_client
 from chatchain._metering import get_openai_callback
 from chatchain._money import format_usd
-from chatchain._tools import ToolCall, ToolFinished, ToolStarted
+from chatchain._renamed import warn_renamed as _warn_renamed
+from chatchain._tools import ToolFinished, ToolRun, ToolStarted
 from chatchain._turn import MAX_SESSION_ID_LENGTH, validate_session_id
 from chatchain.budgets import Budget
 from chatchain.chain import ChatChain, create_chat_chain, get_message_history
@@ -100,10 +102,10 @@ __all__ = [  # noqa: RUF022
     "StoreCommitted",
     "StoreError",
     "StructuredReplyError",
-    "ToolCall",
     "ToolCallEnded",
     "ToolCallStarted",
     "ToolFinished",
+    "ToolRun",
     "ToolStarted",
     "TurnDeadlineError",
     "TurnEnded",
@@ -132,6 +134,18 @@ __all__ = [  # noqa: RUF022
 # The one place the version is written: the build reads it from here (pyproject.toml's
 # [tool.setuptools.dynamic]), so the installed package's metadata says the same.
 __version__ = "0.1.0"
+
+# Old public names, each an alias that warns with its new name.
+_RENAMED = {"ToolCall": "ToolRun"}
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        _warn_renamed(f"chatchain.{name}", f"chatchain.{new}")
+        return globals()[new]
+    raise AttributeError(f"module 'chatchain' has no attribute {name!r}")
+
 
 # A library's logger stays silent unless the application configures logging.
 _logging.getLogger("chatchain").addHandler(_logging.NullHandler())

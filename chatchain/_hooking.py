@@ -300,7 +300,7 @@ def _ended(turn: Turn, error: BaseException | None) -> None:
             seconds,
             first_token_s=turn.first_token_s,
             interrupted=events.interrupted,
-            tool_calls=tuple(turn.tool_calls),
+            tool_runs=tuple(turn.tool_runs),
         ),
     )
 

@@ -47,10 +47,10 @@ if TYPE_CHECKING:
     from chatchain._turn import Turn
 
 __all__ = [
-    "ToolCall",
     "ToolEvent",
     "ToolFinished",
     "ToolLoop",
+    "ToolRun",
     "ToolStarted",
     "Toolbox",
     "bind_tools",
@@ -60,8 +60,10 @@ INTERRUPTED = "The turn was stopped before this tool finished; its result is unk
 
 
 @dataclass(frozen=True)
-class ToolCall:
-    """One tool call the model made in a turn, and how it went.
+class ToolRun:
+    """A tool that ran in a turn: the call the model made, and how it went.
+
+    Not LangChain's ``ToolCall`` (the model's request only: ``AIMessage.tool_calls``).
 
     Attributes:
         id: The call's id (what its ``ToolMessage``'s ``tool_call_id`` answers).
@@ -94,9 +96,9 @@ class ToolStarted:
 
 @dataclass(frozen=True)
 class ToolFinished:
-    """A tool call ended, well or not (see ``call.status``)."""
+    """A tool call ended, well or not (see ``call.status``); ``call`` is its `ToolRun`."""
 
-    call: ToolCall
+    call: ToolRun
 
 
 ToolEvent = ToolStarted | ToolFinished
@@ -125,7 +127,7 @@ def _as_tool(tool: Any) -> BaseTool:
 
 @dataclass(frozen=True)
 class Toolbox:
-    """A turn's tools and the limits they run under.
+    """A turn's tools, with their rounds, timeout and result size.
 
     Attributes:
         tools: The tools by name.
@@ -235,12 +237,12 @@ class Toolbox:
         outcome: tuple[str, str | None],
         seconds: float,
         counter: TokenCounter,
-    ) -> tuple[ToolCall, ToolMessage]:
+    ) -> tuple[ToolRun, ToolMessage]:
         """The record of a call and the message that answers it, the result cut to size."""
         text, error = outcome
         status: Literal["success", "error"] = "error" if error is not None else "success"
         result = self._bounded(text if error is None else f"Error: {error}", counter)
-        call = ToolCall(
+        call = ToolRun(
             id=str(request.get("id") or ""),
             name=str(request.get("name") or ""),
             args=dict(request["args"]) if isinstance(request.get("args"), dict) else {},

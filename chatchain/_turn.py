@@ -48,7 +48,7 @@ from chatchain._flow import Flow, arun, call, run
 from chatchain._hooking import HookList
 from chatchain._journal import Journal
 from chatchain._metering import Estimate
-from chatchain._tools import INTERRUPTED, Toolbox, ToolCall, ToolEvent, ToolFinished, ToolStarted
+from chatchain._tools import INTERRUPTED, Toolbox, ToolEvent, ToolFinished, ToolRun, ToolStarted
 from chatchain._turn_commit import TurnCommit, text_of
 from chatchain._turn_money import CUT_AT_HOLD, TURN_KEY, BudgetedModel, _Call, holding
 from chatchain._turn_summary import TurnSummary
@@ -195,7 +195,7 @@ class TurnSpec:
         deadline_in_transport: Whether the chain's models end their own calls at the
             deadline (`model.bounds_its_deadline`): blocking calls then run in the caller's
             thread, not in a worker thread.
-        tools: The chain's tools and their limits, or ``None``.
+        tools: The chain's tools (a `Toolbox`), or ``None``.
         journal: Where a finished turn waits when the store cannot save it, or ``None``.
         hooks: What is told of each turn's events (see `chatchain.hooks`).
     """
@@ -365,7 +365,7 @@ class Turn(TurnCommit, TurnSummary):
     _estimate_reported: bool = False
     steps: list[BaseMessage] = field(default_factory=list)
     """The tool exchange so far: AI messages with tool calls, each followed by its results."""
-    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_runs: list[ToolRun] = field(default_factory=list)
     """Every tool call of the turn (a step's in the order they ended until it is closed)."""
     on_tool: Callable[[ToolEvent], None] | None = None
     """Called with each tool event as it happens."""
@@ -488,7 +488,7 @@ class Turn(TurnCommit, TurnSummary):
         # The step's calls in the order the model made them, not the order they ended in.
         order = {m.tool_call_id: i for i, m in enumerate(step) if isinstance(m, ToolMessage)}
         ran = len(step) - 1
-        self.tool_calls[-ran:] = sorted(self.tool_calls[-ran:], key=lambda c: order.get(c.id, ran))
+        self.tool_runs[-ran:] = sorted(self.tool_runs[-ran:], key=lambda c: order.get(c.id, ran))
         return step
 
     def _exchange(self) -> list[BaseMessage]:
@@ -515,10 +515,10 @@ class Turn(TurnCommit, TurnSummary):
         self._tell(event)
         return event
 
-    def tool_finished(self, call: ToolCall, message: ToolMessage) -> ToolFinished:
+    def tool_finished(self, call: ToolRun, message: ToolMessage) -> ToolFinished:
         if self._open is not None:
             self._open[1][call.id] = message
-        self.tool_calls.append(call)
+        self.tool_runs.append(call)
         event = ToolFinished(call)
         self._tell(event)
         return event

@@ -77,7 +77,7 @@ class _Sent:
     retry: list[BaseMessage] | None = None
 
 
-# The design's default store: one ChatMessageHistory per session id, for the whole process.
+# The default store of `get_message_history`: one history per session id, for the whole process.
 _default_store = MemoryStore()
 
 
@@ -283,7 +283,7 @@ class ChatChain(HistoryRunnable):
         """
         if not isinstance(error, ContextTooLongError):
             return False
-        if turn.steps or turn.tool_calls:  # tools ran: running them again could act twice
+        if turn.steps or turn.tool_runs:  # tools ran: running them again could act twice
             return False
         sent: _Sent = turn.config["configurable"][_SENT]
         smaller = halved(sent.history)
@@ -685,7 +685,7 @@ def create_chat_chain(
             summary and ledger in this process).
         input_key: The input dict's key for the user's text.
         history_key: The prompt variable the history fills. ``None`` makes ``input_key`` a
-            list of messages to which the history is prepended (the seeds' ``my_msg`` form).
+            list of messages to which the history is prepended (a plain chain's ``my_msg`` form).
         ledger: Where the chain records each turn's usage: by default the ledger of the
             history store when it is a `HistoryStore` (so it persists and is shared with
             every chain on the store), else a private in-memory one.

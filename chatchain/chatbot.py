@@ -20,9 +20,10 @@ from pydantic import BaseModel
 
 from chatchain._hooking import as_hooks
 from chatchain._pending import recover, recover_session
+from chatchain._renamed import warn_renamed
 from chatchain._streaming import TextBuffer
 from chatchain._structured import with_schema
-from chatchain._tools import ToolCall, ToolEvent, ToolFinished, ToolStarted
+from chatchain._tools import ToolEvent, ToolFinished, ToolRun, ToolStarted
 from chatchain._turn import Turn, validate_session_id
 from chatchain.budgets import Budget, BudgetLimit
 from chatchain.chain import ChatChain, create_chat_chain
@@ -35,6 +36,7 @@ from chatchain.stores import (
     HistoryBackend,
     HistoryStore,
     SessionInfo,
+    TitleBackend,
     as_store,
     open_store,
 )
@@ -63,8 +65,8 @@ class Reply:
         usage: Tokens, cost and latency of the turn.
         message: The reply as a LangChain message (with its metadata).
         session_id: The session the turn belongs to.
-        tool_calls: The tool calls the model made in the turn, step by step, each step's
-            calls in the order the model made them.
+        tool_runs: The tools that ran in the turn (what the model asked for and how it
+            went), step by step, each step's in the order the model asked for them.
     """
 
     text: str
@@ -76,7 +78,13 @@ class Reply:
     parsed: BaseModel | None = None
     """With ``schema=``: the reply as a validated instance of the schema (``text`` is its
     JSON, as stored in the history); ``None`` otherwise."""
-    tool_calls: tuple[ToolCall, ...] = ()
+    tool_runs: tuple[ToolRun, ...] = ()
+
+    @property
+    def tool_calls(self) -> tuple[ToolRun, ...]:
+        """Deprecated: `tool_runs` (a LangChain ``tool_calls`` is a model's requests)."""
+        warn_renamed("Reply.tool_calls", "Reply.tool_runs")
+        return self.tool_runs
 
     @property
     def interrupted(self) -> bool:
@@ -96,7 +104,7 @@ def _reply(message: BaseMessage, turn: Turn) -> Reply:
         turn.session_id,
         tuple(turn.notices),
         turn.parsed,
-        tuple(turn.tool_calls),
+        tuple(turn.tool_runs),
     )
 
 
@@ -134,9 +142,16 @@ class _StreamBase:
         return reason if isinstance(reason, str) else None
 
     @property
-    def tool_calls(self) -> tuple[ToolCall, ...]:
-        """The tool calls made so far (see `Reply.tool_calls`)."""
-        return tuple(self._turn.tool_calls)
+    def tool_runs(self) -> tuple[ToolRun, ...]:
+        """The tools that ran so far (see `Reply.tool_runs`)."""
+        return tuple(self._turn.tool_runs)
+
+    @property
+    def tool_calls(self) -> tuple[ToolRun, ...]:
+        """Deprecated: `tool_runs`."""
+        name = type(self).__name__
+        warn_renamed(f"{name}.tool_calls", f"{name}.tool_runs")
+        return self.tool_runs
 
     def _piece(self, chunk: Any) -> str | ToolEvent:
         if isinstance(chunk, (ToolStarted, ToolFinished)):
@@ -256,7 +271,7 @@ class Chatbot:
         settings: Settings; read from the environment and ``env_file`` when not given.
         llm: A chat model to use instead of `ChatOpenAI` (e.g. a fake one in tests, or
             your own `ChatOpenAI`), not a chain such as ``prompt | model``.
-        store: Where sessions live; by default the store ``settings.store`` names (a new
+        store: Where sessions live; by default the store ``settings.store_url`` names (a new
             in-memory one unless ``CHATCHAIN_STORE`` says otherwise). A store that
             implements only `HistoryBackend` is completed by `as_store`.
         system: The system message, with ``{variables}``; ``settings.system_prompt`` otherwise.
@@ -298,7 +313,7 @@ class Chatbot:
         self._hooks = as_hooks(hooks)  # shared with the chain: `add_hooks` reaches its turns
         self.settings = settings or Settings.load(env_file)
         self.store: HistoryStore = (
-            open_store(self.settings.store, lock_timeout=self.settings.lock_timeout)
+            open_store(self.settings.store_url, lock_timeout=self.settings.lock_timeout)
             if store is None
             else as_store(store, lock_timeout=self.settings.lock_timeout)
         )
@@ -629,21 +644,36 @@ class Chatbot:
         """Message count and times of a session, or ``None`` if it is empty."""
         return self.store.info(validate_session_id(session_id))
 
-    def reset(self, session_id: str = DEFAULT_SESSION) -> None:
-        """Forget a session's messages and summary, waiting for a turn on it to end.
+    def delete(self, session_id: str = DEFAULT_SESSION) -> None:
+        """Forget a session entirely: its messages, summary and title, waiting for a turn on
+        it to end; a later turn on the same id starts afresh.
 
         What the session spent stays in the usage ledger: money spent is not refunded, and
-        budgets must not be escaped by a reset.
+        budgets must not be escaped by deleting a session. A turn a crash cut off is
+        recorded there first.
+
+        Example:
+            >>> from chatchain.testing import FakeChatModel
+            >>> bot = Chatbot(llm=FakeChatModel())
+            >>> _ = bot.chat("hello", session_id="s1")
+            >>> bot.delete("s1")
+            >>> bot.history("s1"), bot.usage("s1").turns
+            ([], 1)
         """
         session_id = validate_session_id(session_id)
         with self.store.lock(session_id) as fence:
             if self.store.read_pending(session_id) is not None:
-                self._recover_before_reset(session_id, fence)
+                self._recover_before_delete(session_id, fence)
             self.store.delete(session_id)
+            if isinstance(self.store, TitleBackend):
+                self.store.set_title(session_id, None)
 
-    delete = reset
+    def reset(self, session_id: str = DEFAULT_SESSION) -> None:
+        """Deprecated: `delete` (which this always was)."""
+        warn_renamed("Chatbot.reset", "Chatbot.delete")
+        self.delete(session_id)
 
-    def _recover_before_reset(self, session_id: str, fence: Fence | None) -> None:
+    def _recover_before_delete(self, session_id: str, fence: Fence | None) -> None:
         """A turn a crash cut off: its bill goes to the ledger before the session goes."""
         try:
             spec = self.chain._spec

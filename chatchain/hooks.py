@@ -47,7 +47,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from chatchain._tools import ToolCall
+from chatchain._renamed import warn_renamed
+from chatchain._tools import ToolRun
 from chatchain.usage import Usage
 
 __all__ = [
@@ -166,7 +167,7 @@ class ToolCallEnded:
     """A tool call ended, well or not (see ``call.status`` and ``call.error``)."""
 
     turn: TurnInfo
-    call: ToolCall
+    call: ToolRun
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class TurnEnded:
         seconds: How long the turn ran, from `TurnStarted`.
         first_token_s: Seconds to the first streamed text, ``None`` if none arrived.
         interrupted: Whether a partial reply was stored, marked interrupted.
-        tool_calls: The turn's tool calls.
+        tool_runs: The tools that ran in the turn.
     """
 
     turn: TurnInfo
@@ -209,7 +210,13 @@ class TurnEnded:
     seconds: float
     first_token_s: float | None = None
     interrupted: bool = False
-    tool_calls: tuple[ToolCall, ...] = ()
+    tool_runs: tuple[ToolRun, ...] = ()
+
+    @property
+    def tool_calls(self) -> tuple[ToolRun, ...]:
+        """Deprecated: `tool_runs`."""
+        warn_renamed("TurnEnded.tool_calls", "TurnEnded.tool_runs")
+        return self.tool_runs
 
     @property
     def cost_usd(self) -> float | None:

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_serializer, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -30,6 +37,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from chatchain._renamed import warn_renamed
 from chatchain.errors import ConfigurationError, MissingAPIKeyError
 from chatchain.pricing import ModelPrice, Pricer
 
@@ -54,6 +62,9 @@ _PREFIX = "CHATCHAIN_"
 # client refuses to start without one.
 _PLACEHOLDER_KEY = "not-needed"
 
+# Fields renamed: the old keyword still works, with a warning naming the new one.
+_RENAMED_FIELDS = {"store": "store_url"}
+
 
 class Settings(BaseSettings):
     """Everything chatchain can be configured with.
@@ -68,10 +79,10 @@ class Settings(BaseSettings):
         Settings(api_key=SecretStr('**********'), ...)
 
         The store's password is left out of the repr and of ``model_dump()``; the
-        ``store`` attribute keeps the real URL for the code that connects:
+        ``store_url`` attribute keeps the real URL for the code that connects:
 
-        >>> settings = Settings(store="postgresql://app:pw@db.example/chat")
-        >>> settings.model_dump()["store"], settings.store
+        >>> settings = Settings(store_url="postgresql://app:pw@db.example/chat")
+        >>> settings.model_dump()["store_url"], settings.store_url
         ('postgresql://app@db.example/chat', 'postgresql://app:pw@db.example/chat')
     """
 
@@ -149,8 +160,8 @@ class Settings(BaseSettings):
     lock_timeout: float = Field(default=120.0, gt=0, validation_alias="CHATCHAIN_LOCK_TIMEOUT")
     """``CHATCHAIN_LOCK_TIMEOUT``: seconds a turn waits for another turn on its session."""
 
-    store: str = Field(default="memory://", min_length=1, validation_alias="CHATCHAIN_STORE")
-    """``CHATCHAIN_STORE``: where sessions live: ``memory://``, ``sqlite:///path``,
+    store_url: str = Field(default="memory://", min_length=1, validation_alias="CHATCHAIN_STORE")
+    """``CHATCHAIN_STORE``: the URL of where sessions live: ``memory://``, ``sqlite:///path``,
     ``redis://host:port/db``, ``postgresql://user@host/db``, or the scheme of a store an
     installed package adds (entry-point group ``chatchain.stores``). Shown without its password
     (and query) in the repr and in ``model_dump()``; this attribute is the real URL."""
@@ -302,7 +313,24 @@ class Settings(BaseSettings):
         except ConfigurationError as exc:  # raised as is by `load` (its text names the variable)
             raise _CacheURLError(str(exc)) from None
 
-    @field_serializer("store", "cache")
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (renamed := _RENAMED_FIELDS.keys() & data.keys()):
+            data = dict(data)
+            for old in sorted(renamed):
+                new = _RENAMED_FIELDS[old]
+                warn_renamed(f"Settings({old}=...)", f"Settings({new}=...)", stacklevel=5)
+                data.setdefault(new, data.pop(old))
+        return data
+
+    @property
+    def store(self) -> str:
+        """Deprecated: `store_url` (a ``store`` is a `HistoryStore` everywhere else)."""
+        warn_renamed("Settings.store", "Settings.store_url")
+        return self.store_url
+
+    @field_serializer("store_url", "cache")
     def _url_without_password(self, url: str | None) -> str | None:
         return None if url is None else _redacted_url(url)
 
@@ -315,7 +343,7 @@ class Settings(BaseSettings):
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
-            redact = name in ("store", "cache") and value is not None
+            redact = name in ("store_url", "cache") and value is not None
             yield name, _redacted_url(value) if redact else value
 
     @classmethod
@@ -339,6 +367,10 @@ class Settings(BaseSettings):
             0.2
         """
         given = dict(overrides)
+        for old in sorted(_RENAMED_FIELDS.keys() & given.keys()):
+            new = _RENAMED_FIELDS[old]
+            warn_renamed(f"Settings.load({old}=...)", f"Settings.load({new}=...)")
+            given.setdefault(new, given.pop(old))
         unknown = sorted(set(given) - set(cls.model_fields))
         if unknown:
             raise ConfigurationError(f"Unknown settings: {', '.join(unknown)}.")
@@ -350,7 +382,7 @@ class Settings(BaseSettings):
             raise ConfigurationError(_explain_unparsable(cls, exc)) from None
 
     def history_window(self) -> HistoryWindow | None:
-        """The window these settings describe (``None`` when both limits are off)."""
+        """The window these settings describe (``None`` when it keeps no turn or token bound)."""
         from chatchain.window import HistoryWindow
 
         if self.window_turns is None and self.window_tokens is None:

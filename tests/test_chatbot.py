@@ -61,17 +61,17 @@ def test_async_entry_points(bot: Chatbot) -> None:
     assert bot.usage().turns == 5
 
 
-def test_sessions_reset_and_usage(bot: Chatbot) -> None:
+def test_sessions_delete_and_usage(bot: Chatbot) -> None:
     bot.chat("one", session_id="a")
     bot.chat("two", session_id="b")
     assert sorted(bot.sessions()) == ["a", "b"]
     total = bot.usage()
     assert total.turns == 2
     assert total.cost_usd is not None and total.cost_usd > 0
-    bot.reset("a")
+    bot.delete("a")
     assert bot.sessions() == ["b"]
     assert bot.history("a") == []
-    assert bot.usage("a").turns == 1  # a reset forgets the words, not the spending
+    assert bot.usage("a").turns == 1  # deleting forgets the words, not the spending
     assert bot.usage().turns == 2
 
 
@@ -86,9 +86,9 @@ def test_sessions_and_usage_need_no_key_until_the_first_turn(
     settings: Settings, fake: FakeChatModel, tmp_path: Path
 ) -> None:
     store = f"sqlite:///{tmp_path / 'chat.db'}"
-    with Chatbot(settings.model_copy(update={"store": store}), llm=fake) as writer:
+    with Chatbot(settings.model_copy(update={"store_url": store}), llm=fake) as writer:
         writer.chat("Hi! I'm Bob", session_id="dp123")
-    keyless = Settings(store=store)  # no OPENAI_API_KEY and no OPENAI_BASE_URL
+    keyless = Settings(store_url=store)  # no OPENAI_API_KEY and no OPENAI_BASE_URL
     with Chatbot(keyless) as bot:
         assert bot.sessions() == ["dp123"]
         assert [m.text for m in bot.history("dp123")] == ["Hi! I'm Bob", "Echo: Hi! I'm Bob"]

@@ -23,7 +23,7 @@ def test_the_reply_keeps_its_tool_calls_and_nothing_is_stored() -> None:
     reply = bot.chat_messages([HumanMessage("1+2?")], session_id="call-1", user_id="ann")
 
     assert reply.text == "3"
-    assert [(call.name, call.args, call.result) for call in reply.tool_calls] == [
+    assert [(call.name, call.args, call.result) for call in reply.tool_runs] == [
         ("add", {"a": 1, "b": 2}, "3")
     ]
     assert bot.history("call-1") == []

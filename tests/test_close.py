@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not HAS_FDS, reason="counts file descriptors in 
 
 def settings(tmp_path: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
-        "store": f"sqlite:///{tmp_path / 'store.db'}",
+        "store_url": f"sqlite:///{tmp_path / 'store.db'}",
         "cache": f"sqlite:///{tmp_path / 'cache.db'}",
     }
     return Settings.load(

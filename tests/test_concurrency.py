@@ -111,12 +111,12 @@ def test_a_turn_waiting_past_the_lock_timeout_gets_a_clear_error() -> None:
     assert [m.text for m in bot.history("s")] == ["slow", "Echo: slow"]
 
 
-def test_reset_waits_for_the_running_turn(settings: Settings) -> None:
+def test_delete_waits_for_the_running_turn(settings: Settings) -> None:
     bot = Chatbot(settings, llm=FakeChatModel(delay=0.2), system="Be brief.")
     worker = threading.Thread(target=bot.chat, args=("in flight",), kwargs={"session_id": "s"})
     worker.start()
     time.sleep(0.05)
-    bot.reset("s")  # must not slip between the turn's load and save
+    bot.delete("s")  # must not slip between the turn's load and save
     worker.join()
     assert bot.history("s") == []
     assert bot.usage("s").turns == 1  # the turn finished first, and its spending stays

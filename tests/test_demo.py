@@ -30,7 +30,7 @@ def test_demo_keeps_the_conversation_and_meters_every_turn(
     assert main() == 0
     out = capsys.readouterr().out
     assert "OFFLINE" in out.splitlines()[0]  # no key: it says it talks to the echo server
-    with Chatbot(Settings(store=store)) as bot:
+    with Chatbot(Settings(store_url=store)) as bot:
         history = bot.history(SESSION)
         assert [m.type for m in history] == ["human", "ai"] * 4
         assert [m.text for m in history[0:6:2]] == QUESTIONS
@@ -50,7 +50,7 @@ def test_chatchain_demo_runs_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     store = _store(monkeypatch, tmp_path)
     result = CliRunner().invoke(cli, ["demo"], catch_exceptions=False)
     assert result.exit_code == 0
-    with Chatbot(Settings(store=store)) as bot:
+    with Chatbot(Settings(store_url=store)) as bot:
         assert bot.sessions() == [SESSION] and bot.usage(SESSION).turns == 4
 
 

@@ -183,7 +183,7 @@ def test_a_turn_with_a_tool_round_tells_each_event_once_in_order(
     assert ended.usage is not None
     assert ended.usage.total_tokens == bot.usage("s").total_tokens > 0
     assert ended.cost_usd == ended.usage.cost_usd is not None
-    assert [call.name for call in ended.tool_calls] == ["add"]
+    assert [call.name for call in ended.tool_runs] == ["add"]
     assert ended.seconds > 0
     assert (ended.first_token_s is not None) is streamed
 

@@ -48,7 +48,7 @@ def _tour(ns: dict[str, Any], out: str) -> None:
     assert "Echo: Hi! I'm Bob" in out and "Echo: Tell me a joke" in out
     assert ns["reply"].usage.total_tokens > 0
     assert ns["stream"].usage is not None and ns["stream"].usage.first_token_s is not None
-    assert bot.history("dp123") == []  # the block ends with bot.reset("dp123")
+    assert bot.history("dp123") == []  # the block ends with bot.delete("dp123")
     assert bot.usage("dp123").turns == 3  # what a reset session spent stays in the ledger
 
 
@@ -90,7 +90,7 @@ def _cache(ns: dict[str, Any], out: str) -> None:
 
 
 def _tools(ns: dict[str, Any], out: str) -> None:
-    [call] = ns["reply"].tool_calls
+    [call] = ns["reply"].tool_runs
     assert (call.name, call.args, call.status) == ("get_weather", {"city": "Oslo"}, "success")
     assert "ToolStarted(" in out and "ToolFinished(" in out
     assert [m.type for m in ns["bot"].history("trip")][:4] == ["human", "ai", "tool", "ai"]

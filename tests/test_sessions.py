@@ -74,7 +74,7 @@ def test_store_is_chosen_by_url_setting(tmp_path: Path) -> None:
     db = tmp_path / "chat.db"
     settings = Settings(
         api_key="sk-test",
-        store=f"sqlite:///{db}",
+        store_url=f"sqlite:///{db}",
         window_turns=None,
         window_tokens=None,
         summarize=False,

@@ -211,7 +211,7 @@ STORE_SECRET = "pgS3cretPW"
     ],
 )
 def test_the_store_password_is_not_in_the_repr_or_the_dumps(url: str, shown: str) -> None:
-    settings = Settings(store=url)
+    settings = Settings(store_url=url)
     for text in (
         repr(settings),
         str(settings),
@@ -220,10 +220,10 @@ def test_the_store_password_is_not_in_the_repr_or_the_dumps(url: str, shown: str
     ):
         assert STORE_SECRET not in text
         assert shown in text
-    assert settings.model_dump()["store"] == shown
-    assert settings.store == url  # the real URL, for the code that connects
+    assert settings.model_dump()["store_url"] == shown
+    assert settings.store_url == url  # the real URL, for the code that connects
 
 
 def test_a_store_without_a_secret_is_shown_as_it_is() -> None:
     for url in ("memory://", "sqlite:///tmp/chat.db", "redis://localhost:6379/0"):
-        assert Settings(store=url).model_dump()["store"] == url
+        assert Settings(store_url=url).model_dump()["store_url"] == url

@@ -28,8 +28,8 @@ from chatchain import (
     Chatbot,
     ConfigurationError,
     Settings,
-    ToolCall,
     ToolFinished,
+    ToolRun,
     ToolStarted,
     TurnDeadlineError,
     create_chat_chain,
@@ -120,7 +120,7 @@ def test_a_turn_runs_the_tools_and_saves_the_whole_exchange() -> None:
     bot = bot_with(fake, [add, multiply])
     reply = bot.chat("1+2 and 3*4?", session_id="s")
     assert reply.text == "3 and 12"
-    assert [(c.name, c.result, c.status) for c in reply.tool_calls] == [
+    assert [(c.name, c.result, c.status) for c in reply.tool_runs] == [
         ("add", "3", "success"),
         ("multiply", "12", "success"),
     ]
@@ -156,7 +156,7 @@ def test_a_tool_that_raises_is_reported_and_the_turn_goes_on() -> None:
     bot = bot_with(fake, [explode])
     reply = bot.chat("go", session_id="s")
     assert reply.text == "It failed, sorry."
-    (call,) = reply.tool_calls
+    (call,) = reply.tool_runs
     assert call.status == "error" and call.error == "RuntimeError: kaboom: test"
     result = fake.calls[1][-1]
     assert isinstance(result, ToolMessage) and result.status == "error"
@@ -170,7 +170,7 @@ def test_unknown_tools_and_invalid_arguments_are_reported_to_the_model() -> None
     )
     bot = bot_with(fake, [add])
     reply = bot.chat("go", session_id="s")
-    made_up, bad = reply.tool_calls
+    made_up, bad = reply.tool_runs
     assert made_up.status == bad.status == "error"
     assert made_up.error is not None and "no tool named 'made_up'" in made_up.error
     assert "the tools are: add" in made_up.error
@@ -194,7 +194,7 @@ def test_arguments_that_are_not_json_are_reported() -> None:
     fake = _BrokenJson(replies=["ok"])
     bot = bot_with(fake, [add])
     reply = bot.chat("go", session_id="s")
-    (call,) = reply.tool_calls
+    (call,) = reply.tool_runs
     assert call.status == "error" and call.id == "call_bad"
     assert call.error is not None and "could not be read (not valid JSON)" in call.error
     history = bot.history("s")
@@ -212,7 +212,7 @@ def test_a_slow_tool_is_cancelled_at_the_tool_timeout(release: threading.Event) 
     fake = script(tool_call_reply(("stuck", {}), ("add", {"a": 1, "b": 1})), "gave up")
     bot = bot_with(fake, [stuck, add], tool_timeout=0.2)
     reply = bot.chat("go", session_id="s")
-    stuck_call, add_call = reply.tool_calls
+    stuck_call, add_call = reply.tool_runs
     assert stuck_call.status == "error"
     assert stuck_call.error is not None and "did not finish within 0.2 s" in stuck_call.error
     assert "CHATCHAIN_TOOL_TIMEOUT" in stuck_call.error
@@ -235,7 +235,7 @@ async def test_an_async_tool_past_the_timeout_is_cancelled() -> None:
     fake = script(tool_call_reply(("hang", {})), "gave up")
     bot = bot_with(fake, [hang], tool_timeout=0.2)
     reply = await bot.achat("go", session_id="s")
-    assert reply.tool_calls[0].status == "error"
+    assert reply.tool_runs[0].status == "error"
     await asyncio.wait_for(cancelled.wait(), 5)
 
 
@@ -247,7 +247,7 @@ def test_long_results_are_cut_with_a_note() -> None:
     fake = script(tool_call_reply(("dump", {})), "ok")
     bot = bot_with(fake, [dump], tool_result_tokens=50)
     reply = bot.chat("go", session_id="s")
-    result = reply.tool_calls[0].result
+    result = reply.tool_runs[0].result
     assert result.startswith("word word")
     assert "The result was cut" in result and "CHATCHAIN_TOOL_RESULT_TOKENS keeps 50" in result
     body = result.split("\n[The result was cut")[0]
@@ -285,7 +285,7 @@ def test_the_calls_of_one_step_run_at_once(release: threading.Event) -> None:
 
     fake = script(tool_call_reply(("left", {}), ("right", {})), "both")
     reply = bot_with(fake, [left, right]).chat("go", session_id="s")
-    assert [c.result for c in reply.tool_calls] == ["left", "right"]  # neither broke the barrier
+    assert [c.result for c in reply.tool_runs] == ["left", "right"]  # neither broke the barrier
 
 
 async def test_async_turns_run_async_tools_together_and_sync_ones_in_threads() -> None:
@@ -312,14 +312,14 @@ async def test_async_turns_run_async_tools_together_and_sync_ones_in_threads() -
 
     fake = script(tool_call_reply(("ping", {}), ("pong", {}), ("where", {})), "done")
     reply = await bot_with(fake, [ping, pong, where]).achat("go", session_id="s")
-    assert [c.result for c in reply.tool_calls] == ["ping", "pong", "here"]
+    assert [c.result for c in reply.tool_runs] == ["ping", "pong", "here"]
     assert seen["where"] != loop_thread
 
 
 def test_async_tools_work_in_sync_turns() -> None:
     fake = script(tool_call_reply(("multiply", {"a": 6, "b": 7})), "42")
     reply = bot_with(fake, [multiply]).chat("6*7", session_id="s")
-    assert reply.tool_calls[0].result == "42"
+    assert reply.tool_runs[0].result == "42"
 
 
 def test_tools_never_see_the_turn_the_settings_or_the_key() -> None:
@@ -480,7 +480,7 @@ def test_stream_events_come_in_order_with_the_text() -> None:
     started, finished = events[5], events[6]
     assert isinstance(started, ToolStarted) and started.args == {"a": 1, "b": 2}
     assert isinstance(finished, ToolFinished) and finished.call.id == started.id
-    assert stream.tool_calls == (finished.call,)
+    assert stream.tool_runs == (finished.call,)
     assert shape(bot.history("s")) == ["human", "ai:add", "tool:success", "ai"]
     assert bot.history("s")[1].content == "Let me add."
     assert bot.history("s")[3].content == "It is 3."
@@ -626,7 +626,7 @@ def test_a_model_that_cannot_call_tools_is_refused() -> None:
 
 
 def test_tool_call_records_are_frozen() -> None:
-    call = ToolCall("id", "add", {"a": 1}, "2")
+    call = ToolRun("id", "add", {"a": 1}, "2")
     with pytest.raises(AttributeError):
         call.result = "3"  # type: ignore[misc]
     assert call.status == "success" and call.error is None
@@ -640,7 +640,7 @@ def test_a_tool_that_handles_its_own_errors_is_reported_as_an_error() -> None:
     handled = StructuredTool.from_function(careful, handle_tool_error=True)
     fake = script(tool_call_reply(("careful", {"x": 7})), "ok")
     reply = bot_with(fake, [handled]).chat("go", session_id="s")
-    (call,) = reply.tool_calls
+    (call,) = reply.tool_runs
     assert call.status == "error" and call.error == "cannot do 7"
 
 
@@ -712,11 +712,11 @@ async def test_async_turns_report_raises_unknown_names_and_bad_arguments() -> No
         "ok",
     )
     reply = await bot_with(fake, [add, explode]).achat("go", session_id="s")
-    raised, made_up, bad = reply.tool_calls
+    raised, made_up, bad = reply.tool_runs
     assert raised.error == "RuntimeError: kaboom: async"
     assert made_up.error is not None and "no tool named 'made_up'" in made_up.error
     assert bad.error is not None and "arguments for 'add' are not valid (a:" in bad.error
-    assert {call.status for call in reply.tool_calls} == {"error"}
+    assert {call.status for call in reply.tool_runs} == {"error"}
 
 
 @pytest.mark.parametrize("window", [{"window_turns": 1}, {"window_tokens": 120}])

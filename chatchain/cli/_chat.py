@@ -122,7 +122,7 @@ _HELP = (
     ("/switch ID", "go to session ID (a new one if it has no messages)"),
     ("/system TEXT", "use TEXT as the system prompt for the rest of this chat"),
     ("/save FILE", "export the session to FILE (readable by you only)"),
-    ("/reset", "forget the session's messages (what it spent stays in the ledger)"),
+    ("/delete", "forget the session entirely (what it spent stays in the ledger)"),
     ("/exit", "leave (as Ctrl-D does)"),
 )
 
@@ -176,7 +176,8 @@ class ChatLoop:
             "switch": self._switch,
             "system": self._system,
             "save": self._save,
-            "reset": self._reset,
+            "delete": self._delete,
+            "reset": self._reset,  # /delete's first name, still understood
         }
 
     def _chatbot(self, system: str | None) -> Chatbot:
@@ -284,6 +285,10 @@ class ChatLoop:
         self.bot.export_session(self.session_id, path)
         self._say(f"Saved session {self.session_id} to {path}.")
 
+    def _delete(self, arg: str) -> None:
+        self.bot.delete(self.session_id)
+        self._say(f"Session {self.session_id} is deleted; what it spent stays in the ledger.")
+
     def _reset(self, arg: str) -> None:
-        self.bot.reset(self.session_id)
-        self._say(f"Session {self.session_id} is cleared; what it spent stays in the ledger.")
+        self._say("/reset is now /delete.")
+        self._delete(arg)

@@ -150,6 +150,7 @@ def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
 _store_options = _options(
     click.option(
         "--store",
+        "store_url",
         metavar="URL",
         help="Where sessions live: sqlite:///path, redis://..., postgresql://..., memory://, "
         "or an installed store's scheme (default: CHATCHAIN_STORE, else chat.db in the user's "
@@ -212,7 +213,7 @@ def chat(
     user: str | None,
     offline: bool,
     tools_from: str | None,
-    store: str | None,
+    store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
@@ -227,7 +228,7 @@ def chat(
     console = stdout_console()
     with errors_reported(debug) as report:
         loaded = load_settings(
-            env_file, {"store": store, "model": model, "temperature": temperature}
+            env_file, {"store_url": store_url, "model": model, "temperature": temperature}
         )
         report.remember_key(loaded)
         tools = load_tools(tools_from) if tools_from else []
@@ -272,7 +273,7 @@ def ask(
     user: str | None,
     offline: bool,
     tools_from: str | None,
-    store: str | None,
+    store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
@@ -290,7 +291,7 @@ def ask(
     status = Console(stderr=True, highlight=False)
     with errors_reported(debug) as report:
         loaded = load_settings(
-            env_file, {"store": store, "model": model, "temperature": temperature}
+            env_file, {"store_url": store_url, "model": model, "temperature": temperature}
         )
         report.remember_key(loaded)
         tools = load_tools(tools_from) if tools_from else []
@@ -348,15 +349,15 @@ _user_option = click.option(
 )
 
 
-def _store_id(session_id: str, user: str | None) -> str:
-    """The store's id of ``session_id``: ``USER:ID`` for a user of the chat service."""
+def _session_key(session_id: str, user: str | None) -> str:
+    """The session key of ``session_id``: ``USER:ID`` for a user of the chat service."""
     return session_id if user is None else f"{validate_name(user)}:{session_id}"
 
 
 @contextmanager
-def _managing(store: str | None, env_file: Path | None, debug: bool) -> Iterator[Chatbot]:
+def _managing(store_url: str | None, env_file: Path | None, debug: bool) -> Iterator[Chatbot]:
     with errors_reported(debug) as report:
-        settings = load_settings(env_file, {"store": store})
+        settings = load_settings(env_file, {"store_url": store_url})
         report.remember_key(settings)
         with store_bot(settings) as bot:
             yield bot
@@ -370,13 +371,15 @@ def sessions() -> None:
 @sessions.command("list")
 @_user_option
 @_store_options
-def list_sessions(user: str | None, store: str | None, env_file: Path | None, debug: bool) -> None:
+def list_sessions(
+    user: str | None, store_url: str | None, env_file: Path | None, debug: bool
+) -> None:
     """The sessions: id, messages, created and updated (local time).
 
     Sessions made through chatchain serve show as USER:ID; --user USER lists one user's
     sessions alone, by their own ids.
     """
-    with _managing(store, env_file, debug) as bot:
+    with _managing(store_url, env_file, debug) as bot:
         infos = session_infos(bot) if user is None else _user_infos(bot, user)
         if not infos:
             click.echo("No sessions yet." if user is None else f"User {user} has no sessions.")
@@ -397,11 +400,11 @@ def _user_infos(bot: Chatbot, user: str) -> list[SessionInfo]:
 @_user_option
 @_store_options
 def show(
-    session_id: str, user: str | None, store: str | None, env_file: Path | None, debug: bool
+    session_id: str, user: str | None, store_url: str | None, env_file: Path | None, debug: bool
 ) -> None:
     """The transcript of session ID; interrupted replies are marked."""
-    with _managing(store, env_file, debug) as bot:
-        messages = bot.history(_store_id(session_id, user))
+    with _managing(store_url, env_file, debug) as bot:
+        messages = bot.history(_session_key(session_id, user))
         if not messages:
             raise _no_session(session_id, user)
         transcript(stdout_console(), messages)
@@ -416,15 +419,15 @@ def export(
     session_id: str,
     file: Path,
     user: str | None,
-    store: str | None,
+    store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
     """Write session ID to FILE as JSON (readable by you only)."""
-    with _managing(store, env_file, debug) as bot:
-        if user is not None and bot.session_info(_store_id(session_id, user)) is None:
+    with _managing(store_url, env_file, debug) as bot:
+        if user is not None and bot.session_info(_session_key(session_id, user)) is None:
             raise _no_session(session_id, user)
-        data = bot.export_session(_store_id(session_id, user), file)
+        data = bot.export_session(_session_key(session_id, user), file)
         click.echo(
             f"Exported session {session_id} ({count(len(data['messages']), 'message')}) to {file}."
         )
@@ -439,12 +442,12 @@ def import_(
     file: Path,
     as_id: str | None,
     replace: bool,
-    store: str | None,
+    store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
     """Store the session exported to FILE."""
-    with _managing(store, env_file, debug) as bot:
+    with _managing(store_url, env_file, debug) as bot:
         try:
             session_id = bot.import_session(file, session_id=as_id, replace=replace)
         except SessionExistsError as exc:  # the library's advice names Python arguments
@@ -467,14 +470,14 @@ def delete(
     session_id: str,
     yes: bool,
     user: str | None,
-    store: str | None,
+    store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
     """Delete session ID (what it spent stays in the usage ledger)."""
-    with _managing(store, env_file, debug) as bot:
-        full_id = _store_id(session_id, user)
-        info = bot.session_info(full_id)
+    with _managing(store_url, env_file, debug) as bot:
+        key = _session_key(session_id, user)
+        info = bot.session_info(key)
         if info is None:
             raise _no_session(session_id, user)
         whose = "" if user is None else f" of user {user}"
@@ -483,7 +486,7 @@ def delete(
                 f"Delete session {session_id}{whose} ({count(info.message_count, 'message')})?",
                 abort=True,
             )
-        bot.delete(full_id)
+        bot.delete(key)
         click.echo(f"Deleted session {session_id}{whose}.")
 
 
@@ -497,9 +500,9 @@ def delete(
     help="Idle for longer than this: 30d, 12h or 90m.",
 )
 @_store_options
-def prune(older_than: timedelta, store: str | None, env_file: Path | None, debug: bool) -> None:
+def prune(older_than: timedelta, store_url: str | None, env_file: Path | None, debug: bool) -> None:
     """Delete the sessions idle for longer than --older-than."""
-    with _managing(store, env_file, debug) as bot:
+    with _managing(store_url, env_file, debug) as bot:
         deleted = bot.prune(older_than)
         which = f": {', '.join(deleted)}" if deleted else "."
         click.echo(f"Deleted {count(len(deleted), 'session')}{which}")
@@ -529,12 +532,12 @@ def usage(
     session_id: str | None,
     user_id: str | None,
     since: datetime | None,
-    store: str | None,
+    store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
     """What the turns cost: tokens and USD, by session, model and day."""
-    with _managing(store, env_file, debug) as bot:
+    with _managing(store_url, env_file, debug) as bot:
         report = bot.usage_report(
             by,
             session_id=session_id,
@@ -552,9 +555,9 @@ def usage(
 
 
 @contextmanager
-def _users(store: str | None, env_file: Path | None, debug: bool) -> Iterator[Users]:
+def _users(store_url: str | None, env_file: Path | None, debug: bool) -> Iterator[Users]:
     with errors_reported(debug) as report:
-        settings = load_settings(env_file, {"store": store})
+        settings = load_settings(env_file, {"store_url": store_url})
         report.remember_key(settings)
         with closing(open_settings_store(settings)) as history_store:
             yield Users(history_store)
@@ -624,13 +627,13 @@ def add_user(
     budget_usd: str | None,
     daily_usd: str | None,
     monthly_usd: str | None,
-    store: str | None,
+    store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
     """Add a user and print their bearer token (once: keep it, it cannot be shown again)."""
     given = {"budget_usd": budget_usd, "daily_usd": daily_usd, "monthly_usd": monthly_usd}
-    with _users(store, env_file, debug) as users_:
+    with _users(store_url, env_file, debug) as users_:
         token = users_.add(name, **_usd_caps(given, none=False))
         click.echo(f"Added user {name}. Their token, shown this once:", err=True)
         click.echo(token)
@@ -638,9 +641,9 @@ def add_user(
 
 @users.command("list")
 @_store_options
-def list_users(store: str | None, env_file: Path | None, debug: bool) -> None:
+def list_users(store_url: str | None, env_file: Path | None, debug: bool) -> None:
     """The users: name, created (local time), caps and whether revoked."""
-    with _users(store, env_file, debug) as users_:
+    with _users(store_url, env_file, debug) as users_:
         found = users_.list()
         if not found:
             click.echo("No users yet: add one with chatchain users add NAME.")
@@ -651,9 +654,9 @@ def list_users(store: str | None, env_file: Path | None, debug: bool) -> None:
 @users.command()
 @click.argument("name")
 @_store_options
-def revoke(name: str, store: str | None, env_file: Path | None, debug: bool) -> None:
+def revoke(name: str, store_url: str | None, env_file: Path | None, debug: bool) -> None:
     """Stop a user's token from working (rotate gives them a new one)."""
-    with _users(store, env_file, debug) as users_:
+    with _users(store_url, env_file, debug) as users_:
         users_.revoke(name)
         click.echo(f"Revoked {name}'s token. chatchain users rotate {name} gives them a new one.")
 
@@ -661,10 +664,10 @@ def revoke(name: str, store: str | None, env_file: Path | None, debug: bool) -> 
 @users.command()
 @click.argument("name")
 @_store_options
-def rotate(name: str, store: str | None, env_file: Path | None, debug: bool) -> None:
+def rotate(name: str, store_url: str | None, env_file: Path | None, debug: bool) -> None:
     """Give a user a new token and print it (the old one stops working; revoked users are
     active again)."""
-    with _users(store, env_file, debug) as users_:
+    with _users(store_url, env_file, debug) as users_:
         token = users_.rotate(name)
         click.echo(
             f"New token for {name} (the old one no longer works), shown this once:", err=True
@@ -681,13 +684,13 @@ def caps(
     budget_usd: str | None,
     daily_usd: str | None,
     monthly_usd: str | None,
-    store: str | None,
+    store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
     """Show a user's caps, or change those given (none removes one)."""
     given = {"budget_usd": budget_usd, "daily_usd": daily_usd, "monthly_usd": monthly_usd}
-    with _users(store, env_file, debug) as users_:
+    with _users(store_url, env_file, debug) as users_:
         changes = _usd_caps(given, none=True)
         user = users_.set_caps(name, **changes) if changes else users_.get(name)
         if user is None:

@@ -40,6 +40,7 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 )
 @click.option(
     "--store",
+    "store_url",
     metavar="URL",
     help="Where sessions and users live: sqlite:///path, redis://..., postgresql://..., or an "
     "installed store's scheme (default: CHATCHAIN_STORE, else chat.db in the user's data "
@@ -61,7 +62,7 @@ def serve(
     host: str,
     port: int,
     workers: int,
-    store: str | None,
+    store_url: str | None,
     offline: bool,
     tools: str | None,
     variables: tuple[str, ...],
@@ -85,18 +86,18 @@ def serve(
                 f"chatchain serve needs {exc.name}: install it with pip install "
                 "'chatchain[server]'."
             ) from None
-        settings = load_settings(None, {"store": store})
+        settings = load_settings(None, {"store_url": store_url})
         settings = _with_variables(settings, variables, status)
         report.remember_key(settings)
-        if workers > 1 and settings.store.startswith("memory:"):
+        if workers > 1 and settings.store_url.startswith("memory:"):
             raise ConfigurationError(
                 "--workers above 1 need a store the workers share: pass --store "
                 "sqlite:///path (one machine), redis://... or postgresql://..."
             )
-        _check_store(settings.store)
+        _check_store(settings.store_url)
         tools = _check_tools(tools)
         with use_endpoint(settings, offline, status) as served:
-            env = {"CHATCHAIN_STORE": served.store, TOOLS_ENV: tools or ""}
+            env = {"CHATCHAIN_STORE": served.store_url, TOOLS_ENV: tools or ""}
             env["CHATCHAIN_PROMPT_VARS"] = json.dumps(settings.prompt_vars)
             if offline:
                 assert served.base_url is not None
@@ -159,7 +160,7 @@ def _check_store(url: str) -> None:
     fails here, with one clear line (and migrations run once)."""
     from chatchain.users import Users
 
-    with closing(open_settings_store(Settings(store=url))) as store:
+    with closing(open_settings_store(Settings(store_url=url))) as store:
         Users(store)
 
 

@@ -39,7 +39,7 @@ NO_ENDPOINT = (
 OFFLINE = "OFFLINE: replies are echoes from chatchain's test server on 127.0.0.1."
 
 # The option that sets each overridden field, to name it when its value is refused.
-_OPTION_OF = {"model": "--model", "temperature": "--temperature", "store": "--store"}
+_OPTION_OF = {"model": "--model", "temperature": "--temperature", "store_url": "--store"}
 
 
 def data_dir() -> Path:
@@ -59,12 +59,14 @@ def load_settings(env_file: Path | None, overrides: Mapping[str, Any]) -> Settin
     """
     settings = Settings.load(env_file if env_file is not None else ".env")
     values = {key: value for key, value in overrides.items() if value is not None}
-    if "store" not in values and "store" not in settings.model_fields_set:
-        values["store"] = f"sqlite:///{data_dir() / 'chat.db'}"
+    if "store_url" not in values and "store_url" not in settings.model_fields_set:
+        values["store_url"] = f"sqlite:///{data_dir() / 'chat.db'}"
     try:
         # Validated again (model_copy would not), so a bad option is refused like a bad variable.
         # model_dump() shows the store without its password: take the real URL.
-        return Settings.model_validate({**settings.model_dump(), "store": settings.store, **values})
+        return Settings.model_validate(
+            {**settings.model_dump(), "store_url": settings.store_url, **values}
+        )
     except ValidationError as exc:
         problems = [
             f"{_OPTION_OF.get(str(error['loc'][0]), error['loc'][0])}: {error['msg']}"
@@ -99,7 +101,7 @@ def store_bot(settings: Settings) -> Chatbot:
 
 def open_settings_store(settings: Settings) -> HistoryStore:
     """The store the settings name (shared by the Chatbots of one chat)."""
-    return open_store(settings.store, lock_timeout=settings.lock_timeout)
+    return open_store(settings.store_url, lock_timeout=settings.lock_timeout)
 
 
 def new_session_id() -> str:

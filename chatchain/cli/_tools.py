@@ -16,7 +16,7 @@ from typing import Any
 from langchain_core.tools import BaseTool
 from rich.text import Text
 
-from chatchain import ConfigurationError, ToolCall
+from chatchain import ConfigurationError, ToolRun
 
 __all__ = ["TOOLS_HELP", "load_tools", "tool_line"]
 
@@ -81,7 +81,7 @@ def _short(text: str, most: int) -> str:
     return text if len(text) <= most else text[: most - 1] + "…"
 
 
-def tool_line(call: ToolCall) -> Text:
+def tool_line(call: ToolRun) -> Text:
     """One dim line for a finished tool call: name, short arguments, ok or the error."""
     args = ", ".join(f"{name}={value!r}" for name, value in call.args.items())
     line = f"  tool {call.name}({_short(args, 60)}) "

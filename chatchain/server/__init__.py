@@ -7,9 +7,9 @@ worker processes (``--workers N``) share the store, so sessions, locks, users an
 across them.
 
 Adding routes: a router's handlers take ``user: Caller`` (the authenticated caller, 401
-otherwise) and ``service: ServiceDep`` (the Chatbot, users and limits) from
+otherwise) and ``service: ServiceDep`` (the Chatbot, users and throttle) from
 ``chatchain.server._service``; a user's session lives in the store under
-``store_id(user, session_id)``; raising a chatchain error answers with its status.
+``session_key(user, session_id)``; raising a chatchain error answers with its status.
 """
 
 from __future__ import annotations

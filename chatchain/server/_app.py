@@ -24,9 +24,9 @@ from chatchain.server._errors import (
     is_openai_path,
     openai_error,
 )
-from chatchain.server._limits import UserLimits
 from chatchain.server._page import install_page
 from chatchain.server._service import AppState, Service
+from chatchain.server._throttle import UserThrottle
 from chatchain.users import Users
 
 __all__ = ["TOOLS_ENV", "create_app"]
@@ -74,7 +74,7 @@ def create_app(
         bot=bot,
         users=users or Users(bot.store),
         settings=settings,
-        limits=UserLimits(
+        throttle=UserThrottle(
             requests_per_minute=settings.server_requests_per_minute,
             streams=settings.server_streams_per_user,
         ),

@@ -104,7 +104,7 @@ def _outcome(event: TurnEnded) -> str:
         return "ok"
     if event.outcome != "interrupted":
         return "error"
-    began = event.first_token_s is not None or event.tool_calls
+    began = event.first_token_s is not None or event.tool_runs
     return "interrupted" if began else "abandoned"
 
 

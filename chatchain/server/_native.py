@@ -51,8 +51,8 @@ from chatchain.server._service import (
     Service,
     ServiceDep,
     own_id,
-    store_id,
-    store_id_prefix,
+    session_key,
+    session_key_prefix,
 )
 from chatchain.server._streaming import Piece, relay, texts_joined
 from chatchain.stores import HistoryStore, Summary, TitleBackend
@@ -109,7 +109,7 @@ def _turn_args(service: Service, user: User, session_id: str, body: MessageIn) -
             "rename the variable in the system prompt."
         )
     return {
-        "session_id": store_id(user, session_id),
+        "session_id": session_key(user, session_id),
         "user_id": user.name,
         "limits": service.users.limits(user),
         **body.vars,
@@ -123,7 +123,7 @@ def _reply_out(session_id: str, reply: Reply) -> ReplyOut:
         interrupted=reply.interrupted,
         notices=list(reply.notices),
         usage=usage_out(reply.usage),
-        tool_calls=[tool_call_out(call) for call in reply.tool_calls],
+        tool_calls=[tool_call_out(run) for run in reply.tool_runs],
     )
 
 
@@ -163,48 +163,46 @@ class _Replaced:
 
     def __init__(
         self,
-        full_id: str,
+        key: str,
         before: list[BaseMessage],
         summary: Summary | None,
         kept: int,
         created: datetime | None,
     ) -> None:
-        self.full_id = full_id
+        self.key = key
         self.before = before
         self.summary = summary
         self.kept = kept
         self.created = created
 
     @classmethod
-    def take(cls, store: HistoryStore, full_id: str) -> _Replaced | None:
+    def take(cls, store: HistoryStore, key: str) -> _Replaced | None:
         """Under the session's lock, drop its last user message and all after it from the
         history (the ledger keeps what they cost); ``None`` if it has no user message."""
-        with store.lock(full_id):
-            before = store.load(full_id)
+        with store.lock(key):
+            before = store.load(key)
             users = [i for i, message in enumerate(before) if message.type == "human"]
             if not users:
                 return None
-            info = store.info(full_id)
-            summary = store.get_summary(full_id)
+            info = store.info(key)
+            summary = store.get_summary(key)
             kept = before[: users[-1]]
             # A summary never covers the newest turn; this one keeps it only if it still fits.
             keep_summary = summary if summary is None or summary.covers <= len(kept) else None
             created = info.created_at if info is not None else None
-            store.replace_session(full_id, kept, keep_summary, created_at=created)
-        return cls(full_id, before, summary, len(kept), created)
+            store.replace_session(key, kept, keep_summary, created_at=created)
+        return cls(key, before, summary, len(kept), created)
 
     def put_back(self, store: HistoryStore) -> None:
         """The history as it was, if nothing was written to the session since."""
-        with store.lock(self.full_id):
-            if store.count(self.full_id) == self.kept:
-                store.replace_session(
-                    self.full_id, self.before, self.summary, created_at=self.created
-                )
+        with store.lock(self.key):
+            if store.count(self.key) == self.kept:
+                store.replace_session(self.key, self.before, self.summary, created_at=self.created)
 
 
 async def _replace_last(service: Service, user: User, session_id: str) -> _Replaced:
-    full_id = _existing(service, user, session_id)
-    replaced = await asyncio.to_thread(_Replaced.take, service.bot.store, full_id)
+    key = _existing(service, user, session_id)
+    replaced = await asyncio.to_thread(_Replaced.take, service.bot.store, key)
     if replaced is None:
         raise InvalidInputError(
             f"Session {session_id!r} has no message to replace: send one without replace_last."
@@ -279,7 +277,7 @@ def list_sessions(user: Caller, service: ServiceDep) -> Sessions:
     """Your sessions, the one written most recently first: the newest 500 (`MAX_LISTED`)."""
     # Only the caller's range of store ids is read, not every user's sessions.
     store = service.bot.store
-    infos = store.session_infos(store_id_prefix(user), limit=MAX_LISTED)
+    infos = store.session_infos(session_key_prefix(user), limit=MAX_LISTED)
     given = store.titles([i.session_id for i in infos]) if isinstance(store, TitleBackend) else {}
     return Sessions(
         sessions=[
@@ -311,19 +309,19 @@ def _first_words(store: HistoryStore, session_id: str) -> str:
 @router.put("/sessions/{session_id}/title", status_code=204, response_class=Response)
 def set_title(session_id: str, body: TitleIn, user: Caller, service: ServiceDep) -> Response:
     """Rename one of your sessions; an empty title gives it back its first message's."""
-    full_id = _existing(service, user, session_id)
+    key = _existing(service, user, session_id)
     store = service.bot.store
     if not isinstance(store, TitleBackend):
         raise HTTPProblem(501, "This server's store keeps no titles: sessions keep theirs.")
-    store.set_title(full_id, " ".join(body.title.split()) or None)
+    store.set_title(key, " ".join(body.title.split()) or None)
     return Response(status_code=204)
 
 
 def _existing(service: Service, user: User, session_id: str) -> str:
-    full_id = store_id(user, session_id)
-    if service.bot.session_info(full_id) is None:
+    key = session_key(user, session_id)
+    if service.bot.session_info(key) is None:
         raise _not_found(session_id)
-    return full_id
+    return key
 
 
 def _call_usage(message: AIMessage, pricer: Pricer) -> Usage | None:
@@ -395,8 +393,8 @@ def _message_out(message: BaseMessage) -> MessageOut:
 )
 def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages:
     """The whole transcript of one of your sessions, oldest first."""
-    full_id = _existing(service, user, session_id)
-    history = service.bot.history(full_id)
+    key = _existing(service, user, session_id)
+    history = service.bot.history(key)
     pricer = service.bot.settings.pricer()
     return Messages(session_id=session_id, messages=_messages_out(history, pricer))
 
@@ -404,10 +402,8 @@ def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages
 @router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
 def delete_session(session_id: str, user: Caller, service: ServiceDep) -> Response:
     """Delete one of your sessions (its usage stays in the ledger)."""
-    full_id = _existing(service, user, session_id)
-    service.bot.reset(full_id)
-    if isinstance(service.bot.store, TitleBackend):  # a later session of that id starts afresh
-        service.bot.store.set_title(full_id, None)
+    key = _existing(service, user, session_id)
+    service.bot.delete(key)  # its title too: a later session of that id starts afresh
     return Response(status_code=204)
 
 

@@ -15,8 +15,8 @@ Two modes, chosen per request:
 - **Without it the request is stateless.** Its messages are sent as they are (with its own
   system message, if any, and without the deployment's system prompt) and nothing is written
   to the history; the call is still metered in the ledger under the caller, with the
-  completion's id (``chatcmpl-...``) as its session, and capped by the user's limits and the
-  deployment's budgets (a per-session cap applies to each call on its own).
+  completion's id (``chatcmpl-...``) as its session, and capped by the user's budget limits
+  and the deployment's budgets (a per-session cap applies to each call on its own).
 
 **Tools.** A client's own tools (``tools``, ``functions``, ``tool_choice``, tool messages) are
 refused with 400: running tools that live in the client is another feature. The server's own
@@ -71,7 +71,7 @@ from chatchain.server._service import (
     ServiceDep,
     app_state,
     session_header,
-    store_id,
+    session_key,
 )
 from chatchain.server._streaming import Piece, relay
 from chatchain.users import User
@@ -262,31 +262,31 @@ class _Call:
         self.model = service.settings.model
         if session_id is not None:
             self.text = _last_user_text(body.messages)
-            self.session = store_id(user, session_id)
+            self.key = session_key(user, session_id)
         else:
             self.messages = _langchain_messages(body.messages)
             # The call is metered under an id of its own: nothing waits for another call.
-            self.session = store_id(user, self.id)
+            self.key = session_key(user, self.id)
         self.stateful = session_id is not None
 
     async def reply(self) -> Reply:
         bot, limits = self.service.bot, self.service.users.limits(self.user)
         if self.stateful:
             return await bot.achat(
-                self.text, session_id=self.session, user_id=self.user.name, limits=limits
+                self.text, session_id=self.key, user_id=self.user.name, limits=limits
             )
         return await bot.achat_messages(
-            self.messages, session_id=self.session, user_id=self.user.name, limits=limits
+            self.messages, session_id=self.key, user_id=self.user.name, limits=limits
         )
 
     def stream(self) -> AsyncReplyStream:
         bot, limits = self.service.bot, self.service.users.limits(self.user)
         if self.stateful:
             return bot.astream(
-                self.text, session_id=self.session, user_id=self.user.name, limits=limits
+                self.text, session_id=self.key, user_id=self.user.name, limits=limits
             )
         return bot.astream_messages(
-            self.messages, session_id=self.session, user_id=self.user.name, limits=limits
+            self.messages, session_id=self.key, user_id=self.user.name, limits=limits
         )
 
 

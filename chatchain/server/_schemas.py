@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatchain import ToolCall, Usage
+from chatchain import ToolRun, Usage
 
 __all__ = [
     "BudgetLeftOut",
@@ -69,7 +69,11 @@ def usage_out(usage: Usage) -> UsageOut:
 
 
 class ToolCallOut(BaseModel):
-    """One tool call of a turn, and how it went (chatchain's `ToolCall`)."""
+    """One tool call of a turn, and how it went: a `ToolRun` as JSON.
+
+    The HTTP API keeps its first names (``tool_calls``, ``ToolCallOut``), which clients read,
+    where the library now says ``tool_runs``/`ToolRun`.
+    """
 
     id: str = Field(description="The call's id.")
     name: str = Field(description="The tool the model asked for.")
@@ -80,16 +84,16 @@ class ToolCallOut(BaseModel):
     seconds: float = Field(description="How long the tool ran.")
 
 
-def tool_call_out(call: ToolCall) -> ToolCallOut:
-    """The JSON of ``call``."""
+def tool_call_out(run: ToolRun) -> ToolCallOut:
+    """The JSON of ``run``."""
     return ToolCallOut(
-        id=call.id,
-        name=call.name,
-        args=call.args,
-        result=call.result,
-        status=call.status,
-        error=call.error,
-        seconds=call.seconds,
+        id=run.id,
+        name=run.name,
+        args=run.args,
+        result=run.result,
+        status=run.status,
+        error=run.error,
+        seconds=run.seconds,
     )
 
 

@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatchain import MAX_SESSION_ID_LENGTH, Chatbot, InvalidInputError, validate_session_id
 from chatchain.server._errors import HTTPProblem
-from chatchain.server._limits import UserLimits
+from chatchain.server._throttle import UserThrottle
 from chatchain.settings import Settings
 from chatchain.users import User, Users
 
@@ -29,8 +29,8 @@ __all__ = [
     "get_service",
     "own_id",
     "session_header",
-    "store_id",
-    "store_id_prefix",
+    "session_key",
+    "session_key_prefix",
 ]
 
 _SEPARATOR = ":"  # user names cannot hold it, so "ann:x" is always ann's session "x"
@@ -38,19 +38,19 @@ _SEPARATOR = ":"  # user names cannot hold it, so "ann:x" is always ann's sessio
 
 @dataclass(frozen=True)
 class Service:
-    """One app's Chatbot, users and per-user limits (one per worker process).
+    """One app's Chatbot, users and per-user throttle (one per worker process).
 
     Attributes:
         bot: The Chatbot every turn runs on (its store is shared by the workers).
         users: The users and their tokens, kept in the same store.
         settings: The bot's settings (``CHATCHAIN_SERVER_*`` included).
-        limits: Each user's requests per minute and open streams, in this process.
+        throttle: Each user's requests per minute and open streams, in this process.
     """
 
     bot: Chatbot
     users: Users
     settings: Settings
-    limits: UserLimits
+    throttle: UserThrottle
 
 
 class AppState(TypedDict):
@@ -110,7 +110,7 @@ async def caller(
             "ask the operator for a current token.",
             headers=_UNAUTHORIZED,
         )
-    service.limits.request(user.name)
+    service.throttle.request(user.name)
     return user
 
 
@@ -121,8 +121,11 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 """The app's `Service`, as a route parameter's type."""
 
 
-def store_id(user: User, session_id: str) -> str:
-    """The store's id of ``user``'s session ``session_id``: ``"name:session_id"``.
+def session_key(user: User, session_id: str) -> str:
+    """The key of ``user``'s session ``session_id`` in the shared store: ``"name:session_id"``.
+
+    The caller names a session by its own id; the `Chatbot` (and so the store) is given this
+    key as its ``session_id``, so that users sharing a store never share a session.
 
     Raises:
         InvalidInputError: ``session_id`` cannot key a session (empty, control characters,
@@ -130,18 +133,18 @@ def store_id(user: User, session_id: str) -> str:
 
     Example:
         >>> from datetime import UTC, datetime
-        >>> store_id(User("ann", datetime.now(UTC)), "trip")
+        >>> session_key(User("ann", datetime.now(UTC)), "trip")
         'ann:trip'
     """
     validate_session_id(session_id)
-    full = f"{user.name}{_SEPARATOR}{session_id}"
-    if len(full) > MAX_SESSION_ID_LENGTH:
+    key = f"{user.name}{_SEPARATOR}{session_id}"
+    if len(key) > MAX_SESSION_ID_LENGTH:
         room = MAX_SESSION_ID_LENGTH - len(user.name) - len(_SEPARATOR)
         raise InvalidInputError(
             f"The session id is {len(session_id)} characters long; yours may have up to "
             f"{room}. Use a shorter id (a UUID or a hash of yours)."
         )
-    return full
+    return key
 
 
 def session_header(value: str | None, name: str = "X-Session-Id") -> str | None:
@@ -171,19 +174,19 @@ def session_header(value: str | None, name: str = "X-Session-Id") -> str | None:
         ) from None
 
 
-def store_id_prefix(user: User) -> str:
-    """What every store id of ``user``'s sessions starts with (and no other user's).
+def session_key_prefix(user: User) -> str:
+    """What every session key of ``user``'s sessions starts with (and no other user's).
 
     Example:
         >>> from datetime import UTC, datetime
-        >>> store_id_prefix(User("ann", datetime.now(UTC)))
+        >>> session_key_prefix(User("ann", datetime.now(UTC)))
         'ann:'
     """
     return f"{user.name}{_SEPARATOR}"
 
 
-def own_id(user: User, full_id: str) -> str | None:
-    """The caller's own part of a store id, or ``None`` when it is another user's session.
+def own_id(user: User, key: str) -> str | None:
+    """The caller's own session id in a session key, or ``None`` when it is another user's.
 
     Example:
         >>> from datetime import UTC, datetime
@@ -191,5 +194,5 @@ def own_id(user: User, full_id: str) -> str | None:
         >>> own_id(ann, "ann:trip"), own_id(ann, "annie:trip"), own_id(ann, "trip")
         ('trip', None, None)
     """
-    prefix = store_id_prefix(user)
-    return full_id[len(prefix) :] if full_id.startswith(prefix) else None
+    prefix = session_key_prefix(user)
+    return key[len(prefix) :] if key.startswith(prefix) else None

@@ -194,7 +194,7 @@ async def relay(
         ChatChainError: The turn failed before its first piece.
         HTTPProblem: The user has no stream slot left (429).
     """
-    service.limits.open_stream(user.name)
+    service.throttle.open_stream(user.name)
     _metrics.OPEN_STREAMS.inc()
     pump: _Pump | None = None
     try:
@@ -262,4 +262,4 @@ def _error_event(events: Events, exc: Exception) -> bytes:
 
 def _closed(service: Service, user: User) -> None:
     _metrics.OPEN_STREAMS.dec()
-    service.limits.close_stream(user.name)
+    service.throttle.close_stream(user.name)

@@ -186,7 +186,7 @@ def test_options_keep_the_stores_real_url(monkeypatch: pytest.MonkeyPatch) -> No
     url = "postgresql://att:pgS3cretPW@db.example/chat"
     monkeypatch.setenv("CHATCHAIN_STORE", url)
     settings = load_settings(None, {"model": "gpt-4o", "temperature": 0.1})
-    assert (settings.store, settings.model) == (url, "gpt-4o")
+    assert (settings.store_url, settings.model) == (url, "gpt-4o")
     assert "pgS3cretPW" not in repr(settings)
 
 

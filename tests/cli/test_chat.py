@@ -32,7 +32,7 @@ def test_a_chat_with_every_slash_command(
             "/system Be terse.",
             "again",
             f"/save {saved}",
-            "/reset",
+            "/delete",
             "/history",
             "/frobnicate",
             "/switch",
@@ -61,7 +61,7 @@ def test_a_chat_with_every_slash_command(
             "Echo: again",
             "32 tokens (29 prompt + 3 completion), $0.0000062, T s, first token T s",
             f"Saved session other to {saved}.",
-            "Session other is cleared; what it spent stays in the ledger.",
+            "Session other is deleted; what it spent stays in the ledger.",
             "Session other has no messages yet.",
             "Unknown command /frobnicate: /help lists them.",
             "usage: /switch ID",
@@ -72,7 +72,7 @@ def test_a_chat_with_every_slash_command(
             "/switch ID    go to session ID (a new one if it has no messages)",
             "/system TEXT  use TEXT as the system prompt for the rest of this chat",
             "/save FILE    export the session to FILE (readable by you only)",
-            "/reset        forget the session's messages (what it spent stays in the ledger)",
+            "/delete       forget the session entirely (what it spent stays in the ledger)",
             "/exit         leave (as Ctrl-D does)",
         ]
     )
@@ -90,11 +90,11 @@ def test_a_chat_with_every_slash_command(
         "hello other",
         "again",
     ]
-    # What was stored: /reset emptied "other", after /save had written it, owner-only.
+    # What was stored: /delete emptied "other", after /save had written it, owner-only.
     with chatchain.store() as store:
         assert [m.text for m in store.load("first")] == ["Hi! I'm Bob", "Echo: Hi! I'm Bob"]
         assert store.sessions() == ["first"]
-        assert store.usage_total("session", "other").turns == 2  # resetting refunds nothing
+        assert store.usage_total("session", "other").turns == 2  # deleting refunds nothing
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
     export = json.loads(saved.read_text())
     assert [m["data"]["content"] for m in export["messages"]] == [

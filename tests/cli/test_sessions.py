@@ -31,7 +31,7 @@ def test_list_shows_each_session_with_its_counts(chatchain: Chatchain) -> None:
 
 
 def test_show_prints_the_transcript_and_marks_interrupted_replies(chatchain: Chatchain) -> None:
-    with Chatbot(Settings(store=chatchain.store_url), llm=FakeChatModel()) as bot:
+    with Chatbot(Settings(store_url=chatchain.store_url), llm=FakeChatModel()) as bot:
         bot.chat("hello", session_id="s")
         stream = bot.stream("tell me more", session_id="s")
         first = next(stream)
@@ -251,7 +251,7 @@ def test_a_service_users_sessions_are_listed_and_addressed_with_user(
     chatchain: Chatchain, tmp_path: Path
 ) -> None:
     # As chatchain serve stores them: "USER:ID".
-    with Chatbot(Settings(store=chatchain.store_url), llm=FakeChatModel()) as bot:
+    with Chatbot(Settings(store_url=chatchain.store_url), llm=FakeChatModel()) as bot:
         for full_id in ("ann:jokes", "ann:trip", "bob:jokes"):
             bot.chat(f"hi from {full_id}", session_id=full_id)
     listed = stable(chatchain("sessions", "list").output).splitlines()

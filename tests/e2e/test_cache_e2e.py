@@ -96,7 +96,7 @@ def test_a_different_model_temperature_or_message_misses(
 def test_the_sqlite_cache_survives_a_restart(server: OpenAITestServer, tmp_path: Path) -> None:
     server.clear()
     settings = make_settings(
-        server, f"sqlite:///{tmp_path}/cache.db", store=f"sqlite:///{tmp_path}/chat.db"
+        server, f"sqlite:///{tmp_path}/cache.db", store_url=f"sqlite:///{tmp_path}/chat.db"
     )
     with Chatbot(settings) as bot:
         bot.chat("Remember me", session_id="a")
@@ -110,7 +110,7 @@ CHILD = """
 import sys
 from chatchain import Chatbot, Settings
 settings = Settings(
-    api_key="sk-x", base_url=sys.argv[1], cache=sys.argv[2], store=sys.argv[3],
+    api_key="sk-x", base_url=sys.argv[1], cache=sys.argv[2], store_url=sys.argv[3],
     max_retries=0, timeout=5.0,  # as make_settings: the model's parameters are in the key
 )
 print(Chatbot(settings).chat("Asked in another process", session_id="a").text)

@@ -44,7 +44,7 @@ def bot(server: OpenAITestServer) -> Iterator[Chatbot]:
         max_retries=2,
         timeout=5.0,
         turn_deadline=DEADLINE,
-        store="memory://",
+        store_url="memory://",
         budget_session_tokens=10**9,  # every turn takes a hold, which must be given back
     )
     with Chatbot(settings) as bot:

@@ -172,11 +172,11 @@ def test_ledger_survives_a_restart_and_adds_up(server: OpenAITestServer, tmp_pat
     server.clear()
     url = f"sqlite:///{tmp_path / 'chat.db'}"
     turns = []
-    with Chatbot(make_settings(server, store=url)) as bot:
+    with Chatbot(make_settings(server, store_url=url)) as bot:
         for i in range(3):
             turns.append(bot.chat(f"question {i}", session_id="r", user_id="ann").usage)
         entries = bot.usage_entries()
-    with Chatbot(make_settings(server, store=url)) as again:
+    with Chatbot(make_settings(server, store_url=url)) as again:
         assert again.usage_entries() == entries
         total = again.usage("r")
         assert total.total_tokens == sum(u.total_tokens for u in turns)

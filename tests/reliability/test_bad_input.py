@@ -63,7 +63,7 @@ def make_bot(store: str | HistoryStore, **overrides: Any) -> tuple[Chatbot, Fake
     }
     values.update(overrides)
     if isinstance(store, str):
-        values["store"] = store
+        values["store_url"] = store
     fake = FakeChatModel()
     bot = Chatbot(
         Settings(**values),
@@ -245,7 +245,7 @@ def check_ids_apart(bot: Chatbot, fake: FakeChatModel, ids: list[str]) -> None:
         assert exported["session_id"] == session_id
     assert set(bot.sessions()) - sessions_before == {sid for _, sid in accepted}
     for _, session_id in accepted:
-        bot.reset(session_id)
+        bot.delete(session_id)
         assert bot.store.load(session_id) == []
 
 

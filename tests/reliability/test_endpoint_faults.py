@@ -89,7 +89,7 @@ def make_bot(
             "model": "gpt-4o-mini",
             "max_retries": 2,
             "timeout": TIMEOUT,
-            "store": store_url,
+            "store_url": store_url,
             "window_turns": 4,
             "window_tokens": None,
             "summarize": False,

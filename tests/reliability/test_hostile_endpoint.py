@@ -150,7 +150,7 @@ import sys
 from chatchain import Chatbot, Settings
 from chatchain.testing import FakeChatModel
 
-settings = Settings(api_key="sk-test", store=sys.argv[1], lock_timeout=10.0)
+settings = Settings(api_key="sk-test", store_url=sys.argv[1], lock_timeout=10.0)
 with Chatbot(settings, llm=FakeChatModel(replies=["from the other process"])) as bot:
     print(bot.chat("my turn", session_id=sys.argv[2]).text)
 """
@@ -163,7 +163,7 @@ def test_another_process_gets_the_session_once_the_deadline_passes(
     # Without the deadline the first turn would hold the session's lock for the whole 30 s
     # trickle, and the other process would give up after its 10 s lock timeout.
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    bot = hostile_bot(make_bot, server, store=url)
+    bot = hostile_bot(make_bot, server, store_url=url)
     server.add_fault(Fault(keep_alive=TRICKLE))
     outcome: list[BaseException] = []
 
@@ -222,7 +222,7 @@ def test_a_lone_surrogate_is_stored_as_u_fffd_with_a_notice(
     mode: str,
 ) -> None:
     store: HistoryStore = request.getfixturevalue(f"{backend}_store")  # fresh, read back below
-    bot = make_bot(server.base_url, store=request.getfixturevalue(f"{backend}_url"))
+    bot = make_bot(server.base_url, store_url=request.getfixturevalue(f"{backend}_url"))
     server.add_fault(Fault(lone_surrogate=True))
 
     pieces: list[str] = []

@@ -35,7 +35,7 @@ from chatchain import Chatbot, Settings
 from chatchain.testing import FakeChatModel
 
 url, session_id = sys.argv[1], sys.argv[2]
-settings = Settings(api_key="sk-test", store=url, summarize=False, window_turns=2)
+settings = Settings(api_key="sk-test", store_url=url, summarize=False, window_turns=2)
 bot = Chatbot(settings, llm=FakeChatModel())
 bot.chat("warm up", session_id=session_id + "-warm")
 print("ready", flush=True)
@@ -94,7 +94,7 @@ import sys, time
 from chatchain import Chatbot, Settings
 
 url, base_url, session_id = sys.argv[1:4]
-settings = Settings(api_key="sk-test", base_url=base_url, store=url, summarize=False,
+settings = Settings(api_key="sk-test", base_url=base_url, store_url=url, summarize=False,
                     max_retries=0, budget_session_tokens=1_000_000)
 bot = Chatbot(settings)
 started = None
@@ -134,7 +134,11 @@ def test_a_stream_killed_mid_reply_keeps_the_message_and_the_bill(
         killed_at = kill_mid_stream(url, server, session_id)
         calls = len(server.requests)
         settings = Settings(
-            api_key="sk-test", base_url=server.base_url, store=url, summarize=False, max_retries=0
+            api_key="sk-test",
+            base_url=server.base_url,
+            store_url=url,
+            summarize=False,
+            max_retries=0,
         )
         bot = Chatbot(settings)
         try:

@@ -67,7 +67,7 @@ def make_settings(base_url: str, tmp_path: Path, **overrides: Any) -> Settings:
         "model": "gpt-4o-mini",
         "max_retries": 1,
         "timeout": 0.5,
-        "store": f"sqlite:///{tmp_path / 'chat.db'}",
+        "store_url": f"sqlite:///{tmp_path / 'chat.db'}",
         "window_turns": 4,
         "window_tokens": 3000,
         "budget_session_tokens": 10**9,
@@ -226,7 +226,7 @@ def test_files_are_private_even_under_a_permissive_umask(
     old = os.umask(0)
     try:
         db = tmp_path / "new-folder" / "chat.db"
-        settings = make_settings(server.base_url, tmp_path, store=f"sqlite:///{db}")
+        settings = make_settings(server.base_url, tmp_path, store_url=f"sqlite:///{db}")
         with Chatbot(settings) as bot:
             bot.chat("my secret plans", session_id="s")
             for name in ("chat.db", "chat.db-wal", "chat.db-shm"):

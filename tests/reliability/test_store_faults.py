@@ -462,13 +462,13 @@ def test_a_damaged_sqlite_file_is_named_with_what_to_do_and_doing_it_works(
 ) -> None:
     path = tmp_path / "chat.db"
     url = f"sqlite:///{path}"
-    with Chatbot(settings(store=url, window_turns=None), llm=FakeChatModel()) as bot:
+    with Chatbot(settings(store_url=url, window_turns=None), llm=FakeChatModel()) as bot:
         for i in range(40):
             bot.chat(f"message {i} " + "x" * 400, session_id=f"s{i % 4}")
     damage(path)
 
     fake = FakeChatModel()
-    with pytest.raises(StoreError) as caught, Chatbot(settings(store=url), llm=fake) as bot:
+    with pytest.raises(StoreError) as caught, Chatbot(settings(store_url=url), llm=fake) as bot:
         bot.chat("hello?", session_id=SID)
     message = str(caught.value)
     assert str(path) in message
@@ -477,7 +477,7 @@ def test_a_damaged_sqlite_file_is_named_with_what_to_do_and_doing_it_works(
     assert fake.calls == []  # nothing was sent (nor billed) to a store that cannot keep it
 
     path.rename(path.with_suffix(".damaged"))  # what the message says to do
-    with Chatbot(settings(store=url), llm=fake) as bot:
+    with Chatbot(settings(store_url=url), llm=fake) as bot:
         assert bot.chat("hello?", session_id=SID).text == "Echo: hello?"
         assert len(bot.usage_entries()) == 1
 

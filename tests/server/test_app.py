@@ -17,7 +17,7 @@ from chatchain import Chatbot, Settings, errors
 from chatchain.cli._commands import cli
 from chatchain.server import create_app
 from chatchain.server._errors import HTTPProblem, status_of
-from chatchain.server._limits import UserLimits
+from chatchain.server._throttle import UserThrottle
 from chatchain.stores import MemoryStore
 from chatchain.testing import FakeChatModel
 from chatchain.users import Users
@@ -237,14 +237,14 @@ def test_limits_body_size_and_cors_in_process(fake: FakeChatModel) -> None:
 
 
 def test_a_users_stream_slots_are_counted_and_given_back() -> None:
-    limits = UserLimits(requests_per_minute=0, streams=2)
-    limits.open_stream("ann")
-    limits.open_stream("ann")
-    limits.open_stream("bob")
+    throttle = UserThrottle(requests_per_minute=0, streams=2)
+    throttle.open_stream("ann")
+    throttle.open_stream("ann")
+    throttle.open_stream("bob")
     with pytest.raises(HTTPProblem) as refused:
-        limits.open_stream("ann")
-    limits.close_stream("ann")
-    limits.open_stream("ann")
+        throttle.open_stream("ann")
+    throttle.close_stream("ann")
+    throttle.open_stream("ann")
 
     assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
 

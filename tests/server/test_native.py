@@ -294,7 +294,7 @@ def test_an_export_names_the_callers_own_session_id_and_imports_back(
 
     assert exported["session_id"] == "trip"
     assert user[0] not in json.dumps(exported)
-    bot = Chatbot(Settings(store="memory://"))
+    bot = Chatbot(Settings(store_url="memory://"))
     assert bot.import_session(exported) == "trip"
     assert [m.text for m in bot.history("trip")] == ["pack the tent", "Echo: pack the tent"]
 

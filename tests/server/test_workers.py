@@ -62,7 +62,7 @@ def test_two_workers_serialise_fifty_concurrent_turns_on_one_session(
     for question, reply in zip(history[0::2], history[1::2], strict=True):
         assert question["role"] == "user" and reply["role"] == "assistant"
         assert reply["text"] == f"Echo: {question['text']}"  # each reply after its question
-    with Chatbot(Settings(store=store_url)) as bot:
+    with Chatbot(Settings(store_url=store_url)) as bot:
         entries = bot.usage_entries(session_id=f"{name}:shared")
     assert len(entries) == TURNS
     assert all(entry.user_id == name for entry in entries)
@@ -169,7 +169,7 @@ def test_a_worker_killed_mid_stream_loses_neither_the_message_nor_the_bill(
     ]
     assert history[0]["text"] == "A long story"
     assert history[1]["text"].startswith("word0 word1")
-    with Chatbot(Settings(store=store_url)) as bot:
+    with Chatbot(Settings(store_url=store_url)) as bot:
         entries = bot.usage_entries(session_id=f"{name}:story")
     assert len(entries) == calls == 2  # the killed call is in the ledger (estimated)
     assert entries[0].estimated

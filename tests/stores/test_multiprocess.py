@@ -27,7 +27,7 @@ def _reply(messages: list[BaseMessage]) -> str:
 def _worker(url: str, worker: int) -> None:
     settings = Settings(
         api_key="sk-test",
-        store=url,
+        store_url=url,
         window_turns=None,
         window_tokens=None,
         summarize=False,
@@ -78,7 +78,7 @@ BUDGET_TOKENS = 600
 def _budget_worker(url: str, worker: int, outcomes: multiprocessing.Queue[tuple[int, int]]) -> None:
     settings = Settings(
         api_key="sk-test",
-        store=url,
+        store_url=url,
         model="gpt-4o-mini",
         max_tokens=20,
         window_turns=None,
@@ -141,7 +141,7 @@ def _long_reply(messages: list[BaseMessage]) -> str:
 def _uncapped_worker(url: str, worker: int, outcomes: multiprocessing.Queue[float]) -> None:
     settings = Settings(
         api_key="sk-test",
-        store=url,
+        store_url=url,
         model="gpt-4o-mini",
         window_turns=None,
         window_tokens=None,

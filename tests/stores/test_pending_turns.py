@@ -316,19 +316,19 @@ def test_a_sweep_closes_the_crashed_turns_of_sessions_no_one_comes_back_to(
     assert bot.recover_crashed_turns() == []
 
 
-def test_a_reset_keeps_the_bill_of_a_crashed_turn_and_forgets_its_messages(
+def test_a_delete_keeps_the_bill_of_a_crashed_turn_and_forgets_its_messages(
     keeping: HistoryStore,
 ) -> None:
     crashed = crash_mid_stream(chain_on(keeping), "Secret?", "Sure")
     bot = Chatbot(llm=FakeChatModel(), store=keeping)
-    bot.reset(SID)
+    bot.delete(SID)
     assert keeping.load(SID) == [] and keeping.read_pending(SID) is None
     assert [e.id for e in keeping.usage_entries(session_id=SID)] == [crashed.entry_id]
     bot.chat("Fresh start", session_id=SID)
     assert [m.text for m in keeping.load(SID)] == ["Fresh start", "Echo: Fresh start"]
 
 
-def test_a_reset_without_an_api_key_leaves_a_crashed_turn_for_later(
+def test_a_delete_without_an_api_key_leaves_a_crashed_turn_for_later(
     keeping: HistoryStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
@@ -336,7 +336,7 @@ def test_a_reset_without_an_api_key_leaves_a_crashed_turn_for_later(
     crash_mid_stream(chain_on(keeping), "Hello?", "Hi")
     keeping.append(SID, [AIMessageChunk(content="older")])  # something to forget
     bot = Chatbot(Settings(_env_file=None), store=keeping)  # e.g. `chatchain sessions delete`
-    bot.reset(SID)
+    bot.delete(SID)
     assert keeping.load(SID) == []
     assert keeping.read_pending(SID) is not None  # its bill is recorded by the next turn
     assert "without OPENAI_API_KEY" in caplog.text

@@ -1,10 +1,10 @@
-"""Per-user limits of the service: requests per minute and streams open at once.
+"""The service's per-user throttle: requests per minute and streams open at once.
 
 Both hold **per worker process**: each worker counts in its own memory (the ``limits``
 library's moving window for requests, a counter for streams), so with ``--workers N`` a user
-may reach up to N times each limit. They protect a worker from one user's flood; a limit
+may reach up to N times each rate. They protect a worker from one user's flood; a throttle
 across workers belongs in the reverse proxy in front (see the README), and money is capped
-across workers anyway by the budgets, which the store enforces.
+across workers anyway by the budget limits (`chatchain.budgets`), which the store enforces.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from limits.strategies import MovingWindowRateLimiter
 
 from chatchain.server._errors import HTTPProblem
 
-__all__ = ["UserLimits"]
+__all__ = ["UserThrottle"]
 
 # How long a client refused for too many open streams should wait: streams end on their own.
 _STREAM_RETRY_S = 1
 
 
-class UserLimits:
+class UserThrottle:
     """The requests-per-minute and open-streams limits of each user, in this process.
 
     Args:
@@ -33,9 +33,9 @@ class UserLimits:
         streams: Streams a user may have open at once; 0 for no limit.
 
     Example:
-        >>> limits = UserLimits(requests_per_minute=1, streams=0)
-        >>> limits.request("ann")
-        >>> limits.request("ann")
+        >>> throttle = UserThrottle(requests_per_minute=1, streams=0)
+        >>> throttle.request("ann")
+        >>> throttle.request("ann")
         Traceback (most recent call last):
         ...
         chatchain.server._errors.HTTPProblem: Too many requests: the limit is 1 per minute ...
