@@ -195,7 +195,7 @@ class TurnSpec:
         deadline_in_transport: Whether the chain's models end their own calls at the
             deadline (`model.bounds_its_deadline`): blocking calls then run in the caller's
             thread, not in a worker thread.
-        tools: The chain's tools (a `Toolbox`), or ``None``.
+        tools: The chain's tools and their limits, or ``None``.
         journal: Where a finished turn waits when the store cannot save it, or ``None``.
         hooks: What is told of each turn's events (see `chatchain.hooks`).
     """

@@ -105,6 +105,16 @@ def test_a_chat_with_every_slash_command(
     ]
 
 
+def test_reset_is_still_understood_as_delete(chatchain: Chatchain) -> None:
+    result = chatchain("chat", "--session", "s", input=lines("hello", "/reset"))
+    assert result.output.splitlines()[-2:] == [
+        "/reset is now /delete.",
+        "Session s is deleted; what it spent stays in the ledger.",
+    ]
+    with chatchain.store() as store:
+        assert store.sessions() == []
+
+
 def test_chat_goes_on_in_the_latest_session(chatchain: Chatchain, server: OpenAITestServer) -> None:
     chatchain("ask", "--session", "older", "one")
     chatchain("ask", "--session", "latest", "two")

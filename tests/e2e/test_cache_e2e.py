@@ -132,7 +132,7 @@ def test_a_reply_cached_by_a_process_that_ended_is_a_hit(
     )
     assert (child.returncode, child.stderr) == (0, "")
     assert len(server.requests) == 1
-    with Chatbot(make_settings(server, cache, store=store)) as bot:
+    with Chatbot(make_settings(server, cache, store_url=store)) as bot:
         reply = bot.chat("Asked in another process", session_id="b")
     assert reply.text == child.stdout.strip() and reply.usage.cached_turns == 1
     assert len(server.requests) == 1

@@ -200,12 +200,12 @@ def test_the_sqlite_cache_survives_a_restart(tmp_path: Path) -> None:
     cache = f"sqlite:///{tmp_path}/cache.db"
     store = f"sqlite:///{tmp_path}/chat.db"
     first = FakeChatModel(model_name="gpt-4o-mini")
-    with Chatbot(settings(cache, store=store), llm=first) as bot:
+    with Chatbot(settings(cache, store_url=store), llm=first) as bot:
         bot.chat("hi", session_id="a")
     assert (tmp_path / "cache.db").stat().st_mode & 0o077 == 0  # conversations: owner only
 
     fresh = FakeChatModel(model_name="gpt-4o-mini")  # a new process would build all anew
-    with Chatbot(settings(cache, store=store), llm=fresh) as bot:
+    with Chatbot(settings(cache, store_url=store), llm=fresh) as bot:
         assert bot.chat("hi", session_id="b").usage.cached_turns == 1
         assert fresh.calls == []
         assert bot.usage().cached_turns == 1 and bot.usage().turns == 2

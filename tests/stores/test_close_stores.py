@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not HAS_FDS, reason="counts file descriptors in 
 
 def settings(store: str, cache: str | None = None) -> Settings:
     return Settings.load(
-        env_file=None, api_key="sk-test", model="gpt-4o-mini", store=store, cache=cache
+        env_file=None, api_key="sk-test", model="gpt-4o-mini", store_url=store, cache=cache
     )
 
 
