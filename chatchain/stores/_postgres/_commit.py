@@ -10,10 +10,11 @@ The usage is then recorded on another connection and the turn raises `SessionLoc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.messages import BaseMessage
 
+from chatchain._flow import Effect, Flow, arun, run
 from chatchain.stores._base import Fence, dump_message, lock_lost
 from chatchain.stores._postgres._connection import _AsyncSide
 from chatchain.stores._postgres._history import _insert_args
@@ -24,6 +25,7 @@ from chatchain.usage import UsageEntry
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, Connection
     from psycopg.rows import TupleRow
+    from psycopg.sql import Composed
 
 __all__ = ["_Commit"]
 
@@ -31,6 +33,29 @@ __all__ = ["_Commit"]
 class _Commit(_Locks):
     """A turn's messages, usage entry and the end of its budget hold, in one transaction on
     the connection that holds its session's lock (`HistoryStore.commit_turn`)."""
+
+    def _turn_writes(
+        self,
+        conn: Connection[TupleRow] | AsyncConnection[TupleRow],
+        session_id: str,
+        texts: list[str],
+        entry: UsageEntry | None,
+        release: str | None,
+    ) -> Flow[None]:
+        """The writes of `commit_turn` in ``conn``'s transaction, once for both sides (see
+        `_flow`): `_write_turn` runs them on a sync connection, `_awrite_turn` on an async one."""
+        fresh = True  # a turn whose entry is in the ledger was saved before (a replay)
+        if entry is not None:
+            record = _Statement(conn, self._sql.record_entry, _entry_args(entry), fetch=True)
+            fresh = (yield record) is not None
+            if fresh:  # a new id: add it up
+                yield _Statement(conn, self._sql.add_total, _total_args(entry), many=True)
+        if release is not None:
+            yield _Statement(conn, self._sql.release_hold, (release,))
+        if texts and fresh:
+            bump = {"sid": session_id, "n": len(texts)}
+            row = yield _Statement(conn, self._sql.bump, bump, fetch=True)
+            yield _Statement(conn, self._sql.insert, _insert_args(session_id, texts, row))
 
     def _write_turn(
         self,
@@ -40,18 +65,8 @@ class _Commit(_Locks):
         entry: UsageEntry | None,
         release: str | None,
     ) -> None:
-        """The writes of `commit_turn`, in ``conn``'s transaction."""
-        fresh = True  # a turn whose entry is in the ledger was saved before (a replay)
-        if entry is not None:
-            fresh = conn.execute(self._sql.record_entry, _entry_args(entry)).fetchone() is not None
-            if fresh:  # a new id: add it up
-                with conn.cursor() as cursor:
-                    cursor.executemany(self._sql.add_total, _total_args(entry))
-        if release is not None:
-            conn.execute(self._sql.release_hold, (release,))
-        if texts and fresh:
-            row = conn.execute(self._sql.bump, {"sid": session_id, "n": len(texts)}).fetchone()
-            conn.execute(self._sql.insert, _insert_args(session_id, texts, row))
+        """The writes of `commit_turn` (`_turn_writes`), in ``conn``'s transaction."""
+        run(self._turn_writes(conn, session_id, texts, entry, release))
 
     def commit_turn(
         self,
@@ -145,16 +160,41 @@ class _Commit(_Locks):
         release: str | None,
     ) -> None:
         """`_write_turn` for async connections."""
-        fresh = True
-        if entry is not None:
-            cursor = await conn.execute(self._sql.record_entry, _entry_args(entry))
-            fresh = await cursor.fetchone() is not None
-            if fresh:
-                async with conn.cursor() as many:
-                    await many.executemany(self._sql.add_total, _total_args(entry))
-        if release is not None:
-            await conn.execute(self._sql.release_hold, (release,))
-        if texts and fresh:
-            cursor = await conn.execute(self._sql.bump, {"sid": session_id, "n": len(texts)})
-            row = await cursor.fetchone()
-            await conn.execute(self._sql.insert, _insert_args(session_id, texts, row))
+        await arun(self._turn_writes(conn, session_id, texts, entry, release))
+
+
+class _Statement(Effect):
+    """One write of `_Commit._turn_writes` on its transaction's connection: `run` on a sync
+    connection, `arun` on an async one (the flow's driver is the connection's side). Its
+    result is the statement's first row if ``fetch``, else ``None``."""
+
+    __slots__ = ("conn", "fetch", "many", "params", "query")
+
+    def __init__(
+        self,
+        conn: Connection[TupleRow] | AsyncConnection[TupleRow],
+        query: Composed,
+        params: Any,
+        *,
+        fetch: bool = False,
+        many: bool = False,  # ``params`` is a sequence of rows: ``executemany``
+    ) -> None:
+        self.conn, self.query, self.params, self.fetch, self.many = conn, query, params, fetch, many
+
+    def run(self) -> Any:
+        conn = cast("Connection[TupleRow]", self.conn)
+        if self.many:
+            with conn.cursor() as cursor:
+                cursor.executemany(self.query, self.params)
+            return None
+        cursor = conn.execute(self.query, self.params)
+        return cursor.fetchone() if self.fetch else None
+
+    async def arun(self) -> Any:
+        conn = cast("AsyncConnection[TupleRow]", self.conn)
+        if self.many:
+            async with conn.cursor() as cursor:
+                await cursor.executemany(self.query, self.params)
+            return None
+        cursor = await conn.execute(self.query, self.params)
+        return await cursor.fetchone() if self.fetch else None
