@@ -510,7 +510,9 @@ async def relay(
         "us_per_chunk": medians,
     }
     if litellm:
-        data["ratio_to_litellm"] = {route: medians[route] / medians[LITELLM] for route in RELAY_ROUTES}
+        data["ratio_to_litellm"] = {
+            route: medians[route] / medians[LITELLM] for route in RELAY_ROUTES
+        }
         data["target_ratio"] = TARGET_RELAY
         data["met"] = all(r <= TARGET_RELAY for r in data["ratio_to_litellm"].values())
     return data
