@@ -39,7 +39,7 @@ What runs (everything on 127.0.0.1, started and stopped here)
    ``benchmarks/README.md``), a LiteLLM proxy relays the same stream from the same test server
    too, in the same rounds, read by the same client as the OpenAI route, and the ratios of
    chatchain's routes to it are printed. **Target: at most 0.5x LiteLLM on both routes.**
-   Printed, not written to the docs. Runtime: about a minute (two with LiteLLM).
+   Printed, not written to the docs. Runtime: about 3 minutes with LiteLLM and 3 rounds.
 
 The figures of parts 1-3 go to ``docs/benchmarks.md`` (its "The chat service" section, replaced in
 place) and ``docs/img/bench-server.png``, unless ``--no-docs``. Runtime: about 3 minutes
