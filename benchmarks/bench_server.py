@@ -33,8 +33,13 @@ What runs (everything on 127.0.0.1, started and stopped here)
    streams a ``--relay-chunks`` reply as fast as it can; ``--relay-streams`` turns at once on
    one route, native SSE and the OpenAI route interleaved over ``--relay-rounds`` rounds after
    a warm-up. Kept: the worker's CPU (``/proc``) over the chunks the endpoint streamed, turn
-   start and end included; each relayed text is checked to be exactly the reply. Printed,
-   not written to the docs. Runtime: under a minute.
+   start and end included; each relayed text is checked to be exactly the reply. With
+   ``--litellm`` (or ``BENCH_LITELLM``) naming the ``litellm`` command of a virtual
+   environment holding ``litellm[proxy]`` (not a dependency of chatchain; see
+   ``benchmarks/README.md``), a LiteLLM proxy relays the same stream from the same test server
+   too, in the same rounds, read by the same client as the OpenAI route, and the ratios of
+   chatchain's routes to it are printed. **Target: at most 0.5x LiteLLM on both routes.**
+   Printed, not written to the docs. Runtime: about 3 minutes with LiteLLM and 3 rounds.
 
 The figures of parts 1-3 go to ``docs/benchmarks.md`` (its "The chat service" section, replaced in
 place) and ``docs/img/bench-server.png``, unless ``--no-docs``. Runtime: about 3 minutes
@@ -45,9 +50,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -364,6 +372,64 @@ async def streams(count: int, interval: float, chunks: int, ramp: float) -> dict
 
 
 RELAY_ROUTES = ("native SSE", "OpenAI stream")
+LITELLM = "LiteLLM proxy"
+TARGET_RELAY = 0.5  # chatchain's CPU per relayed chunk over LiteLLM's, at most
+
+
+@contextmanager
+def litellm_proxy(command: str, endpoint: str, folder: Path) -> Iterator[tuple[str, int, str]]:
+    """A LiteLLM proxy (``command``: its ``litellm`` executable) serving `MODEL` from
+    ``endpoint``; yields its base URL, its pid (one process: uvicorn with one worker) and its
+    master key. No database, no telemetry, the bundled model price map (no download)."""
+    key = f"sk-{secrets.token_hex(32)}"
+    config = folder / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: {endpoint}\n"
+        f"      api_key: {API_KEY}\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "general_settings:\n"
+        f"  master_key: {key}\n"
+    )
+    port = free_port()
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("LITELLM_", "DATABASE_", "OPENAI_"))
+    }
+    env |= {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
+    argv = [command, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(
+        argv, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"litellm exited: {process.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{url}/health/liveliness", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the LiteLLM proxy did not start within 120 s")
+            time.sleep(0.2)
+        yield url, process.pid, key
+    finally:
+        process.terminate()  # our own child, by its handle
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 async def relay_one(http: httpx.AsyncClient, route: str, session_id: str, words: str) -> int:
@@ -390,41 +456,66 @@ async def relay_one(http: httpx.AsyncClient, route: str, session_id: str, words:
     return len(words.split()) + 1
 
 
-async def relay(chunks: int, rounds: int, streams: int) -> dict[str, Any]:
-    """Server CPU per relayed chunk on each streaming route: ``streams`` turns of ``chunks``
-    chunks at once per measure, the routes interleaved over ``rounds`` rounds; the median."""
+async def relay(
+    chunks: int, rounds: int, streams: int, litellm: str | None = None
+) -> dict[str, Any]:
+    """Server CPU per relayed chunk on each streaming route (and a LiteLLM proxy's, given its
+    ``litellm`` command): ``streams`` turns of ``chunks`` chunks at once per measure, the
+    contenders interleaved over ``rounds`` rounds, the order rotated each round; the median."""
     words = " ".join(f"w{n}" for n in range(chunks - 1))
-    found: dict[str, list[float]] = {route: [] for route in RELAY_ROUTES}
+    names = [*RELAY_ROUTES, *([LITELLM] if litellm else [])]
+    found: dict[str, list[float]] = {name: [] for name in names}
     with (
         _servers.openai_test_server() as endpoint,
         tempfile.TemporaryDirectory(prefix="bench-server-") as folder,
+        contextlib.ExitStack() as stack,
     ):
         store = f"sqlite:///{Path(folder) / 'relay.db'}"
         token = add_user(store, "bench")
         long_turns = {"CHATCHAIN_WINDOW_TOKENS": str(10 * chunks)}  # the message fits
-        with serve(store, endpoint.base_url, env=long_turns) as server:
-            http = client(server.base_url, token, streams + 2)
-            order = list(RELAY_ROUTES)
-            for number in range(rounds + 1):  # round 0 warms up
-                for route in order:
-                    cpu = server.cpu_seconds()
-                    sent = await asyncio.gather(
-                        *(
-                            relay_one(http, route, f"{number}-{route[:2]}-{n}", words)
-                            for n in range(streams)
-                        )
+        server = stack.enter_context(serve(store, endpoint.base_url, env=long_turns))
+        http = client(server.base_url, token, streams + 2)
+        contenders = {route: (http, route, server.cpu_seconds) for route in RELAY_ROUTES}
+        if litellm:
+            url, pid, key = stack.enter_context(
+                litellm_proxy(litellm, endpoint.base_url, Path(folder))
+            )
+            proxy = client(url, key, streams + 2)
+            # The same client and request as chatchain's OpenAI route (the session header is
+            # ignored there); the proxy's CPU from /proc, as chatchain's worker's.
+            cpu = _servers.ServerProcess(url, pid).cpu_seconds
+            contenders[LITELLM] = (proxy, "OpenAI stream", cpu)
+        order = list(names)
+        for number in range(rounds + 1):  # round 0 warms up
+            for name in order:
+                http_of, route, cpu_of = contenders[name]
+                cpu = cpu_of()
+                sent = await asyncio.gather(
+                    *(
+                        relay_one(http_of, route, f"{number}-{name[:2]}-{n}", words)
+                        for n in range(streams)
                     )
-                    if number:
-                        found[route].append(1e6 * (server.cpu_seconds() - cpu) / sum(sent))
-                order.reverse()
-            await http.aclose()
-    return {
+                )
+                if number:
+                    found[name].append(1e6 * (cpu_of() - cpu) / sum(sent))
+            order = order[1:] + order[:1]
+        for http_of, _, _ in contenders.values():
+            await http_of.aclose()
+    medians = {name: statistics.median(v) for name, v in found.items()}
+    data: dict[str, Any] = {
         "chunks": chunks,
         "streams": streams,
         "rounds": rounds,
         "runs_us": found,
-        "us_per_chunk": {route: statistics.median(v) for route, v in found.items()},
+        "us_per_chunk": medians,
     }
+    if litellm:
+        data["ratio_to_litellm"] = {
+            route: medians[route] / medians[LITELLM] for route in RELAY_ROUTES
+        }
+        data["target_ratio"] = TARGET_RELAY
+        data["met"] = all(r <= TARGET_RELAY for r in data["ratio_to_litellm"].values())
+    return data
 
 
 # -- part 3: workers ------------------------------------------------------------------------
@@ -605,6 +696,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--relay-rounds", type=int, default=5, help="part 4 (5)")
     parser.add_argument("--relay-streams", type=int, default=4, help="part 4, at once (4)")
     parser.add_argument(
+        "--litellm",
+        default=os.environ.get("BENCH_LITELLM") or None,
+        help="part 4: the `litellm` command of a virtual environment with litellm[proxy] "
+        "installed, to relay the same stream through a LiteLLM proxy too (default: "
+        "$BENCH_LITELLM; without it, chatchain's routes only)",
+    )
+    parser.add_argument(
         "--render-only", type=Path, default=None, help="write the docs from this --json file"
     )
     return parser.parse_args(argv)
@@ -634,7 +732,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(data["workers"], indent=1), flush=True)
     if 4 in parts:
         print("4. server CPU per relayed chunk ...", flush=True)
-        data["relay"] = await relay(args.relay_chunks, args.relay_rounds, args.relay_streams)
+        litellm = args.litellm and (shutil.which(args.litellm) or args.litellm)
+        data["relay"] = await relay(
+            args.relay_chunks, args.relay_rounds, args.relay_streams, litellm
+        )
         print(json.dumps(data["relay"], indent=1), flush=True)
     if 2 in parts:
         print(f"2. {count} streams ...", flush=True)
