@@ -54,7 +54,7 @@ test-pythons: test-fast
 services:
 	bash .ci/services
 
-# Every benchmark, then docs/benchmarks.md and its plots (~15 min; servers on 127.0.0.1 only).
+# Every benchmark, then docs/benchmarks.md and its plots (~18 min; servers on 127.0.0.1 only).
 bench: $(VENV)/.installed services
 	$(BIN)/python benchmarks/report.py
 

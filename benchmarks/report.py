@@ -44,7 +44,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 from bench_memory import HISTORY_TARGET, TOKENS_TARGET  # noqa: E402
-from bench_server import insert_section, section_of  # noqa: E402
+from bench_server import TARGET_RELAY, insert_section, section_of  # noqa: E402
 from bench_stream import CHUNK_TARGET, MEMORY_TARGET  # noqa: E402
 from bench_turn import TARGET as TURN_TARGET  # noqa: E402
 from bench_turn import machine  # noqa: E402
@@ -85,6 +85,15 @@ BENCHES = (
         ("--chunks", "2000", "--rounds", "5", "--memory-chunks", "20000"),
         ("--chunks", "1000", "--rounds", "2", "--memory-chunks", "5000"),
         600,
+    ),
+    # Server CPU per relayed chunk; against a LiteLLM proxy when BENCH_LITELLM names its
+    # `litellm` command (not a dependency: see benchmarks/README.md).
+    Bench(
+        "relay",
+        "bench_server.py",
+        ("--parts", "4", "--no-docs", "--relay-rounds", "3"),
+        ("--parts", "4", "--no-docs", "--relay-rounds", "1"),
+        900,
     ),
 )
 # Issue 19: a non-streamed turn of the bot at most this many times the plain chain's (invoke).
@@ -466,7 +475,7 @@ def _memory_target(stream: dict[str, Any]) -> tuple[bool | None, str]:
 
 
 def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -> str:
-    memory, conc, turn, ledger, stream = (
+    memory, conc, turn, ledger, stream, relay = (
         results.get(b.key) or {"error": "not run"} for b in BENCHES
     )
     m = env["machine"]
@@ -518,6 +527,11 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
             f"peak memory of a streamed turn at most {MEMORY_TARGET:.0f}x the reply's bytes "
             "(§7; issue 19)",
             *_memory_target(stream),
+        ),
+        (
+            f"server CPU per relayed chunk at most {TARGET_RELAY:.1f}x a LiteLLM proxy's, "
+            "native and OpenAI routes (§8; issue 19)",
+            *_relay_target(relay),
         ),
     ]
     out += ["## Targets", ""]
@@ -583,13 +597,15 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
     out += _ledger_section(ledger)
     out += _processes_section(memory)
     out += _stream_section(stream)
+    out += _relay_section(relay)
 
     out += [
         "## Running it",
         "",
         "```sh",
-        "make bench                                       # this page, ~15 min on 2 cores",
+        "make bench                                       # this page, ~18 min on 2 cores",
         ".venv/bin/python benchmarks/report.py --quick    # fewer samples, ~4 min",
+        "BENCH_LITELLM=LITELLM_VENV/bin/litellm make bench  # with §8's LiteLLM proxy",
         "```",
         "",
         "Each benchmark also runs on its own (`--help` lists the options); "
@@ -858,6 +874,39 @@ def _stream_section(stream: dict[str, Any]) -> list[str]:
         met, text = met_text
         out += [f"- {text}: {_verdict(met)}"]
     return [*out, ""]
+
+
+def _relay_target(relay: dict[str, Any]) -> tuple[bool | None, str]:
+    if _error(relay) or "relay" not in relay:
+        return None, "not measured"
+    ratios = relay["relay"].get("ratio_to_litellm")
+    if not ratios:
+        return None, "not measured: no LiteLLM proxy (set BENCH_LITELLM)"
+    text = "; ".join(f"{route} {ratio:.2f}x" for route, ratio in ratios.items())
+    return all(r <= TARGET_RELAY for r in ratios.values()), text
+
+
+def _relay_section(found: dict[str, Any]) -> list[str]:
+    out = ["## 8. The chat service: server CPU per relayed chunk", ""]
+    if reason := _error(found):
+        return [*out, f"Not measured: {reason}.", ""]
+    relay = found["relay"]
+    out += [
+        f"`bench_server.py --parts 4`: the test server streams a {relay['chunks']:,}-chunk "
+        f"reply as fast as it can; {relay['streams']} turns at once on one route of a real "
+        "`chatchain serve` (one worker, SQLite store), the routes interleaved over "
+        f"{relay['rounds']} rounds after a warm-up. The figure is the serving process's CPU "
+        "(from `/proc`) over the chunks streamed, turn start and end included; each relayed "
+        "text is checked to be exactly the reply. A LiteLLM proxy (its own virtual "
+        "environment, `BENCH_LITELLM`) relays the same stream from the same test server in the "
+        "same rounds, read by the same client as the OpenAI route.",
+        "",
+    ]
+    rows = [[name, f"{us:.0f}"] for name, us in relay["us_per_chunk"].items()]
+    out += _table(["relayed by", "µs of server CPU per chunk (median)"], rows)
+    met, text = _relay_target(found)
+    out += [f"Target: at most {TARGET_RELAY:.1f}x LiteLLM: {text}, {_verdict(met)}.", ""]
+    return out
 
 
 def _ledger_section(ledger: dict[str, Any]) -> list[str]:
