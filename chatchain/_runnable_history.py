@@ -35,7 +35,8 @@ class HistoryRunnable(RunnableWithMessageHistory):
       does.
     - chatchain saves each turn itself (so that failed and interrupted turns follow one path);
       the listener's tracer would only build run records for every step of every turn, which
-      costs about a tenth of a loopback turn.
+      costs about a tenth of a loopback turn. ``pick`` itself streamed every chunk through
+      one more run, which adds the chunks up as they pass.
     """
 
     _history_key: str = PrivateAttr(default="")
