@@ -33,6 +33,10 @@ Method
     use the mode being measured:
 
     ``invoke``  wall time of the whole timed turn, history save included.
+    ``invoke CPU``  CPU time of the process (every thread, the in-process server's too)
+                during that same turn: less moved by other load on the machine than the
+                wall time, which waits for a share of the cores. The server's share is
+                the same for every contender, so the ratios it gives lean toward 1.
     ``ttft``    time from the call to the first non-empty text chunk of a streamed turn.
     ``stream``  (extra) wall time of the whole streamed turn, draining and saving included.
 
@@ -88,7 +92,8 @@ API_KEY = "sk-bench"
 PRIMING_TEXT = "Hi! I'm Bob."
 TIMED_TEXT = "What's my name?"
 EXPECTED_REPLY = f"Echo: {TIMED_TEXT}"
-MODES = ("invoke", "ttft", "stream")
+MODES = ("invoke", "cpu", "ttft", "stream")
+LABELS = ("invoke", "invoke CPU", "TTFT", "stream")
 TARGET = 1.10
 CLEAR_EVERY = 10  # rounds between server.clear()
 BOOTSTRAP_DRAWS = 1000
@@ -352,9 +357,9 @@ def _drain_timed(pieces: Iterator[str], start: float) -> tuple[float, float, str
 def run_sample(contender: Contender, streamed: bool, session_id: str) -> tuple[float, ...]:
     """One fresh session: an untimed priming turn, then the timed turn.
 
-    Returns ``(invoke_s,)`` or ``(ttft_s, stream_s)``.
+    Returns ``(invoke_s, invoke_cpu_s)`` or ``(ttft_s, stream_s)``.
     """
-    perf_counter = time.perf_counter
+    perf_counter, process_time = time.perf_counter, time.process_time
     if streamed:
         "".join(contender.stream(session_id, PRIMING_TEXT))
         start = perf_counter()
@@ -362,9 +367,9 @@ def run_sample(contender: Contender, streamed: bool, session_id: str) -> tuple[f
         result: tuple[float, ...] = (ttft, total)
     else:
         contender.invoke(session_id, PRIMING_TEXT)
-        start = perf_counter()
+        start, cpu = perf_counter(), process_time()
         text = contender.invoke(session_id, TIMED_TEXT)
-        result = (perf_counter() - start,)
+        result = (perf_counter() - start, process_time() - cpu)
     if text != EXPECTED_REPLY:
         raise AssertionError(f"{contender.name}: unexpected reply {text!r}")
     return result
@@ -415,6 +420,7 @@ def run_rounds(
                     samples["stream"].append(measured[1])
                 else:
                     samples["invoke"].append(measured[0])
+                    samples["cpu"].append(measured[1])
         if number % CLEAR_EVERY == CLEAR_EVERY - 1:
             server.clear()
     server.clear()
@@ -513,7 +519,7 @@ def report(
     print(f"wall      {c['elapsed_s']:.1f} s")
     print()
     head = f"{'contender':<16}" + "".join(
-        f"{label + ' med':>13}{'p90':>9}" for label in ("invoke", "TTFT", "stream")
+        f"{label + ' med':>13}{'p90':>9}" for label in ("invoke", "CPU", "TTFT", "stream")
     )
     print(head + "   (ms)")
     print("-" * len(head))
@@ -525,9 +531,7 @@ def report(
             )
         )
     print()
-    print(
-        f"{'median ratio [95% CI]':<30}" + "".join(f"{m:>20}" for m in ("invoke", "TTFT", "stream"))
-    )
+    print(f"{'median ratio [95% CI]':<30}" + "".join(f"{m:>20}" for m in LABELS))
     for label, modes in table.items():
         cells = (
             f"{r['ratio']:.3f} [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]"

@@ -59,6 +59,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from langchain_core.caches import BaseCache, InMemoryCache
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models._utils import _normalize_messages
 from langchain_core.load import dumps
@@ -643,8 +644,12 @@ def cache_off(model: Runnable[Any, Any]) -> Runnable[Any, Any]:
 class Uncached(RunnableBinding[Any, Any]):
     """A model whose calls never read LangChain's global cache (see `without_global_cache`).
 
-    Each call goes to a copy of the model made then, with ``cache=False``. Streams need no
-    copy: `BaseChatModel.stream` reads no cache.
+    While a global cache is set, each call goes to a copy of the model made then, with
+    ``cache=False``. While none is (the usual case), a chat model whose ``cache`` is unset
+    reads and writes none (`BaseChatModel._generate_with_cache`), so the call goes to the
+    model itself: no copy, and LangChain's own per-model state (its serialized form, built
+    on a model's first call) is kept from call to call. Streams need no copy:
+    `BaseChatModel.stream` reads no cache.
     """
 
     batch = Runnable.batch  # through `invoke`, not straight to the model
@@ -659,9 +664,13 @@ class Uncached(RunnableBinding[Any, Any]):
         )
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        if get_llm_cache() is None:
+            return super().invoke(input, config, **kwargs)
         return self._now().invoke(input, config, **kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        if get_llm_cache() is None:
+            return await super().ainvoke(input, config, **kwargs)
         return await self._now().ainvoke(input, config, **kwargs)
 
 

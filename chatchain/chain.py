@@ -261,7 +261,9 @@ class ChatChain(HistoryRunnable):
     ) -> int:
         key = str(self.history_messages_key or self.input_messages_key)
         variables = {**value, key: history} if isinstance(value, Mapping) else {key: history}
-        messages = self.prompt.invoke(variables).to_messages()
+        # As the chain's prompt step will format them (`begin` refused missing variables),
+        # without a run of their own in LangChain's callbacks.
+        messages = self.prompt.format_messages(**variables)
         counter = self._spec.recall.counter
         if schema is not None:  # a structured turn calls no tools
             return counter(messages) + counter.count_tools([schema])

@@ -280,6 +280,22 @@ def test_langchains_global_cache_is_never_read_nor_written(
     assert fake.cache is None  # the caller's model is not changed
 
 
+def test_a_global_cache_set_after_the_first_turns_is_not_read_either() -> None:
+    # With no global cache a call goes to the model itself (no copy); once one is set,
+    # each call checks again and goes to a copy with cache=False.
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(Settings.load(env_file=None, api_key="sk-test"), llm=fake)
+    bot.chat("What is a cache?", session_id="a")
+    cache = InMemoryCache()
+    set_llm_cache(cache)
+    try:
+        bot.chat("What is a cache?", session_id="b")
+    finally:
+        set_llm_cache(None)
+    assert len(fake.calls) == 2 and cache._cache == {}
+    assert [(e.requests, e.cached) for e in bot.usage_entries()] == [(1, False), (1, False)]
+
+
 def test_summary_calls_do_not_read_the_global_cache_either(global_cache: InMemoryCache) -> None:
     settings = Settings.load(
         env_file=None, api_key="sk-test", window_turns=1, window_tokens=None, summarize=True

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
 from langchain_core.chat_history import InMemoryChatMessageHistory
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables.history import RunnableWithMessageHistory
 from langchain_openai import ChatOpenAI
@@ -61,6 +62,28 @@ def test_multi_turn_memory_sends_the_history(chain, fake: FakeChatModel) -> None
     assert sent[1].content == "Hi, I'm Bob"
     assert sent[2].content == "Echo: Hi, I'm Bob"
     assert sent[3].content == "What's my name?"
+
+
+def test_the_history_is_read_in_the_callers_thread(settings: Settings) -> None:
+    # LangChain's `RunnablePassthrough.assign` would read it in a new thread on every call.
+    readers: list[threading.Thread] = []
+
+    class Store(MemoryStore):
+        def load(
+            self, session_id: str, start: int = 0, stop: int | None = None
+        ) -> list[BaseMessage]:
+            readers.append(threading.current_thread())
+            return super().load(session_id, start, stop)
+
+    store = Store()
+    # No deadline: a fake model's calls would run in the deadline's worker thread.
+    unbounded = settings.model_copy(update={"turn_deadline": None})
+    chain = create_chat_chain(FakeChatModel(), settings=unbounded, get_session_history=store)
+    for text in ("Hi, I'm Bob", "What's my name?"):
+        chain.invoke({"input": text}, config=cfg("t"))
+        list(chain.stream({"input": text}, config=cfg("t")))
+    assert len(readers) >= 4 and set(readers) == {threading.current_thread()}
+    assert len(store.load("t")) == 8
 
 
 def test_sessions_are_isolated(chain, fake: FakeChatModel) -> None:  # type: ignore[no-untyped-def]

@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.utils import convert_to_openai_messages
 
-from chatchain._tokens import APPROXIMATE, EXACT, UTF8_BYTES, choose_counter, encoding_of
+from chatchain._tokens import (
+    APPROXIMATE,
+    EXACT,
+    UTF8_BYTES,
+    _count_texts,
+    choose_counter,
+    encoding_of,
+)
 from chatchain.testing import FakeChatModel, OpenAITestServer
 
 # Text of every script: CJK, kana, Hangul, emoji, Cyrillic, Arabic, Devanagari, Thai,
@@ -180,3 +187,13 @@ def test_counting_a_long_history_takes_milliseconds() -> None:
     for _ in range(10):
         counter(history)
     assert (time.perf_counter() - started) / 10 < 0.05
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    texts=st.lists(TEXT | st.sampled_from(["<|endoftext|>", "<|im_start|>user", ""]), max_size=80)
+)
+def test_a_few_texts_one_by_one_count_as_a_batch(texts: list[str]) -> None:
+    # A prompt's few texts are counted one by one (`toktok.truncate`), many in one batch.
+    for encoding in ("o200k_base", "cl100k_base"):
+        assert _count_texts(texts, encoding) == sum(toktok.batch_count(texts, encoding, threads=1))
