@@ -36,8 +36,8 @@ unit: $(VENV)/.installed services
 # The developer's loop: unit, end-to-end and doctests without the slow tests (soak, load,
 # processes, notebooks, builds) and without those that need Redis or PostgreSQL. A real
 # `chatchain serve` runs in a few smoke tests only: the routes are tested in-process. On every
-# core (pytest-xdist), a test file per worker at a time (a module's service starts once): under
-# a minute on a quiet 2-core machine, ~2 minutes of CPU in all.
+# core (pytest-xdist), each test file whole in one worker (a module's service starts once):
+# ~2.5 minutes of CPU in all, so about 1.3 minutes on 2 quiet cores.
 .PHONY: test-fast
 test-fast: $(VENV)/.installed
 	$(BIN)/pytest -q -m "not slow and not services" -n auto --dist loadfile
