@@ -71,21 +71,19 @@ def test_tests_that_need_redis_or_postgres_are_marked_services(pytester: pytest.
 
 
 # The real `chatchain serve` tests (uvicorn processes) that stay in `make test-fast`: a smoke
-# test of each surface, so that a broken `serve` shows in the developer's loop. Every other test
+# test of each surface only a real server shows, so that a broken `serve` shows in the
+# developer's loop (and on the newer Pythons, which run the fast tier only). Every other test
 # that starts a service is marked slow: its behaviour is tested in this process (FastAPI's
-# TestClient) in the fast tier, and the whole suite (`make test`) runs both.
+# TestClient) in the fast tier, and the whole suite (`make unit`) runs both. Each module kept
+# here starts its own service (a few seconds of CPU): keep them few.
 SERVE_SMOKE = {
-    "test_auth.py": {"*"},  # tokens and isolation on every route, native and OpenAI
-    "test_metrics.py": {
-        "test_healthz_needs_no_token_and_says_ok",
-        "test_metrics_count_turns_tokens_cost_latency_and_errors_by_class",
-    },
-    # What only a real server shows: a client that leaves, raw header bytes, refusing to start.
+    # A turn through a real process, counted by prometheus-client's multiprocess mode.
+    "test_metrics.py": {"test_metrics_count_turns_tokens_cost_latency_and_errors_by_class"},
+    # A client that leaves before the reply began, and the header's raw bytes.
     "test_service_edges.py": {
         "test_a_client_that_leaves_before_the_reply_began_is_abandoned_not_interrupted",
         "test_a_utf8_session_header_names_the_same_session_as_the_url_path",
         "test_a_session_header_that_is_not_utf8_is_refused_before_any_call",
-        "test_serve_refuses_a_var_the_prompt_does_not_have",
     },
 }
 SERVER_TESTS = Path(__file__).parent / "server"
@@ -135,3 +133,10 @@ def test_tests_that_start_chatchain_serve_are_slow_but_the_smoke_tests() -> None
                 unmarked.append(f"{path.name}::{name}")
     assert shared >= {"service", "user", "other"}
     assert unmarked == [], "mark these @pytest.mark.slow, or add them to SERVE_SMOKE"
+
+
+def test_the_serve_smoke_tests_run_in_the_fast_tier() -> None:
+    for file, names in SERVE_SMOKE.items():
+        module = importlib.import_module(f"tests.server.{Path(file).stem}")
+        for name in sorted(names - {"*"}):
+            assert not _is_slow(getattr(module, name), module), f"{file}::{name} is marked slow"

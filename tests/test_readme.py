@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+import chatchain.chain
 from chatchain import Chatbot
+from chatchain.stores import MemoryStore
 from chatchain.testing import OpenAITestServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -116,6 +118,9 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
 @pytest.fixture
 def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAITestServer]:
     # tests/conftest.py already removed OPENAI_* and CHATCHAIN_* and moved to an empty folder.
+    # The examples' session "dp123" in a default store of their own, as in a new process: other
+    # tests run in this process before (pytest-xdist's workers, in any order).
+    monkeypatch.setattr(chatchain.chain, "_default_store", MemoryStore())
     with OpenAITestServer() as server:
         server.add_tool_rule("get_weather", {"city": "Oslo"})  # the tools example's call
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)

@@ -14,6 +14,10 @@ from chatchain.testing import OpenAITestServer
 from chatchain.users import Users
 from tests.server.conftest import Service
 
+# A real `chatchain serve`; in the fast tier, in process: tests/server/test_app.py (401, 404),
+# test_openai_app.py (401 invalid_api_key), tests/test_users.py (revoked and rotated tokens).
+pytestmark = pytest.mark.slow
+
 # Every route of the native API, as (method, path, JSON body).
 ROUTES = [
     ("POST", "/v1/sessions/s/messages", {"text": "hi"}),

@@ -27,6 +27,7 @@ def sample(text: str, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
+@pytest.mark.slow  # in process: test_app.py; and every start_service asks /healthz
 def test_healthz_needs_no_token_and_says_ok(service: Service) -> None:
     answer = httpx.get(f"{service.url}/healthz")
 

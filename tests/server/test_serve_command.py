@@ -56,6 +56,21 @@ def test_a_store_it_cannot_open_is_one_error_line(tmp_path: Path) -> None:
     assert result.output.startswith("error: ") and "Traceback" not in result.output
 
 
+def test_a_var_the_prompt_does_not_have_is_refused_before_starting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # In this process; tests/server/test_service_edges.py runs the same refusal as a process.
+    monkeypatch.setenv("CHATCHAIN_SYSTEM_PROMPT", "Answer in {language}.")
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+
+    result = CliRunner().invoke(cli, ["serve", "--store", store, "--var", "tone=x"])
+
+    assert result.exit_code == 1
+    assert result.output.startswith("error: --var tone: the system prompt")
+    assert "has no {tone}; its variables are language." in result.output
+    assert not (tmp_path / "chat.db").exists()  # refused before the store was opened
+
+
 @pytest.mark.slow
 def test_offline_it_answers_with_the_echo_server_and_needs_no_key(tmp_path: Path) -> None:
     service = start_service(f"sqlite:///{tmp_path / 'chat.db'}", None, tmp_path)

@@ -189,6 +189,7 @@ def test_serve_var_gives_the_defaults_to_every_worker(
     assert systems == {"Answer in French as a a pirate = always."}
 
 
+@pytest.mark.slow  # in process: test_serve_command.py
 def test_serve_refuses_a_var_the_prompt_does_not_have(tmp_path: Path) -> None:
     env = {"CHATCHAIN_SYSTEM_PROMPT": "Answer in {language}."}
     with pytest.raises(AssertionError, match=r"--var tone: the system prompt .* has no \{tone\}"):
