@@ -295,7 +295,8 @@ class TurnSpec:
             handler=handler,
             limits=limits,
         )
-        config = {**config, "configurable": {**configurable, TURN_KEY: turn}}
+        shared = {TURN_KEY: turn, _streaming.TEXT_KEY: turn.text}
+        config = {**config, "configurable": {**configurable, **shared}}
         if config.get("callbacks"):
             config = merge_configs(config, {"callbacks": [handler]})
         else:  # the common case, without merge_configs' general (and slower) path
@@ -366,7 +367,10 @@ class Turn:
     """This call's own caps (``configurable["limits"]``), checked with the budget's."""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
-    _reply: _streaming.StreamedReply = field(default_factory=_streaming.StreamedReply)
+    text: _streaming.SharedText = field(default_factory=_streaming.SharedText)
+    """The text of the turn's streamed replies, held once for every fold of its chunks (the
+    model's run, the tool loop, the cache, the turn, the caller's stream)."""
+    _reply: _streaming.StreamedReply = field(init=False)
     """The reply streamed so far (of the latest call), as its text: no chunk is kept."""
     usage: Usage | None = None
     notices: list[str] = field(default_factory=list)
@@ -415,6 +419,9 @@ class Turn:
     _cut_at_hold: int | None = None  # the reply tokens a call was stopped at (see `ReplyMeter`)
     _estimated_calls: int = 0  # calls whose usage chatchain counted (the endpoint sent none)
     _events: _hooking.Events = field(default_factory=_hooking.Events, repr=False)
+
+    def __post_init__(self) -> None:
+        self._reply = _streaming.StreamedReply(self.text)
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -601,7 +608,7 @@ class Turn:
         assert isinstance(message, AIMessage)
         _hooking.model_ended(self, message)
         self._open = (message, {})
-        self._reply = _streaming.StreamedReply()  # the next call's chunks make the next reply
+        self._reply = _streaming.StreamedReply(self.text)  # the next call's chunks, next reply
         return message
 
     def close_step(self) -> list[BaseMessage]:
@@ -769,7 +776,9 @@ class Turn:
     def reply_meter(self) -> ReplyMeter:
         """A meter of this call's reply, stopping it at the reply tokens held for it."""
         assert self.reply_limit is not None
-        return ReplyMeter(self.spec.recall.counter, self.reply_limit)
+        # With tools its text has the calls' arguments too: not the turn's text then.
+        text = self.text if self.spec.tools is None else None
+        return ReplyMeter(self.spec.recall.counter, self.reply_limit, text)
 
     def cut_at_hold(self, meter: ReplyMeter) -> None:
         """The endpoint went on past what was held and the call was stopped (see
@@ -1393,13 +1402,15 @@ class ReplyMeter:
     reply early. The count of the whole is what the call is metered with when it is cut.
     """
 
-    def __init__(self, counter: TokenCounter, limit: int) -> None:
+    def __init__(
+        self, counter: TokenCounter, limit: int, text: _streaming.SharedText | None = None
+    ) -> None:
         self.counter = counter
         self.limit = limit
         self.counted = 0
-        self._text = (
-            _streaming.TextBuffer()
-        )  # the reply's text, counted again whole once past the hold
+        # The reply's text (in the turn's ``text`` while it is the same), counted again whole
+        # once past the hold.
+        self._text = _streaming.TextBuffer(text)
         self._empty = counter([AIMessage(content="")])
 
     def _count(self, text: str) -> int:
