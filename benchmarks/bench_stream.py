@@ -22,7 +22,9 @@ Method
 
     Memory: one streamed turn of ``--memory-chunks`` chunks per contender under
     ``tracemalloc``; the peak of traced Python allocations during the turn (above what was
-    allocated before it) divided by the reply's UTF-8 bytes. Each contender first streams a
+    allocated before it) divided by the reply's UTF-8 bytes (the user's message and the echo
+    the harness checks the reply against are made before, untraced; the request that carries
+    the message is the turn's, as long as the reply here). Each contender first streams a
     short untraced turn, so that what a process loads once (lazy imports, price tables) is
     not counted as the turn's.
 
@@ -139,8 +141,11 @@ class Echo:
     """Checks the pieces of a reply against the echo as they come, keeping none of them (a
     list of 20,000 pieces would weigh ~10x the reply's bytes in the memory figure)."""
 
-    def __init__(self, name: str, sent: str) -> None:
-        self.name, self.expected, self.at, self.count = name, f"Echo: {sent}", 0, 0
+    def __init__(self, name: str, sent: str, expected: str | None = None) -> None:
+        # ``expected``: the echo made before a memory turn is traced (it is this checker's,
+        # ~1x the reply's bytes, not the turn's).
+        self.name, self.at, self.count = name, 0, 0
+        self.expected = f"Echo: {sent}" if expected is None else expected
 
     def __call__(self, piece: str) -> None:
         if not self.expected.startswith(piece, self.at):
@@ -154,8 +159,10 @@ class Echo:
         return max(1, self.count)
 
 
-def time_sync(name: str, stream: Stream, session_id: str, text: str) -> float:
-    echo = Echo(name, text)
+def time_sync(
+    name: str, stream: Stream, session_id: str, text: str, expected: str | None = None
+) -> float:
+    echo = Echo(name, text, expected)
     start = time.perf_counter()
     for piece in stream(session_id, text):
         echo(piece)
@@ -163,8 +170,10 @@ def time_sync(name: str, stream: Stream, session_id: str, text: str) -> float:
     return elapsed / echo.end()
 
 
-async def time_async(name: str, stream: AStream, session_id: str, text: str) -> float:
-    echo = Echo(name, text)
+async def time_async(
+    name: str, stream: AStream, session_id: str, text: str, expected: str | None = None
+) -> float:
+    echo = Echo(name, text, expected)
     start = time.perf_counter()
     async for piece in stream(session_id, text):
         echo(piece)
@@ -205,7 +214,8 @@ WARM = words(50)
 def peak_memory(contenders: Contenders, chunks: int) -> dict[str, float]:
     """Peak traced bytes during one streamed turn of ``chunks`` chunks, per reply byte."""
     text = words(chunks)
-    reply_bytes = len(f"Echo: {text}".encode())
+    expected = f"Echo: {text}"
+    reply_bytes = len(expected.encode())
     result: dict[str, float] = {}
 
     def measure(name: str, run: Callable[[], object], warm: Callable[[], object]) -> None:
@@ -225,7 +235,7 @@ def peak_memory(contenders: Contenders, chunks: int) -> dict[str, float]:
         if name in MEMORY:
             measure(
                 name,
-                lambda s=stream, n=name: time_sync(n, s, f"m-{n}", text),
+                lambda s=stream, n=name: time_sync(n, s, f"m-{n}", text, expected),
                 lambda s=stream, n=name: time_sync(n, s, f"w-{n}", WARM),
             )
     for name, astream in contenders.async_.items():
@@ -234,7 +244,7 @@ def peak_memory(contenders: Contenders, chunks: int) -> dict[str, float]:
         measure(
             name,
             lambda s=astream, n=name: contenders.loop.run_until_complete(
-                time_async(n, s, f"m-{n}", text)
+                time_async(n, s, f"m-{n}", text, expected)
             ),
             lambda s=astream, n=name: contenders.loop.run_until_complete(
                 time_async(n, s, f"w-{n}", WARM)

@@ -752,8 +752,9 @@ class _CachedModel(RunnableBinding[Any, Any]):
         if found is not None:
             yield _as_chunk(self._on(_CallCache(call, found)).invoke(input, config, **kwargs))
             return
-        reply = _streaming.StreamedReply()  # its text, not its chunks (see `_streaming`)
         config, kwargs = self._merge_configs(config), {**self.kwargs, **kwargs}
+        # Its text, not its chunks (see `_streaming`), in the turn's text if it is in one.
+        reply = _streaming.StreamedReply(_streaming.shared_text(config))
         for chunk in _streaming.stream(self.bound, input, config, **kwargs):
             if isinstance(chunk, AIMessageChunk):
                 reply.add(chunk)
@@ -770,8 +771,8 @@ class _CachedModel(RunnableBinding[Any, Any]):
             view = _CallCache(call, found)
             yield _as_chunk(await self._on(view).ainvoke(input, config, **kwargs))
             return
-        reply = _streaming.StreamedReply()
         config, kwargs = self._merge_configs(config), {**self.kwargs, **kwargs}
+        reply = _streaming.StreamedReply(_streaming.shared_text(config))
         async for chunk in _streaming.astream(self.bound, input, config, **kwargs):
             if isinstance(chunk, AIMessageChunk):
                 reply.add(chunk)

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -114,7 +115,7 @@ class WriteAhead:
     def text(self) -> str:
         self.due = time.monotonic() + CHECKPOINT_S
         self.record["written"] = datetime.now(UTC).isoformat()  # the last sign of life
-        return json.dumps(self.record, ensure_ascii=False, separators=(",", ":"))
+        return _json(self.record)
 
     def checkpoint(self, reply: str) -> str | None:
         """The record's text with the reply so far, or ``None`` when no write is due."""
@@ -129,6 +130,28 @@ class WriteAhead:
                 "Session %r: the store keeps no record of turns in flight.", self.session_id
             )
         self.kept = self.kept or kept
+
+
+_SLICE = 1 << 16  # characters of the reply escaped at a time
+
+
+def _json(record: dict[str, Any]) -> str:
+    """``json.dumps(record)``, its ``reply`` (the record's long string) last, built without
+    a whole escaped copy of it.
+
+    The store holds the record's previous text while this one is made: `json.dumps` would
+    add an escaped copy of the reply and of the messages, then their join (~4x the reply's
+    bytes with a prompt as long). Here the reply is escaped a slice at a time onto the text
+    (``+=`` on a string no one else holds grows it in place in CPython).
+    """
+    head = {key: value for key, value in record.items() if key != "reply"}
+    text = json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1]
+    text += ',"reply":"'
+    reply = str(record.get("reply") or "")
+    for start in range(0, len(reply), _SLICE):
+        text += encode_basestring(reply[start : start + _SLICE])[1:-1]
+    text += '"}'
+    return text
 
 
 @dataclass(frozen=True)

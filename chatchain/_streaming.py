@@ -54,23 +54,40 @@ else:
     _LEAN = True
 
 __all__ = [
+    "TEXT_KEY",
     "Relay",
+    "SharedText",
     "StreamedReply",
+    "TextBuffer",
     "arelayed",
     "astream",
     "merged",
     "relayed",
+    "shared_text",
     "stream",
     "unwrapped",
 ]
 
 
-class TextBuffer:
-    """Text written piece by piece, kept as a few long strings.
+TEXT_KEY = "__chatchain_text"
+"""The configurable key of a turn's `SharedText`: every fold of the turn's chunks that finds
+it in its config writes its text there (see `SharedText`)."""
+
+
+class SharedText:
+    """The text of a turn's replies, held once for every fold of its chunks.
+
+    A turn's chunks are folded in several places: the model's run (for ``on_llm_end``), the
+    tool loop and the response cache (for the message each keeps), the turn (for its
+    checkpoints and the message it stores) and the caller's stream (its ``text``). Each
+    holding its own copy cost ~1x the reply's bytes; instead each writes through a
+    `TextBuffer` over this one: the first to write a piece appends it, the others, writing
+    the same piece after it, only move on.
 
     A short piece as a `str` weighs ~50 bytes more than its text, and `io.StringIO` keeps
     the pieces so (Python 3.11 joins them only every 100,000 writes): here every `BLOCK`
-    pieces are joined into one string.
+    pieces are joined into one string, and reading the text joins the blocks into one, kept
+    as the only block, so that the string read is the one held.
     """
 
     BLOCK = 256
@@ -78,31 +95,83 @@ class TextBuffer:
     def __init__(self) -> None:
         self._blocks: list[str] = []
         self._pieces: list[str] = []
+        self.size = 0  # in code points
+        self.last = ""  # the latest piece
 
-    def write(self, text: str) -> None:
+    def append(self, piece: str) -> None:
         pieces = self._pieces
-        pieces.append(text)
+        pieces.append(piece)
+        self.size += len(piece)
+        self.last = piece
         if len(pieces) >= self.BLOCK:
             self._blocks.append("".join(pieces))
             pieces.clear()
 
+    def value(self, start: int = 0, end: int | None = None) -> str:
+        """The text from ``start`` to ``end`` (a copy only when it is not the whole)."""
+        if self._pieces or len(self._blocks) > 1:
+            self._blocks = ["".join([*self._blocks, *self._pieces])]
+            self._pieces.clear()
+        whole = self._blocks[0] if self._blocks else ""
+        if start == 0 and (end is None or end == self.size):
+            return whole
+        return whole[start:end]
+
+
+class TextBuffer:
+    """Text written piece by piece, held in a `SharedText` (its own unless given one).
+
+    A buffer over a shared text holds what was written through it since it was made. A
+    piece is appended if the buffer is at the text's end; if the buffer is one piece behind
+    and the text's latest piece is this one (another fold wrote it first), it only moves on.
+    Any other write (a fold that missed a piece the others saw, or saw one they did not)
+    copies the buffer's text into a text of its own first: it never reads another's text.
+    """
+
+    def __init__(self, shared: SharedText | None = None) -> None:
+        self._shared = SharedText() if shared is None else shared
+        self._start = self._end = self._shared.size
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        shared = self._shared
+        if self._end != shared.size:
+            if self._end + len(text) == shared.size and shared.last == text:
+                self._end = shared.size
+                return
+            own = SharedText()
+            own.append(self.getvalue())
+            self._shared, self._start, self._end = own, 0, own.size
+            shared = own
+        shared.append(text)
+        self._end += len(text)
+
     def getvalue(self) -> str:
         """The text written so far."""
-        return "".join([*self._blocks, *self._pieces])
+        if self._start == self._end:
+            return ""
+        return self._shared.value(self._start, self._end)
+
+
+def shared_text(config: RunnableConfig | None) -> SharedText | None:
+    """The turn's `SharedText` in ``config``, if it runs in one."""
+    found = (config or {}).get("configurable", {}).get(TEXT_KEY)
+    return found if isinstance(found, SharedText) else None
 
 
 class StreamedReply:
     """A reply folded chunk by chunk into what `add_ai_message_chunks` would make of them.
 
     The text goes to a `TextBuffer` (a few long strings, where a list of pieces costs ~60
-    bytes per piece); the rest of each chunk (id, usage, metadata,
-    tool-call pieces) is merged as it comes, with langchain-core's own merge functions, which
-    fold left to right: merging as the chunks arrive gives what merging them all at the end
-    gives.
+    bytes per piece), over the turn's `SharedText` when given it; the rest of each chunk (id,
+    usage, metadata, tool-call pieces) is merged as it comes, with langchain-core's own merge
+    functions, which fold left to right: merging as the chunks arrive gives what merging them
+    all at the end gives.
     """
 
-    def __init__(self) -> None:
-        self._text = TextBuffer()
+    def __init__(self, text: SharedText | None = None) -> None:
+        self._text = TextBuffer(text)
         self._content: str | list[str | dict[Any, Any]] | None = None  # content not all text
         self.chunks = 0
         self._kwargs: dict[str, Any] = {}
@@ -206,7 +275,14 @@ class StreamedReply:
 
     def generation(self) -> ChatGenerationChunk:
         """The whole reply as `merge_chat_generation_chunks` would give it to ``on_llm_end``."""
-        return ChatGenerationChunk(message=self.chunk(), generation_info=self._info or None)
+        message = self.chunk()
+        info = self._info or None
+        if not isinstance(message.content, str):
+            return ChatGenerationChunk(message=message, generation_info=info)
+        # Its ``text`` is the content itself: validated, it would be a copy (`TextAccessor`).
+        return ChatGenerationChunk.model_construct(
+            message=message, generation_info=info, text=message.content
+        )
 
 
 def _add_usage(left: Any, right: Any) -> Any:
@@ -323,7 +399,7 @@ class _Run:
             **{key: self.params[key] for key in kwargs if key in self.params},
             **_format_ls_structured_output(structured),
         }
-        self.reply = StreamedReply()
+        self.reply = StreamedReply(shared_text(self.config))  # the turn's text, not a copy
         self.run_id = ""
         self._tail: AIMessageChunk | None = None  # the model's latest chunk
 

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from chatchain import _flow
 from chatchain._flow import END, Pull, call
-from chatchain._streaming import StreamedReply
+from chatchain._streaming import StreamedReply, shared_text
 from chatchain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -513,7 +513,7 @@ class ToolLoop(Runnable[Any, Any]):
     def _streamed(
         model: Runnable[Any, Any], messages: list[BaseMessage], config: RunnableConfig | None
     ) -> Generator[Any, Any, AIMessage]:
-        folded = StreamedReply()  # the reply's text, not its chunks
+        folded = StreamedReply(shared_text(config))  # the reply's text, not its chunks
         source = Pull(
             lambda: model.stream(messages, config), lambda: model.astream(messages, config)
         )

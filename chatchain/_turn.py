@@ -267,7 +267,8 @@ class TurnSpec:
             handler=handler,
             limits=limits,
         )
-        config = {**config, "configurable": {**configurable, TURN_KEY: turn}}
+        shared = {TURN_KEY: turn, _streaming.TEXT_KEY: turn.text}
+        config = {**config, "configurable": {**configurable, **shared}}
         if config.get("callbacks"):
             config = merge_configs(config, {"callbacks": [handler]})
         else:  # the common case, without merge_configs' general (and slower) path
@@ -332,7 +333,10 @@ class Turn(TurnCommit, TurnSummary):
     """This call's own caps (``configurable["limits"]``), checked with the budget's."""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
-    _reply: _streaming.StreamedReply = field(default_factory=_streaming.StreamedReply)
+    text: _streaming.SharedText = field(default_factory=_streaming.SharedText)
+    """The text of the turn's streamed replies, held once for every fold of its chunks (the
+    model's run, the tool loop, the cache, the turn, the caller's stream)."""
+    _reply: _streaming.StreamedReply = field(init=False)
     """The reply streamed so far (of the latest call), as its text: no chunk is kept."""
     usage: Usage | None = None
     notices: list[str] = field(default_factory=list)
@@ -381,6 +385,9 @@ class Turn(TurnCommit, TurnSummary):
     _cut_at_hold: int | None = None  # the reply tokens a call was stopped at (see `ReplyMeter`)
     _estimated_calls: int = 0  # calls whose usage chatchain counted (the endpoint sent none)
     _events: _hooking.Events = field(default_factory=_hooking.Events, repr=False)
+
+    def __post_init__(self) -> None:
+        self._reply = _streaming.StreamedReply(self.text)
 
     def start_clock(self) -> None:
         """Restart the clock once the lock is held, so that waiting is not latency."""
@@ -476,7 +483,7 @@ class Turn(TurnCommit, TurnSummary):
         assert isinstance(message, AIMessage)
         _hooking.model_ended(self, message)
         self._open = (message, {})
-        self._reply = _streaming.StreamedReply()  # the next call's chunks make the next reply
+        self._reply = _streaming.StreamedReply(self.text)  # the next call's chunks, next reply
         return message
 
     def close_step(self) -> list[BaseMessage]:

@@ -62,6 +62,7 @@ class TurnMoney(TurnDeadline):
         summary_usage: Usage | None
         reply_limit: int | None
         steps: list[BaseMessage]
+        text: _streaming.SharedText
         _reply: _streaming.StreamedReply
         _open: tuple[AIMessage, dict[str, ToolMessage]] | None
         _count_prompt: Callable[[], int] | None
@@ -87,7 +88,9 @@ class TurnMoney(TurnDeadline):
     def reply_meter(self) -> ReplyMeter:
         """A meter of this call's reply, stopping it at the reply tokens held for it."""
         assert self.reply_limit is not None
-        return ReplyMeter(self.spec.recall.counter, self.reply_limit)
+        # With tools its text has the calls' arguments too: not the turn's text then.
+        text = self.text if self.spec.tools is None else None
+        return ReplyMeter(self.spec.recall.counter, self.reply_limit, text)
 
     def cut_at_hold(self, meter: ReplyMeter) -> None:
         """The endpoint went on past what was held and the call was stopped (see
@@ -325,13 +328,15 @@ class ReplyMeter:
     reply early. The count of the whole is what the call is metered with when it is cut.
     """
 
-    def __init__(self, counter: TokenCounter, limit: int) -> None:
+    def __init__(
+        self, counter: TokenCounter, limit: int, text: _streaming.SharedText | None = None
+    ) -> None:
         self.counter = counter
         self.limit = limit
         self.counted = 0
-        self._text = (
-            _streaming.TextBuffer()
-        )  # the reply's text, counted again whole once past the hold
+        # The reply's text (in the turn's ``text`` while it is the same), counted again whole
+        # once past the hold.
+        self._text = _streaming.TextBuffer(text)
         self._empty = counter([AIMessage(content="")])
 
     def _count(self, text: str) -> int:

@@ -111,7 +111,7 @@ def _reply(message: BaseMessage, turn: Turn) -> Reply:
 class _StreamBase:
     def __init__(self, turn: Turn) -> None:
         self._turn = turn
-        self._text = TextBuffer()  # not a list: a piece as a str weighs ~60 bytes
+        self._text = TextBuffer(turn.text)  # the turn's text (see `SharedText`), not a copy
 
     @property
     def session_id(self) -> str:

@@ -15,8 +15,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 
-from chatchain import Budget, Settings, create_chat_chain, get_openai_callback
-from chatchain._streaming import StreamedReply
+from chatchain import Budget, Chatbot, Settings, create_chat_chain, get_openai_callback
+from chatchain._streaming import SharedText, StreamedReply, TextBuffer
 
 CHUNKS = 600
 WORDS = [f"w{i} " for i in range(CHUNKS)]
@@ -161,3 +161,64 @@ def test_the_folded_reply_is_what_langchain_merges() -> None:
     assert [call["name"] for call in message.tool_calls] == ["add", "mul"]
     assert message.tool_calls[0]["args"] == {"a": 1}
     assert message.content == "Hello" and message.id == "chatcmpl-9"
+
+
+# -- the reply's text, held once --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budgeted", [False, True], ids=["plain", "budget"])
+def test_a_streamed_text_is_held_once_by_every_fold_of_its_chunks(
+    settings: Settings, budgeted: bool
+) -> None:
+    chain, ends = _chain(settings, budgeted), Ends()
+    config = {"configurable": {"session_id": "once"}, "callbacks": [ends]}
+    chunks, turn = chain.stream_turn({"input": "go"}, config)
+    for _ in chunks:
+        pass
+    text = turn.streamed_reply().content
+    assert text == "".join(WORDS)
+    # The model's run (for on_llm_end), the turn and the stored message: one string.
+    [end] = ends.ends
+    assert end.generations[0][0].message.content is text
+    assert end.generations[0][0].text is text
+    assert chain.get_session_history("once").messages[-1].content is text
+
+
+def test_a_chatbot_streams_text_is_the_turns(settings: Settings) -> None:
+    bot = Chatbot(settings, llm=LazyModel())
+    with bot.stream("go", session_id="bot") as stream:
+        pieces = list(stream)
+    assert stream.text == "".join(pieces) == "".join(WORDS)
+    assert stream.text is bot.history("bot")[-1].content
+
+
+def test_a_checkpoint_keeps_the_turns_text_not_a_copy(settings: Settings) -> None:
+    chain = _chain(settings, budgeted=False)
+    turn = chain._spec.begin(
+        {"input": "go"}, {"configurable": {"session_id": "ck"}}, chain._get_input_messages
+    )
+    turn.sending(lambda: 7)
+    assert turn._ahead is not None and turn._ahead.kept
+    for word in WORDS:
+        turn.add_chunk(AIMessageChunk(content=word))
+    turn._ahead.due = 0.0
+    turn.checkpoint()
+    assert turn._ahead.record["reply"] == "".join(WORDS)
+    assert turn._ahead.record["reply"] is turn._text_so_far()
+
+
+def test_a_fold_that_missed_a_piece_keeps_its_own_text() -> None:
+    shared = SharedText()
+    first, second = TextBuffer(shared), TextBuffer(shared)
+    for piece in ["a", "b", "c"]:
+        first.write(piece)
+        second.write(piece)  # written by the first already: the second moves on
+    assert first.getvalue() is second.getvalue() is shared.value()
+    first.write("d")
+    first.write("e")  # the second never sees "d": behind by two, it copies its own text
+    second.write("x")
+    assert (first.getvalue(), second.getvalue()) == ("abcde", "abcx")
+    late = TextBuffer(shared)  # made mid-text: holds what is written after
+    first.write("f")
+    late.write("f")
+    assert (late.getvalue(), first.getvalue()) == ("f", "abcdef")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -340,3 +341,19 @@ def test_a_delete_without_an_api_key_leaves_a_crashed_turn_for_later(
     assert keeping.load(SID) == []
     assert keeping.read_pending(SID) is not None  # its bill is recorded by the next turn
     assert "without OPENAI_API_KEY" in caplog.text
+
+
+def test_a_records_text_is_its_json_whatever_its_reply_holds() -> None:
+    # The reply is escaped a slice at a time (see `_pending._json`): across the slices'
+    # edges too, the text reads back as the record.
+    from chatchain._pending import _SLICE, _json
+
+    reply = ('é"\\\n\x01 ' * (_SLICE // 3))[: 2 * _SLICE + 5] + "\ud83d"
+    for record in [
+        {"format": 1, "messages": [{"content": 'a "b"\n'}], "reply": reply, "hold": None},
+        {"format": 1, "reply": ""},
+    ]:
+        text = _json(record)
+        assert json.loads(text) == record
+        last = {**{k: v for k, v in record.items() if k != "reply"}, "reply": record["reply"]}
+        assert text == json.dumps(last, ensure_ascii=False, separators=(",", ":"))
