@@ -231,7 +231,7 @@ def _check_shared_memory(notebook: nbformat.NotebookNode) -> None:
     out = text_of(notebook)
     assert "Skipped" not in out
     assert out.count("worker B: Echo: What's my name?") == 2  # Redis, then PostgreSQL
-    assert out.count("after reset: 0 messages, 2 turns in the ledger") == 2
+    assert out.count("after delete: 0 messages, 2 turns in the ledger") == 2
 
 
 MORE_CHECKS = {

@@ -42,7 +42,7 @@ def load_settings(store: str) -> Settings:
     return Settings(
         api_key="sk-test",
         model="gpt-4o-mini",
-        store=store,
+        store_url=store,
         window_turns=None,
         window_tokens=None,
         summarize=False,
