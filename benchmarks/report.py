@@ -44,7 +44,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 from bench_memory import HISTORY_TARGET, TOKENS_TARGET  # noqa: E402
-from bench_server import TARGET_RELAY, insert_section, section_of  # noqa: E402
+from bench_server import BEGIN, END, TARGET_RELAY, insert_section, section_of  # noqa: E402
 from bench_stream import CHUNK_TARGET, MEMORY_TARGET  # noqa: E402
 from bench_turn import TARGET as TURN_TARGET  # noqa: E402
 from bench_turn import machine  # noqa: E402
@@ -520,17 +520,17 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
         ),
         (
             f"a streamed chunk at most {CHUNK_TARGET:.2f}x the plain chain's, sync and async "
-            "(2,000-chunk reply; §7; issue 19)",
+            "(2,000-chunk reply; §8; issue 19)",
             *_chunk_target(stream),
         ),
         (
             f"peak memory of a streamed turn at most {MEMORY_TARGET:.0f}x the reply's bytes "
-            "(§7; issue 19)",
+            "(§8; issue 19)",
             *_memory_target(stream),
         ),
         (
             f"server CPU per relayed chunk at most {TARGET_RELAY:.1f}x a LiteLLM proxy's, "
-            "native and OpenAI routes (§8; issue 19)",
+            "native and OpenAI routes (§9; issue 19)",
             *_relay_target(relay),
         ),
     ]
@@ -596,6 +596,8 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
     out += _turn_section(turn, img)
     out += _ledger_section(ledger)
     out += _processes_section(memory)
+    # Where `bench_server.py` writes its section 7 (kept from the page this run replaces).
+    out += [BEGIN, END, ""]
     out += _stream_section(stream)
     out += _relay_section(relay)
 
@@ -605,7 +607,7 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
         "```sh",
         "make bench                                       # this page, ~18 min on 2 cores",
         ".venv/bin/python benchmarks/report.py --quick    # fewer samples, ~4 min",
-        "BENCH_LITELLM=LITELLM_VENV/bin/litellm make bench  # with §8's LiteLLM proxy",
+        "BENCH_LITELLM=LITELLM_VENV/bin/litellm make bench  # with §9's LiteLLM proxy",
         "```",
         "",
         "Each benchmark also runs on its own (`--help` lists the options); "
@@ -847,7 +849,7 @@ def _turn_section(turn: dict[str, Any], img: Path) -> list[str]:
 
 
 def _stream_section(stream: dict[str, Any]) -> list[str]:
-    out = ["## 7. A long streamed reply: per chunk and peak memory", ""]
+    out = ["## 8. A long streamed reply: per chunk and peak memory", ""]
     if reason := _error(stream):
         return [*out, f"Not measured: {reason}.", ""]
     config = stream["config"]
@@ -887,7 +889,7 @@ def _relay_target(relay: dict[str, Any]) -> tuple[bool | None, str]:
 
 
 def _relay_section(found: dict[str, Any]) -> list[str]:
-    out = ["## 8. The chat service: server CPU per relayed chunk", ""]
+    out = ["## 9. The chat service: server CPU per relayed chunk", ""]
     if reason := _error(found):
         return [*out, f"Not measured: {reason}.", ""]
     relay = found["relay"]
