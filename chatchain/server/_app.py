@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatchain import Chatbot, Settings, __version__, aclose_loop_client
-from chatchain.server import _metrics, _native, _openai, _ops
+from chatchain.server import _metrics, _native, _openai, _ops, _responses
 from chatchain.server._docs import install_docs
 from chatchain.server._errors import (
     error_body,
@@ -102,6 +102,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(_native.router)
     app.include_router(_openai.router)
+    app.include_router(_responses.router)
     app.include_router(_ops.router)
     install_page(app)  # the chat page at /
     install_docs(app)  # the API's docs at /docs

@@ -137,8 +137,9 @@ def error_body(type: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"type": type, "message": message}}
 
 
-# The OpenAI-compatible routes (`chatchain.server._openai`) answer errors in OpenAI's shape.
-_OPENAI_PATH = re.compile(r"/v1/(chat/completions|models)(/|$)")
+# The OpenAI-compatible routes (`chatchain.server._openai`, `_responses`) answer errors in
+# OpenAI's shape.
+_OPENAI_PATH = re.compile(r"/v1/(chat/completions|models|responses)(/|$)")
 
 # OpenAI's own codes, where it has one for what happened; else the code is chatchain's class.
 _OPENAI_CODES: Mapping[str, str] = {
