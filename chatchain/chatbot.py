@@ -27,7 +27,7 @@ from chatchain._tools import ToolEvent, ToolFinished, ToolRun, ToolStarted
 from chatchain._turn import Turn, validate_session_id
 from chatchain.budgets import Budget, BudgetLimit
 from chatchain.chain import ChatChain, create_chat_chain
-from chatchain.errors import MissingAPIKeyError, SessionBusyError
+from chatchain.errors import InvalidInputError, MissingAPIKeyError, SessionBusyError
 from chatchain.hooks import TurnHooks
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
@@ -504,6 +504,31 @@ class Chatbot:
             events=True,
         )
         return AsyncReplyStream(chunks, turn)
+
+    def system_messages(self, **prompt_vars: Any) -> list[BaseMessage]:
+        """The system message this bot's turns send, its variables filled (the bot's
+        defaults, over which ``prompt_vars`` win); ``[]`` when the system prompt is empty.
+
+        For a caller that sends a conversation of its own with `chat_messages` and wants it
+        to begin as the bot's turns do.
+
+        Raises:
+            InvalidInputError: A variable of the system prompt has no value.
+
+        Example:
+            >>> from chatchain.testing import FakeChatModel
+            >>> bot = Chatbot(llm=FakeChatModel(), system="Answer in {language}.")
+            >>> [m.text for m in bot.system_messages(language="Norwegian")]
+            ['Answer in Norwegian.']
+        """
+        prompt = create_prompt(self._system, prompt_vars=self._prompt_vars)
+        try:
+            value = prompt.invoke({**prompt_vars, "history": [], "input": ""})
+        except KeyError as exc:
+            raise InvalidInputError(
+                f"The system prompt's variable {exc} has no value: pass it as a keyword."
+            ) from None
+        return [m for m in value.to_messages() if m.type == "system" and m.text]
 
     def _without_memory(self) -> ChatChain:
         chain = self.chain  # outside the lock: building it takes the lock too

@@ -92,7 +92,6 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatchain import AsyncReplyStream, Reply, Usage
-from chatchain.prompt import create_prompt
 from chatchain.server import _metrics
 from chatchain.server._errors import HTTPProblem, openai_error
 from chatchain.server._service import Caller, Service, ServiceDep, session_key
@@ -618,10 +617,8 @@ class _Call:
         if found is not None:
             store = self.service.bot.store
             history = [*await store.aload(found.key, 0, found.end), *history]
-        settings = self.service.settings
-        prompt = create_prompt(settings.system_prompt, prompt_vars=settings.prompt_vars)
-        value = prompt.invoke({"history": history, "input": self.input.text})
-        self.messages = value.to_messages()
+        system = self.service.bot.system_messages()
+        self.messages = [*system, *history, HumanMessage(self.input.text)]
 
     @property
     def instructions(self) -> str | None:
