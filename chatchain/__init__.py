@@ -14,6 +14,7 @@ from typing import Any as _Any
 from chatchain._async_clients import aclose_loop_client
 from chatchain._metering import get_openai_callback
 from chatchain._money import format_usd
+from chatchain._options import ModelOptions, ToolCallDelta
 from chatchain._renamed import warn_renamed as _warn_renamed
 from chatchain._tools import ToolFinished, ToolRun, ToolStarted
 from chatchain._turn import MAX_SESSION_ID_LENGTH, validate_session_id
@@ -90,6 +91,7 @@ __all__ = [  # noqa: RUF022
     "MissingPromptVariableError",
     "ModelCallEnded",
     "ModelCallStarted",
+    "ModelOptions",
     "ModelPrice",
     "RateLimitError",
     "Reply",
@@ -102,6 +104,7 @@ __all__ = [  # noqa: RUF022
     "StoreCommitted",
     "StoreError",
     "StructuredReplyError",
+    "ToolCallDelta",
     "ToolCallEnded",
     "ToolCallStarted",
     "ToolFinished",

@@ -12,6 +12,11 @@ The reply is stored as the instance's JSON text, so later turns see what was ans
 the instance is the turn's ``parsed``. A reply that does not validate raises
 `StructuredReplyError`: its call is metered (the endpoint billed it), nothing is stored. A
 structured turn does not call tools.
+
+The model step also sends a call's own `ModelOptions` (the client's tools, ``tool_choice``,
+``response_format``; see `chatchain._options`): the model is called once with them, without
+the chain's tools, and a reply that does not fit a ``json_schema`` is metered, then refused,
+as above. Streamed with a ``json_schema``, the reply is asked for whole, checked, then sent.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
@@ -35,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 
 from chatchain import _cache, _streaming
 from chatchain._flow import Flow, arun, call, run
+from chatchain._options import ModelOptions, check_reply, options_of
 from chatchain.errors import InvalidInputError, StructuredReplyError
 
 __all__ = [
@@ -298,35 +305,88 @@ class StructuredModel(Runnable[Any, Any]):
                 raise
         raise AssertionError("unreachable: function calling is always tried")  # pragma: no cover
 
+    # -- a call's own options (the client's tools and response format) ---------------------
+
+    def _with_options(self, options: ModelOptions) -> Runnable[Any, Any]:
+        """The model sent ``options``, its call held like any (never cached: the cache's key
+        does not know the client's tools)."""
+        from chatchain._turn_money import BudgetedModel
+
+        return BudgetedModel(options.bind(_cache.cache_off(self.model)))
+
+    def _options_flow(
+        self, input: Any, config: RunnableConfig | None, options: ModelOptions
+    ) -> Flow[Any]:
+        """One call with ``options``; a reply that does not fit their JSON schema is metered
+        (billed), then refused."""
+        reply = yield call(self._with_options(options), "invoke", input, config)
+        try:
+            check_reply(options, reply)
+        except StructuredReplyError:
+            turn = _turn_of(config)
+            if turn is not None:
+                yield from turn.meter_only_flow(reply)
+            raise
+        return reply
+
+    def _streamed_options(self, options: ModelOptions) -> Runnable[Any, Any] | None:
+        """The model to stream a call with ``options`` from, or ``None`` when the reply must
+        be checked whole before it is sent (a ``json_schema``)."""
+        return None if options.schema is not None else self._with_options(options)
+
+    # -- the runnable -------------------------------------------------------------------------
+
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         schema = schema_of(config)
-        if schema is None:
-            return self.step.invoke(input, config, **kwargs)
-        return self._run(input, config, schema)
+        if schema is not None:
+            return self._run(input, config, schema)
+        options = options_of(config)
+        if options is not None:
+            return run(self._options_flow(input, config, options))
+        return self.step.invoke(input, config, **kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         schema = schema_of(config)
-        if schema is None:
-            return await self.step.ainvoke(input, config, **kwargs)
-        return await self._arun(input, config, schema)
+        if schema is not None:
+            return await self._arun(input, config, schema)
+        options = options_of(config)
+        if options is not None:
+            return await arun(self._options_flow(input, config, options))
+        return await self.step.ainvoke(input, config, **kwargs)
 
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         schema = schema_of(config)
-        if schema is None:
-            chunks = self.step.stream(input, config, **kwargs)
-            # In a turn, relayed: the chain's runnables then keep no chunk (see `Relay`).
-            yield from chunks if _turn_of(config) is None else _streaming.relayed(chunks)
+        if schema is not None:
+            yield _as_chunk(self._run(input, config, schema))  # validated whole, then sent
             return
-        yield _as_chunk(self._run(input, config, schema))  # validated whole, then sent
+        step = self.step
+        options = options_of(config)
+        if options is not None:
+            with_options = self._streamed_options(options)
+            if with_options is None:
+                yield _as_chunk(run(self._options_flow(input, config, options)))
+                return
+            step = with_options
+        chunks = step.stream(input, config, **kwargs)
+        # In a turn, relayed: the chain's runnables then keep no chunk (see `Relay`).
+        yield from chunks if _turn_of(config) is None else _streaming.relayed(chunks)
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         schema = schema_of(config)
         if schema is None:
-            chunks = self.step.astream(input, config, **kwargs)
+            step = self.step
+            options = options_of(config)
+            if options is not None:
+                with_options = self._streamed_options(options)
+                if with_options is None:
+                    yield _as_chunk(await arun(self._options_flow(input, config, options)))
+                    return
+                step = with_options
+            chunks = step.astream(input, config, **kwargs)
             if _turn_of(config) is not None:
                 chunks = _streaming.arelayed(chunks)
             async for chunk in chunks:
@@ -336,11 +396,17 @@ class StructuredModel(Runnable[Any, Any]):
 
 
 def _as_chunk(message: AIMessage) -> AIMessageChunk:
+    """A whole reply as one chunk (its tool calls as whole pieces)."""
+    calls = [
+        tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c.get("id"), index=i)
+        for i, c in enumerate(message.tool_calls)
+    ]
     return AIMessageChunk(
         content=message.content,
         id=message.id,
         response_metadata=message.response_metadata,
         usage_metadata=message.usage_metadata,
+        tool_call_chunks=calls,
     )
 
 

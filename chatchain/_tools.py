@@ -404,8 +404,11 @@ def requests_of(message: AIMessage) -> list[dict[str, Any]]:
     return calls
 
 
-def bind_tools(model: Runnable[Any, Any], tools: Sequence[BaseTool]) -> Runnable[Any, Any]:
-    """``model`` sent ``tools`` with each call (its fallbacks too).
+def bind_tools(
+    model: Runnable[Any, Any], tools: Sequence[Any], **options: Any
+) -> Runnable[Any, Any]:
+    """``model`` sent ``tools`` with each call (its fallbacks too), and ``options`` of its
+    ``bind_tools`` (``tool_choice``, ``parallel_tool_calls``).
 
     Raises:
         ConfigurationError: The model cannot call tools.
@@ -413,17 +416,19 @@ def bind_tools(model: Runnable[Any, Any], tools: Sequence[BaseTool]) -> Runnable
     if isinstance(model, RunnableWithFallbacks):
         return model.model_copy(
             update={
-                "runnable": bind_tools(model.runnable, tools),
-                "fallbacks": [bind_tools(fallback, tools) for fallback in model.fallbacks],
+                "runnable": bind_tools(model.runnable, tools, **options),
+                "fallbacks": [
+                    bind_tools(fallback, tools, **options) for fallback in model.fallbacks
+                ],
             }
         )
     if isinstance(model, RunnableBindingBase):  # keep what .bind(...) and wrappers add
-        return model.model_copy(update={"bound": bind_tools(model.bound, tools)})
+        return model.model_copy(update={"bound": bind_tools(model.bound, tools, **options)})
     bind = getattr(model, "bind_tools", None)
     try:
         if bind is None:
             raise NotImplementedError
-        bound: Runnable[Any, Any] = bind(list(tools))
+        bound: Runnable[Any, Any] = bind(list(tools), **options)
     except NotImplementedError:
         raise ConfigurationError(
             f"The model ({type(model).__name__}) cannot call tools: use a chat model that "

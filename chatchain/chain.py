@@ -37,13 +37,14 @@ from chatchain._flow import END, Do, Flow, Pull, arun, call, run
 from chatchain._hooking import HookList, as_hooks
 from chatchain._journal import journal_for
 from chatchain._locks import SessionLocks
+from chatchain._options import ModelOptions, options_of
 from chatchain._runnable_history import HistoryRunnable
 from chatchain._structured import StructuredChain, StructuredModel, schema_of
 from chatchain._tokens import TokenCounter, choose_counter
 from chatchain._tools import Toolbox, ToolEvent, ToolFinished, ToolLoop, ToolStarted, bind_tools
 from chatchain._turn import TURN_KEY, BudgetedModel, Turn, TurnSpec
 from chatchain.budgets import Budget
-from chatchain.errors import ContextTooLongError
+from chatchain.errors import ContextTooLongError, InvalidInputError
 from chatchain.hooks import TurnHooks
 from chatchain.model import (
     bounds_its_deadline,
@@ -55,7 +56,7 @@ from chatchain.prompt import create_prompt, prompt_variables
 from chatchain.settings import Settings
 from chatchain.stores import Fence, HistoryBackend, HistoryStore, MemoryStore, as_store
 from chatchain.usage import UsageLedger
-from chatchain.window import HistoryWindow, Recall, halved
+from chatchain.window import HistoryWindow, Recall, halved, unwindowed
 
 __all__ = ["ChatChain", "create_chat_chain", "get_message_history"]
 
@@ -217,10 +218,27 @@ class ChatChain(HistoryRunnable):
         return None
 
     def _begin(self, value: Any, config: RunnableConfig | None) -> Turn:
+        options = options_of(config)
+        if options is not None:
+            self._check_options(options, config)
         turn = self._spec.begin(value, config, self._get_input_messages)
         configurable = {**turn.config.get("configurable", {}), _SENT: _Sent()}
         turn.config = {**turn.config, "configurable": configurable}
         return turn
+
+    def _check_options(self, options: ModelOptions, config: RunnableConfig | None) -> None:
+        """Refuse a call's options that cannot work with this chain (see `chatchain._options`)."""
+        if options.tools and self._spec.tools is not None:
+            raise InvalidInputError(
+                "This chain runs tools of its own (tools=..., serve --tools), and the call "
+                "sends tools of its own too: the model's calls could not be told apart. Send "
+                "the call without tools, or use a chain without tools."
+            )
+        if schema_of(config) is not None:
+            raise InvalidInputError(
+                "schema= and model options (tools, response_format) cannot be used together: "
+                "give the schema as response_format json_schema, or leave the options out."
+            )
 
     # -- the history sent with a turn -----------------------------------------------------
 
@@ -251,13 +269,16 @@ class ChatChain(HistoryRunnable):
         history = history if self.history_messages_key else history + inputs
         turn = configurable.get(TURN_KEY)
         if turn is not None:  # the budget check, with what is about to be sent
-            yield from turn.sending_flow(
-                partial(self._count_prompt, value, history, schema_of(config))
-            )
+            count = partial(self._count_prompt, value, history, schema_of(config))
+            yield from turn.sending_flow(partial(count, options_of(config)))
         return history
 
     def _count_prompt(
-        self, value: Any, history: list[BaseMessage], schema: type[BaseModel] | None = None
+        self,
+        value: Any,
+        history: list[BaseMessage],
+        schema: type[BaseModel] | None = None,
+        options: ModelOptions | None = None,
     ) -> int:
         key = str(self.history_messages_key or self.input_messages_key)
         variables = {**value, key: history} if isinstance(value, Mapping) else {key: history}
@@ -267,6 +288,8 @@ class ChatChain(HistoryRunnable):
         counter = self._spec.recall.counter
         if schema is not None:  # a structured turn calls no tools
             return counter(messages) + counter.count_tools([schema])
+        if options is not None:  # sent the call's options instead of the chain's tools
+            return counter(messages) + options.prompt_tokens(counter)
         tools = self._spec.tools
         return counter(messages) + (tools.schema_tokens(counter) if tools else 0)
 
@@ -274,7 +297,7 @@ class ChatChain(HistoryRunnable):
         # A plain get_session_history callable: no windowed reads and no summary to keep.
         recall = self._spec.recall
         if recall.window is None:
-            return list(messages)
+            return unwindowed(messages, inputs)
         return recall.select(list(messages), None, inputs, replace(recall.window, summarize=False))
 
     def _retry_smaller(self, error: Exception | None, turn: Turn) -> bool:
@@ -550,6 +573,42 @@ class ChatChain(HistoryRunnable):
             history_key=None,
             locks=SessionLocks(lock_timeout),
         )
+
+    def with_tool_results(self) -> ChatChain:
+        """A twin of this chain whose turns take tool results as their input.
+
+        The input (``{"input": [ToolMessage, ...]}``) answers every tool call of the
+        session's last message, an AI message with ``tool_calls`` that a client's tools are to
+        run (see `chatchain.ModelOptions`); it takes the place of the user's message in the
+        prompt. Everything else is this chain's: the system prompt, the history and its
+        window (which sends the calls and their results together), the store, the locks,
+        the ledger and the budget. The turn stores the results and the reply.
+
+        Raises:
+            InvalidInputError: (when called) The results do not answer the last message's
+                calls, each once.
+        """
+        if self.history_messages_key is None:  # the input is a list of messages already
+            return self
+        key = str(self.input_messages_key)
+        prompt = self.prompt
+        twin_prompt = ChatPromptTemplate.from_messages(
+            [*prompt.messages[:-1], MessagesPlaceholder(key)]
+        )
+        if prompt.partial_variables:
+            twin_prompt = twin_prompt.partial(**prompt.partial_variables)
+        inner = self._inner
+        model = inner.last if isinstance(inner, RunnableSequence) else inner
+        twin = ChatChain(
+            twin_prompt | model,
+            self.get_session_history,
+            spec=self._spec,
+            input_key=key,
+            history_key=self.history_messages_key,
+            locks=SessionLocks(0),
+        )
+        twin._lock, twin._alock = self._lock, self._alock  # one writer per session, as here
+        return twin
 
     # `RunnableBindingBase` hands these straight to the inner runnable, which would skip the
     # turn bookkeeping; `Runnable`'s own versions go through invoke/ainvoke/stream/astream.

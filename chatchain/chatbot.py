@@ -14,11 +14,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import BaseMessage, ToolMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel
 
 from chatchain._hooking import as_hooks
+from chatchain._options import ModelOptions, ToolCallDelta, deltas_of, with_options
 from chatchain._pending import recover, recover_session
 from chatchain._renamed import warn_renamed
 from chatchain._streaming import TextBuffer
@@ -109,9 +110,18 @@ def _reply(message: BaseMessage, turn: Turn) -> Reply:
 
 
 class _StreamBase:
-    def __init__(self, turn: Turn) -> None:
+    def __init__(self, turn: Turn, client_tools: bool = False) -> None:
         self._turn = turn
         self._text = TextBuffer(turn.text)  # the turn's text (see `SharedText`), not a copy
+        self._client_tools = client_tools  # whether `events` yields the `ToolCallDelta`s
+
+    @property
+    def message(self) -> BaseMessage | None:
+        """The reply as a LangChain message (with the ``tool_calls`` the model made for the
+        call's own tools), once the stream has ended; ``None`` before."""
+        if self.usage is None:
+            return None
+        return self._turn.streamed_reply()
 
     @property
     def session_id(self) -> str:
@@ -176,8 +186,8 @@ class ReplyStream(_StreamBase, Iterator[str]):
         ('Echo: hello there', 1)
     """
 
-    def __init__(self, chunks: Iterator[Any], turn: Turn) -> None:
-        super().__init__(turn)
+    def __init__(self, chunks: Iterator[Any], turn: Turn, client_tools: bool = False) -> None:
+        super().__init__(turn, client_tools)
         self._chunks = chunks
 
     def __next__(self) -> str:
@@ -186,8 +196,10 @@ class ReplyStream(_StreamBase, Iterator[str]):
             if piece and isinstance(piece, str):
                 return piece
 
-    def events(self) -> Iterator[str | ToolEvent]:
-        """The reply's text pieces and the turn's tool events, in the order they happen.
+    def events(self) -> Iterator[str | ToolEvent | ToolCallDelta]:
+        """The reply's text pieces and the turn's tool events, in the order they happen;
+        with the call's own tools (``options=``), also the pieces of the model's calls of
+        them (`ToolCallDelta`), as they stream.
 
         Example:
             >>> from chatchain.testing import FakeChatModel, tool_call_reply
@@ -201,11 +213,14 @@ class ReplyStream(_StreamBase, Iterator[str]):
         """
         while True:
             try:
-                piece = self._piece(next(self._chunks))
+                chunk = next(self._chunks)
             except StopIteration:
                 return
+            piece = self._piece(chunk)
             if piece:
                 yield piece
+            if self._client_tools:
+                yield from deltas_of(chunk)
 
     def close(self) -> None:
         """Stop the stream; what arrived so far is kept, marked interrupted."""
@@ -225,8 +240,8 @@ class ReplyStream(_StreamBase, Iterator[str]):
 class AsyncReplyStream(_StreamBase, AsyncIterator[str]):
     """`ReplyStream` for ``async for``; cancelling the task stops it like `aclose`."""
 
-    def __init__(self, chunks: AsyncIterator[Any], turn: Turn) -> None:
-        super().__init__(turn)
+    def __init__(self, chunks: AsyncIterator[Any], turn: Turn, client_tools: bool = False) -> None:
+        super().__init__(turn, client_tools)
         self._chunks = chunks
 
     async def __anext__(self) -> str:
@@ -235,15 +250,19 @@ class AsyncReplyStream(_StreamBase, AsyncIterator[str]):
             if piece and isinstance(piece, str):
                 return piece
 
-    async def events(self) -> AsyncIterator[str | ToolEvent]:
+    async def events(self) -> AsyncIterator[str | ToolEvent | ToolCallDelta]:
         """`ReplyStream.events` for ``async for``."""
         while True:
             try:
-                piece = self._piece(await anext(self._chunks))
+                chunk = await anext(self._chunks)
             except StopAsyncIteration:
                 return
+            piece = self._piece(chunk)
             if piece:
                 yield piece
+            if self._client_tools:
+                for delta in deltas_of(chunk):
+                    yield delta
 
     async def aclose(self) -> None:
         """Stop the stream; what arrived so far is kept, marked interrupted."""
@@ -346,6 +365,7 @@ class Chatbot:
         # turn, so that managing sessions and reading usage need no API key.
         self._chain: ChatChain | None = None if llm is None else self._build_chain()
         self._bare: ChatChain | None = None  # the chain without memory, built on first use
+        self._results: ChatChain | None = None  # the chain taking tool results, on first use
 
     @property
     def chain(self) -> ChatChain:
@@ -387,33 +407,46 @@ class Chatbot:
 
     def _call(
         self,
-        text: str,
+        text: str | Sequence[ToolMessage],
         session_id: str,
         user_id: str | None,
         prompt_vars: Mapping[str, Any],
         schema: type[BaseModel] | None = None,
         *,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
     ) -> tuple[dict[str, Any], RunnableConfig]:
         configurable: dict[str, Any] = {"session_id": session_id}
         if user_id is not None:
             configurable["user_id"] = user_id
         if limits:
             configurable["limits"] = limits
-        return {**prompt_vars, "input": text}, with_schema({"configurable": configurable}, schema)
+        config = with_options(with_schema({"configurable": configurable}, schema), options)
+        return {**prompt_vars, "input": _turn_input(text)}, config
+
+    def _chain_for(self, text: str | Sequence[ToolMessage]) -> ChatChain:
+        """The chain of a turn: tool results go to its twin that takes them as the input."""
+        chain = self.chain
+        if isinstance(text, str):
+            return chain
+        with self._building:
+            if self._results is None:
+                self._results = chain.with_tool_results()
+            return self._results
 
     def chat(
         self,
-        text: str,
+        text: str | Sequence[ToolMessage],
         *,
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
         schema: type[BaseModel] | None = None,
         on_tool: Callable[[ToolEvent], None] | None = None,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
         **prompt_vars: Any,
     ) -> Reply:
-        """Send one message and return the reply.
+        """Send one message (or the results of the client's tools) and return the reply.
 
         ``user_id`` (optional) files the turn's usage under that user too, for per-user
         totals and budgets. With ``schema`` (a pydantic model class) the model answers in
@@ -424,8 +457,17 @@ class Chatbot:
         this call's own caps, checked together with the budget's before anything is sent,
         e.g. ``Users(store).limits(user)`` (a user's caps need ``user_id`` of that user).
 
+        ``options`` (optional) sends the model a client's own tools and response format for
+        this call (see `ModelOptions`): chatchain does not run those tools; a reply that calls
+        them (``Reply.message.tool_calls``) is stored and returned as it is, and the next
+        turn's ``text`` is then the list of ``ToolMessage`` results answering each of its
+        calls (stored with the reply to them). A bot with ``tools=`` of its own refuses
+        options with tools.
+
         Raises:
-            InvalidInputError: Empty text, a bad session id or a missing prompt variable.
+            InvalidInputError: Empty text, a bad session id or a missing prompt variable;
+                tool results that do not answer the session's last message; options with
+                tools on a bot with tools of its own, or with ``schema``.
             BudgetExceeded: The turn could pass a spending cap; nothing was sent or stored.
             StructuredReplyError: With ``schema``, the reply does not fit it; nothing was
                 stored (the call was metered).
@@ -443,67 +485,72 @@ class Chatbot:
             >>> bot.history("geo")[-1].content
             '{"name":"Oslo","population":709000}'
         """
-        call = self._call(text, session_id, user_id, prompt_vars, schema, limits=limits)
-        message, turn = self.chain.run_turn(*call, on_tool=on_tool)
+        call = self._call(
+            text, session_id, user_id, prompt_vars, schema, limits=limits, options=options
+        )
+        message, turn = self._chain_for(text).run_turn(*call, on_tool=on_tool)
         return _reply(message, turn)
 
     async def achat(
         self,
-        text: str,
+        text: str | Sequence[ToolMessage],
         *,
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
         schema: type[BaseModel] | None = None,
         on_tool: Callable[[ToolEvent], None] | None = None,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
         **prompt_vars: Any,
     ) -> Reply:
         """`chat` without blocking the event loop."""
-        call = self._call(text, session_id, user_id, prompt_vars, schema, limits=limits)
-        message, turn = await self.chain.arun_turn(*call, on_tool=on_tool)
+        call = self._call(
+            text, session_id, user_id, prompt_vars, schema, limits=limits, options=options
+        )
+        message, turn = await self._chain_for(text).arun_turn(*call, on_tool=on_tool)
         return _reply(message, turn)
 
     def stream(
         self,
-        text: str,
+        text: str | Sequence[ToolMessage],
         *,
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
         on_tool: Callable[[ToolEvent], None] | None = None,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
         **prompt_vars: Any,
     ) -> ReplyStream:
-        """Send one message and iterate over the reply's text as it arrives.
+        """Send one message (or tool results, see `chat`) and iterate over the reply's text
+        as it arrives.
 
         The input is checked at once; the request goes out (and a budget is checked) on the
         first ``next()``. Iterating yields text only (with tools, also what the model says
         before it calls them); `ReplyStream.events` also yields the tool events, which
-        ``on_tool`` receives too.
+        ``on_tool`` receives too, and with ``options`` tools, the pieces of the model's
+        calls of them (`ToolCallDelta`); ``ReplyStream.message`` has the whole calls once
+        the stream ends. With a ``json_schema`` response format the reply comes whole, once
+        checked.
         """
-        chunks, turn = self.chain.stream_turn(
-            *self._call(text, session_id, user_id, prompt_vars, limits=limits),
-            on_tool=on_tool,
-            events=True,
-        )
-        return ReplyStream(chunks, turn)
+        call = self._call(text, session_id, user_id, prompt_vars, limits=limits, options=options)
+        chunks, turn = self._chain_for(text).stream_turn(*call, on_tool=on_tool, events=True)
+        return ReplyStream(chunks, turn, bool(options and options.tools))
 
     def astream(
         self,
-        text: str,
+        text: str | Sequence[ToolMessage],
         *,
         session_id: str = DEFAULT_SESSION,
         user_id: str | None = None,
         on_tool: Callable[[ToolEvent], None] | None = None,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
         **prompt_vars: Any,
     ) -> AsyncReplyStream:
         """`stream` for ``async for``."""
-        chunks, turn = self.chain.astream_turn(
-            *self._call(text, session_id, user_id, prompt_vars, limits=limits),
-            on_tool=on_tool,
-            events=True,
-        )
-        return AsyncReplyStream(chunks, turn)
+        call = self._call(text, session_id, user_id, prompt_vars, limits=limits, options=options)
+        chunks, turn = self._chain_for(text).astream_turn(*call, on_tool=on_tool, events=True)
+        return AsyncReplyStream(chunks, turn, bool(options and options.tools))
 
     def system_messages(self, **prompt_vars: Any) -> list[BaseMessage]:
         """The system message this bot's turns send, its variables filled (the bot's
@@ -543,13 +590,14 @@ class Chatbot:
         session_id: str,
         user_id: str | None,
         limits: Sequence[BudgetLimit],
+        options: ModelOptions | None,
     ) -> tuple[dict[str, Any], RunnableConfig]:
         configurable: dict[str, Any] = {"session_id": session_id}
         if user_id is not None:
             configurable["user_id"] = user_id
         if limits:
             configurable["limits"] = limits
-        return {"messages": list(messages)}, {"configurable": configurable}
+        return {"messages": list(messages)}, with_options({"configurable": configurable}, options)
 
     def chat_messages(
         self,
@@ -558,6 +606,7 @@ class Chatbot:
         session_id: str,
         user_id: str | None = None,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
     ) -> Reply:
         """Send a whole conversation as it is and return the reply; store no history.
 
@@ -565,6 +614,8 @@ class Chatbot:
         `ChatChain.without_memory`); the call is still metered in the ledger under
         ``session_id`` (and ``user_id``), and capped by the budget and ``limits``. Give each
         call a ``session_id`` of its own, or calls on one id wait for each other.
+        ``options`` sends a client's tools and response format with the call (see `chat`);
+        the messages may hold earlier tool calls and their results (``ToolMessage``).
 
         Raises:
             BudgetExceeded: The call could pass a spending cap; nothing was sent.
@@ -578,7 +629,7 @@ class Chatbot:
             >>> bot.chat_messages(asked, session_id="call-1").text, bot.history("call-1")
             ('Echo: hi', [])
         """
-        call = self._messages_call(messages, session_id, user_id, limits)
+        call = self._messages_call(messages, session_id, user_id, limits, options)
         message, turn = self._without_memory().run_turn(*call)
         return _reply(message, turn)
 
@@ -589,9 +640,10 @@ class Chatbot:
         session_id: str,
         user_id: str | None = None,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
     ) -> Reply:
         """`chat_messages` without blocking the event loop."""
-        call = self._messages_call(messages, session_id, user_id, limits)
+        call = self._messages_call(messages, session_id, user_id, limits, options)
         message, turn = await self._without_memory().arun_turn(*call)
         return _reply(message, turn)
 
@@ -602,11 +654,12 @@ class Chatbot:
         session_id: str,
         user_id: str | None = None,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
     ) -> ReplyStream:
         """`chat_messages`, iterating over the reply's text as it arrives (see `stream`)."""
-        call = self._messages_call(messages, session_id, user_id, limits)
+        call = self._messages_call(messages, session_id, user_id, limits, options)
         chunks, turn = self._without_memory().stream_turn(*call, events=True)
-        return ReplyStream(chunks, turn)
+        return ReplyStream(chunks, turn, bool(options and options.tools))
 
     def astream_messages(
         self,
@@ -615,11 +668,12 @@ class Chatbot:
         session_id: str,
         user_id: str | None = None,
         limits: Sequence[BudgetLimit] = (),
+        options: ModelOptions | None = None,
     ) -> AsyncReplyStream:
         """`stream_messages` for ``async for``."""
-        call = self._messages_call(messages, session_id, user_id, limits)
+        call = self._messages_call(messages, session_id, user_id, limits, options)
         chunks, turn = self._without_memory().astream_turn(*call, events=True)
-        return AsyncReplyStream(chunks, turn)
+        return AsyncReplyStream(chunks, turn, bool(options and options.tools))
 
     async def achat_many(
         self, turns: Iterable[tuple[str, str]], *, user_id: str | None = None, **prompt_vars: Any
@@ -878,6 +932,20 @@ class Chatbot:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def _turn_input(text: str | Sequence[ToolMessage]) -> str | list[ToolMessage]:
+    """A turn's input: text, or the results of a client's tools (a list of `ToolMessage`)."""
+    if isinstance(text, str):
+        return text
+    items: list[object] = list(text) if isinstance(text, Sequence) else []
+    results = [item for item in items if isinstance(item, ToolMessage)]
+    if not results or len(results) != len(items):
+        raise InvalidInputError(
+            "A turn's input is text, or a non-empty list of ToolMessage (the results of the "
+            f"tools the last reply called), not {type(text).__name__}."
+        )
+    return results
 
 
 def _write_private(path: Path, text: str) -> None:

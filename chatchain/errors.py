@@ -26,7 +26,8 @@ ChatChainError
     ├── ContextTooLongError     the prompt does not fit the model's context window
     ├── BadRequestError         400/404/422: the endpoint refused the request
     ├── ServerError             5xx after retries, or a reply that could not be read
-    └── StructuredReplyError    a structured reply (schema=...) did not validate; nothing stored
+    └── StructuredReplyError    a structured reply (schema=..., a json_schema response_format)
+                                did not validate; nothing stored
 ```
 
 `InvalidInputError` is also a `ValueError`, so code written against LangChain's own
@@ -36,6 +37,8 @@ ChatChainError
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
+from typing import Any
 
 if typing.TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
@@ -264,11 +267,12 @@ class StructuredReplyError(EndpointError):
     Nothing was stored in the history; the call was metered (the endpoint billed it).
 
     Attributes:
-        schema: The pydantic model the reply had to fit.
+        schema: The pydantic model the reply had to fit, or the JSON schema of a
+            ``response_format`` (see `chatchain.ModelOptions`).
         text: The reply as the model gave it (its JSON text or tool-call arguments).
     """
 
-    def __init__(self, message: str, *, schema: type, text: str) -> None:
+    def __init__(self, message: str, *, schema: type | Mapping[str, Any], text: str) -> None:
         super().__init__(message)
         self.schema = schema
         self.text = text

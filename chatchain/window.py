@@ -14,7 +14,9 @@ A tool exchange (the AI message that calls tools, and the tool results) is part 
 the window opens on a user message, and never sends an AI message whose calls lost their
 results or a result without its call (`whole_exchanges`: the endpoint refuses both); the
 summary covers whole turns. The messages of a tool exchange count towards the window's
-``2 * max_turns`` messages, so tool-heavy turns leave fewer of them in the window.
+``2 * max_turns`` messages, so tool-heavy turns leave fewer of them in the window. A client's
+tool exchange spans two turns (see `chatchain._options`): a turn whose input is the results
+of the last message's calls is sent that message and its results together, always.
 
 The summary has a budget of its own (``summary_tokens``): the summary call asks for a summary
 that fits and is capped with ``max_tokens``, and a summary that is longer all the same (a
@@ -48,11 +50,12 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from chatchain import _metering
 from chatchain._flow import Effect, Flow, arun, call, run
+from chatchain._options import pending_calls
 from chatchain._tokens import TokenCounter
 from chatchain.errors import ConfigurationError, InvalidInputError
 from chatchain.stores import HistoryStore, Summary
 
-__all__ = ["HistoryWindow", "halved", "whole_exchanges"]
+__all__ = ["HistoryWindow", "halved", "unwindowed", "whole_exchanges"]
 
 logger = logging.getLogger("chatchain")
 
@@ -289,6 +292,22 @@ def whole_exchanges(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
     return kept
 
 
+def unwindowed(history: Sequence[BaseMessage], inputs: Sequence[BaseMessage]) -> list[BaseMessage]:
+    """The whole ``history`` sent as it is, but for tool calls no result answers (a reply
+    whose calls a client never answered, see `chatchain._options`): `whole_exchanges` then.
+    Tool results as the input must answer the last message's calls (`pending_calls`).
+
+    Raises:
+        InvalidInputError: ``inputs`` are tool results that do not answer the history's
+            last message.
+    """
+    pending = pending_calls(history, inputs)
+    rest = history if pending is None else history[:-1]
+    if any(_calls(message) for message in rest):
+        rest = whole_exchanges(rest)
+    return [*rest] if pending is None else [*rest, pending]
+
+
 def halved(history: Sequence[BaseMessage]) -> list[BaseMessage] | None:
     """Less of the ``history`` a prompt sent, for a retry after the context overflowed.
 
@@ -304,10 +323,12 @@ def halved(history: Sequence[BaseMessage]) -> list[BaseMessage] | None:
         (['q2', 'a2'], [], None)
     """
     head = list(history[:1]) if history and _is_summary(history[0]) else []
-    rest = history[len(head) :]
+    # A last message with calls is answered by the turn's input (tool results): it stays.
+    tail = list(history[-1:]) if history and _calls(history[-1]) else []
+    rest = history[len(head) : len(history) - len(tail)]
     if rest:
-        return head + whole_exchanges(rest[len(rest) - len(rest) // 2 :])
-    return [] if head else None
+        return head + whole_exchanges(rest[len(rest) - len(rest) // 2 :]) + tail
+    return tail if head else None
 
 
 def _is_summary(message: BaseMessage) -> bool:
@@ -481,6 +502,10 @@ class Recall:
         Raises:
             InvalidInputError: The input alone is over ``window.max_tokens``.
         """
+        # Tool results answering the last message's calls: the two go whole, after the rest.
+        pending = pending_calls(messages, inputs)
+        if pending is not None:
+            messages, inputs = messages[:-1], [pending, *inputs]
         if window.limit is not None:
             messages = messages[-window.limit :]
         messages = whole_exchanges(messages)
@@ -505,7 +530,7 @@ class Recall:
                 start_on="human",
                 allow_partial=False,
             )
-        return head + messages
+        return head + messages + ([] if pending is None else [pending])
 
     def load(
         self, store: HistoryStore, session_id: str, inputs: Sequence[BaseMessage]
@@ -526,7 +551,7 @@ class Recall:
         window = self.window
         if window is None:
             whole: list[BaseMessage] = yield call(store, "load", session_id)
-            return whole
+            return unwindowed(whole, inputs)
         summary = (yield call(store, "get_summary", session_id)) if window.summarize else None
         start = self._start((yield call(store, "count", session_id)), summary, window)
         loaded = yield call(store, "load", session_id, start)

@@ -23,6 +23,7 @@ from chatchain import (
     ChatChainError,
     InvalidInputError,
     Reply,
+    ToolCallDelta,
     ToolFinished,
     ToolStarted,
     format_usd,
@@ -248,6 +249,7 @@ class _Events:
         return b"".join(
             _text_event(piece) if isinstance(piece, str) else _tool_event(piece)
             for piece in texts_joined(pieces)
+            if not isinstance(piece, ToolCallDelta)  # (the native API sends no client tools)
         )
 
     def end(self, stream: AsyncReplyStream) -> bytes:

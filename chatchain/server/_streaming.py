@@ -26,7 +26,7 @@ from fastapi import Request, Response
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive
 
-from chatchain import AsyncReplyStream, ChatChainError, ToolFinished, ToolStarted
+from chatchain import AsyncReplyStream, ChatChainError, ToolCallDelta, ToolFinished, ToolStarted
 from chatchain.server import _metrics
 from chatchain.server._errors import public_message, status_of
 from chatchain.server._service import Service
@@ -34,8 +34,9 @@ from chatchain.users import User
 
 __all__ = ["Events", "Piece", "relay", "texts_joined"]
 
-Piece = str | ToolStarted | ToolFinished
-"""What a reply stream yields: text, or (with the server's tools) a tool event."""
+Piece = str | ToolStarted | ToolFinished | ToolCallDelta
+"""What a reply stream yields: text, or (with the server's tools) a tool event, or (with the
+client's tools) a piece of a call of one."""
 
 PING_SECONDS = 15  # a comment this often keeps proxies from closing an idle stream
 
