@@ -91,11 +91,11 @@ from fastapi import APIRouter, Query, Request
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatchain import AsyncReplyStream, Reply, Usage
+from chatchain import AsyncReplyStream, ModelOptions, Reply, ToolCallDelta, Usage
 from chatchain.server import _metrics
 from chatchain.server._errors import HTTPProblem, openai_error
 from chatchain.server._service import Caller, Service, ServiceDep, session_key
-from chatchain.server._streaming import Piece, relay
+from chatchain.server._streaming import Piece, relay, texts_joined
 from chatchain.stores import Summary
 from chatchain.users import User
 
@@ -107,6 +107,9 @@ ROUTE = "responses"  # the `route` label of these turns in the metrics
 
 SESSION_PREFIX = "resp-"
 """What the session ids of conversations started here begin with."""
+
+RESULT_PREFIX = "fco_"
+"""The id of a stored result of a client's function call begins with this."""
 
 _PAGE = 64  # messages read at a time when looking for a response's end
 
@@ -242,22 +245,61 @@ def _refuse_unsupported(body: ResponseRequest) -> None:
         )
     if body.prompt is not None:
         raise _bad("stored prompts are not supported: leave prompt out and send input.")
-    if body.tools:
-        raise _bad(
-            "tools are not supported on this endpoint yet: leave tools out (the server's own "
-            "tools still run)."
-        )
-    if body.tool_choice not in (None, "none", "auto"):
-        raise _bad(
-            f"tool_choice {body.tool_choice!r} needs tools, which are not supported on this "
-            "endpoint yet: leave it out."
-        )
-    kind = body.text.format.type if body.text and body.text.format else "text"
-    if kind != "text":
-        raise _bad(
-            f"text.format {kind!r} is not supported on this endpoint yet: leave text.format "
-            'out, or send {"type": "text"}.'
-        )
+    for index, tool in enumerate(body.tools or ()):
+        if tool.get("type") != "function":
+            raise _bad(
+                f"tools[{index}]: tools of type {tool.get('type')!r} are not supported; only "
+                "function tools, which your code runs."
+            )
+
+
+def _options(body: ResponseRequest) -> ModelOptions | None:
+    """The request's tools, tool choice and text format, as chat completions write them.
+
+    Raises:
+        InvalidInputError: A tool or the tool choice is not one the model can be sent.
+    """
+    tools = tuple(
+        {
+            "type": "function",
+            "function": {
+                key: tool[key]
+                for key in ("name", "description", "parameters", "strict")
+                if tool.get(key) is not None
+            },
+        }
+        for tool in body.tools or ()
+    )
+    choice = body.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise _bad(f"tool_choice {choice!r}: only a function (or auto, none, required).")
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    if not tools and choice in ("auto", "none"):
+        choice = None  # nothing to choose among: the call is a plain one
+    options = ModelOptions(
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=body.parallel_tool_calls if tools else None,
+        response_format=_response_format(body),
+    )
+    return options or None
+
+
+def _response_format(body: ResponseRequest) -> dict[str, Any] | None:
+    """``text.format`` as chat completions' ``response_format``."""
+    text_format = body.text.format if body.text is not None else None
+    if text_format is None or text_format.type == "text":
+        return None
+    if text_format.type == "json_object":
+        return {"type": "json_object"}
+    spec: dict[str, Any] = {"name": text_format.name or "reply"}
+    spec["schema"] = text_format.json_schema or {}
+    if text_format.strict is not None:
+        spec["strict"] = text_format.strict
+    if text_format.description is not None:
+        spec["description"] = text_format.description
+    return {"type": "json_schema", "json_schema": spec}
 
 
 # -- the input -----------------------------------------------------------------------------
@@ -265,9 +307,10 @@ def _refuse_unsupported(body: ResponseRequest) -> None:
 
 @dataclass
 class _Input:
-    """What a request's ``input`` asks: the turn's text, after some earlier history."""
+    """What a request's ``input`` asks: the turn (the user's text, or the results of the
+    client's tools), after some earlier history."""
 
-    text: str
+    turn: str | list[ToolMessage]
     history: list[BaseMessage]
     instructions: list[str]
 
@@ -319,7 +362,9 @@ def _read_input(body: ResponseRequest) -> _Input:
         elif kind == "function_call_output":
             output = item.get("output")
             text = output if isinstance(output, str) else json.dumps(output)
-            history.append(ToolMessage(text, tool_call_id=str(item.get("call_id") or "")))
+            call_id = str(item.get("call_id") or "")
+            # The id marks a result the client sent: where a response begins.
+            history.append(ToolMessage(text, tool_call_id=call_id, id=RESULT_PREFIX + call_id))
         elif kind == "reasoning":
             continue  # another model's reasoning: nothing this one can use
         else:
@@ -327,13 +372,24 @@ def _read_input(body: ResponseRequest) -> _Input:
                 f"{where}: input items of type {kind!r} are not supported; send messages "
                 "with text content."
             )
+    results = _trailing_results(history)
+    if results:
+        return _Input(results, history[: len(history) - len(results)], instructions)
     turn = _trailing_user_text(history)
     if turn is None:
         raise _bad(
-            "The input must end with a user message (its text is the turn): add one with "
-            'role "user".'
+            "The input must end with a user message (its text is the turn), or with the "
+            "function_call_output items answering the function calls: add one."
         )
     return _Input(turn[0], turn[1], instructions)
+
+
+def _trailing_results(history: list[BaseMessage]) -> list[ToolMessage]:
+    """The tool results that end ``history``."""
+    cut = len(history)
+    while cut and isinstance(history[cut - 1], ToolMessage):
+        cut -= 1
+    return [m for m in history[cut:] if isinstance(m, ToolMessage)]
 
 
 def _add_function_call(history: list[BaseMessage], item: dict[str, Any], where: str) -> None:
@@ -363,8 +419,13 @@ def _trailing_user_text(history: list[BaseMessage]) -> tuple[str, list[BaseMessa
 # -- finding a response --------------------------------------------------------------------
 
 
-def _starts_turn(message: BaseMessage) -> bool:
-    """Whether ``message`` opens a turn (a response's input)."""
+def _starts_turn(message: BaseMessage, previous: BaseMessage | None) -> bool:
+    """Whether ``message`` (after ``previous``) opens a turn, a response's input: the user's
+    message, or the first of the results the client sent for its function calls (the
+    results of the server's own tools, inside a turn, carry no such id)."""
+    if isinstance(message, ToolMessage):
+        sent = (message.id or "").startswith(RESULT_PREFIX)
+        return sent and not isinstance(previous, ToolMessage)
     return isinstance(message, HumanMessage)
 
 
@@ -400,14 +461,16 @@ async def _find(service: Service, user: User, text: str) -> _Found:
     count = await store.acount(key)
     if rid.start >= count:
         raise _not_found(text)
-    first = await store.aload(key, rid.start, rid.start + _PAGE)
-    if not first or not _starts_turn(first[0]):
+    before = rid.start - 1 if rid.start else 0
+    first = await store.aload(key, before, rid.start + _PAGE)
+    previous = first.pop(0) if rid.start else None
+    if not first or not _starts_turn(first[0], previous):
         raise _not_found(text)  # not where a response starts
-    messages, page = [first[0]], first[1:]
-    position = rid.start + len(first)
+    messages: list[BaseMessage] = []
+    page, position = first, rid.start + len(first)
     while True:
         for message in page:
-            if _starts_turn(message):  # the next response's input
+            if messages and _starts_turn(message, messages[-1]):  # the next response's input
                 return _Found(rid, key, messages, count)
             messages.append(message)
         if position >= count:
@@ -488,6 +551,31 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+def _call_item(
+    call_id: str, name: str, arguments: str, status: str = "completed"
+) -> dict[str, Any]:
+    return {
+        "id": f"fc_{call_id}",
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def _output_items(rid: ResponseId, reply: BaseMessage | None) -> list[dict[str, Any]]:
+    """A reply as output items: its text (if any, or if it calls nothing), then one
+    ``function_call`` per call of the client's tools."""
+    text = "" if reply is None else reply.text
+    calls = reply.tool_calls if isinstance(reply, AIMessage) else []
+    items = [_message_item(rid, text)] if text or not calls else []
+    for call in calls:
+        arguments = json.dumps(call["args"], ensure_ascii=False)
+        items.append(_call_item(str(call["id"]), call["name"], arguments))
+    return items
+
+
 def _response_object(
     rid: ResponseId,
     body: ResponseRequest | None,
@@ -500,8 +588,9 @@ def _response_object(
     previous: str | None = None,
     incomplete: str | None = None,
 ) -> dict[str, Any]:
-    """A response as OpenAI writes it (``body``: the request, whose settings it echoes)."""
-    text = {"format": {"type": "text"}}
+    """A response as OpenAI writes it (``body``: the request, whose settings it echoes;
+    ``None`` for a stored response, whose request settings are not kept)."""
+    text: dict[str, Any] = {"format": {"type": "text"}}
     if body is not None and body.text is not None and body.text.format is not None:
         text = {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)}
     return {
@@ -522,8 +611,8 @@ def _response_object(
         "store": body.store is not False if body else True,
         "temperature": None,
         "text": text,
-        "tool_choice": "auto",
-        "tools": [],
+        "tool_choice": (body.tool_choice or "auto") if body else "auto",
+        "tools": (body.tools or []) if body else [],
         "top_p": None,
         "truncation": "disabled",
         "usage": usage,
@@ -532,14 +621,14 @@ def _response_object(
     }
 
 
-def _output_of(rid: ResponseId, messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """The output items of a stored response: its final reply's text.
+def _final_reply(messages: Sequence[BaseMessage]) -> AIMessage | None:
+    """A stored response's reply: its last AI message.
 
-    The server's own tools (``serve --tools``) ran inside the turn: their calls and
-    results are stored with it but are not the client's to run, so they are not output.
+    The server's own tools (``serve --tools``) ran inside the turn: their calls and results
+    are stored with it (before the reply) but are not the client's to run, so they are not
+    output.
     """
-    reply = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
-    return [_message_item(rid, "" if reply is None else reply.text)]
+    return next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
 
 
 def _input_items(rid: ResponseId, messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
@@ -583,6 +672,7 @@ class _Call:
         self.user = user
         self.body = body
         self.input = _read_input(body)
+        self.options = _options(body)
         self.model = service.settings.model
         self.previous: str | None = body.previous_response_id
         self.stateful = body.store is not False
@@ -617,8 +707,9 @@ class _Call:
         if found is not None:
             store = self.service.bot.store
             history = [*await store.aload(found.key, 0, found.end), *history]
-        system = self.service.bot.system_messages()
-        self.messages = [*system, *history, HumanMessage(self.input.text)]
+        turn = self.input.turn
+        asked = [HumanMessage(turn)] if isinstance(turn, str) else list(turn)
+        self.messages = [*self.service.bot.system_messages(), *history, *asked]
 
     @property
     def instructions(self) -> str | None:
@@ -626,22 +717,24 @@ class _Call:
 
     async def reply(self) -> Reply:
         bot, limits = self.service.bot, self.service.users.limits(self.user)
+        name, options = self.user.name, self.options
         if self.stateful:
             return await bot.achat(
-                self.input.text, session_id=self.key, user_id=self.user.name, limits=limits
+                self.input.turn, session_id=self.key, user_id=name, limits=limits, options=options
             )
         return await bot.achat_messages(
-            self.messages, session_id=self.key, user_id=self.user.name, limits=limits
+            self.messages, session_id=self.key, user_id=name, limits=limits, options=options
         )
 
     def stream(self) -> AsyncReplyStream:
         bot, limits = self.service.bot, self.service.users.limits(self.user)
+        name, options = self.user.name, self.options
         if self.stateful:
             return bot.astream(
-                self.input.text, session_id=self.key, user_id=self.user.name, limits=limits
+                self.input.turn, session_id=self.key, user_id=name, limits=limits, options=options
             )
         return bot.astream_messages(
-            self.messages, session_id=self.key, user_id=self.user.name, limits=limits
+            self.messages, session_id=self.key, user_id=name, limits=limits, options=options
         )
 
     def response(
@@ -684,12 +777,13 @@ async def create_response(
     call = _Call(service, user, body)
     await call.prepare()
     if body.stream:
-        return await relay(request, service, user, call.stream, _Events(call))
+        tools = bool(call.options and call.options.tools)
+        return await relay(request, service, user, call.stream, _Events(call), tools=tools)
     reply = await call.reply()
     status, incomplete = _ending(reply.message.response_metadata.get("finish_reason"))
     return call.response(
         status=status,
-        output=[_message_item(call.rid, reply.text)],
+        output=_output_items(call.rid, reply.message),
         usage=_usage_json(reply.usage),
         model=reply.usage.model or call.model,
         incomplete=incomplete,
@@ -698,9 +792,9 @@ async def create_response(
 
 @router.get("/responses/{response_id}")
 async def get_response(response_id: str, user: Caller, service: ServiceDep) -> Any:
-    """A stored response of yours: its output text, status and the usage its calls reported."""
+    """A stored response of yours: its output, status and the usage its calls reported."""
     found = await _find(service, user, response_id)
-    reply = next((m for m in reversed(found.messages) if isinstance(m, AIMessage)), None)
+    reply = _final_reply(found.messages)
     model = service.settings.model
     status: str = "completed"
     incomplete = None
@@ -714,7 +808,7 @@ async def get_response(response_id: str, user: Caller, service: ServiceDep) -> A
         None,
         model=model,
         status=status,
-        output=_output_of(found.id, found.messages),
+        output=_output_items(found.id, reply),
         usage=_stored_usage(found.messages),
         incomplete=incomplete,
     )
@@ -760,11 +854,19 @@ async def list_input_items(
 
 
 class _Events:
-    """The semantic events of one streamed response, each with its ``sequence_number``."""
+    """The semantic events of one streamed response, each with its ``sequence_number``.
+
+    The output items open as their first piece comes: the reply's text (one ``message``
+    item), then each call of the client's tools (a ``function_call`` item, its arguments in
+    ``response.function_call_arguments.delta`` events); each is closed at the end.
+    """
 
     def __init__(self, call: _Call) -> None:
         self.call = call
         self.sequence = 0
+        self.opened: list[dict[str, Any]] = []  # the output items, in their order
+        self.text_at: int | None = None  # the message item's output_index
+        self.calls_at: dict[int, int] = {}  # a call's index in the reply -> output_index
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -772,67 +874,103 @@ class _Events:
         text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         return f"event: {kind}\r\ndata: {text}\r\n\r\n".encode()
 
-    def _place(self) -> dict[str, Any]:
-        return {"item_id": _message_item(self.call.rid, "")["id"], "output_index": 0}
-
     def start(self) -> bytes:
-        call, rid = self.call, self.call.rid
-        opened = call.response(status="in_progress")
-        return b"".join(
-            (
-                self._event("response.created", response=opened),
-                self._event("response.in_progress", response=opened),
-                self._event(
-                    "response.output_item.added",
-                    output_index=0,
-                    item=_message_item(rid, "", "in_progress"),
-                ),
-                self._event(
-                    "response.content_part.added",
-                    **self._place(),
-                    content_index=0,
-                    part=_text_part(""),
-                ),
-            )
+        opened = self.call.response(status="in_progress")
+        return self._event("response.created", response=opened) + self._event(
+            "response.in_progress", response=opened
+        )
+
+    def _open(self, item: dict[str, Any]) -> bytes:
+        self.opened.append(item)
+        return self._event(
+            "response.output_item.added", output_index=len(self.opened) - 1, item=item
         )
 
     def pieces(self, pieces: Sequence[Piece]) -> bytes:
-        text = "".join(piece for piece in pieces if isinstance(piece, str))
-        if not text:
-            return b""
-        return self._event(
-            "response.output_text.delta", **self._place(), content_index=0, delta=text, logprobs=[]
+        events = []
+        for piece in texts_joined(pieces):
+            if isinstance(piece, str):
+                events.append(self._text(piece))
+            elif isinstance(piece, ToolCallDelta):
+                events.append(self._call_piece(piece))
+        return b"".join(events)
+
+    def _text(self, text: str) -> bytes:
+        events = b""
+        if self.text_at is None:
+            self.text_at = len(self.opened)
+            events += self._open(_message_item(self.call.rid, "", "in_progress"))
+            events += self._event(
+                "response.content_part.added",
+                item_id=self.opened[self.text_at]["id"],
+                output_index=self.text_at,
+                content_index=0,
+                part=_text_part(""),
+            )
+        return events + self._event(
+            "response.output_text.delta",
+            item_id=self.opened[self.text_at]["id"],
+            output_index=self.text_at,
+            content_index=0,
+            delta=text,
+            logprobs=[],
+        )
+
+    def _call_piece(self, delta: ToolCallDelta) -> bytes:
+        events = b""
+        at = self.calls_at.get(delta.index)
+        if at is None:
+            at = self.calls_at[delta.index] = len(self.opened)
+            call_id = delta.id or f"call_{self.call.rid.conversation}_{delta.index}"
+            events += self._open(_call_item(call_id, delta.name or "", "", "in_progress"))
+        if not delta.arguments:
+            return events
+        self.opened[at]["arguments"] += delta.arguments
+        return events + self._event(
+            "response.function_call_arguments.delta",
+            item_id=self.opened[at]["id"],
+            output_index=at,
+            delta=delta.arguments,
         )
 
     def end(self, stream: AsyncReplyStream) -> bytes:
         assert stream.usage is not None  # set when the stream ended
-        call, text = self.call, stream.text
+        call = self.call
+        items = _output_items(call.rid, stream.message)
+        events = []
+        if self.text_at is None and items and items[0]["type"] == "message":
+            events.append(self._text(""))  # a reply without text still has its message
+        for at, opened in enumerate(self.opened):
+            final = next((i for i in items if i["id"] == opened["id"]), None) or opened
+            events.append(self._close(at, final))
         status, incomplete = _ending(stream.finish_reason)
-        item = _message_item(call.rid, text)
         done = call.response(
             status=status,
-            output=[item],
+            output=[next((i for i in items if i["id"] == o["id"]), o) for o in self.opened],
             usage=_usage_json(stream.usage),
             model=stream.usage.model or call.model,
             incomplete=incomplete,
         )
+        events.append(self._event(f"response.{status}", response=done))
+        return b"".join(events)
+
+    def _close(self, at: int, item: dict[str, Any]) -> bytes:
+        if item["type"] == "function_call":
+            done = self._event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=at,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
+            return done + self._event("response.output_item.done", output_index=at, item=item)
+        text = item["content"][0]["text"] if item["content"] else ""
+        place = {"item_id": item["id"], "output_index": at, "content_index": 0}
         return b"".join(
             (
-                self._event(
-                    "response.output_text.done",
-                    **self._place(),
-                    content_index=0,
-                    text=text,
-                    logprobs=[],
-                ),
-                self._event(
-                    "response.content_part.done",
-                    **self._place(),
-                    content_index=0,
-                    part=_text_part(text),
-                ),
-                self._event("response.output_item.done", output_index=0, item=item),
-                self._event(f"response.{status}", response=done),
+                self._event("response.output_text.done", **place, text=text, logprobs=[]),
+                self._event("response.content_part.done", **place, part=_text_part(text)),
+                self._event("response.output_item.done", output_index=at, item=item),
             )
         )
 

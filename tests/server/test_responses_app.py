@@ -13,13 +13,13 @@ from typing import Any
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage
 
 from chatchain import Chatbot, Settings
 from chatchain.server import create_app
 from chatchain.server._responses import ResponseId
 from chatchain.stores import HistoryStore, MemoryStore
-from chatchain.testing import FakeChatModel
+from chatchain.testing import FakeChatModel, tool_call_reply
 from chatchain.users import Users
 from tests.stores.fixtures_postgres import postgres_store, postgres_url
 from tests.stores.fixtures_redis import redis_store, redis_url
@@ -47,15 +47,22 @@ class Seen:
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, str]]] = []
+        self.script: list[str | AIMessage] = []  # replies to give first, in order
 
-    def __call__(self, messages: list[BaseMessage]) -> str:
+    def __call__(self, messages: list[BaseMessage]) -> str | AIMessage:
         self.calls.append([(m.type, m.text) for m in messages])
-        return f"Echo: {messages[-1].text}"
+        return self.script.pop(0) if self.script else f"Echo: {messages[-1].text}"
 
 
 @pytest.fixture
 def seen() -> Seen:
     return Seen()
+
+
+@pytest.fixture
+def fake_calls(seen: Seen) -> None:
+    """The model calls get_weather for Oslo, then answers from the result."""
+    seen.script += [tool_call_reply(("get_weather", {"city": "Oslo"})), "It is sunny in Oslo."]
 
 
 @pytest.fixture
@@ -305,3 +312,61 @@ def test_errors_have_openais_shape(app: tuple[TestClient, Users]) -> None:
     answer = client.post("/v1/responses", json={"model": "m", "input": "hi", "nonsense": 1})
     assert answer.status_code in (400, 401)
     assert json.loads(answer.text)["error"]["type"] == "invalid_request_error"
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+def test_the_function_call_loop_stores_the_whole_exchange_in_the_session(
+    bot: Chatbot, ann: openai.OpenAI, fake_calls: None
+) -> None:
+    asked = ann.responses.create(model="m", input="Weather in Oslo?", tools=[WEATHER])  # type: ignore[list-item]
+    calls = [item for item in asked.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    answered = ann.responses.create(
+        model="m",
+        previous_response_id=asked.id,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+    assert answered.output_text == "It is sunny in Oslo."
+    assert _session(answered.id) == _session(asked.id)
+    key = f"ann:{_session(asked.id)}"
+    assert [m.type for m in bot.history(key)] == ["human", "ai", "tool", "ai"]
+    # Each response is found again: the call, then the result and the answer.
+    again = ann.responses.retrieve(asked.id)
+    assert [item.type for item in again.output] == ["function_call"]
+    assert ann.responses.retrieve(answered.id).output_text == "It is sunny in Oslo."
+    items = ann.responses.input_items.list(answered.id).data
+    assert [(i.type, i.output) for i in items] == [("function_call_output", "sunny")]  # type: ignore[union-attr]
+    # Continuing from the call again forks before its result.
+    fork = ann.responses.create(
+        model="m",
+        previous_response_id=asked.id,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "rain"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+    assert _session(fork.id) != _session(asked.id)
+    assert [m.text for m in bot.history(f"ann:{_session(fork.id)}")][2:] == ["rain", "Echo: rain"]
+
+
+def test_a_streamed_function_call_sends_its_item_and_arguments(
+    ann: openai.OpenAI, fake_calls: None
+) -> None:
+    with ann.responses.stream(model="m", input="Weather in Oslo?", tools=[WEATHER]) as stream:  # type: ignore[list-item]
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds
+    assert kinds[-3:] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [(i.type, json.loads(i.arguments)) for i in final.output] == [  # type: ignore[union-attr]
+        ("function_call", {"city": "Oslo"})
+    ]
