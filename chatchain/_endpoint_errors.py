@@ -16,7 +16,15 @@ try:  # newer langchain-core; langchain-openai raises its subclasses for context
 except ImportError:  # pragma: no cover - older langchain-core: the message patterns still work
     _ContextOverflowError = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_context_overflow", "overflow_without_history", "redact", "translate"]
+__all__ = [
+    "SchemaRefused",
+    "describe",
+    "is_context_overflow",
+    "is_refusal",
+    "overflow_without_history",
+    "redact",
+    "translate",
+]
 
 # OpenAI-style secret keys, in case an endpoint echoes one back in an error message.
 _KEY_PATTERN = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*]{6,}")
@@ -63,6 +71,49 @@ def _detail(exc: BaseException, secret: str | None) -> str:
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         message = body["message"]
     return redact(str(message), secret).strip().rstrip(".")
+
+
+def describe(exc: BaseException) -> str:
+    """What the endpoint said in ``exc`` (its error message), without anything key-shaped."""
+    return _detail(exc, None)
+
+
+class SchemaRefused(Exception):
+    """A structured turn that the endpoint refused both ways (see `chatchain._structured`):
+    ``response_format`` json_schema, then the forced tool call; `translate` makes it one
+    `BadRequestError` naming both refusals.
+
+    Attributes:
+        json_schema: What the endpoint said when it refused json_schema.
+        tools: What the forced tool call raised (a 400 or 422 of the endpoint).
+    """
+
+    def __init__(self, json_schema: str, tools: BaseException) -> None:
+        super().__init__(f"json_schema refused: {json_schema}; tools refused: {tools}")
+        self.json_schema = json_schema
+        self.tools = tools
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is the endpoint refusing the request as sent (400 or 422), rather than
+    a prompt over the context window, a bad key or a failure."""
+    return (
+        isinstance(exc, openai.APIStatusError)
+        and exc.status_code in (400, 422)
+        and not is_context_overflow(exc)
+    )
+
+
+def _both_refused(exc: SchemaRefused, secret: str | None) -> errors.BadRequestError:
+    _scrub(exc.tools, secret)
+    status = getattr(exc.tools, "status_code", None)
+    return errors.BadRequestError(
+        "The endpoint refused both ways of asking for a structured reply: response_format "
+        f"json_schema ({redact(exc.json_schema, secret)}) and a forced tool call ({status}: "
+        f"{_detail(exc.tools, secret)}). Use a model or server that supports structured "
+        "outputs or tool calling (OPENAI_MODEL), or ask without schema=.",
+        status_code=status,
+    )
 
 
 def _scrub(exc: BaseException, secret: str | None) -> None:
@@ -140,11 +191,62 @@ def _url_of(exc: BaseException) -> str | None:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
-def _model_missing(exc: openai.APIStatusError, detail: str) -> bool:
-    text = detail.lower()
-    return exc.code == "model_not_found" or (
-        "model" in text and ("not found" in text or "does not exist" in text)
-    )
+# How each server says it does not know the model a request named:
+#   OpenAI              404, code "model_not_found": "The model `gpt-9` does not exist or you do
+#                       not have access to it."
+#   vLLM                404, type "NotFoundError": "The model `x` does not exist."
+#   Ollama              404: 'model "llama9" not found, try pulling it first'; 400 "model is
+#                       required"
+#   LiteLLM proxy       400: "Invalid model name passed in model=gpt-9. Call `/v1/models` to
+#                       view available models for your key."
+#   chatchain serve     404, code "model_not_found", param "model"
+# A refusal that merely mentions the model ("'response_format' of type 'json_schema' is not
+# supported with this model", Ollama's "... does not support tools") is not about its name.
+_MODEL_CODES = frozenset({"model_not_found"})
+_MODEL_PATTERN = re.compile(
+    r"\bmodel\b.{0,120}?\b(?:not found|does not exist)"
+    r"|\b(?:invalid|unknown|no such) model\b"
+    r"|\bmodel (?:name )?is (?:required|invalid|not valid)"
+    r"|\bmodel=",
+    re.IGNORECASE,
+)
+
+
+def _complains_of_model(exc: BaseException, detail: str) -> bool:
+    """Whether the endpoint says the model it was asked for is unknown (or missing): the one
+    refusal after which checking the model name (``OPENAI_MODEL``) helps."""
+    body = getattr(exc, "body", None)
+    error: object = body.get("error", body) if isinstance(body, dict) else None
+    fields = error if isinstance(error, dict) else {}
+    codes = {str(getattr(exc, "code", None)), str(fields.get("code"))}
+    if codes & _MODEL_CODES or "model" in (getattr(exc, "param", None), fields.get("param")):
+        return True
+    return _MODEL_PATTERN.search(detail) is not None
+
+
+# Settings behind the request fields an endpoint may refuse by name (OpenAI's error.param).
+_PARAM_SETTINGS = {
+    "max_tokens": "CHATCHAIN_MAX_TOKENS",
+    "max_completion_tokens": "CHATCHAIN_MAX_TOKENS",
+    "temperature": "CHATCHAIN_TEMPERATURE",
+}
+
+
+def _refusal_advice(exc: BaseException, detail: str) -> str:
+    """What to do after a 4xx refusal: the setting it names, and the model only when the
+    endpoint complains about the model."""
+    if _complains_of_model(exc, detail):
+        return "Check the model name (OPENAI_MODEL, and CHATCHAIN_FALLBACK_MODEL if set)."
+    param = getattr(exc, "param", None)
+    body = getattr(exc, "body", None)
+    if param is None and isinstance(body, dict):
+        param = body.get("param")
+    setting = _PARAM_SETTINGS.get(str(param))
+    if setting is not None:
+        return f"The endpoint does not take {param} as sent: check {setting}."
+    if param in ("tools", "tool_choice", "functions", "parallel_tool_calls"):
+        return "This model or server does not take tool calls: run the turn without tools."
+    return "Change what its message names (a request setting, the turn's tools or schema)."
 
 
 def translate(
@@ -164,6 +266,8 @@ def translate(
     """
     if isinstance(exc, errors.ChatChainError):
         return exc
+    if isinstance(exc, SchemaRefused):
+        return _both_refused(exc, secret)
     for link in _links(exc):
         if isinstance(link, (openai.OpenAIError, httpx.HTTPError, json.JSONDecodeError)):
             _scrub(link, secret)
@@ -214,7 +318,7 @@ def translate(
             status_code=status,
         )
     if isinstance(exc, openai.APIStatusError) and status in (404, 405):
-        if status == 404 and _model_missing(exc, detail):
+        if status == 404 and _complains_of_model(exc, detail):
             return errors.BadRequestError(
                 f"The endpoint does not know the model (404): {detail}. Check OPENAI_MODEL "
                 "(and CHATCHAIN_FALLBACK_MODEL).",
@@ -223,7 +327,7 @@ def translate(
         return errors.BadRequestError(
             f"The endpoint has no chat completions at {_url_of(exc) or 'OPENAI_BASE_URL'} "
             f"({status}): {detail}. Check OPENAI_BASE_URL: an OpenAI-compatible server's base "
-            "URL usually ends in /v1 (e.g. http://localhost:11434/v1); check OPENAI_MODEL too.",
+            "URL usually ends in /v1 (e.g. http://localhost:11434/v1).",
             status_code=status,
         )
     if status == 501:
@@ -235,8 +339,8 @@ def translate(
         )
     if isinstance(exc, openai.APIStatusError) and status is not None and status < 500:
         return errors.BadRequestError(
-            f"The endpoint refused the request ({status}): {detail}. Check the model name "
-            "(OPENAI_MODEL) and the request settings.",
+            f"The endpoint refused the request ({status}): {detail}. "
+            + _refusal_advice(exc, detail),
             status_code=status,
         )
     if isinstance(exc, openai.APIStatusError):

@@ -5,7 +5,9 @@ turn, except that the model step asks for the schema with LangChain's
 ``with_structured_output``: method ``json_schema`` (OpenAI's structured outputs) first, and
 ``function_calling`` when the endpoint refuses ``response_format`` of type ``json_schema`` (a
 400 naming ``response_format``, as OpenAI's older models and many compatible servers answer);
-the refusal is remembered per chain, so later turns go straight to function calling. Models
+the refusal is remembered per chain, so later turns go straight to function calling. An
+endpoint that refuses the forced tool call too is reported with both refusals (see
+`chatchain._endpoint_errors.SchemaRefused`). Models
 without a ``method`` choice (e.g. `FakeChatModel`) use their own ``with_structured_output``.
 
 The reply is stored as the instance's JSON text, so later turns see what was answered, and
@@ -39,7 +41,7 @@ from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.utils.function_calling import convert_to_openai_function
 from pydantic import BaseModel, ValidationError
 
-from chatchain import _cache, _streaming
+from chatchain import _cache, _endpoint_errors, _streaming
 from chatchain._flow import Flow, arun, call, run
 from chatchain._options import ModelOptions, check_reply, options_of
 from chatchain.errors import InvalidInputError, StructuredReplyError
@@ -231,6 +233,9 @@ class StructuredModel(Runnable[Any, Any]):
         self.model = model
         self.json_schema_refused = False
         """The endpoint refused json_schema once: structured turns use function calling."""
+        self.json_schema_refusal = ""
+        """What the endpoint said when it refused json_schema, to report with a refusal of
+        function calling."""
 
     def _methods(self) -> list[str | None]:
         if not _takes_method(self.model):
@@ -262,6 +267,7 @@ class StructuredModel(Runnable[Any, Any]):
         if method != "json_schema" or not refuses_json_schema(exc):
             return False
         self.json_schema_refused = True
+        self.json_schema_refusal = _endpoint_errors.describe(exc)
         logger.info(
             "The endpoint refused response_format json_schema; structured replies use "
             "function calling from now on."
@@ -296,6 +302,9 @@ class StructuredModel(Runnable[Any, Any]):
             except Exception as exc:
                 if self._refused(exc, method):
                     continue
+                if self.json_schema_refused and _endpoint_errors.is_refusal(exc):
+                    # Both ways refused (function calling is the last): say both.
+                    raise _endpoint_errors.SchemaRefused(self.json_schema_refusal, exc) from exc
                 raise
             try:
                 return self._answer(schema, output, turn)

@@ -534,6 +534,65 @@ def test_other_refusals_are_not_taken_for_context_overflow(
             "Check OPENAI_MODEL",
             "Check OPENAI_BASE_URL",
         ),
+        # vLLM's unknown model (its name holds a dot): the model is what to check.
+        (
+            404,
+            {"object": "error", "message": "The model `gpt-4.1` does not exist.", "code": 404},
+            "http://127.0.0.1:9/v1/chat/completions",
+            BadRequestError,
+            "Check OPENAI_MODEL",
+            "Check OPENAI_BASE_URL",
+        ),
+        # LiteLLM's proxy answers an unknown model with a 400.
+        (
+            400,
+            {
+                "error": {
+                    "message": "/chat/completions: Invalid model name passed in model=gpt-9. "
+                    "Call `/v1/models` to view available models for your key.",
+                    "code": "400",
+                }
+            },
+            "http://127.0.0.1:9/v1/chat/completions",
+            BadRequestError,
+            "Check the model name (OPENAI_MODEL",
+            "Check CHATCHAIN",
+        ),
+        # A refusal naming the model as its param (chatchain serve's own 404 is the same).
+        (
+            400,
+            {"error": {"message": "Unsupported model.", "param": "model", "code": None}},
+            "http://127.0.0.1:9/v1/chat/completions",
+            BadRequestError,
+            "Check the model name (OPENAI_MODEL",
+            "tool calls",
+        ),
+        # A refusal that only mentions "this model" is not about the model's name.
+        (
+            400,
+            {
+                "error": {
+                    "message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                    "model. Use 'max_completion_tokens' instead.",
+                    "type": "invalid_request_error",
+                    "param": "max_tokens",
+                    "code": "unsupported_parameter",
+                }
+            },
+            "http://127.0.0.1:9/v1/chat/completions",
+            BadRequestError,
+            "check CHATCHAIN_MAX_TOKENS",
+            "model name",
+        ),
+        # Ollama's model without tools: the tools, not the model's name.
+        (
+            400,
+            {"error": {"message": "registry.ollama.ai/library/gemma3:4b does not support tools"}},
+            "http://127.0.0.1:9/v1/chat/completions",
+            BadRequestError,
+            "does not support tools",
+            "model name",
+        ),
         # 501: the server does not do chat completions; waiting will not help.
         (
             501,

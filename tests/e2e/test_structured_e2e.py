@@ -11,8 +11,8 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from chatchain import Chatbot, Settings, StructuredReplyError
-from chatchain.testing import OpenAITestServer
+from chatchain import BadRequestError, Chatbot, Settings, StructuredReplyError
+from chatchain.testing import Fault, OpenAITestServer
 
 KEY = "sk-e2e-secret-0123456789abcdef"
 
@@ -115,3 +115,32 @@ def test_the_fallback_shows_the_user_no_warning(
     assert reply.parsed is not None
     assert [str(w.message) for w in seen] == []
     assert len(server.requests) == (2 if refused else 1)
+
+
+TOOLS_REFUSED = "registry.ollama.ai/library/gemma3:4b does not support tools"
+
+
+@pytest.mark.parametrize("turns", [1, 2], ids=["first turn", "after an earlier refusal"])
+def test_an_endpoint_refusing_both_ways_is_reported_with_both_refusals(turns: int) -> None:
+    with OpenAITestServer(json_schema=False) as server:
+        settings = Settings(
+            api_key=KEY, base_url=server.base_url, model="gpt-4o-mini", max_retries=0, timeout=5
+        )
+        with Chatbot(settings) as bot:
+            if turns == 2:  # the json_schema refusal is remembered; function calling works
+                bot.chat("Forecast for Oslo", session_id="s", schema=Forecast)
+            server.clear()
+            if turns == 1:
+                server.add_fault(Fault())  # the json_schema request: refused by the server
+            server.add_fault(Fault(status=400, message=TOOLS_REFUSED))
+            with pytest.raises(BadRequestError) as caught:
+                bot.chat("Forecast for Paris", session_id="s", schema=Forecast)
+            history = bot.history("s")
+
+    message = str(caught.value)
+    assert "'response_format' of type 'json_schema' is not supported" in message
+    assert TOOLS_REFUSED in message
+    assert "model name" not in message
+    assert caught.value.status_code == 400
+    assert KEY not in message
+    assert [m.text for m in history if m.type == "human"] == ["Forecast for Oslo"] * (turns - 1)
