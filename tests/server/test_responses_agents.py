@@ -62,11 +62,15 @@ def _agent(**fields: Any) -> Agent[Any]:
     return Agent(name="helper", instructions="Answer briefly.", **fields)  # the default model
 
 
-def _history(service: Service, user: str, response_id: str) -> list[tuple[str, str]]:
+def _session(response_id: str) -> str:
     parsed = ResponseId.parse(response_id)
-    assert parsed is not None
+    assert parsed is not None, response_id
+    return parsed.session_id
+
+
+def _history(service: Service, user: str, response_id: str) -> list[tuple[str, str]]:
     with closing(open_store(service.store_url)) as store:
-        return [(m.type, m.text) for m in store.load(f"{user}:{parsed.session_id}")]
+        return [(m.type, m.text) for m in store.load(f"{user}:{_session(response_id)}")]
 
 
 def test_a_plain_run_and_previous_response_id_continue_the_conversation(
@@ -85,6 +89,8 @@ def test_a_plain_run_and_previous_response_id_continue_the_conversation(
     first, second = _run(service, token, work)
     assert (first.final_output, second.final_output) == ("Hello Ann.", "You are Ann.")
     assert second.last_response_id is not None
+    # One conversation, one session: the second response continued the first's.
+    assert _session(second.last_response_id) == _session(first.last_response_id)
     # The second call sent the stored conversation, after the deployment's system prompt.
     sent = [(m["role"], m["content"]) for m in endpoint.requests[-1]["body"]["messages"]]
     assert sent[1:] == [

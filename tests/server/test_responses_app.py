@@ -392,3 +392,25 @@ def test_a_streamed_function_call_sends_its_item_and_arguments(
     assert [(i.type, json.loads(i.arguments)) for i in final.output] == [  # type: ignore[union-attr]
         ("function_call", {"city": "Oslo"})
     ]
+
+
+def test_the_results_of_parallel_calls_are_one_turn(ann: openai.OpenAI, seen: Seen) -> None:
+    seen.script += [
+        tool_call_reply(("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Bergen"})),
+        "Sunny in Oslo, rain in Bergen.",
+    ]
+    asked = ann.responses.create(model="m", input="Oslo and Bergen?", tools=[WEATHER])  # type: ignore[list-item]
+    results: Any = [
+        {"type": "function_call_output", "call_id": item.call_id, "output": output}  # type: ignore[union-attr]
+        for item, output in zip(asked.output, ["sunny", "rain"], strict=True)
+    ]
+    answered = ann.responses.create(
+        model="m",
+        previous_response_id=asked.id,
+        input=results,
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+    got = ann.responses.retrieve(answered.id)
+    assert got.output_text == "Sunny in Oslo, rain in Bergen."
+    items = ann.responses.input_items.list(answered.id, order="asc").data
+    assert [i.output for i in items] == ["sunny", "rain"]  # type: ignore[union-attr]
