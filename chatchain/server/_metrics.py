@@ -82,7 +82,8 @@ _REQUEST: ContextVar[_Request | None] = ContextVar("chatchain_metrics_request", 
 
 
 def serving(route: str) -> None:
-    """Count the turns the current request runs under ``route`` (``native``, ``openai``).
+    """Count the turns the current request runs under ``route`` (``native``, ``openai``,
+    ``responses``).
 
     A context variable: the tasks the request starts (a streamed turn's) inherit it.
     """

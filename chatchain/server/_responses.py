@@ -68,12 +68,25 @@ to have the server keep the conversation, or ``"store": false`` to keep nothing.
 before its first piece answers with its HTTP status; a failure after it is an ``error``
 event (the SDK raises ``openai.APIError``).
 
+**Tools and structured output.** Function ``tools``, ``tool_choice`` and
+``parallel_tool_calls`` are sent to the model (`chatchain.ModelOptions`) and never run here:
+the model's calls come back as ``function_call`` output items (streamed as
+``response.output_item.added`` and ``response.function_call_arguments.delta``), the turn is
+stored with them, and the client's ``function_call_output`` items, with
+``previous_response_id``, are the session's next turn (the whole exchange stays in one
+session, and the window keeps the calls with their results). ``text.format``
+``json_schema`` (the reply checked against the schema) and ``json_object`` are sent as the
+call's response format. A deployment with tools of its own (``serve --tools``) refuses
+function tools (400): the model's calls could not be told apart from the server's.
+
 **Limits.** Two requests continuing the *same* newest response at the same moment are run
-one after the other by the session's lock, and the later one continues after the earlier
-one instead of beside it. Sampling fields (``temperature``, ``top_p``) and
-``max_output_tokens`` are accepted and the deployment's settings decide them, as on
-``/v1/chat/completions``. Hosted tools (web search, files, ...), ``background``,
-``conversation``, ``prompt`` and non-text input are refused with 400.
+one after the other by the session's lock: the later one continues after the earlier one
+instead of beside it, and its id names where it was stored. A streamed response's id is
+sent before its turn runs, so in that race it names the place it was given (the earlier
+one's): do not stream two continuations of one response at once. Sampling fields
+(``temperature``, ``top_p``) and ``max_output_tokens`` are accepted and the deployment's
+settings decide them, as on ``/v1/chat/completions``. Hosted tools (web search, files,
+...), ``background``, ``conversation``, ``prompt`` and non-text input are refused with 400.
 """
 
 from __future__ import annotations
@@ -702,6 +715,22 @@ class _Call:
             self.rid = await _fork(self.service, self.user, found)
         self.key = session_key(self.user, self.rid.session_id)
 
+    async def find_place(self, reply: BaseMessage) -> None:
+        """Make the id name where the turn was stored: after ``prepare``, another turn on
+        the session (a request continuing the same response at the same moment) may have
+        been stored first, and this one after it."""
+        if reply.id is None:
+            return
+        store = self.service.bot.store
+        stored = await store.aload(self.key, self.rid.start)
+        at = next((i for i in reversed(range(len(stored))) if stored[i].id == reply.id), None)
+        if at is None:
+            return
+        while at > 0 and not _starts_turn(stored[at], stored[at - 1]):
+            at -= 1
+        if at:
+            self.rid = ResponseId(self.rid.conversation, self.rid.start + at, self.rid.created)
+
     async def _prepare_stateless(self, found: _Found | None) -> None:
         history = list(self.input.history)
         if found is not None:
@@ -780,6 +809,8 @@ async def create_response(
         tools = bool(call.options and call.options.tools)
         return await relay(request, service, user, call.stream, _Events(call), tools=tools)
     reply = await call.reply()
+    if call.stateful:
+        await call.find_place(reply.message)
     status, incomplete = _ending(reply.message.response_metadata.get("finish_reason"))
     return call.response(
         status=status,

@@ -15,11 +15,14 @@ import openai
 import pytest
 from agents import (
     Agent,
+    ModelSettings,
     Runner,
+    function_tool,
     set_default_openai_api,
     set_default_openai_client,
     set_tracing_disabled,
 )
+from pydantic import BaseModel
 
 from chatchain.server._responses import ResponseId
 from chatchain.stores import open_store
@@ -59,11 +62,15 @@ def _agent(**fields: Any) -> Agent[Any]:
     return Agent(name="helper", instructions="Answer briefly.", **fields)  # the default model
 
 
-def _history(service: Service, user: str, response_id: str) -> list[tuple[str, str]]:
+def _session(response_id: str) -> str:
     parsed = ResponseId.parse(response_id)
-    assert parsed is not None
+    assert parsed is not None, response_id
+    return parsed.session_id
+
+
+def _history(service: Service, user: str, response_id: str) -> list[tuple[str, str]]:
     with closing(open_store(service.store_url)) as store:
-        return [(m.type, m.text) for m in store.load(f"{user}:{parsed.session_id}")]
+        return [(m.type, m.text) for m in store.load(f"{user}:{_session(response_id)}")]
 
 
 def test_a_plain_run_and_previous_response_id_continue_the_conversation(
@@ -82,6 +89,8 @@ def test_a_plain_run_and_previous_response_id_continue_the_conversation(
     first, second = _run(service, token, work)
     assert (first.final_output, second.final_output) == ("Hello Ann.", "You are Ann.")
     assert second.last_response_id is not None
+    # One conversation, one session: the second response continued the first's.
+    assert _session(second.last_response_id) == _session(first.last_response_id)
     # The second call sent the stored conversation, after the deployment's system prompt.
     sent = [(m["role"], m["content"]) for m in endpoint.requests[-1]["body"]["messages"]]
     assert sent[1:] == [
@@ -120,6 +129,65 @@ def test_a_streamed_run_sends_the_text_and_the_usage(
     assert usage.requests == 1
     assert usage.input_tokens > 0 and usage.output_tokens > 0
     assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """The weather in a city.
+
+    Args:
+        city: The city's name.
+    """
+    return f"sunny in {city}"
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["history", "previous_response_id"])
+def test_a_function_tool_with_tool_choice_required(
+    service: Service,
+    endpoint: OpenAITestServer,
+    user: tuple[str, str],
+    chained: bool,
+) -> None:
+    name, token = user
+    agent = _agent(tools=[get_weather], model_settings=ModelSettings(tool_choice="required"))
+
+    async def work() -> Any:
+        return await Runner.run(agent, "Weather in Oslo?", auto_previous_response_id=chained)
+
+    result = _run(service, token, work)
+    # A forced choice is answered with arguments made to fit the parameters: city "text".
+    assert result.final_output == "Echo: Weather in Oslo? [tool results: sunny in text]"
+    asked, answered = endpoint.requests[-2]["body"], endpoint.requests[-1]["body"]
+    assert asked["tool_choice"] == "required"
+    assert [t["function"]["name"] for t in asked["tools"]] == ["get_weather"]
+    assert answered["messages"][-1]["role"] == "tool"
+    # The exchange is stored whole in one session: the question, the call, its result and
+    # the answer (chained: one session continued; not chained: the last request's own).
+    assert _history(service, name, result.last_response_id) == [
+        ("human", "Weather in Oslo?"),
+        ("ai", ""),
+        ("tool", "sunny in text"),
+        ("ai", "Echo: Weather in Oslo? [tool results: sunny in text]"),
+    ]
+
+
+class City(BaseModel):
+    name: str
+    population: int
+
+
+def test_output_type_is_answered_with_a_json_schema_reply(
+    service: Service, endpoint: OpenAITestServer, user: tuple[str, str]
+) -> None:
+    _, token = user
+    endpoint.queue_json({"name": "Oslo", "population": 709000})
+    agent = _agent(output_type=City)
+
+    result = _run(service, token, lambda: Runner.run(agent, "The capital of Norway?"))
+    assert result.final_output == City(name="Oslo", population=709000)
+    sent = endpoint.requests[-1]["body"]["response_format"]
+    assert sent["type"] == "json_schema"
+    assert set(sent["json_schema"]["schema"]["properties"]) == {"name", "population"}
 
 
 def test_another_users_response_id_is_refused(
@@ -175,3 +243,25 @@ def test_the_openai_sdks_responses_create_stream_retrieve_items_and_delete(
     for gone in (first.id, streamed.id):  # one conversation, one session: both gone
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(gone)
+
+
+def test_the_openai_sdks_raw_function_call_loop(
+    sdk: Callable[[str], openai.OpenAI], endpoint: OpenAITestServer, user: tuple[str, str]
+) -> None:
+    client = sdk(user[1])
+    endpoint.add_tool_rule("get_weather", {"city": "Oslo"})
+    weather: Any = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    asked = client.responses.create(model="gpt-4o-mini", input="Weather in Oslo?", tools=[weather])
+    (call,) = [item for item in asked.output if item.type == "function_call"]
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Oslo"}')
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+    answered = client.responses.create(
+        model="gpt-4o-mini", previous_response_id=asked.id, input=[result], tools=[weather]
+    )
+    assert answered.output_text == "Echo: Weather in Oslo? [tool results: sunny]"
+    sent = endpoint.requests[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool"]

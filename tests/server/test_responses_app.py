@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -66,9 +67,13 @@ def fake_calls(seen: Seen) -> None:
 
 
 @pytest.fixture
-def bot(store: HistoryStore, seen: Seen) -> Chatbot:
+def model(seen: Seen) -> FakeChatModel:
+    return FakeChatModel(model_name="gpt-4o-mini", respond=seen)
+
+
+@pytest.fixture
+def bot(store: HistoryStore, model: FakeChatModel) -> Chatbot:
     settings = Settings(api_key="sk-test", server_requests_per_minute=0)
-    model = FakeChatModel(model_name="gpt-4o-mini", respond=seen)
     return Chatbot(settings, llm=model, store=store, system="Be kind.")
 
 
@@ -154,6 +159,23 @@ def test_continuing_an_older_response_forks_a_session_with_the_history_up_to_it(
     ann.responses.create(model="m", input="three b", previous_response_id=forked.id)
     assert seen.calls[-1][-2:] == [("ai", "Echo: two again"), ("human", "three b")]
     assert bot.store.count(old) == 6 and bot.store.count(new) == 6
+
+
+def test_two_continuations_of_one_response_at_once_each_get_the_id_of_their_place(
+    bot: Chatbot, ann: openai.OpenAI, model: FakeChatModel
+) -> None:
+    first = ann.responses.create(model="m", input="one")
+    model.delay = 0.3  # both requests find `first` the newest before either is stored
+
+    def more(text: str) -> Any:
+        return ann.responses.create(model="m", input=text, previous_response_id=first.id)
+
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(more, ["a", "b"]))
+    assert replies[0].id != replies[1].id
+    for reply in replies:  # the later one was run after the earlier one, and says so
+        assert ann.responses.retrieve(reply.id).output_text == reply.output_text
+    assert bot.store.count(f"ann:{_session(first.id)}") == 6
 
 
 def test_retrieve_and_input_items_give_the_stored_response(ann: openai.OpenAI) -> None:
@@ -370,3 +392,25 @@ def test_a_streamed_function_call_sends_its_item_and_arguments(
     assert [(i.type, json.loads(i.arguments)) for i in final.output] == [  # type: ignore[union-attr]
         ("function_call", {"city": "Oslo"})
     ]
+
+
+def test_the_results_of_parallel_calls_are_one_turn(ann: openai.OpenAI, seen: Seen) -> None:
+    seen.script += [
+        tool_call_reply(("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Bergen"})),
+        "Sunny in Oslo, rain in Bergen.",
+    ]
+    asked = ann.responses.create(model="m", input="Oslo and Bergen?", tools=[WEATHER])  # type: ignore[list-item]
+    results: Any = [
+        {"type": "function_call_output", "call_id": item.call_id, "output": output}  # type: ignore[union-attr]
+        for item, output in zip(asked.output, ["sunny", "rain"], strict=True)
+    ]
+    answered = ann.responses.create(
+        model="m",
+        previous_response_id=asked.id,
+        input=results,
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+    got = ann.responses.retrieve(answered.id)
+    assert got.output_text == "Sunny in Oslo, rain in Bergen."
+    items = ann.responses.input_items.list(answered.id, order="asc").data
+    assert [i.output for i in items] == ["sunny", "rain"]  # type: ignore[union-attr]
