@@ -49,6 +49,13 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 @click.option("--offline", is_flag=True, help="Answer with chatchain's echo server, not a model.")
 @click.option("--tools", "tools", metavar="MODULE", help=TOOLS_HELP)
 @click.option(
+    "--models",
+    metavar="A,B",
+    help="Models that requests may name (OpenAI's `model`), comma-separated, each priced and "
+    "capped as itself; OPENAI_MODEL is always one and answers when none is named "
+    "(default: CHATCHAIN_SERVER_MODELS, else OPENAI_MODEL only).",
+)
+@click.option(
     "--var",
     "variables",
     metavar="NAME=VALUE",
@@ -65,6 +72,7 @@ def serve(
     store_url: str | None,
     offline: bool,
     tools: str | None,
+    models: str | None,
     variables: tuple[str, ...],
     debug: bool,
 ) -> None:
@@ -86,7 +94,7 @@ def serve(
                 f"chatchain serve needs {exc.name}: install it with pip install "
                 "'chatchain[server]'."
             ) from None
-        settings = load_settings(None, {"store_url": store_url})
+        settings = load_settings(None, {"store_url": store_url, "server_models": models})
         settings = _with_variables(settings, variables, status)
         report.remember_key(settings)
         if workers > 1 and settings.store_url.startswith("memory:"):
@@ -99,6 +107,7 @@ def serve(
         with use_endpoint(settings, offline, status) as served:
             env = {"CHATCHAIN_STORE": served.store_url, TOOLS_ENV: tools or ""}
             env["CHATCHAIN_PROMPT_VARS"] = json.dumps(settings.prompt_vars)
+            env["CHATCHAIN_SERVER_MODELS"] = ",".join(settings.server_models)
             if offline:
                 assert served.base_url is not None
                 # The worker's key is a placeholder: the real one (in .env, say) stays home.
