@@ -28,7 +28,12 @@ from chatchain._tools import ToolEvent, ToolFinished, ToolRun, ToolStarted
 from chatchain._turn import Turn, validate_session_id
 from chatchain.budgets import Budget, BudgetLimit
 from chatchain.chain import ChatChain, create_chat_chain
-from chatchain.errors import InvalidInputError, MissingAPIKeyError, SessionBusyError
+from chatchain.errors import (
+    ConfigurationError,
+    InvalidInputError,
+    MissingAPIKeyError,
+    SessionBusyError,
+)
 from chatchain.hooks import TurnHooks
 from chatchain.prompt import create_prompt
 from chatchain.settings import Settings
@@ -330,6 +335,7 @@ class Chatbot:
         hooks: TurnHooks | Sequence[TurnHooks] | None = None,
     ) -> None:
         self._hooks = as_hooks(hooks)  # shared with the chain: `add_hooks` reaches its turns
+        self._owns_store = True  # `close` closes it (not so for a bot of `with_model`)
         self.settings = settings or Settings.load(env_file)
         self.store: HistoryStore = (
             open_store(self.settings.store_url, lock_timeout=self.settings.lock_timeout)
@@ -392,6 +398,50 @@ class Chatbot:
             tools=self._tools,
             hooks=self._hooks,
         )
+
+    def with_model(self, model: str) -> Chatbot:
+        """A Chatbot like this one that answers with ``model``: one chat service, several models.
+
+        It shares this bot's store (so its sessions, usage ledger, locks and connections), its
+        system prompt and variables, budget, tools and hooks (`add_hooks` on either reaches
+        both); it has its own chain, so its turns are priced, held and capped as ``model``'s,
+        and the ledger names ``model`` for them. It does not own the store: closing it closes
+        only its own chain, and the store closes with this bot.
+
+        Args:
+            model: The model's name at the endpoint (as ``OPENAI_MODEL`` names one).
+
+        Returns:
+            The new bot.
+
+        Raises:
+            ConfigurationError: ``model`` is blank, or this bot was given its own ``llm``
+                (a model object, which a name cannot change).
+
+        Example:
+            >>> bot = Chatbot(Settings(api_key="sk-test", model="gpt-4o-mini"))
+            >>> mini = bot.with_model("gpt-4.1-mini")
+            >>> mini.settings.model, mini.store is bot.store
+            ('gpt-4.1-mini', True)
+        """
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigurationError(f"with_model needs a model name, not {model!r}.")
+        if self._llm is not None:
+            raise ConfigurationError(
+                "This Chatbot was given its own llm, whose model a name cannot change: build "
+                "a Chatbot per model with its own llm (and store=bot.store) instead."
+            )
+        twin = Chatbot(
+            self.settings.model_copy(update={"model": model.strip()}),
+            store=self.store,
+            system=self._system,
+            prompt_vars=self._prompt_vars,
+            budget=self._budget,
+            tools=self._tools,
+        )
+        twin._hooks = self._hooks  # the same list: its chain, built on first use, shares it
+        twin._owns_store = False
+        return twin
 
     def add_hooks(self, hooks: TurnHooks) -> None:
         """Tell ``hooks`` of the events of every turn from now on (once: adding the same
@@ -892,7 +942,8 @@ class Chatbot:
 
     def close(self) -> None:
         """Release what the bot opened: its chain's response cache (``CHATCHAIN_CACHE``) and
-        the store's connections and files. Idempotent; also ``with Chatbot(...) as bot``.
+        the store's connections and files (a bot of `with_model` leaves the store to the bot
+        it came from). Idempotent; also ``with Chatbot(...) as bot``.
 
         HTTP connections to the endpoint are pooled for the process (and for each event
         loop) and shared by every bot; they close with the loop, or at exit.
@@ -903,14 +954,15 @@ class Chatbot:
             if chain is not None:
                 chain.close()
         finally:
-            self.store.close()
+            if self._owns_store:
+                self.store.close()
 
     async def aclose(self) -> None:
         """`close`, and first the store's connections of the running event loop (Redis keeps
         async connections per loop, which would otherwise stay open until the loop ends: in a
         notebook or a service, never). Also ``async with Chatbot(...) as bot``.
         """
-        aclose = getattr(self.store, "aclose", None)
+        aclose = getattr(self.store, "aclose", None) if self._owns_store else None
         try:
             if callable(aclose):
                 await aclose()

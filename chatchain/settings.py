@@ -302,6 +302,13 @@ class Settings(BaseSettings):
     """``CHATCHAIN_SERVER_STREAMS_PER_USER``: streamed replies one user may have open at once
     (per worker process), then 429 with ``Retry-After``; 0 for no limit."""
 
+    server_models: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), validation_alias="CHATCHAIN_SERVER_MODELS"
+    )
+    """``CHATCHAIN_SERVER_MODELS``: comma-separated models (e.g. ``gpt-4o-mini,gpt-4.1``) that
+    requests to ``chatchain serve`` may name in ``model``, each priced and capped as itself;
+    by default only ``OPENAI_MODEL``, which also answers the native API and the chat page."""
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -348,7 +355,7 @@ class Settings(BaseSettings):
     def _url_without_password(self, url: str | None) -> str | None:
         return None if url is None else _redacted_url(url)
 
-    @field_validator("server_cors_origins", mode="before")
+    @field_validator("server_cors_origins", "server_models", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):

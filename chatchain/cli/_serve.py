@@ -50,6 +50,13 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 @click.option("--offline", is_flag=True, help="Answer with chatchain's echo server, not a model.")
 @click.option("--tools", "tools", metavar="MODULE", help=TOOLS_HELP)
 @click.option(
+    "--models",
+    metavar="A,B",
+    help="Models that requests may name (OpenAI's `model`), comma-separated, each priced and "
+    "capped as itself; OPENAI_MODEL is always one and answers when none is named "
+    "(default: CHATCHAIN_SERVER_MODELS, else OPENAI_MODEL only).",
+)
+@click.option(
     "--var",
     "variables",
     metavar="NAME=VALUE",
@@ -84,6 +91,7 @@ def serve(
     store_url: str | None,
     offline: bool,
     tools: str | None,
+    models: str | None,
     variables: tuple[str, ...],
     shutdown_grace: float | None,
     drain_delay: float | None,
@@ -115,6 +123,7 @@ def serve(
             "store_url": store_url,
             "server_shutdown_grace": shutdown_grace,
             "server_drain_delay": drain_delay,
+            "server_models": models,
         }
         settings = load_settings(None, options)
         settings = _with_variables(settings, variables, status)
@@ -131,6 +140,7 @@ def serve(
             env["CHATCHAIN_PROMPT_VARS"] = json.dumps(settings.prompt_vars)
             env["CHATCHAIN_SERVER_SHUTDOWN_GRACE"] = str(settings.server_shutdown_grace)
             env["CHATCHAIN_SERVER_DRAIN_DELAY"] = str(settings.server_drain_delay)
+            env["CHATCHAIN_SERVER_MODELS"] = ",".join(settings.server_models)
             if offline:
                 assert served.base_url is not None
                 # The worker's key is a placeholder: the real one (in .env, say) stays home.

@@ -26,7 +26,7 @@ from chatchain.server._errors import (
     openai_error,
 )
 from chatchain.server._page import install_page
-from chatchain.server._service import AppState, Service
+from chatchain.server._service import AppState, Service, served_models
 from chatchain.server._throttle import UserThrottle
 from chatchain.users import Users
 
@@ -71,6 +71,7 @@ def create_app(
         bot = Chatbot(settings or Settings.load(), tools=_tools_from_environment())
     settings = settings or bot.settings
     bot.add_hooks(_metrics.HOOKS)  # the turns' metrics, from the turns' own events
+    models = _bots_of_models(bot, settings)
     service = Service(
         bot=bot,
         users=users or Users(bot.store),
@@ -80,6 +81,7 @@ def create_app(
             streams=settings.server_streams_per_user,
             store=bot.store,
         ),
+        models=models,
     )
 
     drain = Drain(delay=settings.server_drain_delay, grace=settings.server_shutdown_grace)
@@ -94,6 +96,9 @@ def create_app(
             await drain.settled()  # the turns stopped at the grace's end, stored
             drain.uninstall()
             _metrics.process_exited()
+            for other in models.values():  # the app's own bots: their chains, not the store
+                if other is not service.bot:
+                    await other.aclose()
             if owned:
                 await service.bot.aclose()
                 await aclose_loop_client()  # the endpoint's connections, opened on this loop
@@ -123,6 +128,21 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.server_max_body_bytes)
     app.add_middleware(InFlight, drain=drain)  # outermost: counts every request to its end
     return app
+
+
+def _bots_of_models(bot: Chatbot, settings: Settings) -> dict[str, Chatbot]:
+    """The bot of each model requests may name (`served_models`): ``bot`` for its own, and
+    a `Chatbot.with_model` over its store for each other one.
+
+    Raises:
+        ConfigurationError: ``CHATCHAIN_SERVER_MODELS`` names other models and ``bot`` was
+            given its own ``llm``.
+    """
+    models = {bot.settings.model: bot}
+    for name in served_models(settings.model_copy(update={"model": bot.settings.model})):
+        if name not in models:
+            models[name] = bot.with_model(name)
+    return models
 
 
 def _tools_from_environment() -> list[Any]:

@@ -72,6 +72,7 @@ class HTTPProblem(Exception):
         type: The ``error.type`` of the body, e.g. ``"Unauthorized"``.
         message: What happened and what to do next.
         headers: Extra headers, e.g. ``Retry-After`` or ``WWW-Authenticate``.
+        param: The request field at fault, for OpenAI's ``error.param`` (e.g. ``"model"``).
     """
 
     def __init__(
@@ -81,12 +82,14 @@ class HTTPProblem(Exception):
         *,
         type: str | None = None,
         headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type or _HTTP_TYPES.get(status, "Error")
         self.message = message
         self.headers = dict(headers or {})
+        self.param = param
 
 
 def status_of(exc: ChatChainError) -> int:
@@ -147,6 +150,7 @@ _OPENAI_CODES: Mapping[str, str] = {
     "TooManyRequests": "rate_limit_exceeded",
     "BudgetExceeded": "insufficient_quota",
     "ContextTooLongError": "context_length_exceeded",
+    "ModelNotFound": "model_not_found",
 }
 
 
@@ -161,7 +165,7 @@ def is_openai_path(path: str) -> bool:
 
 
 def openai_error(
-    status: int, type: str, message: str
+    status: int, type: str, message: str, param: str | None = None
 ) -> tuple[int, dict[str, dict[str, str | None]], dict[str, str]]:
     """An error answer as OpenAI gives it: the status, body and headers its SDK expects.
 
@@ -170,7 +174,8 @@ def openai_error(
     ``x-should-retry: false``, as OpenAI answers an exhausted quota, so the SDK raises
     ``RateLimitError`` without retrying in vain; a prompt over the model's context window is
     400 ``context_length_exceeded``, as OpenAI answers it. ``code`` is OpenAI's where it has
-    one for what happened, else chatchain's error class.
+    one for what happened, else chatchain's error class; ``param`` is the request field at
+    fault, if one is.
 
     Example:
         >>> status, body, headers = openai_error(402, "BudgetExceeded", "Budget exceeded: ...")
@@ -196,7 +201,7 @@ def openai_error(
     code = _OPENAI_CODES.get(type, type)
     return (
         status,
-        {"error": {"message": message, "type": kind, "param": None, "code": code}},
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
         headers,
     )
 
@@ -208,10 +213,11 @@ def _answer(
     headers: Mapping[str, str] | None = None,
     *,
     path: str = "",
+    param: str | None = None,
 ) -> JSONResponse:
     _metrics.ERRORS.labels(type).inc()
     if is_openai_path(path):
-        status, body, extra = openai_error(status, type, message)
+        status, body, extra = openai_error(status, type, message, param)
         return JSONResponse(body, status_code=status, headers={**(headers or {}), **extra})
     return JSONResponse(error_body(type, message), status_code=status, headers=headers)
 
@@ -223,7 +229,9 @@ async def _chatchain_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPProblem)
-    return _answer(exc.status, exc.type, exc.message, exc.headers, path=request.url.path)
+    return _answer(
+        exc.status, exc.type, exc.message, exc.headers, path=request.url.path, param=exc.param
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

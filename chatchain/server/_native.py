@@ -3,6 +3,17 @@
 Every route takes the caller from the bearer token and only ever sees the caller's sessions:
 the store keys them ``"name:session_id"`` and the API shows the ``session_id`` part. Another
 user's session id is simply absent, so it answers 404 like one that never existed.
+
+A session id is the rest of the path (``{session_id:session}``), so ids with ``/`` are reachable
+percent-encoded or not: ``/v1/sessions/team%2F42/messages`` is session ``team/42``, as is
+``/v1/sessions/team/42/messages``. The suffix routes (``/messages``, ``/title``, ``/export``)
+match first on their method; ``DELETE /v1/sessions/{id}`` takes the whole rest, so
+``DELETE /v1/sessions/a/messages`` deletes session ``a/messages``. A new route under
+``/sessions/`` must keep that order: a suffix route before any catch-all of its method.
+Which ids are refused is `chatchain.server._service.session_key`'s one rule.
+
+A turn answers with the configured model, or with the ``model`` its body names among those
+the server allows (``CHATCHAIN_SERVER_MODELS``; 404 ``ModelNotFound`` for any other).
 """
 
 from __future__ import annotations
@@ -17,9 +28,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from chatchain import (
     AsyncReplyStream,
+    Chatbot,
     ChatChainError,
     InvalidInputError,
     Reply,
@@ -62,6 +75,17 @@ from chatchain.usage import Usage
 from chatchain.users import User
 
 __all__ = ["router"]
+
+
+class _SessionIdPath(PathConvertor):
+    """A session id in a path: the rest of the path (``/`` included), line breaks too, so an
+    id with one reaches `session_key`'s clear refusal rather than a 404 (``path``'s ``.*``
+    stops at a line break)."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("session", _SessionIdPath())
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -134,7 +158,7 @@ def _wants_events(request: Request) -> bool:
 
 
 @router.post(
-    "/sessions/{session_id}/messages",
+    "/sessions/{session_id:session}/messages",
     response_model=ReplyOut,
     responses=_EVENTS,  # type: ignore[arg-type]
 )
@@ -144,12 +168,13 @@ async def post_message(
     """Send one message in one of your sessions (created by its first message)."""
     _metrics.serving(ROUTE)
     args = _turn_args(service, user, session_id, body)
+    bot = service.bot_for(body.model)
     replaced = await _replace_last(service, user, session_id) if body.replace_last else None
     try:
         if _wants_events(request):
-            return await _stream(request, service, user, body.text, args)
+            return await _stream(request, service, bot, user, body.text, args)
         try:
-            reply = await service.bot.achat(body.text, **args)
+            reply = await bot.achat(body.text, **args)
         except ChatChainError as exc:
             _log_failure(user, exc)
             raise
@@ -213,14 +238,14 @@ async def _replace_last(service: Service, user: User, session_id: str) -> _Repla
 
 
 async def _stream(
-    request: Request, service: Service, user: User, text: str, args: dict[str, Any]
+    request: Request, service: Service, bot: Chatbot, user: User, text: str, args: dict[str, Any]
 ) -> Response:
     """The reply as server-sent events (see `relay`), tool events included."""
     return await relay(
         request,
         service,
         user,
-        lambda: service.bot.astream(text, **args),
+        lambda: bot.astream(text, **args),
         _Events(),
         tools=True,
         on_failure=lambda exc: _log_failure(user, exc),
@@ -309,7 +334,7 @@ def _first_words(store: HistoryStore, session_id: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-@router.put("/sessions/{session_id}/title", status_code=204, response_class=Response)
+@router.put("/sessions/{session_id:session}/title", status_code=204, response_class=Response)
 def set_title(session_id: str, body: TitleIn, user: Caller, service: ServiceDep) -> Response:
     """Rename one of your sessions; an empty title gives it back its first message's."""
     key = _existing(service, user, session_id)
@@ -392,7 +417,9 @@ def _message_out(message: BaseMessage) -> MessageOut:
 
 
 @router.get(
-    "/sessions/{session_id}/messages", response_model=Messages, response_model_exclude_none=True
+    "/sessions/{session_id:session}/messages",
+    response_model=Messages,
+    response_model_exclude_none=True,
 )
 def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages:
     """The whole transcript of one of your sessions, oldest first."""
@@ -402,7 +429,7 @@ def get_messages(session_id: str, user: Caller, service: ServiceDep) -> Messages
     return Messages(session_id=session_id, messages=_messages_out(history, pricer))
 
 
-@router.delete("/sessions/{session_id}", status_code=204, response_class=Response)
+@router.delete("/sessions/{session_id:session}", status_code=204, response_class=Response)
 def delete_session(session_id: str, user: Caller, service: ServiceDep) -> Response:
     """Delete one of your sessions (its usage stays in the ledger)."""
     key = _existing(service, user, session_id)
@@ -410,7 +437,7 @@ def delete_session(session_id: str, user: Caller, service: ServiceDep) -> Respon
     return Response(status_code=204)
 
 
-@router.get("/sessions/{session_id}/export")
+@router.get("/sessions/{session_id:session}/export")
 def export_session(session_id: str, user: Caller, service: ServiceDep) -> dict[str, Any]:
     """One of your sessions as chatchain's export JSON (``chatchain sessions import`` reads it)."""
     data = service.bot.export_session(_existing(service, user, session_id))

@@ -43,8 +43,12 @@ deployment with tools of its own is refused with 400: the model's calls could no
 apart (which to run here, which to hand back), so the two never meet in one call. A
 ``response_format`` alone is honoured there, for a call without the server's tools.
 
-``model`` is required, as OpenAI requires it, but the configured model answers: the reply's
-``model`` says which (the model the endpoint named, or the configured one while streaming).
+``model`` is required, as OpenAI requires it, and picks the model that answers among those
+the operator allows (``OPENAI_MODEL`` and ``CHATCHAIN_SERVER_MODELS``, which ``GET
+/v1/models`` lists); any other is 404 ``model_not_found``, as OpenAI answers. Each model's
+turns are priced, held and capped as that model's, and the ledger names it; the reply's
+``model`` is the one the endpoint named (the requested one while streaming).
+
 Sampling fields (``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ...) are
 accepted and ignored: the deployment's settings decide them. What would change the kind of
 reply (``n`` above 1, legacy function calls, logprobs, audio, images) is refused with 400, as
@@ -141,7 +145,7 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Required; the configured model answers whatever it names.")
+    model: str = Field(description="Required: one of the models GET /v1/models lists.")
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -345,9 +349,10 @@ class _Call:
     ) -> None:
         self.service = service
         self.user = user
+        self.bot = service.bot_for(body.model)
         self.id = f"chatcmpl-{uuid4().hex}"
         self.created = int(time.time())
-        self.model = service.settings.model
+        self.model = self.bot.settings.model
         self.options = _options(body)
         self.client_tools = bool(self.options and self.options.tools)
         if session_id is not None:
@@ -360,7 +365,7 @@ class _Call:
         self.stateful = session_id is not None
 
     async def reply(self) -> Reply:
-        bot, limits = self.service.bot, self.service.users.limits(self.user)
+        bot, limits = self.bot, self.service.users.limits(self.user)
         user_id, options = self.user.name, self.options
         if self.stateful:
             return await bot.achat(
@@ -371,7 +376,7 @@ class _Call:
         )
 
     def stream(self) -> AsyncReplyStream:
-        bot, limits = self.service.bot, self.service.users.limits(self.user)
+        bot, limits = self.bot, self.service.users.limits(self.user)
         user_id, options = self.user.name, self.options
         if self.stateful:
             return bot.astream(
@@ -541,27 +546,22 @@ def _json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
-def _model_object(service: Service, created: int) -> dict[str, Any]:
-    return {"id": service.settings.model, "object": "model", "created": created, "owned_by": _OWNER}
+def _model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": _OWNER}
 
 
 @router.get("/models")
 def list_models(request: Request, user: Caller, service: ServiceDep) -> dict[str, Any]:
-    """The model that answers (the configured one), as OpenAI lists models."""
-    return {"object": "list", "data": [_model_object(service, _started(request))]}
+    """The models a request may name, the configured one first, as OpenAI lists models."""
+    started = _started(request)
+    return {"object": "list", "data": [_model_object(n, started) for n in service.model_names]}
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model:path}")  # model names may hold "/" (e.g. "meta-llama/Llama-3-8B")
 def get_model(model: str, request: Request, user: Caller, service: ServiceDep) -> dict[str, Any]:
-    """The configured model, or 404 for any other name."""
-    if model != service.settings.model:
-        raise HTTPProblem(
-            404,
-            f"The model {model!r} is not served here; {service.settings.model!r} answers "
-            "every request (see GET /v1/models).",
-            type="model_not_found",
-        )
-    return _model_object(service, _started(request))
+    """One of the models a request may name, or 404 ``model_not_found``."""
+    bot = service.bot_for(model)
+    return _model_object(bot.settings.model, _started(request))
 
 
 def _started(request: Request) -> int:

@@ -37,6 +37,11 @@ class MessageIn(BaseModel):
     vars: dict[str, str] = Field(
         default_factory=dict, description="Values of the system prompt's {variables}."
     )
+    model: str | None = Field(
+        default=None,
+        description="The model to answer with, among those GET /v1/models lists; the "
+        "configured model by default.",
+    )
     replace_last: bool = Field(
         default=False,
         description="Replace the session's last turn (its last user message and the reply) "

@@ -3,11 +3,28 @@
 Routers (the native API, the OpenAI-compatible one, the page) take these as FastAPI
 dependencies: ``user: Caller`` authenticates the request (401 otherwise) and counts it
 against the user's requests per minute (429); ``service: ServiceDep`` is the `Service`.
+
+**Session ids, one rule on every route.** Whatever names a session (a native API path, the
+``X-Session-Id`` header of the OpenAI route, the Responses API) goes through `session_key`,
+which refuses (422 on the native API, 400 on OpenAI's routes, which have no 422) what cannot
+key a session or cannot be carried by a URL path or a header: empty, control characters or
+line breaks, too long, exactly ``.`` or ``..`` (which browsers and HTTP clients resolve away
+as path segments, even percent-encoded), or a space first or last (which HTTP strips from a
+header). Everything else, ``/`` included, is reachable: the native routes take the id as the
+rest of the path (``/v1/sessions/team%2F42/messages`` and ``/v1/sessions/team/42/messages``
+both name ``team/42``). Clients should percent-encode the id (``encodeURIComponent``,
+``urllib.parse.quote(id, safe="")``); sent with bare ``/``, a segment ``.`` or ``..`` inside
+it would be resolved away by the client.
+
+**Models.** `Service.bot_for` gives the bot of the model a request names: those of
+``CHATCHAIN_SERVER_MODELS`` and ``OPENAI_MODEL``, each a `Chatbot.with_model` over the one
+store; any other name is 404 ``model_not_found``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, TypedDict, cast
 
 from fastapi import Depends, Request
@@ -29,6 +46,7 @@ __all__ = [
     "caller",
     "get_service",
     "own_id",
+    "served_models",
     "session_header",
     "session_key",
     "session_key_prefix",
@@ -36,23 +54,69 @@ __all__ = [
 
 _SEPARATOR = ":"  # user names cannot hold it, so "ann:x" is always ann's session "x"
 
+# Path segments that clients resolve before sending (RFC 3986 section 5.2.4; browsers also
+# resolve "%2E%2E"): a session of these ids could not be named in a URL.
+_DOT_SEGMENTS = frozenset({".", ".."})
+
 
 @dataclass(frozen=True)
 class Service:
     """One app's Chatbot, users and per-user throttle (one per worker process).
 
     Attributes:
-        bot: The Chatbot every turn runs on (its store is shared by the workers).
+        bot: The Chatbot of the configured model (``OPENAI_MODEL``), which answers when a
+            request names no model (its store is shared by the workers).
         users: The users and their tokens, kept in the same store.
         settings: The bot's settings (``CHATCHAIN_SERVER_*`` included).
         throttle: Each user's requests per minute and open streams (in the store when it
             counts them, so across workers and machines; else in this process).
+        models: Each model a request may name and the bot that answers with it, the
+            configured model first (see `served_models`); empty means only ``bot``'s.
     """
 
     bot: Chatbot
     users: Users
     settings: Settings
     throttle: UserThrottle
+    models: Mapping[str, Chatbot] = field(default_factory=dict)
+
+    @property
+    def model_names(self) -> list[str]:
+        """The names of the models requests may name, the configured one first."""
+        return list(self.models) or [self.bot.settings.model]
+
+    def bot_for(self, model: str | None) -> Chatbot:
+        """The bot that answers with ``model``; ``None`` is the configured model's.
+
+        Raises:
+            HTTPProblem: 404 ``ModelNotFound`` (OpenAI's ``model_not_found``, param
+                ``model``) for a model the operator does not serve.
+        """
+        if model is None:
+            return self.bot
+        bot = self.models.get(model)
+        if bot is None and model == self.bot.settings.model:
+            bot = self.bot
+        if bot is None:
+            served = ", ".join(repr(name) for name in self.model_names)
+            raise HTTPProblem(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it. This "
+                f"server answers with {served} (GET /v1/models lists them).",
+                type="ModelNotFound",
+                param="model",
+            )
+        return bot
+
+
+def served_models(settings: Settings) -> list[str]:
+    """The models a request may name: ``OPENAI_MODEL``, then ``CHATCHAIN_SERVER_MODELS``.
+
+    Example:
+        >>> served_models(Settings(model="a", server_models=("b", "a", "c")))
+        ['a', 'b', 'c']
+    """
+    return list(dict.fromkeys([settings.model, *settings.server_models]))
 
 
 class AppState(TypedDict):
@@ -131,16 +195,31 @@ def session_key(user: User, session_id: str) -> str:
     The caller names a session by its own id; the `Chatbot` (and so the store) is given this
     key as its ``session_id``, so that users sharing a store never share a session.
 
+    This is the one rule for session ids on every route (see the module): each route that
+    names a session calls it before anything else.
+
     Raises:
         InvalidInputError: ``session_id`` cannot key a session (empty, control characters,
-            or too long once prefixed with the user's name).
+            or too long once prefixed with the user's name), cannot be reached by a URL
+            path (``.`` or ``..``) or by a header (a space first or last): 422 on the native
+            API, 400 on OpenAI's routes.
 
     Example:
         >>> from datetime import UTC, datetime
-        >>> session_key(User("ann", datetime.now(UTC)), "trip")
-        'ann:trip'
+        >>> session_key(User("ann", datetime.now(UTC)), "team/42")
+        'ann:team/42'
     """
     validate_session_id(session_id)
+    if session_id in _DOT_SEGMENTS:
+        raise InvalidInputError(
+            f"The session id {session_id!r} cannot be used: URL paths resolve it away, so "
+            "GET /v1/sessions/... could never reach the session. Use another id."
+        )
+    if session_id != session_id.strip(" "):
+        raise InvalidInputError(
+            f"The session id {session_id!r} starts or ends with a space, which an HTTP header "
+            "(X-Session-Id) cannot carry: remove it."
+        )
     key = f"{user.name}{_SEPARATOR}{session_id}"
     if len(key) > MAX_SESSION_ID_LENGTH:
         room = MAX_SESSION_ID_LENGTH - len(user.name) - len(_SEPARATOR)

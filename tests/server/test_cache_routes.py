@@ -42,7 +42,11 @@ def _native_sse(client: TestClient, session: str) -> str:
 
 def _openai(client: TestClient, session: str | None, *, stream: bool = False) -> str:
     headers = {"X-Session-Id": session} if session else {}
-    body = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "stream": stream}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "stream": stream,
+    }
     answer = client.post("/v1/chat/completions", json=body, headers=headers)
     assert answer.status_code == 200, answer.text
     if not stream:

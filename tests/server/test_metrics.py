@@ -112,7 +112,7 @@ def test_turns_are_counted_by_their_own_end_by_route_and_only_for_requests() -> 
     with TestClient(create_app(bot, users=users), raise_server_exceptions=False) as client:
         client.headers["Authorization"] = f"Bearer {token}"
         assert client.post("/v1/sessions/s/messages", json={"text": "hi"}).status_code == 200
-        openai = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        openai = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
         assert client.post("/v1/chat/completions", json=openai).status_code == 200
         fake.errors.append(_server_error())
         fake.model_post_init(None)

@@ -47,7 +47,7 @@ def _user(text: str) -> list[dict[str, str]]:
 
 
 def _body(text: str = "hi", **fields: Any) -> dict[str, Any]:
-    return {"model": "any-name", "messages": _user(text), **fields}
+    return {"model": "gpt-4o-mini", "messages": _user(text), **fields}
 
 
 def _fail(fake: FakeChatModel, error: BaseException) -> None:
@@ -95,7 +95,7 @@ def test_with_a_session_id_the_second_request_sees_the_first_turn(
         {"role": "user", "content": "ignored"},
         {"role": "user", "content": "Who am I?"},
     ]
-    second = client.post(PATH, json={"model": "m", "messages": messages}, headers=headers)
+    second = client.post(PATH, json={"model": "gpt-4o-mini", "messages": messages}, headers=headers)
 
     reply = first.json()
     assert first.status_code == 200 and reply["object"] == "chat.completion"
@@ -137,7 +137,7 @@ def test_without_a_session_id_the_messages_go_as_sent_and_only_the_ledger_keeps_
         {"role": "user", "content": "What is it?"},
     ]
 
-    answer = client.post(PATH, json={"model": "m", "messages": messages})
+    answer = client.post(PATH, json={"model": "gpt-4o-mini", "messages": messages})
 
     reply = answer.json()
     assert reply["choices"][0]["message"]["content"] == "Echo: What is it?"
@@ -246,7 +246,7 @@ def test_accepted_sampling_fields_and_text_response_format_change_nothing(
 
 
 def test_a_session_turn_needs_a_user_message(client: TestClient, fake: FakeChatModel) -> None:
-    body = {"model": "m", "messages": [{"role": "system", "content": "Be brief."}]}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "Be brief."}]}
 
     answer = client.post(PATH, json=body, headers={"X-Session-Id": "s"})
 
@@ -351,4 +351,11 @@ def test_the_models_list_names_the_configured_model(client: TestClient) -> None:
     assert entry["object"] == "model" and entry["owned_by"] == "chatchain"
     assert model.json() == entry  # the same creation time on every call
     error = _openai_error(other, 404)
-    assert "'gpt-5' is not served here" in error["message"]
+    assert error["message"].startswith(
+        "The model `gpt-5` does not exist or you do not have access to it."
+    )
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )

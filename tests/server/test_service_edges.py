@@ -64,7 +64,7 @@ def client(fake: FakeChatModel) -> Iterator[TestClient]:
 
 
 def _openai(text: str, **fields: Any) -> dict[str, Any]:
-    return {"model": "m", "messages": [{"role": "user", "content": text}], **fields}
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **fields}
 
 
 # Every route a turn goes through: (name, method arguments of TestClient.post).

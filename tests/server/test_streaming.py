@@ -60,7 +60,11 @@ def test_the_native_route_relays_the_reply_exactly(client: TestClient) -> None:
 
 
 def test_the_openai_route_relays_the_reply_exactly(client: TestClient) -> None:
-    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": WORDS}]}
+    body = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "messages": [{"role": "user", "content": WORDS}],
+    }
     answer = client.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "s"})
 
     data = _data(answer.text)
