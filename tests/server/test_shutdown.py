@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from chatchain import Chatbot, Settings
-from chatchain.testing import OpenAITestServer
+from chatchain.testing import Fault, OpenAITestServer
 from tests.server.conftest import events, start_service
 from tests.server.test_instances import wait_for
 
@@ -127,3 +127,43 @@ def test_sigterm_drains_finishes_streams_within_the_grace_and_stores_the_rest(
     assert str(long[1].content).startswith("long0 long1")
     assert len(str(long[1].content)) < len(LONG)
     assert billed == {"short": 1, "long": 1}
+
+
+@pytest.mark.slow
+def test_a_non_streamed_turn_cut_at_the_grace_keeps_its_message(tmp_path: Path) -> None:
+    store_url = f"sqlite:///{tmp_path / 'chat.db'}"
+    with OpenAITestServer() as endpoint:
+        service = start_service(
+            store_url, endpoint, tmp_path, args=["--shutdown-grace", "2", "--drain-delay", "0"]
+        )
+        try:
+            name, token = service.add_user()
+            endpoint.add_fault(Fault(delay=60))  # the model answers after the grace
+            answers: list[Any] = []
+
+            def send() -> None:
+                try:
+                    answers.append(
+                        service.client(token).post(
+                            "/v1/sessions/slow/messages", json={"text": "Take your time"}
+                        )
+                    )
+                except httpx.HTTPError as exc:
+                    answers.append(exc)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            wait_for(lambda: len(endpoint.requests) == 1, 30, "the turn's call")
+            service.process.send_signal(signal.SIGTERM)  # the process this test started
+            service.process.wait(20)
+            sender.join(10)
+        finally:
+            service.stop()
+    print(answers)
+    with Chatbot(Settings(store_url=store_url)) as bot:
+        history = bot.history(f"{name}:slow")
+        billed = len(bot.usage_entries(session_id=f"{name}:slow"))
+    assert [m.type for m in history] == ["human", "ai"]
+    assert history[0].content == "Take your time"
+    assert history[1].response_metadata.get("interrupted") is True
+    assert billed == 1
