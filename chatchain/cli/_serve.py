@@ -6,9 +6,11 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -17,6 +19,10 @@ from chatchain.cli._setup import errors_reported, load_settings, open_settings_s
 from chatchain.cli._tools import TOOLS_HELP, load_tools
 from chatchain.errors import ConfigurationError
 from chatchain.settings import Settings
+
+if TYPE_CHECKING:
+    from uvicorn import Config
+    from uvicorn.supervisors import Multiprocess
 
 __all__ = ["serve"]
 
@@ -110,9 +116,9 @@ def serve(
     status = Console(stderr=True, highlight=False)
     with errors_reported(debug) as report:
         try:
-            import uvicorn
+            import uvicorn  # noqa: F401  (the server extra's packages, named now if missing)
 
-            import chatchain.server  # noqa: F401  (its missing packages, named now)
+            import chatchain.server  # noqa: F401
             from chatchain.server._app import TOOLS_ENV
         except ImportError as exc:
             raise ConfigurationError(
@@ -148,15 +154,50 @@ def serve(
             page = page_url(host, port)
             status.print(f"Chat page: {page} (sign in with a token of `chatchain users add`)")
             with _environment(env), _metrics_folder(workers):
-                uvicorn.run(
-                    APP,
-                    factory=True,
-                    host=host,
-                    port=port,
-                    workers=workers,
-                    # After the drain delay: the turns' grace, then uvicorn stops what is left.
-                    timeout_graceful_shutdown=math.ceil(settings.server_shutdown_grace),
-                )
+                _run(settings, host, port, workers)
+
+
+def _run(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Run the app under uvicorn; with several workers, under `_supervisor`."""
+    import uvicorn
+
+    # After the drain delay: the turns' grace, then uvicorn stops what is left.
+    grace = math.ceil(settings.server_shutdown_grace)
+    if workers == 1:
+        uvicorn.run(APP, factory=True, host=host, port=port, timeout_graceful_shutdown=grace)
+        return
+    config = uvicorn.Config(
+        APP, factory=True, host=host, port=port, workers=workers, timeout_graceful_shutdown=grace
+    )
+    _supervisor(config, settings.server_drain_delay).run()
+
+
+def _supervisor(config: Config, drain_delay: float) -> Multiprocess:
+    """uvicorn's supervisor of ``config.workers`` processes (as ``uvicorn.run`` makes it),
+    which also closes its own copy of the listening socket when the workers close theirs.
+
+    uvicorn's keeps it open until every worker has exited: once the workers stopped taking
+    requests, a new connection would be accepted by the system and wait, unanswered, through
+    the whole shutdown grace, then be reset (a proxy cannot send a POST elsewhere then: it
+    was sent). Closed, the socket refuses new connections, which a proxy sends elsewhere.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        terminated = False
+
+        def handle_term(self) -> None:
+            self.terminated = True  # SIGTERM: the workers drain first (SIGINT: at once)
+            super().handle_term()
+
+        def terminate_all(self) -> None:
+            super().terminate_all()  # SIGTERM to each worker, which drains, then closes
+            if self.terminated:
+                time.sleep(drain_delay)
+            for sock in self.sockets:
+                sock.close()
+
+    return Supervisor(config, sockets=[config.bind_socket()])
 
 
 def _with_variables(settings: Settings, variables: tuple[str, ...], status: Console) -> Settings:

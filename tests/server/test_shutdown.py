@@ -20,13 +20,13 @@ import httpx
 import pytest
 
 from chatchain import Chatbot, Settings
-from chatchain.testing import OpenAITestServer
+from chatchain.testing import Fault, OpenAITestServer
 from tests.server.conftest import events, start_service
 from tests.server.test_instances import wait_for
 
-SHORT = " ".join(f"short{i}" for i in range(60))  # 3 s at 50 ms a word
+SHORT = " ".join(f"short{i}" for i in range(100))  # 5 s at 50 ms a word
 LONG = " ".join(f"long{i}" for i in range(1000))  # 50 s
-DELAY, GRACE = 1.5, 3.0
+DELAY, GRACE = 3.0, 4.0
 
 
 def stream(url: str, token: str, session: str, seen: list[tuple[str, Any]]) -> None:
@@ -46,21 +46,29 @@ def stream(url: str, token: str, session: str, seen: list[tuple[str, Any]]) -> N
 
 
 def refused(url: str) -> bool:
+    """Whether a new connection is refused (not accepted and left waiting)."""
     try:
-        httpx.get(f"{url}/healthz", timeout=2)
+        httpx.get(f"{url}/healthz", timeout=1)
     except httpx.ConnectError:
         return True
+    except httpx.TimeoutException:
+        return False
     return False
 
 
+def draining(url: str) -> bool:
+    return httpx.get(f"{url}/healthz", timeout=5).status_code == 503
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_drains_finishes_streams_within_the_grace_and_stores_the_rest(
-    tmp_path: Path,
+    workers: int, tmp_path: Path
 ) -> None:
     store_url = f"sqlite:///{tmp_path / 'chat.db'}"
     args = ["--drain-delay", str(DELAY), "--shutdown-grace", str(GRACE)]
     with OpenAITestServer(chunk_interval=0.05) as endpoint:
-        service = start_service(store_url, endpoint, tmp_path, args=args)
+        service = start_service(store_url, endpoint, tmp_path, workers=workers, args=args)
         try:
             name, token = service.add_user()
             endpoint.queue_replies(LONG, SHORT)
@@ -76,6 +84,8 @@ def test_sigterm_drains_finishes_streams_within_the_grace_and_stores_the_rest(
             wait_for(lambda: len(endpoint.requests) == 2, 30, "the short stream's call")
             service.process.send_signal(signal.SIGTERM)  # the process this test started
             sent = time.monotonic()
+            # uvicorn's supervisor of several workers passes SIGTERM on within 0.5 s.
+            wait_for(lambda: draining(service.url), 1, "/healthz to say draining")
             health = httpx.get(f"{service.url}/healthz", timeout=5)
             during = service.client(token).post(
                 "/v1/sessions/during/messages", json={"text": "Still serving?"}
@@ -91,13 +101,13 @@ def test_sigterm_drains_finishes_streams_within_the_grace_and_stores_the_rest(
         finally:
             service.stop()
     print(
-        f"SIGTERM: listener closed after {closed_after:.2f} s, process exited after "
-        f"{exited_after:.2f} s (drain delay {DELAY} s, grace {GRACE} s)"
+        f"SIGTERM ({workers} worker(s)): listener closed after {closed_after:.2f} s, process "
+        f"exited after {exited_after:.2f} s (drain delay {DELAY} s, grace {GRACE} s)"
     )
     assert health.status_code == 503
     assert health.json()["status"] == "draining"
     assert during.status_code == 200, during.text  # served during the drain delay
-    assert DELAY - 0.2 < closed_after < DELAY + 2
+    assert DELAY - 0.2 < closed_after < DELAY + 1.5
     assert exited_after < DELAY + GRACE + 10
     assert short_seen[-1][0] == "done"  # the short stream ended as usual
     assert "done" not in [event for event, _ in long_seen]
@@ -117,3 +127,43 @@ def test_sigterm_drains_finishes_streams_within_the_grace_and_stores_the_rest(
     assert str(long[1].content).startswith("long0 long1")
     assert len(str(long[1].content)) < len(LONG)
     assert billed == {"short": 1, "long": 1}
+
+
+@pytest.mark.slow
+def test_a_non_streamed_turn_cut_at_the_grace_keeps_its_message(tmp_path: Path) -> None:
+    store_url = f"sqlite:///{tmp_path / 'chat.db'}"
+    with OpenAITestServer() as endpoint:
+        service = start_service(
+            store_url, endpoint, tmp_path, args=["--shutdown-grace", "2", "--drain-delay", "0"]
+        )
+        try:
+            name, token = service.add_user()
+            endpoint.add_fault(Fault(delay=60))  # the model answers after the grace
+            answers: list[Any] = []
+
+            def send() -> None:
+                try:
+                    answers.append(
+                        service.client(token).post(
+                            "/v1/sessions/slow/messages", json={"text": "Take your time"}
+                        )
+                    )
+                except httpx.HTTPError as exc:
+                    answers.append(exc)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            wait_for(lambda: len(endpoint.requests) == 1, 30, "the turn's call")
+            service.process.send_signal(signal.SIGTERM)  # the process this test started
+            service.process.wait(20)
+            sender.join(10)
+        finally:
+            service.stop()
+    print(answers)
+    with Chatbot(Settings(store_url=store_url)) as bot:
+        history = bot.history(f"{name}:slow")
+        billed = len(bot.usage_entries(session_id=f"{name}:slow"))
+    assert [m.type for m in history] == ["human", "ai"]
+    assert history[0].content == "Take your time"
+    assert history[1].response_metadata.get("interrupted") is True
+    assert billed == 1
