@@ -51,8 +51,9 @@ newer:
 test-pythons: test-fast
 	bash .ci/pythons $(NEWER_PYTHONS)
 
-# Debian's redis-server and postgresql, which the store tests start on free ports, and
-# chromium + chromium-driver, the headless browser the page tests drive.
+# Debian's redis-server and postgresql, which the store tests start on free ports,
+# chromium + chromium-driver, the headless browser the page tests drive, and nginx, the proxy
+# of the deployment test (started by the test, never as a system service).
 services:
 	bash .ci/services
 

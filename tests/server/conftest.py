@@ -95,18 +95,20 @@ def start_service(
     workers: int = 1,
     env: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
+    port: int | None = None,
 ) -> Service:
     """Start ``chatchain serve`` over ``store_url`` and wait until ``/healthz`` answers 200.
 
     Without an ``endpoint``, the service runs ``--offline`` (and no ``OPENAI_*`` is set);
-    ``args`` are more options of ``chatchain serve`` (``--tools MODULE``, say).
+    ``args`` are more options of ``chatchain serve`` (``--tools MODULE``, say); ``port`` is
+    a free one unless given (an instance started again where a proxy expects it).
     """
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CHATCHAIN_"))}
     clean.pop("PROMETHEUS_MULTIPROC_DIR", None)
     model = {} if endpoint is None else {**BASE_ENV, "OPENAI_BASE_URL": endpoint.base_url}
     full_env = {**clean, **model, **(env or {})}
-    port = free_port()
-    log = cwd / f"serve-{port}.log"
+    port = port or free_port()
+    log = cwd / f"serve-{port}-{time.monotonic_ns()}.log"
     argv = [sys.executable, "-m", "chatchain", "serve", "--port", str(port)]
     argv += ["--store", store_url, "--workers", str(workers), *args]
     if endpoint is None:
