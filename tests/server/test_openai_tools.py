@@ -245,7 +245,7 @@ def test_a_json_schema_reply_is_checked(
     client = sdk(session)
     model.queue_json({"name": "Oslo", "population": 709000})
     fits = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Oslo?"}], response_format=CITY
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Oslo?"}], response_format=CITY
     )
     assert json.loads(fits.choices[0].message.content)["population"] == 709000
     assert model.requests[-1]["body"]["response_format"] == CITY
@@ -253,7 +253,7 @@ def test_a_json_schema_reply_is_checked(
     model.queue_replies('{"name": "Oslo"}')
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "Oslo?"}], response_format=CITY
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Oslo?"}], response_format=CITY
         )
     assert "population" in caught.value.message
     assert caught.value.response.headers["x-should-retry"] == "false"
@@ -262,7 +262,7 @@ def test_a_json_schema_reply_is_checked(
 def test_a_json_object_format_is_passed(sdk: Any, model: OpenAITestServer) -> None:
     model.queue_replies('{"ok": true}')
     reply = sdk().chat.completions.create(
-        model="m",
+        model="gpt-4o-mini",
         messages=[{"role": "user", "content": "JSON please"}],
         response_format={"type": "json_object"},
     )
@@ -278,7 +278,7 @@ def test_a_deployment_with_tools_of_its_own_refuses_a_clients(model: OpenAITestS
     _, app, token = _app(model, tools=[add])
     with TestClient(app, raise_server_exceptions=False) as client:
         client.headers["Authorization"] = f"Bearer {token}"
-        body = {"model": "m", "messages": USER, "tools": [WEATHER]}
+        body = {"model": "gpt-4o-mini", "messages": USER, "tools": [WEATHER]}
         answer = client.post("/v1/chat/completions", json=body)
         assert answer.status_code == 400
         assert "tools of its own" in answer.json()["error"]["message"]
