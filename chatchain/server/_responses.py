@@ -100,6 +100,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from uuid import uuid4
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from pydantic import BaseModel, ConfigDict, Field
@@ -692,6 +693,7 @@ class _Call:
         self.rid = ResponseId.new()
         self.key = session_key(user, self.rid.session_id)
         self.messages: list[BaseMessage] = []
+        self.made = False  # whether `prepare` wrote a session (seeded or forked)
 
     async def prepare(self) -> None:
         """Find the session the turn runs on (continued, forked or new) and fill it."""
@@ -709,11 +711,19 @@ class _Call:
             self.rid = ResponseId.new(len(self.input.history), self.rid.conversation)
             if self.input.history:
                 await _write_session(self.service, self.key, self.input.history)
+                self.made = True
         elif found.newest:
             self.rid = ResponseId.new(found.end, found.id.conversation)
         else:
             self.rid = await _fork(self.service, self.user, found)
+            self.made = True
         self.key = session_key(self.user, self.rid.session_id)
+
+    async def discard(self) -> None:
+        """After a turn that stored nothing: remove the session `prepare` wrote for it (a
+        new conversation's history, a fork), which no response names."""
+        if self.made and not await self.service.bot.store.acount(self.key) > self.rid.start:
+            await asyncio.to_thread(self.service.bot.delete, self.key)
 
     async def find_place(self, reply: BaseMessage) -> None:
         """Make the id name where the turn was stored: after ``prepare``, another turn on
@@ -805,10 +815,15 @@ async def create_response(
     _refuse_unsupported(body)
     call = _Call(service, user, body)
     await call.prepare()
-    if body.stream:
-        tools = bool(call.options and call.options.tools)
-        return await relay(request, service, user, call.stream, _Events(call), tools=tools)
-    reply = await call.reply()
+    try:
+        if body.stream:
+            tools = bool(call.options and call.options.tools)
+            return await relay(request, service, user, call.stream, _Events(call), tools=tools)
+        reply = await call.reply()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await call.discard()
+        raise
     if call.stateful:
         await call.find_place(reply.message)
     status, incomplete = _ending(reply.message.response_metadata.get("finish_reason"))

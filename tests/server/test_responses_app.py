@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from langchain_core.messages import AIMessage, BaseMessage
 
-from chatchain import Chatbot, Settings
+from chatchain import Chatbot, Settings, errors
 from chatchain.server import create_app
 from chatchain.server._responses import ResponseId
 from chatchain.stores import HistoryStore, MemoryStore
@@ -414,3 +414,25 @@ def test_the_results_of_parallel_calls_are_one_turn(ann: openai.OpenAI, seen: Se
     assert got.output_text == "Sunny in Oslo, rain in Bergen."
     items = ann.responses.input_items.list(answered.id, order="asc").data
     assert [i.output for i in items] == ["sunny", "rain"]  # type: ignore[union-attr]
+
+
+def test_a_failed_turn_leaves_no_session_behind(
+    bot: Chatbot, ann: openai.OpenAI, model: FakeChatModel
+) -> None:
+    first = ann.responses.create(model="m", input="one")
+    ann.responses.create(model="m", input="two", previous_response_id=first.id)
+    sessions = set(bot.sessions())
+    conversation: Any = [
+        {"role": "user", "content": "I am Ann."},
+        {"role": "assistant", "content": "Hello Ann."},
+        {"role": "user", "content": "Who am I?"},
+    ]
+    for fields in (
+        {"input": conversation},  # a new conversation's history, written first
+        {"input": "fork", "previous_response_id": first.id},  # a fork, written first
+    ):
+        model.errors.append(errors.ServerError("the endpoint broke"))
+        model.model_post_init(None)  # the script's errors are read at construction
+        with pytest.raises(openai.InternalServerError):
+            ann.responses.create(model="m", **fields)
+    assert set(bot.sessions()) == sessions
