@@ -300,20 +300,14 @@ def pending_calls(
     history: Sequence[BaseMessage], inputs: Sequence[BaseMessage]
 ) -> AIMessage | None:
     """The session's AI message whose tool calls ``inputs`` answer, or ``None`` when the
-    turn's input is not tool results.
+    turn's input is not tool results only.
 
     Raises:
-        InvalidInputError: ``inputs`` mixes tool results with other messages, or they do not
-            answer every call of the session's last message (an AI message with
-            ``tool_calls``), each once.
+        InvalidInputError: The results do not answer every call of the session's last
+            message (an AI message with ``tool_calls``), each once.
     """
-    if not inputs or not any(isinstance(m, ToolMessage) for m in inputs):
-        return None
-    if not all(isinstance(m, ToolMessage) for m in inputs):
-        raise InvalidInputError(
-            "A turn is either a user message or tool results, not both: send the tool "
-            "results alone (ToolMessages), then the next user message as a turn of its own."
-        )
+    if not inputs or not all(isinstance(m, ToolMessage) for m in inputs):
+        return None  # (a user's message, or a whole conversation sent as it is)
     last = history[-1] if history else None
     calls = [str(c.get("id")) for c in last.tool_calls] if isinstance(last, AIMessage) else []
     if not calls:

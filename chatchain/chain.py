@@ -297,7 +297,8 @@ class ChatChain(HistoryRunnable):
         # A plain get_session_history callable: no windowed reads and no summary to keep.
         recall = self._spec.recall
         if recall.window is None:
-            return unwindowed(messages, inputs)
+            # Without a history key the input is the whole conversation (`without_memory`).
+            return unwindowed(messages, inputs) if self.history_messages_key else list(messages)
         return recall.select(list(messages), None, inputs, replace(recall.window, summarize=False))
 
     def _retry_smaller(self, error: Exception | None, turn: Turn) -> bool:

@@ -99,6 +99,12 @@ def _tools(ns: dict[str, Any], out: str) -> None:
     assert type(ns["trip"]).__name__ == "Trip"
 
 
+def _client_tools(ns: dict[str, Any], out: str) -> None:
+    [call] = ns["asked"].message.tool_calls
+    assert call["name"] == "weather" and ns["asked"].tool_runs == ()  # never run here
+    assert [m.type for m in ns["client_bot"].history("mine")] == ["human", "ai", "tool", "ai"]
+
+
 def _testing(ns: dict[str, Any], out: str) -> None:
     assert ns["bot"].history("s")[-1].text == "Echo: hi"
 
@@ -111,6 +117,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
     'bot.chat("hi", session_id="dp123", user_id="bob")': _costs,
     'bot = Chatbot(Settings(cache="sqlite:///cache.db"))': _cache,
     "bot = Chatbot(Settings(), tools=[get_weather])": _tools,
+    "client_bot = Chatbot(Settings())": _client_tools,
     "bot = Chatbot(llm=FakeChatModel(": _testing,
 }
 

@@ -187,7 +187,9 @@ def openai_error(
         kind = "requests"
     elif status >= 500:
         kind = "server_error"
-        if type == "TurnJournaledError":  # answered and billed: the SDK's retry would re-bill
+        # Answered and billed (stored, or a reply that did not fit the schema): the SDK's
+        # own retry would bill again without the client deciding to.
+        if type in ("TurnJournaledError", "StructuredReplyError"):
             headers["x-should-retry"] = "false"
     else:
         kind = "invalid_request_error"

@@ -18,20 +18,37 @@ Two modes, chosen per request:
   completion's id (``chatcmpl-...``) as its session, and capped by the user's budget limits
   and the deployment's budgets (a per-session cap applies to each call on its own).
 
-**Tools.** A client's own tools (``tools``, ``functions``, ``tool_choice``, tool messages) are
-refused with 400: running tools that live in the client is another feature. The server's own
-tools (``chatchain serve --tools MODULE``) run inside the turn in both modes, as in the
-native API: the model may call them, the server runs them and sends the results back, and
-the answer (streamed or not) is the final text only; the calls never reach the client. With
-``X-Session-Id`` the whole exchange (the calls and their results) is stored with the turn,
-and ``GET /v1/sessions/{id}/messages`` shows it.
+**Client tools and structured output.** ``tools`` (function tools), ``tool_choice`` and
+``parallel_tool_calls`` are sent to the model with the call, and ``response_format``
+``json_object`` or ``json_schema`` too (see `chatchain.ModelOptions`); chatchain never runs a
+client's tools. A reply that calls them has ``message.tool_calls`` (streamed: OpenAI's
+``delta.tool_calls`` pieces) and ``finish_reason: "tool_calls"``; the client runs them and
+sends their results as ``role: "tool"`` messages in its next request. Without
+``X-Session-Id`` the request's messages, tool calls and results included, are sent as they
+are. With it, the stored session holds the exchange whole: the first request stores the user's
+message and the reply with its calls; the next request's *trailing* ``tool`` messages are its
+turn (they must answer every call of that reply, each once, else 400) and are stored with the
+model's answer to them. With a ``json_schema`` the reply is checked against the schema: one that
+does not fit is a 502 (``code`` ``StructuredReplyError``, ``x-should-retry: false``: the call
+was billed and is in the usage), and nothing is stored; streamed, such a reply comes whole,
+once checked. The legacy ``functions`` / ``function_call`` fields and ``role: "function"``
+messages are refused with 400 (send ``tools`` and ``tool_choice``).
+
+**The server's own tools** (``chatchain serve --tools MODULE``) run inside the turn in both
+modes, as in the native API: the model may call them, the server runs them and sends the
+results back, and the answer (streamed or not) is the final text only; the calls never reach
+the client. With ``X-Session-Id`` the whole exchange is stored with the turn, and
+``GET /v1/sessions/{id}/messages`` shows it. A request that sends ``tools`` of its own to a
+deployment with tools of its own is refused with 400: the model's calls could not be told
+apart (which to run here, which to hand back), so the two never meet in one call. A
+``response_format`` alone is honoured there, for a call without the server's tools.
 
 ``model`` is required, as OpenAI requires it, but the configured model answers: the reply's
 ``model`` says which (the model the endpoint named, or the configured one while streaming).
 Sampling fields (``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ...) are
 accepted and ignored: the deployment's settings decide them. What would change the kind of
-reply (``n`` above 1, tools and function calls, a non-text ``response_format``, logprobs,
-audio, images) is refused with 400, as is a field OpenAI does not define.
+reply (``n`` above 1, legacy function calls, logprobs, audio, images) is refused with 400, as
+is a field OpenAI does not define.
 
 With ``"stream": true`` the reply comes as ``chat.completion.chunk`` events ending with
 ``data: [DONE]`` (the pieces that arrive together in one chunk). The usage chunk
@@ -59,10 +76,16 @@ from typing import Annotated, Any, Literal
 from uuid import uuid4
 
 from fastapi import APIRouter, Header, Request
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatchain import AsyncReplyStream, Reply, Usage
+from chatchain import AsyncReplyStream, ModelOptions, Reply, ToolCallDelta, Usage
 from chatchain.server import _metrics
 from chatchain.server._errors import HTTPProblem, openai_error
 from chatchain.server._service import (
@@ -73,7 +96,7 @@ from chatchain.server._service import (
     session_header,
     session_key,
 )
-from chatchain.server._streaming import Piece, relay
+from chatchain.server._streaming import Piece, relay, texts_joined
 from chatchain.users import User
 
 __all__ = ["ChatCompletionRequest", "router"]
@@ -136,19 +159,20 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     prediction: dict[str, Any] | None = None
+    # The client's tools and structured output, sent to the model (see `_options`).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
     # Refused unless left at what changes nothing (see `_refuse_unsupported`).
     n: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     modalities: list[str] | None = None
@@ -164,23 +188,19 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
     """400 for what this endpoint cannot do, with what to send instead."""
     if body.n not in (None, 1):
         raise _bad(f"n={body.n} is not supported: this endpoint answers with one choice (n=1).")
-    tools = {
-        "tools": bool(body.tools),
-        "functions": bool(body.functions),
-        "tool_choice": body.tool_choice not in (None, "none"),
-        "function_call": body.function_call not in (None, "none"),
-    }
-    used = [name for name, set_ in tools.items() if set_]
-    if used:
-        raise _bad(
-            f"{', '.join(used)}: tool and function calling is not supported on this endpoint "
-            "yet. Leave these fields out."
+    legacy = [
+        name
+        for name, used in (
+            ("functions", bool(body.functions)),
+            ("function_call", body.function_call not in (None, "none")),
         )
-    kind = (body.response_format or {}).get("type", "text")
-    if kind != "text":
+        if used
+    ]
+    if legacy:
         raise _bad(
-            f"response_format {kind!r} is not supported: replies are text. Leave "
-            'response_format out, or send {"type": "text"}.'
+            f"{', '.join(legacy)}: the legacy function calling fields are not supported. Send "
+            'the functions as tools ({"type": "function", "function": {...}}) and '
+            "function_call as tool_choice."
         )
     if body.logprobs or body.top_logprobs:
         raise _bad("logprobs are not supported on this endpoint: leave logprobs out.")
@@ -192,14 +212,40 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
         _check_message(index, message)
 
 
+def _options(body: ChatCompletionRequest) -> ModelOptions | None:
+    """The request's tools and response format for the model, or ``None`` (none given).
+
+    ``tool_choice`` and ``parallel_tool_calls`` go only with tools (OpenAI refuses them
+    alone); ``"none"`` or ``"auto"`` without tools change nothing.
+
+    Raises:
+        InvalidInputError: A tool, the tool choice or the response format is not OpenAI's.
+    """
+    tools = tuple(body.tools or ())
+    choice = body.tool_choice
+    options = ModelOptions(
+        tools=tools,
+        tool_choice=choice if tools or choice not in ("none", "auto") else None,
+        parallel_tool_calls=body.parallel_tool_calls if tools else None,
+        response_format=body.response_format,
+    )
+    return options if options else None
+
+
 def _check_message(index: int, message: ChatMessage) -> None:
     where = f"messages[{index}]"
-    if message.role in ("tool", "function") or message.tool_calls or message.function_call:
+    if message.role == "function" or message.function_call:
         raise _bad(
-            f"{where}: tool and function messages are not supported on this endpoint yet. "
-            "Send system, user and assistant messages with text content."
+            f"{where}: legacy function messages are not supported; send tool calls "
+            '(tool_calls) and their results as role "tool" messages with tool_call_id.'
         )
+    if message.role == "tool" and not message.tool_call_id:
+        raise _bad(f"{where}: a tool message needs the tool_call_id of the call it answers.")
+    if message.tool_calls and message.role != "assistant":
+        raise _bad(f"{where}: only assistant messages carry tool_calls.")
     if message.content is None:
+        if message.tool_calls:
+            return
         raise _bad(f"{where}: the message has no content; send its text.")
     if isinstance(message.content, list):
         for part in message.content:
@@ -227,15 +273,57 @@ def _last_user_text(messages: Sequence[ChatMessage]) -> str:
     )
 
 
+def _session_input(messages: Sequence[ChatMessage]) -> str | list[ToolMessage]:
+    """A session turn's input: the trailing tool results, or else the last user text."""
+    results: list[ToolMessage] = []
+    for message in reversed(messages):
+        if message.role != "tool":
+            break
+        results.insert(0, _tool_message(message))
+    return results or _last_user_text(messages)
+
+
+def _tool_message(message: ChatMessage) -> ToolMessage:
+    return ToolMessage(_text(message), tool_call_id=str(message.tool_call_id))
+
+
+def _tool_calls(index: int, message: ChatMessage) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls`` as LangChain's (arguments parsed).
+
+    Raises:
+        HTTPProblem: 400, a call is not OpenAI's function call with JSON arguments.
+    """
+    calls = []
+    for number, wire in enumerate(message.tool_calls or ()):
+        where = f"messages[{index}].tool_calls[{number}]"
+        function = wire.get("function") if isinstance(wire, dict) else None
+        if not isinstance(function, dict) or not wire.get("id") or not function.get("name"):
+            raise _bad(
+                f'{where}: a tool call is {{"id", "type": "function", "function": {{"name", '
+                '"arguments"}}.'
+            )
+        try:
+            args = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            raise _bad(f"{where}: function.arguments is not JSON.") from None
+        if not isinstance(args, dict):
+            raise _bad(f"{where}: function.arguments must be a JSON object.")
+        calls.append({"name": function["name"], "args": args, "id": str(wire["id"])})
+    return calls
+
+
 def _langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
     """The request's messages as LangChain's, to be sent as they are."""
     converted: list[BaseMessage] = []
-    for message in messages:
+    for index, message in enumerate(messages):
         text, name = _text(message), message.name
         if message.role == "user":
             converted.append(HumanMessage(text, name=name))
         elif message.role == "assistant":
-            converted.append(AIMessage(text, name=name))
+            calls = _tool_calls(index, message)
+            converted.append(AIMessage(text, name=name, tool_calls=calls))
+        elif message.role == "tool":
+            converted.append(_tool_message(message))
         elif message.role == "developer":  # ChatOpenAI sends it with its own role
             converted.append(
                 SystemMessage(text, name=name, additional_kwargs={"__openai_role__": "developer"})
@@ -260,8 +348,10 @@ class _Call:
         self.id = f"chatcmpl-{uuid4().hex}"
         self.created = int(time.time())
         self.model = service.settings.model
+        self.options = _options(body)
+        self.client_tools = bool(self.options and self.options.tools)
         if session_id is not None:
-            self.text = _last_user_text(body.messages)
+            self.input = _session_input(body.messages)
             self.key = session_key(user, session_id)
         else:
             self.messages = _langchain_messages(body.messages)
@@ -271,23 +361,45 @@ class _Call:
 
     async def reply(self) -> Reply:
         bot, limits = self.service.bot, self.service.users.limits(self.user)
+        user_id, options = self.user.name, self.options
         if self.stateful:
             return await bot.achat(
-                self.text, session_id=self.key, user_id=self.user.name, limits=limits
+                self.input, session_id=self.key, user_id=user_id, limits=limits, options=options
             )
         return await bot.achat_messages(
-            self.messages, session_id=self.key, user_id=self.user.name, limits=limits
+            self.messages, session_id=self.key, user_id=user_id, limits=limits, options=options
         )
 
     def stream(self) -> AsyncReplyStream:
         bot, limits = self.service.bot, self.service.users.limits(self.user)
+        user_id, options = self.user.name, self.options
         if self.stateful:
             return bot.astream(
-                self.text, session_id=self.key, user_id=self.user.name, limits=limits
+                self.input, session_id=self.key, user_id=user_id, limits=limits, options=options
             )
         return bot.astream_messages(
-            self.messages, session_id=self.key, user_id=self.user.name, limits=limits
+            self.messages, session_id=self.key, user_id=user_id, limits=limits, options=options
         )
+
+
+def _wire_calls(message: BaseMessage) -> list[dict[str, Any]]:
+    """A reply's tool calls as OpenAI writes them (``[]``: none)."""
+    calls = getattr(message, "tool_calls", None) or []
+    return [
+        {
+            "id": call.get("id"),
+            "type": "function",
+            "function": {"name": call["name"], "arguments": _json(call.get("args") or {})},
+        }
+        for call in calls
+    ]
+
+
+def _finish_reason(message: BaseMessage | None, calls: bool) -> str:
+    reason = message.response_metadata.get("finish_reason") if message is not None else None
+    if calls and reason in (None, "stop"):
+        return "tool_calls"
+    return reason if isinstance(reason, str) and reason else "stop"
 
 
 def _usage_json(usage: Usage) -> dict[str, Any]:
@@ -325,8 +437,12 @@ async def chat_completions(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _Chunks(call, include_usage)
-        return await relay(request, service, user, call.stream, chunks)
+        return await relay(request, service, user, call.stream, chunks, tools=call.client_tools)
     reply = await call.reply()
+    calls = _wire_calls(reply.message)
+    message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}
+    if calls:
+        message = {**message, "content": reply.text or None, "tool_calls": calls}
     return {
         "id": call.id,
         "object": "chat.completion",
@@ -335,9 +451,9 @@ async def chat_completions(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": reply.text, "refusal": None},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": reply.message.response_metadata.get("finish_reason") or "stop",
+                "finish_reason": _finish_reason(reply.message, bool(calls)),
             }
         ],
         "usage": _usage_json(reply.usage),
@@ -357,6 +473,7 @@ class _Chunks:
             "system_fingerprint": None,
         }
         self.include_usage = include_usage
+        self.client_tools = call.client_tools
         # A text chunk is written around its text (the hot path: no dict per chunk); the
         # same JSON as `delta` writes.
         around = _json(self.delta_chunk({"content": "\0"})).split('"\\u0000"')
@@ -373,15 +490,39 @@ class _Chunks:
         return _data(self.delta_chunk({"role": "assistant", "content": ""}))
 
     def pieces(self, pieces: Sequence[Piece]) -> bytes:
+        if self.client_tools:
+            return b"".join(map(self._piece, texts_joined(pieces)))
         text = "".join(piece for piece in pieces if isinstance(piece, str))
+        return self._text(text)
+
+    def _text(self, text: str) -> bytes:
         if not text:
             return b""
         content = _json(text).encode()
         return b"".join((self._before, content, self._after, b"\r\n\r\n"))
 
+    def _piece(self, piece: Piece) -> bytes:
+        """One piece of a reply to a request with tools: text, or a piece of a tool call."""
+        if isinstance(piece, str):
+            return self._text(piece)
+        if not isinstance(piece, ToolCallDelta):
+            return b""  # the server's tool events: never with the client's tools
+        call: dict[str, Any] = {"index": piece.index}
+        if piece.id is not None:
+            call["id"], call["type"] = piece.id, "function"
+        function: dict[str, Any] = {"arguments": piece.arguments}
+        if piece.name is not None:
+            function = {"name": piece.name, **function}
+        return _data(self.delta_chunk({"tool_calls": [{**call, "function": function}]}))
+
     def end(self, stream: AsyncReplyStream) -> bytes:
         assert stream.usage is not None  # set when the stream ended
-        events = _data(self.delta_chunk({}, stream.finish_reason or "stop"))
+        if self.client_tools:
+            message = stream.message
+            reason = _finish_reason(message, bool(getattr(message, "tool_calls", None)))
+        else:
+            reason = stream.finish_reason or "stop"
+        events = _data(self.delta_chunk({}, reason))
         if self.include_usage:
             usage = {**self.head, "choices": [], "usage": _usage_json(stream.usage)}
             events += _data(usage)

@@ -229,8 +229,8 @@ def test_a_budget_refusal_raises_rate_limit_error_before_anything_is_sent(
     ("fields", "named"),
     [
         ({"n": 2}, "n=2"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         ({"logprobs": True}, "logprobs"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
         (
@@ -241,7 +241,11 @@ def test_a_budget_refusal_raises_rate_limit_error_before_anything_is_sent(
             },
             "image_url",
         ),
-        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "t"}]}, "tool"),
+        # With X-Session-Id, results of no call of the session's last reply.
+        (
+            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "t"}]},
+            "asks for no tool",
+        ),
     ],
 )
 def test_unsupported_fields_raise_bad_request_and_send_nothing(
