@@ -683,6 +683,7 @@ class _Call:
 
     def __init__(self, service: Service, user: User, body: ResponseRequest) -> None:
         self.service = service
+        self.bot = service.bot  # the bot that answers (one model per deployment)
         self.user = user
         self.body = body
         self.input = _read_input(body)
@@ -722,8 +723,8 @@ class _Call:
     async def discard(self) -> None:
         """After a turn that stored nothing: remove the session `prepare` wrote for it (a
         new conversation's history, a fork), which no response names."""
-        if self.made and not await self.service.bot.store.acount(self.key) > self.rid.start:
-            await asyncio.to_thread(self.service.bot.delete, self.key)
+        if self.made and not await self.bot.store.acount(self.key) > self.rid.start:
+            await asyncio.to_thread(self.bot.delete, self.key)
 
     async def find_place(self, reply: BaseMessage) -> None:
         """Make the id name where the turn was stored: after ``prepare``, another turn on
@@ -731,7 +732,7 @@ class _Call:
         been stored first, and this one after it."""
         if reply.id is None:
             return
-        store = self.service.bot.store
+        store = self.bot.store
         stored = await store.aload(self.key, self.rid.start)
         at = next((i for i in reversed(range(len(stored))) if stored[i].id == reply.id), None)
         if at is None:
@@ -744,18 +745,18 @@ class _Call:
     async def _prepare_stateless(self, found: _Found | None) -> None:
         history = list(self.input.history)
         if found is not None:
-            store = self.service.bot.store
+            store = self.bot.store
             history = [*await store.aload(found.key, 0, found.end), *history]
         turn = self.input.turn
         asked = [HumanMessage(turn)] if isinstance(turn, str) else list(turn)
-        self.messages = [*self.service.bot.system_messages(), *history, *asked]
+        self.messages = [*self.bot.system_messages(), *history, *asked]
 
     @property
     def instructions(self) -> str | None:
         return "\n\n".join(self.input.instructions) or None
 
     async def reply(self) -> Reply:
-        bot, limits = self.service.bot, self.service.users.limits(self.user)
+        bot, limits = self.bot, self.service.users.limits(self.user)
         name, options = self.user.name, self.options
         if self.stateful:
             return await bot.achat(
@@ -766,7 +767,7 @@ class _Call:
         )
 
     def stream(self) -> AsyncReplyStream:
-        bot, limits = self.service.bot, self.service.users.limits(self.user)
+        bot, limits = self.bot, self.service.users.limits(self.user)
         name, options = self.user.name, self.options
         if self.stateful:
             return bot.astream(
