@@ -436,3 +436,23 @@ def test_a_failed_turn_leaves_no_session_behind(
         with pytest.raises(openai.InternalServerError):
             ann.responses.create(model="m", **fields)
     assert set(bot.sessions()) == sessions
+
+
+def test_x_session_id_is_not_read_here_and_names_the_conversation_on_chat_completions(
+    bot: Chatbot, ann: openai.OpenAI, seen: Seen
+) -> None:
+    first = ann.responses.create(
+        model="m", input="one", extra_headers={"X-Session-Id": "elsewhere"}
+    )
+    assert _session(first.id).startswith("resp-") and "ann:elsewhere" not in bot.sessions()
+    chat = ann.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "two"}],
+        extra_headers={"X-Session-Id": _session(first.id)},
+    )
+    assert chat.choices[0].message.content == "Echo: two"
+    assert seen.calls[-1][1:] == [("human", "one"), ("ai", "Echo: one"), ("human", "two")]
+    # The session went on elsewhere: continuing from `first` now forks before that turn.
+    later = ann.responses.create(model="m", input="three", previous_response_id=first.id)
+    assert _session(later.id) != _session(first.id)
+    assert seen.calls[-1][1:] == [("human", "one"), ("ai", "Echo: one"), ("human", "three")]
