@@ -79,11 +79,13 @@ session, and the window keeps the calls with their results). ``text.format``
 call's response format. A deployment with tools of its own (``serve --tools``) refuses
 function tools (400): the model's calls could not be told apart from the server's.
 
-**Limits.** Two requests continuing the *same* newest response at the same moment are run
-one after the other by the session's lock: the later one continues after the earlier one
-instead of beside it, and its id names where it was stored. A streamed response's id is
-sent before its turn runs, so in that race it names the place it was given (the earlier
-one's): do not stream two continuations of one response at once. Sampling fields
+**Limits.** A request continuing the newest response while a turn is under way on its
+session (another request continuing it, already sending) forks, as from an older response.
+Two that come within the same few milliseconds may both find the response the newest:
+the session's lock runs them one after the other, the later one continuing after the
+earlier one instead of beside it, and its id names where it was stored. A streamed
+response's id is sent before its turn runs, so in that narrow race it names the place it
+was given (the earlier one's). Sampling fields
 (``temperature``, ``top_p``) and ``max_output_tokens`` are accepted and the deployment's
 settings decide them, as on ``/v1/chat/completions``. Hosted tools (web search, files,
 ...), ``background``, ``conversation``, ``prompt`` and non-text input are refused with 400.
@@ -713,7 +715,7 @@ class _Call:
             if self.input.history:
                 await _write_session(self.service, self.key, self.input.history)
                 self.made = True
-        elif found.newest:
+        elif found.newest and await self.bot.store.aread_pending(found.key) is None:
             self.rid = ResponseId.new(found.end, found.id.conversation)
         else:
             self.rid = await _fork(self.service, self.user, found)

@@ -7,6 +7,7 @@ id is 404. The Agents SDK over a real ``chatchain serve`` is in test_responses_a
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -173,9 +174,29 @@ def test_two_continuations_of_one_response_at_once_each_get_the_id_of_their_plac
     with ThreadPoolExecutor(2) as pool:
         replies = list(pool.map(more, ["a", "b"]))
     assert replies[0].id != replies[1].id
-    for reply in replies:  # the later one was run after the earlier one, and says so
+    # The later one forked, or (both finding `first` the newest) ran after the earlier one
+    # in its session: either way its id names its own place.
+    for reply in replies:
         assert ann.responses.retrieve(reply.id).output_text == reply.output_text
-    assert bot.store.count(f"ann:{_session(first.id)}") == 6
+
+
+def test_continuing_a_response_while_a_turn_runs_on_its_session_forks(
+    ann: openai.OpenAI, model: FakeChatModel
+) -> None:
+    first = ann.responses.create(model="m", input="one")
+    model.delay = 1.5  # the first continuation is still at the model when the second comes
+
+    def more(text: str, wait: float) -> Any:
+        time.sleep(wait)
+        return ann.responses.create(model="m", input=text, previous_response_id=first.id)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(more, "a", 0.0)
+        forked = pool.submit(more, "b", 0.7).result()
+        continued = running.result()
+    assert _session(continued.id) == _session(first.id)
+    assert _session(forked.id) != _session(first.id)
+    assert ann.responses.retrieve(forked.id).output_text == "Echo: b"
 
 
 def test_retrieve_and_input_items_give_the_stored_response(ann: openai.OpenAI) -> None:
