@@ -477,3 +477,21 @@ def test_x_session_id_is_not_read_here_and_names_the_conversation_on_chat_comple
     later = ann.responses.create(model="m", input="three", previous_response_id=first.id)
     assert _session(later.id) != _session(first.id)
     assert seen.calls[-1][1:] == [("human", "one"), ("ai", "Echo: one"), ("human", "three")]
+
+
+def test_a_stream_cut_mid_reply_raises_api_error_and_keeps_the_partial_reply(
+    bot: Chatbot, ann: openai.OpenAI, model: FakeChatModel
+) -> None:
+    model.fail_after_chunks = 1
+    kinds: list[str] = []
+    with (
+        pytest.raises(openai.APIError) as raised,
+        ann.responses.stream(model="m", input="two words please") as stream,
+    ):
+        for event in stream:
+            kinds.append(event.type)
+    assert "response.output_text.delta" in kinds and "response.completed" not in kinds
+    assert raised.value.body["code"] == "EndpointConnectionError"  # type: ignore[index]
+    (session,) = [s for s in bot.sessions() if s.startswith("ann:resp-")]
+    stored = bot.history(session)
+    assert stored[-1].response_metadata.get("interrupted") is True
