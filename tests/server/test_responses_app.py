@@ -27,8 +27,15 @@ from tests.stores.fixtures_postgres import postgres_store, postgres_url
 from tests.stores.fixtures_redis import redis_store, redis_url
 from tests.stores.fixtures_sqlite import sqlite_store, sqlite_url
 
-__all__ = ["postgres_store", "postgres_url", "redis_store", "redis_url", "sqlite_store"]
-__all__ += ["sqlite_url"]
+# The backends' fixtures, used here by name.
+__all__ = [
+    "postgres_store",
+    "postgres_url",
+    "redis_store",
+    "redis_url",
+    "sqlite_store",
+    "sqlite_url",
+]
 
 
 @pytest.fixture
