@@ -79,11 +79,13 @@ session, and the window keeps the calls with their results). ``text.format``
 call's response format. A deployment with tools of its own (``serve --tools``) refuses
 function tools (400): the model's calls could not be told apart from the server's.
 
-**Limits.** Two requests continuing the *same* newest response at the same moment are run
-one after the other by the session's lock: the later one continues after the earlier one
-instead of beside it, and its id names where it was stored. A streamed response's id is
-sent before its turn runs, so in that race it names the place it was given (the earlier
-one's): do not stream two continuations of one response at once. Sampling fields
+**Limits.** A request continuing the newest response while a turn is under way on its
+session (another request continuing it, already sending) forks, as from an older response.
+Two that come within the same few milliseconds may both find the response the newest:
+the session's lock runs them one after the other, the later one continuing after the
+earlier one instead of beside it, and its id names where it was stored. A streamed
+response's id is sent before its turn runs, so in that narrow race it names the place it
+was given (the earlier one's). Sampling fields
 (``temperature``, ``top_p``) and ``max_output_tokens`` are accepted and the deployment's
 settings decide them, as on ``/v1/chat/completions``. Hosted tools (web search, files,
 ...), ``background``, ``conversation``, ``prompt`` and non-text input are refused with 400.
@@ -100,6 +102,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from uuid import uuid4
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from pydantic import BaseModel, ConfigDict, Field
@@ -682,6 +685,7 @@ class _Call:
 
     def __init__(self, service: Service, user: User, body: ResponseRequest) -> None:
         self.service = service
+        self.bot = service.bot  # the bot that answers (one model per deployment)
         self.user = user
         self.body = body
         self.input = _read_input(body)
@@ -692,6 +696,7 @@ class _Call:
         self.rid = ResponseId.new()
         self.key = session_key(user, self.rid.session_id)
         self.messages: list[BaseMessage] = []
+        self.made = False  # whether `prepare` wrote a session (seeded or forked)
 
     async def prepare(self) -> None:
         """Find the session the turn runs on (continued, forked or new) and fill it."""
@@ -709,11 +714,19 @@ class _Call:
             self.rid = ResponseId.new(len(self.input.history), self.rid.conversation)
             if self.input.history:
                 await _write_session(self.service, self.key, self.input.history)
-        elif found.newest:
+                self.made = True
+        elif found.newest and await self.bot.store.aread_pending(found.key) is None:
             self.rid = ResponseId.new(found.end, found.id.conversation)
         else:
             self.rid = await _fork(self.service, self.user, found)
+            self.made = True
         self.key = session_key(self.user, self.rid.session_id)
+
+    async def discard(self) -> None:
+        """After a turn that stored nothing: remove the session `prepare` wrote for it (a
+        new conversation's history, a fork), which no response names."""
+        if self.made and not await self.bot.store.acount(self.key) > self.rid.start:
+            await asyncio.to_thread(self.bot.delete, self.key)
 
     async def find_place(self, reply: BaseMessage) -> None:
         """Make the id name where the turn was stored: after ``prepare``, another turn on
@@ -721,7 +734,7 @@ class _Call:
         been stored first, and this one after it."""
         if reply.id is None:
             return
-        store = self.service.bot.store
+        store = self.bot.store
         stored = await store.aload(self.key, self.rid.start)
         at = next((i for i in reversed(range(len(stored))) if stored[i].id == reply.id), None)
         if at is None:
@@ -734,18 +747,18 @@ class _Call:
     async def _prepare_stateless(self, found: _Found | None) -> None:
         history = list(self.input.history)
         if found is not None:
-            store = self.service.bot.store
+            store = self.bot.store
             history = [*await store.aload(found.key, 0, found.end), *history]
         turn = self.input.turn
         asked = [HumanMessage(turn)] if isinstance(turn, str) else list(turn)
-        self.messages = [*self.service.bot.system_messages(), *history, *asked]
+        self.messages = [*self.bot.system_messages(), *history, *asked]
 
     @property
     def instructions(self) -> str | None:
         return "\n\n".join(self.input.instructions) or None
 
     async def reply(self) -> Reply:
-        bot, limits = self.service.bot, self.service.users.limits(self.user)
+        bot, limits = self.bot, self.service.users.limits(self.user)
         name, options = self.user.name, self.options
         if self.stateful:
             return await bot.achat(
@@ -756,7 +769,7 @@ class _Call:
         )
 
     def stream(self) -> AsyncReplyStream:
-        bot, limits = self.service.bot, self.service.users.limits(self.user)
+        bot, limits = self.bot, self.service.users.limits(self.user)
         name, options = self.user.name, self.options
         if self.stateful:
             return bot.astream(
@@ -805,10 +818,15 @@ async def create_response(
     _refuse_unsupported(body)
     call = _Call(service, user, body)
     await call.prepare()
-    if body.stream:
-        tools = bool(call.options and call.options.tools)
-        return await relay(request, service, user, call.stream, _Events(call), tools=tools)
-    reply = await call.reply()
+    try:
+        if body.stream:
+            tools = bool(call.options and call.options.tools)
+            return await relay(request, service, user, call.stream, _Events(call), tools=tools)
+        reply = await call.reply()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await call.discard()
+        raise
     if call.stateful:
         await call.find_place(reply.message)
     status, incomplete = _ending(reply.message.response_metadata.get("finish_reason"))

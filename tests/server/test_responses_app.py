@@ -7,6 +7,7 @@ id is 404. The Agents SDK over a real ``chatchain serve`` is in test_responses_a
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from langchain_core.messages import AIMessage, BaseMessage
 
-from chatchain import Chatbot, Settings
+from chatchain import Chatbot, Settings, errors
 from chatchain.server import create_app
 from chatchain.server._responses import ResponseId
 from chatchain.stores import HistoryStore, MemoryStore
@@ -26,8 +27,15 @@ from tests.stores.fixtures_postgres import postgres_store, postgres_url
 from tests.stores.fixtures_redis import redis_store, redis_url
 from tests.stores.fixtures_sqlite import sqlite_store, sqlite_url
 
-__all__ = ["postgres_store", "postgres_url", "redis_store", "redis_url", "sqlite_store"]
-__all__ += ["sqlite_url"]
+# The backends' fixtures, used here by name.
+__all__ = [
+    "postgres_store",
+    "postgres_url",
+    "redis_store",
+    "redis_url",
+    "sqlite_store",
+    "sqlite_url",
+]
 
 
 @pytest.fixture
@@ -173,9 +181,29 @@ def test_two_continuations_of_one_response_at_once_each_get_the_id_of_their_plac
     with ThreadPoolExecutor(2) as pool:
         replies = list(pool.map(more, ["a", "b"]))
     assert replies[0].id != replies[1].id
-    for reply in replies:  # the later one was run after the earlier one, and says so
+    # The later one forked, or (both finding `first` the newest) ran after the earlier one
+    # in its session: either way its id names its own place.
+    for reply in replies:
         assert ann.responses.retrieve(reply.id).output_text == reply.output_text
-    assert bot.store.count(f"ann:{_session(first.id)}") == 6
+
+
+def test_continuing_a_response_while_a_turn_runs_on_its_session_forks(
+    ann: openai.OpenAI, model: FakeChatModel
+) -> None:
+    first = ann.responses.create(model="m", input="one")
+    model.delay = 1.5  # the first continuation is still at the model when the second comes
+
+    def more(text: str, wait: float) -> Any:
+        time.sleep(wait)
+        return ann.responses.create(model="m", input=text, previous_response_id=first.id)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(more, "a", 0.0)
+        forked = pool.submit(more, "b", 0.7).result()
+        continued = running.result()
+    assert _session(continued.id) == _session(first.id)
+    assert _session(forked.id) != _session(first.id)
+    assert ann.responses.retrieve(forked.id).output_text == "Echo: b"
 
 
 def test_retrieve_and_input_items_give_the_stored_response(ann: openai.OpenAI) -> None:
@@ -414,3 +442,63 @@ def test_the_results_of_parallel_calls_are_one_turn(ann: openai.OpenAI, seen: Se
     assert got.output_text == "Sunny in Oslo, rain in Bergen."
     items = ann.responses.input_items.list(answered.id, order="asc").data
     assert [i.output for i in items] == ["sunny", "rain"]  # type: ignore[union-attr]
+
+
+def test_a_failed_turn_leaves_no_session_behind(
+    bot: Chatbot, ann: openai.OpenAI, model: FakeChatModel
+) -> None:
+    first = ann.responses.create(model="m", input="one")
+    ann.responses.create(model="m", input="two", previous_response_id=first.id)
+    sessions = set(bot.sessions())
+    conversation: Any = [
+        {"role": "user", "content": "I am Ann."},
+        {"role": "assistant", "content": "Hello Ann."},
+        {"role": "user", "content": "Who am I?"},
+    ]
+    for fields in (
+        {"input": conversation},  # a new conversation's history, written first
+        {"input": "fork", "previous_response_id": first.id},  # a fork, written first
+    ):
+        model.errors.append(errors.ServerError("the endpoint broke"))
+        model.model_post_init(None)  # the script's errors are read at construction
+        with pytest.raises(openai.InternalServerError):
+            ann.responses.create(model="m", **fields)
+    assert set(bot.sessions()) == sessions
+
+
+def test_x_session_id_is_not_read_here_and_names_the_conversation_on_chat_completions(
+    bot: Chatbot, ann: openai.OpenAI, seen: Seen
+) -> None:
+    first = ann.responses.create(
+        model="m", input="one", extra_headers={"X-Session-Id": "elsewhere"}
+    )
+    assert _session(first.id).startswith("resp-") and "ann:elsewhere" not in bot.sessions()
+    chat = ann.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "two"}],
+        extra_headers={"X-Session-Id": _session(first.id)},
+    )
+    assert chat.choices[0].message.content == "Echo: two"
+    assert seen.calls[-1][1:] == [("human", "one"), ("ai", "Echo: one"), ("human", "two")]
+    # The session went on elsewhere: continuing from `first` now forks before that turn.
+    later = ann.responses.create(model="m", input="three", previous_response_id=first.id)
+    assert _session(later.id) != _session(first.id)
+    assert seen.calls[-1][1:] == [("human", "one"), ("ai", "Echo: one"), ("human", "three")]
+
+
+def test_a_stream_cut_mid_reply_raises_api_error_and_keeps_the_partial_reply(
+    bot: Chatbot, ann: openai.OpenAI, model: FakeChatModel
+) -> None:
+    model.fail_after_chunks = 1
+    kinds: list[str] = []
+    with (
+        pytest.raises(openai.APIError) as raised,
+        ann.responses.stream(model="m", input="two words please") as stream,
+    ):
+        for event in stream:
+            kinds.append(event.type)
+    assert "response.output_text.delta" in kinds and "response.completed" not in kinds
+    assert raised.value.body["code"] == "EndpointConnectionError"  # type: ignore[index]
+    (session,) = [s for s in bot.sessions() if s.startswith("ann:resp-")]
+    stored = bot.history(session)
+    assert stored[-1].response_metadata.get("interrupted") is True
