@@ -26,7 +26,7 @@ from chatchain.server._errors import (
     openai_error,
 )
 from chatchain.server._page import install_page
-from chatchain.server._service import AppState, Service, served_models
+from chatchain.server._service import AppState, Service
 from chatchain.server._throttle import UserThrottle
 from chatchain.users import Users
 
@@ -131,15 +131,15 @@ def create_app(
 
 
 def _bots_of_models(bot: Chatbot, settings: Settings) -> dict[str, Chatbot]:
-    """The bot of each model requests may name (`served_models`): ``bot`` for its own, and
-    a `Chatbot.with_model` over its store for each other one.
+    """The bot of each model requests may name, the configured one first: ``bot`` for its
+    own, and a `Chatbot.with_model` over its store for each other of ``server_models``.
 
     Raises:
         ConfigurationError: ``CHATCHAIN_SERVER_MODELS`` names other models and ``bot`` was
             given its own ``llm``.
     """
     models = {bot.settings.model: bot}
-    for name in served_models(settings.model_copy(update={"model": bot.settings.model})):
+    for name in settings.server_models:
         if name not in models:
             models[name] = bot.with_model(name)
     return models

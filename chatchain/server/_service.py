@@ -46,7 +46,6 @@ __all__ = [
     "caller",
     "get_service",
     "own_id",
-    "served_models",
     "session_header",
     "session_key",
     "session_key_prefix",
@@ -71,7 +70,8 @@ class Service:
         throttle: Each user's requests per minute and open streams (in the store when it
             counts them, so across workers and machines; else in this process).
         models: Each model a request may name and the bot that answers with it, the
-            configured model first (see `served_models`); empty means only ``bot``'s.
+            configured model first (``CHATCHAIN_SERVER_MODELS`` after ``OPENAI_MODEL``);
+            empty means only ``bot``'s.
     """
 
     bot: Chatbot
@@ -107,16 +107,6 @@ class Service:
                 param="model",
             )
         return bot
-
-
-def served_models(settings: Settings) -> list[str]:
-    """The models a request may name: ``OPENAI_MODEL``, then ``CHATCHAIN_SERVER_MODELS``.
-
-    Example:
-        >>> served_models(Settings(model="a", server_models=("b", "a", "c")))
-        ['a', 'b', 'c']
-    """
-    return list(dict.fromkeys([settings.model, *settings.server_models]))
 
 
 class AppState(TypedDict):

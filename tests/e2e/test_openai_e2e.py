@@ -11,6 +11,7 @@ import pytest
 
 from chatchain import (
     AuthenticationError,
+    BadRequestError,
     Chatbot,
     ContextTooLongError,
     EndpointConnectionError,
@@ -164,6 +165,42 @@ def test_endpoint_errors_are_translated(
     assert info.value.__cause__ is not None
     assert KEY not in str(info.value)
     assert bot.history("e") == []
+
+
+LITELLM_UNKNOWN = (
+    "/chat/completions: Invalid model name passed in model=gpt-4o-mini. Call `/v1/models` to "
+    "view available models for your key."
+)
+TEMPERATURE_REFUSED = (
+    "Unsupported value: 'temperature' does not support 0.2 with this model. Only the default "
+    "(1) value is supported."
+)
+
+
+@pytest.mark.parametrize(
+    ("fault", "model_named"),
+    [
+        (Fault(status=404, code="model_not_found"), True),
+        (Fault(status=400, code="400", message=LITELLM_UNKNOWN), True),
+        (Fault(status=400, message=TEMPERATURE_REFUSED), False),
+        (Fault(status=400), False),
+        (Fault(status=422), False),
+    ],
+    ids=["openai unknown model", "litellm unknown model", "this model", "bare 400", "bare 422"],
+)
+def test_only_a_complaint_about_the_model_points_at_the_model_name(
+    make_bot,  # type: ignore[no-untyped-def]
+    server: OpenAITestServer,
+    fault: Fault,
+    model_named: bool,
+) -> None:
+    bot = make_bot()
+    server.add_fault(fault)
+    with pytest.raises(BadRequestError) as info:
+        bot.chat("hi", session_id="m")
+    message = str(info.value)
+    assert ("OPENAI_MODEL" in message) is model_named, message
+    assert fault.message is None or fault.message.rstrip(".") in message
 
 
 def test_connection_refused(make_bot) -> None:  # type: ignore[no-untyped-def]
