@@ -41,7 +41,7 @@ from chatchain.users import User
 
 __all__ = ["STREAM_LEASE_S", "Limit", "StreamSlot", "UserThrottle"]
 
-_log = logging.getLogger("chatchain.server")
+_log = logging.getLogger("uvicorn.error")  # the server's log, as uvicorn configures it
 
 STREAM_LEASE_S = 15.0
 """How long a stream's slot outlives a process that died holding it, in seconds (renewed

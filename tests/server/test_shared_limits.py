@@ -250,3 +250,34 @@ def test_a_killed_instances_stream_slot_comes_back_on_the_other(
         second.stop()
     assert answer.status_code == 200, answer.text
     assert came_back <= 15 + 2  # STREAM_LEASE_S, and the polling's step
+
+
+@pytest.mark.slow  # a real service over a SQLite file
+def test_a_stream_gives_its_slot_back_when_its_client_leaves_or_it_fails(
+    endpoint: OpenAITestServer, tmp_path: Path
+) -> None:
+    env = {"CHATCHAIN_SERVER_STREAMS_PER_USER": "1"}
+    service = start_service(f"sqlite:///{tmp_path / 'chat.db'}", endpoint, tmp_path, env=env)
+    try:
+        _, token = service.add_user()
+        client = service.client(token)
+        ask = {"json": {"text": "hi there"}, "headers": {"Accept": "text/event-stream"}}
+        endpoint.add_fault(Fault(keep_alive=60, stall_after=1, interval=0.05))
+        with client.stream("POST", "/v1/sessions/a/messages", **ask) as left:  # type: ignore[arg-type]
+            assert next(events(left))[0] == "text"
+        # The client left mid-stream: its slot is back as soon as the server sees it gone,
+        # well before a lease could run out.
+        left_at = time.monotonic()
+        endpoint.add_fault(Fault(cut_after=2))  # the next stream fails after its first text
+        failed = client.post("/v1/sessions/b/messages", **ask)  # type: ignore[arg-type]
+        while failed.status_code == 429 and time.monotonic() - left_at < 30:
+            time.sleep(0.2)
+            failed = client.post("/v1/sessions/b/messages", **ask)  # type: ignore[arg-type]
+        after_failure = client.post("/v1/sessions/c/messages", **ask)  # type: ignore[arg-type]
+        waited = time.monotonic() - left_at
+    finally:
+        service.stop()
+    assert failed.status_code == 200 and "event: error" in failed.text, failed.text
+    assert after_failure.status_code == 200 and "event: error" not in after_failure.text
+    assert waited < 10  # no lease ran out (15 s): each slot was given back at its end
+    assert endpoint.requests  # (the fault was used by the failed stream, not by a refusal)
