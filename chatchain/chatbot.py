@@ -313,7 +313,11 @@ class Chatbot:
         self._hooks = as_hooks(hooks)  # shared with the chain: `add_hooks` reaches its turns
         self.settings = settings or Settings.load(env_file)
         self.store: HistoryStore = (
-            open_store(self.settings.store_url, lock_timeout=self.settings.lock_timeout)
+            open_store(
+                self.settings.store_url,
+                lock_timeout=self.settings.lock_timeout,
+                **self.settings.store_options,
+            )
             if store is None
             else as_store(store, lock_timeout=self.settings.lock_timeout)
         )
