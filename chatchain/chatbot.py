@@ -338,7 +338,11 @@ class Chatbot:
         self._owns_store = True  # `close` closes it (not so for a bot of `with_model`)
         self.settings = settings or Settings.load(env_file)
         self.store: HistoryStore = (
-            open_store(self.settings.store_url, lock_timeout=self.settings.lock_timeout)
+            open_store(
+                self.settings.store_url,
+                lock_timeout=self.settings.lock_timeout,
+                **self.settings.store_options,
+            )
             if store is None
             else as_store(store, lock_timeout=self.settings.lock_timeout)
         )

@@ -160,6 +160,13 @@ class Settings(BaseSettings):
     lock_timeout: float = Field(default=120.0, gt=0, validation_alias="CHATCHAIN_LOCK_TIMEOUT")
     """``CHATCHAIN_LOCK_TIMEOUT``: seconds a turn waits for another turn on its session."""
 
+    lock_lease: float | None = Field(default=None, gt=0, validation_alias="CHATCHAIN_LOCK_LEASE")
+    """``CHATCHAIN_LOCK_LEASE``: for stores whose session lock is a lease (SQLite, Redis: 10 s
+    by default), the seconds it outlives a process killed while holding it: the session waits
+    this long at most after a ``kill -9``. The lease is renewed every third of it while a turn
+    runs, and a turn that stalls longer than it loses its session. PostgreSQL's lock ends
+    with the dead process's connection: the store refuses the option."""
+
     store_url: str = Field(default="memory://", min_length=1, validation_alias="CHATCHAIN_STORE")
     """``CHATCHAIN_STORE``: the URL of where sessions live: ``memory://``, ``sqlite:///path``,
     ``redis://host:port/db``, ``postgresql://user@host/db``, or the scheme of a store an
@@ -354,6 +361,17 @@ class Settings(BaseSettings):
         """Deprecated: `store_url` (a ``store`` is a `HistoryStore` everywhere else)."""
         warn_renamed("Settings.store", "Settings.store_url")
         return self.store_url
+
+    @property
+    def store_options(self) -> dict[str, Any]:
+        """The options `open_store` gets for `store_url`: ``lease`` when
+        ``CHATCHAIN_LOCK_LEASE`` is set.
+
+        Example:
+            >>> Settings(lock_lease=3).store_options
+            {'lease': 3.0}
+        """
+        return {} if self.lock_lease is None else {"lease": self.lock_lease}
 
     @field_serializer("store_url", "cache")
     def _url_without_password(self, url: str | None) -> str | None:

@@ -101,7 +101,9 @@ def store_bot(settings: Settings) -> Chatbot:
 
 def open_settings_store(settings: Settings) -> HistoryStore:
     """The store the settings name (shared by the Chatbots of one chat)."""
-    return open_store(settings.store_url, lock_timeout=settings.lock_timeout)
+    return open_store(
+        settings.store_url, lock_timeout=settings.lock_timeout, **settings.store_options
+    )
 
 
 def new_session_id() -> str:

@@ -4,7 +4,8 @@ On SIGTERM, under uvicorn (``chatchain serve``, or ``uvicorn --factory
 chatchain.server:create_app``), an app goes through these steps:
 
 1. **Draining** at once: ``/healthz`` answers 503 ``{"status": "draining"}`` so that a load
-   balancer or an orchestrator takes the instance out; every request is still served.
+   balancer or an orchestrator takes the instance out; every request is still served, with
+   ``Connection: close`` (`InFlight`).
 2. After the drain delay (``CHATCHAIN_SERVER_DRAIN_DELAY``, 0 by default), uvicorn's own
    shutdown starts: the listening socket is closed (a new connection is refused: a proxy
    sends it to another instance, as nothing was sent), idle connections are closed, and
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["Drain", "InFlight"]
 
@@ -144,7 +145,13 @@ class Drain:
 
 
 class InFlight:
-    """ASGI middleware counting the app's HTTP requests in flight in its `Drain`."""
+    """ASGI middleware counting the app's HTTP requests in flight in its `Drain`.
+
+    A request that comes while the app drains is answered with ``Connection: close``: the
+    client (a proxy's kept-alive connection) opens its next request's connection anew, which
+    the closed listener refuses (so a proxy sends it elsewhere), rather than sending it on a
+    connection the shutdown may close under it.
+    """
 
     def __init__(self, app: ASGIApp, *, drain: Drain) -> None:
         self.app = app
@@ -156,6 +163,18 @@ class InFlight:
             return
         self.drain.started()
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _closing(send) if self.drain.draining else send)
         finally:
             self.drain.ended()
+
+
+def _closing(send: Send) -> Send:
+    """``send``, its response's head with ``Connection: close``."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", []), (b"connection", b"close")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return closing

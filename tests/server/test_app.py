@@ -168,10 +168,9 @@ def test_serve_hands_the_store_and_a_metrics_folder_to_the_workers(
 ) -> None:
     seen: dict[str, Any] = {}
 
-    def run(settings: Any, host: str, port: int, workers: int) -> None:
+    def run(settings: Settings, host: str, port: int, workers: int) -> None:
         seen.update(settings=settings, host=host, port=port, workers=workers, env=dict(os.environ))
 
-    # Where serve hands over to uvicorn (its supervisor, with several workers): nothing listens.
     monkeypatch.setattr("chatchain.cli._serve._run", run)
     store = f"sqlite:///{tmp_path / 'chat.db'}"
 
@@ -182,8 +181,32 @@ def test_serve_hands_the_store_and_a_metrics_folder_to_the_workers(
     assert seen["env"]["CHATCHAIN_STORE"] == store
     assert seen["env"]["OPENAI_BASE_URL"].startswith("http://127.0.0.1:")
     assert seen["env"]["OPENAI_API_KEY"] == "offline"
+    assert seen["env"]["CHATCHAIN_SERVER_SHUTDOWN_GRACE"] == "30.0"
+    assert seen["env"]["CHATCHAIN_SERVER_DRAIN_DELAY"] == "0.0"
     assert os.path.isdir(seen["env"]["PROMETHEUS_MULTIPROC_DIR"]) is False  # removed after
     assert "CHATCHAIN_STORE" not in os.environ and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+def test_serve_gives_uvicorn_the_shutdown_grace(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def run(app: str, **options: Any) -> None:
+        seen.update(options, app=app, env=dict(os.environ))
+
+    monkeypatch.setattr("uvicorn.run", run)
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    options = ["--shutdown-grace", "2.5", "--drain-delay", "4"]
+
+    result = CliRunner().invoke(cli, ["serve", "--store", store, "--offline", *options])
+
+    assert result.exit_code == 0, result.output
+    assert seen["app"] == "chatchain.server:create_app" and seen["factory"] is True
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8000)
+    assert seen["timeout_graceful_shutdown"] == 3  # uvicorn takes whole seconds
+    assert seen["env"]["CHATCHAIN_SERVER_SHUTDOWN_GRACE"] == "2.5"
+    assert seen["env"]["CHATCHAIN_SERVER_DRAIN_DELAY"] == "4.0"
 
 
 def test_the_native_routes_in_process(app_client: tuple[TestClient, str]) -> None:

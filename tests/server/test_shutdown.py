@@ -107,6 +107,7 @@ def test_sigterm_drains_finishes_streams_within_the_grace_and_stores_the_rest(
     assert health.status_code == 503
     assert health.json()["status"] == "draining"
     assert during.status_code == 200, during.text  # served during the drain delay
+    assert during.headers["connection"] == "close"  # its next request: a new connection
     assert DELAY - 0.2 < closed_after < DELAY + 1.5
     assert exited_after < DELAY + GRACE + 10
     assert short_seen[-1][0] == "done"  # the short stream ended as usual
