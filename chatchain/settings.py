@@ -279,14 +279,18 @@ class Settings(BaseSettings):
     server_requests_per_minute: int = Field(
         default=120, ge=0, validation_alias="CHATCHAIN_SERVER_REQUESTS_PER_MINUTE"
     )
-    """``CHATCHAIN_SERVER_REQUESTS_PER_MINUTE``: API requests one user may make per minute
-    (per worker process), then 429 with ``Retry-After``; 0 for no limit."""
+    """``CHATCHAIN_SERVER_REQUESTS_PER_MINUTE``: API requests one user may make in any 60 s,
+    then 429 with ``Retry-After``; 0 for no limit. Counted in the store (SQLite, Redis,
+    PostgreSQL), so it holds across workers and machines; per process over ``memory://``. A
+    user's own limit (``chatchain users caps NAME --requests-per-minute N``) replaces it."""
 
     server_streams_per_user: int = Field(
         default=4, ge=0, validation_alias="CHATCHAIN_SERVER_STREAMS_PER_USER"
     )
-    """``CHATCHAIN_SERVER_STREAMS_PER_USER``: streamed replies one user may have open at once
-    (per worker process), then 429 with ``Retry-After``; 0 for no limit."""
+    """``CHATCHAIN_SERVER_STREAMS_PER_USER``: streamed replies one user may have open at once,
+    then 429 with ``Retry-After``; 0 for no limit. Counted in the store as the requests are
+    (a killed instance's streams free their slots within 15 s); a user's own limit
+    (``chatchain users caps NAME --streams N``) replaces it."""
 
     @classmethod
     def settings_customise_sources(

@@ -59,6 +59,11 @@ class User:
         daily_usd: The most the user may spend per UTC calendar day, or ``None``.
         monthly_usd: The most the user may spend per UTC calendar month, or ``None``.
         revoked: Whether the user's token was revoked (it authenticates no more).
+        requests_per_minute: The user's own requests per minute in the chat service (``0``
+            for no limit), or ``None`` for the deployment's
+            (``CHATCHAIN_SERVER_REQUESTS_PER_MINUTE``).
+        streams: The user's own streams open at once (``0`` for no limit), or ``None`` for
+            the deployment's (``CHATCHAIN_SERVER_STREAMS_PER_USER``).
     """
 
     name: str
@@ -67,6 +72,8 @@ class User:
     daily_usd: float | None = None
     monthly_usd: float | None = None
     revoked: bool = False
+    requests_per_minute: int | None = None
+    streams: int | None = None
 
 
 def hash_token(token: str) -> str:
@@ -91,6 +98,16 @@ def validate_name(name: object) -> str:
             "starting with a letter or digit (e.g. alice or alice@example.com)."
         )
     return name
+
+
+def _validate_rate(field: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(
+            f"The {field} limit must be a whole number, 0 (no limit) or more, not {value!r}."
+        )
+    return value
 
 
 def _validate_cap(field: str, value: object) -> float | None:
@@ -132,11 +149,16 @@ class Users:
         budget_usd: float | None = None,
         daily_usd: float | None = None,
         monthly_usd: float | None = None,
+        requests_per_minute: int | None = None,
+        streams: int | None = None,
     ) -> str:
         """Add a user; return their token (the only time it is shown).
 
+        ``requests_per_minute`` and ``streams`` override the chat service's limits for this
+        user (``0``: no limit; ``None``: the deployment's).
+
         Raises:
-            InvalidInputError: The name or a cap is unusable.
+            InvalidInputError: The name, a cap or a limit is unusable.
             UserExistsError: A user of that name exists (also when another process added it
                 at the same moment: exactly one of them wins).
         """
@@ -146,6 +168,8 @@ class Users:
             budget_usd=_validate_cap("budget_usd", budget_usd),
             daily_usd=_validate_cap("daily_usd", daily_usd),
             monthly_usd=_validate_cap("monthly_usd", monthly_usd),
+            requests_per_minute=_validate_rate("requests_per_minute", requests_per_minute),
+            streams=_validate_rate("streams", streams),
         )
         token = _new_token()
         self.store.add_user(user, hash_token(token))
@@ -200,18 +224,27 @@ class Users:
         budget_usd: float | EllipsisType | None = ...,
         daily_usd: float | EllipsisType | None = ...,
         monthly_usd: float | EllipsisType | None = ...,
+        requests_per_minute: int | EllipsisType | None = ...,
+        streams: int | EllipsisType | None = ...,
     ) -> User:
-        """Change a user's caps: a number sets one, ``None`` removes it, a cap not passed
-        stays as it is. Returns the user as changed.
+        """Change a user's caps and limits: a number sets one, ``None`` removes it (a limit
+        then falls back to the deployment's), one not passed stays as it is. Returns the user
+        as changed.
 
         Raises:
-            InvalidInputError: A cap is unusable.
+            InvalidInputError: A cap or limit is unusable.
             UnknownUserError: No user of that name.
         """
         given = {"budget_usd": budget_usd, "daily_usd": daily_usd, "monthly_usd": monthly_usd}
-        changes = {
+        changes: dict[str, Any] = {
             field: _validate_cap(field, value)
             for field, value in given.items()
+            if value is not Ellipsis
+        }
+        rates = {"requests_per_minute": requests_per_minute, "streams": streams}
+        changes |= {
+            field: _validate_rate(field, value)
+            for field, value in rates.items()
             if value is not Ellipsis
         }
         return self._update(name, changes)

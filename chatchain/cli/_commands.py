@@ -582,6 +582,46 @@ def _caps_options(none: bool) -> Callable[[F], F]:
     )
 
 
+_RATES = {"--requests-per-minute": "requests_per_minute", "--streams": "streams"}
+
+
+def _rate_options(none: bool) -> Callable[[F], F]:
+    """--requests-per-minute and --streams (``none`` gives back the deployment's, in ``caps``)."""
+    back = "; none gives back the deployment's" if none else ""
+    helps = {
+        "--requests-per-minute": "The user's own requests per minute in chatchain serve, "
+        "instead of CHATCHAIN_SERVER_REQUESTS_PER_MINUTE (0: no limit",
+        "--streams": "The user's own streams open at once in chatchain serve, instead of "
+        "CHATCHAIN_SERVER_STREAMS_PER_USER (0: no limit",
+    }
+    return _options(
+        *(click.option(flag, metavar="N", help=text + back + ").") for flag, text in helps.items())
+    )
+
+
+def _rates(given: dict[str, str | None], *, none: bool) -> dict[str, int | None]:
+    """The rate limits given on the command line, by `Users` keyword (``none`` -> ``None``).
+
+    Raises:
+        InvalidInputError: A value is not a whole number of 0 or more.
+    """
+    rates: dict[str, int | None] = {}
+    for flag, field in _RATES.items():
+        value = given[field]
+        if value is None:
+            continue
+        if none and value.strip().lower() == "none":
+            rates[field] = None
+            continue
+        if not value.strip().isdigit():
+            back = " (or none for the deployment's)" if none else ""
+            raise InvalidInputError(
+                f"{flag} {value!r} is not a limit: give a whole number, 0 for no limit{back}."
+            )
+        rates[field] = int(value)
+    return rates
+
+
 def _usd_caps(given: dict[str, str | None], *, none: bool) -> dict[str, float | None]:
     """The caps given on the command line, by `Users` keyword (``none`` -> ``None``).
 
@@ -621,20 +661,25 @@ def users() -> None:
 @users.command("add")
 @click.argument("name")
 @_caps_options(none=False)
+@_rate_options(none=False)
 @_store_options
 def add_user(
     name: str,
     budget_usd: str | None,
     daily_usd: str | None,
     monthly_usd: str | None,
+    requests_per_minute: str | None,
+    streams: str | None,
     store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
     """Add a user and print their bearer token (once: keep it, it cannot be shown again)."""
     given = {"budget_usd": budget_usd, "daily_usd": daily_usd, "monthly_usd": monthly_usd}
+    rates = {"requests_per_minute": requests_per_minute, "streams": streams}
     with _users(store_url, env_file, debug) as users_:
-        token = users_.add(name, **_usd_caps(given, none=False))
+        limits: dict[str, Any] = {**_usd_caps(given, none=False), **_rates(rates, none=False)}
+        token = users_.add(name, **limits)
         click.echo(f"Added user {name}. Their token, shown this once:", err=True)
         click.echo(token)
 
@@ -678,20 +723,25 @@ def rotate(name: str, store_url: str | None, env_file: Path | None, debug: bool)
 @users.command()
 @click.argument("name")
 @_caps_options(none=True)
+@_rate_options(none=True)
 @_store_options
 def caps(
     name: str,
     budget_usd: str | None,
     daily_usd: str | None,
     monthly_usd: str | None,
+    requests_per_minute: str | None,
+    streams: str | None,
     store_url: str | None,
     env_file: Path | None,
     debug: bool,
 ) -> None:
-    """Show a user's caps, or change those given (none removes one)."""
+    """Show a user's caps and rate limits, or change those given (none removes a cap, or gives
+    a rate limit back to the deployment's)."""
     given = {"budget_usd": budget_usd, "daily_usd": daily_usd, "monthly_usd": monthly_usd}
+    rates = {"requests_per_minute": requests_per_minute, "streams": streams}
     with _users(store_url, env_file, debug) as users_:
-        changes = _usd_caps(given, none=True)
+        changes: dict[str, Any] = {**_usd_caps(given, none=True), **_rates(rates, none=True)}
         user = users_.set_caps(name, **changes) if changes else users_.get(name)
         if user is None:
             raise UnknownUserError(

@@ -123,21 +123,30 @@ def _usd(cap: float | None) -> str:
     return "-" if cap is None else format_usd(cap)
 
 
+def _rate(limit: int | None) -> str:
+    """A user's own rate limit: ``default`` (the deployment's), ``unlimited`` or the number."""
+    if limit is None:
+        return "default"
+    return "unlimited" if limit == 0 else str(limit)
+
+
 def users_table(users: Sequence[User]) -> Table:
-    """The users as a table: name, created (local time), caps in USD and status; never a
-    token or its hash."""
+    """The users as a table: name, created (local time), caps in USD, their own rate limits
+    and status; never a token or its hash."""
     table = Table(
         "user",
         "created",
         "budget",
         "daily",
         "monthly",
+        "req/min",
+        "streams",
         "status",
         box=None,
         header_style="bold",
         pad_edge=False,
     )
-    for column in table.columns[2:5]:
+    for column in table.columns[2:7]:
         column.justify = "right"
     for user in users:
         table.add_row(
@@ -146,15 +155,22 @@ def users_table(users: Sequence[User]) -> Table:
             _usd(user.budget_usd),
             _usd(user.daily_usd),
             _usd(user.monthly_usd),
+            _rate(user.requests_per_minute),
+            _rate(user.streams),
             "revoked" if user.revoked else "active",
         )
     return table
 
 
 def caps_line(user: User) -> str:
-    """A user's caps in one line: ``alice: budget $5.00, daily $1.00, monthly -``."""
+    """A user's caps and own rate limits in one line: ``alice: budget $5.00, daily $1.00,
+    monthly -, requests per minute 20, streams default``."""
     caps = (("budget", user.budget_usd), ("daily", user.daily_usd), ("monthly", user.monthly_usd))
-    return f"{user.name}: " + ", ".join(f"{name} {_usd(cap)}" for name, cap in caps)
+    rates = (("requests per minute", user.requests_per_minute), ("streams", user.streams))
+    return f"{user.name}: " + ", ".join(
+        [f"{name} {_usd(cap)}" for name, cap in caps]
+        + [f"{name} {_rate(limit)}" for name, limit in rates]
+    )
 
 
 def transcript(console: Console, messages: Sequence[BaseMessage]) -> None:

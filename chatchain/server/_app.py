@@ -77,6 +77,7 @@ def create_app(
         throttle=UserThrottle(
             requests_per_minute=settings.server_requests_per_minute,
             streams=settings.server_streams_per_user,
+            store=bot.store,
         ),
     )
 

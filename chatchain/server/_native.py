@@ -32,6 +32,7 @@ from chatchain.server import _metrics
 from chatchain.server._errors import HTTPProblem, error_body, status_of
 from chatchain.server._schemas import (
     BudgetLeftOut,
+    LimitsOut,
     MeOut,
     MessageIn,
     MessageOut,
@@ -424,9 +425,17 @@ def usage(user: Caller, service: ServiceDep) -> UsageReportOut:
 
 @router.get("/me", response_model=MeOut)
 def me(user: Caller, service: ServiceDep) -> MeOut:
-    """Who you are, the model that answers, and what is left of your tightest USD cap."""
+    """Who you are, the model that answers, what is left of your tightest USD cap, and your
+    rate limits."""
+    limits = LimitsOut(
+        requests_per_minute=service.throttle.request_limit(user).amount,
+        streams=service.throttle.stream_limit(user).amount,
+    )
     return MeOut(
-        user=user.name, model=service.bot.settings.model, budget=_budget_left(service, user)
+        user=user.name,
+        model=service.bot.settings.model,
+        budget=_budget_left(service, user),
+        limits=limits,
     )
 
 

@@ -177,12 +177,21 @@ class BudgetLeftOut(BaseModel):
     )
 
 
+class LimitsOut(BaseModel):
+    """The rate limits that apply to the caller: their own, or the deployment's."""
+
+    requests_per_minute: int = Field(description="Requests in any 60 s; 0 for no limit.")
+    streams: int = Field(description="Streamed replies open at once; 0 for no limit.")
+
+
 class MeOut(BaseModel):
-    """Who the caller is, the model that answers and the budget left (the page's header)."""
+    """Who the caller is, the model that answers, the budget left (the page's header) and the
+    rate limits that apply."""
 
     user: str
     model: str
     budget: BudgetLeftOut | None = Field(description="None when the caller has no USD cap.")
+    limits: LimitsOut
 
 
 class Messages(BaseModel):

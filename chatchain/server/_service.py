@@ -44,7 +44,8 @@ class Service:
         bot: The Chatbot every turn runs on (its store is shared by the workers).
         users: The users and their tokens, kept in the same store.
         settings: The bot's settings (``CHATCHAIN_SERVER_*`` included).
-        throttle: Each user's requests per minute and open streams, in this process.
+        throttle: Each user's requests per minute and open streams (in the store when it
+            counts them, so across workers and machines; else in this process).
     """
 
     bot: Chatbot
@@ -110,7 +111,7 @@ async def caller(
             "ask the operator for a current token.",
             headers=_UNAUTHORIZED,
         )
-    service.throttle.request(user.name)
+    await service.throttle.arequest(user)
     return user
 
 

@@ -30,6 +30,7 @@ from chatchain import AsyncReplyStream, ChatChainError, ToolFinished, ToolStarte
 from chatchain.server import _metrics
 from chatchain.server._errors import public_message, status_of
 from chatchain.server._service import Service
+from chatchain.server._throttle import StreamSlot
 from chatchain.users import User
 
 __all__ = ["Events", "Piece", "relay", "texts_joined"]
@@ -194,7 +195,7 @@ async def relay(
         ChatChainError: The turn failed before its first piece.
         HTTPProblem: The user has no stream slot left (429).
     """
-    service.throttle.open_stream(user.name)
+    slot = await service.throttle.aopen_stream(user)
     _metrics.OPEN_STREAMS.inc()
     pump: _Pump | None = None
     try:
@@ -203,7 +204,7 @@ async def relay(
         if not first and pump.outcome == "gone":  # nobody to answer: the turn is stopped
             await pump.stop()
             _metrics.left_before_turn()  # (its turn's own end counts it, if it started)
-            _closed(service, user)
+            await _closed(slot)
             return Response(status_code=204)
         if not first and pump.error is not None:
             raise pump.error
@@ -211,17 +212,16 @@ async def relay(
     except BaseException as exc:
         if pump is not None:
             await pump.stop()
-        _closed(service, user)
+        await _closed(slot)
         if isinstance(exc, ChatChainError) and on_failure is not None:
             on_failure(exc)
         raise
-    body = _body(service, user, pump, first, events, on_failure)
+    body = _body(slot, pump, first, events, on_failure)
     return EventSourceResponse(body, ping=PING_SECONDS)
 
 
 async def _body(
-    service: Service,
-    user: User,
+    slot: StreamSlot,
     pump: _Pump,
     first: list[Piece],
     events: Events,
@@ -247,7 +247,7 @@ async def _body(
             yield events.end(stream)
     finally:
         await pump.stop()  # if the client left mid-stream: the partial reply is kept
-        _closed(service, user)
+        await _closed(slot)
 
 
 def _error_event(events: Events, exc: Exception) -> bytes:
@@ -260,6 +260,6 @@ def _error_event(events: Events, exc: Exception) -> bytes:
     return events.error(kind, status, message)
 
 
-def _closed(service: Service, user: User) -> None:
+async def _closed(slot: StreamSlot) -> None:
     _metrics.OPEN_STREAMS.dec()
-    service.throttle.close_stream(user.name)
+    await slot.close()

@@ -9,7 +9,9 @@ The contract is four small ones that a store combines: `HistoryBackend` (transcr
 times, and is what the built-in stores implement. Everything else (the
 `BaseChatMessageHistory` view, export and import, async twins) is built on the primitives
 here, so behaviour cannot drift between backends. The built-in stores also keep the users of
-a chat service (`UserBackend`) and the titles people give their sessions (`TitleBackend`).
+a chat service (`UserBackend`), the titles people give their sessions (`TitleBackend`) and
+each user's requests per minute and open streams, counted for every process at once
+(`ThrottleBackend`).
 Messages are stored as JSON
 (``langchain_core.messages.message_to_dict``), never pickled.
 """
@@ -53,6 +55,7 @@ __all__ = [
     "StoreHistory",
     "Summary",
     "SummaryBackend",
+    "ThrottleBackend",
     "TitleBackend",
     "UserBackend",
     "driver_missing",
@@ -318,7 +321,9 @@ class LedgerBackend(ABC):
         await asyncio.to_thread(self.release_budget, hold_id)
 
 
-USER_CHANGES = frozenset({"budget_usd", "daily_usd", "monthly_usd", "revoked"})
+USER_CHANGES = frozenset(
+    {"budget_usd", "daily_usd", "monthly_usd", "requests_per_minute", "revoked", "streams"}
+)
 """The `User` fields `UserBackend.update_user` changes (the name and creation time never)."""
 
 
@@ -414,6 +419,68 @@ class TitleBackend(ABC):
     @abstractmethod
     def set_title(self, session_id: str, title: str | None) -> None:
         """Give ``session_id`` the title ``title``; ``None`` removes its title."""
+
+
+class ThrottleBackend(ABC):
+    """Each user's requests per minute and open streams, counted in the store so that a limit
+    holds across the workers and machines that share it (`chatchain.server`'s throttle).
+
+    Both counts are checked and changed in one atomic step, so that processes counting at
+    the same moment never let more through than the limit between them. Times are the
+    store's own clock where it has one (Redis, PostgreSQL), the machine's for SQLite.
+
+    - Requests: a moving window. A request is counted when fewer than ``limit`` were counted
+      for the user in the ``window`` seconds before it; a refused one is not counted.
+    - Streams: leases. A stream takes a slot that expires ``lease`` seconds later unless its
+      holder renews it, so the slots of a process that died come back by themselves; a
+      stream that ends gives its slot back at once.
+
+    The async twins run the sync methods in a thread by default.
+    """
+
+    @abstractmethod
+    def count_request(self, user: str, limit: int, window: float) -> float | None:
+        """Count one request of ``user`` unless ``limit`` were counted in the last ``window``
+        seconds.
+
+        Returns:
+            ``None`` when the request was counted; otherwise (nothing counted) the seconds
+            until the oldest of the counted requests leaves the window.
+        """
+
+    @abstractmethod
+    def take_stream(self, user: str, slot: str, limit: int, lease: float) -> bool:
+        """Take the stream slot ``slot`` (a fresh unique id) for ``user`` unless ``limit`` of
+        their slots are held (leases that have not expired); it expires in ``lease`` seconds.
+
+        Returns:
+            Whether the slot was taken.
+        """
+
+    @abstractmethod
+    def renew_stream(self, user: str, slot: str, lease: float) -> bool:
+        """Make ``user``'s slot ``slot`` expire ``lease`` seconds from now; whether it was still
+        held (an expired slot is not taken again)."""
+
+    @abstractmethod
+    def release_stream(self, user: str, slot: str) -> None:
+        """Give back ``user``'s slot ``slot`` (nothing happens if it is not held)."""
+
+    async def acount_request(self, user: str, limit: int, window: float) -> float | None:
+        """`count_request` for async callers."""
+        return await asyncio.to_thread(self.count_request, user, limit, window)
+
+    async def atake_stream(self, user: str, slot: str, limit: int, lease: float) -> bool:
+        """`take_stream` for async callers."""
+        return await asyncio.to_thread(self.take_stream, user, slot, limit, lease)
+
+    async def arenew_stream(self, user: str, slot: str, lease: float) -> bool:
+        """`renew_stream` for async callers."""
+        return await asyncio.to_thread(self.renew_stream, user, slot, lease)
+
+    async def arelease_stream(self, user: str, slot: str) -> None:
+        """`release_stream` for async callers."""
+        await asyncio.to_thread(self.release_stream, user, slot)
 
 
 class HistoryStore(HistoryBackend, SummaryBackend, LockBackend, LedgerBackend):

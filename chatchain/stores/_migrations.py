@@ -287,3 +287,24 @@ def m008_session_titles(conn: sqlite3.Connection) -> None:
     # The titles people give their sessions: a table apart from `sessions`, so that renaming
     # never touches a session's row (its times, its count) or the turns' commit path.
     conn.execute("CREATE TABLE session_titles (session_id TEXT PRIMARY KEY, title TEXT NOT NULL)")
+
+
+@migration
+def m009_throttle(conn: sqlite3.Connection) -> None:
+    # The chat service's limits counted for every process on the file (`ThrottleBackend`):
+    # the times (Unix seconds) of each user's requests in the moving window, and the leases
+    # of their open streams. A user's own limits live with the user (NULL: the deployment's).
+    conn.execute("ALTER TABLE users ADD COLUMN requests_per_minute INTEGER")
+    conn.execute("ALTER TABLE users ADD COLUMN streams INTEGER")
+    conn.execute("CREATE TABLE throttle_requests (user_name TEXT NOT NULL, at REAL NOT NULL)")
+    conn.execute("CREATE INDEX throttle_requests_user_at ON throttle_requests (user_name, at)")
+    conn.execute(
+        """
+        CREATE TABLE throttle_streams (
+            slot TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """
+    )
+    conn.execute("CREATE INDEX throttle_streams_user ON throttle_streams (user_name, expires_at)")

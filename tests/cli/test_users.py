@@ -39,9 +39,9 @@ def test_list_shows_users_and_caps_never_tokens(chatchain: Chatchain) -> None:
     result = chatchain("users", "list")
     assert result.exit_code == 0
     assert stable(result.output).splitlines() == [
-        "user   created           budget  daily  monthly  status",
-        "alice  DATE       -  $1.00        -  active",
-        "bob    DATE  $20.00      -   $0.125  revoked",
+        "user   created           budget  daily  monthly  req/min  streams  status",
+        "alice  DATE       -  $1.00        -  default  default  active",
+        "bob    DATE  $20.00      -   $0.125  default  default  revoked",
     ]
     assert token not in result.output and token[3:13] not in result.output
 
@@ -69,11 +69,15 @@ def test_revoke_then_rotate(chatchain: Chatchain) -> None:
 def test_caps_shows_sets_and_removes(chatchain: Chatchain) -> None:
     chatchain("users", "add", "alice", "--daily-usd", "1", "--budget-usd", "5")
     assert chatchain("users", "caps", "alice").stdout == (
-        "alice: budget $5.00, daily $1.00, monthly -\n"
+        "alice: budget $5.00, daily $1.00, monthly -, requests per minute default, "
+        "streams default\n"
     )
     result = chatchain("users", "caps", "alice", "--daily-usd", "none", "--monthly-usd", "2.5")
     assert result.exit_code == 0
-    assert result.stdout == "alice: budget $5.00, daily -, monthly $2.50\n"
+    assert result.stdout == (
+        "alice: budget $5.00, daily -, monthly $2.50, requests per minute default, "
+        "streams default\n"
+    )
     with chatchain.store() as store:
         user = Users(store).get("alice")
     assert user is not None and (user.daily_usd, user.monthly_usd) == (None, 2.5)
@@ -82,10 +86,33 @@ def test_caps_shows_sets_and_removes(chatchain: Chatchain) -> None:
 def test_small_caps_are_shown_with_the_precision_they_need(chatchain: Chatchain) -> None:
     chatchain("users", "add", "tiny", "--budget-usd", "0.00002", "--daily-usd", "0.0265")
     assert chatchain("users", "caps", "tiny").stdout == (
-        "tiny: budget $0.000020, daily $0.0265, monthly -\n"  # never $2e-05 or $0.0000
+        "tiny: budget $0.000020, daily $0.0265, monthly -, requests per minute default, "
+        "streams default\n"  # never $2e-05 or $0.0000
     )
     listed = chatchain("users", "list").stdout
     assert "$0.000020" in listed and "$0.0265" in listed and "e-0" not in listed
+
+
+def test_a_users_own_rate_limits_are_added_shown_changed_and_given_back(
+    chatchain: Chatchain,
+) -> None:
+    added = chatchain("users", "add", "ann", "--requests-per-minute", "100", "--streams", "0")
+    assert added.exit_code == 0
+    chatchain("users", "add", "bob")
+    assert chatchain("users", "caps", "ann").stdout == (
+        "ann: budget -, daily -, monthly -, requests per minute 100, streams unlimited\n"
+    )
+    changed = chatchain("users", "caps", "ann", "--requests-per-minute", "none", "--streams", "3")
+    assert changed.stdout == (
+        "ann: budget -, daily -, monthly -, requests per minute default, streams 3\n"
+    )
+    assert stable(chatchain("users", "list").output).splitlines()[1:] == [
+        "ann   DATE       -      -        -  default        3  active",
+        "bob   DATE       -      -        -  default  default  active",
+    ]
+    with chatchain.store() as store:
+        ann = Users(store).get("ann")
+    assert ann is not None and (ann.requests_per_minute, ann.streams) == (None, 3)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +140,15 @@ def test_small_caps_are_shown_with_the_precision_they_need(chatchain: Chatchain)
             ["caps", "alice", "--monthly-usd", "lots"],
             "error: --monthly-usd 'lots' is not an amount of USD: give a number like 1.50 "
             "(or none to remove the cap).",
+        ),
+        (
+            ["add", "carol", "--streams", "-1"],
+            "error: --streams '-1' is not a limit: give a whole number, 0 for no limit.",
+        ),
+        (
+            ["caps", "alice", "--requests-per-minute", "1.5"],
+            "error: --requests-per-minute '1.5' is not a limit: give a whole number, 0 for no "
+            "limit (or none for the deployment's).",
         ),
         (
             ["revoke", "ghost"],

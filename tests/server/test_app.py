@@ -4,9 +4,11 @@ to uvicorn. The same behaviour over real uvicorn processes is in the other test 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ from chatchain.server._errors import HTTPProblem, status_of
 from chatchain.server._throttle import UserThrottle
 from chatchain.stores import MemoryStore
 from chatchain.testing import FakeChatModel
-from chatchain.users import Users
+from chatchain.users import User, Users
 
 STATUS = {
     "InvalidInputError": 422,
@@ -238,15 +240,24 @@ def test_limits_body_size_and_cors_in_process(fake: FakeChatModel) -> None:
 
 def test_a_users_stream_slots_are_counted_and_given_back() -> None:
     throttle = UserThrottle(requests_per_minute=0, streams=2)
-    throttle.open_stream("ann")
-    throttle.open_stream("ann")
-    throttle.open_stream("bob")
-    with pytest.raises(HTTPProblem) as refused:
-        throttle.open_stream("ann")
-    throttle.close_stream("ann")
-    throttle.open_stream("ann")
+    ann, bob = User("ann", datetime.now(UTC)), User("bob", datetime.now(UTC))
 
-    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
+    async def main() -> HTTPProblem:
+        first = await throttle.aopen_stream(ann)
+        await throttle.aopen_stream(ann)
+        await throttle.aopen_stream(bob)
+        with pytest.raises(HTTPProblem) as refused:
+            await throttle.aopen_stream(ann)
+        await first.close()
+        await first.close()  # once only
+        await throttle.aopen_stream(ann)
+        with pytest.raises(HTTPProblem):
+            await throttle.aopen_stream(ann)
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert refused.status == 429 and refused.headers == {"Retry-After": "1"}
+    assert "CHATCHAIN_SERVER_STREAMS_PER_USER" in refused.message
 
 
 def test_healthz_answers_503_when_the_store_fails(fake: FakeChatModel) -> None:

@@ -38,6 +38,7 @@ def wipe(url: str, prefix: str = "chatchain") -> None:
         "usage_days",
         "pending_turns",
         "session_titles",
+        "throttle",
     ]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS " + ", ".join(f"{prefix}_{t}" for t in tables))

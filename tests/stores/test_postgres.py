@@ -128,6 +128,7 @@ def test_a_database_of_the_previous_schema_gets_the_ledger(
             "0007_sessions_by_id",
             "0008_pending_turns",
             "0009_session_titles",
+            "0010_throttle",
         ]
         assert [m.content for m in store.load("s")] == ["q0", "a1"]  # the data survives
         entries = _ledger_entries()

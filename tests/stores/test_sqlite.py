@@ -36,6 +36,7 @@ SHIPPED = [
     "m006_usage_days",
     "m007_pending_turns",
     "m008_session_titles",
+    "m009_throttle",
 ]
 
 

@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING
 
 from chatchain._locks import SessionLocks
 from chatchain.errors import ConfigurationError
-from chatchain.stores._base import HistoryStore, TitleBackend, UserBackend, driver_missing
+from chatchain.stores._base import (
+    HistoryStore,
+    ThrottleBackend,
+    TitleBackend,
+    UserBackend,
+    driver_missing,
+)
 from chatchain.stores._postgres._commit import _Commit
 from chatchain.stores._postgres._connection import _AsyncSide
 from chatchain.stores._postgres._history import _History
@@ -35,6 +41,7 @@ from chatchain.stores._postgres._locks import _Locks
 from chatchain.stores._postgres._pending import _Pending
 from chatchain.stores._postgres._schema import _MIGRATIONS
 from chatchain.stores._postgres._sql import _Sql
+from chatchain.stores._postgres._throttle import _Throttle
 from chatchain.stores._postgres._users import _Users
 
 if TYPE_CHECKING:
@@ -49,7 +56,17 @@ _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # the longest table name stays u
 
 
 class PostgresStore(
-    _History, _Commit, _Ledger, _Locks, _Pending, _Users, HistoryStore, UserBackend, TitleBackend
+    _History,
+    _Commit,
+    _Ledger,
+    _Locks,
+    _Pending,
+    _Users,
+    _Throttle,
+    HistoryStore,
+    UserBackend,
+    TitleBackend,
+    ThrottleBackend,
 ):
     """Sessions in PostgreSQL, shared by every process and machine that opens the same URL.
 

@@ -22,7 +22,12 @@ Schema (``<prefix>`` is ``chatchain`` unless ``table_prefix`` says otherwise)::
     <prefix>_usage_days(scope, key text, day date, PK (scope, key, day), total_tokens bigint,
                         cost_usd double (the priced entries' sum))
     <prefix>_users(name text PK, token_hash text UNIQUE, created_at timestamptz,
-                   budget_usd, daily_usd, monthly_usd double NULL, revoked boolean)
+                   budget_usd, daily_usd, monthly_usd double NULL, revoked boolean,
+                   requests_per_minute, streams int NULL)
+    <prefix>_pending_turns(session_id text PK, token text, record text)
+    <prefix>_session_titles(session_id text PK, title text)
+    <prefix>_throttle(user_name text PK, hits double[] (the times of the requests in the
+                      window, Unix seconds), streams jsonb (stream slot -> lease expiry))
 
 The tables are created by ordered, named migrations, each recorded in ``<prefix>_migrations``,
 under an advisory lock so that processes opening the store at once apply each migration once.
@@ -200,6 +205,21 @@ _MIGRATIONS: list[tuple[str, list[str]]] = [
                 session_id text PRIMARY KEY,
                 title text NOT NULL
             )"""
+        ],
+    ),
+    (
+        # The chat service's limits counted for every process on the database
+        # (`ThrottleBackend`): one row per user, changed by one atomic upsert per check. A
+        # user's own limits live with the user (NULL: the deployment's).
+        "0010_throttle",
+        [
+            "ALTER TABLE {users} ADD COLUMN IF NOT EXISTS requests_per_minute integer",
+            "ALTER TABLE {users} ADD COLUMN IF NOT EXISTS streams integer",
+            """CREATE TABLE IF NOT EXISTS {throttle} (
+                user_name text PRIMARY KEY,
+                hits double precision[] NOT NULL DEFAULT '{{}}',
+                streams jsonb NOT NULL DEFAULT '{{}}'
+            )""",
         ],
     ),
 ]

@@ -43,6 +43,7 @@ class _Sql:
             "usage_days",
             "pending_turns",
             "session_titles",
+            "throttle",
         )
         names = {name: sql.Identifier(f"{prefix}_{name}") for name in tables}
 
@@ -169,9 +170,12 @@ class _Sql:
         )
         self.pending_sessions = q("SELECT session_id FROM {pending_turns} ORDER BY session_id")
         # -- users --
-        user_columns = "name, created_at, budget_usd, daily_usd, monthly_usd, revoked, token_hash"
+        user_columns = (
+            "name, created_at, budget_usd, daily_usd, monthly_usd, revoked, token_hash,"
+            " requests_per_minute, streams"
+        )
         self.add_user = q(
-            f"INSERT INTO {{users}} ({user_columns}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            f"INSERT INTO {{users}} ({user_columns}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (name) DO NOTHING RETURNING name"
         )
         self.get_user = q(f"SELECT {user_columns} FROM {{users}} WHERE name = %s")
@@ -181,6 +185,50 @@ class _Sql:
             column: q(f"UPDATE {{users}} SET {column} = %(value)s WHERE name = %(name)s")
             for column in (*sorted(USER_CHANGES), "token_hash")
         }
+        # -- throttle: each check one upsert of the user's row. ON CONFLICT DO UPDATE locks
+        # the row and judges its newest version, so concurrent checks take turns on it. Times
+        # are the database's clock in Unix seconds, so every machine counts on one clock.
+        self.count_request = q(
+            "WITH now AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS at),"
+            " hit AS ("
+            "  INSERT INTO {throttle} AS t (user_name, hits)"
+            "  SELECT %(user)s, ARRAY[at] FROM now"
+            "  ON CONFLICT (user_name) DO UPDATE"
+            "  SET hits = ARRAY(SELECT h FROM unnest(t.hits) AS h"
+            "                   WHERE h > excluded.hits[1] - %(window)s) || excluded.hits[1]"
+            "  WHERE (SELECT count(*) FROM unnest(t.hits) AS h"
+            "         WHERE h > excluded.hits[1] - %(window)s) < %(limit)s"
+            "  RETURNING 1)"
+            # A refused request's wait, from the row as it was when the statement began (a
+            # request counted at that very moment elsewhere only makes the wait longer).
+            " SELECT EXISTS (SELECT 1 FROM hit),"
+            " (SELECT min(h) + %(window)s - now.at FROM {throttle}, unnest(hits) AS h"
+            "  WHERE user_name = %(user)s AND h > now.at - %(window)s)"
+            " FROM now"
+        )
+        self.take_stream = q(
+            "INSERT INTO {throttle} AS t (user_name, streams)"
+            " VALUES (%(user)s, jsonb_build_object(%(slot)s::text,"
+            "  extract(epoch FROM clock_timestamp())::float8 + %(lease)s))"
+            " ON CONFLICT (user_name) DO UPDATE"
+            " SET streams = (SELECT coalesce(jsonb_object_agg(key, value), '{{}}'::jsonb)"
+            "                FROM jsonb_each(t.streams)"
+            "                WHERE value::float8 > extract(epoch FROM clock_timestamp()))"
+            "  || excluded.streams"
+            " WHERE (SELECT count(*) FROM jsonb_each(t.streams)"
+            "        WHERE value::float8 > extract(epoch FROM clock_timestamp())) < %(limit)s"
+            " RETURNING 1"
+        )
+        self.renew_stream = q(
+            "UPDATE {throttle} SET streams = jsonb_set(streams, ARRAY[%(slot)s::text],"
+            "  to_jsonb(extract(epoch FROM clock_timestamp())::float8 + %(lease)s))"
+            " WHERE user_name = %(user)s"
+            " AND (streams ->> %(slot)s::text)::float8 > extract(epoch FROM clock_timestamp())"
+            " RETURNING 1"
+        )
+        self.release_stream = q(
+            "UPDATE {throttle} SET streams = streams - %(slot)s::text WHERE user_name = %(user)s"
+        )
         # Whether the backend ``pid`` holds the session lock `_TRY_LOCK` takes for ``key``
         # (a bigint key is kept as its high and low 32 bits, with objsubid 1).
         self.lock_owned = q(

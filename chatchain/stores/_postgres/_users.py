@@ -20,8 +20,18 @@ __all__ = ["_Users"]
 
 def _user(row: Sequence[Any]) -> tuple[User, str]:
     """The user of a ``users`` row, and their token's hash."""
-    name, created, budget, daily, monthly, revoked, token_hash = row
-    return User(name, _utc(created), budget, daily, monthly, bool(revoked)), token_hash
+    name, created, budget, daily, monthly, revoked, token_hash, per_minute, streams = row
+    user = User(
+        name,
+        _utc(created),
+        budget,
+        daily,
+        monthly,
+        bool(revoked),
+        requests_per_minute=per_minute,
+        streams=streams,
+    )
+    return user, token_hash
 
 
 class _Users(_Connections):
@@ -36,6 +46,8 @@ class _Users(_Connections):
             user.monthly_usd,
             user.revoked,
             token_hash,
+            user.requests_per_minute,
+            user.streams,
         )
         if not self._fetch(self._sql.add_user, row):
             raise user_exists(user.name)

@@ -14,6 +14,7 @@ module's docstring shows its keys, all under the store's prefix):
 - `_commit`: `commit_turn`, a whole turn in one Lua script fenced by the session lock;
 - `_pending`: the write-ahead records of turns in flight;
 - `_users`: the users of a chat service;
+- `_throttle`: each user's requests per minute and open streams (`ThrottleBackend`);
 - `_locks`: one writer per session, by a renewed lease.
 """
 
@@ -30,6 +31,7 @@ from chatchain.errors import ConfigurationError
 from chatchain.stores._base import (
     DEFAULT_LEASE,
     HistoryStore,
+    ThrottleBackend,
     TitleBackend,
     UserBackend,
     driver_missing,
@@ -40,6 +42,12 @@ from chatchain.stores._redis._history import _INDEX_IDS, _History
 from chatchain.stores._redis._ledger import _HOLD, _RECORD, _RELEASE, _Ledger
 from chatchain.stores._redis._locks import _Locks
 from chatchain.stores._redis._pending import _DROP_PENDING, _WRITE_PENDING, _Pending
+from chatchain.stores._redis._throttle import (
+    _COUNT_REQUEST,
+    _RENEW_STREAM,
+    _TAKE_STREAM,
+    _Throttle,
+)
 from chatchain.stores._redis._users import _ADD_USER, _FIND_USER, _UPDATE_USER, _Users
 
 if TYPE_CHECKING:
@@ -53,7 +61,17 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class RedisStore(
-    _History, _Commit, _Ledger, _Locks, _Pending, _Users, HistoryStore, UserBackend, TitleBackend
+    _History,
+    _Commit,
+    _Ledger,
+    _Locks,
+    _Pending,
+    _Users,
+    _Throttle,
+    HistoryStore,
+    UserBackend,
+    TitleBackend,
+    ThrottleBackend,
 ):
     """Sessions in Redis, shared by every process and machine that uses the server.
 
@@ -146,6 +164,9 @@ class RedisStore(
         self._pending = [f"{prefix}:pending", f"{prefix}:pending:records"]
         self._write_pending_script = self._client.register_script(_WRITE_PENDING)
         self._drop_pending_script = self._client.register_script(_DROP_PENDING)
+        self._count_script = self._client.register_script(_COUNT_REQUEST)
+        self._take_script = self._client.register_script(_TAKE_STREAM)
+        self._renew_script = self._client.register_script(_RENEW_STREAM)
         self._locks = SessionLocks(lock_timeout)
         self._guard = threading.Lock()
         self._aclients: dict[

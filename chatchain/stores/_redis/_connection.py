@@ -87,6 +87,9 @@ class _Connections:
     _find_user_script: redis.commands.core.Script
     _write_pending_script: redis.commands.core.Script
     _drop_pending_script: redis.commands.core.Script
+    _count_script: redis.commands.core.Script
+    _take_script: redis.commands.core.Script
+    _renew_script: redis.commands.core.Script
     _locks: SessionLocks
     _guard: threading.Lock
     _aclients: dict[

@@ -1,8 +1,9 @@
 """The Redis store's users, those of a chat service (`chatchain.users`):
 
 - ``<prefix>:user:<name>``: HASH of ``name``, ``created`` (microseconds since the epoch),
-  ``budget``, ``daily``, ``monthly`` (USD, ``''`` for no cap), ``revoked`` (``0``/``1``) and
-  ``hash`` (the SHA-256 of the user's token; the token itself is never stored);
+  ``budget``, ``daily``, ``monthly`` (USD, ``''`` for no cap), ``revoked`` (``0``/``1``),
+  ``hash`` (the SHA-256 of the user's token; the token itself is never stored) and
+  ``requests_per_minute``, ``streams`` (the user's own limits, ``''`` for the deployment's);
 - ``<prefix>:token:<hash>``: STRING, the key of the user the token belongs to;
 - ``<prefix>:users``: ZSET of names scored by creation, for listing.
 
@@ -28,11 +29,13 @@ __all__ = ["_ADD_USER", "_FIND_USER", "_UPDATE_USER", "_Users"]
 
 
 # Add a user unless the name is taken. KEYS: user, token, users. ARGV: name, created (us),
-# budget, daily, monthly, revoked, token hash. Returns 1 when added, 0 when the name is taken.
+# budget, daily, monthly, revoked, token hash, requests per minute, streams. Returns 1 when
+# added, 0 when the name is taken.
 _ADD_USER = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'name', ARGV[1], 'created', ARGV[2], 'budget', ARGV[3],
-  'daily', ARGV[4], 'monthly', ARGV[5], 'revoked', ARGV[6], 'hash', ARGV[7])
+  'daily', ARGV[4], 'monthly', ARGV[5], 'revoked', ARGV[6], 'hash', ARGV[7],
+  'requests_per_minute', ARGV[8], 'streams', ARGV[9])
 redis.call('SET', KEYS[2], KEYS[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return 1
@@ -64,10 +67,16 @@ def _cap(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
+def _rate(value: int | None) -> str:
+    return "" if value is None else str(int(value))
+
+
 def _user_fields(value: object) -> str:
     """A `User` field as a user HASH keeps it."""
     if isinstance(value, bool):
         return "1" if value else "0"
+    if isinstance(value, int):
+        return _rate(value)
     return _cap(value)  # type: ignore[arg-type]
 
 
@@ -81,6 +90,9 @@ def _user(fields: list[str] | dict[str, str] | None) -> tuple[User, str] | None:
     def cap(name: str) -> float | None:
         return float(fields[name]) if fields.get(name) else None
 
+    def rate(name: str) -> int | None:
+        return int(fields[name]) if fields.get(name) else None
+
     user = User(
         fields["name"],
         _moment(fields["created"]),
@@ -88,6 +100,8 @@ def _user(fields: list[str] | dict[str, str] | None) -> tuple[User, str] | None:
         daily_usd=cap("daily"),
         monthly_usd=cap("monthly"),
         revoked=fields.get("revoked") == "1",
+        requests_per_minute=rate("requests_per_minute"),
+        streams=rate("streams"),
     )
     return user, fields["hash"]
 
@@ -98,6 +112,8 @@ _USER_FIELDS = {
     "daily_usd": "daily",
     "monthly_usd": "monthly",
     "revoked": "revoked",
+    "requests_per_minute": "requests_per_minute",
+    "streams": "streams",
 }
 
 
@@ -126,6 +142,8 @@ class _Users(_Connections):
             _cap(user.monthly_usd),
             _user_fields(user.revoked),
             token_hash,
+            _rate(user.requests_per_minute),
+            _rate(user.streams),
         ]
         if not int(self._eval(self._add_user_script, keys, args)):
             raise user_exists(user.name)

@@ -9,6 +9,7 @@ The store is one class composed of a part per contract, each in a module of its 
 - `_commit`: `commit_turn`, a whole turn in one transaction fenced by the session's lease;
 - `_pending`: the write-ahead records of turns in flight;
 - `_users`: the users of a chat service;
+- `_throttle`: each user's requests per minute and open streams (`ThrottleBackend`);
 - `_locks`: one writer per session, by leases.
 
 Clocks: lease and budget-hold expiries are wall-clock times of the machine (``time.time``,
@@ -24,7 +25,13 @@ from typing import TYPE_CHECKING
 
 from chatchain._locks import SessionLocks
 from chatchain.errors import ConfigurationError, StoreError
-from chatchain.stores._base import DEFAULT_LEASE, HistoryStore, TitleBackend, UserBackend
+from chatchain.stores._base import (
+    DEFAULT_LEASE,
+    HistoryStore,
+    ThrottleBackend,
+    TitleBackend,
+    UserBackend,
+)
 from chatchain.stores._migrations import migrate
 from chatchain.stores._sqlite._commit import _Commit
 from chatchain.stores._sqlite._connection import _DAMAGED, _is_busy, _path_from_url
@@ -32,6 +39,7 @@ from chatchain.stores._sqlite._history import _History, _session_infos_sql
 from chatchain.stores._sqlite._ledger import _Ledger, _part_query
 from chatchain.stores._sqlite._locks import _Locks
 from chatchain.stores._sqlite._pending import _Pending
+from chatchain.stores._sqlite._throttle import _Throttle
 from chatchain.stores._sqlite._users import _Users
 
 if TYPE_CHECKING:
@@ -45,7 +53,17 @@ _MIN_SQLITE = (3, 24, 0)
 
 
 class SQLiteStore(
-    _History, _Commit, _Ledger, _Locks, _Pending, _Users, HistoryStore, UserBackend, TitleBackend
+    _History,
+    _Commit,
+    _Ledger,
+    _Locks,
+    _Pending,
+    _Users,
+    _Throttle,
+    HistoryStore,
+    UserBackend,
+    TitleBackend,
+    ThrottleBackend,
 ):
     """Sessions in one SQLite file: persistent, for the threads and processes of one machine.
 

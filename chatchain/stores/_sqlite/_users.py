@@ -14,13 +14,25 @@ from chatchain.users import User
 __all__ = ["_Users"]
 
 
-_USER_COLUMNS = "name, created_at, budget_usd, daily_usd, monthly_usd, revoked, token_hash"
+_USER_COLUMNS = (
+    "name, created_at, budget_usd, daily_usd, monthly_usd, revoked, token_hash, "
+    "requests_per_minute, streams"
+)
 
 
 def _user(row: Sequence[Any]) -> tuple[User, str]:
     """The user of a ``users`` row (`_USER_COLUMNS`), and their token's hash."""
-    name, created, budget, daily, monthly, revoked, token_hash = row
-    user = User(name, datetime.fromisoformat(created), budget, daily, monthly, bool(revoked))
+    name, created, budget, daily, monthly, revoked, token_hash, per_minute, streams = row
+    user = User(
+        name,
+        datetime.fromisoformat(created),
+        budget,
+        daily,
+        monthly,
+        bool(revoked),
+        requests_per_minute=per_minute,
+        streams=streams,
+    )
     return user, token_hash
 
 
@@ -30,7 +42,7 @@ class _Users(_Connections):
     def add_user(self, user: User, token_hash: str) -> None:
         with self._write("add a user") as conn:
             added = conn.execute(
-                f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (name) DO NOTHING",
                 (
                     user.name,
@@ -40,6 +52,8 @@ class _Users(_Connections):
                     user.monthly_usd,
                     int(user.revoked),
                     token_hash,
+                    user.requests_per_minute,
+                    user.streams,
                 ),
             ).rowcount
         if added != 1:
