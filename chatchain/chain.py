@@ -367,6 +367,10 @@ class ChatChain(HistoryRunnable):
                         )
                     )
                     break
+                except asyncio.CancelledError:  # the task was stopped (a server's shutdown)
+                    turn.log_interrupted("cancelled")  # as a stopped stream: the message kept
+                    yield from turn.save_flow(turn.partial_reply("cancelled"))
+                    raise
                 except Exception as exc:
                     error = turn.failure(exc)
                     if not self._retry_smaller(error, turn):

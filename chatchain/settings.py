@@ -269,6 +269,20 @@ class Settings(BaseSettings):
     """``CHATCHAIN_SERVER_MAX_BODY_BYTES``: the largest request body ``chatchain serve``
     accepts (1 MiB by default); a larger one is refused with 413 before it is read."""
 
+    server_shutdown_grace: float = Field(
+        default=30.0, ge=0, validation_alias="CHATCHAIN_SERVER_SHUTDOWN_GRACE"
+    )
+    """``CHATCHAIN_SERVER_SHUTDOWN_GRACE``: seconds the turns in flight (streams included) may
+    take to finish once ``chatchain serve`` stops taking requests (SIGTERM); those still
+    running then are stopped, their reply so far stored marked interrupted (30 by default)."""
+
+    server_drain_delay: float = Field(
+        default=0.0, ge=0, validation_alias="CHATCHAIN_SERVER_DRAIN_DELAY"
+    )
+    """``CHATCHAIN_SERVER_DRAIN_DELAY``: seconds ``chatchain serve`` keeps serving after
+    SIGTERM, ``/healthz`` answering 503 ``draining``, before it stops taking requests: time
+    for a load balancer's health checks to take the instance out (0 by default)."""
+
     server_cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), validation_alias="CHATCHAIN_SERVER_CORS_ORIGINS"
     )

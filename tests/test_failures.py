@@ -264,6 +264,24 @@ async def test_cancelling_an_astream_task_keeps_the_partial_reply(settings: Sett
     assert (await bot.achat("after", session_id="s")).text == "Echo: after"
 
 
+async def test_cancelling_an_achat_task_keeps_the_message(settings: Settings) -> None:
+    """A turn stopped mid-call (a server's shutdown cancels it) keeps the user's message, with
+    an empty reply marked interrupted, as a stopped stream does."""
+    fake = FakeChatModel(model_name="gpt-4o-mini")
+    bot = Chatbot(settings, llm=fake, system="Be brief.")
+    await bot.achat("first", session_id="s")
+    fake.delay = 30.0  # the model answers long after the cancel
+    task = asyncio.create_task(bot.achat("slow", session_id="s"))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert_interrupted(bot, "slow", "")
+    assert bot.history("s")[-1].response_metadata["interrupted_reason"] == "cancelled"
+    fake.delay = 0.0
+    assert (await bot.achat("after", session_id="s")).text == "Echo: after"
+
+
 async def test_closing_an_astream_keeps_the_partial_reply(settings: Settings) -> None:
     fake = FakeChatModel(model_name="gpt-4o-mini")
     bot = Chatbot(settings, llm=fake, system="Be brief.")

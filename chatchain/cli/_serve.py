@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -16,6 +19,10 @@ from chatchain.cli._setup import errors_reported, load_settings, open_settings_s
 from chatchain.cli._tools import TOOLS_HELP, load_tools
 from chatchain.errors import ConfigurationError
 from chatchain.settings import Settings
+
+if TYPE_CHECKING:
+    from uvicorn import Config
+    from uvicorn.supervisors import Multiprocess
 
 __all__ = ["serve"]
 
@@ -57,6 +64,24 @@ _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
     "--var language=French; repeat for more. Over CHATCHAIN_PROMPT_VARS; a native request's "
     "vars win. Needed for OpenAI-route clients with X-Session-Id, which cannot send vars.",
 )
+@click.option(
+    "--shutdown-grace",
+    "shutdown_grace",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0),
+    help="On SIGTERM, how long turns in flight (streams too) may take to finish; those "
+    "still running then are stopped, their reply so far stored marked interrupted "
+    "(default: CHATCHAIN_SERVER_SHUTDOWN_GRACE, else 30).",
+)
+@click.option(
+    "--drain-delay",
+    "drain_delay",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0),
+    help="On SIGTERM, how long to keep serving with /healthz answering 503 'draining' before "
+    "no longer taking requests, for a load balancer to take the instance out (default: "
+    "CHATCHAIN_SERVER_DRAIN_DELAY, else 0).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks, not one error line.")
 def serve(
     host: str,
@@ -66,6 +91,8 @@ def serve(
     offline: bool,
     tools: str | None,
     variables: tuple[str, ...],
+    shutdown_grace: float | None,
+    drain_delay: float | None,
     debug: bool,
 ) -> None:
     """Serve the chat page, the chat API (and /docs, /healthz, /metrics) over HTTP.
@@ -73,20 +100,29 @@ def serve(
     The chat page is at http://HOST:PORT/ (http://127.0.0.1:8000/ by default): open it in a
     browser and sign in with a token of `chatchain users add NAME`, kept in the same store.
     Settings come from the environment and .env, as for the other commands.
+
+    On SIGTERM the service drains: /healthz answers 503 for --drain-delay seconds while
+    requests are still served, then it takes no new ones, gives the turns in flight
+    --shutdown-grace seconds, stops (and stores, marked interrupted) those left, and exits.
     """
     status = Console(stderr=True, highlight=False)
     with errors_reported(debug) as report:
         try:
-            import uvicorn
+            import uvicorn  # noqa: F401  (the server extra's packages, named now if missing)
 
-            import chatchain.server  # noqa: F401  (its missing packages, named now)
+            import chatchain.server  # noqa: F401
             from chatchain.server._app import TOOLS_ENV
         except ImportError as exc:
             raise ConfigurationError(
                 f"chatchain serve needs {exc.name}: install it with pip install "
                 "'chatchain[server]'."
             ) from None
-        settings = load_settings(None, {"store_url": store_url})
+        options = {
+            "store_url": store_url,
+            "server_shutdown_grace": shutdown_grace,
+            "server_drain_delay": drain_delay,
+        }
+        settings = load_settings(None, options)
         settings = _with_variables(settings, variables, status)
         report.remember_key(settings)
         if workers > 1 and settings.store_url.startswith("memory:"):
@@ -99,6 +135,8 @@ def serve(
         with use_endpoint(settings, offline, status) as served:
             env = {"CHATCHAIN_STORE": served.store_url, TOOLS_ENV: tools or ""}
             env["CHATCHAIN_PROMPT_VARS"] = json.dumps(settings.prompt_vars)
+            env["CHATCHAIN_SERVER_SHUTDOWN_GRACE"] = str(settings.server_shutdown_grace)
+            env["CHATCHAIN_SERVER_DRAIN_DELAY"] = str(settings.server_drain_delay)
             if offline:
                 assert served.base_url is not None
                 # The worker's key is a placeholder: the real one (in .env, say) stays home.
@@ -106,7 +144,50 @@ def serve(
             page = page_url(host, port)
             status.print(f"Chat page: {page} (sign in with a token of `chatchain users add`)")
             with _environment(env), _metrics_folder(workers):
-                uvicorn.run(APP, factory=True, host=host, port=port, workers=workers)
+                _run(settings, host, port, workers)
+
+
+def _run(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Run the app under uvicorn; with several workers, under `_supervisor`."""
+    import uvicorn
+
+    # After the drain delay: the turns' grace, then uvicorn stops what is left.
+    grace = math.ceil(settings.server_shutdown_grace)
+    if workers == 1:
+        uvicorn.run(APP, factory=True, host=host, port=port, timeout_graceful_shutdown=grace)
+        return
+    config = uvicorn.Config(
+        APP, factory=True, host=host, port=port, workers=workers, timeout_graceful_shutdown=grace
+    )
+    _supervisor(config, settings.server_drain_delay).run()
+
+
+def _supervisor(config: Config, drain_delay: float) -> Multiprocess:
+    """uvicorn's supervisor of ``config.workers`` processes (as ``uvicorn.run`` makes it),
+    which also closes its own copy of the listening socket when the workers close theirs.
+
+    uvicorn's keeps it open until every worker has exited: once the workers stopped taking
+    requests, a new connection would be accepted by the system and wait, unanswered, through
+    the whole shutdown grace, then be reset (a proxy cannot send a POST elsewhere then: it
+    was sent). Closed, the socket refuses new connections, which a proxy sends elsewhere.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        terminated = False
+
+        def handle_term(self) -> None:
+            self.terminated = True  # SIGTERM: the workers drain first (SIGINT: at once)
+            super().handle_term()
+
+        def terminate_all(self) -> None:
+            super().terminate_all()  # SIGTERM to each worker, which drains, then closes
+            if self.terminated:
+                time.sleep(drain_delay)
+            for sock in self.sockets:
+                sock.close()
+
+    return Supervisor(config, sockets=[config.bind_socket()])
 
 
 def _with_variables(settings: Settings, variables: tuple[str, ...], status: Console) -> Settings:

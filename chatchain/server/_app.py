@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chatchain import Chatbot, Settings, __version__, aclose_loop_client
 from chatchain.server import _metrics, _native, _openai, _ops
 from chatchain.server._docs import install_docs
+from chatchain.server._drain import Drain, InFlight
 from chatchain.server._errors import (
     error_body,
     install_error_handlers,
@@ -81,12 +82,17 @@ def create_app(
         ),
     )
 
+    drain = Drain(delay=settings.server_drain_delay, grace=settings.server_shutdown_grace)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         _recover_in_background(service.bot)
+        drain.install()  # SIGTERM: draining first (see chatchain.server._drain)
         try:
-            yield {"service": service, "started": int(time.time())}
+            yield {"service": service, "started": int(time.time()), "drain": drain}
         finally:
+            await drain.settled()  # the turns stopped at the grace's end, stored
+            drain.uninstall()
             _metrics.process_exited()
             if owned:
                 await service.bot.aclose()
@@ -114,6 +120,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "Accept", "X-Session-Id"],
         )
     app.add_middleware(BodyLimit, max_bytes=settings.server_max_body_bytes)
+    app.add_middleware(InFlight, drain=drain)  # outermost: counts every request to its end
     return app
 
 

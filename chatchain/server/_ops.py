@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from chatchain.server import _metrics
 from chatchain.server._errors import error_body
-from chatchain.server._service import ServiceDep
+from chatchain.server._service import ServiceDep, app_state
 
 __all__ = ["router"]
 
@@ -19,8 +19,17 @@ _PROBE = "healthz:probe"  # a session id no user can have (user names hold no ':
 
 
 @router.get("/healthz")
-async def healthz(service: ServiceDep) -> JSONResponse:
-    """200 ``{"status": "ok"}`` when the store answers, else 503 with the store's error."""
+async def healthz(service: ServiceDep, request: Request) -> JSONResponse:
+    """200 ``{"status": "ok"}`` when the store answers, else 503 with the store's error; 503
+    ``{"status": "draining"}`` once the instance is shutting down (SIGTERM), so that a load
+    balancer takes it out while it finishes its turns."""
+    if app_state(request)["drain"].draining:
+        body = error_body(
+            "Draining",
+            "This instance is shutting down: it finishes its turns in flight and takes no "
+            "new ones soon. Send requests to another instance.",
+        )
+        return JSONResponse({"status": "draining", **body}, status_code=503)
     try:
         await asyncio.to_thread(service.bot.store.count, _PROBE)
     except Exception as exc:

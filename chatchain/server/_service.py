@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatchain import MAX_SESSION_ID_LENGTH, Chatbot, InvalidInputError, validate_session_id
+from chatchain.server._drain import Drain
 from chatchain.server._errors import HTTPProblem
 from chatchain.server._throttle import UserThrottle
 from chatchain.settings import Settings
@@ -60,10 +61,12 @@ class AppState(TypedDict):
     Attributes:
         service: The app's `Service`.
         started: When the app started (Unix seconds): the ``created`` of ``/v1/models``.
+        drain: The app's shutdown (whether it is draining).
     """
 
     service: Service
     started: int
+    drain: Drain
 
 
 def app_state(request: Request) -> AppState:

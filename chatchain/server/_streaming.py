@@ -217,7 +217,9 @@ async def relay(
             on_failure(exc)
         raise
     body = _body(slot, pump, first, events, on_failure)
-    return EventSourceResponse(body, ping=PING_SECONDS)
+    # At shutdown the stream has the grace period to end, then is stopped (reply kept).
+    grace = service.settings.server_shutdown_grace
+    return EventSourceResponse(body, ping=PING_SECONDS, shutdown_grace_period=grace)
 
 
 async def _body(
