@@ -43,6 +43,7 @@ ROOT = HERE.parent
 # The targets, kept where their benchmarks define them.
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+import bench_instances  # noqa: E402
 from bench_memory import HISTORY_TARGET, TOKENS_TARGET  # noqa: E402
 from bench_server import BEGIN, END, TARGET_RELAY, insert_section, section_of  # noqa: E402
 from bench_stream import CHUNK_TARGET, MEMORY_TARGET  # noqa: E402
@@ -600,6 +601,8 @@ def render(env: dict[str, Any], results: dict[str, dict[str, Any]], img: Path) -
     out += [BEGIN, END, ""]
     out += _stream_section(stream)
     out += _relay_section(relay)
+    # Where `bench_instances.py` writes its section 10 (kept from the page this run replaces).
+    out += [bench_instances.BEGIN, bench_instances.END, ""]
 
     out += [
         "## Running it",
@@ -1040,8 +1043,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    kept = section_of(args.out.read_text()) if args.out.exists() else None
-    args.out.write_text(page if kept is None else insert_section(page, kept))
+    before = args.out.read_text() if args.out.exists() else ""
+    kept = section_of(before)
+    page = page if kept is None else insert_section(page, kept)
+    instances = bench_instances.section_of(before)
+    if instances is not None:
+        page = bench_instances.insert_section(page, instances)
+    args.out.write_text(page)
     failed = [key for key, found in results.items() if "error" in found]
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_absolute() else args.out}")
     if failed:

@@ -223,6 +223,20 @@ def test_a_budget_holds_across_both_instances(deployed: Deployment) -> None:
     assert len(served) == len(refused) == 2  # both instances spent from, and refused by, one cap
 
 
+def test_a_users_requests_per_minute_hold_across_both_instances(deployed: Deployment) -> None:
+    _, token = deployed.add_user(requests_per_minute=20)
+    client = deployed.client(token)
+
+    answers = [client.get("/v1/sessions") for _ in range(40)]
+
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(200) == 20 and statuses.count(429) == 20, statuses
+    refused = [a for a in answers if a.status_code == 429]
+    assert all(1 <= int(a.headers["retry-after"]) <= 60 for a in refused)
+    served = {a.headers["x-upstream"] for a in answers if a.status_code == 200}
+    assert len(served) == 2 and {a.headers["x-upstream"] for a in refused} == served
+
+
 def _under_load(deployed: Deployment, restart: Callable[[], None]) -> list[int | str]:
     """Run ``restart`` while 4 clients send turns through the proxy, each on its own session
     and as fast as they are answered; every answer's status (or exception's name)."""
