@@ -201,7 +201,7 @@ class ResponseRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Required; the configured model answers whatever it names.")
+    model: str = Field(description="Required: one of the models GET /v1/models lists.")
     input: str | list[dict[str, Any]]
     instructions: str | None = Field(
         default=None, description="Echoed back, not sent: the deployment's system prompt stays."
@@ -685,12 +685,12 @@ class _Call:
 
     def __init__(self, service: Service, user: User, body: ResponseRequest) -> None:
         self.service = service
-        self.bot = service.bot  # the bot that answers (one model per deployment)
+        self.bot = service.bot_for(body.model)  # 404 model_not_found for a model not served
         self.user = user
         self.body = body
         self.input = _read_input(body)
         self.options = _options(body)
-        self.model = service.settings.model
+        self.model = self.bot.settings.model
         self.previous: str | None = body.previous_response_id
         self.stateful = body.store is not False
         self.rid = ResponseId.new()

@@ -253,7 +253,9 @@ def test_a_json_schema_reply_is_checked(
     model.queue_replies('{"name": "Oslo"}')
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "Oslo?"}], response_format=CITY
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Oslo?"}],
+            response_format=CITY,
         )
     assert "population" in caught.value.message
     assert caught.value.response.headers["x-should-retry"] == "false"

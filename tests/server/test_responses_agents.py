@@ -22,17 +22,36 @@ from agents import (
     set_default_openai_client,
     set_tracing_disabled,
 )
+from agents.models import get_default_model
 from pydantic import BaseModel
 
 from chatchain.server._responses import ResponseId
 from chatchain.stores import open_store
 from chatchain.testing import OpenAITestServer
-from tests.server.conftest import Service
+from tests.server.conftest import Service, start_service
 
 # Slow: a real `chatchain serve` process (uvicorn) per module.
 pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def service(
+    endpoint: OpenAITestServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """The module's service, which also serves the Agents SDK's default model (a model the
+    operator does not list is 404 model_not_found)."""
+    folder = tmp_path_factory.mktemp("service")
+    env = {
+        "CHATCHAIN_MAX_RETRIES": "0",
+        "CHATCHAIN_TIMEOUT": "2",
+        "CHATCHAIN_LOCK_TIMEOUT": "1",
+        "CHATCHAIN_SERVER_MODELS": get_default_model(),
+    }
+    running = start_service(f"sqlite:///{folder / 'chat.db'}", endpoint, folder, env=env)
+    yield running
+    running.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -148,9 +148,11 @@ def test_a_new_conversation_is_a_new_session_and_continuing_the_newest_continues
 def test_continuing_an_older_response_forks_a_session_with_the_history_up_to_it(
     bot: Chatbot, ann: openai.OpenAI, seen: Seen
 ) -> None:
-    first = ann.responses.create(model="m", input="one")
-    second = ann.responses.create(model="m", input="two", previous_response_id=first.id)
-    forked = ann.responses.create(model="m", input="two again", previous_response_id=first.id)
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
+    second = ann.responses.create(model="gpt-4o-mini", input="two", previous_response_id=first.id)
+    forked = ann.responses.create(
+        model="gpt-4o-mini", input="two again", previous_response_id=first.id
+    )
     assert _session(forked.id) != _session(first.id)
     assert seen.calls[-1][1:] == [("human", "one"), ("ai", "Echo: one"), ("human", "two again")]
     old, new = f"ann:{_session(first.id)}", f"ann:{_session(forked.id)}"
@@ -162,9 +164,9 @@ def test_continuing_an_older_response_forks_a_session_with_the_history_up_to_it(
         "Echo: two again",
     ]
     # Both branches go on, each from its own newest response.
-    ann.responses.create(model="m", input="three", previous_response_id=second.id)
+    ann.responses.create(model="gpt-4o-mini", input="three", previous_response_id=second.id)
     assert seen.calls[-1][-2:] == [("ai", "Echo: two"), ("human", "three")]
-    ann.responses.create(model="m", input="three b", previous_response_id=forked.id)
+    ann.responses.create(model="gpt-4o-mini", input="three b", previous_response_id=forked.id)
     assert seen.calls[-1][-2:] == [("ai", "Echo: two again"), ("human", "three b")]
     assert bot.store.count(old) == 6 and bot.store.count(new) == 6
 
@@ -172,11 +174,11 @@ def test_continuing_an_older_response_forks_a_session_with_the_history_up_to_it(
 def test_two_continuations_of_one_response_at_once_each_get_the_id_of_their_place(
     bot: Chatbot, ann: openai.OpenAI, model: FakeChatModel
 ) -> None:
-    first = ann.responses.create(model="m", input="one")
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
     model.delay = 0.3  # both requests find `first` the newest before either is stored
 
     def more(text: str) -> Any:
-        return ann.responses.create(model="m", input=text, previous_response_id=first.id)
+        return ann.responses.create(model="gpt-4o-mini", input=text, previous_response_id=first.id)
 
     with ThreadPoolExecutor(2) as pool:
         replies = list(pool.map(more, ["a", "b"]))
@@ -190,12 +192,12 @@ def test_two_continuations_of_one_response_at_once_each_get_the_id_of_their_plac
 def test_continuing_a_response_while_a_turn_runs_on_its_session_forks(
     ann: openai.OpenAI, model: FakeChatModel
 ) -> None:
-    first = ann.responses.create(model="m", input="one")
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
     model.delay = 1.5  # the first continuation is still at the model when the second comes
 
     def more(text: str, wait: float) -> Any:
         time.sleep(wait)
-        return ann.responses.create(model="m", input=text, previous_response_id=first.id)
+        return ann.responses.create(model="gpt-4o-mini", input=text, previous_response_id=first.id)
 
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(more, "a", 0.0)
@@ -207,11 +209,13 @@ def test_continuing_a_response_while_a_turn_runs_on_its_session_forks(
 
 
 def test_retrieve_and_input_items_give_the_stored_response(ann: openai.OpenAI) -> None:
-    first = ann.responses.create(model="m", input="one")
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
     second = ann.responses.create(
-        model="m", input=[{"role": "user", "content": "two"}], previous_response_id=first.id
+        model="gpt-4o-mini",
+        input=[{"role": "user", "content": "two"}],
+        previous_response_id=first.id,
     )
-    ann.responses.create(model="m", input="three", previous_response_id=second.id)
+    ann.responses.create(model="gpt-4o-mini", input="three", previous_response_id=second.id)
     got = ann.responses.retrieve(second.id)
     assert (got.id, got.output_text, got.status) == (second.id, "Echo: two", "completed")
     assert got.usage is not None and second.usage is not None
@@ -228,7 +232,7 @@ def test_a_whole_conversation_as_input_is_stored_as_the_new_sessions_history(
         {"role": "assistant", "content": [{"type": "output_text", "text": "Hello Ann."}]},
         {"role": "user", "content": [{"type": "input_text", "text": "Who am I?"}]},
     ]
-    reply = ann.responses.create(model="m", input=conversation, instructions="Be brief.")
+    reply = ann.responses.create(model="gpt-4o-mini", input=conversation, instructions="Be brief.")
     assert reply.instructions == "Be brief."  # echoed back, not sent
     assert seen.calls[-1] == [
         ("system", "Be kind."),
@@ -243,13 +247,13 @@ def test_a_whole_conversation_as_input_is_stored_as_the_new_sessions_history(
 def test_another_users_response_id_is_not_found_and_changes_nothing(
     bot: Chatbot, ann: openai.OpenAI, bob: openai.OpenAI
 ) -> None:
-    mine = ann.responses.create(model="m", input="secret")
+    mine = ann.responses.create(model="gpt-4o-mini", input="secret")
     with pytest.raises(openai.NotFoundError):
         bob.responses.retrieve(mine.id)
     with pytest.raises(openai.NotFoundError):
         bob.responses.input_items.list(mine.id)
     with pytest.raises(openai.NotFoundError):
-        bob.responses.create(model="m", input="tell me", previous_response_id=mine.id)
+        bob.responses.create(model="gpt-4o-mini", input="tell me", previous_response_id=mine.id)
     with pytest.raises(openai.NotFoundError):
         bob.responses.delete(mine.id)
     assert ann.responses.retrieve(mine.id).output_text == "Echo: secret"
@@ -259,18 +263,29 @@ def test_another_users_response_id_is_not_found_and_changes_nothing(
             ann.responses.retrieve(made_up)
 
 
+def test_a_model_not_served_is_openais_404_and_nothing_is_sent(
+    bot: Chatbot, ann: openai.OpenAI, seen: Seen
+) -> None:
+    with pytest.raises(openai.NotFoundError) as refused:
+        ann.responses.create(model="gpt-9-unlisted", input="hi")
+    assert refused.value.code == "model_not_found"
+    assert not seen.calls and bot.usage(user_id="ann").turns == 0
+
+
 def test_delete_forgets_the_conversation_and_continuing_it_is_not_found(
     bot: Chatbot, ann: openai.OpenAI
 ) -> None:
-    first = ann.responses.create(model="m", input="one")
-    forked_from = ann.responses.create(model="m", input="two", previous_response_id=first.id)
-    fork = ann.responses.create(model="m", input="fork", previous_response_id=first.id)
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
+    forked_from = ann.responses.create(
+        model="gpt-4o-mini", input="two", previous_response_id=first.id
+    )
+    fork = ann.responses.create(model="gpt-4o-mini", input="fork", previous_response_id=first.id)
     ann.responses.delete(forked_from.id)
     for gone in (first.id, forked_from.id):
         with pytest.raises(openai.NotFoundError):
             ann.responses.retrieve(gone)
         with pytest.raises(openai.NotFoundError):
-            ann.responses.create(model="m", input="more", previous_response_id=gone)
+            ann.responses.create(model="gpt-4o-mini", input="more", previous_response_id=gone)
     assert ann.responses.retrieve(fork.id).output_text == "Echo: fork"  # its own session
     assert bot.usage(user_id="ann").turns == 3  # what it spent stays in the ledger
 
@@ -278,9 +293,11 @@ def test_delete_forgets_the_conversation_and_continuing_it_is_not_found(
 def test_store_false_keeps_nothing_and_is_metered(
     bot: Chatbot, ann: openai.OpenAI, seen: Seen
 ) -> None:
-    first = ann.responses.create(model="m", input="one")
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
     sessions = set(bot.sessions())
-    reply = ann.responses.create(model="m", input="two", store=False, previous_response_id=first.id)
+    reply = ann.responses.create(
+        model="gpt-4o-mini", input="two", store=False, previous_response_id=first.id
+    )
     assert reply.output_text == "Echo: two" and reply.store is False
     assert seen.calls[-1] == [
         ("system", "Be kind."),
@@ -293,15 +310,15 @@ def test_store_false_keeps_nothing_and_is_metered(
     with pytest.raises(openai.NotFoundError):
         ann.responses.retrieve(reply.id)
     with pytest.raises(openai.NotFoundError):
-        ann.responses.create(model="m", input="three", previous_response_id=reply.id)
+        ann.responses.create(model="gpt-4o-mini", input="three", previous_response_id=reply.id)
 
 
 def test_a_streamed_response_sends_the_semantic_events_in_order(
     bot: Chatbot, ann: openai.OpenAI
 ) -> None:
-    first = ann.responses.create(model="m", input="one")
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
     with ann.responses.stream(
-        model="m", input="two words", previous_response_id=first.id
+        model="gpt-4o-mini", input="two words", previous_response_id=first.id
     ) as stream:
         events = list(stream)
         final = stream.get_final_response()
@@ -331,7 +348,7 @@ def test_a_streamed_response_sends_the_semantic_events_in_order(
 def test_what_the_endpoint_cannot_do_is_refused_with_400_before_anything_is_sent(
     ann: openai.OpenAI, seen: Seen
 ) -> None:
-    first = ann.responses.create(model="m", input="one")
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
     refused: list[dict[str, Any]] = [
         {"input": "hi", "background": True},
         {"input": "hi", "tools": [{"type": "web_search"}]},
@@ -350,7 +367,7 @@ def test_what_the_endpoint_cannot_do_is_refused_with_400_before_anything_is_sent
     calls = len(seen.calls)
     for fields in refused:
         with pytest.raises(openai.BadRequestError):
-            ann.responses.create(model="m", **fields)
+            ann.responses.create(model="gpt-4o-mini", **fields)
     assert len(seen.calls) == calls
 
 
@@ -359,7 +376,9 @@ def test_errors_have_openais_shape(app: tuple[TestClient, Users]) -> None:
     answer = client.get("/v1/responses/resp_unknown")
     assert answer.status_code == 401
     assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
-    answer = client.post("/v1/responses", json={"model": "m", "input": "hi", "nonsense": 1})
+    answer = client.post(
+        "/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", "nonsense": 1}
+    )
     assert answer.status_code in (400, 401)
     assert json.loads(answer.text)["error"]["type"] == "invalid_request_error"
 
@@ -375,11 +394,11 @@ WEATHER = {
 def test_the_function_call_loop_stores_the_whole_exchange_in_the_session(
     bot: Chatbot, ann: openai.OpenAI, fake_calls: None
 ) -> None:
-    asked = ann.responses.create(model="m", input="Weather in Oslo?", tools=[WEATHER])  # type: ignore[list-item]
+    asked = ann.responses.create(model="gpt-4o-mini", input="Weather in Oslo?", tools=[WEATHER])  # type: ignore[list-item]
     calls = [item for item in asked.output if item.type == "function_call"]
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
     answered = ann.responses.create(
-        model="m",
+        model="gpt-4o-mini",
         previous_response_id=asked.id,
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}],
         tools=[WEATHER],  # type: ignore[list-item]
@@ -396,7 +415,7 @@ def test_the_function_call_loop_stores_the_whole_exchange_in_the_session(
     assert [(i.type, i.output) for i in items] == [("function_call_output", "sunny")]  # type: ignore[union-attr]
     # Continuing from the call again forks before its result.
     fork = ann.responses.create(
-        model="m",
+        model="gpt-4o-mini",
         previous_response_id=asked.id,
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "rain"}],
         tools=[WEATHER],  # type: ignore[list-item]
@@ -408,7 +427,9 @@ def test_the_function_call_loop_stores_the_whole_exchange_in_the_session(
 def test_a_streamed_function_call_sends_its_item_and_arguments(
     ann: openai.OpenAI, fake_calls: None
 ) -> None:
-    with ann.responses.stream(model="m", input="Weather in Oslo?", tools=[WEATHER]) as stream:  # type: ignore[list-item]
+    with ann.responses.stream(
+        model="gpt-4o-mini", input="Weather in Oslo?", tools=[WEATHER]
+    ) as stream:  # type: ignore[list-item]
         kinds = [event.type for event in stream]
         final = stream.get_final_response()
     assert "response.function_call_arguments.delta" in kinds
@@ -427,13 +448,13 @@ def test_the_results_of_parallel_calls_are_one_turn(ann: openai.OpenAI, seen: Se
         tool_call_reply(("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Bergen"})),
         "Sunny in Oslo, rain in Bergen.",
     ]
-    asked = ann.responses.create(model="m", input="Oslo and Bergen?", tools=[WEATHER])  # type: ignore[list-item]
+    asked = ann.responses.create(model="gpt-4o-mini", input="Oslo and Bergen?", tools=[WEATHER])  # type: ignore[list-item]
     results: Any = [
         {"type": "function_call_output", "call_id": item.call_id, "output": output}  # type: ignore[union-attr]
         for item, output in zip(asked.output, ["sunny", "rain"], strict=True)
     ]
     answered = ann.responses.create(
-        model="m",
+        model="gpt-4o-mini",
         previous_response_id=asked.id,
         input=results,
         tools=[WEATHER],  # type: ignore[list-item]
@@ -447,8 +468,8 @@ def test_the_results_of_parallel_calls_are_one_turn(ann: openai.OpenAI, seen: Se
 def test_a_failed_turn_leaves_no_session_behind(
     bot: Chatbot, ann: openai.OpenAI, model: FakeChatModel
 ) -> None:
-    first = ann.responses.create(model="m", input="one")
-    ann.responses.create(model="m", input="two", previous_response_id=first.id)
+    first = ann.responses.create(model="gpt-4o-mini", input="one")
+    ann.responses.create(model="gpt-4o-mini", input="two", previous_response_id=first.id)
     sessions = set(bot.sessions())
     conversation: Any = [
         {"role": "user", "content": "I am Ann."},
@@ -462,7 +483,7 @@ def test_a_failed_turn_leaves_no_session_behind(
         model.errors.append(errors.ServerError("the endpoint broke"))
         model.model_post_init(None)  # the script's errors are read at construction
         with pytest.raises(openai.InternalServerError):
-            ann.responses.create(model="m", **fields)
+            ann.responses.create(model="gpt-4o-mini", **fields)
     assert set(bot.sessions()) == sessions
 
 
@@ -470,18 +491,18 @@ def test_x_session_id_is_not_read_here_and_names_the_conversation_on_chat_comple
     bot: Chatbot, ann: openai.OpenAI, seen: Seen
 ) -> None:
     first = ann.responses.create(
-        model="m", input="one", extra_headers={"X-Session-Id": "elsewhere"}
+        model="gpt-4o-mini", input="one", extra_headers={"X-Session-Id": "elsewhere"}
     )
     assert _session(first.id).startswith("resp-") and "ann:elsewhere" not in bot.sessions()
     chat = ann.chat.completions.create(
-        model="m",
+        model="gpt-4o-mini",
         messages=[{"role": "user", "content": "two"}],
         extra_headers={"X-Session-Id": _session(first.id)},
     )
     assert chat.choices[0].message.content == "Echo: two"
     assert seen.calls[-1][1:] == [("human", "one"), ("ai", "Echo: one"), ("human", "two")]
     # The session went on elsewhere: continuing from `first` now forks before that turn.
-    later = ann.responses.create(model="m", input="three", previous_response_id=first.id)
+    later = ann.responses.create(model="gpt-4o-mini", input="three", previous_response_id=first.id)
     assert _session(later.id) != _session(first.id)
     assert seen.calls[-1][1:] == [("human", "one"), ("ai", "Echo: one"), ("human", "three")]
 
@@ -493,7 +514,7 @@ def test_a_stream_cut_mid_reply_raises_api_error_and_keeps_the_partial_reply(
     kinds: list[str] = []
     with (
         pytest.raises(openai.APIError) as raised,
-        ann.responses.stream(model="m", input="two words please") as stream,
+        ann.responses.stream(model="gpt-4o-mini", input="two words please") as stream,
     ):
         for event in stream:
             kinds.append(event.type)
