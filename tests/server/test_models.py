@@ -222,6 +222,7 @@ def test_with_model_shares_the_store_and_closing_it_leaves_the_store_open(
         bot.with_model("  ")
 
 
+@pytest.mark.slow  # a real chatchain serve process
 def test_serve_models_lets_the_sdk_pick_a_model(tmp_path: Path) -> None:
     running = start_service(
         f"sqlite:///{tmp_path / 'chat.db'}", None, tmp_path, args=["--models", f"{NANO}, {MINI}"]

@@ -22,6 +22,9 @@ from chatchain.stores import open_store
 from chatchain.testing import FakeChatModel, OpenAITestServer
 from tests.server.conftest import Service
 
+# Slow: a real `chatchain serve` process per module.
+pytestmark = pytest.mark.slow
+
 OPENAI = "/v1/chat/completions"
 LONGEST = 256 - len("u0123456789:")  # a key is "name:id"; the fixture's names are 11 long
 
