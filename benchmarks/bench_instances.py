@@ -345,7 +345,8 @@ def table(data: dict[str, Any]) -> list[str]:
         for count, found in rows.items():
             c = found["cores_used"]
             cpu = " / ".join(
-                f"{c[k]:.2f}" for k in ("instances", "nginx", "store server", "test server", CLIENT)
+                f"{c[k]:.2f}"
+                for k in ("instances", "nginx", "store server", "test server", CLIENT, MACHINE)
             )
             lines.append(
                 f"| {store} | {count} | {found['turns_per_s']:.0f} | {found['p50_ms']:.0f} | "
@@ -496,6 +497,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _shown(argv: list[str] | None) -> list[str]:
+    """The options of this run, without where its JSON went (a path of this machine)."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--json" in given:
+        at = given.index("--json")
+        del given[at : at + 2]
+    return given
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render_only is not None:
@@ -513,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "minutes": (time.monotonic() - started) / 60,
             "command": " ".join(
-                [".venv/bin/python", "benchmarks/bench_instances.py", *(argv or sys.argv[1:])]
+                [".venv/bin/python", "benchmarks/bench_instances.py", *_shown(argv)]
             ),
         }
     print("\n".join(table(data)))

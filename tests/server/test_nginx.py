@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,14 +59,15 @@ class Deployment:
     instances: list[Service] = field(default_factory=list)
     clients: list[httpx.Client] = field(default_factory=list)
 
+    def launch(self, index: int) -> Service:
+        """Start instance ``index`` on its port; wait until it answers."""
+        return start_service(
+            self.store_url, self.endpoint, self.folder, env=ENV, port=self.ports[index]
+        )
+
     def start(self, index: int) -> Service:
-        """Start instance ``index`` (again) on its port."""
-        port = self.ports[index]
-        service = start_service(self.store_url, self.endpoint, self.folder, env=ENV, port=port)
-        if index < len(self.instances):
-            self.instances[index] = service
-        else:
-            self.instances.append(service)
+        """Start instance ``index`` again, in its place."""
+        self.instances[index] = service = self.launch(index)
         return service
 
     def running(self) -> None:
@@ -111,8 +113,12 @@ def deployment(
     proxy = Nginx(for_test(readme_config(), ports, listen), folder, listen)
     found = Deployment(store_url, endpoint, folder, ports, listen, proxy)
     try:
-        found.start(0)
-        found.start(1)
+        # Both at once: a Python process takes seconds to start on a busy machine.
+        with ThreadPoolExecutor(2) as pool:
+            launched = [pool.submit(found.launch, index) for index in (0, 1)]
+        found.instances = [f.result() for f in launched if f.exception() is None]
+        for future in launched:
+            future.result()  # the first failure, once those that started will be stopped
         proxy.start()
         yield found
     finally:
@@ -324,3 +330,12 @@ def test_kill_9_of_the_instance_serving_a_stream(deployed: Deployment) -> None:
     assert after.headers["x-upstream"] != f"127.0.0.1:{victim}"
     waited = time.monotonic() - started
     assert waited < 15, waited  # at most the dead instance's lock lease (10 s on Redis)
+    # The killed turn is not lost: its message, and the reply so far marked interrupted.
+    history = client.get("/v1/sessions/crash/messages").json()["messages"]
+    assert [(m["role"], m["text"]) for m in history[0::2]] == [
+        ("user", "a story"),
+        ("user", "still there?"),
+    ]
+    # (the reply so far is saved every second: this one was killed before its first save)
+    assert history[1]["interrupted"] and STORY.startswith(history[1]["text"])
+    assert not history[3]["interrupted"]
