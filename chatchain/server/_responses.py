@@ -298,6 +298,8 @@ def _options(body: ResponseRequest) -> ModelOptions | None:
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     if not tools and choice in ("auto", "none"):
         choice = None  # nothing to choose among: the call is a plain one
+    if body.max_output_tokens is not None and body.max_output_tokens < 1:
+        raise _bad(f"max_output_tokens must be a positive int, not {body.max_output_tokens}.")
     options = ModelOptions(
         tools=tools,
         tool_choice=choice,
