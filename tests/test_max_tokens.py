@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from langchain_core.tools import tool
+from pydantic import BaseModel
 
 from chatchain import Chatbot, InvalidInputError, ModelOptions, Settings
 from chatchain._turn import CUT_AT_HOLD
@@ -135,3 +137,28 @@ def test_an_endpoint_that_ignores_max_tokens_is_read_only_up_to_the_calls_limit(
 def test_a_max_tokens_that_is_not_a_positive_int_is_refused(value: Any) -> None:
     with pytest.raises(InvalidInputError, match="max_tokens must be a positive whole number"):
         ModelOptions(max_tokens=value)
+
+
+def test_max_tokens_alone_works_with_a_bots_own_tools_and_with_a_schema(
+    settings: Settings, server: OpenAITestServer
+) -> None:
+    @tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    server.queue_replies(LONG)
+    values = {**settings.model_dump(), "base_url": server.base_url, "max_retries": 0}
+    with_tools = Chatbot(Settings(**values), tools=[weather])
+    reply = with_tools.chat("hi", session_id="s", options=ModelOptions(max_tokens=7))
+    assert _sent(server) == 7 and "tools" in server.requests[-1]["body"]
+    assert reply.usage.completion_tokens == 7
+
+    class City(BaseModel):
+        name: str
+
+    structured = _bot(settings, server, max_tokens=50)
+    reply = structured.chat(
+        "Capital?", session_id="s", schema=City, options=ModelOptions(max_tokens=40)
+    )
+    assert _sent(server) == 40 and reply.parsed == City(name="text")
