@@ -1,7 +1,8 @@
 """A call's own model options: the client's tools and structured output, never run here.
 
 `ModelOptions` carries what an OpenAI client sends besides its messages: its function
-``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format``. A turn given
+``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format`` and its own cap on
+the reply, ``max_tokens``. A turn given
 options sends them to the model with that one call; chatchain does not run the client's
 tools: the model's reply, an ``AIMessage`` with ``tool_calls``, is the turn's reply, and the
 client runs the tools and sends their results (``ToolMessage``s) as its next turn.
@@ -23,6 +24,13 @@ Client tools and the deployment's own tools (``tools=`` of the chain, ``serve --
 not meet in one turn: a turn with client tools on a chain that has tools of its own is
 refused (`InvalidInputError`), since the model's calls could then not be told apart from
 the ones chatchain must run. A structured turn (``schema=``) takes no options either.
+
+The call's ``max_tokens`` is a lower cap, never a higher one: the reply takes at most the
+smallest of it, the deployment's (``CHATCHAIN_MAX_TOKENS`` or the model's own
+``max_tokens``) and what the budget hold pays for. The hold is sized for that smaller reply,
+the call is sent with it, and a reply the endpoint runs past it is read no further (see
+`chatchain._turn_money.ReplyMeter`). Options with only ``max_tokens`` change nothing else:
+the chain's own tools and a ``schema=`` still work with them.
 """
 
 from __future__ import annotations
@@ -73,9 +81,15 @@ class ModelOptions:
         response_format: ``{"type": "json_object"}``, or ``{"type": "json_schema",
             "json_schema": {"name", "schema", "strict"}}`` (the reply is then checked against
             the schema), or ``None`` / ``{"type": "text"}`` for text.
+        max_tokens: The most tokens the reply may take, a positive int, or ``None``. It
+            only lowers the cap: the reply takes at most the smaller of this and the
+            deployment's cap (``CHATCHAIN_MAX_TOKENS`` or the model's own ``max_tokens``),
+            or what the budget can pay for if less. A reply cut by it ends with
+            ``finish_reason`` ``"length"``.
 
     Raises:
-        InvalidInputError: A tool or the response format is not in OpenAI's format.
+        InvalidInputError: A tool or the response format is not in OpenAI's format, or
+            ``max_tokens`` is not a positive int.
 
     Example:
         >>> from chatchain import Chatbot
@@ -93,6 +107,7 @@ class ModelOptions:
     tool_choice: str | Mapping[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: Mapping[str, Any] | None = None
+    max_tokens: int | None = None
     _names: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +120,7 @@ class ModelOptions:
         object.__setattr__(self, "_names", frozenset(names))
         _check_choice(self.tool_choice, self._names)
         _check_format(self.response_format)
+        _check_max_tokens(self.max_tokens)
 
     @property
     def schema(self) -> Mapping[str, Any] | None:
@@ -122,7 +138,8 @@ class ModelOptions:
         return bool((self.response_format or {}).get("type", "text") != "text")
 
     def __bool__(self) -> bool:
-        """Whether the options change the call at all."""
+        """Whether the options change what the model is sent besides ``max_tokens`` (tools,
+        format): only such options take the call off the chain's own model step."""
         return bool(
             self.tools
             or self.tool_choice is not None
@@ -197,6 +214,15 @@ def _check_choice(choice: object, names: frozenset[str]) -> None:
         )
 
 
+def _check_max_tokens(max_tokens: object) -> None:
+    if max_tokens is None:
+        return
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidInputError(
+            f"max_tokens must be a positive whole number of tokens (or None), not {max_tokens!r}."
+        )
+
+
 def _check_format(response_format: object) -> None:
     if response_format is None:
         return
@@ -245,7 +271,7 @@ def _format_as_tool(response_format: Mapping[str, Any]) -> dict[str, Any]:
 
 def with_options(config: RunnableConfig, options: ModelOptions | None) -> RunnableConfig:
     """``config`` sending ``options`` with the call (``None`` or empty options: as it is)."""
-    if not options:
+    if options is None or (not options and options.max_tokens is None):
         return config
     configurable = {**config.get("configurable", {}), OPTIONS_KEY: options}
     return {**config, "configurable": configurable}

@@ -350,7 +350,7 @@ class StructuredModel(Runnable[Any, Any]):
         if schema is not None:
             return self._run(input, config, schema)
         options = options_of(config)
-        if options is not None:
+        if options:  # tools or a format (max_tokens alone: the usual step)
             return run(self._options_flow(input, config, options))
         return self.step.invoke(input, config, **kwargs)
 
@@ -359,7 +359,7 @@ class StructuredModel(Runnable[Any, Any]):
         if schema is not None:
             return await self._arun(input, config, schema)
         options = options_of(config)
-        if options is not None:
+        if options:  # tools or a format (max_tokens alone: the usual step)
             return await arun(self._options_flow(input, config, options))
         return await self.step.ainvoke(input, config, **kwargs)
 
@@ -372,7 +372,7 @@ class StructuredModel(Runnable[Any, Any]):
             return
         step = self.step
         options = options_of(config)
-        if options is not None:
+        if options:  # tools or a format (max_tokens alone: the usual step)
             with_options = self._streamed_options(options)
             if with_options is None:
                 yield _as_chunk(run(self._options_flow(input, config, options)))
@@ -389,7 +389,7 @@ class StructuredModel(Runnable[Any, Any]):
         if schema is None:
             step = self.step
             options = options_of(config)
-            if options is not None:
+            if options:  # tools or a format (max_tokens alone: the usual step)
                 with_options = self._streamed_options(options)
                 if with_options is None:
                     yield _as_chunk(await arun(self._options_flow(input, config, options)))

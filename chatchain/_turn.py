@@ -347,7 +347,8 @@ class Turn(TurnCommit, TurnSummary):
     """What the running-summary call made before this turn cost, if there was one."""
     reply_limit: int | None = None
     """The ``max_tokens`` this turn's call is sent with, set by its budget hold: the reply
-    cap, or less when that is all the remaining budget can pay for; ``None`` without a budget."""
+    cap, or less when that is all the remaining budget can pay for. Without a budget: the
+    call's own ``max_tokens`` (`ModelOptions`, under the deployment's cap), else ``None``."""
     fence: Fence | None = None
     """The session lock's fence (what `HistoryStore.lock` yielded), checked when saving."""
     parsed: Any = None
@@ -592,6 +593,8 @@ class Turn(TurnCommit, TurnSummary):
         self._next_call(count_prompt)
         if self.budgeted:
             yield from self._take_hold_flow(count_prompt())
+        elif self.asked_tokens is not None:  # no hold, yet the call's own cap bounds the reply
+            self.reply_limit = self.reply_cap
         store = _pending.store_of(self.spec)
         if store is not None:
             ahead = self._ahead = self._ahead or _pending.WriteAhead.open(self, store)

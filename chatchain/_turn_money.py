@@ -28,6 +28,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from chatchain import _metering, _streaming, budgets
 from chatchain._flow import Do, Flow, call
 from chatchain._metering import Estimate
+from chatchain._options import options_of
 from chatchain._tokens import TokenCounter
 from chatchain._turn_deadline import TurnDeadline
 from chatchain.budgets import MIN_REPLY_TOKENS, BudgetHold, BudgetLimit, BudgetRefusal, HoldSizing
@@ -84,6 +85,27 @@ class TurnMoney(TurnDeadline):
     def budgeted(self) -> bool:
         """Whether any cap applies to this turn: the budget's, or the call's own."""
         return bool(self.spec.budget) or bool(self.limits)
+
+    @property
+    def asked_tokens(self) -> int | None:
+        """The call's own ``max_tokens`` (`ModelOptions`, a client's), or ``None``."""
+        options = options_of(self.config)
+        return None if options is None else options.max_tokens
+
+    @property
+    def reply_cap(self) -> int | None:
+        """The cap on one reply: the deployment's (`TurnSpec.max_tokens`) lowered to the
+        call's own ``max_tokens``, never raised by it; ``None`` when neither sets one."""
+        caps = [cap for cap in (self.spec.max_tokens, self.asked_tokens) if cap is not None]
+        return min(caps) if caps else None
+
+    @property
+    def reply_ceiling(self) -> int:
+        """The most reply tokens this turn's budgeted call is sent with (`TurnSpec.
+        reply_ceiling`, lowered to the call's own ``max_tokens``)."""
+        asked = self.asked_tokens
+        ceiling = self.spec.reply_ceiling
+        return ceiling if asked is None else min(ceiling, asked)
 
     def reply_meter(self) -> ReplyMeter:
         """A meter of this call's reply, stopping it at the reply tokens held for it."""
@@ -193,9 +215,9 @@ class TurnMoney(TurnDeadline):
         self, prompt_tokens: int, summary: bool
     ) -> tuple[BudgetHold, list[BudgetLimit]]:
         self._cut_by = None
-        reply = self.spec.reply_ceiling
+        reply = self.reply_ceiling
         if summary:  # capped at the summary call's own max_tokens
-            reply = self.spec.recall.summary_reply_tokens or reply
+            reply = self.spec.recall.summary_reply_tokens or self.spec.reply_ceiling
         sizing = self._sizing(summary)
         return sizing.hold(prompt_tokens, reply), list(sizing.limits)
 
@@ -265,7 +287,7 @@ class TurnMoney(TurnDeadline):
         limit = self.reply_limit
         if limit is None or reply.response_metadata.get("finish_reason") != "length":
             return
-        text = budgets.cut_notice(limit, self._cut_by, self.spec.max_tokens)
+        text = budgets.cut_notice(limit, self._cut_by, self.reply_cap)
         if text is not None:
             self.notice(text)
 
@@ -380,10 +402,12 @@ class BudgetedModel(Runnable[Any, Any]):
     """The chat model, sent with the ``max_tokens`` its turn's budget hold allows.
 
     The turn is found in the run's configurable (`TURN_KEY`); without one, or without a
-    budget, the model is called as it is. Under a budget the reply is read only up to what
-    was held (`ReplyMeter`), for endpoints that ignore ``max_tokens``: a budgeted call is
-    therefore always streamed, ``invoke`` included (its chunks are merged into the reply it
-    returns), since a reply sent whole cannot be stopped and would be billed whole.
+    budget and without a call's own ``max_tokens`` (`ModelOptions`), the model is called as
+    it is. Under a budget the reply is read only up to what was held (`ReplyMeter`), for
+    endpoints that ignore ``max_tokens``: a budgeted call is therefore always streamed,
+    ``invoke`` included (its chunks are merged into the reply it returns), since a reply
+    sent whole cannot be stopped and would be billed whole. A call's own ``max_tokens``
+    without a budget is sent, and the reply read, the same way.
     """
 
     def __init__(self, model: Runnable[Any, Any]) -> None:

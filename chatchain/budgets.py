@@ -483,7 +483,7 @@ def past_hold_notice(held: int) -> str:
     endpoint went on past the ``max_tokens`` it was sent with."""
     return (
         f"The endpoint went on past the {held:,} reply tokens this call "
-        "was sent with (max_tokens) and held in the budget, so chatchain stopped "
+        "was sent with (max_tokens, held in the budget if one applies), so chatchain stopped "
         "reading there: the reply is kept cut short (marked cut_at_hold), and its usage "
         "is recorded as counted here (the endpoint reported none)."
     )

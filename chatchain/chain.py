@@ -219,7 +219,7 @@ class ChatChain(HistoryRunnable):
 
     def _begin(self, value: Any, config: RunnableConfig | None) -> Turn:
         options = options_of(config)
-        if options is not None:
+        if options:  # tools or a format (a call's max_tokens alone works with any chain)
             self._check_options(options, config)
         turn = self._spec.begin(value, config, self._get_input_messages)
         configurable = {**turn.config.get("configurable", {}), _SENT: _Sent()}

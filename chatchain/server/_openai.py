@@ -49,8 +49,12 @@ the operator allows (``OPENAI_MODEL`` and ``CHATCHAIN_SERVER_MODELS``, which ``G
 turns are priced, held and capped as that model's, and the ledger names it; the reply's
 ``model`` is the one the endpoint named (the requested one while streaming).
 
-Sampling fields (``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ...) are
-accepted and ignored: the deployment's settings decide them. What would change the kind of
+``max_tokens`` and ``max_completion_tokens`` (the smaller, if both are sent) lower the cap on
+the reply, never raise it: the reply takes at most the smallest of the client's limit, the
+deployment's (``CHATCHAIN_MAX_TOKENS`` or the model's own) and what the budget can pay for
+(see `chatchain.ModelOptions`); a reply cut there ends with ``finish_reason: "length"``. Other
+sampling fields (``temperature``, ``top_p``, ``stop``, ``seed``, ...) are accepted and
+ignored: the deployment's settings decide them. What would change the kind of
 reply (``n`` above 1, legacy function calls, logprobs, audio, images) is refused with 400, as
 is a field OpenAI does not define.
 
@@ -149,11 +153,12 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # The client's cap on the reply: lowers the deployment's, never raises it (see `_options`).
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     # Accepted and ignored: the deployment's settings decide these.
     temperature: float | None = None
     top_p: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -217,23 +222,28 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
 
 
 def _options(body: ChatCompletionRequest) -> ModelOptions | None:
-    """The request's tools and response format for the model, or ``None`` (none given).
+    """The request's tools, response format and reply cap for the model, or ``None`` (none
+    given).
 
     ``tool_choice`` and ``parallel_tool_calls`` go only with tools (OpenAI refuses them
-    alone); ``"none"`` or ``"auto"`` without tools change nothing.
+    alone); ``"none"`` or ``"auto"`` without tools change nothing. ``max_tokens`` and
+    ``max_completion_tokens`` are one cap: the smaller, if both are sent.
 
     Raises:
-        InvalidInputError: A tool, the tool choice or the response format is not OpenAI's.
+        InvalidInputError: A tool, the tool choice or the response format is not OpenAI's,
+            or a token limit is not a positive int.
     """
     tools = tuple(body.tools or ())
     choice = body.tool_choice
+    limits = [n for n in (body.max_tokens, body.max_completion_tokens) if n is not None]
     options = ModelOptions(
         tools=tools,
         tool_choice=choice if tools or choice not in ("none", "auto") else None,
         parallel_tool_calls=body.parallel_tool_calls if tools else None,
         response_format=body.response_format,
+        max_tokens=min(limits) if limits else None,
     )
-    return options if options else None
+    return options if options or options.max_tokens is not None else None
 
 
 def _check_message(index: int, message: ChatMessage) -> None:

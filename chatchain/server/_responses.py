@@ -85,10 +85,13 @@ Two that come within the same few milliseconds may both find the response the ne
 the session's lock runs them one after the other, the later one continuing after the
 earlier one instead of beside it, and its id names where it was stored. A streamed
 response's id is sent before its turn runs, so in that narrow race it names the place it
-was given (the earlier one's). Sampling fields
-(``temperature``, ``top_p``) and ``max_output_tokens`` are accepted and the deployment's
-settings decide them, as on ``/v1/chat/completions``. Hosted tools (web search, files,
-...), ``background``, ``conversation``, ``prompt`` and non-text input are refused with 400.
+was given (the earlier one's). ``max_output_tokens`` lowers the cap on the reply, never
+raises it, as ``max_tokens`` on ``/v1/chat/completions``: the reply takes at most the
+smallest of it, the deployment's cap and what the budget can pay for, and one cut there is
+``"incomplete"`` with ``incomplete_details.reason`` ``"max_output_tokens"``. Sampling fields
+(``temperature``, ``top_p``) are accepted and the deployment's settings decide them.
+Hosted tools (web search, files, ...), ``background``, ``conversation``, ``prompt`` and
+non-text input are refused with 400.
 """
 
 from __future__ import annotations
@@ -214,7 +217,7 @@ class ResponseRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = None
+    max_output_tokens: int | None = None  # lowers the deployment's cap (see `_options`)
     # Accepted and ignored: the deployment's settings decide these.
     temperature: float | None = None
     top_p: float | None = None
@@ -270,10 +273,12 @@ def _refuse_unsupported(body: ResponseRequest) -> None:
 
 
 def _options(body: ResponseRequest) -> ModelOptions | None:
-    """The request's tools, tool choice and text format, as chat completions write them.
+    """The request's tools, tool choice, text format and ``max_output_tokens``, as chat
+    completions write them.
 
     Raises:
-        InvalidInputError: A tool or the tool choice is not one the model can be sent.
+        InvalidInputError: A tool or the tool choice is not one the model can be sent, or
+            ``max_output_tokens`` is not a positive int.
     """
     tools = tuple(
         {
@@ -293,13 +298,16 @@ def _options(body: ResponseRequest) -> ModelOptions | None:
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     if not tools and choice in ("auto", "none"):
         choice = None  # nothing to choose among: the call is a plain one
+    if body.max_output_tokens is not None and body.max_output_tokens < 1:
+        raise _bad(f"max_output_tokens must be a positive int, not {body.max_output_tokens}.")
     options = ModelOptions(
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=body.parallel_tool_calls if tools else None,
         response_format=_response_format(body),
+        max_tokens=body.max_output_tokens,
     )
-    return options or None
+    return options if options or options.max_tokens is not None else None
 
 
 def _response_format(body: ResponseRequest) -> dict[str, Any] | None:
